@@ -1,0 +1,74 @@
+"""The scorer interface and the one selection rule most scorers share (top-k per segment).
+
+A scorer turns a :class:`vtoken.signals.SegmentSignals` into a :class:`Selection`. Scorers are
+pure: they read only their signals, never the model, and hold no state between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from vtoken.signals import SegmentSignals
+
+
+@dataclass
+class Selection:
+    """A stage's decision for S padded segments of n candidate slots.
+
+    keep:       (S, n) bool, True = the candidate survives; never True on a padding slot;
+                exactly ``budget[s]`` True per row unless the scorer is adaptive.
+    scores:     (S, n) float or None, the ranking signal (higher = more important), for
+                heatmaps and diagnostics; padding slots hold -inf.
+    merge_into: (S, n) long or None; in merge mode, for each dropped slot the kept slot it is
+                merged into (-1 where nothing is merged). None lets the runtime choose by
+                cosine similarity of hidden states.
+    """
+
+    keep: torch.Tensor
+    scores: Optional[torch.Tensor] = None
+    merge_into: Optional[torch.Tensor] = None
+
+
+class Scorer:
+    """Base class. Subclasses set ``name``, ``needs`` and implement :meth:`select`
+    (or :meth:`score` for plain top-k selection)."""
+
+    name: ClassVar[str] = "scorer"
+    #: Signal names (see ``vtoken.signals.SIGNAL_NAMES``) this scorer reads.
+    needs: ClassVar[frozenset] = frozenset()
+    #: True when the scorer chooses its own per-segment count (e.g. ZipVL).
+    adaptive: ClassVar[bool] = False
+    #: True when the scorer can only run before the LLM (layer 0), e.g. on vision-encoder signals.
+    pre_llm_only: ClassVar[bool] = False
+
+    def score(self, sig: SegmentSignals) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def select(self, sig: SegmentSignals) -> Selection:
+        scores = self.score(sig)
+        return Selection(keep=topk_mask(scores, sig.mask, sig.budget), scores=masked_scores(scores, sig.mask))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores as float32 with -inf on padding slots."""
+    return scores.float().masked_fill(~mask, float("-inf"))
+
+
+def topk_mask(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Keep the ``budget[s]`` highest-scoring real slots of each row, vectorised over rows.
+
+    scores (S, n) float, mask (S, n) bool, budget (S,) long -> (S, n) bool.
+    Ties break towards the lower slot index (stable sort), so results are deterministic.
+    """
+    s = masked_scores(scores, mask)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # (S, n)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    return (rank < budget.to(s.device).unsqueeze(1)) & mask

@@ -1,0 +1,42 @@
+"""vtoken: visual-token pruning for Hugging Face vision-language models.
+
+    from vtoken import apply_pruning
+    handle = apply_pruning(model, method="fastv", keep=64)
+    out = model.generate(**inputs)
+    handle.remove()
+"""
+
+from vtoken.errors import AlreadyPrunedError, PruningConfigError, UnsupportedModelError, VTokenError
+from vtoken.methods import available_methods, build_plan
+from vtoken.plan import Stage
+
+__version__ = "0.1.0"
+
+
+def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
+    """Attach visual-token pruning to ``model`` in place and return its handle.
+
+    model:   a supported ``transformers`` VLM (see :func:`vtoken.adapters.supported_models`).
+    method:  a name from :func:`available_methods` (ignored when ``plan`` is given).
+    keep:    int = visual tokens kept per image; float in (0, 1] = fraction of each image's tokens.
+    plan:    an explicit list of :class:`Stage` instead of a method preset.
+    options: method options (e.g. ``K=3`` for FastV); ``backend="auto"|"torch"|"triton"`` picks
+             the attention-scoring implementation.
+
+    Returns a :class:`vtoken.hooks.PruningHandle`: ``remove()``, context manager, ``stats``.
+    """
+    from vtoken.hooks.handle import attach
+
+    return attach(model, method=method, keep=keep, plan=plan, **options)
+
+
+__all__ = [
+    "apply_pruning",
+    "available_methods",
+    "build_plan",
+    "Stage",
+    "VTokenError",
+    "PruningConfigError",
+    "UnsupportedModelError",
+    "AlreadyPrunedError",
+]

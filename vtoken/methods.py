@@ -1,0 +1,78 @@
+"""The method registry: a method name is a preset plan (a list of :class:`vtoken.Stage`).
+
+Methods register themselves with :func:`register_method` (see ``vtoken/scorers/catalog.py``);
+:func:`build_plan` turns ``(method, keep, **options)`` into a plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vtoken.errors import PruningConfigError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """name, family (attention / diversity / flow / sink / baseline), builder(keep, **options)
+    -> list[Stage], the scorer classes it uses, and the paper it implements."""
+
+    name: str
+    family: str
+    builder: Callable
+    paper: str = ""
+    stages: str = ""
+    needs_attention: bool = False
+    text_guided: bool = False
+    options: tuple = field(default_factory=tuple)
+
+
+_METHODS: dict = {}
+_SCORERS: dict = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def register_scorer(cls):
+    """Class decorator / call: make a scorer constructible by name (``Stage(scorer="fastv")``)."""
+    _SCORERS[cls.name] = cls
+    return cls
+
+
+def _load_catalog() -> None:
+    if not _METHODS:
+        import vtoken.scorers.catalog  # noqa: F401  (registers the built-in methods)
+
+
+def available_methods() -> list:
+    """Sorted names of every registered method."""
+    _load_catalog()
+    return sorted(_METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    _load_catalog()
+    if not isinstance(name, str) or name.lower() not in _METHODS:
+        raise PruningConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name.lower()]
+
+
+def make_scorer(name: str, **options):
+    _load_catalog()
+    if name not in _SCORERS:
+        raise PruningConfigError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(_SCORERS))}")
+    return _SCORERS[name](**options)
+
+
+def build_plan(method: str, keep, **options) -> list:
+    """The preset plan of ``method`` for budget ``keep``; unknown options raise."""
+    spec = method_spec(method)
+    try:
+        return spec.builder(keep, **options)
+    except TypeError as exc:  # unexpected keyword
+        raise PruningConfigError(
+            f"bad option for method {spec.name!r}: {exc}; options it takes: {', '.join(spec.options) or 'none'}"
+        ) from exc
