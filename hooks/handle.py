@@ -1,0 +1,130 @@
+"""``apply_pruning``'s machinery: attach the hooks, and the handle that removes them.
+
+The handle (:class:`PruningHandle`) is the only owner of pruning state for its model:
+``remove()`` restores the model exactly (hooks removed, private attention configs and instance
+attributes undone); it is also a context manager; ``stats`` describes the last pruned prefill.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vtoken.adapters import get_adapter
+from vtoken.errors import AlreadyPrunedError, PruningConfigError
+from vtoken.hooks.probe import install_probe
+from vtoken.hooks.runtime import GenerateSession, Runtime
+from vtoken.hooks.stats import build_stats
+from vtoken.methods import build_plan
+from vtoken.plan import validate_budget, validate_plan
+
+HANDLE_ATTR = "_vtoken_handle"
+BACKENDS = ("auto", "torch", "triton")
+
+
+class PruningHandle:
+    """Returned by :func:`vtoken.apply_pruning`.
+
+    Attributes: ``plan`` (list of Stage), ``method`` (name or None for explicit plans).
+    """
+
+    def __init__(self, model, runtime: Runtime, method, undo: list):
+        self.model = model
+        self.runtime = runtime
+        self.plan = runtime.plan
+        self.method = method
+        self._undo = undo
+        self.active = True
+
+    @property
+    def stats(self):
+        """:class:`vtoken.hooks.stats.PruneStats` of the last pruned prefill in this thread (or
+        in any thread if this one has none), or None before the first one."""
+        rt = self.runtime
+        last = getattr(rt.tls, "last", None)
+        if last is None:
+            if rt.last_trace is None:
+                return None
+            last = (rt.last_trace, rt.last_meta)
+        trace, (layout, vis_ordinal, orig_valid) = last
+        return build_stats(trace, layout, vis_ordinal, rt.num_layers)
+
+    def remove(self) -> None:
+        """Detach everything; the model behaves exactly as before ``apply_pruning``."""
+        if not self.active:
+            return
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+        self.model.__dict__.pop(HANDLE_ATTR, None)
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self) -> str:
+        return f"PruningHandle(method={self.method!r}, stages={[(s.layer, s.scorer.name, s.keep) for s in self.plan]}, active={self.active})"
+
+
+def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **options) -> PruningHandle:
+    if HANDLE_ATTR in getattr(model, "__dict__", {}):
+        raise AlreadyPrunedError(
+            "this model already has vtoken pruning applied; call handle.remove() (or use the handle as a "
+            "context manager) before applying again"
+        )
+    adapter = get_adapter(model)
+    if backend not in BACKENDS:
+        raise PruningConfigError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if plan is None:
+        keep = validate_budget(keep)
+        plan = build_plan(method, keep, **options)
+    elif options:
+        raise PruningConfigError(f"options {sorted(options)} apply to method presets, not to an explicit plan")
+    plan = validate_plan(plan, num_layers=len(adapter.layers))
+    runtime = Runtime(adapter, plan, backend=backend)
+    undo = []
+    try:
+        mm = adapter.multimodal_model
+        h1 = mm.register_forward_pre_hook(lambda m, a, kw: runtime.on_multimodal_call(kw), with_kwargs=True)
+        h2 = mm.register_forward_hook(lambda m, a, out: runtime.on_multimodal_done(), always_call=True)
+        h3 = adapter.text_model.register_forward_pre_hook(lambda m, a, kw: runtime.on_text_call(kw), with_kwargs=True)
+        undo += [h1.remove, h2.remove, h3.remove]
+        for idx in range(runtime.first_layer, runtime.num_layers):
+            hook = functools.partial(_layer_hook, runtime, idx)
+            undo.append(adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).remove)
+        for layer in sorted(runtime.probe_needs):
+            undo.append(install_probe(adapter.layers[layer].self_attn, runtime.probe(layer)))
+        undo += adapter.install(runtime)
+        undo.append(_wrap_generate(model, runtime))
+    except Exception:
+        for u in reversed(undo):
+            u()
+        raise
+    handle = PruningHandle(model, runtime, method if plan is not None else None, undo)
+    model.__dict__[HANDLE_ATTR] = handle
+    return handle
+
+
+def _layer_hook(runtime, idx, module, args, kwargs):
+    return runtime.on_layer(idx, args, kwargs)
+
+
+def _wrap_generate(model, runtime):
+    """Instance-level ``generate`` wrapper: a session per call, so no-cache generation re-applies
+    the prompt's pruning decisions instead of re-scoring a growing sequence."""
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        previous = getattr(runtime.tls, "session", None)
+        runtime.tls.session = GenerateSession()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            runtime.tls.session = previous
+
+    model.generate = generate
+    return lambda: model.__dict__.pop("generate", None)

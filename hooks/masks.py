@@ -1,0 +1,56 @@
+"""Attention masks for the layers after a pruning stage.
+
+The model's own mask covers the unpruned sequence; layers after a stage see a shorter,
+re-padded sequence (new padding on the left), so they get a mask built here from the kept
+tokens' validity. Format follows the layer's attention implementation: boolean (True =
+attend) for SDPA and friends, additive float for eager.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def prefill_mask(valid: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Causal mask over a re-laid-out sequence.
+
+    valid (B, N) bool -> (B, 1, N, N) mask, or None when every token is valid and the
+    implementation applies causality itself (SDPA's ``is_causal``). Each query also sees itself
+    so rows of padding queries are never empty (no NaN).
+    """
+    if attn_impl != "eager" and bool(valid.all()):
+        return None
+    N = valid.shape[1]
+    causal = torch.ones(N, N, dtype=torch.bool, device=valid.device).tril_()
+    allowed = causal.unsqueeze(0) & valid.unsqueeze(1)
+    allowed |= torch.eye(N, dtype=torch.bool, device=valid.device).unsqueeze(0)
+    return _format(allowed.unsqueeze(1), attn_impl, dtype)
+
+
+def extend_mask(
+    prefix_valid: torch.Tensor, new_valid: torch.Tensor, q_len: int, attn_impl: str, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """Mask for ``q_len`` new queries against a pruned cache.
+
+    prefix_valid (B, P) validity of the pruned prefill; new_valid (B, M) validity of the tokens
+    added since (the last ``q_len`` of them are the queries). -> (B, 1, q_len, P + M) or None
+    (single query, nothing to mask, non-eager).
+    """
+    keys = torch.cat([prefix_valid, new_valid.to(prefix_valid.device)], dim=1)
+    if attn_impl != "eager" and q_len == 1 and bool(keys.all()):
+        return None
+    K = keys.shape[1]
+    qpos = torch.arange(K - q_len, K, device=keys.device).view(q_len, 1)
+    causal = torch.arange(K, device=keys.device).view(1, K) <= qpos  # (q, K)
+    allowed = causal.unsqueeze(0) & keys.unsqueeze(1)
+    allowed |= (torch.arange(K, device=keys.device).view(1, K) == qpos).unsqueeze(0)
+    return _format(allowed.unsqueeze(1), attn_impl, dtype)
+
+
+def _format(allowed: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:
+    if attn_impl == "eager":
+        out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return out.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return allowed

@@ -1,0 +1,86 @@
+"""Attention probes: read the attention rows a scorer needs from a layer's own queries and keys.
+
+The probed layer keeps its fast attention (SDPA / flash / the Triton kernel): vtoken swaps the
+attention *implementation name* of that one attention module (a private copy of its config) to
+``"vtoken"``, whose function calls the original implementation and, during a pruning prefill,
+also computes softmax probabilities for the few query rows the scorer needs (last prompt
+token, text rows) over all keys. Nothing N x N is materialised; the cost is O(R * N) for R rows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+try:  # transformers >= 5
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+except ImportError:  # pragma: no cover
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PROBE_IMPL = "vtoken"
+
+
+def _eager_base(*args, **kwargs):
+    # resolved lazily: each model family ships its own eager_attention_forward; they agree.
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward(*args, **kwargs)
+
+
+def _vtoken_attention(module, query, key, value, attention_mask, **kwargs):
+    base = module.__dict__["_vtoken_base_attention"]
+    probe = module.__dict__.get("_vtoken_probe")
+    if probe is None:
+        return base(module, query, key, value, attention_mask, **kwargs)
+    return probe(base, module, query, key, value, attention_mask, **kwargs)
+
+
+def register_probe_implementation() -> None:
+    if PROBE_IMPL not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(PROBE_IMPL, _vtoken_attention)
+
+
+def install_probe(attn_module, probe) -> callable:
+    """Route ``attn_module`` through ``probe(base, module, q, k, v, mask, **kw)``; returns undo."""
+    register_probe_implementation()
+    original_config = attn_module.config
+    base_name = original_config._attn_implementation or "eager"
+    base = _eager_base if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
+    private = copy.copy(original_config)
+    private._attn_implementation_internal = PROBE_IMPL
+    attn_module.config = private
+    attn_module._vtoken_base_attention = base
+    attn_module._vtoken_probe = probe
+
+    def undo():
+        attn_module.config = original_config
+        attn_module.__dict__.pop("_vtoken_base_attention", None)
+        attn_module.__dict__.pop("_vtoken_probe", None)
+
+    return undo
+
+
+def attention_rows(
+    query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, key_valid: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Exact softmax probabilities of selected query rows over all keys (PyTorch reference).
+
+    query (B, H, N, D), key (B, Hkv, N, D) post-RoPE; rows (B, R) long query indices (-1 =
+    unused); key_valid (B, N) bool. Causal: row i sees keys j <= i that are valid (and itself).
+    -> (B, H, R, N) float32; unused rows are all zero.
+    """
+    B, H, N, D = query.shape
+    groups = H // key.shape[1]
+    r = rows.clamp(min=0)
+    q = query.gather(2, r.view(B, 1, -1, 1).expand(B, H, r.shape[1], D)).float()
+    k = key.float()
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, H, R, N)
+    j = torch.arange(N, device=query.device).view(1, 1, N)
+    allowed = (j <= r.unsqueeze(-1)) & (key_valid.unsqueeze(1) | (j == r.unsqueeze(-1)))  # (B, R, N)
+    logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return probs.masked_fill((rows < 0).view(B, 1, -1, 1), 0.0)

@@ -1,0 +1,568 @@
+"""The pruning runtime: per-call contexts, stage execution and the per-layer hooks.
+
+Life of a prefill (the forward that sees the images):
+
+1. pre-hook on the multimodal model: read ``input_ids`` and the visual-grid inputs, ask the
+   adapter for the :class:`VisualLayout` (segments per sample). No visual tokens -> pass through.
+2. pre-hook on the language model: read the 2-D attention mask and the cache; choose a mode:
+   ``prefill`` (score and prune), ``replay`` (no-cache generation: re-apply the prompt's
+   decisions), ``decode`` (cache carries a pruned prefix) or ``off``.
+3. pre-hook on each decoder layer from the first stage on: at a stage layer, gather the signals,
+   let the scorer select, and re-lay-out the hidden states (kept tokens in original order, new
+   padding on the left); every later layer receives the rotary cos/sin and position ids of the
+   kept tokens (their ORIGINAL positions, M-RoPE included) and a mask for the new layout.
+4. decode steps: the cache of layers after a stage is shorter; those layers receive a mask built
+   from the pruned prefix's validity plus the new tokens. Positions come from ``generate``
+   (original, unpruned counting), so nothing else changes. Per step this costs one mask per
+   stage and a dict lookup per layer.
+
+State lives on the handle (thread-local per call) and on the KV cache object (the pruned
+prefix's layout), never in module globals.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from vtoken.hooks import masks as M
+from vtoken.hooks.probe import attention_rows
+from vtoken.plan import tokens_for
+from vtoken.signals import SegmentSignals
+
+STATE_ATTR = "_vtoken_state"
+
+
+@dataclass
+class StageState:
+    """The layout after one stage: original position of every slot (-1 = padding slot)."""
+
+    layer: int
+    positions: torch.Tensor  # (B, Ns) long
+    valid: torch.Tensor  # (B, Ns) bool
+
+
+@dataclass
+class PruneState:
+    """What decode steps need to know about a pruned prefill; stored on the KV cache."""
+
+    n_prefill: int
+    stages: list
+    extra: int = 0  # tokens appended after the prefill so far
+
+
+@dataclass
+class StageTrace:
+    """Raw record of one stage for stats (converted lazily)."""
+
+    layer: int
+    scorer: str
+    mode: str
+    positions: torch.Tensor  # (B, Ns) original positions after the stage
+    seg_sample: torch.Tensor
+    seg_index: torch.Tensor  # (S, n) original index within segment of each candidate (-1 pad)
+    seg_keep: torch.Tensor  # (S, n) bool
+    seg_scores: Optional[torch.Tensor]  # (S, n)
+    diagnostics: dict
+
+
+@dataclass
+class CallContext:
+    layout: object = None
+    feature_lengths: dict = field(default_factory=dict)
+    mode: str = "off"
+    orig_valid: Optional[torch.Tensor] = None
+    n: int = 0
+    cur_pos: Optional[torch.Tensor] = None
+    cur_valid: Optional[torch.Tensor] = None
+    pos_emb0: object = None
+    pos_ids0: Optional[torch.Tensor] = None
+    span: dict = field(default_factory=dict)  # kwargs substituted in layers of the current span
+    span_masks: list = field(default_factory=list)  # decode: mask per stage
+    attn: dict = field(default_factory=dict)  # layer -> {"last": (B,H,1,N), "text": ..., "keys": ...}
+    state: Optional[PruneState] = None
+    replay: Optional[PruneState] = None
+    trace: list = field(default_factory=list)
+    index_in_seg: Optional[torch.Tensor] = None
+    vis_ordinal: Optional[torch.Tensor] = None
+
+
+class GenerateSession:
+    """One ``generate`` call: holds the prompt's decisions for no-cache generation."""
+
+    def __init__(self):
+        self.state: Optional[PruneState] = None
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather a per-token tensor along its sequence axis with a (B, M) index.
+
+    Rotary cos/sin are float (..., B, N, D) (M-RoPE adds a leading axis of 3); position ids are
+    integer (..., B, N). A batch axis of size 1 is broadcast to B.
+    """
+    B, Mlen = idx.shape
+    seq_dim = x.dim() - 2 if x.is_floating_point() else x.dim() - 1
+    batch_dim = seq_dim - 1
+    shape = list(x.shape)
+    shape[batch_dim] = B
+    x = x.expand(*shape)
+    view = [1] * x.dim()
+    view[batch_dim], view[seq_dim] = B, Mlen
+    full = list(x.shape)
+    full[seq_dim] = Mlen
+    return x.gather(seq_dim, idx.view(view).expand(full))
+
+
+class Runtime:
+    """Executes a plan on one model; one per handle."""
+
+    def __init__(self, adapter, plan, backend: str = "auto"):
+        self.adapter = adapter
+        self.plan = plan
+        self.backend = backend
+        self.stage_layers = [st.layer for st in plan]
+        self.num_layers = len(adapter.layers)
+        self.first_layer = self.stage_layers[0]
+        # index of the stage whose layout a layer sees (-1 before the first stage)
+        self.layer_stage = [-1] * self.num_layers
+        for i, L in enumerate(self.stage_layers):
+            for layer in range(L, self.num_layers):
+                self.layer_stage[layer] = i
+        self.tls = threading.local()
+        self.last_trace = None
+        self.last_meta = None
+        self.probe_needs = self._probe_needs()
+
+    # ---------------------------------------------------------------- contexts
+    @property
+    def ctx(self) -> Optional[CallContext]:
+        return getattr(self.tls, "ctx", None)
+
+    @property
+    def session(self) -> Optional[GenerateSession]:
+        return getattr(self.tls, "session", None)
+
+    def record_feature_lengths(self, kind: str, lengths: list) -> None:
+        pending = getattr(self.tls, "pending_lengths", None)
+        if pending is None:
+            pending = self.tls.pending_lengths = {}
+        pending[kind] = lengths
+
+    def attn_impl(self) -> str:
+        return self.adapter.text_config._attn_implementation or "eager"
+
+    def _probe_needs(self) -> dict:
+        """layer -> set of signals to capture there ("last", "text", "keys")."""
+        needs = {}
+        for st in self.plan:
+            want = getattr(st.scorer, "needs", frozenset())
+            row_needs = set()
+            if want & {"attn_last", "attn_last_text"}:
+                row_needs.add("last")
+            if "attn_text" in want:
+                row_needs.add("text")
+            if want & {"keys", "text_keys"}:
+                row_needs.add("keys")
+            if row_needs:
+                if st.layer == 0:
+                    from vtoken.errors import PruningConfigError
+
+                    raise PruningConfigError(
+                        f"scorer {st.scorer.name!r} needs attention rows of the layer before its stage; "
+                        "it cannot run at layer 0 (before the LLM): use layer >= 1"
+                    )
+                needs.setdefault(st.layer - 1, set()).update(row_needs)
+            if "layer_attn_last" in want:
+                for layer in range(st.layer):
+                    needs.setdefault(layer, set()).add("last")
+        return needs
+
+    # ---------------------------------------------------------------- hook bodies
+    def on_multimodal_call(self, kwargs: dict) -> None:
+        ctx = CallContext()
+        pending = getattr(self.tls, "pending_lengths", None)
+        mm_out = kwargs.get("mm_encoder_outputs") or {}
+        for kind in ("image", "video"):
+            out = mm_out.get(kind) if isinstance(mm_out, dict) else None
+            feats = getattr(out, "pooler_output", None)
+            if isinstance(feats, (list, tuple)):
+                ctx.feature_lengths[kind] = [int(f.shape[0]) for f in feats]
+        if pending:
+            for kind, lengths in pending.items():
+                ctx.feature_lengths.setdefault(kind, lengths)
+            self.tls.pending_lengths = None
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None and input_ids.dim() == 2:
+            ctx.layout = self.adapter.layout(input_ids, kwargs, ctx)
+        elif kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+            from vtoken.errors import PruningConfigError
+
+            raise PruningConfigError("vtoken needs input_ids (not inputs_embeds) to locate the visual tokens")
+        self.tls.ctx = ctx
+
+    def on_multimodal_done(self) -> None:
+        ctx = self.ctx
+        if ctx is not None and ctx.mode == "prefill" and ctx.trace:
+            self.last_trace = ctx.trace
+            self.last_meta = (ctx.layout, ctx.vis_ordinal, ctx.orig_valid)
+            self.tls.last = (ctx.trace, self.last_meta)
+        self.tls.ctx = None
+
+    def on_text_call(self, kwargs: dict) -> None:
+        ctx = self.ctx
+        if ctx is None:  # language model called directly: nothing to do
+            ctx = self.tls.ctx = CallContext()
+        embeds = kwargs.get("inputs_embeds")
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and (not torch.is_tensor(mask2d) or mask2d.dim() != 2):
+            mask2d = None if ctx.layout is None else _bad_mask(mask2d)
+        cache = kwargs.get("past_key_values")
+        state = getattr(cache, STATE_ATTR, None) if cache is not None else None
+        q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+        B = embeds.shape[0] if embeds is not None else kwargs["input_ids"].shape[0]
+        if state is not None:
+            ctx.mode = "decode"
+            state.extra += q
+            impl, dtype = self.attn_impl(), self._dtype()
+            if mask2d is not None:
+                new_valid = mask2d[:, -state.extra :].bool()
+            else:
+                new_valid = torch.ones(B, state.extra, dtype=torch.bool, device=embeds.device)
+            ctx.span_masks = [M.extend_mask(s.valid, new_valid, q, impl, dtype) for s in state.stages]
+            return
+        if ctx.layout is None:
+            ctx.mode = "off"
+            return
+        N = q
+        ctx.n = N
+        dev = embeds.device
+        ctx.orig_valid = mask2d.bool() if mask2d is not None else torch.ones(B, N, dtype=torch.bool, device=dev)
+        structural = self.adapter.structural_from_embeds(embeds, ctx.layout)
+        if structural is not None:
+            _refine_structural(ctx.layout, structural)
+        lay = ctx.layout
+        prunable = lay.prunable
+        # index of each prunable token within its segment; ordinal within the sample's visual tokens
+        seg = lay.segment_of
+        ctx.index_in_seg = _running_index(prunable, seg)
+        ctx.vis_ordinal = torch.where(lay.visual, lay.visual.long().cumsum(1) - 1, torch.full_like(seg, -1))
+        ctx.cur_pos = torch.arange(N, device=dev).expand(B, N)
+        ctx.cur_valid = ctx.orig_valid
+        session = self.session
+        if cache is None and session is not None and session.state is not None and N > session.state.n_prefill:
+            ctx.mode = "replay"
+            ctx.replay = session.state
+        else:
+            ctx.mode = "prefill"
+            ctx.state = PruneState(n_prefill=N, stages=[])
+            if cache is not None:
+                setattr(cache, STATE_ATTR, ctx.state)
+                _patch_seq_length(cache, ctx.state, self.layer_stage)
+            elif session is not None:
+                session.state = ctx.state
+
+    def _dtype(self):
+        return next(self.adapter.text_model.parameters()).dtype
+
+    def on_layer(self, layer: int, args: tuple, kwargs: dict):
+        ctx = self.ctx
+        if ctx is None or ctx.mode == "off":
+            return None
+        if ctx.mode == "decode":
+            kwargs["attention_mask"] = ctx.span_masks[self.layer_stage[layer]]
+            return args, kwargs
+        if layer in self.stage_layers:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if ctx.pos_emb0 is None:
+                ctx.pos_emb0 = kwargs.get("position_embeddings")
+                ctx.pos_ids0 = kwargs.get("position_ids")
+            hidden = self._run_stage(ctx, self.stage_layers.index(layer), hidden)
+            if args:
+                args = (hidden,) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+        kwargs.update(ctx.span)
+        return args, kwargs
+
+    # ---------------------------------------------------------------- probes
+    def probe(self, layer: int):
+        needs = self.probe_needs.get(layer, set())
+
+        def run(base, module, query, key, value, attention_mask, **kw):
+            out = base(module, query, key, value, attention_mask, **kw)
+            ctx = self.ctx
+            if ctx is None or ctx.mode != "prefill" or query.shape[2] != ctx.cur_pos.shape[1]:
+                return out
+            rec = ctx.attn.setdefault(layer, {})
+            valid = ctx.cur_valid
+            if "last" in needs:
+                rows = _last_valid(valid).unsqueeze(1)
+                rec["last"] = attention_rows(query, key, rows, valid, module.scaling)
+            if "text" in needs:
+                rows, _ = _text_rows(ctx)
+                rec["text"] = attention_rows(query, key, rows, valid, module.scaling)
+            if "keys" in needs:
+                rec["keys"] = key
+            return out
+
+        return run
+
+    # ---------------------------------------------------------------- stages
+    def _run_stage(self, ctx: CallContext, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        stage = self.plan[i]
+        if ctx.mode == "replay":
+            saved = ctx.replay.stages[i]
+            B = hidden.shape[0]
+            extra = torch.arange(ctx.replay.n_prefill, ctx.n, device=hidden.device).expand(B, -1)
+            new_pos = torch.cat([saved.positions, extra], dim=1)
+            return self._relayout(ctx, hidden, new_pos, stage.layer, record=False)
+        lay = ctx.layout
+        cur_pos, cur_valid = ctx.cur_pos, ctx.cur_valid
+        safe = cur_pos.clamp(min=0)
+        seg = torch.where(cur_pos >= 0, lay.segment_of.gather(1, safe), torch.full_like(cur_pos, -1))
+        cand = (cur_pos >= 0) & cur_valid & lay.prunable.gather(1, safe)
+        b_idx, slot = cand.nonzero(as_tuple=True)
+        S = lay.num_segments
+        seg_ids = seg[b_idx, slot]
+        counts = torch.bincount(seg_ids, minlength=S)
+        offsets = counts.cumsum(0) - counts
+        within = torch.arange(seg_ids.numel(), device=seg_ids.device) - offsets[seg_ids]
+        n = int(counts.max()) if S > 0 else 0
+        slot_pad = torch.full((S, n), -1, dtype=torch.long, device=hidden.device)
+        slot_pad[seg_ids, within] = slot
+        smask = slot_pad >= 0
+        sample = lay.seg_sample
+        safe_slot = slot_pad.clamp(min=0)
+        orig = cur_pos[sample.unsqueeze(1), safe_slot]
+        index = torch.where(smask, ctx.index_in_seg[sample.unsqueeze(1), orig], torch.full_like(orig, -1))
+        budget = torch.tensor(
+            [tokens_for(stage.keep, int(c)) for c in lay.seg_count.tolist()], dtype=torch.long, device=hidden.device
+        )
+        budget = torch.minimum(budget, counts)
+        sig = SegmentSignals(
+            mask=smask,
+            budget=budget,
+            index=index,
+            sample=sample,
+            ordinal=lay.seg_ordinal,
+            original=lay.seg_count,
+            grid=lay.seg_grid,
+            generator=None,
+        )
+        self._fill_signals(ctx, stage, sig, hidden, slot_pad, safe_slot)
+        sel = stage.scorer.select(sig)
+        keep = sel.keep & smask
+        if not getattr(stage.scorer, "adaptive", False):
+            got = keep.sum(1)
+            if not torch.equal(got, budget):
+                raise RuntimeError(
+                    f"scorer {stage.scorer.name!r} kept {got.tolist()} tokens, budget was {budget.tolist()}"
+                )
+        if stage.mode == "merge":
+            hidden = _merge(hidden, sig, keep, sel.merge_into, slot_pad)
+        drop = torch.zeros_like(cand)
+        dropped = smask & ~keep
+        drop[sample.unsqueeze(1).expand_as(slot_pad)[dropped], slot_pad[dropped]] = True
+        keep_slot = (cur_pos >= 0) & ~drop
+        n_b = keep_slot.sum(1)
+        Nn = int(n_b.max())
+        B = hidden.shape[0]
+        rank = keep_slot.long().cumsum(1) - 1 + (Nn - n_b).unsqueeze(1)
+        new_pos = torch.full((B, Nn), -1, dtype=torch.long, device=hidden.device)
+        bb, jj = keep_slot.nonzero(as_tuple=True)
+        new_pos[bb, rank[bb, jj]] = cur_pos[bb, jj]
+        ctx.trace.append(
+            StageTrace(
+                layer=stage.layer,
+                scorer=getattr(stage.scorer, "name", type(stage.scorer).__name__),
+                mode=stage.mode,
+                positions=new_pos,
+                seg_sample=sample,
+                seg_index=index,
+                seg_keep=keep,
+                seg_scores=sel.scores,
+                diagnostics=dict(sig.diagnostics),
+            )
+        )
+        return self._relayout(ctx, hidden, new_pos, stage.layer, record=True)
+
+    def _relayout(self, ctx, hidden, new_pos, layer, record):
+        """Move to the layout ``new_pos`` (B, Nn) of original positions (-1 = padding slot)."""
+        B, Nc = ctx.cur_pos.shape
+        inv = torch.zeros(B, ctx.n, dtype=torch.long, device=hidden.device)
+        live = ctx.cur_pos >= 0
+        bb, jj = live.nonzero(as_tuple=True)
+        inv[bb, ctx.cur_pos[bb, jj]] = jj
+        pad = new_pos < 0
+        safe = new_pos.clamp(min=0)
+        take = inv.gather(1, safe)
+        hidden = hidden.gather(1, take.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        valid = ctx.orig_valid.gather(1, safe) & ~pad
+        ctx.cur_pos, ctx.cur_valid = new_pos, valid
+        span = {}
+        if ctx.pos_emb0 is not None:
+            span["position_embeddings"] = tuple(_gather_seq(t, safe) for t in ctx.pos_emb0)
+        if ctx.pos_ids0 is not None:
+            span["position_ids"] = _gather_seq(ctx.pos_ids0, safe)
+        span["attention_mask"] = M.prefill_mask(valid, self.attn_impl(), hidden.dtype)
+        ctx.span = span
+        if record and ctx.state is not None:
+            ctx.state.stages.append(StageState(layer=layer, positions=new_pos, valid=valid))
+        return hidden
+
+    def _fill_signals(self, ctx, stage, sig, hidden, slot_pad, safe_slot):
+        needs = getattr(stage.scorer, "needs", frozenset())
+        sample = sig.sample
+        rows_b = sample.unsqueeze(1)
+        if "hidden" in needs:
+            sig.hidden = hidden[rows_b, safe_slot]
+        if needs & {"text_hidden", "attn_text", "attn_last_text", "text_keys"}:
+            text_rows, text_mask = _text_rows(ctx)
+            sig.text_mask = text_mask[sample]
+            tsafe = text_rows.clamp(min=0)[sample]
+            if "text_hidden" in needs:
+                sig.text_hidden = hidden[rows_b, tsafe]
+        rec = ctx.attn.get(stage.layer - 1, {})
+        if "attn_last" in needs:
+            last = rec["last"][:, :, 0, :]  # (B, H, Nc)
+            sig.attn_last = last[rows_b, :, safe_slot].permute(0, 2, 1)
+        if "attn_last_text" in needs:
+            last = rec["last"][:, :, 0, :]
+            sig.attn_last_text = last[rows_b, :, tsafe].permute(0, 2, 1)
+        if "attn_text" in needs:
+            text = rec["text"]  # (B, H, T, Nc)
+            per = text[sample]  # (S, H, T, Nc)
+            sig.attn_text = per.gather(3, safe_slot.view(-1, 1, 1, safe_slot.shape[1]).expand(-1, per.shape[1], per.shape[2], -1))
+        if needs & {"keys", "text_keys"}:
+            key = rec["keys"]  # (B, Hkv, Nc, D)
+            flat = key.permute(0, 2, 1, 3).reshape(key.shape[0], key.shape[2], -1)
+            if "keys" in needs:
+                sig.keys = flat[rows_b, safe_slot]
+            if "text_keys" in needs:
+                sig.text_keys = flat[rows_b, tsafe]
+        if "layer_attn_last" in needs:
+            per_layer = [ctx.attn[layer]["last"][:, :, 0, :] for layer in range(stage.layer)]
+            sig.layer_attn_last = torch.stack([t[rows_b, :, safe_slot].permute(0, 2, 1) for t in per_layer], dim=1)
+        missing = needs - {"hidden", "text_hidden", "attn_last", "attn_last_text", "attn_text", "keys", "text_keys", "layer_attn_last"}
+        if missing:
+            extra = getattr(ctx, "extra_signals", {}) or {}
+            for name in missing:
+                if name in extra:
+                    setattr(sig, name, extra[name](ctx, sig))
+                else:
+                    from vtoken.errors import PruningConfigError
+
+                    raise PruningConfigError(
+                        f"scorer {stage.scorer.name!r} needs signal {name!r}, which this model/stage cannot provide"
+                    )
+
+    # ---------------------------------------------------------------- qwen3-vl deepstack
+    def prune_deepstack(self, visual_pos_masks, visual_embeds):
+        ctx = self.ctx
+        pos = ctx.cur_pos
+        B = pos.shape[0]
+        kept = torch.zeros(B, ctx.n, dtype=torch.bool, device=pos.device)
+        bb, jj = (pos >= 0).nonzero(as_tuple=True)
+        kept[bb, pos[bb, jj]] = True
+        vpm = visual_pos_masks.to(pos.device)
+        rows = kept[vpm]
+        new_mask = vpm.gather(1, pos.clamp(min=0)) & (pos >= 0)
+        return new_mask, visual_embeds[rows.to(visual_embeds.device)]
+
+
+def _bad_mask(mask):
+    from vtoken.errors import PruningConfigError
+
+    raise PruningConfigError(
+        f"vtoken needs a 2-D attention_mask (batch, seq) or None; got {type(mask).__name__} "
+        f"{getattr(mask, 'shape', '')}"
+    )
+
+
+def _running_index(prunable: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """(B, N) index of each prunable token within its segment (-1 elsewhere)."""
+    flat_seg = seg.clone()
+    flat_seg[~prunable] = -1
+    out = torch.full_like(seg, -1)
+    bb, jj = prunable.nonzero(as_tuple=True)
+    ids = flat_seg[bb, jj]
+    if ids.numel():
+        counts = torch.bincount(ids)
+        offsets = counts.cumsum(0) - counts
+        out[bb, jj] = torch.arange(ids.numel(), device=seg.device) - offsets[ids]
+    return out
+
+
+def _refine_structural(layout, structural: torch.Tensor) -> None:
+    layout.structural = structural.to(layout.segment_of.device) & layout.visual
+    S = layout.num_segments
+    seg = layout.segment_of[layout.prunable]
+    layout.seg_count = torch.bincount(seg, minlength=S)
+    layout.seg_grid = [g if g is not None and g[0] * g[1] * g[2] == int(c) else None
+                       for g, c in zip(layout.seg_grid, layout.seg_count.tolist())]
+
+
+def _last_valid(valid: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last valid slot."""
+    N = valid.shape[1]
+    idx = torch.arange(N, device=valid.device).expand_as(valid)
+    return torch.where(valid, idx, torch.full_like(idx, -1)).max(dim=1).values.clamp(min=0)
+
+
+def _text_rows(ctx):
+    """(B, T) slot indices of valid non-visual tokens (-1 padded), and (B, T) mask."""
+    lay = ctx.layout
+    safe = ctx.cur_pos.clamp(min=0)
+    is_text = ctx.cur_valid & ~lay.visual.gather(1, safe) & (ctx.cur_pos >= 0)
+    counts = is_text.sum(1)
+    T = max(int(counts.max()), 1)
+    rows = torch.full((is_text.shape[0], T), -1, dtype=torch.long, device=is_text.device)
+    bb, jj = is_text.nonzero(as_tuple=True)
+    rank = is_text.long().cumsum(1) - 1
+    rows[bb, rank[bb, jj]] = jj
+    return rows, rows >= 0
+
+
+def _merge(hidden, sig, keep, merge_into, slot_pad):
+    """Average every dropped candidate into a kept candidate of its segment (by ``merge_into`` or
+    by cosine similarity of hidden states); returns the updated hidden states."""
+    S, n = keep.shape
+    rows_b = sig.sample.unsqueeze(1)
+    safe_slot = slot_pad.clamp(min=0)
+    h = hidden[rows_b, safe_slot].float()  # (S, n, D)
+    dropped = sig.mask & ~keep
+    if merge_into is None:
+        hn = torch.nn.functional.normalize(h, dim=-1)
+        sim = hn @ hn.transpose(1, 2)
+        sim = sim.masked_fill(~keep.unsqueeze(1), float("-inf"))
+        merge_into = sim.argmax(dim=-1)
+    target = torch.where(dropped & (merge_into >= 0), merge_into, torch.arange(n, device=keep.device).expand(S, n))
+    target = torch.where(sig.mask, target, torch.arange(n, device=keep.device).expand(S, n))
+    summed = torch.zeros_like(h).scatter_add_(1, target.unsqueeze(-1).expand_as(h), h * sig.mask.unsqueeze(-1))
+    count = torch.zeros(S, n, device=h.device).scatter_add_(1, target, sig.mask.float())
+    merged = summed / count.clamp(min=1).unsqueeze(-1)
+    upd = keep & (count > 1)
+    out = hidden.clone()
+    sb = rows_b.expand(S, n)[upd]
+    out[sb, slot_pad[upd]] = merged[upd].to(hidden.dtype)
+    return out
+
+
+def _patch_seq_length(cache, state: PruneState, layer_stage: list) -> None:
+    """Make ``cache.get_seq_length(layer)`` report the ORIGINAL (unpruned) length, which is what
+    transformers uses it for (positions, slicing new tokens on continuation)."""
+    if "get_seq_length" in cache.__dict__:
+        return
+    bound = type(cache).get_seq_length
+
+    def get_seq_length(layer_idx: int = 0):
+        physical = bound(cache, layer_idx)
+        i = layer_stage[layer_idx] if layer_idx < len(layer_stage) else -1
+        if i < 0 or i >= len(state.stages) or physical == 0:
+            return physical
+        return physical + state.n_prefill - state.stages[i].positions.shape[1]
+
+    cache.get_seq_length = get_seq_length

@@ -1,0 +1,169 @@
+"""Adapter interface: everything architecture-specific lives behind it.
+
+An adapter knows where the decoder layers are, how to find each sample's visual tokens and
+split them into segments (one image / one video / one video frame group), which of them are
+structural (never pruned, e.g. LLaVA-NeXT's image-newline tokens), and what the model does
+per layer that depends on token positions (Qwen3-VL's deepstack injection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class VisualLayout:
+    """Where the visual tokens of a batch are, in ORIGINAL sequence coordinates.
+
+    segment_of:  (B, N) long, global segment id of each token, -1 for text/padding.
+    structural:  (B, N) bool, visual tokens that are never pruned nor counted (image newlines).
+    seg_sample:  (S,) long, batch row of each segment (segments numbered in row-major order).
+    seg_ordinal: (S,) long, number of the segment within its sample.
+    seg_count:   (S,) long, prunable tokens of each segment.
+    seg_grid:    list of (t, h, w) or None per segment.
+    seg_kind:    list of "image" / "video" per segment.
+    """
+
+    segment_of: torch.Tensor
+    structural: torch.Tensor
+    seg_sample: torch.Tensor
+    seg_ordinal: torch.Tensor
+    seg_count: torch.Tensor
+    seg_grid: list
+    seg_kind: list
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_sample.numel())
+
+    @property
+    def prunable(self) -> torch.Tensor:
+        """(B, N) bool: visual, non-structural tokens."""
+        return (self.segment_of >= 0) & ~self.structural
+
+    @property
+    def visual(self) -> torch.Tensor:
+        return self.segment_of >= 0
+
+
+def token_runs(row: torch.Tensor) -> list:
+    """[(start, length)] of the maximal runs of True in a 1-D bool tensor."""
+    if row.numel() == 0 or not bool(row.any()):
+        return []
+    r = row.to(torch.int8)
+    diff = torch.diff(torch.cat([r.new_zeros(1), r, r.new_zeros(1)]))
+    starts = torch.nonzero(diff == 1).flatten().tolist()
+    ends = torch.nonzero(diff == -1).flatten().tolist()
+    return [(s, e - s) for s, e in zip(starts, ends)]
+
+
+def layout_from_runs(
+    is_visual: torch.Tensor,
+    kinds: torch.Tensor,
+    sizes: dict,
+    grids: dict,
+    structural: Optional[torch.Tensor] = None,
+) -> VisualLayout:
+    """Split each sample's runs of visual tokens into segments.
+
+    is_visual (B, N) bool; kinds (B, N) long code per visual token (0 image, 1 video);
+    sizes: {code: list of expected segment sizes in row-major order} (missing or exhausted ->
+    a whole run is one segment); grids: {code: list of (t, h, w)} aligned with sizes.
+    Structural tokens (B, N) count towards a segment's span but not its size.
+    """
+    B, N = is_visual.shape
+    structural = torch.zeros_like(is_visual) if structural is None else structural
+    segment_of = torch.full((B, N), -1, dtype=torch.long)
+    seg_sample, seg_ordinal, seg_count, seg_grid, seg_kind = [], [], [], [], []
+    cursor = {code: 0 for code in sizes}
+    names = {0: "image", 1: "video"}
+    vis_cpu, kinds_cpu, struct_cpu = is_visual.cpu(), kinds.cpu(), structural.cpu()
+    for b in range(B):
+        ordinal = 0
+        for start, length in token_runs(vis_cpu[b]):
+            code = int(kinds_cpu[b, start])
+            pos = start
+            end = start + length
+            while pos < end:
+                expected = sizes.get(code, [])
+                i = cursor.get(code, 0)
+                if i < len(expected):
+                    want, grid = int(expected[i]), grids[code][i]
+                    cursor[code] = i + 1
+                else:
+                    want, grid = None, None
+                # advance over `want` prunable tokens (structural ones ride along)
+                seg_end, count = pos, 0
+                while seg_end < end and (want is None or count < want):
+                    if not bool(struct_cpu[b, seg_end]):
+                        count += 1
+                    seg_end += 1
+                while seg_end < end and bool(struct_cpu[b, seg_end]):
+                    seg_end += 1
+                segment_of[b, pos:seg_end] = len(seg_sample)
+                seg_sample.append(b)
+                seg_ordinal.append(ordinal)
+                seg_count.append(count)
+                seg_grid.append(grid if (grid is not None and count == grid[0] * grid[1] * grid[2]) else None)
+                seg_kind.append(names.get(code, "image"))
+                ordinal += 1
+                pos = seg_end
+    dev = is_visual.device
+    return VisualLayout(
+        segment_of=segment_of.to(dev),
+        structural=structural.to(dev) & is_visual,
+        seg_sample=torch.tensor(seg_sample, dtype=torch.long, device=dev),
+        seg_ordinal=torch.tensor(seg_ordinal, dtype=torch.long, device=dev),
+        seg_count=torch.tensor(seg_count, dtype=torch.long, device=dev),
+        seg_grid=seg_grid,
+        seg_kind=seg_kind,
+    )
+
+
+class Adapter:
+    """Base adapter. Subclasses set ``model_types`` (transformers class names) and override
+    :meth:`layout`."""
+
+    model_types: tuple = ()
+    family: str = ""
+
+    def __init__(self, model):
+        self.model = model
+
+    # --- structure -------------------------------------------------------------------
+    @property
+    def multimodal_model(self):
+        """The module whose forward receives input_ids and the pixel inputs."""
+        return self.model.model
+
+    @property
+    def text_model(self):
+        return self.model.model.language_model
+
+    @property
+    def layers(self):
+        return self.text_model.layers
+
+    @property
+    def text_config(self):
+        return self.text_model.config
+
+    @property
+    def vision_tower(self):
+        return getattr(self.model.model, "vision_tower", None) or getattr(self.model.model, "visual", None)
+
+    # --- per call ----------------------------------------------------------------------
+    def layout(self, input_ids: torch.Tensor, inputs: dict, ctx) -> Optional[VisualLayout]:
+        """The batch's visual layout, or None when no sample has visual tokens."""
+        raise NotImplementedError
+
+    def structural_from_embeds(self, inputs_embeds: torch.Tensor, layout: VisualLayout) -> Optional[torch.Tensor]:
+        """Optionally refine structural tokens from layer-0 embeddings (LLaVA-NeXT newlines)."""
+        return None
+
+    def install(self, runtime) -> list:
+        """Model-specific patches beyond the generic hooks; returns undo callables."""
+        return []

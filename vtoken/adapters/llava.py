@@ -1,0 +1,105 @@
+"""LLaVA family adapters: LLaVA-1.5, LLaVA-NeXT (anyres + image newlines), LLaVA-OneVision."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vtoken.adapters.base import Adapter, VisualLayout, layout_from_runs
+
+
+def _token_id(config, *names):
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return int(v)
+    raise ValueError(f"config has none of {names}")
+
+
+class LlavaAdapter(Adapter):
+    """``LlavaForConditionalGeneration``: a fixed grid of image tokens per image (576 for 336 px /
+    14 px patches), one contiguous run of ``image_token_id`` per image."""
+
+    model_types = ("LlavaForConditionalGeneration",)
+    family = "llava"
+
+    def tokens_per_image(self) -> tuple:
+        vc = self.model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        extra = 1 if strategy == "full" else 0
+        return side * side + extra, side
+
+    def layout(self, input_ids, inputs, ctx):
+        image_id = _token_id(self.model.config, "image_token_id", "image_token_index")
+        is_visual = input_ids == image_id
+        if not bool(is_visual.any()):
+            return None
+        count, side = self.tokens_per_image()
+        n_images = int(is_visual.sum()) // count
+        grid = (1, side, side) if count == side * side else None
+        kinds = torch.zeros_like(input_ids)
+        return layout_from_runs(is_visual, kinds, {0: [count] * n_images}, {0: [grid] * n_images})
+
+
+class LlavaNextAdapter(Adapter):
+    """``LlavaNextForConditionalGeneration`` / ``LlavaOnevisionForConditionalGeneration``.
+
+    Per-image token counts vary (anyres); they are read from the image features the model
+    computes (``get_image_features`` output), and the image-newline tokens (rows of the
+    unpadded grid end with the learned ``image_newline`` vector) are detected in the layer-0
+    embeddings and kept as structural tokens: never pruned, never counted in a budget.
+    """
+
+    model_types = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+    family = "llava_next"
+
+    def layout(self, input_ids, inputs, ctx):
+        cfg = self.model.config
+        image_id = _token_id(cfg, "image_token_id", "image_token_index")
+        video_id = getattr(cfg, "video_token_id", None) or getattr(cfg, "video_token_index", None)
+        is_image = input_ids == image_id
+        is_video = (input_ids == int(video_id)) if video_id is not None else torch.zeros_like(is_image)
+        is_visual = is_image | is_video
+        if not bool(is_visual.any()):
+            return None
+        kinds = is_video.long()
+        sizes = {}
+        lengths = ctx.feature_lengths.get("image") if ctx is not None else None
+        if lengths:
+            sizes[0] = list(lengths)
+        vlen = ctx.feature_lengths.get("video") if ctx is not None else None
+        if vlen:
+            sizes[1] = list(vlen)
+        grids = {code: [None] * len(v) for code, v in sizes.items()}
+        return layout_from_runs(is_visual, kinds, sizes, grids)
+
+    def structural_from_embeds(self, inputs_embeds, layout: VisualLayout):
+        newline = getattr(self.model.model, "image_newline", None)
+        if newline is None:
+            return None
+        vis = layout.visual
+        eq = (inputs_embeds == newline.to(inputs_embeds.dtype).view(1, 1, -1)).all(dim=-1)
+        return eq & vis
+
+    def install(self, runtime):
+        mm = self.model.model
+        undo = []
+        for name, kind in (("get_image_features", "image"), ("get_video_features", "video")):
+            original = getattr(mm, name, None)
+            if original is None:
+                continue
+
+            def wrapped(*args, __orig=original, __kind=kind, **kwargs):
+                out = __orig(*args, **kwargs)
+                feats = getattr(out, "pooler_output", out)
+                if isinstance(feats, (list, tuple)):
+                    runtime.record_feature_lengths(__kind, [int(f.shape[0]) for f in feats])
+                elif torch.is_tensor(feats):
+                    runtime.record_feature_lengths(__kind, [int(math.prod(feats.shape[1:-1]))] * feats.shape[0])
+                return out
+
+            setattr(mm, name, wrapped)
+            undo.append(lambda mm=mm, name=name: mm.__dict__.pop(name, None))
+        return undo

@@ -1,0 +1,72 @@
+"""Qwen-VL family adapters: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (3-D M-RoPE, dynamic resolution)."""
+
+from __future__ import annotations
+
+import torch
+
+from vtoken.adapters.base import Adapter, layout_from_runs
+
+
+class QwenVLAdapter(Adapter):
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
+
+    Each image contributes t*h*w / merge^2 tokens (``image_grid_thw``); a video contributes one
+    segment per video (Qwen2/2.5-VL) or one per temporal patch group (Qwen3-VL, whose prompt puts
+    a timestamp between frames). Positions are 3-D M-RoPE ids computed by the model; the runtime
+    gathers the rotary cos/sin of the kept tokens, so every kept token keeps its original
+    (t, h, w) position, and decode positions continue from the model's ``rope_deltas``.
+    Qwen3-VL's deepstack adds vision features at the visual positions of its first decoder
+    layers; :meth:`install` makes that injection follow the pruned layout.
+    """
+
+    model_types = (
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+    )
+    family = "qwen_vl"
+
+    @property
+    def merge(self) -> int:
+        return int(getattr(self.model.config.vision_config, "spatial_merge_size", 2))
+
+    @property
+    def per_frame_video(self) -> bool:
+        return type(self.model).__name__.startswith("Qwen3")
+
+    def layout(self, input_ids, inputs, ctx):
+        cfg = self.model.config
+        image_id, video_id = int(cfg.image_token_id), int(cfg.video_token_id)
+        is_image, is_video = input_ids == image_id, input_ids == video_id
+        is_visual = is_image | is_video
+        if not bool(is_visual.any()):
+            return None
+        m = self.merge
+        sizes, grids = {}, {}
+        thw = inputs.get("image_grid_thw")
+        if thw is not None:
+            rows = [tuple(int(x) for x in r) for r in thw.tolist()]
+            grids[0] = [(t, h // m, w // m) for t, h, w in rows]
+            sizes[0] = [t * (h // m) * (w // m) for t, h, w in rows]
+        vthw = inputs.get("video_grid_thw")
+        if vthw is not None:
+            rows = [tuple(int(x) for x in r) for r in vthw.tolist()]
+            if self.per_frame_video:
+                rows = [(1, h, w) for t, h, w in rows for _ in range(t)]
+            grids[1] = [(t, h // m, w // m) for t, h, w in rows]
+            sizes[1] = [t * (h // m) * (w // m) for t, h, w in rows]
+        return layout_from_runs(is_visual, is_video.long(), sizes, grids)
+
+    def install(self, runtime):
+        tm = self.text_model
+        if not hasattr(tm, "_deepstack_process"):
+            return []
+        original = tm._deepstack_process
+
+        def deepstack(hidden_states, visual_pos_masks, visual_embeds):
+            if visual_pos_masks is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
+                visual_pos_masks, visual_embeds = runtime.prune_deepstack(visual_pos_masks, visual_embeds)
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        tm._deepstack_process = deepstack
+        return [lambda: tm.__dict__.pop("_deepstack_process", None)]

@@ -1,0 +1,276 @@
+"""Synthetic multi-object VQA where keeping the right visual tokens matters.
+
+Each scene is a plain canvas with 3 to 8 small objects. An object has a colour (all colours in a
+scene are distinct, so "the red object" names exactly one object), a shape and a size. At the
+default 336 px a small object is about one 14 px patch wide and a large one about two, so a random
+64 of LLaVA-1.5's 576 visual tokens usually misses several objects entirely.
+
+Question types (``qtype``) and their answers:
+
+====================  ==================================================  ======================
+qtype                 example                                             answers
+====================  ==================================================  ======================
+``shape``             what shape is the red object?                       circle/rectangle/triangle
+``size``              what size is the red object?                        small/large
+``color``             what color is the triangle?  (shape unique in scene) a colour
+``exist``             is there a blue triangle?                           yes/no
+``count_shape``       how many triangles are there?                       0 .. 8
+``count_all``         how many objects are there?                         3 .. 8
+``left``              is the red object left of the blue object?          yes/no
+``above``             is the red object above the blue object?            yes/no
+====================  ==================================================  ======================
+
+Colours and shapes are those of the ``easy-vqa`` data set, so one closed vocabulary serves both.
+
+Determinism and disjoint splits: record ``i`` of split ``s`` with seed ``k`` is drawn from its own
+generator ``numpy.random.default_rng([split_code(s), k, i])``, and every scene is assigned to a
+split by a hash of its canonical description (:func:`scene_split`): the train generator rejects
+scenes that hash to the test split and vice versa, so no scene can ever appear in both, whatever
+the seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "SIZES",
+    "QTYPES",
+    "ANSWER_VOCAB",
+    "QUESTION_WORDS",
+    "Obj",
+    "Scene",
+    "make_scene",
+    "render",
+    "make_question",
+    "make_questions",
+    "make_split",
+    "scene_split",
+    "scene_key",
+]
+
+# easy-vqa's eight colours (RGB values chosen to be far apart on a white canvas).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 200, 0),
+    "teal": (0, 150, 150),
+    "brown": (130, 75, 25),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "rectangle", "triangle")
+SHAPE_PLURAL = {"circle": "circles", "rectangle": "rectangles", "triangle": "triangles"}
+SIZES = ("small", "large")
+# Object side length as a fraction of the image side: 336 px -> 15 px (small) and 27 px (large).
+SIZE_FRAC = {"small": 15 / 336, "large": 27 / 336}
+BACKGROUND = (255, 255, 255)
+MIN_OBJECTS, MAX_OBJECTS = 3, 8
+
+QTYPES = ("shape", "size", "color", "exist", "count_shape", "count_all", "left", "above")
+DIGITS = tuple(str(d) for d in range(10))
+ANSWER_VOCAB: tuple[str, ...] = ("yes", "no") + tuple(COLORS) + SHAPES + SIZES + DIGITS
+QUESTION_WORDS: tuple[str, ...] = (
+    "what", "shape", "size", "color", "is", "the", "object", "objects", "there", "a", "how", "many",
+    "are", "left", "of", "above", "?",
+) + tuple(SHAPE_PLURAL.values())
+
+_SPLIT_CODES = {"train": 1, "test": 2}
+_TEST_FRACTION_MOD = 8  # one scene hash in 8 belongs to the test split
+
+
+@dataclass(frozen=True)
+class Obj:
+    color: str
+    shape: str
+    size: str
+    x: float  # centre, as a fraction of the image width (0 = left)
+    y: float  # centre, as a fraction of the image height (0 = top)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+
+
+def scene_key(scene: Scene) -> str:
+    """Canonical description of a scene (objects sorted by colour, positions to 1e-4)."""
+    parts = sorted(f"{o.color}:{o.shape}:{o.size}:{o.x:.4f}:{o.y:.4f}" for o in scene.objects)
+    return "|".join(parts)
+
+
+def scene_split(scene: Scene) -> str:
+    """The split a scene belongs to, from a hash of :func:`scene_key` ("train" or "test")."""
+    h = int.from_bytes(hashlib.sha256(scene_key(scene).encode()).digest()[:8], "little")
+    return "test" if h % _TEST_FRACTION_MOD == 0 else "train"
+
+
+def _sample_scene(rng: np.random.Generator) -> Scene:
+    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    colors = rng.choice(len(COLORS), size=n, replace=False)
+    color_names = list(COLORS)
+    placed: list[Obj] = []
+    boxes: list[tuple[float, float, float]] = []  # (x, y, half side) in fractions
+    for ci in colors:
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        half = SIZE_FRAC[size] / 2
+        for _ in range(200):
+            margin = half + 0.01
+            x = float(rng.uniform(margin, 1 - margin))
+            y = float(rng.uniform(margin, 1 - margin))
+            # keep a gap of at least ~one small object between any two objects
+            if all(max(abs(x - bx), abs(y - by)) > half + bh + 0.03 for bx, by, bh in boxes):
+                break
+        else:  # pragma: no cover - 8 objects of <= 8% side always fit
+            raise RuntimeError("could not place objects")
+        boxes.append((x, y, half))
+        placed.append(Obj(color_names[int(ci)], shape, size, round(x, 4), round(y, 4)))
+    return Scene(tuple(placed))
+
+
+def make_scene(rng: np.random.Generator, split: str = "train") -> Scene:
+    """A random scene that belongs to ``split`` (rejection on :func:`scene_split`)."""
+    if split not in _SPLIT_CODES:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
+    while True:
+        scene = _sample_scene(rng)
+        if scene_split(scene) == split:
+            return scene
+
+
+def render(scene: Scene, image_size: int = 336) -> Image.Image:
+    """Draw ``scene`` on a white ``image_size`` x ``image_size`` RGB canvas."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        side = SIZE_FRAC[o.size] * image_size
+        cx, cy, h = o.x * image_size, o.y * image_size, side / 2
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        elif o.shape == "rectangle":
+            draw.rectangle([cx - h, cy - h * 0.8, cx + h, cy + h * 0.8], fill=fill)
+        else:  # triangle, apex up
+            draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
+    return img
+
+
+# --------------------------------------------------------------------------------------- questions
+_MIN_SEP = 0.05  # relation questions need centres at least this far apart (about 1.2 patches)
+
+
+def _by_color(scene: Scene) -> dict[str, Obj]:
+    return {o.color: o for o in scene.objects}
+
+
+def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    """One (question, answer) of type ``qtype`` about ``scene``, or None if the scene has none."""
+    objs = list(scene.objects)
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    if qtype == "shape":
+        o = pick(objs)
+        return f"what shape is the {o.color} object?", o.shape
+    if qtype == "size":
+        o = pick(objs)
+        return f"what size is the {o.color} object?", o.size
+    if qtype == "color":
+        counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
+        unique = [o for o in objs if counts[o.shape] == 1]
+        if not unique:
+            return None
+        o = pick(unique)
+        return f"what color is the {o.shape}?", o.color
+    if qtype == "exist":
+        present = {(o.color, o.shape) for o in objs}
+        if rng.random() < 0.5:
+            c, s = pick(sorted(present))
+            return f"is there a {c} {s}?", "yes"
+        # negatives: mostly near misses (the colour is there with another shape)
+        scene_colors = [o.color for o in objs]
+        if rng.random() < 0.7:
+            c = pick(scene_colors)
+        else:
+            c = pick(list(COLORS))
+        shapes = [s for s in SHAPES if (c, s) not in present]
+        return f"is there a {c} {pick(shapes)}?", "no"
+    if qtype == "count_shape":
+        s = pick(SHAPES)
+        return f"how many {SHAPE_PLURAL[s]} are there?", str(sum(o.shape == s for o in objs))
+    if qtype == "count_all":
+        return "how many objects are there?", str(len(objs))
+    if qtype in ("left", "above"):
+        axis = "x" if qtype == "left" else "y"
+        pairs = [
+            (a, b)
+            for a in objs
+            for b in objs
+            if a is not b and abs(getattr(a, axis) - getattr(b, axis)) >= _MIN_SEP
+        ]
+        if not pairs:
+            return None
+        a, b = pick(pairs)
+        ans = "yes" if getattr(a, axis) < getattr(b, axis) else "no"
+        rel = "left of" if qtype == "left" else "above"
+        return f"is the {a.color} object {rel} the {b.color} object?", ans
+    raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
+
+
+def make_questions(
+    scene: Scene, rng: np.random.Generator, k: int, qtypes: Iterable[str] = QTYPES
+) -> list[tuple[str, str, str]]:
+    """Up to ``k`` distinct (question, answer, qtype) triples about ``scene``."""
+    qtypes = list(qtypes)
+    out: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for qt in rng.permutation(qtypes):
+        if len(out) >= k:
+            break
+        qa = make_question(scene, str(qt), rng)
+        if qa is not None and qa[0] not in seen:
+            seen.add(qa[0])
+            out.append((qa[0], qa[1], str(qt)))
+    return out
+
+
+def _record(split: str, seed: int, i: int, image_size: int) -> dict:
+    rng = np.random.default_rng([_SPLIT_CODES[split], seed, i])
+    qtype = QTYPES[i % len(QTYPES)]  # balanced question types
+    while True:
+        scene = make_scene(rng, split)
+        qa = make_question(scene, qtype, rng)
+        if qa is not None:
+            break
+    q, a = qa
+    return {
+        "image": render(scene, image_size),
+        "question": q,
+        "answers": [a] * 10,
+        "answer": a,
+        "qtype": qtype,
+        "id": f"synth-{split}-{seed}-{i}",
+        "scene": scene,
+    }
+
+
+def make_split(split: str, n: int, seed: int = 0, image_size: int = 336) -> list[dict]:
+    """``n`` VQA records of ``split`` ("train" or "test"), deterministic in (split, n, seed, image_size).
+
+    Each record: ``image`` (PIL RGB, ``image_size`` square), ``question`` (str), ``answers`` (ten
+    copies of the canonical answer, VQAv2-style), ``answer`` (str), ``qtype`` (str, see
+    :data:`QTYPES`; types are balanced round-robin), ``id`` (str) and ``scene`` (the :class:`Scene`).
+    Record ``i`` does not depend on ``n``: ``make_split(s, 10)`` is a prefix of ``make_split(s, 20)``.
+    """
+    if split not in _SPLIT_CODES:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return [_record(split, seed, i, image_size) for i in range(n)]

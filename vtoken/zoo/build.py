@@ -1,0 +1,232 @@
+"""Build the reference checkpoints' pieces from scratch: tokenizer, processor, model config.
+
+Everything here is local: the tokenizer is a word-level ``tokenizers`` model over the closed
+vocabulary of :mod:`vtoken.data.synthetic` and ``easy-vqa``; the processors use the PIL image
+backends (no torchvision needed), and the models are ``transformers`` classes with random weights.
+
+Sizes (both checkpoints share the language-model shape):
+
+* language model: Llama/Qwen2 decoder, hidden 256, 4 layers, 8 query heads and 4 key-value
+  heads of dim 32 (GQA), MLP 768.
+* LLaVA vision tower: CLIP ViT, 336 px, patch 14 (24 x 24 = 576 patches + [CLS]), hidden 128,
+  3 layers (features of the penultimate one, as LLaVA-1.5), [CLS] dropped ("default").
+* Qwen2-VL vision tower: hidden 128, 3 layers, patch 14, temporal patch 2, 2 x 2 merge; the
+  processor resizes every image to at least 448 x 448 pixels, so the default 336 px synthetic
+  image gives 32 x 32 patches -> 16 x 16 = 256 visual tokens.
+"""
+
+from __future__ import annotations
+
+from vtoken.data import synthetic
+
+ARCHS = ("llava", "qwen2vl")
+
+# Special tokens. The Qwen ones keep Qwen2-VL's own spellings so its processor finds them.
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+LLAVA_IMAGE = "<image>"
+QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
+QWEN_IMAGE_PAD, QWEN_VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, LLAVA_IMAGE, QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE_PAD, QWEN_VIDEO_PAD)
+
+# easy-vqa's question words (its whole vocabulary, checked against the package's questions).
+EASY_VQA_WORDS = (
+    "?", "a", "black", "blue", "brown", "circle", "color", "contain", "does", "gray", "green", "image",
+    "in", "is", "no", "not", "of", "present", "rectangle", "red", "shape", "teal", "the", "there",
+    "triangle", "what", "yellow",
+)
+PROMPT_WORDS = ("user", "assistant", ":")
+
+QWEN_MIN_PIXELS = 448 * 448
+QWEN_MAX_PIXELS = 896 * 896
+IMAGE_SIZE = {"llava": 336, "qwen2vl": 448}
+
+
+def vocabulary() -> list[str]:
+    """Special tokens first, then every word, in a fixed order."""
+    words: list[str] = []
+    for w in (
+        *PROMPT_WORDS,
+        *synthetic.QUESTION_WORDS,
+        *synthetic.ANSWER_VOCAB,
+        *EASY_VQA_WORDS,
+        # a few extra digits/words so counting answers and near-vocabulary questions never hit <unk>
+        "10", "and", "right", "below", "how", "many", "objects",
+    ):
+        if w not in words:
+            words.append(w)
+    return list(SPECIAL_TOKENS) + words
+
+
+def image_placeholder(arch: str) -> str:
+    """The text that stands for one image in a prompt of ``arch`` (before processor expansion)."""
+    if arch == "llava":
+        return LLAVA_IMAGE
+    if arch == "qwen2vl":
+        return QWEN_VISION_START + QWEN_IMAGE_PAD + QWEN_VISION_END
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def prompt(arch: str, question: str) -> str:
+    """The exact training prompt; the model answers with one word and then EOS."""
+    return f"USER: {image_placeholder(arch)}\n{question} ASSISTANT:"
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer (lower-cased, punctuation split, BOS prepended)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(list(SPECIAL_TOKENS))
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    return fast
+
+
+def build_processor(arch: str, tokenizer=None):
+    """The processor saved beside a checkpoint (PIL image backend: works without torchvision)."""
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    if arch == "llava":
+        from transformers import LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        ip = CLIPImageProcessorPil(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            do_center_crop=True,
+            do_convert_rgb=True,
+        )
+        return LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            image_token=LLAVA_IMAGE,
+        )
+    if arch == "qwen2vl":
+        from transformers import Qwen2VLProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        ip = Qwen2VLImageProcessorPil(
+            min_pixels=QWEN_MIN_PIXELS,
+            max_pixels=QWEN_MAX_PIXELS,
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
+        return Qwen2VLProcessor(image_processor=ip, tokenizer=tokenizer)
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def _text_kwargs(tokenizer) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_config(arch: str, tokenizer=None):
+    """The model config of ``arch`` (see the module docstring for sizes)."""
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    text = _text_kwargs(tokenizer)
+    if arch == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        vision = CLIPVisionConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+            num_channels=3,
+            hidden_act="quick_gelu",
+        )
+        text_cfg = LlamaConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        cfg = LlavaConfig(
+            vision_config=vision,
+            text_config=text_cfg,
+            image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE),
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_seq_length=576,
+            tie_word_embeddings=False,
+        )
+    elif arch == "qwen2vl":
+        from transformers import Qwen2VLConfig
+
+        text_cfg = dict(
+            text,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        )
+        vision = dict(
+            depth=3,
+            embed_dim=128,
+            hidden_size=text["hidden_size"],
+            num_heads=4,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            hidden_act="quick_gelu",
+        )
+        cfg = Qwen2VLConfig(
+            text_config=text_cfg,
+            vision_config=vision,
+            image_token_id=tokenizer.convert_tokens_to_ids(QWEN_IMAGE_PAD),
+            video_token_id=tokenizer.convert_tokens_to_ids(QWEN_VIDEO_PAD),
+            vision_start_token_id=tokenizer.convert_tokens_to_ids(QWEN_VISION_START),
+            vision_end_token_id=tokenizer.convert_tokens_to_ids(QWEN_VISION_END),
+            tie_word_embeddings=False,
+        )
+    else:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    cfg.bos_token_id = tokenizer.bos_token_id
+    cfg.eos_token_id = tokenizer.eos_token_id
+    cfg.pad_token_id = tokenizer.pad_token_id
+    return cfg
+
+
+def build_model(arch: str, tokenizer=None, seed: int = 0):
+    """A randomly initialised model of ``arch`` (SDPA attention)."""
+    import torch
+
+    cfg = build_config(arch, tokenizer)
+    torch.manual_seed(seed)
+    if arch == "llava":
+        from transformers import LlavaForConditionalGeneration as cls
+    else:
+        from transformers import Qwen2VLForConditionalGeneration as cls
+    cfg._attn_implementation = "sdpa"
+    model = cls(cfg)
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id
+    gc.do_sample = False
+    gc.max_new_tokens = 4
+    return model
