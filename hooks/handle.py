@@ -8,6 +8,7 @@ attributes undone); it is also a context manager; ``stats`` describes the last p
 from __future__ import annotations
 
 import functools
+import inspect
 
 from vtoken.adapters import get_adapter
 from vtoken.errors import AlreadyPrunedError, PruningConfigError
@@ -88,9 +89,15 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
     undo = []
     try:
         mm = adapter.multimodal_model
-        h1 = mm.register_forward_pre_hook(lambda m, a, kw: runtime.on_multimodal_call(kw), with_kwargs=True)
+        mm_params = _param_names(mm)
+        h1 = mm.register_forward_pre_hook(
+            lambda m, a, kw: runtime.on_multimodal_call({**dict(zip(mm_params, a)), **kw}), with_kwargs=True
+        )
         h2 = mm.register_forward_hook(lambda m, a, out: runtime.on_multimodal_done(), always_call=True)
-        h3 = adapter.text_model.register_forward_pre_hook(lambda m, a, kw: runtime.on_text_call(kw), with_kwargs=True)
+        tm_params = _param_names(adapter.text_model)
+        h3 = adapter.text_model.register_forward_pre_hook(
+            lambda m, a, kw: runtime.on_text_call({**dict(zip(tm_params, a)), **kw}), with_kwargs=True
+        )
         undo += [h1.remove, h2.remove, h3.remove]
         for idx in range(runtime.first_layer, runtime.num_layers):
             hook = functools.partial(_layer_hook, runtime, idx)
@@ -106,6 +113,12 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
     handle = PruningHandle(model, runtime, method if plan is not None else None, undo)
     model.__dict__[HANDLE_ATTR] = handle
     return handle
+
+
+def _param_names(module) -> list:
+    """Positional parameter names of ``module.forward`` (to read positional call arguments)."""
+    params = inspect.signature(module.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _layer_hook(runtime, idx, module, args, kwargs):

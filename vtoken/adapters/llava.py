@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -91,6 +92,7 @@ class LlavaNextAdapter(Adapter):
             if original is None:
                 continue
 
+            @functools.wraps(original)
             def wrapped(*args, __orig=original, __kind=kind, **kwargs):
                 out = __orig(*args, **kwargs)
                 feats = getattr(out, "pooler_output", out)
