@@ -47,7 +47,7 @@ class PruningHandle:
                 return None
             last = (rt.last_trace, rt.last_meta)
         trace, (layout, vis_ordinal, orig_valid) = last
-        return build_stats(trace, layout, vis_ordinal, rt.num_layers)
+        return build_stats(trace, layout, vis_ordinal, rt.num_layers, orig_valid)
 
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``."""

@@ -72,6 +72,7 @@ class StageTrace:
 @dataclass
 class CallContext:
     layout: object = None
+    inputs: Optional[dict] = None
     feature_lengths: dict = field(default_factory=dict)
     mode: str = "off"
     orig_valid: Optional[torch.Tensor] = None
@@ -146,10 +147,10 @@ class Runtime:
         return getattr(self.tls, "session", None)
 
     def record_feature_lengths(self, kind: str, lengths: list) -> None:
-        pending = getattr(self.tls, "pending_lengths", None)
-        if pending is None:
-            pending = self.tls.pending_lengths = {}
-        pending[kind] = lengths
+        """Called by adapters when the model computes visual features inside a forward."""
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.feature_lengths[kind] = lengths
 
     def attn_impl(self) -> str:
         return self.adapter.text_config._attn_implementation or "eager"
@@ -183,20 +184,15 @@ class Runtime:
     # ---------------------------------------------------------------- hook bodies
     def on_multimodal_call(self, kwargs: dict) -> None:
         ctx = CallContext()
-        pending = getattr(self.tls, "pending_lengths", None)
         mm_out = kwargs.get("mm_encoder_outputs") or {}
         for kind in ("image", "video"):
             out = mm_out.get(kind) if isinstance(mm_out, dict) else None
             feats = getattr(out, "pooler_output", None)
             if isinstance(feats, (list, tuple)):
                 ctx.feature_lengths[kind] = [int(f.shape[0]) for f in feats]
-        if pending:
-            for kind, lengths in pending.items():
-                ctx.feature_lengths.setdefault(kind, lengths)
-            self.tls.pending_lengths = None
         input_ids = kwargs.get("input_ids")
         if input_ids is not None and input_ids.dim() == 2:
-            ctx.layout = self.adapter.layout(input_ids, kwargs, ctx)
+            ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
         elif kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
             from vtoken.errors import PruningConfigError
 
@@ -217,12 +213,15 @@ class Runtime:
             ctx = self.tls.ctx = CallContext()
         embeds = kwargs.get("inputs_embeds")
         mask2d = kwargs.get("attention_mask")
-        if mask2d is not None and (not torch.is_tensor(mask2d) or mask2d.dim() != 2):
-            mask2d = None if ctx.layout is None else _bad_mask(mask2d)
+        bad_mask = mask2d is not None and (not torch.is_tensor(mask2d) or mask2d.dim() != 2)
+        if bad_mask:
+            mask2d = None
         cache = kwargs.get("past_key_values")
         state = getattr(cache, STATE_ATTR, None) if cache is not None else None
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         B = embeds.shape[0] if embeds is not None else kwargs["input_ids"].shape[0]
+        if bad_mask and (state is not None or ctx.inputs is not None):
+            _bad_mask(kwargs.get("attention_mask"))
         if state is not None:
             ctx.mode = "decode"
             state.extra += q
@@ -233,6 +232,9 @@ class Runtime:
                 new_valid = torch.ones(B, state.extra, dtype=torch.bool, device=embeds.device)
             ctx.span_masks = [M.extend_mask(s.valid, new_valid, q, impl, dtype) for s in state.stages]
             return
+        if ctx.inputs is not None:  # a prefill: locate the visual tokens now that features exist
+            ctx.layout = self.adapter.layout(ctx.inputs["input_ids"], ctx.inputs, ctx)
+            ctx.inputs = None
         if ctx.layout is None:
             ctx.mode = "off"
             return
@@ -366,7 +368,25 @@ class Runtime:
         drop = torch.zeros_like(cand)
         dropped = smask & ~keep
         drop[sample.unsqueeze(1).expand_as(slot_pad)[dropped], slot_pad[dropped]] = True
-        keep_slot = (cur_pos >= 0) & ~drop
+        trace = StageTrace(
+            layer=stage.layer,
+            scorer=getattr(stage.scorer, "name", type(stage.scorer).__name__),
+            mode=stage.mode,
+            positions=cur_pos,
+            seg_sample=sample,
+            seg_index=index,
+            seg_keep=keep,
+            seg_scores=sel.scores,
+            diagnostics=dict(sig.diagnostics),
+        )
+        ctx.trace.append(trace)
+        if not bool(drop.any()) and stage.mode == "select":
+            # nothing dropped anywhere: keep the layout (and the model's own masks) as they are
+            if ctx.state is not None:
+                ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid))
+            return hidden
+        # padding slots (original or from an earlier stage) are dropped too; new padding goes left
+        keep_slot = (cur_pos >= 0) & cur_valid & ~drop
         n_b = keep_slot.sum(1)
         Nn = int(n_b.max())
         B = hidden.shape[0]
@@ -374,19 +394,7 @@ class Runtime:
         new_pos = torch.full((B, Nn), -1, dtype=torch.long, device=hidden.device)
         bb, jj = keep_slot.nonzero(as_tuple=True)
         new_pos[bb, rank[bb, jj]] = cur_pos[bb, jj]
-        ctx.trace.append(
-            StageTrace(
-                layer=stage.layer,
-                scorer=getattr(stage.scorer, "name", type(stage.scorer).__name__),
-                mode=stage.mode,
-                positions=new_pos,
-                seg_sample=sample,
-                seg_index=index,
-                seg_keep=keep,
-                seg_scores=sel.scores,
-                diagnostics=dict(sig.diagnostics),
-            )
-        )
+        trace.positions = new_pos
         return self._relayout(ctx, hidden, new_pos, stage.layer, record=True)
 
     def _relayout(self, ctx, hidden, new_pos, layer, record):

@@ -43,6 +43,9 @@ class PruneStats:
     context_tokens: list  # per sample: (tokens before pruning, tokens after the last stage)
     equivalent_tokens: list  # per sample: layer-averaged visual tokens (DESIGN.md §4)
     num_layers: int
+    #: (B, N') original sequence position of every token slot after the last stage (-1 =
+    #: padding slot); the model's outputs (logits, hidden states) come in this layout.
+    positions: Optional[torch.Tensor] = None
 
     @property
     def kept_per_stage(self) -> list:
@@ -60,7 +63,7 @@ class PruneStats:
         return "\n".join(lines)
 
 
-def build_stats(trace, layout, vis_ordinal, num_layers: int) -> PruneStats:
+def build_stats(trace, layout, vis_ordinal, num_layers: int, orig_valid=None) -> PruneStats:
     B = vis_ordinal.shape[0]
     visual = layout.visual
     vis_counts = visual.sum(1).tolist()
@@ -104,8 +107,13 @@ def build_stats(trace, layout, vis_ordinal, num_layers: int) -> PruneStats:
     for b in range(B):
         per_stage = [int(st.kept[b].numel()) for st in stages]
         equiv.append(equivalent_tokens(layers, per_stage, float(vis_counts[b]), num_layers))
-    if trace:
-        last = trace[-1].positions
-        for b in range(B):
-            context.append((None, int((last[b] >= 0).sum())))
-    return PruneStats(stages, [int(v) for v in vis_counts], segments, context, equiv, num_layers)
+    last = trace[-1].positions if trace else None
+    for b in range(B):
+        before = int(orig_valid[b].sum()) if orig_valid is not None else int(vis_ordinal.shape[1])
+        after = before
+        if last is not None:
+            kept = last[b][last[b] >= 0]
+            after = int(orig_valid[b][kept].sum()) if orig_valid is not None else int(kept.numel())
+        context.append((before, after))
+    return PruneStats(stages, [int(v) for v in vis_counts], segments, context, equiv, num_layers,
+                      positions=last.cpu() if last is not None else None)
