@@ -291,26 +291,55 @@ class Runtime:
 
     # ---------------------------------------------------------------- probes
     def probe(self, layer: int):
+        """The attention function of a probed layer (see :mod:`vtoken.hooks.probe`).
+
+        During a pruning prefill it returns the layer's attention output AND records the softmax
+        rows the next stage needs: with the Triton backend (CUDA) both come from one fused
+        ``attend_and_score`` call; otherwise the model's own attention runs and the rows are
+        computed from the same queries and keys (O(rows x N)).
+        """
         needs = self.probe_needs.get(layer, set())
+        want_rows = bool(needs & {"last", "text"})
 
         def run(base, module, query, key, value, attention_mask, **kw):
-            out = base(module, query, key, value, attention_mask, **kw)
             ctx = self.ctx
             if ctx is None or ctx.mode != "prefill" or query.shape[2] != ctx.cur_pos.shape[1]:
-                return out
+                return base(module, query, key, value, attention_mask, **kw)
             rec = ctx.attn.setdefault(layer, {})
             valid = ctx.cur_valid
+            parts = []
             if "last" in needs:
-                rows = _last_valid(valid).unsqueeze(1)
-                rec["last"] = attention_rows(query, key, rows, valid, module.scaling)
+                parts.append(("last", _last_valid(valid).unsqueeze(1)))
             if "text" in needs:
-                rows, _ = _text_rows(ctx)
-                rec["text"] = attention_rows(query, key, rows, valid, module.scaling)
+                parts.append(("text", _text_rows(ctx)[0]))
+            rows = torch.cat([r for _, r in parts], dim=1) if parts else None
+            use_kernel = want_rows and key.shape[2] == query.shape[2] and self._kernel_backend(query) == "triton"
+            if use_kernel:
+                from vtoken.kernels import attend_and_score
+
+                out, probs = attend_and_score(query, key, value, score_rows=rows, key_padding_mask=valid,
+                                              scale=module.scaling, average_heads=False, backend="triton")
+                out = out.transpose(1, 2).contiguous()
+                result = (out, None)
+            else:
+                result = base(module, query, key, value, attention_mask, **kw)
+                probs = attention_rows(query, key, rows, valid, module.scaling) if rows is not None else None
+            start = 0
+            for name, r in parts:
+                rec[name] = probs[:, :, start: start + r.shape[1]]
+                start += r.shape[1]
             if "keys" in needs:
                 rec["keys"] = key
-            return out
+            return result
 
         return run
+
+    def _kernel_backend(self, tensor) -> str:
+        if self.backend == "torch":
+            return "torch"
+        from vtoken.kernels import resolve_backend
+
+        return resolve_backend(self.backend, tensor)
 
     # ---------------------------------------------------------------- stages
     def _run_stage(self, ctx: CallContext, i: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,9 @@ import sys
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 import tiny_models as tm  # noqa: E402

@@ -1,5 +1,7 @@
 """API, errors, removal, FastV against an independent eager computation."""
 
+import os
+
 import pytest
 import torch
 
@@ -180,3 +182,21 @@ def test_merge_mode_changes_kept_states_not_counts():
         kept_mer = h.stats.stages[0].kept[0]
     assert torch.equal(kept_sel, kept_mer) and sel.shape == mer.shape
     assert not torch.allclose(sel, mer)
+
+
+@pytest.mark.parametrize("arch_name", ["llava", "qwen2_vl"])
+def test_fused_kernel_path_gives_the_same_pruning(arch_name):
+    """backend="triton" routes the scoring layer through vtoken.kernels.attend_and_score (its
+    output AND the scores); kept sets and logits match the PyTorch path (CPU: Triton interpreter)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    model = get_model(arch_name)
+    inputs = get_inputs(arch_name, model)
+    results = {}
+    for backend in ("torch", "triton"):
+        with vtoken.apply_pruning(model, method="fastv", keep=5, backend=backend) as h:
+            out = logits(model, inputs)
+            results[backend] = (out, [k.tolist() for k in h.stats.stages[0].kept])
+    assert results["torch"][1] == results["triton"][1]
+    torch.testing.assert_close(results["torch"][0], results["triton"][0], rtol=1e-4, atol=1e-4)
