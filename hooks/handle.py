@@ -104,6 +104,14 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
             undo.append(adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).remove)
         for layer in sorted(runtime.probe_needs):
             undo.append(install_probe(adapter.layers[layer].self_attn, runtime.probe(layer)))
+        if runtime.needs_vision:
+            module = adapter.vision_attention_module()
+            if module is None:
+                raise PruningConfigError(
+                    f"this plan reads vision-encoder attention, which vtoken cannot map to LLM tokens on "
+                    f"{type(model).__name__} yet; use an LLM-side method (e.g. fastv) instead"
+                )
+            undo.append(install_probe(module, runtime.vision_probe()))
         undo += adapter.install(runtime)
         undo.append(_wrap_generate(model, runtime))
     except Exception:

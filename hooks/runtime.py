@@ -73,6 +73,7 @@ class StageTrace:
 class CallContext:
     layout: object = None
     inputs: Optional[dict] = None
+    vision: list = field(default_factory=list)  # [(attn (P,), keys (P, Dk))] per image, in order
     feature_lengths: dict = field(default_factory=dict)
     mode: str = "off"
     orig_valid: Optional[torch.Tensor] = None
@@ -136,6 +137,9 @@ class Runtime:
         self.last_trace = None
         self.last_meta = None
         self.probe_needs = self._probe_needs()
+        self.needs_vision = any(
+            getattr(st.scorer, "needs", frozenset()) & {"vision_attn", "vision_keys"} for st in plan
+        )
 
     # ---------------------------------------------------------------- contexts
     @property
@@ -235,6 +239,8 @@ class Runtime:
         if ctx.inputs is not None:  # a prefill: locate the visual tokens now that features exist
             ctx.layout = self.adapter.layout(ctx.inputs["input_ids"], ctx.inputs, ctx)
             ctx.inputs = None
+            ctx.vision = getattr(self.tls, "vision", None) or []
+            self.tls.vision = []
         if ctx.layout is None:
             ctx.mode = "off"
             return
@@ -331,6 +337,21 @@ class Runtime:
             if "keys" in needs:
                 rec["keys"] = key
             return result
+
+        return run
+
+    def vision_probe(self):
+        """Attention function of the probed vision-encoder layer: records, per image, the
+        encoder attention each LLM visual token receives and its keys (see the adapters)."""
+
+        def run(base, module, query, key, value, attention_mask, **kw):
+            out = base(module, query, key, value, attention_mask, **kw)
+            scaling = getattr(module, "scaling", None) or getattr(module, "scale", None) or query.shape[-1] ** -0.5
+            pending = getattr(self.tls, "vision", None)
+            if pending is None:
+                pending = self.tls.vision = []
+            pending.extend(self.adapter.vision_signals(query, key, scaling))
+            return out
 
         return run
 
@@ -480,10 +501,13 @@ class Runtime:
                 sig.keys = flat[rows_b, safe_slot]
             if "text_keys" in needs:
                 sig.text_keys = flat[rows_b, tsafe]
+        if needs & {"vision_attn", "vision_keys"}:
+            self._fill_vision(ctx, stage, sig)
         if "layer_attn_last" in needs:
             per_layer = [ctx.attn[layer]["last"][:, :, 0, :] for layer in range(stage.layer)]
             sig.layer_attn_last = torch.stack([t[rows_b, :, safe_slot].permute(0, 2, 1) for t in per_layer], dim=1)
-        missing = needs - {"hidden", "text_hidden", "attn_last", "attn_last_text", "attn_text", "keys", "text_keys", "layer_attn_last"}
+        missing = needs - {"hidden", "text_hidden", "attn_last", "attn_last_text", "attn_text", "keys", "text_keys",
+                           "layer_attn_last", "vision_attn", "vision_keys"}
         if missing:
             extra = getattr(ctx, "extra_signals", {}) or {}
             for name in missing:
@@ -495,6 +519,27 @@ class Runtime:
                     raise PruningConfigError(
                         f"scorer {stage.scorer.name!r} needs signal {name!r}, which this model/stage cannot provide"
                     )
+
+    def _fill_vision(self, ctx, stage, sig):
+        from vtoken.errors import PruningConfigError
+
+        lay = ctx.layout
+        counts = lay.seg_count.tolist()
+        if any(kind != "image" for kind in lay.seg_kind):
+            raise PruningConfigError(f"scorer {stage.scorer.name!r} reads vision-encoder attention, "
+                                     "which vtoken maps to LLM tokens for images only (not video) so far")
+        if len(ctx.vision) != len(counts) or any(v[0].numel() != c for v, c in zip(ctx.vision, counts)):
+            raise PruningConfigError(
+                f"scorer {stage.scorer.name!r} needs vision-encoder signals, but the captured encoder attention "
+                f"({[v[0].numel() for v in ctx.vision]}) does not match the images' tokens ({counts})"
+            )
+        S, n = sig.mask.shape
+        idx = sig.index.clamp(min=0)
+        attn = torch.stack([torch.nn.functional.pad(v[0], (0, n - v[0].numel())) for v in ctx.vision]) if S else None
+        sig.vision_attn = attn.gather(1, idx).to(sig.mask.device) if S else None
+        if "vision_keys" in getattr(stage.scorer, "needs", ()):
+            keys = torch.stack([torch.nn.functional.pad(v[1], (0, 0, 0, n - v[1].shape[0])) for v in ctx.vision])
+            sig.vision_keys = keys.gather(1, idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1])).to(sig.mask.device)
 
     # ---------------------------------------------------------------- qwen3-vl deepstack
     def prune_deepstack(self, visual_pos_masks, visual_embeds):

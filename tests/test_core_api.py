@@ -200,3 +200,31 @@ def test_fused_kernel_path_gives_the_same_pruning(arch_name):
             results[backend] = (out, [k.tolist() for k in h.stats.stages[0].kept])
     assert results["torch"][1] == results["triton"][1]
     torch.testing.assert_close(results["torch"][0], results["triton"][0], rtol=1e-4, atol=1e-4)
+
+
+def test_fastervlm_reads_cls_attention_of_the_feature_layer():
+    """FasterVLM's kept set == top-k of head-averaged [CLS]->patch attention of the vision layer
+    that produces LLaVA's features (vision_feature_layer=-2), from an eager encoder run."""
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            enc = tower(inputs["pixel_values"], output_attentions=True)
+    finally:
+        tower.config._attn_implementation = impl
+    layer_attn = enc.attentions[len(enc.attentions) - 2]  # the layer whose output is hidden_states[-2]
+    cls = layer_attn[:, :, 0, 1:].mean(1)  # (images, 36)
+    keep = 7
+    with vtoken.apply_pruning(model, method="fastervlm", keep=keep) as h:
+        logits(model, inputs)
+        stats = h.stats
+    image = 0
+    for b, segs in enumerate(stats.segments):
+        expected = []
+        for seg in segs:
+            expected += (seg.offset + torch.topk(cls[image], keep).indices).tolist()
+            image += 1
+        assert sorted(expected) == stats.stages[0].kept[b].tolist()

@@ -95,13 +95,18 @@ def test_cache_equals_no_cache(arch, method, keep):
     """Invariant 3: pruned generation with the KV cache == without it (greedy, beams, sampling)."""
     model = get_model(arch)
     inputs = get_inputs(arch, model)
+    beams = dict(GEN, num_beams=2)
+    # transformers 5.17's own beam search differs with and without cache on these models; the
+    # beam check applies where the unpatched model itself satisfies it (5.23 does)
+    unpatched_beams_agree = torch.equal(model.generate(**inputs, use_cache=True, **beams),
+                                        model.generate(**inputs, use_cache=False, **beams))
     with vtoken.apply_pruning(model, method=method, keep=keep):
         a = model.generate(**inputs, use_cache=True, **GEN)
         b = model.generate(**inputs, use_cache=False, **GEN)
         assert torch.equal(a, b)
-        beams = dict(GEN, num_beams=2)
-        assert torch.equal(model.generate(**inputs, use_cache=True, **beams),
-                           model.generate(**inputs, use_cache=False, **beams))
+        if unpatched_beams_agree:
+            assert torch.equal(model.generate(**inputs, use_cache=True, **beams),
+                               model.generate(**inputs, use_cache=False, **beams))
         sample = dict(max_new_tokens=4, do_sample=True, top_k=5, suppress_tokens=SUPPRESS)
         torch.manual_seed(0)
         s1 = model.generate(**inputs, use_cache=True, **sample)

@@ -164,6 +164,17 @@ class Adapter:
         """Optionally refine structural tokens from layer-0 embeddings (LLaVA-NeXT newlines)."""
         return None
 
+    # --- vision-encoder signals (vision_attn / vision_keys) ----------------------------------
+    def vision_attention_module(self):
+        """The vision-encoder attention module whose attention pre-LLM scorers read, or None
+        when this architecture cannot map encoder patches to LLM tokens."""
+        return None
+
+    def vision_signals(self, query, key, scaling) -> list:
+        """Per attention call of that module: [(attn (P,), keys (P, Dk))] per image chunk, already
+        mapped to LLM visual tokens (in the order the model places them)."""
+        raise NotImplementedError
+
     def install(self, runtime) -> list:
         """Model-specific patches beyond the generic hooks; returns undo callables."""
         return []

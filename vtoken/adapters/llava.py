@@ -44,6 +44,35 @@ class LlavaAdapter(Adapter):
         return layout_from_runs(is_visual, kinds, {0: [count] * n_images}, {0: [grid] * n_images})
 
 
+    def vision_attention_module(self):
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        idx = self.model.config.vision_feature_layer
+        if not isinstance(idx, int):
+            return None
+        # hidden_states[i] is the output of layer i-1; the selected features come out of layer idx-1
+        idx = (len(layers) + 1 + idx) if idx < 0 else idx
+        return layers[max(idx - 1, 0)].self_attn
+
+    def vision_signals(self, query, key, scaling):
+        """[CLS] attention to each patch (FasterVLM / VisionZip), head-averaged; keys of patches."""
+        n = query.shape[0]
+        rows = torch.zeros(n, 1, dtype=torch.long, device=query.device)
+        probs = _noncausal_rows(query, key, rows, scaling).mean(dim=1)[:, 0]  # (n, 1+P)
+        keys = key.permute(0, 2, 1, 3).reshape(n, key.shape[2], -1).float()
+        drop_cls = getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
+        start = 1 if drop_cls else 0
+        return [(probs[i, start:], keys[i, start:]) for i in range(n)]
+
+
+def _noncausal_rows(query, key, rows, scaling):
+    """Softmax probabilities of selected query rows over ALL keys (bidirectional encoder).
+    query (B, H, N, D), key (B, H, N, D), rows (B, R) -> (B, H, R, N) float32."""
+    B, H, N, D = query.shape
+    q = query.gather(2, rows.view(B, 1, -1, 1).expand(B, H, rows.shape[1], D)).float()
+    return torch.softmax(torch.matmul(q, key.float().transpose(-1, -2)) * scaling, dim=-1)
+
+
 class LlavaNextAdapter(Adapter):
     """``LlavaNextForConditionalGeneration`` / ``LlavaOnevisionForConditionalGeneration``.
 

@@ -57,6 +57,28 @@ class QwenVLAdapter(Adapter):
             sizes[1] = [t * (h // m) * (w // m) for t, h, w in rows]
         return layout_from_runs(is_visual, is_video.long(), sizes, grids)
 
+    def vision_attention_module(self):
+        visual = self.model.model.visual
+        if getattr(self.model.config.vision_config, "fullatt_block_indexes", None) is not None:
+            return None  # Qwen2.5-VL permutes patches into windows inside the encoder: not mapped yet
+        return visual.blocks[-1].attn
+
+    def vision_signals(self, query, key, scaling):
+        """No [CLS] in Qwen's encoder: mean attention each patch receives within its image
+        (computed in row chunks), pooled over each merge group of patches -> one value per LLM
+        token; keys pooled likewise."""
+        _, H, P, D = query.shape
+        g = self.merge * self.merge
+        received = torch.zeros(P, dtype=torch.float32, device=query.device)
+        k = key[0].float()
+        for start in range(0, P, 1024):
+            q = query[0, :, start:start + 1024].float()
+            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scaling, dim=-1)  # (H, r, P)
+            received += probs.sum(dim=(0, 1))
+        received /= H * P
+        keys = key[0].permute(1, 0, 2).reshape(P, -1)
+        return [(received.view(-1, g).mean(1), keys.view(P // g, g, -1).float().mean(1))]
+
     def install(self, runtime):
         tm = self.text_model
         if not hasattr(tm, "_deepstack_process"):
