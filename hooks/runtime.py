@@ -183,6 +183,9 @@ class Runtime:
             if "layer_attn_last" in want:
                 for layer in range(st.layer):
                     needs.setdefault(layer, set()).add("last")
+            if "layer_attn_full" in want:  # attention rollout truly needs every row (N x N per layer)
+                for layer in range(st.layer):
+                    needs.setdefault(layer, set()).add("full")
         return needs
 
     # ---------------------------------------------------------------- hook bodies
@@ -305,7 +308,7 @@ class Runtime:
         computed from the same queries and keys (O(rows x N)).
         """
         needs = self.probe_needs.get(layer, set())
-        want_rows = bool(needs & {"last", "text"})
+        want_rows = bool(needs & {"last", "text", "full"})
 
         def run(base, module, query, key, value, attention_mask, **kw):
             ctx = self.ctx
@@ -318,6 +321,8 @@ class Runtime:
                 parts.append(("last", _last_valid(valid).unsqueeze(1)))
             if "text" in needs:
                 parts.append(("text", _text_rows(ctx)[0]))
+            if "full" in needs:
+                parts.append(("full", torch.arange(valid.shape[1], device=valid.device).expand(valid.shape[0], -1)))
             rows = torch.cat([r for _, r in parts], dim=1) if parts else None
             use_kernel = want_rows and key.shape[2] == query.shape[2] and self._kernel_backend(query) == "triton"
             if use_kernel:
@@ -334,6 +339,8 @@ class Runtime:
             for name, r in parts:
                 rec[name] = probs[:, :, start: start + r.shape[1]]
                 start += r.shape[1]
+            if "full" in rec:
+                rec["full"] = rec["full"].mean(dim=1)  # (B, N, N) head-averaged
             if "keys" in needs:
                 rec["keys"] = key
             return result
@@ -503,11 +510,16 @@ class Runtime:
                 sig.text_keys = flat[rows_b, tsafe]
         if needs & {"vision_attn", "vision_keys"}:
             self._fill_vision(ctx, stage, sig)
+        if "layer_attn_full" in needs:
+            full = torch.stack([ctx.attn[layer]["full"] for layer in range(stage.layer)], dim=1)  # (B, Lyr, N, N)
+            sig.layer_attn_full = full[sample]
+            sig.full_pos = torch.where(sig.mask, slot_pad, torch.full_like(slot_pad, -1))
+            sig.full_query = _last_valid(ctx.cur_valid)[sample]
         if "layer_attn_last" in needs:
             per_layer = [ctx.attn[layer]["last"][:, :, 0, :] for layer in range(stage.layer)]
             sig.layer_attn_last = torch.stack([t[rows_b, :, safe_slot].permute(0, 2, 1) for t in per_layer], dim=1)
         missing = needs - {"hidden", "text_hidden", "attn_last", "attn_last_text", "attn_text", "keys", "text_keys",
-                           "layer_attn_last", "vision_attn", "vision_keys"}
+                           "layer_attn_last", "vision_attn", "vision_keys", "layer_attn_full", "full_pos", "full_query"}
         if missing:
             extra = getattr(ctx, "extra_signals", {}) or {}
             for name in missing:
