@@ -1,1 +1,36 @@
-"""scorers"""
+"""vtoken.scorers: the scorer library (attention, diversity / erank, information flow, sinks).
+
+Scorers are pure functions of :class:`vtoken.signals.SegmentSignals`; methods are preset plans
+registered in :mod:`vtoken.scorers.catalog`.
+"""
+
+from vtoken.scorers.attention import (
+    AttentionScorer,
+    FasterVLMScorer,
+    FastVScorer,
+    PyramidDropScorer,
+    SparseVLMScorer,
+    VisionZipScorer,
+    ZipVLScorer,
+)
+from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask
+from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
+from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
+from vtoken.scorers.flow import FlowCutScorer, RolloutScorer, rollout_row
+from vtoken.scorers.functional import attention_entropy, attention_rollout, erank
+from vtoken.scorers.sink import VARScorer
+
+__all__ = [
+    "Scorer", "Selection", "topk_mask", "masked_scores", "demote", "promote",
+    "AttentionScorer", "FastVScorer", "SparseVLMScorer", "PyramidDropScorer", "FasterVLMScorer",
+    "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
+    "FlowCutScorer", "RolloutScorer", "VARScorer", "RandomScorer", "UniformScorer", "KeepAllScorer",
+    "erank", "attention_rollout", "rollout_row", "attention_entropy", "methods_table_markdown",
+]
+
+
+def methods_table_markdown() -> str:
+    """See :func:`vtoken.scorers.catalog.methods_table_markdown`."""
+    from vtoken.scorers.catalog import methods_table_markdown as render
+
+    return render()

@@ -72,3 +72,25 @@ def topk_mask(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) ->
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
     return (rank < budget.to(s.device).unsqueeze(1)) & mask
+
+
+def demote(scores: torch.Tensor, flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Move the flagged real slots below every unflagged real slot, keeping their order.
+
+    scores (S, n), flags (S, n) bool, mask (S, n) -> (S, n) float32 (finite on real slots, so
+    flagged tokens are still chosen, last, when a budget exceeds the unflagged count).
+    """
+    s = scores.float()
+    real = mask & torch.isfinite(s)
+    lo = torch.where(real, s, torch.full_like(s, float("inf"))).min(dim=1, keepdim=True).values
+    hi = torch.where(real, s, torch.full_like(s, float("-inf"))).max(dim=1, keepdim=True).values
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    span = (hi - lo).clamp(min=1e-12)
+    low = lo - 2.0 + (s.clamp(min=-1e30, max=1e30) - lo) / span  # in [lo - 2, lo - 1]
+    return torch.where(flags & mask, low, s)
+
+
+def promote(scores: torch.Tensor, flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Move the flagged real slots above every unflagged real slot, keeping their order."""
+    return -demote(-scores.float(), flags, mask)

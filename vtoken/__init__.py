@@ -9,6 +9,7 @@
 from vtoken.errors import AlreadyPrunedError, PruningConfigError, UnsupportedModelError, VTokenError
 from vtoken.methods import available_methods, build_plan
 from vtoken.plan import Stage
+from vtoken.scorers.functional import erank
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "available_methods",
     "build_plan",
     "Stage",
+    "erank",
     "VTokenError",
     "PruningConfigError",
     "UnsupportedModelError",

@@ -1,0 +1,129 @@
+"""Information-flow scorers: FlowCut and attention rollout."""
+
+from __future__ import annotations
+
+import torch
+
+from vtoken.scorers import functional as F
+from vtoken.scorers.attention import AttentionScorer
+from vtoken.signals import SegmentSignals
+
+
+def rollout_row(attn_layers: torch.Tensor, query: torch.Tensor, residual: float = 0.5) -> torch.Tensor:
+    """Row ``query`` of :func:`functional.attention_rollout`, without forming the (m x m) product.
+
+    attn_layers (S, Lyr, m, m), query (S,) long -> (S, m): r = e_q^T A'_{Lyr-1} ... A'_0, computed
+    from the top layer down (O(Lyr m^2) instead of O(Lyr m^3)).
+    """
+    a = attn_layers.float()
+    S, Lyr, m, _ = a.shape
+    r = torch.zeros(S, m, device=a.device)
+    r[torch.arange(S, device=a.device), query.to(a.device)] = 1.0
+    for layer in range(Lyr - 1, -1, -1):
+        al = a[:, layer]
+        rows = (residual + (1.0 - residual) * al.sum(dim=-1)).clamp(min=1e-30)  # row sums of A'
+        # r @ A' with A' = (residual I + (1 - residual) A) / rowsum
+        w = r / rows
+        r = residual * w + (1.0 - residual) * (w.unsqueeze(1) @ al).squeeze(1)
+    return r
+
+
+class FlowCutScorer(AttentionScorer):
+    """FlowCut (Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient
+    Vision-Language Models", arXiv:2505.19536).
+
+    The paper's observations: redundancy emerges progressively across layers; a single layer's
+    attention can contradict the others; the vision encoder's [CLS] token acts as a relay that
+    gathers information from the patches and hands it on. FlowCut therefore ranks tokens by a
+    score accumulated over layers -- cumulative = 0.5 * cumulative + 0.5 * current at every
+    layer -- rather than by one layer's attention, with [CLS] attention as the per-layer signal
+    inside the encoder.
+
+    vtoken's reading, with the signals a pure scorer gets: the information flow into the
+    prediction is the attention of the last prompt token to each visual token at every LLM layer
+    0..K-1 (``layer_attn_last``, heads averaged, normalised per layer), accumulated with the
+    paper's running average (``momentum`` = 0.5); where the vision tower has a [CLS] token,
+    ``relay=True`` starts the accumulation from its (normalised) attention to each patch
+    (``vision_attn``), the information the [CLS] relay carried out of the encoder, so the flow
+    runs encoder -> [CLS] relay -> LLM layers.
+
+    Deviations: the paper prunes inside the vision encoder, progressively, with an
+    entropy-adaptive ratio per layer, and multiplies its score by the value-vector L1 norm and a
+    [CLS]-value similarity term; vtoken scores once at the stage (default layer 2 of the LLM)
+    with a fixed budget and without value vectors (not a scorer signal).
+
+    Signals: ``layer_attn_last`` (S, Lyr, H, n); with ``relay`` also ``vision_attn`` (S, n) as an
+    *optional* signal (``optional_needs``): the runtime fills it where the vision tower has a
+    [CLS] token and may leave it None elsewhere, in which case the flow starts at LLM layer 0.
+    ``relay="require"`` makes it a hard need. Diagnostics: ``relay`` (S,) bool, whether the
+    [CLS] relay was used.
+    """
+
+    name = "flowcut"
+    needs = frozenset({"layer_attn_last"})
+
+    def __init__(self, relay=True, momentum: float = 0.5, **modifiers):
+        super().__init__(**modifiers)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1); got {momentum}")
+        if relay not in (True, False, "require"):
+            raise ValueError(f"relay must be True, False or 'require'; got {relay!r}")
+        self.relay = relay
+        self.momentum = float(momentum)
+        self.optional_needs = frozenset({"vision_attn"}) if relay is True else frozenset()
+        if relay == "require":
+            self.needs = frozenset(self.needs | {"vision_attn"})
+
+    def raw_scores(self, sig: SegmentSignals) -> torch.Tensor:
+        flow = None
+        relay = bool(self.relay) and sig.vision_attn is not None
+        sig.diagnostics["relay"] = torch.full((sig.num_segments,), relay, dtype=torch.bool, device=sig.mask.device)
+        if relay:
+            flow = F.normalize_attention(sig.vision_attn, sig.mask)
+        layers = sig.layer_attn_last
+        if layers is not None:
+            for layer in range(layers.shape[1]):
+                cur = F.normalize_attention(F.head_mean(layers[:, layer]), sig.mask)
+                flow = cur if flow is None else self.momentum * flow + (1.0 - self.momentum) * cur
+        if flow is None:
+            raise ValueError("flowcut needs layer_attn_last (a stage at layer >= 1) or vision_attn")
+        return flow
+
+
+class RolloutScorer(AttentionScorer):
+    """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers",
+    ACL 2020, arXiv:2005.00928) as a token-importance scorer.
+
+    The attention of every layer 0..K-1 is averaged over heads, mixed with the residual stream
+    (A' = 0.5 A + 0.5 I, rows renormalised) and multiplied through the layers; a visual token's
+    score is its entry in the last prompt token's row of the rollout, i.e. how much of that
+    token's input reaches the prediction through all attention paths, not only the direct one.
+
+    Signals (full attention, not in the base signal set; the runtime provides them where it can):
+    ``layer_attn_full`` (S, Lyr, m, m) head-averaged attention at layers 0..K-1 among the m
+    tokens of the segment's sample (sequence order, padding rows/columns zero), ``full_pos``
+    (S, n) long column of each candidate in that sequence (-1 on padding slots), ``full_query``
+    (S,) long row of the sample's last prompt token.
+    """
+
+    name = "rollout"
+    needs = frozenset({"layer_attn_full", "full_pos", "full_query"})
+
+    def __init__(self, residual: float = 0.5, **modifiers):
+        super().__init__(**modifiers)
+        if not 0.0 <= residual <= 1.0:
+            raise ValueError(f"residual must lie in [0, 1]; got {residual}")
+        self.residual = float(residual)
+
+    def raw_scores(self, sig: SegmentSignals) -> torch.Tensor:
+        attn = getattr(sig, "layer_attn_full", None)
+        pos = getattr(sig, "full_pos", None)
+        query = getattr(sig, "full_query", None)
+        if attn is None or pos is None or query is None:
+            raise ValueError("rollout needs the signals layer_attn_full, full_pos and full_query")
+        row = rollout_row(attn, query, self.residual)  # (S, m)
+        got = row.gather(1, pos.clamp(min=0).to(row.device))
+        return got.masked_fill(~sig.mask, 0.0)
+
+
+__all__ = ["FlowCutScorer", "RolloutScorer", "rollout_row"]

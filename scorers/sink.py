@@ -1,0 +1,123 @@
+"""Sink redistribution: VAR (Visual Attention Redistribution)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vtoken.scorers import functional as F
+from vtoken.scorers.base import Selection, demote, masked_scores, promote, topk_mask
+from vtoken.scorers.attention import AttentionScorer
+from vtoken.signals import SegmentSignals
+
+
+class VARScorer(AttentionScorer):
+    """VAR (Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal
+    Models", ICLR 2025, arXiv:2503.03321), used as a pruning score.
+
+    1. Visual sink tokens are the visual tokens with a massive activation in one of a few
+       "sink dimensions" of their hidden state: |RMSNorm(h)_d| > ``tau`` (20). VAR fixes the sink
+       dimensions per model (those of the BOS token's massive activations); with ``dims=None``
+       vtoken finds them from the data: the ``num_dims`` (2) dimensions with the largest
+       activation above ``tau`` among the sample's visual and text tokens.
+    2. Sinks are excluded from the ranking (ranked last; ``keep_sinks=True`` instead keeps
+       them first, as BlindSight recommends for stability).
+    3. Image-centric heads: heads of the last prompt token's row whose attention on the image
+       is at least ``summ`` (0.2) and of which at most ``rho`` (0.5) goes to visual sinks.
+       In those heads a share (1 - ``p``) = 0.4 of the attention absorbed by the sinks (visual
+       sinks and text sinks, found the same way in the text tokens) is redistributed to the
+       non-sink visual tokens in proportion to their attention.
+    4. Score = the redistributed attention averaged over the image-centric heads (all heads if
+       none qualifies).
+
+    Defaults (tau, rho, summ, p) are the official code's. VAR redistributes attention inside the
+    forward pass at every layer from 2 on; vtoken uses the redistributed attention of layer K-1
+    only as the ranking signal and leaves the model's attention untouched.
+
+    Signals: ``attn_last`` (S, H, n), ``attn_last_text`` (S, H, T), ``hidden`` (S, n, D),
+    ``text_hidden`` (S, T, D). Diagnostics: ``sinks`` (S,) visual sinks found,
+    ``image_heads`` (S,) image-centric heads used.
+    """
+
+    name = "var"
+    needs = frozenset({"attn_last", "attn_last_text", "hidden", "text_hidden"})
+
+    def __init__(
+        self,
+        tau: float = 20.0,
+        rho: float = 0.5,
+        summ: float = 0.2,
+        p: float = 0.6,
+        dims: Optional[list] = None,
+        num_dims: int = 2,
+        keep_sinks: bool = False,
+        **modifiers,
+    ):
+        modifiers.setdefault("sink_tau", tau)
+        super().__init__(**modifiers)
+        self.tau = float(tau)
+        self.rho = float(rho)
+        self.summ = float(summ)
+        self.p = float(p)
+        self.dims = None if dims is None else [int(d) for d in dims]
+        self.num_dims = int(num_dims)
+        self.keep_sinks = bool(keep_sinks)
+
+    def sinks(self, sig: SegmentSignals) -> tuple:
+        """(visual sinks (S, n) bool, text sinks (S, T) bool)."""
+        if self.dims is not None:
+            d = torch.tensor(self.dims, dtype=torch.long, device=sig.hidden.device).expand(sig.hidden.shape[0], -1)
+        else:
+            d = F.sink_dimensions(sig.hidden, sig.mask, self.tau, self.num_dims, sig.text_hidden, sig.text_mask)
+        vis = F.massive_activation_tokens(sig.hidden, d, self.tau) & sig.mask
+        if sig.text_hidden is not None and sig.text_hidden.shape[1] > 0:
+            txt = F.massive_activation_tokens(sig.text_hidden, d, self.tau)
+            if sig.text_mask is not None:
+                txt = txt & sig.text_mask
+        else:
+            txt = torch.zeros(sig.mask.shape[0], 0, dtype=torch.bool, device=sig.mask.device)
+        return vis, txt
+
+    def redistributed(self, sig: SegmentSignals, vis_sink: torch.Tensor, txt_sink: torch.Tensor) -> tuple:
+        """(per-head redistributed attention (S, H, n), image-centric heads (S, H) bool)."""
+        a = sig.attn_last.float().masked_fill(~sig.mask.unsqueeze(1), 0.0)  # (S, H, n)
+        image_sum = a.sum(dim=2)
+        sink_vis = (a * vis_sink.unsqueeze(1)).sum(dim=2)
+        portion = sink_vis / (image_sum + 1e-6)
+        centric = (portion <= self.rho) & (image_sum >= self.summ)
+        if sig.attn_last_text is not None and txt_sink.shape[1] > 0:
+            sink_txt = (sig.attn_last_text.float() * txt_sink.unsqueeze(1)).sum(dim=2)
+        else:
+            sink_txt = torch.zeros_like(sink_vis)
+        budget = (1.0 - self.p) * (sink_vis + sink_txt)  # (S, H)
+        non = a.masked_fill(vis_sink.unsqueeze(1), 0.0)
+        ratio = non / non.sum(dim=2, keepdim=True).clamp(min=1e-30)
+        red = torch.where(vis_sink.unsqueeze(1), a * self.p, non + budget.unsqueeze(-1) * ratio)
+        out = torch.where(centric.unsqueeze(-1), red, a)
+        return out, centric
+
+    def scores_and_sinks(self, sig: SegmentSignals) -> tuple:
+        """(raw VAR scores (S, n), visual sinks (S, n) bool)."""
+        vis_sink, txt_sink = self.sinks(sig)
+        red, centric = self.redistributed(sig, vis_sink, txt_sink)
+        use = torch.where(centric.any(dim=1, keepdim=True), centric, torch.ones_like(centric)).float()  # (S, H)
+        score = (red * use.unsqueeze(-1)).sum(dim=1) / use.sum(dim=1, keepdim=True).clamp(min=1)
+        sig.diagnostics["sinks"] = vis_sink.sum(dim=1)
+        sig.diagnostics["image_heads"] = centric.sum(dim=1)
+        return score, vis_sink
+
+    def raw_scores(self, sig: SegmentSignals) -> torch.Tensor:
+        return self.scores_and_sinks(sig)[0]
+
+    def score(self, sig: SegmentSignals) -> torch.Tensor:
+        score, vis_sink = self.scores_and_sinks(sig)
+        score = self.modify(sig, score)
+        return promote(score, vis_sink, sig.mask) if self.keep_sinks else demote(score, vis_sink, sig.mask)
+
+    def select(self, sig: SegmentSignals) -> Selection:
+        scores = self.score(sig)
+        return Selection(keep=topk_mask(scores, sig.mask, sig.budget), scores=masked_scores(scores, sig.mask))
+
+
+__all__ = ["VARScorer"]

@@ -1,0 +1,105 @@
+"""Diversity scorers: DivPrune, DART, AgilePruner-style hybrid."""
+
+import numpy as np
+import pytest
+import torch
+
+from vtoken.scorers import AgileScorer, DARTScorer, DivPruneScorer, erank
+from vtoken.scorers.testing import make_signals, random_signals
+
+
+def kept(sel, s=0):
+    return sel.keep[s].nonzero().flatten().tolist()
+
+
+def test_divprune_greedy_maxmin_and_exact_counts():
+    g = torch.Generator().manual_seed(11)
+    hs = [torch.randn(15, 6, generator=g), torch.randn(9, 6, generator=g)]
+    sig = make_signals([15, 9], [6, 4], hidden=hs)
+    sel = DivPruneScorer().select(sig)
+    assert sel.keep.sum(1).tolist() == [6, 4]
+    for s, h in enumerate(hs):
+        z = h.double().numpy()
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+        d = 1 - z @ z.T
+        n = len(z)
+        # reproduce the greedy max-min selection from the scorer's pick order (score = n - rank)
+        sc = sel.scores[s][: n]
+        picks = [int(j) for j in torch.argsort(sc, descending=True, stable=True)[: int(sig.budget[s])]]
+        nn = [min(d[j, i] for i in range(n) if i != j) for j in range(n)]
+        assert nn[picks[0]] == pytest.approx(max(nn))
+        for t in range(1, len(picks)):
+            mind = {j: min(d[j, i] for i in picks[:t]) for j in range(n) if j not in picks[:t]}
+            assert mind[picks[t]] == pytest.approx(max(mind.values()))
+        assert set(picks) == set(kept(sel, s))
+    e = sig.diagnostics["erank"]
+    assert e[0] == pytest.approx(float(erank(hs[0][sel.keep[0, :15]])))
+
+
+def test_divprune_prefers_spread_tokens():
+    # 4 near-duplicates of one direction + 3 distinct directions: budget 4 takes one of the
+    # duplicates and the 3 distinct ones
+    base = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    h = torch.stack([base, base + 0.01, base + 0.02, base - 0.01,
+                     torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0]),
+                     torch.tensor([0.0, 0.0, 0.0, 1.0])])
+    sel = DivPruneScorer().select(make_signals([7], [4], hidden=[h]))
+    k = kept(sel)
+    assert {4, 5, 6} <= set(k) and len(set(k) & {0, 1, 2, 3}) == 1
+
+
+def test_dart_keeps_pivots_and_least_duplicated_tokens():
+    # 8 visual tokens, 2 near-duplicate groups + 2 unique; pivot = token 0 (largest key L1 norm)
+    h = torch.tensor([
+        [1.0, 0, 0], [0.99, 0.01, 0], [0.98, 0.02, 0],  # duplicates of the pivot
+        [0, 1.0, 0], [0, 0.99, 0.01],  # group B
+        [0, 0, 1.0], [-1.0, 0, 0], [-0.5, -1.0, 0.0],  # dissimilar to the pivot
+    ])
+    keys = torch.ones(8, 2)
+    keys[0] *= 10  # pivot
+    sig = make_signals([8], [4], text_counts=[1], hidden=[h], keys=[keys],
+                       text_hidden=[torch.tensor([[0.0, 0.0, 1.0]])], text_keys=[torch.ones(1, 2)])
+    sel = DARTScorer(pivot_image=1, pivot_text=0).select(sig)
+    k = kept(sel)
+    assert 0 in k and len(k) == 4
+    assert not ({1, 2} & set(k))  # duplicates of the pivot are dropped
+    assert {6, 7} <= set(k)  # the least similar to the pivot are kept first
+
+
+def test_dart_exact_budgets_with_text_pivots():
+    for budgets in ([1, 1], [5, 3], [17, 11], [40, 12]):
+        sig = make_signals(**random_signals([40, 12], budgets, text_counts=[6, 2], seed=2))
+        sel = DARTScorer().select(sig)
+        assert sel.keep.sum(1).tolist() == budgets
+        assert not (sel.keep & ~sig.mask).any()
+        assert sig.diagnostics["erank"].shape == (2,)
+
+
+def test_agile_attention_share_follows_entropy():
+    g = torch.Generator().manual_seed(7)
+    n = 32
+    hidden = torch.randn(n, 8, generator=g)
+    peaked = torch.full((n,), 1e-4)
+    peaked[[3, 9]] = 1.0  # concentrated evidence: low entropy -> mostly attention picks
+    flat = torch.ones(n)  # spread evidence: entropy 1 -> all diversity picks
+    sig = make_signals([n, n], [8, 8], attn_last=[peaked.unsqueeze(0), flat.unsqueeze(0)], hidden=[hidden, hidden])
+    sel = AgileScorer().select(sig)
+    assert sel.keep.sum(1).tolist() == [8, 8]
+    h = sig.diagnostics["attn_entropy"]
+    assert h[0] < 0.3 and h[1] == pytest.approx(1.0)
+    share = sig.diagnostics["attention_share"]
+    assert share[0] > 0.6 and share[1] == 0.0
+    assert {3, 9} <= set(kept(sel, 0))
+    # the all-diversity segment equals DivPrune's choice
+    div = DivPruneScorer().select(make_signals([n], [8], hidden=[hidden]))
+    assert kept(sel, 1) == kept(div)
+    assert sig.diagnostics["erank"].shape == (2,)
+
+
+def test_agile_share_bounds():
+    sig = make_signals(**random_signals([20], [10], seed=1))
+    sel = AgileScorer(min_attention_share=0.5, max_attention_share=0.5).select(sig)
+    assert sel.keep.sum() == 10
+    assert sig.diagnostics["attention_share"].tolist() == [0.5]
+    with pytest.raises(ValueError):
+        AgileScorer(min_attention_share=0.8, max_attention_share=0.2)
