@@ -30,17 +30,25 @@ def prefill_mask(valid: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> Opt
 
 
 def extend_mask(
-    prefix_valid: torch.Tensor, new_valid: torch.Tensor, q_len: int, attn_impl: str, dtype: torch.dtype
+    prefix_valid: torch.Tensor,
+    new_valid: torch.Tensor,
+    q_len: int,
+    attn_impl: str,
+    dtype: torch.dtype,
+    prefix_all_valid: bool = False,
 ) -> Optional[torch.Tensor]:
     """Mask for ``q_len`` new queries against a pruned cache.
 
     prefix_valid (B, P) validity of the pruned prefill; new_valid (B, M) validity of the tokens
     added since (the last ``q_len`` of them are the queries). -> (B, 1, q_len, P + M) or None
     (single query, nothing to mask, non-eager).
+
+    ``prefix_all_valid`` (known once at prefill) lets a one-token decode step skip the mask
+    without a device sync; tokens appended by ``generate`` are always valid.
     """
-    keys = torch.cat([prefix_valid, new_valid.to(prefix_valid.device)], dim=1)
-    if attn_impl != "eager" and q_len == 1 and bool(keys.all()):
+    if attn_impl != "eager" and q_len == 1 and prefix_all_valid:
         return None
+    keys = torch.cat([prefix_valid, new_valid.to(prefix_valid.device)], dim=1)
     K = keys.shape[1]
     qpos = torch.arange(K - q_len, K, device=keys.device).view(q_len, 1)
     causal = torch.arange(K, device=keys.device).view(1, K) <= qpos  # (q, K)

@@ -43,6 +43,7 @@ class StageState:
     layer: int
     positions: torch.Tensor  # (B, Ns) long
     valid: torch.Tensor  # (B, Ns) bool
+    all_valid: bool = False  # every slot valid (decided once, so decode steps need no sync)
 
 
 @dataclass
@@ -237,7 +238,7 @@ class Runtime:
                 new_valid = mask2d[:, -state.extra :].bool()
             else:
                 new_valid = torch.ones(B, state.extra, dtype=torch.bool, device=embeds.device)
-            ctx.span_masks = [M.extend_mask(s.valid, new_valid, q, impl, dtype) for s in state.stages]
+            ctx.span_masks = [M.extend_mask(s.valid, new_valid, q, impl, dtype, s.all_valid) for s in state.stages]
             return
         if ctx.inputs is not None:  # a prefill: locate the visual tokens now that features exist
             ctx.layout = self.adapter.layout(ctx.inputs["input_ids"], ctx.inputs, ctx)
@@ -440,7 +441,8 @@ class Runtime:
         if not bool(drop.any()) and stage.mode == "select":
             # nothing dropped anywhere: keep the layout (and the model's own masks) as they are
             if ctx.state is not None:
-                ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid))
+                ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid,
+                                                   all_valid=bool(cur_valid.all())))
             return hidden
         # padding slots (original or from an earlier stage) are dropped too; new padding goes left
         keep_slot = (cur_pos >= 0) & cur_valid & ~drop
@@ -475,7 +477,7 @@ class Runtime:
         span["attention_mask"] = M.prefill_mask(valid, self.attn_impl(), hidden.dtype)
         ctx.span = span
         if record and ctx.state is not None:
-            ctx.state.stages.append(StageState(layer=layer, positions=new_pos, valid=valid))
+            ctx.state.stages.append(StageState(layer=layer, positions=new_pos, valid=valid, all_valid=bool(valid.all())))
         return hidden
 
     def _fill_signals(self, ctx, stage, sig, hidden, slot_pad, safe_slot):

@@ -8,6 +8,7 @@ per layer that depends on token positions (Qwen3-VL's deepstack injection).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,8 +86,11 @@ def layout_from_runs(
         ordinal = 0
         for start, length in token_runs(vis_cpu[b]):
             code = int(kinds_cpu[b, start])
-            pos = start
             end = start + length
+            struct = struct_cpu[b, start:end].tolist()
+            # prunable[i] = prunable tokens in the run up to and including offset i
+            prunable = (~struct_cpu[b, start:end]).long().cumsum(0).tolist()
+            pos = start
             while pos < end:
                 expected = sizes.get(code, [])
                 i = cursor.get(code, 0)
@@ -95,14 +99,14 @@ def layout_from_runs(
                     cursor[code] = i + 1
                 else:
                     want, grid = None, None
-                # advance over `want` prunable tokens (structural ones ride along)
-                seg_end, count = pos, 0
-                while seg_end < end and (want is None or count < want):
-                    if not bool(struct_cpu[b, seg_end]):
-                        count += 1
+                before = prunable[pos - start - 1] if pos > start else 0
+                if want is None:
+                    seg_end = end
+                else:  # advance over `want` prunable tokens (structural ones ride along)
+                    seg_end = min(end, start + bisect.bisect_left(prunable, before + want) + 1)
+                while seg_end < end and struct[seg_end - start]:
                     seg_end += 1
-                while seg_end < end and bool(struct_cpu[b, seg_end]):
-                    seg_end += 1
+                count = prunable[seg_end - start - 1] - before
                 segment_of[b, pos:seg_end] = len(seg_sample)
                 seg_sample.append(b)
                 seg_ordinal.append(ordinal)

@@ -96,11 +96,12 @@ def measure_llava(args, results):
                 return model(**inputs, logits_to_keep=1, use_cache=True)
 
         def decode_ms(ttft):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-            torch.cuda.synchronize()
-            return ((time.perf_counter() - t0) * 1000.0 - ttft) / (args.new_tokens - 1)
+            def gen():
+                model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                               do_sample=False)
+
+            total = _timed(gen, max(2, args.repeats // 2))
+            return (total - ttft) / (args.new_tokens - 1)
 
         def row(name, keep, ttft, dec, kv, peak):
             results.append(dict(model="llava-1.5-7b", batch=batch, method=name, keep=keep, context=N, ttft_ms=round(ttft, 2),
@@ -116,12 +117,12 @@ def measure_llava(args, results):
         row("unpruned", 576, ttft, dec, kv, torch.cuda.max_memory_allocated())
         for method in args.methods:
             for keep in args.keep:
-                with vtoken.apply_pruning(model, method=method, keep=keep):
+                with vtoken.apply_pruning(model, method=method, keep=keep, backend=args.backend):
                     torch.cuda.reset_peak_memory_stats()
                     ttft = _timed(prefill, args.repeats)
                     kv = kv_bytes(prefill().past_key_values)
                     dec = decode_ms(ttft) if keep == min(args.keep) else None
-                    row(method, keep, ttft, dec, kv, torch.cuda.max_memory_allocated())
+                    row(f"{method}[{args.backend}]", keep, ttft, dec, kv, torch.cuda.max_memory_allocated())
                 # the oracle: same vision work, then the language model on the kept tokens only
                 with torch.no_grad():
                     embeds = model.model.get_input_embeddings()(inputs["input_ids"])
@@ -216,7 +217,7 @@ def measure_qwen(args, results):
         print(results[-1], flush=True)
         # pruned through the hooks: drive the language model via the multimodal model's hooks
         for method in args.methods:
-            handle = vtoken.apply_pruning(model, method=method, keep=keep)
+            handle = vtoken.apply_pruning(model, method=method, keep=keep, backend=args.backend)
             rt = handle.runtime
             from vtoken.adapters.base import layout_from_runs
 
@@ -231,8 +232,15 @@ def measure_qwen(args, results):
                     rt.on_multimodal_done()
 
             t = _timed(pruned, args.repeats)
+            if args.profile and visual == max(args.qwen_visual):
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    pruned()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
             handle.remove()
-            results.append(dict(model="qwen2.5-vl-7b-lm", batch=1, method=method, keep=keep, context=len(ids),
+            results.append(dict(model="qwen2.5-vl-7b-lm", batch=1, method=f"{method}[{args.backend}]", keep=keep, context=len(ids),
                                 ttft_ms=round(t, 2), speedup_vs_unpruned=round(t_full / t, 2),
                                 ratio_to_oracle=round(t / t_oracle, 3)))
             print(results[-1], flush=True)
@@ -250,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/e2e")
+    p.add_argument("--profile", action="store_true", help="print a profile of the longest pruned Qwen prefill")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="scoring-layer attention: auto = fused Triton attend_and_score on CUDA")
     args = p.parse_args(argv)
     import torch
     import transformers
@@ -266,7 +277,7 @@ def main(argv=None) -> int:
         measure_qwen(args, results)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                 triton=triton.__version__, python=platform.python_version(), attn="sdpa", dtype="bfloat16",
-                weights="random", command="vtoken bench " + " ".join(argv or []), repeats=args.repeats,
+                weights="random", command="vtoken bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]), repeats=args.repeats,
                 new_tokens=args.new_tokens)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
