@@ -1,1 +1,36 @@
-"""kernels"""
+"""vtoken.kernels: Triton kernels with a PyTorch reference beside each (DESIGN.md section 5).
+
+- :func:`attend_and_score`: causal FlashAttention forward (GQA, padding) that also returns the exact,
+  head-averaged (or per-head) attention probabilities of chosen query rows over a key range, from the
+  forward's log-sum-exp; never materialises N x N. For scoring layers of attention-based pruning.
+- :func:`gather_attend`: split-K attention of a few queries over kept entries of a static KV buffer
+  read through index lists (ragged kept counts, static shapes, CUDA-graph safe). For pruned decode.
+- :func:`varlen_attention`: block-diagonal attention over packed segments in one launch, and
+  :func:`patch_vision_varlen` to route a Qwen2/2.5-VL vision tower's windowed attention through it.
+
+Each has a PyTorch reference (``*_reference``); ``backend="auto"`` picks Triton for CUDA tensors
+when triton imports, the reference otherwise; ``"triton"`` / ``"torch"`` force one.
+"""
+
+from vtoken.kernels.attend_and_score import attend_and_score
+from vtoken.kernels.dispatch import HAS_TRITON, resolve_backend
+from vtoken.kernels.gather_attend import gather_attend
+from vtoken.kernels.reference import (
+    attend_and_score_reference,
+    gather_attend_reference,
+    varlen_attention_reference,
+)
+from vtoken.kernels.varlen import varlen_attention
+from vtoken.kernels.vision_patch import patch_vision_varlen
+
+__all__ = [
+    "HAS_TRITON",
+    "attend_and_score",
+    "attend_and_score_reference",
+    "gather_attend",
+    "gather_attend_reference",
+    "patch_vision_varlen",
+    "resolve_backend",
+    "varlen_attention",
+    "varlen_attention_reference",
+]

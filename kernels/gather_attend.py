@@ -1,0 +1,251 @@
+"""Gather-attend: attention over the kept entries of a static KV buffer, read through index lists.
+
+For pruned decode (and short prefill over a kept set): a few queries per sample attend to keys and
+values read *through* per-sample (optionally per-KV-head) index lists into a preallocated KV buffer,
+so no gathered copy is made and the buffer's shape never changes (CUDA graphs, ``torch.compile`` with
+a static cache). Kept counts are ragged across the batch (``kept_len``).
+
+Algorithm: split-K decoding in the manner of FlashDecoding (Dao, Haziza, Massa, Sizov, "Flash-Decoding
+for long-context inference", 2023) on top of the FlashAttention online softmax (Dao et al., 2022):
+the kept list is cut into ``S`` chunks; one program per (chunk, sample, KV head) computes a partial,
+unnormalised output with its running max and sum for all ``G x Q`` query rows that share the KV head
+(the GQA group is packed into the rows of one tile, so every K/V row is read once per KV head); a
+second kernel merges the ``S`` partials with their log-sum-exp weights. With one chunk the first
+kernel writes the normalised output directly. ``S`` depends only on static shapes (K, B, Hkv and the
+SM count), never on data, and nothing syncs with the host.
+
+Shapes: q ``[B, H, Q, D]``; k_buf, v_buf ``[B, Hkv, L, D]``; kept_idx ``[B, K]`` or ``[B, Hkv, K]``
+(int32/int64, indices into L); kept_len ``[B]``. Sample ``b`` attends to
+``kept_idx[b, ..., :kept_len[b]]``; query ``i`` is kept entry ``kept_len - Q + i`` and sees entries
+``t <= kept_len - Q + i`` (causal within the kept list; ``kept_len`` above K counts as K, indices are
+clamped into ``[0, L)``). Output ``[B, H, Q, D]`` in q's dtype.
+"""
+
+import math
+
+import torch
+
+from vtoken.kernels.dispatch import (
+    check_dtype,
+    device_sms,
+    interpreter_enabled,
+    lazy_jit,
+    next_pow2,
+    resolve_backend,
+    tl,
+    triton,
+)
+from vtoken.kernels.reference import check_gather_shapes, gather_attend_reference
+
+LOG2E = 1.4426950408889634
+
+
+def gather_attend(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    kept_idx: torch.Tensor,
+    kept_len: torch.Tensor,
+    *,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of ``Q`` queries per sample over kept KV-buffer entries, without gathering them.
+
+    Args:
+        q: ``[B, H, Q, D]`` queries (Q small: 1 for decode, up to a few dozen).
+        k_buf, v_buf: ``[B, Hkv, L, D]`` static KV buffer; query head ``h`` reads KV head
+            ``h // (H // Hkv)``.
+        kept_idx: ``[B, K]`` (shared by all KV heads) or ``[B, Hkv, K]`` int32/int64 indices into the
+            buffer's L axis, in causal order. Entries at or past ``kept_len[b]`` are ignored.
+        kept_len: ``[B]`` integer count of valid entries per sample (a device tensor; no host sync).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        num_splits: chunks of the key axis (split-K); default picks one from the static shapes.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns:
+        ``[B, H, Q, D]``; a query that sees no kept entry gets zeros.
+    """
+    B, H, Hkv, Q, D, L, K = check_gather_shapes(q, k_buf, v_buf, kept_idx, kept_len)
+    for name, t in (("q", q), ("k_buf", k_buf), ("v_buf", v_buf)):
+        check_dtype(name, t)
+    if not (q.dtype == k_buf.dtype == v_buf.dtype):
+        raise TypeError(f"q, k_buf, v_buf must share a dtype; got {q.dtype}, {k_buf.dtype}, {v_buf.dtype}")
+    if resolve_backend(backend, q, k_buf, v_buf, kept_idx, kept_len) == "torch":
+        return gather_attend_reference(q, k_buf, v_buf, kept_idx, kept_len, scale=scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits)
+
+
+def _split_kernel(
+    Q, KB, VB, IDX, KLEN, O, PACC, PML,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    sib, sih, sik,
+    sob, soh, son, sod,
+    Hkv, G, QL, M_TOT, K_MAX, L_BUF, chunk, qk_scale,
+    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = (pid_bk // Hkv).to(tl.int64)
+    kvh = (pid_bk % Hkv).to(tl.int64)
+
+    # Tile rows: row r = g * QL + i  (query head kvh * G + g, query i).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M_TOT
+    g = offs_m // QL
+    qi = offs_m % QL
+    h = kvh * G + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + qi[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    klen = tl.minimum(tl.load(KLEN + b).to(tl.int32), K_MAX)
+    limit = klen - QL + qi  # last kept position each row may see
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, klen)
+
+    idx_base = IDX + b * sib + kvh * sih
+    k_base = KB + b * skb + kvh * skh
+    v_base = VB + b * svb + kvh * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        idx = tl.load(idx_base + offs_n * sik, mask=n_ok, other=0).to(tl.int64)
+        idx = tl.minimum(tl.maximum(idx, 0), L_BUF - 1)  # never read outside the buffer
+        k = tl.load(k_base + idx[:, None] * skl + offs_d[None, :] * skd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        see = n_ok[None, :] & (offs_n[None, :] <= limit[:, None])
+        s = tl.where(see, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + idx[:, None] * svl + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptrs = O + b * sob + h[:, None] * soh + qi[:, None] * son + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    else:
+        # Partials: PACC [B*Hkv, S, M_TOT, BLOCK_D], PML [B*Hkv, S, 2, M_TOT] (max, sum; log2 units).
+        part = pid_bk.to(tl.int64) * NUM_SPLITS + pid_s
+        a_ptrs = PACC + (part * M_TOT + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
+        tl.store(a_ptrs, acc, mask=m_ok[:, None])
+        tl.store(PML + (part * 2) * M_TOT + offs_m, m_i, mask=m_ok)
+        tl.store(PML + (part * 2 + 1) * M_TOT + offs_m, l_i, mask=m_ok)
+
+
+def _merge_kernel(
+    PACC, PML, O,
+    sob, soh, son, sod,
+    H, Hkv, G, QL, M_TOT,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one output row (b, h, i)
+    i = pid % QL
+    h = (pid // QL) % H
+    b = (pid // (QL * H)).to(tl.int64)
+    kvh = h // G
+    r = (h % G) * QL + i
+    bk = b * Hkv + kvh
+
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_ok = offs_s < NUM_SPLITS
+    part = bk * NUM_SPLITS + offs_s
+    m = tl.load(PML + (part * 2) * M_TOT + r, mask=s_ok, other=float("-inf"))
+    l = tl.load(PML + (part * 2 + 1) * M_TOT + r, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)  # 0 for empty splits
+    denom = tl.sum(w * l, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.load(PACC + (part[:, None] * M_TOT + r) * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + b * sob + h * soh + i * son + offs_d * sod, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def _pick_splits(K, B, Hkv, m_blocks, block_n, sms):
+    """Chunks of the key axis so that about two waves of programs fill the GPU; static in shapes."""
+    n_blocks = max(1, triton.cdiv(K, block_n))
+    want = max(1, triton.cdiv(2 * sms, B * Hkv * m_blocks))
+    # Keep at least 2 key tiles per chunk: a shorter chunk costs more in its merge than it saves.
+    splits = max(1, min(want, n_blocks // 2, 128))
+    return splits
+
+
+def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits):
+    B, H, Q, D = q.shape
+    Hkv, K = k_buf.shape[1], kept_idx.shape[-1]
+    G = H // Hkv
+    M_TOT = G * Q
+    out = torch.empty((B, H, Q, D), dtype=q.dtype, device=q.device)
+    if B == 0 or H == 0 or Q == 0:
+        return out
+    BLOCK_D = max(16, next_pow2(D))
+    interp = interpreter_enabled() and not q.is_cuda
+    BLOCK_M = min(64, max(16, next_pow2(M_TOT)))
+    m_blocks = triton.cdiv(M_TOT, BLOCK_M)
+    BLOCK_N = 16 if interp else 64
+    if num_splits is None:
+        num_splits = _pick_splits(K, B, Hkv, m_blocks, BLOCK_N, device_sms(q))
+    num_splits = max(1, min(int(num_splits), max(1, triton.cdiv(K, BLOCK_N))))
+    chunk = triton.cdiv(triton.cdiv(max(K, 1), num_splits), BLOCK_N) * BLOCK_N
+    num_splits = max(1, triton.cdiv(max(K, 1), chunk))
+
+    if kept_idx.dim() == 2:
+        sib, sik = kept_idx.stride()
+        sih = 0
+    else:
+        sib, sih, sik = kept_idx.stride()
+    klen = kept_len.to(device=q.device)
+    if klen.dtype not in (torch.int32, torch.int64):
+        klen = klen.long()
+    if num_splits > 1:
+        pacc = torch.empty((B * Hkv, num_splits, M_TOT, BLOCK_D), dtype=torch.float32, device=q.device)
+        pml = torch.empty((B * Hkv, num_splits, 2, M_TOT), dtype=torch.float32, device=q.device)
+    else:
+        pacc = pml = out  # unused
+    warps = 4
+    lazy_jit(_split_kernel)[(num_splits, B * Hkv, m_blocks)](
+        q, k_buf, v_buf, kept_idx, klen, out, pacc, pml,
+        *q.stride(), *k_buf.stride(), *v_buf.stride(),
+        sib, sih, sik,
+        *out.stride(),
+        Hkv, G, Q, M_TOT, K, k_buf.shape[2], chunk, scale * LOG2E,
+        NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        num_warps=warps, num_stages=3 if not interp else 1,
+    )
+    if num_splits > 1:
+        lazy_jit(_merge_kernel)[(B * H * Q,)](
+            pacc, pml, out,
+            *out.stride(),
+            H, Hkv, G, Q, M_TOT,
+            NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits),
+            HEAD_DIM=D, BLOCK_D=BLOCK_D,
+            num_warps=4 if BLOCK_D * next_pow2(num_splits) >= 4096 else 2,
+        )
+    return out

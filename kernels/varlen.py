@@ -1,0 +1,217 @@
+"""Variable-length block-diagonal attention: every packed segment attends only within itself.
+
+For vision towers that split attention into windows or per-image/per-frame segments (Qwen2-VL,
+Qwen2.5-VL, ...). On ``transformers``' SDPA path such a tower runs one attention call per window,
+about a thousand launches per layer at 16K patches; this kernel does the whole layer in one launch.
+Used over the kept patches only, it also serves plans that prune inside the vision tower: pack the
+kept tokens and pass their ``cu_seqlens``.
+
+Algorithm: the non-causal FlashAttention forward (Dao et al., "FlashAttention", NeurIPS 2022;
+"FlashAttention-2", 2023, whose varlen API introduced ``cu_seqlens``) with one program per
+(query tile, segment, head); a program streams only its own segment's key tiles.
+
+Shapes: q, k, v ``[Total, H, D]`` (any float dtype of fp16/bf16/fp32, any strides); cu_seqlens
+``[S+1]`` int32/int64 with ``cu_seqlens[0] = 0`` and ``cu_seqlens[S] = Total``. Output ``[Total, H, D]``.
+"""
+
+import math
+import os
+
+import torch
+
+from vtoken.kernels.dispatch import (
+    check_dtype,
+    interpreter_enabled,
+    lazy_jit,
+    next_pow2,
+    resolve_backend,
+    tl,
+    triton,
+)
+from vtoken.kernels.reference import check_varlen_shapes, varlen_attention_reference
+
+LOG2E = 1.4426950408889634
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    max_seqlen: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-diagonal attention over packed segments, one kernel launch.
+
+    Args:
+        q, k, v: ``[Total, H, D]``.
+        cu_seqlens: ``[S+1]`` cumulative segment boundaries.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        max_seqlen: longest segment, if the caller knows it (saves one device-to-host read).
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns:
+        ``[Total, H, D]`` in q's dtype.
+    """
+    T, H, D = check_varlen_shapes(q, k, v, cu_seqlens)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(name, t)
+    if resolve_backend(backend, q, k, v, cu_seqlens) == "torch":
+        return varlen_attention_reference(q, k, v, cu_seqlens, scale=scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return _varlen_triton(q, k, v, cu_seqlens, scale, max_seqlen)
+
+
+def _varlen_kernel(
+    Q, K, V, O, CU,
+    sqt, sqh, sqd,
+    skt, skh, skd,
+    svt, svh, svd,
+    sot, soh, sod,
+    qk_scale, MAXLEN_BUCKET,
+    IEEE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The head dim is covered by two power-of-two slices, [0, D1) and [D1, D1 + D2) (D2 = 0: none),
+    # so D = 80 costs 64 + 16 columns of tensor-core work instead of a padded 128.
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    seg_start = tl.load(CU + seg).to(tl.int64)
+    seg_end = tl.load(CU + seg + 1).to(tl.int64)
+    q_start = seg_start + pid_m * BLOCK_M
+    # Tiles past the segment's end run an empty loop and store nothing.
+    kv_end = tl.where(q_start < seg_end, seg_end, seg_start)
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < seg_end
+    offs_d1 = tl.arange(0, D1)
+    d1_ok = offs_d1 < HEAD_DIM
+    q1 = tl.load(Q + offs_m[:, None] * sqt + h * sqh + offs_d1[None, :] * sqd,
+                 mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        d2_ok = offs_d2 < HEAD_DIM
+        q2 = tl.load(Q + offs_m[:, None] * sqt + h * sqh + offs_d2[None, :] * sqd,
+                     mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
+        acc2 = tl.zeros([BLOCK_M, D2], tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    for start_n in range(seg_start, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seg_end
+        k1 = tl.load(K + offs_n[:, None] * skt + h * skh + offs_d1[None, :] * skd,
+                     mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+        else:
+            s = tl.dot(q1, tl.trans(k1))
+        if D2 > 0:
+            k2 = tl.load(K + offs_n[:, None] * skt + h * skh + offs_d2[None, :] * skd,
+                         mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
+            if IEEE:
+                s += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+            else:
+                s += tl.dot(q2, tl.trans(k2))
+        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v1 = tl.load(V + offs_n[:, None] * svt + h * svh + offs_d1[None, :] * svd,
+                     mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+        if IEEE:
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision="ieee")
+        else:
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
+        if D2 > 0:
+            v2 = tl.load(V + offs_n[:, None] * svt + h * svh + offs_d2[None, :] * svd,
+                         mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
+            if IEEE:
+                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision="ieee")
+            else:
+                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
+        m_i = m_new
+
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    o_row = O + offs_m[:, None] * sot + h * soh
+    tl.store(o_row + offs_d1[None, :] * sod, (acc1 * inv_l[:, None]).to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d1_ok[None, :])
+    if D2 > 0:
+        tl.store(o_row + offs_d2[None, :] * sod, (acc2 * inv_l[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d2_ok[None, :])
+
+
+def split_head_dim(D: int) -> tuple[int, int]:
+    """Two power-of-two slices (each >= 16, the smallest dot size) covering a head dim D: 80 -> (64, 16)."""
+    if D <= 16:
+        return 16, 0
+    d1 = 1 << (D.bit_length() - 1)  # largest power of two <= D
+    rest = D - d1
+    return (d1, 0) if rest == 0 else (d1, max(16, next_pow2(rest)))
+
+
+# Long segments (full-attention layers): autotuned among these (sm_90 builds, D = 80: none spills).
+_LONG_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+_launchers: dict = {}
+
+
+def _launcher(long_segments: bool):
+    if interpreter_enabled():
+        mode = "interp"
+    elif long_segments and os.environ.get("VTOKEN_KERNELS_AUTOTUNE", "1") != "0":
+        mode = "tuned"
+    else:
+        mode = "fixed"
+    fn = _launchers.get(mode)
+    if fn is None:
+        fn = lazy_jit(_varlen_kernel)
+        if mode == "tuned":
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                       for bm, bn, w, st in _LONG_CONFIGS]
+            fn = triton.autotune(configs, key=["MAXLEN_BUCKET", "HEAD_DIM", "IEEE"])(fn)
+        _launchers[mode] = fn
+    return mode, fn
+
+
+def _varlen_triton(q, k, v, cu_seqlens, scale, max_seqlen):
+    T, H, D = q.shape
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    S = cu_seqlens.numel() - 1
+    if T == 0 or S <= 0 or H == 0:
+        return out.zero_() if T else out
+    cu = cu_seqlens.to(device=q.device)
+    if cu.dtype not in (torch.int32, torch.int64):
+        cu = cu.long()
+    cu = cu.contiguous()
+    if max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max().item())  # one host read per call
+    max_seqlen = int(max_seqlen)
+    if max_seqlen <= 0:
+        return out.zero_()
+    D1, D2 = split_head_dim(D)
+    mode, kernel = _launcher(long_segments=max_seqlen > 256)
+    args = (q, k, v, out, cu, *q.stride(), *k.stride(), *v.stride(), *out.stride(), scale * LOG2E,
+            next_pow2(max_seqlen))
+    meta = dict(IEEE=q.dtype == torch.float32, HEAD_DIM=D, D1=D1, D2=D2)
+    if mode == "tuned":
+        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), S, H)  # noqa: E731
+        kernel[grid](*args, **meta)
+        return out
+    if mode == "interp":
+        BM, BN, warps, stages = 16, 16, 4, 1
+    elif max_seqlen <= 64:
+        BM, BN, warps, stages = 64, 64, 4, 2
+    elif max_seqlen <= 256 or q.dtype == torch.float32:
+        BM, BN, warps, stages = 64, 64, 4, 3 if q.dtype != torch.float32 else 2
+    else:
+        BM, BN, warps, stages = 128, 64, 8, 3
+    kernel[(triton.cdiv(max_seqlen, BM), S, H)](*args, **meta, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
+                                                 num_stages=stages)
+    return out

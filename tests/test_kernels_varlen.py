@@ -1,0 +1,144 @@
+"""varlen_attention and patch_vision_varlen: reference vs a block-diagonal naive softmax, Triton vs the
+reference, and a patched tiny Qwen2.5-VL vision tower vs the unpatched one.
+
+Without CUDA the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1) at small
+shapes; tests marked ``gpu`` run large shapes on a CUDA device.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vtoken.kernels import (  # noqa: E402
+    HAS_TRITON,
+    patch_vision_varlen,
+    varlen_attention,
+    varlen_attention_reference,
+)
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_inputs(lengths, H, D, *, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    return q, k, v, cu
+
+
+def naive_varlen(q, k, v, cu, scale=None):
+    """Float64 attention over all tokens with an explicit block-diagonal mask."""
+    T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    seg = torch.zeros(T, dtype=torch.long)
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        seg[a:b] = s
+    same = seg[:, None] == seg[None, :]
+    q64, k64, v64 = (x.double().cpu().transpose(0, 1) for x in (q, k, v))  # [H, T, D]
+    logits = (q64 @ k64.transpose(-1, -2) * scale).masked_fill(~same, float("-inf"))
+    return (torch.softmax(logits, -1) @ v64).transpose(0, 1)
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("lengths,H,D", [([5, 16, 0, 39, 4], 3, 20), ([64, 64, 37, 100], 2, 16), ([1], 4, 8)])
+def test_reference_matches_naive(lengths, H, D):
+    q, k, v, cu = make_inputs(lengths, H, D, seed=sum(lengths))
+    out = varlen_attention_reference(q, k, v, cu)
+    torch.testing.assert_close(out.double(), naive_varlen(q, k, v, cu), atol=2e-6, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("lengths,H,D,dtype", [
+    ([5, 16, 0, 39, 4], 3, 20, torch.float32),   # empty segment, odd lengths, D not a power of two
+    ([33, 17], 2, 16, torch.float16),
+])
+def test_triton_matches_reference_cpu(lengths, H, D, dtype):
+    if torch.cuda.is_available():
+        pytest.skip("covered at large shapes by the gpu tests")
+    q, k, v, cu = make_inputs(lengths, H, D, dtype=dtype, seed=7)
+    out = varlen_attention(q, k, v, cu, backend="triton")
+    ref = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+def tiny_qwen25_vision(seed=0, **overrides):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    torch.manual_seed(seed)
+    kw = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=24,
+              fullatt_block_indexes=[1], patch_size=14, window_size=56, spatial_merge_size=2, temporal_patch_size=2)
+    kw.update(overrides)
+    cfg = Qwen2_5_VLVisionConfig(**kw)
+    cfg._attn_implementation = "sdpa"
+    return Qwen2_5_VisionTransformerPretrainedModel(cfg).eval()
+
+
+def tower_inputs(grid, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    n = int(grid.prod(-1).sum())
+    return torch.randn(n, 3 * 2 * 14 * 14, generator=g).to(device=device, dtype=dtype), grid.to(device)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_patched_qwen25_vision_tower_matches_unpatched(backend):
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the gpu test covers the compiled kernel")
+    tower = tiny_qwen25_vision()
+    # an image with uneven windows (6 x 8 patches, windows of 4 x 4) and a 2-frame video
+    x, grid = tower_inputs(torch.tensor([[1, 6, 8], [2, 4, 4]]))
+    with torch.no_grad():
+        ref = tower(x, grid_thw=grid)
+        remove = patch_vision_varlen(tower, backend=backend)
+        with pytest.raises(ValueError, match="already patched"):
+            patch_vision_varlen(tower)
+        out = tower(x, grid_thw=grid)
+        remove()
+        again = tower(x, grid_thw=grid)
+    assert all("forward" not in m.__dict__ for m in tower.modules())
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again.pooler_output, ref.pooler_output, atol=0, rtol=0)
+
+
+def test_patch_rejects_a_model_without_vision_attention():
+    with pytest.raises(ValueError, match="no windowed vision attention"):
+        patch_vision_varlen(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("lengths,H,D", [([64] * 200 + [37, 16], 16, 80), ([1024] * 6 + [517], 16, 80),
+                                         ([4096, 3001], 8, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_matches_reference_gpu(lengths, H, D, dtype):
+    q, k, v, cu = make_inputs(lengths, H, D, dtype=dtype, device="cuda", seed=len(lengths))
+    out = varlen_attention(q, k, v, cu)
+    ref = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
+    assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_patched_qwen25_vision_tower_matches_unpatched_gpu():
+    tower = tiny_qwen25_vision(depth=4, hidden_size=256, num_heads=4, intermediate_size=512,
+                               fullatt_block_indexes=[1, 3], window_size=112).cuda().to(torch.bfloat16)
+    x, grid = tower_inputs(torch.tensor([[1, 30, 42], [4, 16, 16]]), dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        ref = tower(x, grid_thw=grid)
+        remove = patch_vision_varlen(tower)
+        out = tower(x, grid_thw=grid)
+        remove()
+    assert rel_err(out.pooler_output, ref.pooler_output) < 2e-2
