@@ -368,7 +368,7 @@ class Runtime:
             return "torch"
         from vtoken.kernels import resolve_backend
 
-        return resolve_backend(self.backend, tensor)
+        return resolve_backend(self.backend, tensor)  # "triton" on CUDA (or when forced), else "torch"
 
     # ---------------------------------------------------------------- stages
     def _run_stage(self, ctx: CallContext, i: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 
 from vtoken.kernels.dispatch import (
     check_dtype,
+    device_sms,
     interpreter_enabled,
     lazy_jit,
     next_pow2,
@@ -290,15 +291,20 @@ def _score_kernel(
     skb, skh, skn, skd,
     smb, smn,
     srb, srr,
-    ssb, ssh, ssr, ssn,
-    N, H, Hkv, G, R, key_start, key_end, qk_scale, inv_h,
+    ssp, ssb, ssh, ssr, ssn,
+    N, H, G, R, key_start, key_end, qk_scale, inv_h, KV_PER_PROG, N_SPLITS,
     HAS_MASK: tl.constexpr, AVERAGE: tl.constexpr, IEEE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Program (key tile, row tile, sample x KV-head slice). With AVERAGE and several slices, each slice
+    # writes its partial head sum to S[split] and the host sums the slices (deterministic, no atomics).
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid_bs = tl.program_id(2)
+    b = (pid_bs // N_SPLITS).to(tl.int64)
+    split = pid_bs % N_SPLITS
+    kv_lo = split * KV_PER_PROG
 
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
@@ -315,12 +321,14 @@ def _score_kernel(
     if HAS_MASK:
         km = tl.load(KPM + b * smb + offs_n * smn, mask=n_ok, other=0)
         see = see & (km[None, :] != 0)
-    # Skip all heads when no selected row reaches this key tile (causal upper triangle).
+    # Skip the heads when no selected row reaches this key tile (causal upper triangle).
     max_row = tl.max(tl.where(row_ok, rows, -1), 0)
-    n_kv = tl.where(max_row >= key_start + pid_n * BLOCK_N, Hkv, 0)
+    kv_hi = tl.where(max_row >= key_start + pid_n * BLOCK_N, kv_lo + KV_PER_PROG, kv_lo)
 
+    s_tile = S + split * ssp + b * ssb + offs_r[:, None] * ssr + (offs_n - key_start)[None, :] * ssn
+    out_mask = r_ok[:, None] & n_ok[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    for kvh in range(0, n_kv):
+    for kvh in range(kv_lo, kv_hi):
         k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         for g in range(0, G):
@@ -336,27 +344,24 @@ def _score_kernel(
             if AVERAGE:
                 acc += p
             else:
-                s_ptrs = S + b * ssb + h * ssh + offs_r[:, None] * ssr + (offs_n - key_start)[None, :] * ssn
-                tl.store(s_ptrs, p, mask=r_ok[:, None] & n_ok[None, :])
+                tl.store(s_tile + h * ssh, p, mask=out_mask)
     if AVERAGE:
-        s_ptrs = S + b * ssb + offs_r[:, None] * ssr + (offs_n - key_start)[None, :] * ssn
-        tl.store(s_ptrs, acc * inv_h, mask=r_ok[:, None] & n_ok[None, :])
-    elif n_kv == 0:
-        # Tile untouched by every selected row: still write its zeros, for every head.
-        for h in range(0, H):
-            s_ptrs = S + b * ssb + h * ssh + offs_r[:, None] * ssr + (offs_n - key_start)[None, :] * ssn
-            tl.store(s_ptrs, acc, mask=r_ok[:, None] & n_ok[None, :])
+        tl.store(s_tile, acc * inv_h, mask=out_mask)
+    elif kv_hi == kv_lo:
+        # Tile untouched by every selected row: still write its zeros, for this slice's heads.
+        for h in range(kv_lo * G, (kv_lo + KV_PER_PROG) * G):
+            tl.store(s_tile + h * ssh, acc, mask=out_mask)
 
 
 def _score_rows(q, k, lse2, score_rows, key_start, key_end, kpm, scale, average_heads):
     B, H, N, D = q.shape
     Hkv = k.shape[1]
+    G = H // Hkv
     R = score_rows.shape[1]
     nk = key_end - key_start
     shape = (B, R, nk) if average_heads else (B, H, R, nk)
-    scores = torch.empty(shape, dtype=torch.float32, device=q.device)
     if R == 0 or nk == 0:
-        return scores.zero_()
+        return torch.zeros(shape, dtype=torch.float32, device=q.device)
     rows = score_rows.to(device=q.device)
     if rows.dtype not in (torch.int32, torch.int64):
         rows = rows.long()
@@ -366,11 +371,6 @@ def _score_rows(q, k, lse2, score_rows, key_start, key_end, kpm, scale, average_
         smb, smn = kpm_u8.stride()
     else:
         kpm_u8, smb, smn = q, 0, 0
-    if average_heads:
-        ssb, ssr, ssn = scores.stride()
-        ssh = 0
-    else:
-        ssb, ssh, ssr, ssn = scores.stride()
     BLOCK_D = max(16, next_pow2(D))
     if interpreter_enabled() and not q.is_cuda:
         BLOCK_R, BLOCK_N, warps = 16, 32, 4
@@ -378,17 +378,37 @@ def _score_rows(q, k, lse2, score_rows, key_start, key_end, kpm, scale, average_
         BLOCK_R = min(64, max(16, next_pow2(R)))
         BLOCK_N = 64 if BLOCK_R == 64 else 128
         warps = 4 if BLOCK_R * BLOCK_N <= 4096 else 8
-    grid = (triton.cdiv(nk, BLOCK_N), triton.cdiv(R, BLOCK_R), B)
+    base = triton.cdiv(nk, BLOCK_N) * triton.cdiv(R, BLOCK_R) * B
+    # Few tiles (short N, few rows): also spread the KV heads over programs, about two waves in all.
+    # With averaging, each slice needs its own partial buffer: cap those at 256 MiB.
+    splits = 1
+    want = triton.cdiv(2 * device_sms(q), base)
+    for cand in range(min(want, Hkv), 1, -1):
+        if Hkv % cand == 0 and (not average_heads or cand * B * R * nk * 4 <= 1 << 28):
+            splits = cand
+            break
+    if average_heads and splits > 1:
+        scores = torch.empty((splits, B, R, nk), dtype=torch.float32, device=q.device)
+        ssp, ssb, ssr, ssn = scores.stride()
+        ssh = 0
+    elif average_heads:
+        scores = torch.empty(shape, dtype=torch.float32, device=q.device)
+        (ssb, ssr, ssn), ssp, ssh = scores.stride(), 0, 0
+    else:
+        scores = torch.empty(shape, dtype=torch.float32, device=q.device)
+        (ssb, ssh, ssr, ssn), ssp = scores.stride(), 0
+    grid = (triton.cdiv(nk, BLOCK_N), triton.cdiv(R, BLOCK_R), B * splits)
     lazy_jit(_score_kernel)[grid](
         q, k, lse2, kpm_u8, rows, scores,
         *q.stride(), *k.stride(),
         smb, smn,
         *rows.stride(),
-        ssb, ssh, ssr, ssn,
-        N, H, Hkv, H // Hkv, R, key_start, key_end, scale * LOG2E, 1.0 / H,
+        ssp, ssb, ssh, ssr, ssn,
+        N, H, G, R, key_start, key_end, scale * LOG2E, 1.0 / H, Hkv // splits, splits,
         HAS_MASK=has_mask, AVERAGE=average_heads, IEEE=q.dtype == torch.float32,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
         num_warps=warps, num_stages=2,
     )
+    if average_heads and splits > 1:
+        scores = scores.sum(0)
     return scores
-

@@ -1,9 +1,10 @@
 """Synthetic multi-object VQA where keeping the right visual tokens matters.
 
-Each scene is a plain canvas with 3 to 8 small objects. An object has a colour (all colours in a
-scene are distinct, so "the red object" names exactly one object), a shape and a size. At the
-default 336 px a small object is about one 14 px patch wide and a large one about two, so a random
-64 of LLaVA-1.5's 576 visual tokens usually misses several objects entirely.
+Each scene is a plain canvas with 3 to 6 small objects. An object has a colour (all colours in a
+scene are distinct, so "the red object" names exactly one object), a shape and a size. Objects sit
+on a 24 x 24 lattice: at the default 336 px a small object lies inside one 14 px patch and a large
+one covers 2 x 2 patches, so a random 64 of LLaVA-1.5's 576 visual tokens (11 %) misses most small
+objects and about 60 % of large ones.
 
 Question types (``qtype``) and their answers:
 
@@ -14,8 +15,8 @@ qtype                 example                                             answer
 ``size``              what size is the red object?                        small/large
 ``color``             what color is the triangle?  (shape unique in scene) a colour
 ``exist``             is there a blue triangle?                           yes/no
-``count_shape``       how many triangles are there?                       0 .. 8
-``count_all``         how many objects are there?                         3 .. 8
+``count_shape``       how many triangles are there?                       0 .. 6
+``count_all``         how many objects are there?                         3 .. 6
 ``left``              is the red object left of the blue object?          yes/no
 ``above``             is the red object above the blue object?            yes/no
 ====================  ==================================================  ======================
@@ -70,10 +71,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "rectangle", "triangle")
 SHAPE_PLURAL = {"circle": "circles", "rectangle": "rectangles", "triangle": "triangles"}
 SIZES = ("small", "large")
-# Object side length as a fraction of the image side: 336 px -> 15 px (small) and 27 px (large).
-SIZE_FRAC = {"small": 15 / 336, "large": 27 / 336}
-BACKGROUND = (255, 255, 255)
-MIN_OBJECTS, MAX_OBJECTS = 3, 8
+# Objects sit on a GRID x GRID lattice: at 336 px one cell is one 14 px LLaVA-1.5 patch (and one
+# merged Qwen2-VL token of the reference checkpoint). A small object (12 px) fills the middle of one
+# cell; a large one (26 px) is centred on a cell corner and covers 2 x 2 cells.
+GRID = 24
+SIZE_FRAC = {"small": 12 / 336, "large": 26 / 336}
+_CELLS = {"small": 1, "large": 2}
+BACKGROUND = (255, 255, 255)  # top-left corner of the canvas
+# The canvas is a faint gradient (red fades left to right, green top to bottom, down to 200), so
+# every patch carries its absolute position: "left of" / "above" are then learnable by the tiny
+# checkpoints, whose Qwen2-VL vision tower has only relative (rotary) positions.
+GRADIENT = 55
+MIN_OBJECTS, MAX_OBJECTS = 3, 6
 
 QTYPES = ("shape", "size", "color", "exist", "count_shape", "count_all", "left", "above")
 DIGITS = tuple(str(d) for d in range(10))
@@ -118,21 +127,20 @@ def _sample_scene(rng: np.random.Generator) -> Scene:
     colors = rng.choice(len(COLORS), size=n, replace=False)
     color_names = list(COLORS)
     placed: list[Obj] = []
-    boxes: list[tuple[float, float, float]] = []  # (x, y, half side) in fractions
+    taken = np.zeros((GRID, GRID), dtype=bool)  # cells covered by an object or next to one
     for ci in colors:
         size = SIZES[int(rng.integers(len(SIZES)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        half = SIZE_FRAC[size] / 2
-        for _ in range(200):
-            margin = half + 0.01
-            x = float(rng.uniform(margin, 1 - margin))
-            y = float(rng.uniform(margin, 1 - margin))
-            # keep a gap of at least ~one small object between any two objects
-            if all(max(abs(x - bx), abs(y - by)) > half + bh + 0.03 for bx, by, bh in boxes):
+        c = _CELLS[size]
+        for _ in range(500):
+            # top-left cell of the object's c x c block, one free cell of margin to the border
+            i, j = (int(v) for v in rng.integers(1, GRID - c, size=2))
+            if not taken[i : i + c, j : j + c].any():
                 break
-        else:  # pragma: no cover - 8 objects of <= 8% side always fit
+        else:  # pragma: no cover - 6 objects of <= 2 x 2 cells always fit on 24 x 24
             raise RuntimeError("could not place objects")
-        boxes.append((x, y, half))
+        taken[i - 1 : i + c + 1, j - 1 : j + c + 1] = True  # keep a one-cell gap between objects
+        x, y = (j + c / 2) / GRID, (i + c / 2) / GRID
         placed.append(Obj(color_names[int(ci)], shape, size, round(x, 4), round(y, 4)))
     return Scene(tuple(placed))
 
@@ -148,8 +156,13 @@ def make_scene(rng: np.random.Generator, split: str = "train") -> Scene:
 
 
 def render(scene: Scene, image_size: int = 336) -> Image.Image:
-    """Draw ``scene`` on a white ``image_size`` x ``image_size`` RGB canvas."""
-    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    """Draw ``scene`` on an ``image_size`` x ``image_size`` RGB canvas (faint white-to-lavender gradient)."""
+    ramp = np.round(GRADIENT * (np.arange(image_size) + 0.5) / image_size).astype(np.int16)
+    canvas = np.empty((image_size, image_size, 3), dtype=np.uint8)
+    canvas[..., 0] = 255 - ramp[None, :]
+    canvas[..., 1] = 255 - ramp[:, None]
+    canvas[..., 2] = 255
+    img = Image.fromarray(canvas, "RGB")
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         side = SIZE_FRAC[o.size] * image_size
@@ -165,7 +178,7 @@ def render(scene: Scene, image_size: int = 336) -> Image.Image:
 
 
 # --------------------------------------------------------------------------------------- questions
-_MIN_SEP = 0.05  # relation questions need centres at least this far apart (about 1.2 patches)
+_MIN_SEP = 0.15  # relation questions need centres at least this far apart (3.6 patches)
 
 
 def _by_color(scene: Scene) -> dict[str, Obj]:
@@ -227,17 +240,22 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[s
 def make_questions(
     scene: Scene, rng: np.random.Generator, k: int, qtypes: Iterable[str] = QTYPES
 ) -> list[tuple[str, str, str]]:
-    """Up to ``k`` distinct (question, answer, qtype) triples about ``scene``."""
+    """Up to ``k`` distinct (question, answer, qtype) triples about ``scene``.
+
+    Question types come in rounds (each round a fresh permutation of ``qtypes``), so every type
+    appears once before any appears twice.
+    """
     qtypes = list(qtypes)
     out: list[tuple[str, str, str]] = []
     seen: set[str] = set()
-    for qt in rng.permutation(qtypes):
-        if len(out) >= k:
-            break
-        qa = make_question(scene, str(qt), rng)
-        if qa is not None and qa[0] not in seen:
-            seen.add(qa[0])
-            out.append((qa[0], qa[1], str(qt)))
+    for _ in range(3 * k):
+        for qt in rng.permutation(qtypes):
+            if len(out) >= k:
+                return out
+            qa = make_question(scene, str(qt), rng)
+            if qa is not None and qa[0] not in seen:
+                seen.add(qa[0])
+                out.append((qa[0], qa[1], str(qt)))
     return out
 
 

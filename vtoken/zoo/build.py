@@ -10,9 +10,12 @@ Sizes (both checkpoints share the language-model shape):
   heads of dim 32 (GQA), MLP 768.
 * LLaVA vision tower: CLIP ViT, 336 px, patch 14 (24 x 24 = 576 patches + [CLS]), hidden 128,
   3 layers (features of the penultimate one, as LLaVA-1.5), [CLS] dropped ("default").
-* Qwen2-VL vision tower: hidden 128, 3 layers, patch 14, temporal patch 2, 2 x 2 merge; the
-  processor resizes every image to at least 448 x 448 pixels, so the default 336 px synthetic
-  image gives 32 x 32 patches -> 16 x 16 = 256 visual tokens.
+* Qwen2-VL vision tower: hidden 128, 3 layers, patch 7, temporal patch 2, 2 x 2 merge, so one
+  visual token covers 14 x 14 pixels as in LLaVA-1.5. Dynamic resolution: the processor keeps
+  images between 336 x 336 and 672 x 672 pixels (sides rounded to multiples of 14); the default
+  336 px synthetic image gives 48 x 48 patches -> 24 x 24 = 576 visual tokens, a 448 x 448 image
+  gives 1024 and a 336 x 504 one 864. (Qwen2-VL itself uses patch 14 at ~2x the resolution; patch
+  7 keeps these tiny checkpoints' tokens aligned with the synthetic scenes' 14 px lattice.)
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ EASY_VQA_WORDS = (
 )
 PROMPT_WORDS = ("user", "assistant", ":")
 
-QWEN_MIN_PIXELS = 448 * 448
-QWEN_MAX_PIXELS = 896 * 896
-IMAGE_SIZE = {"llava": 336, "qwen2vl": 448}
+QWEN_PATCH = 7
+QWEN_MIN_PIXELS = 336 * 336
+QWEN_MAX_PIXELS = 672 * 672
 
 
 def vocabulary() -> list[str]:
@@ -125,11 +128,23 @@ def build_processor(arch: str, tokenizer=None):
         ip = Qwen2VLImageProcessorPil(
             min_pixels=QWEN_MIN_PIXELS,
             max_pixels=QWEN_MAX_PIXELS,
-            patch_size=14,
+            patch_size=QWEN_PATCH,
             temporal_patch_size=2,
             merge_size=2,
         )
-        return Qwen2VLProcessor(image_processor=ip, tokenizer=tokenizer)
+        from vtoken.zoo.processing import Qwen2VLImageOnlyProcessor, torchvision_available
+
+        if torchvision_available():  # the stock processor, video processor included
+            try:
+                from transformers import Qwen2VLVideoProcessor
+
+                vp = Qwen2VLVideoProcessor(
+                    min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS, patch_size=QWEN_PATCH, merge_size=2
+                )
+                return Qwen2VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp)
+            except Exception:  # pragma: no cover - a torchvision that does not import
+                pass
+        return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tokenizer)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
@@ -190,7 +205,7 @@ def build_config(arch: str, tokenizer=None):
             hidden_size=text["hidden_size"],
             num_heads=4,
             mlp_ratio=4,
-            patch_size=14,
+            patch_size=QWEN_PATCH,
             spatial_merge_size=2,
             temporal_patch_size=2,
             in_channels=3,

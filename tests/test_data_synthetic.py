@@ -1,0 +1,100 @@
+"""The synthetic multi-object VQA generator: deterministic, disjoint splits, consistent answers."""
+
+import numpy as np
+import pytest
+
+from vtoken.data import synthetic as S
+
+
+def _sig(rec):
+    return (rec["id"], rec["question"], rec["answer"], rec["qtype"], np.asarray(rec["image"]).tobytes())
+
+
+def test_records_have_the_documented_keys():
+    recs = S.make_split("test", 16)
+    for r in recs:
+        assert {"image", "question", "answers", "answer", "qtype", "id"} <= set(r)
+        assert r["image"].mode == "RGB" and r["image"].size == (336, 336)
+        assert isinstance(r["question"], str) and r["question"].endswith("?")
+        assert r["answer"] in S.ANSWER_VOCAB
+        assert r["answers"] and all(a == r["answer"] for a in r["answers"])
+        assert r["qtype"] in S.QTYPES
+    assert len({r["id"] for r in recs}) == len(recs)
+    # question types are balanced round-robin
+    assert [r["qtype"] for r in recs[:8]] == list(S.QTYPES)
+
+
+def test_deterministic_by_seed_and_prefix_stable():
+    a = S.make_split("train", 12, seed=5)
+    b = S.make_split("train", 12, seed=5)
+    assert [_sig(r) for r in a] == [_sig(r) for r in b]
+    c = S.make_split("train", 20, seed=5)
+    assert [_sig(r) for r in a] == [_sig(r) for r in c[:12]]
+    d = S.make_split("train", 12, seed=6)
+    assert [_sig(r)[1:] for r in a] != [_sig(r)[1:] for r in d]
+
+
+def test_splits_are_disjoint():
+    train = S.make_split("train", 150, seed=0)
+    test = S.make_split("test", 150, seed=0)
+    tr = {S.scene_key(r["scene"]) for r in train}
+    te = {S.scene_key(r["scene"]) for r in test}
+    assert not tr & te
+    assert all(S.scene_split(r["scene"]) == "train" for r in train)
+    assert all(S.scene_split(r["scene"]) == "test" for r in test)
+    # whatever the seeds: a train seed never yields a test scene
+    rng = np.random.default_rng(123)
+    for _ in range(50):
+        assert S.scene_split(S.make_scene(rng, "train")) == "train"
+    with pytest.raises(ValueError):
+        S.make_split("val", 1)
+
+
+def test_answers_agree_with_the_scene():
+    for r in S.make_split("test", 80, seed=2):
+        objs = r["scene"].objects
+        by_color = {o.color: o for o in objs}
+        q, a, t = r["question"], r["answer"], r["qtype"]
+        assert len({o.color for o in objs}) == len(objs)  # colours name objects uniquely
+        assert S.MIN_OBJECTS <= len(objs) <= S.MAX_OBJECTS
+        if t == "count_all":
+            assert a == str(len(objs))
+        elif t == "count_shape":
+            plural = q.split()[2]
+            shape = {v: k for k, v in S.SHAPE_PLURAL.items()}[plural]
+            assert a == str(sum(o.shape == shape for o in objs))
+        elif t in ("shape", "size"):
+            color = q.split()[4]
+            assert a == getattr(by_color[color], t)
+        elif t == "color":
+            shape = q.rstrip("?").split()[-1]
+            assert [o.color for o in objs if o.shape == shape] == [a]
+        elif t == "exist":
+            _, _, _, color, shape = q.rstrip("?").split()
+            assert (a == "yes") == any(o.color == color and o.shape == shape for o in objs)
+        elif t in ("left", "above"):
+            words = q.rstrip("?").split()
+            c1, c2 = words[2], words[-2]
+            axis = "x" if t == "left" else "y"
+            assert (a == "yes") == (getattr(by_color[c1], axis) < getattr(by_color[c2], axis))
+
+
+def test_objects_are_small_and_drawn():
+    rec = S.make_split("test", 1, seed=9)[0]
+    img = np.asarray(rec["image"]).astype(int)
+    for o in rec["scene"].objects:
+        side = S.SIZE_FRAC[o.size] * 336
+        assert side <= 2 * 14  # at most about two 14 px patches wide
+        cx, cy = int(o.x * 336), int(o.y * 336)
+        assert tuple(img[cy + 2, cx]) == S.COLORS[o.color]  # just below the centre: inside every shape
+    # most of the canvas is background (blue channel 255, red/green >= 200): objects are small
+    bg = ((img[..., 2] == 255) & (img[..., 0] >= 200) & (img[..., 1] >= 200)).mean()
+    assert bg > 0.9
+    assert tuple(img[0, 0]) == S.BACKGROUND
+
+
+def test_other_image_sizes_scale_the_scene():
+    small = S.make_split("test", 2, seed=1, image_size=224)
+    big = S.make_split("test", 2, seed=1)
+    assert small[0]["image"].size == (224, 224)
+    assert [r["question"] for r in small] == [r["question"] for r in big]

@@ -1,0 +1,288 @@
+"""The eval loop with a fake model: outputs, table format, resume, sharding, failures, CLI."""
+
+import contextlib
+import csv
+import hashlib
+import json
+
+import pytest
+from PIL import Image
+
+from vtoken.eval import cli
+from vtoken.eval.backend import BatchOutput
+from vtoken.eval.loaders import EvalDataset, Sample
+from vtoken.eval.metrics import exact_match, pope_metrics, vqa_accuracy
+from vtoken.eval.runner import EvalConfig, merge_outputs, read_jsonl, run_eval
+from vtoken.eval.table import block_label
+
+N_VISUAL = 576
+
+
+class FakeBackend:
+    """Answers right with a probability that falls with the budget; deterministic per question."""
+
+    def __init__(self, fail_after=None):
+        self.calls = []  # (method, keep, question) per generated question
+        self.method, self.keep = None, None
+        self.fail_after = fail_after
+        self.info = {"device_name": "fake", "dtype": "float32"}
+
+    @contextlib.contextmanager
+    def configure(self, method, keep):
+        self.method, self.keep = method, keep
+        yield None
+        self.method, self.keep = None, None
+
+    def _answer(self, question):
+        right, wrong = question.split("|")[1], "zzz"
+        if self.method == "none":
+            return right
+        frac = self.keep / N_VISUAL if isinstance(self.keep, int) else self.keep
+        h = int(hashlib.sha1(f"{question}{self.method}{self.keep}".encode()).hexdigest(), 16) % 100
+        return right if h < 40 + 60 * frac - (10 if self.method == "random" else 0) else wrong
+
+    def generate(self, images, questions):
+        if self.fail_after is not None and len(self.calls) + len(questions) > self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        for im in images:
+            assert im.mode == "RGB"
+        self.calls += [(self.method, self.keep, q) for q in questions]
+        kept = N_VISUAL if self.method == "none" else (
+            min(self.keep, N_VISUAL) if isinstance(self.keep, int) else round(self.keep * N_VISUAL))
+        n = len(questions)
+        return BatchOutput([self._answer(q) for q in questions], [N_VISUAL] * n, [kept] * n, [float(kept)] * n,
+                           {"prefill_ms": 10.0 * kept / N_VISUAL, "decode_ms_per_token": 1.0, "wall_ms": 12.0,
+                            "batch_size": n, "decode_steps": 3, "kv_cache_mib_per_sample": 0.5})
+
+
+def _img(i):
+    return Image.new("RGB", (4, 4), (i % 255, 0, 0))
+
+
+def make_datasets(tmp_path, n=11):
+    a = EvalDataset("SetA", "synthetic", "exact", "fake", [
+        Sample(f"a{i}", f"question {i}|ans{i % 3}", [f"ans{i % 3}"], _img(i), qtype="t") for i in range(n)])
+    b = EvalDataset("SetB", "vqav2", "vqa", "fake", [
+        Sample(f"b{i}", f"q {i}|{i % 2}", [str(i % 2)] * 10, _img(i)) for i in range(n - 3)])
+    c = EvalDataset("PopeSet", "pope", "pope", "fake", [
+        Sample(f"p{i}", f"is there {i}?|{'yes' if i % 2 else 'no'}", ["yes" if i % 2 else "no"], _img(i),
+               qtype="random") for i in range(n - 1)])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    a.samples[4] = Sample("a4", "question 4|ans1", ["ans1"], str(bad))  # unreadable: counted, not fatal
+    a.malformed = 2
+    return [a, b, c]
+
+
+def config(tmp_path, out="out", **kw):
+    base = {"model": "fake", "data": [], "methods": ["fastv", "random"], "keeps": [192, 64], "batch_size": 4,
+            "out": str(tmp_path / out), "progress": False}
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def without_efficiency(rows):
+    """Table rows minus the measured timings (which differ run to run)."""
+    return [{k: v for k, v in r.items() if k != "efficiency"} for r in rows]
+
+
+def score_columns(out):
+    """table.csv up to the token columns (scores, Avg, tokens), i.e. without timings."""
+    with open(out / "table.csv") as f:
+        return [r[:-5] for r in csv.reader(f)]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_full_run_outputs(tmp_path):
+    fake = FakeBackend()
+    res = run_eval(config(tmp_path), backend=fake, datasets=make_datasets(tmp_path))
+    out = tmp_path / "out"
+    for name in ("table.md", "table.csv", "results.json", "predictions.jsonl", "timings.jsonl", "plot.png"):
+        assert (out / name).exists(), name
+    assert not list(out.glob("*.part-*"))
+    preds = read_jsonl(out / "predictions.jsonl")
+    # 5 configs x (11 + 8 + 10) questions, one unreadable image in SetA per config
+    assert len(preds) == 5 * 29
+    errors = [p for p in preds if p.get("error")]
+    assert len(errors) == 5 and all("unreadable image" in e["error"] for e in errors)
+    assert len(fake.calls) == 5 * 28
+    for p in preds:
+        assert set(p) >= {"dataset", "id", "method", "keep", "prediction", "answers", "score"}
+
+    md = (out / "table.md").read_text()
+    lines = md.splitlines()
+    assert lines[2].startswith("| *Upper bound, 576 tokens (100%)*")
+    assert "| *Retain 192 tokens (↓66.7%)*" in md and "| *Retain 64 tokens (↓88.9%)*" in md
+    assert md.index("Retain 192") < md.index("Retain 64")
+    assert "CPU" in lines[0]  # no GPU timings: marked as CPU wall times
+    assert "1 unreadable/failed" in md
+
+    rows = read_csv(out / "table.csv")
+    assert [(r["method"], r["keep"]) for r in rows] == [("none", "full"), ("fastv", "192"), ("random", "192"),
+                                                        ("fastv", "64"), ("random", "64")]
+    assert float(rows[0]["avg_retained_pct"]) == pytest.approx(100.0)
+    assert float(rows[0]["kept_tokens"]) == 576 and float(rows[3]["kept_tokens"]) == 64
+
+    # every table number recomputed from predictions.jsonl with the public metrics
+    for row in rows:
+        mine = [p for p in preds if p["method"] == row["method"] and p["keep"] == row["keep"] and not p.get("error")]
+        a = [exact_match(p["prediction"], p["answers"]) for p in mine if p["dataset"] == "SetA"]
+        b = [vqa_accuracy(p["prediction"], p["answers"]) for p in mine if p["dataset"] == "SetB"]
+        c = [p for p in mine if p["dataset"] == "PopeSet"]
+        f1 = pope_metrics([p["prediction"] for p in c], [p["answers"][0] for p in c])["f1"]
+        assert len(a) == 10 and len(b) == 8 and len(c) == 10
+        assert float(row["SetA"]) == pytest.approx(100 * sum(a) / len(a), abs=1e-4)
+        assert float(row["SetB"]) == pytest.approx(100 * sum(b) / len(b), abs=1e-4)
+        assert float(row["PopeSet"]) == pytest.approx(100 * f1, abs=1e-4)
+    ub = rows[0]
+    for row in rows[1:]:
+        rel = [float(row[d]) / float(ub[d]) * 100 for d in ("SetA", "SetB", "PopeSet")]
+        assert float(row["avg_retained_pct"]) == pytest.approx(sum(rel) / 3, abs=1e-3)
+
+    r = json.loads((out / "results.json").read_text())
+    assert r["config"]["keeps"] == ["192", "64"] and r["versions"]["torch"]
+    seta = next(d for d in r["datasets"] if d["name"] == "SetA")
+    assert seta["failed_questions"] == 1 and seta["malformed_records"] == 2
+    assert res["rows"][1]["efficiency"]["prefill_ms"] == pytest.approx(10 * 192 / 576)
+
+
+def test_resume_recomputes_nothing_and_matches_one_shot(tmp_path):
+    one = run_eval(config(tmp_path, "one"), backend=FakeBackend(), datasets=make_datasets(tmp_path))
+
+    killed = FakeBackend(fail_after=50)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(config(tmp_path, "two"), backend=killed, datasets=make_datasets(tmp_path))
+    part = tmp_path / "two" / "predictions.part-0.jsonl"
+    first = read_jsonl(part)
+    assert 0 < len(first) < 5 * 29
+    with open(part, "a") as f:  # a half-written line, as a kill during a write leaves
+        f.write('{"dataset": "SetA", "id": ')
+    resumed = FakeBackend()
+    two = run_eval(config(tmp_path, "two"), backend=resumed, datasets=make_datasets(tmp_path))
+    done_before = {(p["dataset"], p["id"], p["method"], p["keep"]) for p in first if not p.get("error")}
+    redone = {(m, k, q) for m, k, q in resumed.calls} & {(m, k, q) for m, k, q in killed.calls}
+    assert not redone  # nothing computed before the kill is computed again
+    assert len(resumed.calls) == 5 * 28 - len(done_before)
+    assert without_efficiency(one["rows"]) == without_efficiency(two["rows"])
+    assert score_columns(tmp_path / "one") == score_columns(tmp_path / "two")
+    assert (tmp_path / "one" / "predictions.jsonl").read_text() == (tmp_path / "two" / "predictions.jsonl").read_text()
+
+    # a third run finds everything done and needs no model at all
+    def no_model():
+        raise AssertionError("nothing should be computed")
+
+    three = run_eval(config(tmp_path, "two"), backend_factory=no_model, datasets=make_datasets(tmp_path))
+    assert without_efficiency(three["rows"]) == without_efficiency(two["rows"])
+
+
+def test_two_rank_sharding_merges_to_one_shot(tmp_path):
+    one = run_eval(config(tmp_path, "one"), backend=FakeBackend(), datasets=make_datasets(tmp_path))
+    fakes = [FakeBackend(), FakeBackend()]
+    assert run_eval(config(tmp_path, "dp"), backend=fakes[1], rank=1, world=2, datasets=make_datasets(tmp_path)) is None
+    assert (tmp_path / "dp" / "predictions.part-1.jsonl").exists()
+    assert list((tmp_path / "dp").glob(".rank-1-of-2.*.done"))  # rank 1's marker for rank 0's barrier
+    two = run_eval(config(tmp_path, "dp"), backend=fakes[0], rank=0, world=2, datasets=make_datasets(tmp_path))
+    q0 = {q for _, _, q in fakes[0].calls}
+    q1 = {q for _, _, q in fakes[1].calls}
+    assert q0 and q1 and not (q0 & q1)  # disjoint shards
+    assert len(fakes[0].calls) + len(fakes[1].calls) == 5 * 28
+    assert (tmp_path / "one" / "predictions.jsonl").read_text() == (tmp_path / "dp" / "predictions.jsonl").read_text()
+    assert without_efficiency(one["rows"]) == without_efficiency(two["rows"])
+    assert score_columns(tmp_path / "one") == score_columns(tmp_path / "dp")
+    assert not list((tmp_path / "dp").glob("*.part-*")) and not list((tmp_path / "dp").glob(".rank-*"))
+
+
+def test_fraction_budgets_and_labels(tmp_path):
+    cfg = config(tmp_path, methods=["fastv"], keeps=[0.333, 0.111])
+    run_eval(cfg, backend=FakeBackend(), datasets=make_datasets(tmp_path, n=5))
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| *Retain 33.3% tokens (↓66.7%)*" in md and "| *Retain 11.1% tokens (↓88.9%)*" in md
+    assert block_label(128, 576) == "Retain 128 tokens (↓77.8%)"
+    assert block_label(0.222, None) == "Retain 22.2% tokens (↓77.8%)"
+
+
+def test_generation_failure_isolated(tmp_path):
+    class Flaky(FakeBackend):
+        def generate(self, images, questions):
+            if any("question 7|" in q for q in questions):
+                if len(questions) > 1:
+                    raise RuntimeError("batch breaks")
+                raise ValueError("this one question breaks the processor")
+            return super().generate(images, questions)
+
+    res = run_eval(config(tmp_path, methods=["fastv"], keeps=[64]), backend=Flaky(), datasets=make_datasets(tmp_path))
+    seta = next(d for d in res["datasets"] if d["name"] == "SetA")
+    assert seta["failed_questions"] == 2  # the unreadable image and the question that breaks generation
+    assert "generation failed" in json.dumps(seta["failed_examples"])
+
+
+def test_a_method_that_cannot_run_is_skipped_and_reported(tmp_path):
+    class Broken(FakeBackend):
+        @contextlib.contextmanager
+        def configure(self, method, keep):
+            if method == "bad":
+                raise ValueError("stage layer 8 is outside the model's 4 decoder layers")
+            with super().configure(method, keep):
+                yield None
+
+        def generate(self, images, questions):
+            if self.method == "worse":
+                raise RuntimeError("always")
+            return super().generate(images, questions)
+
+    res = run_eval(config(tmp_path, methods=["bad", "fastv", "worse"], keeps=[64]), backend=Broken(),
+                   datasets=make_datasets(tmp_path))
+    failed = {f["method"]: f["error"] for f in res["failed_configs"]}
+    assert set(failed) == {"bad", "worse"}
+    assert "outside the model" in failed["bad"] and "fails for every question" in failed["worse"]
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| bad (failed) | –" in md and "could not run" in md
+    fastv = next(r for r in res["rows"] if r["method"] == "fastv")
+    assert fastv["scores"]["SetA"] is not None and not fastv.get("failed")
+
+
+def test_other_run_in_same_out_is_refused(tmp_path):
+    run_eval(config(tmp_path, methods=["fastv"], keeps=[64]), backend=FakeBackend(),
+             datasets=make_datasets(tmp_path, 5))
+    with pytest.raises(SystemExit, match="different run"):
+        run_eval(config(tmp_path, model="other", methods=["fastv"], keeps=[64]), backend=FakeBackend(),
+                 datasets=make_datasets(tmp_path, 5))
+    # more budgets in the same --out: only the new ones are computed
+    fake = FakeBackend()
+    run_eval(config(tmp_path, methods=["fastv"], keeps=[64, 128]), backend=fake, datasets=make_datasets(tmp_path, 5))
+    assert {k for _, k, _ in fake.calls} == {128}
+
+
+def test_merge_prefers_success_over_error(tmp_path):
+    rec = {"dataset": "D", "id": "1", "index": 0, "method": "none", "keep": "full"}
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(dict(rec, error="unreadable image", score=None)) + "\n")
+    (tmp_path / "predictions.part-0.jsonl").write_text(json.dumps(dict(rec, prediction="x", score=1.0)) + "\n")
+    merge_outputs(tmp_path)
+    merged = read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(merged) == 1 and merged[0]["score"] == 1.0
+
+
+def test_cli_parsing(monkeypatch):
+    monkeypatch.setattr(cli, "_available_methods", lambda: ["dart", "divprune", "fastv", "none", "random", "uniform"])
+    cfg = cli.config_from_args(cli.build_parser().parse_args([]))
+    assert cfg.data == ["synthetic", "easy-vqa"] and cfg.limit == cli.DEFAULT_LIMIT
+    assert cfg.methods == ["fastv", "divprune", "random"] and cfg.model == "vtoken/tiny-llava"
+    assert cfg.keeps == [192, 128, 64]  # LLaVA-1.5-style model: the field's token budgets
+    args = cli.build_parser().parse_args(
+        ["--model", "/x/qwen2-vl", "--data", "synthetic,easy-vqa", "--data", "gqa:/d", "--methods", "fastv,uniform",
+         "--keep", "0.333,0.111", "--limit", "5", "--batch-size", "2", "--out", "o", "--device-map", "auto"])
+    cfg = cli.config_from_args(args)
+    assert cfg.data == ["synthetic", "easy-vqa", "gqa:/d"] and cfg.limit == 5 and cfg.keeps == [0.333, 0.111]
+    assert cfg.methods == ["fastv", "uniform"] and cfg.device_map == "auto" and cfg.batch_size == 2
+    qwen = cli.config_from_args(cli.build_parser().parse_args(["--model", "/x/qwen2-vl"]))
+    assert qwen.keeps == [0.333, 0.222, 0.111]
+    with pytest.raises(SystemExit, match="unknown"):
+        cli.config_from_args(cli.build_parser().parse_args(["--methods", "nosuch"]))
+    with pytest.raises(SystemExit):
+        cli.config_from_args(cli.build_parser().parse_args(["--keep", "1.5"]))
+    with pytest.raises(SystemExit, match="--data"):
+        cli.config_from_args(cli.build_parser().parse_args(["--data", "imagenet:/x"]))

@@ -1,0 +1,221 @@
+"""``vtoken eval`` / ``python -m vtoken.eval``: the field's retained-accuracy table for a model.
+
+Examples::
+
+    vtoken eval                                    # short default run: tiny LLaVA, synthetic + easy-VQA
+    vtoken eval --model /ckpt/llava-1.5-7b-hf --data vqav2:/data/vqav2 gqa:/data/gqa pope:/data/pope \\
+        --methods fastv,sparsevlm,visionzip --keep 192,128,64 --batch-size 16 --out runs/llava7b
+    accelerate launch --num_processes 2 -m vtoken.eval --model ... --out runs/llava7b   # data-parallel
+
+Re-running with the same ``--out`` resumes: only missing (data set, question, method, budget)
+entries are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from vtoken.eval.runner import DEFAULT_METHODS, QUICK_METHODS, EvalConfig, parse_keep, run_eval
+
+DEFAULT_DATA = ["synthetic", "easy-vqa"]
+DEFAULT_LIMIT = 16  # questions per data set of the no-argument run
+LLAVA_KEEPS = [192, 128, 64]  # the field's budgets for 576-token models
+RATIO_KEEPS = [0.333, 0.222, 0.111]  # the field's ratios for dynamic-resolution models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vtoken eval",
+        description="Evaluate visual-token pruning methods on VQA sets and write the field's retained-accuracy "
+                    "table (table.md / table.csv), results.json, predictions.jsonl and plot.png.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Data sets: synthetic, easy-vqa, vqav2:PATH, gqa:PATH, textvqa:PATH, pope:PATH, scienceqa:PATH, "
+               "mme:PATH, hf:PATH (or a bare `datasets` directory saved with save_to_disk); options after '?', "
+               "e.g. 'pope:/data/pope?images=/data/coco/val2014', 'vqav2:/data/vqa?split=val2014'. "
+               "See vtoken/eval/loaders.py for the layouts.",
+    )
+    p.add_argument("--model", default="vtoken/tiny-llava",
+                   help="built-in name (vtoken/tiny-llava, vtoken/tiny-qwen2vl) or a local Hugging Face model "
+                        "directory (default: %(default)s)")
+    p.add_argument("--data", nargs="+", action="extend", default=None, metavar="SPEC",
+                   help="data sets (space- or comma-separated; default: synthetic easy-vqa)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names (default: fastv,sparsevlm,pyramiddrop,visionzip,divprune,dart,"
+                        "random; fastv,visionzip,divprune,random in the no-argument quick run); the unpruned upper bound "
+                        "always runs")
+    p.add_argument("--keep", default=None,
+                   help="budgets: ints = visual tokens kept per image (e.g. 192,128,64), fractions in (0,1] "
+                        "(e.g. 0.333,0.222,0.111); default 192,128,64 for LLaVA-1.5-style models, else the fractions")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"first N questions of each data set (default: all; {DEFAULT_LIMIT} in the no-argument run)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a model over the GPUs of one process")
+    p.add_argument("--out", default="vtoken_eval", help="output directory; re-using it resumes (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data set (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    return p
+
+
+def _available_methods():
+    try:
+        import vtoken
+
+        return list(vtoken.available_methods())
+    except Exception:  # noqa: BLE001 - core not importable: no validation
+        return None
+
+
+def _default_keeps(model: str) -> list:
+    """192/128/64 for LLaVA-1.5-style models (576 visual tokens), else ratios."""
+    model_type = None
+    path = Path(model)
+    try:
+        from vtoken import zoo
+
+        resolved = zoo.resolve(model)
+        if resolved is not None:
+            path = Path(str(resolved))
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except Exception:  # noqa: BLE001
+        name = model.lower()
+        if "llava" in name and "next" not in name and "onevision" not in name:
+            model_type = "llava"
+    return list(LLAVA_KEEPS) if model_type == "llava" else list(RATIO_KEEPS)
+
+
+def parse_keeps(text: str) -> list:
+    from vtoken.plan import validate_budget
+
+    out = []
+    for piece in str(text).replace(" ", ",").split(","):
+        if not piece:
+            continue
+        try:
+            k = parse_keep(piece)
+        except ValueError:
+            raise SystemExit(f"--keep: {piece!r} is neither an int (tokens) nor a fraction in (0, 1]")
+        try:
+            k = validate_budget(k, what="--keep")
+        except Exception as exc:  # noqa: BLE001
+            raise SystemExit(str(exc))
+        if k not in out:
+            out.append(k)
+    if not out:
+        raise SystemExit("--keep: give at least one budget")
+    return out
+
+
+def config_from_args(args) -> EvalConfig:
+    from vtoken.eval.loaders import DataError, parse_data_spec, split_data_args
+
+    default_run = args.data is None
+    data = DEFAULT_DATA if default_run else split_data_args(args.data)
+    for d in data:
+        try:
+            parse_data_spec(d)
+        except DataError as exc:
+            raise SystemExit(f"--data: {exc}")
+    available = _available_methods()
+    if args.methods:
+        methods = [m.strip().lower() for m in args.methods.replace(" ", ",").split(",") if m.strip()]
+        if available is not None:
+            unknown = [m for m in methods if m not in available]
+            if unknown:
+                raise SystemExit(f"--methods: unknown {', '.join(unknown)}; registered: {', '.join(available)}")
+    else:
+        preset = QUICK_METHODS if default_run else DEFAULT_METHODS
+        methods = [m for m in preset if available is None or m in available]
+    methods = [m for m in dict.fromkeys(methods)]
+    keeps = parse_keeps(args.keep) if args.keep else _default_keeps(args.model)
+    limit = args.limit if args.limit is not None else (DEFAULT_LIMIT if default_run else None)
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be >= 1")
+    return EvalConfig(model=args.model, data=list(data), methods=methods, keeps=keeps, limit=limit,
+                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      out=args.out, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      progress=not args.no_progress)
+
+
+def distributed_context():
+    """(rank, world, device) of this process.
+
+    Under ``accelerate launch`` (or ``torchrun``) on GPUs, accelerate's ``PartialState`` gives
+    ``process_index`` / ``num_processes`` / ``device``; where it sees a single process although the
+    launcher started several (CPU processes under ``torchrun``), the launcher's ``RANK`` /
+    ``WORLD_SIZE`` are used. Ranks meet through marker files in ``--out`` (see
+    :func:`vtoken.eval.runner.run_eval`), not through a collective with a timeout.
+    """
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_env <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes == world_env:
+        return state.process_index, state.num_processes, state.device
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    return rank, world_env, None
+
+
+def _close_process_group() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def main(argv=None) -> int:
+    """Entry point of ``vtoken eval`` (``argv`` without the word 'eval'); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.list_methods:
+        print("\n".join(_available_methods() or []))
+        return 0
+    config = config_from_args(args)
+    rank, world, device = distributed_context()
+    if world > 1:
+        if config.device_map:
+            raise SystemExit("--device-map shards one model over GPUs; it cannot be combined with data-parallel "
+                             "`accelerate launch` (use one process, or drop --device-map)")
+        if device is not None:
+            config.device = str(device)
+    from vtoken.eval.loaders import DataError
+
+    try:
+        results = run_eval(config, rank=rank, world=world)
+    except DataError as exc:
+        print(f"vtoken eval: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        _close_process_group()
+    if rank == 0 and results is not None:
+        out = Path(config.out)
+        print((out / "table.md").read_text(encoding="utf-8"))
+        for d in results["datasets"]:
+            if d["malformed_records"] or d["failed_questions"]:
+                print(f"warning: {d['name']}: {d['malformed_records']} malformed record(s) and "
+                      f"{d['failed_questions']} unreadable/failed question(s) skipped; see results.json",
+                      file=sys.stderr)
+        print(f"wrote {out}/table.md, table.csv, results.json, predictions.jsonl, plot.png", file=sys.stderr)
+        if results.get("failed_configs"):
+            for f in results["failed_configs"]:
+                print(f"error: {f['method']} keep={f['keep']} could not run: {f['error']}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The report: the field's retained-accuracy table (Markdown + CSV), results.json and the plot,
+all computed from ``predictions.jsonl`` / ``timings.jsonl`` (never from in-memory state, so a
+resumed run reports exactly what a one-shot run does).
+
+Table format (DESIGN.md §6): a first row "Upper bound, N tokens (100%)" with the unpruned
+model's raw scores, then one block per budget — "Retain 192 tokens (↓66.7%)" for token budgets,
+"Retain 33.3% tokens (↓66.7%)" for fractions — with one row per method: the raw score per data set
+and Avg = mean over data sets of score ÷ unpruned score, in percent. Token columns: "Tokens" =
+visual tokens per image after the last stage, "Equiv." = layer-averaged visual tokens; both are
+means over the questions. Efficiency columns are medians over the run's batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+from vtoken.eval import metrics
+from vtoken.eval.runner import PRED_FILE, TIMING_FILE, config_dict, keep_key, read_jsonl
+
+__all__ = ["write_report", "dataset_score", "block_label", "METHOD_NAMES", "library_versions"]
+
+METHOD_NAMES = {
+    "none": "Unpruned", "fastv": "FastV", "sparsevlm": "SparseVLM", "pyramiddrop": "PyramidDrop",
+    "vtc-cls": "VTC-CLS", "vtc_cls": "VTC-CLS", "fastervlm": "FasterVLM", "visionzip": "VisionZip",
+    "zipvl": "ZipVL", "divprune": "DivPrune", "dart": "DART", "agile": "AgilePruner", "agilepruner": "AgilePruner",
+    "flowcut": "FlowCut",
+    "rollout": "Attn. rollout", "var": "VAR", "random": "Random", "uniform": "Uniform",
+}
+
+
+def method_label(name: str) -> str:
+    return METHOD_NAMES.get(name, name)
+
+
+def _fmt_pct(x: float) -> str:
+    return f"{x:.1f}%"
+
+
+def block_label(keep, upper_tokens: Optional[float]) -> str:
+    """ "Retain 192 tokens (↓66.7%)" / "Retain 33.3% tokens (↓66.7%)"."""
+    if isinstance(keep, int):
+        if upper_tokens:
+            red = max(0.0, 1.0 - keep / upper_tokens) * 100
+            return f"Retain {keep} tokens (↓{red:.1f}%)"
+        return f"Retain {keep} tokens"
+    return f"Retain {keep * 100:.1f}% tokens (↓{(1 - keep) * 100:.1f}%)"
+
+
+def dataset_score(metric: str, recs: list) -> dict:
+    """Headline score (0-100, the table's number) and details of one data set's predictions.
+
+    vqa / exact / mc: mean per-question score x 100. pope: F1 x 100, averaged over the POPE
+    categories present (random / popular / adversarial), as the field reports it. mme: the total
+    MME score (perception + cognition, sums of per-category acc + acc+).
+    """
+    recs = [r for r in recs if r.get("error") is None]
+    n = len(recs)
+    if n == 0:
+        return {"score": None, "n": 0}
+    if metric in ("vqa", "exact", "mc"):
+        return {"score": 100.0 * sum(float(r["score"]) for r in recs) / n, "n": n}
+    if metric == "pope":
+        cats: dict = {}
+        for r in recs:
+            cats.setdefault(r.get("qtype") or "all", []).append(r)
+        per = {c: metrics.pope_metrics([r["prediction"] for r in rs], [r["answers"][0] for r in rs])
+               for c, rs in sorted(cats.items())}
+        overall = metrics.pope_metrics([r["prediction"] for r in recs], [r["answers"][0] for r in recs])
+        f1 = statistics.fmean(m["f1"] for m in per.values()) * 100.0
+        acc = statistics.fmean(m["accuracy"] for m in per.values()) * 100.0
+        return {"score": f1, "n": n, "f1": f1, "accuracy": acc, "overall": overall, "categories": per}
+    if metric == "mme":
+        s = metrics.mme_scores((r.get("qtype", ""), r.get("group", r["id"]), r["prediction"], r["answers"][0])
+                               for r in recs)
+        total = s["perception"] + s["cognition"] + s["other"]
+        return {"score": total, "n": n, **s}
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def library_versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("torch", "transformers", "accelerate", "triton", "numpy", "PIL", "vtoken"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def _rows(config, datasets, configs, preds, timings) -> list:
+    by = {}
+    for r in preds:
+        by.setdefault((r["dataset"], r["method"], r["keep"]), []).append(r)
+    tim = {}
+    for t in timings:
+        tim.setdefault((t.get("method"), t.get("keep")), []).append(t)
+    names = [ds.name for ds in datasets]
+    rows = []
+    for method, keep in configs:
+        kk = keep_key(keep)
+        scores, details, errors = {}, {}, {}
+        tokens, equiv, visual = [], [], []
+        for ds in datasets:
+            ids = {s.id for s in ds.samples}
+            recs = [r for r in by.get((ds.name, method, kk), []) if str(r["id"]) in ids]
+            good = [r for r in recs if r.get("error") is None]
+            errors[ds.name] = len(recs) - len(good)
+            d = dataset_score(ds.metric, good)
+            scores[ds.name] = d["score"]
+            details[ds.name] = d
+            tokens += [r.get("kept_tokens") for r in good]
+            equiv += [r.get("equivalent_tokens") for r in good]
+            visual += [r.get("visual_tokens") for r in good]
+        ts = [t for t in tim.get((method, kk), []) if t.get("dataset") in names]
+        eff = {
+            "prefill_ms": _median(t.get("prefill_ms") for t in ts),
+            "decode_ms_per_token": _median(t.get("decode_ms_per_token") for t in ts),
+            "peak_mem_mib": max((t["peak_mem_mib"] for t in ts if t.get("peak_mem_mib") is not None), default=None),
+            "kv_cache_mib_per_sample": _median(t.get("kv_cache_mib_per_sample") for t in ts),
+            "batches": len(ts),
+        }
+        rows.append({
+            "method": method, "keep": kk, "label": method_label(method), "scores": scores, "details": details,
+            "errors": errors, "kept_tokens": _mean(tokens), "equivalent_tokens": _mean(equiv),
+            "visual_tokens": _mean(visual), "efficiency": eff,
+        })
+    upper = rows[0]
+    for row in rows:
+        rel = []
+        for name in names:
+            ub, sc = upper["scores"].get(name), row["scores"].get(name)
+            if ub and sc is not None:  # an unpruned score of 0 (or none) cannot normalise
+                rel.append(100.0 * sc / ub)
+        row["retained"] = {name: (100.0 * row["scores"][name] / upper["scores"][name]
+                                  if upper["scores"].get(name) and row["scores"].get(name) is not None else None)
+                           for name in names}
+        row["avg_retained_pct"] = statistics.fmean(rel) if rel else None
+    return rows
+
+
+def _num(x, digits=1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _score_str(metric: str, x) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.0f}" if metric == "mme" else f"{x:.1f}"
+
+
+def _eff_cols(on_gpu: bool) -> list:
+    wall = "" if on_gpu else " (CPU)"
+    return [f"Prefill ms{wall}", f"Decode ms/tok{wall}", "Peak MiB", "KV MiB/q"]
+
+
+def _render(rows, datasets, upper_tokens, on_gpu: bool):
+    names = [ds.name for ds in datasets]
+    metric_of = {ds.name: ds.metric for ds in datasets}
+    header = ["Method", *names, "Avg", "Tokens", "Equiv.", *_eff_cols(on_gpu)]
+    md = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    csv_rows = [["block", "method", "keep", *names, "avg_retained_pct", "kept_tokens", "equivalent_tokens",
+                 "prefill_ms", "decode_ms_per_token", "peak_mem_mib", "kv_cache_mib_per_sample", "device"]]
+    ub_label = f"Upper bound, {upper_tokens:.0f} tokens (100%)" if upper_tokens else "Upper bound (100%)"
+    blank = [""] * (len(header) - 1)
+    current = None
+    for row in rows:
+        keep = None if row["keep"] == "full" else _parse(row["keep"])
+        block = ub_label if row["method"] == "none" else block_label(keep, upper_tokens)
+        if block != current:
+            md.append("| " + " | ".join([f"*{block}*", *blank]) + " |")
+            current = block
+        e = row["efficiency"]
+        if row.get("failed"):
+            md.append("| " + " | ".join([f"{row['label']} (failed)", *["–"] * (len(header) - 1)]) + " |")
+            csv_rows.append([block, row["method"], row["keep"], *[""] * (len(csv_rows[0]) - 4), "failed"])
+            continue
+        cells = [row["label"], *[_score_str(metric_of[n], row["scores"].get(n)) for n in names],
+                 _fmt_pct(row["avg_retained_pct"]) if row["avg_retained_pct"] is not None else "–",
+                 _num(row["kept_tokens"]), _num(row["equivalent_tokens"]), _num(e["prefill_ms"]),
+                 _num(e["decode_ms_per_token"], 2), _num(e["peak_mem_mib"], 0), _num(e["kv_cache_mib_per_sample"], 2)]
+        md.append("| " + " | ".join(cells) + " |")
+        csv_rows.append([block, row["method"], row["keep"],
+                         *[_csv(row["scores"].get(n)) for n in names], _csv(row["avg_retained_pct"]),
+                         _csv(row["kept_tokens"]), _csv(row["equivalent_tokens"]), _csv(e["prefill_ms"]),
+                         _csv(e["decode_ms_per_token"]), _csv(e["peak_mem_mib"]), _csv(e["kv_cache_mib_per_sample"]),
+                         "gpu" if on_gpu else "cpu"])
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(csv_rows)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def _csv(x) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def _parse(k: str):
+    try:
+        return int(k)
+    except ValueError:
+        return float(k)
+
+
+def _plot(path: Path, rows, upper_tokens, title: str) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib); no plot.png"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    methods = []
+    for r in rows[1:]:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    for m in methods:
+        pts = sorted((r["kept_tokens"], r["avg_retained_pct"]) for r in rows
+                     if r["method"] == m and not r.get("failed")
+                     and r["kept_tokens"] is not None and r["avg_retained_pct"] is not None)
+        if upper_tokens:
+            pts.append((upper_tokens, 100.0))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method_label(m))
+    ax.axhline(100.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("visual tokens kept per image")
+    ax.set_ylabel("retained accuracy (% of unpruned)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
+
+
+def write_report(out, config, datasets, configs, backend_info: dict = None, failed_configs: list = ()) -> dict:
+    """Write table.md, table.csv, results.json and plot.png in ``out``; return the results."""
+    out = Path(out)
+    preds = read_jsonl(out / PRED_FILE)
+    timings = read_jsonl(out / TIMING_FILE)
+    rows = _rows(config, datasets, configs, preds, timings)
+    fails: dict = {}
+    for f in failed_configs or []:
+        fails.setdefault((f["method"], f["keep"]), f["error"])
+    for row in rows:
+        if (row["method"], row["keep"]) in fails:
+            row["failed"] = fails[(row["method"], row["keep"])]
+    upper_tokens = rows[0]["visual_tokens"]
+    devices = {t.get("device_name") for t in timings}
+    on_gpu = any(t.get("peak_mem_mib") is not None for t in timings)
+    data_info = []
+    for ds in datasets:
+        ids = {s.id for s in ds.samples}
+        errs = {}
+        for r in preds:
+            if r["dataset"] == ds.name and str(r["id"]) in ids and r.get("error"):
+                errs.setdefault(str(r["id"]), r["error"])
+        ok_ids = {str(r["id"]) for r in preds if r["dataset"] == ds.name and r.get("error") is None}
+        bad = {i: e for i, e in errs.items() if i not in ok_ids}
+        data_info.append({
+            "name": ds.name, "kind": ds.kind, "metric": ds.metric, "source": ds.source,
+            "records": ds.total_records, "evaluated": len(ds.samples) - len(bad), "questions": len(ds.samples),
+            "malformed_records": ds.malformed, "malformed_examples": ds.malformed_examples,
+            "failed_questions": len(bad), "failed_examples": dict(list(sorted(bad.items()))[:5]),
+        })
+    info = dict(backend_info or {})
+    device_desc = info.get("device_name") or ", ".join(sorted(d for d in devices if d)) or ("GPU" if on_gpu else "cpu")
+    md, csv_text = _render(rows, datasets, upper_tokens, on_gpu)
+    notes = [
+        f"Model `{config.model}`, dtype {info.get('dtype', config.dtype)}, batch size {config.batch_size}, "
+        f"max {config.max_new_tokens} new tokens, greedy; device: {device_desc}.",
+        "Scores: " + "; ".join(f"{d['name']} = {_METRIC_DESC[d['metric']]} (n={d['evaluated']})"
+                               for d in data_info) + ".",
+        "Avg = mean over data sets of score / unpruned score. Tokens = visual tokens per image after the last "
+        "stage; Equiv. = layer-averaged visual tokens (means over questions).",
+        ("Efficiency: medians over batches, synchronised GPU timings; prefill = first forward of generate "
+         "(vision encoder + LLM prefill) per batch; peak = max allocated; KV = prefill KV cache per question."
+         if on_gpu else
+         "Efficiency: CPU wall times (no GPU: no synchronisation needed, no peak-memory column); medians over "
+         "batches; prefill = first forward of generate per batch; KV = prefill KV cache per question."),
+    ]
+    for row in rows:
+        if row.get("failed"):
+            notes.append(f"{row['label']} at keep={row['keep']} could not run: {row['failed']}")
+    failed = [d for d in data_info if d["malformed_records"] or d["failed_questions"]]
+    if failed:
+        notes.append("Skipped: " + "; ".join(
+            f"{d['name']}: {d['malformed_records']} malformed record(s), {d['failed_questions']} unreadable/failed "
+            f"question(s)" for d in failed) + " (details in results.json).")
+    (out / "table.md").write_text(md + "\n" + "\n".join(f"- {n}" for n in notes) + "\n", encoding="utf-8")
+    (out / "table.csv").write_text(csv_text, encoding="utf-8")
+    plot_note = _plot(out / "plot.png", rows, upper_tokens,
+                      f"{config.model}: {', '.join(ds.name for ds in datasets)}")
+    results = {
+        "config": config_dict(config),
+        "versions": library_versions(),
+        "backend": info,
+        "devices": sorted(d for d in devices if d),
+        "upper_bound_tokens": upper_tokens,
+        "datasets": data_info,
+        "rows": rows,
+        "table_notes": notes,
+        "failed_configs": [{"method": r["method"], "keep": r["keep"], "error": r["failed"]} for r in rows
+                           if r.get("failed")],
+    }
+    if plot_note:
+        results["plot"] = plot_note
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    return results
+
+
+_METRIC_DESC = {
+    "vqa": "VQA accuracy", "exact": "exact match", "pope": "POPE F1 (mean over categories)",
+    "mc": "multiple-choice accuracy", "mme": "MME total (perception + cognition)",
+}
