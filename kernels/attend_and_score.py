@@ -24,6 +24,7 @@ import os
 import torch
 
 from vtoken.kernels.dispatch import (
+    cdiv,
     check_dtype,
     device_sms,
     interpreter_enabled,
@@ -271,11 +272,11 @@ def _flash_forward(q, k, v, kpm, scale):
             BM, BN, w, st = 64, 32, 4, 2
         else:
             BM, BN, w, st = 128, 64, 8, 3
-        grid = (triton.cdiv(N, BM), B * H)
+        grid = (cdiv(N, BM), B * H)
         kernel[grid](*args, HAS_MASK=has_mask, IEEE=ieee, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BM, BLOCK_N=BN,
                      num_warps=w, num_stages=st)
     else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+        grid = lambda meta: (cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
         kernel[grid](*args, HAS_MASK=has_mask, IEEE=ieee, HEAD_DIM=D, BLOCK_D=BLOCK_D)
     return out, lse2
 
@@ -378,11 +379,11 @@ def _score_rows(q, k, lse2, score_rows, key_start, key_end, kpm, scale, average_
         BLOCK_R = min(64, max(16, next_pow2(R)))
         BLOCK_N = 64 if BLOCK_R == 64 else 128
         warps = 4 if BLOCK_R * BLOCK_N <= 4096 else 8
-    base = triton.cdiv(nk, BLOCK_N) * triton.cdiv(R, BLOCK_R) * B
+    base = cdiv(nk, BLOCK_N) * cdiv(R, BLOCK_R) * B
     # Few tiles (short N, few rows): also spread the KV heads over programs, about two waves in all.
     # With averaging, each slice needs its own partial buffer: cap those at 256 MiB.
     splits = 1
-    want = triton.cdiv(2 * device_sms(q), base)
+    want = cdiv(2 * device_sms(q), base)
     for cand in range(min(want, Hkv), 1, -1):
         if Hkv % cand == 0 and (not average_heads or cand * B * R * nk * 4 <= 1 << 28):
             splits = cand
@@ -397,7 +398,7 @@ def _score_rows(q, k, lse2, score_rows, key_start, key_end, kpm, scale, average_
     else:
         scores = torch.empty(shape, dtype=torch.float32, device=q.device)
         (ssb, ssh, ssr, ssn), ssp = scores.stride(), 0
-    grid = (triton.cdiv(nk, BLOCK_N), triton.cdiv(R, BLOCK_R), B * splits)
+    grid = (cdiv(nk, BLOCK_N), cdiv(R, BLOCK_R), B * splits)
     lazy_jit(_score_kernel)[grid](
         q, k, lse2, kpm_u8, rows, scores,
         *q.stride(), *k.stride(),

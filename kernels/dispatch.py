@@ -2,7 +2,8 @@
 
 ``backend`` for every public kernel function:
 
-- ``"auto"``   Triton when every tensor is on CUDA and ``triton`` imports; the reference otherwise.
+- ``"auto"``   Triton when every tensor is on CUDA and ``triton`` imports; the reference otherwise, and
+               also when autograd would need gradients (the Triton kernels are forward-only).
 - ``"triton"`` always Triton. Tensors on the CPU need the Triton interpreter (``TRITON_INTERPRET=1``
                set before the first kernel call of the process).
 - ``"torch"``  always the PyTorch reference (:mod:`vtoken.kernels.reference`).
@@ -53,7 +54,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if backend == "auto":
-        return "triton" if (HAS_TRITON and on_cuda) else "torch"
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None)
+        return "triton" if (HAS_TRITON and on_cuda and not needs_grad) else "torch"
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' was requested but triton is not installed (pip install triton)")
     if not on_cuda and not interpreter_enabled():
@@ -89,6 +91,11 @@ def device_sms(t: torch.Tensor) -> int:
     if t.is_cuda:
         return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return 4
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for host code (``triton.cdiv`` is a jit function: ~20 µs a call from Python)."""
+    return -(-int(a) // int(b))
 
 
 def next_pow2(x: int) -> int:

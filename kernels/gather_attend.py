@@ -26,6 +26,7 @@ import math
 import torch
 
 from vtoken.kernels.dispatch import (
+    cdiv,
     check_dtype,
     device_sms,
     interpreter_enabled,
@@ -33,7 +34,6 @@ from vtoken.kernels.dispatch import (
     next_pow2,
     resolve_backend,
     tl,
-    triton,
 )
 from vtoken.kernels.reference import check_gather_shapes, gather_attend_reference
 
@@ -189,8 +189,8 @@ def _merge_kernel(
 
 def _pick_splits(K, B, Hkv, m_blocks, block_n, sms):
     """Chunks of the key axis so that about two waves of programs fill the GPU; static in shapes."""
-    n_blocks = max(1, triton.cdiv(K, block_n))
-    want = max(1, triton.cdiv(2 * sms, B * Hkv * m_blocks))
+    n_blocks = max(1, cdiv(K, block_n))
+    want = max(1, cdiv(2 * sms, B * Hkv * m_blocks))
     # Keep at least 2 key tiles per chunk: a shorter chunk costs more in its merge than it saves.
     splits = max(1, min(want, n_blocks // 2, 128))
     return splits
@@ -207,13 +207,13 @@ def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits
     BLOCK_D = max(16, next_pow2(D))
     interp = interpreter_enabled() and not q.is_cuda
     BLOCK_M = min(64, max(16, next_pow2(M_TOT)))
-    m_blocks = triton.cdiv(M_TOT, BLOCK_M)
+    m_blocks = cdiv(M_TOT, BLOCK_M)
     BLOCK_N = 16 if interp else 64
     if num_splits is None:
         num_splits = _pick_splits(K, B, Hkv, m_blocks, BLOCK_N, device_sms(q))
-    num_splits = max(1, min(int(num_splits), max(1, triton.cdiv(K, BLOCK_N))))
-    chunk = triton.cdiv(triton.cdiv(max(K, 1), num_splits), BLOCK_N) * BLOCK_N
-    num_splits = max(1, triton.cdiv(max(K, 1), chunk))
+    num_splits = max(1, min(int(num_splits), max(1, cdiv(K, BLOCK_N))))
+    chunk = cdiv(cdiv(max(K, 1), num_splits), BLOCK_N) * BLOCK_N
+    num_splits = max(1, cdiv(max(K, 1), chunk))
 
     if kept_idx.dim() == 2:
         sib, sik = kept_idx.stride()

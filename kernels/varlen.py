@@ -20,6 +20,7 @@ import os
 import torch
 
 from vtoken.kernels.dispatch import (
+    cdiv,
     check_dtype,
     interpreter_enabled,
     lazy_jit,
@@ -201,7 +202,7 @@ def _varlen_triton(q, k, v, cu_seqlens, scale, max_seqlen):
             next_pow2(max_seqlen))
     meta = dict(IEEE=q.dtype == torch.float32, HEAD_DIM=D, D1=D1, D2=D2)
     if mode == "tuned":
-        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), S, H)  # noqa: E731
+        grid = lambda m: (cdiv(max_seqlen, m["BLOCK_M"]), S, H)  # noqa: E731
         kernel[grid](*args, **meta)
         return out
     if mode == "interp":
@@ -212,6 +213,6 @@ def _varlen_triton(q, k, v, cu_seqlens, scale, max_seqlen):
         BM, BN, warps, stages = 64, 64, 4, 3 if q.dtype != torch.float32 else 2
     else:
         BM, BN, warps, stages = 128, 64, 8, 3
-    kernel[(triton.cdiv(max_seqlen, BM), S, H)](*args, **meta, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
+    kernel[(cdiv(max_seqlen, BM), S, H)](*args, **meta, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
                                                  num_stages=stages)
     return out

@@ -20,7 +20,6 @@ tower (synchronised wall clock, median of repeats). Results go to JSON and Markd
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -222,7 +221,6 @@ def bench_attend(Ns, configs, rows_list):
             rows_out.append(rec)
             save()
             log("attend", {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in rec.items()})
-            del q, k, v
             empty_cache()
 
 
@@ -233,53 +231,57 @@ def bench_gather(cases):
     from vtoken.kernels import gather_attend
 
     rows_out = RESULTS.setdefault("gather_attend", [])
-    dev = DEV
-    for name, B, H, Hkv, D, L, frac, Q in cases:
-        torch.manual_seed(B * L)
-        K = int(L * frac)
-        q = torch.randn(B, H, Q, D, device=dev, dtype=DTYPE)
-        kb = torch.randn(B, Hkv, L, D, device=dev, dtype=DTYPE)
-        vb = torch.randn(B, Hkv, L, D, device=dev, dtype=DTYPE)
-        idx = torch.stack([torch.randperm(L, device=dev)[:K].sort().values for _ in range(B)]).to(torch.int32)
-        lens = (K - torch.randint(0, max(1, K // 4), (B,), device=dev)).to(torch.int32)  # ragged: 75-100 % of K
-        rec = dict(model=name, B=B, H=H, Hkv=Hkv, D=D, L=L, kept_frac=frac, K=K, Q=Q, ragged="K*[0.75,1]")
-        gidx = idx.long()[:, None, :, None].expand(B, Hkv, K, D)
-        t = torch.arange(K, device=dev)
-        mask = (t[None, :] < lens[:, None].long())[:, None, None, :].expand(B, 1, Q, K)
-        gqa = H != Hkv
-
-        def ours():
-            return gather_attend(q, kb, vb, idx, lens, backend=BACKEND)
-
-        def gather_sdpa_mask():
-            kg, vg = kb.gather(2, gidx), vb.gather(2, gidx)
-            return F.scaled_dot_product_attention(q, kg, vg, attn_mask=mask, enable_gqa=gqa)
-
-        def gather_sdpa_nomask():  # best case for the baseline: equal kept counts, no mask needed
-            kg, vg = kb.gather(2, gidx), vb.gather(2, gidx)
-            return F.scaled_dot_product_attention(q, kg, vg, enable_gqa=gqa)
-
-        def full_sdpa():
-            return F.scaled_dot_product_attention(q, kb, vb, enable_gqa=gqa)
-
-        if Q == 1:
-            rec["relerr_vs_gather_sdpa"] = rel_err(ours(), gather_sdpa_mask())
-        for key, fn in (("ours", ours), ("gather_sdpa_mask", gather_sdpa_mask),
-                        ("gather_sdpa_nomask", gather_sdpa_nomask), ("full_sdpa", full_sdpa)):
-            res = try_run(lambda: bench_ms(fn))
-            rec[f"{key}_ms"] = res
-        rec["ours_graph_ms"] = try_run(lambda: graph_ms(ours))
-        rec["gather_sdpa_mask_graph_ms"] = try_run(lambda: graph_ms(gather_sdpa_mask))
-        rec["full_sdpa_graph_ms"] = try_run(lambda: graph_ms(full_sdpa))
-        rec["ours_launch_ms"] = launch_ms(ours)
-        kept_bytes = 2 * B * Hkv * int(lens.float().mean().item()) * D * 2
-        if isinstance(rec["ours_ms"], float):
-            rec["ours_GBps"] = kept_bytes / rec["ours_ms"] / 1e6
-        rows_out.append(rec)
+    for case in cases:
+        rows_out.append(_gather_case(gather_attend, *case))
         save()
-        log("gather", {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in rec.items()})
-        del q, kb, vb, idx, gidx
+        log("gather", {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in rows_out[-1].items()})
         empty_cache()
+
+
+def _gather_case(gather_attend, name, B, H, Hkv, D, L, frac, Q):
+    """One gather_attend case; its buffers are freed when it returns."""
+    dev = DEV
+    torch.manual_seed(B * L)
+    K = int(L * frac)
+    q = torch.randn(B, H, Q, D, device=dev, dtype=DTYPE)
+    kb = torch.randn(B, Hkv, L, D, device=dev, dtype=DTYPE)
+    vb = torch.randn(B, Hkv, L, D, device=dev, dtype=DTYPE)
+    idx = torch.stack([torch.randperm(L, device=dev)[:K].sort().values for _ in range(B)]).to(torch.int32)
+    lens = (K - torch.randint(0, max(1, K // 4), (B,), device=dev)).to(torch.int32)  # ragged: 75-100 % of K
+    rec = dict(model=name, B=B, H=H, Hkv=Hkv, D=D, L=L, kept_frac=frac, K=K, Q=Q, ragged="K*[0.75,1]")
+    gidx = idx.long()[:, None, :, None].expand(B, Hkv, K, D)
+    t = torch.arange(K, device=dev)
+    mask = (t[None, :] < lens[:, None].long())[:, None, None, :].expand(B, 1, Q, K)
+    gqa = H != Hkv
+
+    def ours():
+        return gather_attend(q, kb, vb, idx, lens, backend=BACKEND)
+
+    def gather_sdpa_mask():
+        kg, vg = kb.gather(2, gidx), vb.gather(2, gidx)
+        return F.scaled_dot_product_attention(q, kg, vg, attn_mask=mask, enable_gqa=gqa)
+
+    def gather_sdpa_nomask():  # best case for the baseline: equal kept counts, no mask needed
+        kg, vg = kb.gather(2, gidx), vb.gather(2, gidx)
+        return F.scaled_dot_product_attention(q, kg, vg, enable_gqa=gqa)
+
+    def full_sdpa():
+        return F.scaled_dot_product_attention(q, kb, vb, enable_gqa=gqa)
+
+    if Q == 1:
+        rec["relerr_vs_gather_sdpa"] = rel_err(ours(), gather_sdpa_mask())
+    for key, fn in (("ours", ours), ("gather_sdpa_mask", gather_sdpa_mask),
+                    ("gather_sdpa_nomask", gather_sdpa_nomask), ("full_sdpa", full_sdpa)):
+        res = try_run(lambda: bench_ms(fn))
+        rec[f"{key}_ms"] = res
+    rec["ours_graph_ms"] = try_run(lambda: graph_ms(ours))
+    rec["gather_sdpa_mask_graph_ms"] = try_run(lambda: graph_ms(gather_sdpa_mask))
+    rec["full_sdpa_graph_ms"] = try_run(lambda: graph_ms(full_sdpa))
+    rec["ours_launch_ms"] = launch_ms(ours)
+    kept_bytes = 2 * B * Hkv * int(lens.float().mean().item()) * D * 2
+    if isinstance(rec["ours_ms"], float):
+        rec["ours_GBps"] = kept_bytes / rec["ours_ms"] / 1e6
+    return rec
 
 
 # ----------------------------------------------------------------------------------------- varlen
@@ -404,7 +406,7 @@ def host_us(fn, n=300):
 def bench_overhead():
     import triton
 
-    from vtoken.kernels import attend_and_score, gather_attend, varlen_attention
+    from vtoken.kernels import attend_and_score, gather_attend
 
     dev = DEV
     rec = {}
@@ -448,19 +450,12 @@ def profile_tower(tower, x, grid, path):
     def dev_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
-    total = sum(dev_us(e) for e in ka)
-    groups = {"attention (varlen kernel)": 0.0, "GEMM": 0.0, "other kernels": 0.0}
-    for e in ka:
-        t = dev_us(e)
-        if not t:
-            continue
-        name = e.key.lower()
-        if "varlen" in name:
-            groups["attention (varlen kernel)"] += t
-        elif any(w in name for w in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "addmm", "mm_")):
-            groups["GEMM"] += t
-        else:
-            groups["other kernels"] += t
+    # Device kernels only: operator rows (aten::...) repeat their kernels' time.
+    kernels = [e for e in ka if dev_us(e) and not e.key.startswith("aten::")]
+    total = sum(dev_us(e) for e in kernels)
+    gemm = sum(dev_us(e) for e in ka if e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear"))
+    attn = sum(dev_us(e) for e in kernels if "varlen" in e.key.lower())
+    groups = {"attention (varlen kernel)": attn, "GEMM": gemm, "other kernels": total - attn - gemm}
     if path:
         with open(path, "w") as f:
             f.write(table)
