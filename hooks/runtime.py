@@ -224,7 +224,7 @@ class Runtime:
         bad_mask = mask2d is not None and (not torch.is_tensor(mask2d) or mask2d.dim() != 2)
         if bad_mask:
             mask2d = None
-        cache = kwargs.get("past_key_values")
+        cache = _cache_arg(kwargs)
         state = getattr(cache, STATE_ATTR, None) if cache is not None else None
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         B = embeds.shape[0] if embeds is not None else kwargs["input_ids"].shape[0]
@@ -567,6 +567,13 @@ class Runtime:
         rows = kept[vpm]
         new_mask = vpm.gather(1, pos.clamp(min=0)) & (pos >= 0)
         return new_mask, visual_embeds[rows.to(visual_embeds.device)]
+
+
+def _cache_arg(kwargs: dict):
+    """The KV cache a language-model call received: ``past_key_values`` (transformers <= 5.23) or
+    ``cache`` (the name from 5.24 on)."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
 
 
 def _bad_mask(mask):
