@@ -159,6 +159,11 @@ class Adapter:
     def vision_tower(self):
         return getattr(self.model.model, "vision_tower", None) or getattr(self.model.model, "visual", None)
 
+    def decode_position_ids(self, pos: torch.Tensor) -> torch.Tensor:
+        """Position ids for the text model's rotary embedding of one generated token per sample:
+        ``pos [B]`` -> ``[B, 1]`` (1-D RoPE)."""
+        return pos.unsqueeze(1)
+
     # --- per call ----------------------------------------------------------------------
     def layout(self, input_ids: torch.Tensor, inputs: dict, ctx) -> Optional[VisualLayout]:
         """The batch's visual layout, or None when no sample has visual tokens."""

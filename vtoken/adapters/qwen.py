@@ -34,6 +34,11 @@ class QwenVLAdapter(Adapter):
     def per_frame_video(self) -> bool:
         return type(self.model).__name__.startswith("Qwen3")
 
+    def decode_position_ids(self, pos: torch.Tensor) -> torch.Tensor:
+        """M-RoPE: a generated token's temporal, height and width positions are equal:
+        ``pos [B]`` -> ``[3, B, 1]``."""
+        return pos.view(1, -1, 1).expand(3, -1, 1)
+
     def layout(self, input_ids, inputs, ctx):
         cfg = self.model.config
         image_id, video_id = int(cfg.image_token_id), int(cfg.video_token_id)

@@ -1,0 +1,436 @@
+"""Static-cache decode: preallocated KV buffers, kept-index lists, ``gather_attend``, CUDA graphs.
+
+``model.generate`` (the default path) decodes through ``transformers``' dynamic cache: every step
+is launched from Python layer by layer, and a 7B model's decode is bound by those launches (about
+1.3 ms per layer on an H100 whatever the context, DESIGN.md section 7), so a shorter pruned KV
+cache barely shows. :class:`StaticDecoder` is the serving-style path:
+
+1. **Prefill** runs the model's own forward (pruned by the attached :func:`vtoken.apply_pruning`
+   handle, if any) with a dynamic cache.
+2. **Static buffers**: each decoder layer gets a preallocated KV buffer
+   ``[B, Hkv, N_l + T, D]`` (``N_l`` = that layer's prefill length after pruning, ``T`` = new
+   tokens), the prefill keys/values copied in. Padding and pruned-away slots are never attended:
+   each group of layers sharing a layout has a per-sample kept-index list ``[B, N_l + T]`` (the
+   valid prefill slots in order, then the slots of the tokens to come) and a kept count
+   ``[B]`` that grows by one per step. Counts are ragged across the batch.
+3. **Decode steps** run the model's own decoder layers on one token per sample, with the
+   attention implementation of every attention module swapped (on a private config copy) to
+   :func:`vtoken.kernels.gather_attend` over the buffers, and a cache object that writes the new
+   key/value into slot ``N_l + t``. Every shape is static and no step syncs with the host, so the
+   whole step (embedding -> layers -> lm head -> argmax) is captured once in a CUDA graph and
+   replayed.
+
+Positions: a new token's position is the sample's largest prefill position + 1 + t (for 1-D RoPE
+and for Qwen's M-RoPE, where the three components of a generated token are equal); pruning never
+changes it (original positions, DESIGN.md section 3).
+
+Decoding is greedy (argmax, no logits processors), which is what ``model.generate(do_sample=False)``
+does with a default generation config; finished rows are padded after their EOS as ``generate``
+does, and the output stops when every row has finished. Sampling, beams, and multi-turn
+continuation stay on ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vtoken.adapters import get_adapter
+from vtoken.errors import PruningConfigError
+
+STATIC_IMPL = "vtoken_static"
+HANDLE_ATTR = "_vtoken_handle"
+STATE_ATTR = "_vtoken_state"
+
+
+# ------------------------------------------------------------------------------------ attention
+def _static_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention implementation used inside decode steps: ``query [B, H, 1, D]`` over the layer's
+    static buffers ``key``/``value`` ``[B, Hkv, L, D]`` read through its kept-index list."""
+    from vtoken.kernels import gather_attend
+
+    decoder = module.config._vtoken_static
+    group = decoder.groups[decoder.layer_group[module.layer_idx]]
+    out = gather_attend(query, key, value, group.idx, group.count, scale=scaling, backend=decoder.backend)
+    return out.transpose(1, 2), None
+
+
+def _register() -> None:
+    from vtoken.hooks.probe import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    if STATIC_IMPL not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(STATIC_IMPL, _static_attention)
+
+
+# ------------------------------------------------------------------------------------ KV buffers
+@dataclass
+class LayoutGroup:
+    """Layers that share one prefill layout (all layers before the first stage, or all layers
+    after stage i). ``idx [B, N + T]`` int32 kept-index list, ``count [B]`` int32 kept entries
+    (updated in place each step), ``base [B]`` valid prefill entries, ``slot [1]`` long write slot."""
+
+    n_prefill: int
+    idx: torch.Tensor
+    base: torch.Tensor
+    count: torch.Tensor
+    slot: torch.Tensor
+
+
+class StaticKV:
+    """The cache object decoder layers see during static decode steps: ``update`` writes the step's
+    key/value into the layer's buffer at the group's write slot and returns the whole buffer."""
+
+    def __init__(self, keys: list, values: list, layer_group: list, groups: list):
+        self.keys, self.values, self.layer_group, self.groups = keys, values, layer_group, groups
+        self.capacity: list = []  # per group: prefill slots of its buffers
+        self.valid_rows: list = []  # per group: [(rows, valid [b, n])] of each prefill chunk
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        slot = self.groups[self.layer_group[layer_idx]].slot
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(2, slot, key_states)
+        v.index_copy_(2, slot, value_states)
+        return k, v
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _cache_layer_kv(cache, layer: int):
+    """(keys, values) ``[B, Hkv, N, D]`` of one layer of a transformers dynamic cache."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[layer].keys, layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]  # older cache API
+
+
+def _kept_index(valid: torch.Tensor, new_tokens: int) -> tuple:
+    """valid ``[B, N]`` bool -> (idx ``[B, N + T]`` int32: valid slots in order, then slots
+    N..N+T-1; base ``[B]`` int32 valid count)."""
+    B, N = valid.shape
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    future = torch.arange(N, N + new_tokens, device=valid.device).expand(B, new_tokens)
+    base = valid.sum(1)
+    # the future slots go right after each row's valid prefix: positions base .. base+T-1
+    idx = torch.cat([order, torch.zeros_like(future)], dim=1)
+    idx.scatter_(1, base.unsqueeze(1) + torch.arange(new_tokens, device=valid.device), future)
+    return idx.to(torch.int32), base.to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------ decoder
+class StaticDecoder:
+    """Greedy generation with static KV buffers, kept-index lists and (on CUDA) a CUDA graph.
+
+    ``StaticDecoder(model).generate(**inputs, max_new_tokens=T)`` returns what
+    ``model.generate(**inputs, max_new_tokens=T, do_sample=False)`` returns (prompt ids followed
+    by the new tokens, ``[B, N + T']``), with or without a :func:`vtoken.apply_pruning` handle on
+    the model. After a call, :attr:`last` holds ``prefill_ms``, ``setup_ms``, ``capture_ms``,
+    ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``kv_bytes`` (the static
+    buffers) and ``prefill_lengths`` (each layer group's prefill KV length).
+
+    Args:
+        model: a supported VLM (see :func:`vtoken.adapters.supported_models`).
+        backend: ``gather_attend``'s backend: ``"auto"`` (Triton on CUDA), ``"triton"``, ``"torch"``.
+        cuda_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA).
+    """
+
+    def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.backend = backend
+        self.cuda_graph = cuda_graph
+        cfg = self.adapter.text_config
+        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+            raise PruningConfigError("StaticDecoder does not support sliding-window attention layers")
+        self.groups: list = []
+        self.layer_group: list = []
+        self.last: dict = {}
+        self._graph = None
+
+    # -------------------------------------------------------------- prefill
+    def _prefill(self, inputs: dict):
+        captured = {}
+        rotary = self.adapter.text_model.rotary_emb
+
+        def grab(module, args, kwargs):
+            pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+            captured.setdefault("pos", pos)
+
+        hook = rotary.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            from transformers import DynamicCache
+
+            params = inspect.signature(self.model.forward).parameters
+            # an explicit cache object: the pruning runtime records the pruned layout on it
+            kwargs = dict(inputs, use_cache=True, return_dict=True)
+            kwargs["cache" if "cache" in params else "past_key_values"] = DynamicCache()
+            if "logits_to_keep" in params:
+                kwargs["logits_to_keep"] = 1
+            out = self.model(**kwargs)
+        finally:
+            hook.remove()
+        if captured.get("pos") is None:
+            raise PruningConfigError("StaticDecoder could not read the prefill's position ids")
+        return out, captured["pos"], kwargs.get("cache", kwargs.get("past_key_values"))
+
+    def _layer_valid(self, cache, mask2d: torch.Tensor) -> tuple:
+        """Per layer group: the prefill layout's validity ``[b, N_g]``; and layer -> group."""
+        handle = self.model.__dict__.get(HANDLE_ATTR)
+        state = getattr(cache, STATE_ATTR, None)
+        n_layers = len(self.adapter.layers)
+        if handle is None or state is None:
+            return [mask2d], [0] * n_layers
+        layer_stage = handle.runtime.layer_stage  # stage index whose layout a layer sees, -1 before
+        if len(state.stages) != len(handle.plan):
+            raise RuntimeError(f"the pruned prefill recorded {len(state.stages)} stages of {len(handle.plan)}")
+        return [mask2d] + [s.valid for s in state.stages], [layer_stage[i] + 1 for i in range(n_layers)]
+
+    def _store_chunk(self, kv: Optional[StaticKV], cache, valids: list, layer_group: list, rows: slice,
+                     batch: int, new_tokens: int) -> StaticKV:
+        """Copy one prefill chunk's KV cache into the static buffers (rows ``rows`` of ``batch``),
+        allocating them on the first chunk and widening a group's buffers if a later chunk's
+        layout is longer. The chunk's cache is released layer by layer."""
+        if kv is None:
+            kv = StaticKV([None] * len(layer_group), [None] * len(layer_group), layer_group, [])
+            kv.capacity = [v.shape[1] for v in valids]
+            kv.valid_rows = [[] for _ in valids]
+        for g, valid in enumerate(valids):
+            kv.valid_rows[g].append((rows, valid.bool()))
+        for layer, g in enumerate(layer_group):
+            k, v = _cache_layer_kv(cache, layer)
+            n = valids[g].shape[1]
+            if k.shape[2] != n:
+                raise RuntimeError(f"layer {layer}: prefill cache holds {k.shape[2]} entries, layout has {n}")
+            if kv.keys[layer] is None or n > kv.keys[layer].shape[2] - new_tokens:
+                cap = max(n, kv.capacity[g])
+                kv.capacity[g] = cap
+                shape = (batch, k.shape[1], cap + new_tokens, k.shape[3])
+                kb, vb = k.new_zeros(shape), v.new_zeros(shape)
+                if kv.keys[layer] is not None:
+                    old = kv.keys[layer].shape[2] - new_tokens
+                    kb[:, :, :old].copy_(kv.keys[layer][:, :, :old])
+                    vb[:, :, :old].copy_(kv.values[layer][:, :, :old])
+                kv.keys[layer], kv.values[layer] = kb, vb
+            kv.keys[layer][rows, :, :n].copy_(k)
+            kv.values[layer][rows, :, :n].copy_(v)
+            _release_layer(cache, layer)
+        return kv
+
+    def _finish_buffers(self, kv: StaticKV, batch: int, new_tokens: int, device) -> None:
+        """Kept-index lists once every chunk is stored: valid prefill slots, then the new tokens'
+        slots ``capacity .. capacity + T - 1`` (one write slot per group for the whole batch)."""
+        groups = []
+        for g, cap in enumerate(kv.capacity):
+            valid = torch.zeros(batch, cap, dtype=torch.bool, device=device)
+            for rows, v in kv.valid_rows[g]:
+                valid[rows, : v.shape[1]] = v
+            idx, base = _kept_index(valid, new_tokens)
+            groups.append(LayoutGroup(n_prefill=cap, idx=idx, base=base, count=base.clone(),
+                                      slot=torch.zeros(1, dtype=torch.long, device=device)))
+        kv.groups = groups
+        self.groups, self.layer_group = groups, kv.layer_group
+
+    # -------------------------------------------------------------- one decode step
+    def _make_step(self, kv: StaticKV, tok: torch.Tensor, pos_next: torch.Tensor, t: torch.Tensor,
+                   out: torch.Tensor, suppress: Optional[torch.Tensor]):
+        """The step closure: reads ``tok [B, 1]`` and step ``t [1]``; writes token t+1 into ``out``."""
+        model, adapter = self.model, self.adapter
+        embed = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        text = adapter.text_model
+        layers = list(adapter.layers)
+        params = inspect.signature(layers[0].forward).parameters
+        cache_kw = "cache" if "cache" in params else "past_key_values"
+        groups = self.groups
+
+        def step():
+            for g in groups:
+                g.slot.copy_(t + g.n_prefill)
+                torch.add(g.base, t.to(g.base.dtype) + 1, out=g.count)
+            h = embed(tok)
+            pos = adapter.decode_position_ids(pos_next + t)
+            pe = text.rotary_emb(h, pos)
+            for layer in layers:
+                h = layer(h, attention_mask=None, position_embeddings=pe, use_cache=True, **{cache_kw: kv})
+                if isinstance(h, tuple):
+                    h = h[0]
+            logits = head(text.norm(h)[:, -1])
+            if suppress is not None:
+                logits.index_fill_(1, suppress, float("-inf"))
+            nxt = logits.argmax(-1)
+            out.index_copy_(1, t + 1, nxt.unsqueeze(1))
+            tok.copy_(nxt.unsqueeze(1))
+            t.add_(1)
+
+        return step
+
+    def _swap_attention(self) -> list:
+        _register()
+        undo = []
+        for layer in self.adapter.layers:
+            attn = layer.self_attn
+            original = attn.config
+            private = copy.copy(original)
+            private._attn_implementation_internal = STATIC_IMPL
+            private._vtoken_static = self
+            attn.config = private
+            undo.append((attn, original))
+        return undo
+
+    # -------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
+                 prefill_batch: Optional[int] = None, timing: bool = False, **inputs) -> torch.Tensor:
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise PruningConfigError("StaticDecoder.generate needs input_ids")
+        if max_new_tokens < 1:
+            raise PruningConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        gen_cfg = getattr(self.model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
+        pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
+        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        if pad is None:
+            pad = eos_ids[0] if eos_ids else 0
+        dev = input_ids.device
+        use_graph = self.cuda_graph if self.cuda_graph is not None else dev.type == "cuda"
+        sync = (lambda: torch.cuda.synchronize(dev)) if (timing and dev.type == "cuda") else (lambda: None)
+        B = input_ids.shape[0]
+        mask2d = inputs.get("attention_mask")
+        mask2d = torch.ones_like(input_ids, dtype=torch.bool) if mask2d is None else mask2d.bool()
+
+        sync(); t0 = time.perf_counter()
+        suppress = None if not suppress_tokens else torch.tensor(list(suppress_tokens), dtype=torch.long, device=dev)
+        T = max_new_tokens
+        if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
+            raise PruningConfigError(f"prefill_batch must be a positive int or None, got {prefill_batch!r}")
+        chunk = B if not prefill_batch else prefill_batch
+        if chunk < B:
+            _check_same_visual_inputs(self.model.config, input_ids)
+        kv, firsts, nexts = None, [], []
+        for start in range(0, B, chunk):
+            rows = slice(start, min(B, start + chunk))
+            part = inputs if rows.stop - rows.start == B else _slice_inputs(inputs, rows, B)
+            out, prefill_pos, cache = self._prefill(part)
+            last_logits = out.logits[:, -1]
+            if suppress is not None:
+                last_logits = last_logits.index_fill(1, suppress, float("-inf"))
+            firsts.append(last_logits.argmax(-1))
+            # a generated token's position: the sample's largest prefill position + 1 (+ t)
+            pos = prefill_pos.to(dev)
+            pos = pos.amax(dim=0) if pos.dim() == 3 else pos
+            nexts.append((pos.amax(dim=-1) + 1).expand(rows.stop - rows.start))
+            valids, layer_group = self._layer_valid(cache, mask2d[rows])
+            if start == 0:
+                sync(); t1 = time.perf_counter()
+            kv = self._store_chunk(kv, cache, valids, layer_group, rows, B, T)
+            del out, cache
+        self._finish_buffers(kv, B, T, dev)
+        first = torch.cat(firsts)
+        pos_next = torch.cat(nexts).contiguous()
+        tok = first.unsqueeze(1).clone()
+        t = torch.zeros(1, dtype=torch.long, device=dev)
+        new = torch.full((B, T), pad, dtype=torch.long, device=dev)
+        new[:, 0] = first
+        step = self._make_step(kv, tok, pos_next, t, new, suppress)
+        sync(); t2 = time.perf_counter()
+
+        undo = self._swap_attention()
+        try:
+            capture_ms = 0.0
+            if T > 1 and use_graph:
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream(device=dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up: Triton compilation and allocator pools outside capture
+                        step()
+                torch.cuda.current_stream(dev).wait_stream(side)
+                with torch.cuda.graph(graph):
+                    step()
+                t.zero_()
+                tok.copy_(first.unsqueeze(1))
+                sync(); t3 = time.perf_counter()
+                capture_ms = 1000 * (t3 - t2)
+                for _ in range(T - 1):
+                    graph.replay()
+                self._graph = graph
+            else:
+                t3 = time.perf_counter()
+                for _ in range(T - 1):
+                    step()
+            sync(); t4 = time.perf_counter()
+        finally:
+            for attn, original in undo:
+                attn.config = original
+        new = _finish(new, eos_ids, pad)
+        self.last = dict(
+            prefill_ms=1000 * (t1 - t0), setup_ms=1000 * (t2 - t1), capture_ms=capture_ms, prefill_chunks=len(firsts),
+            decode_ms_per_token=1000 * (t4 - t3) / (T - 1) if T > 1 else None,
+            kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups], cuda_graph=bool(use_graph and T > 1),
+        )
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _release_layer(cache, layer: int) -> None:
+    """Drop one layer's tensors from a dynamic cache (its copy now lives in the static buffers)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        layers[layer].keys = layers[layer].values = None
+
+
+def _slice_inputs(inputs: dict, rows: slice, batch: int) -> dict:
+    """Rows ``rows`` of a batch of processor outputs, for chunked prefill. Per-sample tensors
+    (first axis == batch) are sliced directly; per-image / per-patch tensors only when every sample
+    carries the same visual inputs (their first axis splits evenly, and grids are identical)."""
+    out = {}
+    n = rows.stop - rows.start
+    for key, value in inputs.items():
+        if not torch.is_tensor(value) or value.dim() == 0:
+            out[key] = value
+            continue
+        if key.endswith("grid_thw") and not bool((value == value[:1]).all()):
+            raise PruningConfigError(f"prefill_batch needs the same {key} for every sample")
+        first = value.shape[0]
+        if first % batch:
+            raise PruningConfigError(
+                f"prefill_batch needs per-sample inputs that split evenly; {key} has {first} rows for {batch} samples"
+            )
+        per = first // batch
+        out[key] = value[rows.start * per: rows.start * per + n * per]
+    return out
+
+
+def _check_same_visual_inputs(config, input_ids: torch.Tensor) -> None:
+    for name in ("image_token_id", "video_token_id", "image_token_index"):
+        tok = getattr(config, name, None)
+        if tok is None:
+            continue
+        per_row = (input_ids == int(tok)).sum(1)
+        if not bool((per_row == per_row[0]).all()):
+            raise PruningConfigError(
+                f"prefill_batch needs every sample to carry the same visual inputs; {name} counts per sample: "
+                f"{per_row.tolist()}"
+            )
+
+
+def _finish(new: torch.Tensor, eos_ids: list, pad: int) -> torch.Tensor:
+    """As ``generate``: tokens after a row's first EOS become ``pad``; stop once every row ended."""
+    if not eos_ids:
+        return new
+    is_eos = torch.zeros_like(new, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= new == e
+    ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly earlier in the row
+    new = new.masked_fill(ended_before, pad)
+    done = is_eos.any(1)
+    if bool(done.all()):
+        length = int((is_eos.long().argmax(1) + 1).max())
+        new = new[:, :length]
+    return new
