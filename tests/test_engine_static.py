@@ -114,6 +114,9 @@ def test_errors_are_clear():
         StaticDecoder(model).generate(**inputs, max_new_tokens=0)
     with pytest.raises(vtoken.PruningConfigError, match="input_ids"):
         StaticDecoder(model).generate(max_new_tokens=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(vtoken.PruningConfigError, match="cuda_graph=True needs"):
+            StaticDecoder(model, cuda_graph=True).generate(**inputs, max_new_tokens=2)
     with pytest.raises(vtoken.UnsupportedModelError):
         StaticDecoder(torch.nn.Linear(2, 2))
 

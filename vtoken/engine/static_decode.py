@@ -299,6 +299,8 @@ class StaticDecoder:
         if pad is None:
             pad = eos_ids[0] if eos_ids else 0
         dev = input_ids.device
+        if self.cuda_graph and dev.type != "cuda":
+            raise PruningConfigError(f"cuda_graph=True needs a model on a CUDA device; the inputs are on {dev}")
         use_graph = self.cuda_graph if self.cuda_graph is not None else dev.type == "cuda"
         sync = (lambda: torch.cuda.synchronize(dev)) if (timing and dev.type == "cuda") else (lambda: None)
         B = input_ids.shape[0]
