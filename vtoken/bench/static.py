@@ -111,8 +111,9 @@ def _fits(model, inputs_for, batch, new_tokens, prefill_batch, dev) -> bool:
 def max_batch_rows(model, inputs_for, keep, mem_gb, new_tokens, prefill_batch, start, probes, dev):
     import vtoken
 
-    total = torch.cuda.get_device_properties(dev).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, mem_gb * 2**30 / total), dev)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, mem_gb * 2**30 / total), index)
     rows = []
     try:
         for variant in ("unpruned", f"fastv-{keep}"):
@@ -138,7 +139,7 @@ def max_batch_rows(model, inputs_for, keep, mem_gb, new_tokens, prefill_batch, s
                 if handle is not None:
                     handle.remove()
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
     return rows
 
 
@@ -195,8 +196,8 @@ def main(argv=None) -> int:
     def inputs_for(batch):
         return bm.llava_inputs(model, batch, device=dev, dtype=dtype)
 
-    batches = [int(b) for b in args.batch.split(",")]
-    rows = decode_rows(model, inputs_for, batches, args.new_tokens, args.repeats, keep, dev)
+    batches = [int(b) for b in args.batch.split(",") if b]
+    rows = decode_rows(model, inputs_for, batches, args.new_tokens, args.repeats, keep, dev) if batches else []
     if args.max_batch_probes and dev.type == "cuda":
         rows += max_batch_rows(model, inputs_for, keep, args.mem_gb, 64, args.prefill_batch, 64,
                                args.max_batch_probes, dev)
