@@ -659,10 +659,13 @@ def _patch_seq_length(cache, state: PruneState, layer_stage: list) -> None:
     transformers uses it for (positions, slicing new tokens on continuation)."""
     if "get_seq_length" in cache.__dict__:
         return
+    import weakref
+
     bound = type(cache).get_seq_length
+    cache_ref = weakref.ref(cache)  # no reference cycle: the cache's memory goes when generate drops it
 
     def get_seq_length(layer_idx: int = 0):
-        physical = bound(cache, layer_idx)
+        physical = bound(cache_ref(), layer_idx)
         i = layer_stage[layer_idx] if layer_idx < len(layer_stage) else -1
         if i < 0 or i >= len(state.stages) or physical == 0:
             return physical

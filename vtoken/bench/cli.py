@@ -1,19 +1,33 @@
 """``vtoken bench``: end-to-end speed of pruned generation on full-size architectures (CUDA).
 
-Builds LLaVA-1.5-7B and Qwen2.5-VL-7B from their public config values with random bf16
-weights (speed does not depend on weight values; nothing can be downloaded here), SDPA
-attention, and measures with CUDA synchronisation, medians over repeats:
+Builds LLaVA-1.5-7B, LLaVA-NeXT-7B and Qwen2.5-VL-7B from their public config values with random
+bf16 weights directly on the GPU (speed does not depend on weight values; nothing can be
+downloaded here), SDPA attention, and measures with CUDA synchronisation, medians over repeats
+(DESIGN.md section 7). Suites (``--suite``, comma-separated):
 
-- TTFT: one prefill forward of the whole model (vision tower included) returning the last logit;
-- decode ms/token: ``generate`` of ``--new-tokens`` tokens, minus TTFT, per token;
-- peak memory and KV-cache bytes after prefill;
-for: unpruned; each method at each budget; the ORACLE (the same model fed only the kept tokens:
-vision tower + projector, then the language model on the kept embeddings, no scoring, no hooks);
-and the peer style of FastV's released HF path (the whole model in eager attention with
-``output_attentions=True``).
+- ``llava``: LLaVA-1.5-7B at batch 1/8/32 (``--batch``): unpruned, each method at 192/128/64
+  tokens per image, the ORACLE (the same model fed only the kept tokens), decode ms/token, and the
+  whole-model eager + ``output_attentions`` peer at batch 1.
+- ``llava-next``: LLaVA-NeXT-7B (anyres, image newlines), batch 1/8 (``--next-batch``): unpruned,
+  fastv at 192/128/64 per 576-token crop equivalent (fractions of each image), oracle, decode.
+- ``qwen-long``: the full Qwen2.5-VL-7B at 4K/8K/16K visual tokens (1/2/4 images), batch 1:
+  unpruned vs fastv keep 0.111 vs oracle, vision-tower time inside TTFT, with transformers' SDPA
+  vision path and with ``patch_vision_varlen``.
+- ``qwen-lm``: the Qwen2.5-VL-7B language model alone (the earlier long-context suite).
+- ``peers``: at 4K visual tokens (LLaVA-1.5, 7 images): vtoken fastv vs FastV's eager
+  ``output_attentions`` path (mask and drop modes) vs LLMC's re-run of the scoring layer.
+- ``maxbatch``: the largest batch within 60 GiB, LLaVA-1.5-7B, 64 new tokens, unpruned vs fastv 64.
+- ``all`` = every suite; ``new`` = llava-next, qwen-long, peers, maxbatch.
 
-    vtoken bench --out benchmarks/e2e            # all models
-    vtoken bench --models llava --batch 1,8
+Each architecture is built once per run and shared by the suites that need it (LLaVA-1.5 shares
+LLaVA-NeXT-vicuna's modules: same language model, tower and projector shapes). Results go to
+``--out``/results.json (every row carries device and library versions) and results.md, rewritten
+after every row; a summary of the issue's targets is printed at the end. ``--tiny`` runs every
+suite on tiny configs of the same classes (fp32, CPU unless ``--device cuda``) to test the paths.
+
+    vtoken bench --suite new --out /tmp/bench
+    vtoken bench --suite llava --batch 1,8          # the earlier default: --suite llava,qwen-lm
+    vtoken bench --suite all --tiny --out /tmp/tiny # every path on the CPU, tiny models
 """
 
 from __future__ import annotations
@@ -22,278 +36,205 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import sys
 import time
+import traceback
+
+ORDER = ["qwen-long", "qwen-lm", "llava-next", "llava", "peers", "maxbatch"]
+NEW = ["llava-next", "qwen-long", "peers", "maxbatch"]
+NEEDS = {"qwen-long": {"qwen2.5-vl-7b"}, "qwen-lm": {"qwen2.5-vl-7b"}, "llava-next": {"llava-next-7b"},
+         "llava": {"llava-1.5-7b"}, "peers": {"llava-1.5-7b"}, "maxbatch": {"llava-1.5-7b"}}
 
 
-def _timed(fn, repeats: int, warmup: int = 1):
+def _ints(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_suites(text: str) -> list:
+    names = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "all":
+            names += ORDER
+        elif part == "new":
+            names += NEW
+        elif part in ORDER:
+            names.append(part)
+        else:
+            raise SystemExit(f"vtoken bench: unknown suite {part!r}; choose from {', '.join(ORDER + ['all', 'new'])}")
+    return [s for s in ORDER if s in names]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="vtoken bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default=None, help="comma-separated: " + ", ".join(ORDER) + ", all, new "
+                   "(default: llava,qwen-lm, the earlier behaviour)")
+    p.add_argument("--models", default=None, help="(older flag) llava -> suite llava, qwen -> suite qwen-lm")
+    p.add_argument("--batch", default="1,8", type=_ints, help="batch sizes of the llava suite")
+    p.add_argument("--next-batch", default="1,8", type=_ints, help="batch sizes of the llava-next suite")
+    p.add_argument("--methods", default="fastv", type=lambda s: s.split(","), help="methods of the llava suite")
+    p.add_argument("--keep", default="192,128,64", type=_ints, help="budgets of the llava suite (tokens per image)")
+    p.add_argument("--qwen-visual", default="4096,8192,16384", type=_ints)
+    p.add_argument("--qwen-keep", default=0.111, type=float)
+    p.add_argument("--vision-paths", default="varlen,sdpa", type=lambda s: s.split(","),
+                   help="qwen-long vision attention: varlen (patch_vision_varlen), sdpa (transformers)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated for decode ms/token")
+    p.add_argument("--maxbatch-new-tokens", type=int, default=64)
+    p.add_argument("--maxbatch-cap-gib", type=float, default=60.0)
+    p.add_argument("--maxbatch-probes", type=int, default=7, help="probes per method (calibration included)")
+    p.add_argument("--maxbatch-tol", type=float, default=0.05, help="stop when (first OOM - largest fit) <= tol * fit")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--long-ms", type=float, default=1000.0, help="calls slower than this are timed twice only")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds from start after which remaining optional measurements are skipped (noted)")
+    p.add_argument("--out", default="benchmarks/e2e")
+    p.add_argument("--tiny", action="store_true", help="tiny configs of the same classes, fp32 (CPU unless --device)")
+    p.add_argument("--device", default=None, help="cuda (default) or cpu (--tiny only)")
+    p.add_argument("--profile", action="store_true", help="print a profile of the longest pruned qwen-lm prefill")
+    p.add_argument("--summary-from", default=None, metavar="RESULTS_JSON",
+                   help="only print the summary (and rewrite the Markdown beside it) of an existing results.json")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="scoring-layer attention: auto = fused Triton attend_and_score on CUDA")
+    return p
+
+
+def environment(device: str) -> dict:
     import torch
+    import transformers
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
+    try:
+        import triton
 
-
-def build_llava_7b():
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    cfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = LlavaForConditionalGeneration._from_config(cfg, torch_dtype=torch.bfloat16)
-    return model.eval()
-
-
-def llava_inputs(model, batch: int, text_tokens: int = 64):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    ids = [1] + torch.randint(100, 30000, (8,), generator=g).tolist() + [32000] * 576
-    ids += torch.randint(100, 30000, (text_tokens - 9,), generator=g).tolist()
-    input_ids = torch.tensor([ids] * batch, device="cuda")
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                pixel_values=torch.randn(batch, 3, 336, 336, device="cuda", dtype=torch.bfloat16))
-
-
-def kv_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if t is not None and hasattr(t, "numel"):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def measure_llava(args, results):
-    import torch
-
-    import vtoken
-
-    model = build_llava_7b()
-    lm, head = model.model.language_model, model.lm_head
-    for batch in args.batch:
-        inputs = llava_inputs(model, batch)
-        N = inputs["input_ids"].shape[1]
-
-        def prefill():
-            with torch.no_grad():
-                return model(**inputs, logits_to_keep=1, use_cache=True)
-
-        def decode_ms(ttft):
-            def gen():
-                model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                               do_sample=False)
-
-            total = _timed(gen, max(2, args.repeats // 2))
-            return (total - ttft) / (args.new_tokens - 1)
-
-        def row(name, keep, ttft, dec, kv, peak):
-            results.append(dict(model="llava-1.5-7b", batch=batch, method=name, keep=keep, context=N, ttft_ms=round(ttft, 2),
-                                decode_ms_per_token=None if dec is None else round(dec, 2),
-                                tokens_per_s=None if dec is None else round(1000.0 * batch / dec, 1),
-                                kv_cache_mb=None if kv is None else round(kv / 2**20, 1), peak_mem_gb=round(peak / 2**30, 2)))
-            print(results[-1], flush=True)
-
-        torch.cuda.reset_peak_memory_stats()
-        ttft = _timed(prefill, args.repeats)
-        kv = kv_bytes(prefill().past_key_values)
-        dec = decode_ms(ttft)
-        row("unpruned", 576, ttft, dec, kv, torch.cuda.max_memory_allocated())
-        for method in args.methods:
-            for keep in args.keep:
-                with vtoken.apply_pruning(model, method=method, keep=keep, backend=args.backend):
-                    torch.cuda.reset_peak_memory_stats()
-                    ttft = _timed(prefill, args.repeats)
-                    kv = kv_bytes(prefill().past_key_values)
-                    dec = decode_ms(ttft) if keep == min(args.keep) else None
-                    row(f"{method}[{args.backend}]", keep, ttft, dec, kv, torch.cuda.max_memory_allocated())
-                # the oracle: same vision work, then the language model on the kept tokens only
-                with torch.no_grad():
-                    embeds = model.model.get_input_embeddings()(inputs["input_ids"])
-                    kept_len = N - 576 + keep
-
-                    def oracle():
-                        with torch.no_grad():
-                            out = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                                 vision_feature_layer=-2,
-                                                                 vision_feature_select_strategy="default")
-                            feats = getattr(out, "pooler_output", out)
-                            feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-                            e = embeds[:, :kept_len].clone()
-                            e[:, 9:9 + keep] = feats.view(batch, 576, -1)[:, :keep].to(e.dtype)
-                            h = lm(inputs_embeds=e, use_cache=True).last_hidden_state
-                            return head(h[:, -1:])
-
-                    torch.cuda.reset_peak_memory_stats()
-                    ttft = _timed(oracle, args.repeats)
-                    row(f"oracle", keep, ttft, None, None, torch.cuda.max_memory_allocated())
-        # FastV's released HF path: whole model in eager attention, attention outputs materialised
-        if batch == 1:
-            model.set_attn_implementation("eager")
-
-            def eager_scored():
-                with torch.no_grad():
-                    return model(**inputs, logits_to_keep=1, output_attentions=True)
-
-            torch.cuda.reset_peak_memory_stats()
-            ttft = _timed(eager_scored, args.repeats)
-            row("peer:eager+output_attentions", 576, ttft, None, None, torch.cuda.max_memory_allocated())
-            model.set_attn_implementation("sdpa")
-    del model
-    torch.cuda.empty_cache()
-
-
-def build_qwen25_7b_lm():
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
-        vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420, num_heads=16,
-                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    )
-    cfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, torch_dtype=torch.bfloat16)
-    return model.eval()
-
-
-def measure_qwen(args, results):
-    """Long context: the language-model prefill at 4K/8K/16K visual tokens, unpruned vs pruned vs
-    oracle (the vision tower's own time is measured separately by the kernels benchmark)."""
-    import torch
-
-    import vtoken
-
-    model = build_qwen25_7b_lm()
-    for visual in args.qwen_visual:
-        side = int(round(visual ** 0.5))
-        grid = (1, side * 2, side * 2)
-        n_vis = side * side
-        ids = [151644, 100, 200, 151652] + [151655] * n_vis + [151653] + list(range(300, 332))
-        input_ids = torch.tensor([ids], device="cuda")
-        tt = torch.tensor([[0] * 4 + [1] * n_vis + [0] * 33], device="cuda")
-        embeds = model.model.get_input_embeddings()(input_ids)
-        pos = model.model.get_rope_index(input_ids, image_grid_thw=torch.tensor([grid], device="cuda"),
-                                         attention_mask=torch.ones_like(input_ids), mm_token_type_ids=tt)[0]
-
-        # the language model alone, fed the image embeddings (random), as the pruning acts there
-        def lm_prefill(e=embeds, p=pos):
-            with torch.no_grad():
-                h = model.model.language_model(inputs_embeds=e, position_ids=p, use_cache=True).last_hidden_state
-                return model.lm_head(h[:, -1:])
-
-        t_full = _timed(lm_prefill, args.repeats)
-        results.append(dict(model="qwen2.5-vl-7b-lm", batch=1, method="unpruned", keep=1.0, context=len(ids),
-                            ttft_ms=round(t_full, 2)))
-        print(results[-1], flush=True)
-        keep = 0.11
-        kept = max(1, round(keep * n_vis))
-        idx = torch.cat([torch.arange(4), 4 + torch.linspace(0, n_vis - 1, kept).round().long(),
-                         torch.arange(4 + n_vis, len(ids))]).cuda()
-        t_oracle = _timed(lambda: lm_prefill(embeds[:, idx], pos[..., idx]), args.repeats)
-        results.append(dict(model="qwen2.5-vl-7b-lm", batch=1, method="oracle", keep=keep, context=int(idx.numel()),
-                            ttft_ms=round(t_oracle, 2)))
-        print(results[-1], flush=True)
-        # pruned through the hooks: drive the language model via the multimodal model's hooks
-        for method in args.methods:
-            handle = vtoken.apply_pruning(model, method=method, keep=keep, backend=args.backend)
-            rt = handle.runtime
-            from vtoken.adapters.base import layout_from_runs
-
-            def pruned(method=method):
-                rt.on_multimodal_call({})
-                ctx = rt.ctx
-                ctx.layout = layout_from_runs(input_ids == 151655, torch.zeros_like(input_ids),
-                                              {0: [n_vis]}, {0: [(1, side, side)]})
-                try:
-                    return lm_prefill()
-                finally:
-                    rt.on_multimodal_done()
-
-            t = _timed(pruned, args.repeats)
-            if args.profile and visual == max(args.qwen_visual):
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    pruned()
-                    torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
-            handle.remove()
-            results.append(dict(model="qwen2.5-vl-7b-lm", batch=1, method=f"{method}[{args.backend}]", keep=keep, context=len(ids),
-                                ttft_ms=round(t, 2), speedup_vs_unpruned=round(t_full / t, 2),
-                                ratio_to_oracle=round(t / t_oracle, 3)))
-            print(results[-1], flush=True)
-    del model
-    torch.cuda.empty_cache()
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover - triton is optional
+        triton_version = "n/a"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})"
+    return dict(device=name, torch=torch.__version__, transformers=transformers.__version__, triton=triton_version,
+                python=platform.python_version(), cuda=torch.version.cuda)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vtoken bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="llava,qwen")
-    p.add_argument("--batch", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--methods", default="fastv", type=lambda s: s.split(","))
-    p.add_argument("--keep", default="192,128,64", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--qwen-visual", default="4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="benchmarks/e2e")
-    p.add_argument("--profile", action="store_true", help="print a profile of the longest pruned Qwen prefill")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
-                   help="scoring-layer attention: auto = fused Triton attend_and_score on CUDA")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    t_start = time.monotonic()
+    if args.summary_from:
+        return print_summary(args.summary_from)
     import torch
-    import transformers
-    import triton
 
-    if not torch.cuda.is_available():
-        print("vtoken bench needs a CUDA device")
+    if args.suite is None:
+        legacy = {"llava": "llava", "qwen": "qwen-lm"}
+        args.suite = ",".join(legacy.get(m, m) for m in (args.models or "llava,qwen").split(","))
+    suites = parse_suites(args.suite)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and not device.startswith("cuda"):
+        print("vtoken bench needs a CUDA device (use --tiny to run the tiny configs on the CPU)")
         return 2
-    results = []
-    models = args.models.split(",")
-    if "llava" in models:
-        measure_llava(args, results)
-    if "qwen" in models:
-        measure_qwen(args, results)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-                triton=triton.__version__, python=platform.python_version(), attn="sdpa", dtype="bfloat16",
-                weights="random", command="vtoken bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]), repeats=args.repeats,
-                new_tokens=args.new_tokens)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
-    cols = ["model", "batch", "method", "keep", "context", "ttft_ms", "decode_ms_per_token", "tokens_per_s", "kv_cache_mb",
-            "peak_mem_gb", "speedup_vs_unpruned", "ratio_to_oracle"]
-    lines = [f"# vtoken bench — {meta['device']}", "",
-             f"torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}; random bf16 weights, "
-             f"SDPA; medians of {args.repeats} synchronised runs; command: `{meta['command']}`", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in results:
-        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("vtoken bench: --device cuda but no CUDA device is available")
+        return 2
+    threads = torch.get_num_threads()
+    if args.tiny and not device.startswith("cuda"):
+        # tiny models are dominated by per-op overhead: one intra-op thread is several times faster
+        # on a small shared CPU than contending threads
+        torch.set_num_threads(1)
+    try:
+        return _run(args, argv, suites, device, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def print_summary(path: str) -> int:
+    from vtoken.bench import report
+
+    with open(path) as f:
+        data = json.load(f)
+    with open(os.path.join(os.path.dirname(path) or ".", "results.md"), "w") as f:
+        f.write(report.render_markdown(data.get("meta", {}), data.get("results", [])))
+    print(report.summary_text(data.get("results", [])))
+    meta = data.get("meta", {})
+    for key in ("skipped", "errors"):
+        if meta.get(key):
+            print(f"{key}: " + "; ".join(meta[key]))
+    print(f"suite wall times (s): {meta.get('suite_s')}; builds (s): {meta.get('build_s')}; total {meta.get('total_s')} s")
     return 0
+
+
+def _run(args, argv, suites, device, t_start) -> int:
+    import torch
+
+    from vtoken.bench import report
+    from vtoken.bench.common import Bench
+    from vtoken.bench.models import ModelPool
+
+    env = environment(device)
+    bench = Bench(device=device, dtype=torch.float32 if args.tiny else torch.bfloat16, tiny=args.tiny,
+                  repeats=args.repeats, new_tokens=args.new_tokens, backend=args.backend, long_ms=args.long_ms,
+                  deadline=None if args.time_budget is None else t_start + args.time_budget, env=env)
+    meta = dict(env, attn="sdpa", dtype="float32" if args.tiny else "bfloat16", weights="random",
+                tiny=args.tiny, command="vtoken bench " + " ".join(argv), repeats=args.repeats, long_ms=args.long_ms,
+                new_tokens=args.new_tokens, suites=suites, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                time_budget_s=args.time_budget, build_s={}, suite_s={}, skipped=bench.skipped, errors=[])
+    os.makedirs(args.out, exist_ok=True)
+    pool = ModelPool(bench, set().union(*(NEEDS[s] for s in suites)) if suites else set())
+
+    def write():
+        meta["build_s"] = dict(pool.build_s)
+        meta["total_s"] = round(time.monotonic() - t_start, 1)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(dict(meta=meta, results=bench.rows), f, indent=1, default=str)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(report.render_markdown(meta, bench.rows))
+
+    bench.on_row = write
+    bench.log(f"vtoken bench: suites {suites} on {env['device']} (torch {env['torch']}, transformers "
+              f"{env['transformers']}, triton {env['triton']})")
+    for i, suite in enumerate(suites):
+        later = set().union(*(NEEDS[s] for s in suites[i:]))
+        pool.release(*[m for m in list(pool.models) if m not in later and not (m == "llava-next-7b" and "llava-1.5-7b" in later)])
+        t0 = time.monotonic()
+        try:
+            run_suite(suite, bench, pool, args)
+        except Exception as exc:  # keep the other suites' results of a one-shot GPU run
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, flush=True)
+            meta["errors"].append(f"{suite}: {type(exc).__name__}: {exc}".replace("\n", " ")[:800])
+            del exc, tb
+        bench.empty_cache(collect=bool(meta["errors"]))  # outside the except block: the failed frames (and their tensors) are gone
+        meta["suite_s"][suite] = round(time.monotonic() - t0, 1)
+        bench.log(f"suite {suite} done in {meta['suite_s'][suite]} s")
+        write()
+    pool.release_all_but()
+    write()
+    bench.log("\n== summary ==\n" + report.summary_text(bench.rows))
+    if meta["skipped"]:
+        bench.log("skipped: " + "; ".join(meta["skipped"]))
+    if meta["errors"]:
+        bench.log("ERRORS: " + "; ".join(meta["errors"]))
+    bench.log(f"total {meta['total_s']} s; results in {args.out}/results.json and results.md")
+    return 1 if meta["errors"] else 0
+
+
+def run_suite(suite, bench, pool, args):
+    from vtoken.bench import image_suites, maxbatch, peers, qwen_suites
+
+    if suite == "llava":
+        for method in args.methods:
+            image_suites.run_llava(bench, pool, batches=args.batch, keeps=args.keep, method=method)
+    elif suite == "llava-next":
+        image_suites.run_llava_next(bench, pool, batches=args.next_batch)
+    elif suite == "qwen-long":
+        qwen_suites.run_qwen_long(bench, pool, visual=args.qwen_visual, keep=args.qwen_keep, paths=args.vision_paths)
+    elif suite == "qwen-lm":
+        qwen_suites.run_qwen_lm(bench, pool, visual=args.qwen_visual, methods=args.methods, profile=args.profile)
+    elif suite == "peers":
+        peers.run_peers(bench, pool)
+    elif suite == "maxbatch":
+        maxbatch.run_maxbatch(bench, pool, new_tokens=args.maxbatch_new_tokens, cap_gib=args.maxbatch_cap_gib,
+                              tol=args.maxbatch_tol, max_probes=args.maxbatch_probes)
+    else:  # pragma: no cover - parse_suites filters names
+        raise ValueError(suite)
 
 
 if __name__ == "__main__":
