@@ -8,19 +8,17 @@
 - :func:`varlen_attention`: block-diagonal attention over packed segments in one launch, and
   :func:`patch_vision_varlen` to route a Qwen2/2.5-VL vision tower's windowed attention through it.
 
-Each has a PyTorch reference (``*_reference``); ``backend="auto"`` picks Triton for CUDA tensors
-when triton imports, the reference otherwise; ``"triton"`` / ``"torch"`` force one.
+Each has a PyTorch reference (``*_reference``: the same function with ``backend="torch"``, its
+implementation in :mod:`vtoken.kernels.reference`); ``backend="auto"`` picks Triton for CUDA tensors
+when triton imports, the reference otherwise; ``"triton"`` / ``"torch"`` force one. Arguments are
+checked in :mod:`vtoken.kernels.checks`; the Triton kernels share their online-softmax device
+functions through :mod:`vtoken.kernels.triton_helpers`.
 """
 
-from vtoken.kernels.attend_and_score import attend_and_score
+from vtoken.kernels.attend_and_score import attend_and_score, attend_and_score_reference
 from vtoken.kernels.dispatch import HAS_TRITON, resolve_backend
-from vtoken.kernels.gather_attend import gather_attend
-from vtoken.kernels.reference import (
-    attend_and_score_reference,
-    gather_attend_reference,
-    varlen_attention_reference,
-)
-from vtoken.kernels.varlen import varlen_attention
+from vtoken.kernels.gather_attend import gather_attend, gather_attend_reference
+from vtoken.kernels.varlen import varlen_attention, varlen_attention_reference
 from vtoken.kernels.vision_patch import patch_vision_varlen
 
 __all__ = [

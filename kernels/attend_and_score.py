@@ -18,25 +18,15 @@ key_padding_mask ``[B, N]`` bool (True = real token); score_rows ``[B, R]`` inte
 (mean over heads) or ``[B, H, R, nk]``.
 """
 
-import math
-import os
-
 import torch
 
-from vtoken.kernels.dispatch import (
-    cdiv,
-    check_dtype,
-    device_sms,
-    interpreter_enabled,
-    lazy_jit,
-    next_pow2,
-    resolve_backend,
-    tl,
-    triton,
+from vtoken.kernels.checks import (
+    check_attend_and_score_args, check_kernel_dtypes, index_tensor, softmax_scale,
 )
-from vtoken.kernels.reference import attend_and_score_reference, check_attention_shapes
-
-LOG2E = 1.4426950408889634
+from vtoken.kernels.dispatch import cdiv, device_sms, interpreter_enabled, kernel_launcher, lazy_jit, next_pow2
+from vtoken.kernels.dispatch import resolve_backend, tl, torch_reference
+from vtoken.kernels.reference import attend_and_score_torch
+from vtoken.kernels.triton_helpers import LOG2E, attend_block, dot_qk, normalize_rows
 
 
 def attend_and_score(
@@ -73,31 +63,29 @@ def attend_and_score(
         ``(out, scores)``: ``out [B, H, N, D]`` equals SDPA with ``is_causal`` and the padding mask;
         ``scores`` is float32 as described above.
     """
-    B, H, Hkv, N, D = check_attention_shapes(q, k, v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_dtype(name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    key_end = N if key_end is None else int(key_end)
-    key_start = int(key_start)
-    if not 0 <= key_start <= key_end <= N:
-        raise ValueError(f"need 0 <= key_start <= key_end <= N={N}; got key_start={key_start}, key_end={key_end}")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, N):
-        raise ValueError(f"key_padding_mask must be [B={B}, N={N}], got {tuple(key_padding_mask.shape)}")
-    if score_rows is not None and (score_rows.dim() != 2 or score_rows.shape[0] != B):
-        raise ValueError(f"score_rows must be [B={B}, R], got {tuple(score_rows.shape)}")
-
+    B, H, Hkv, N, D, key_start, key_end = check_attend_and_score_args(
+        q, k, v, score_rows, key_start, key_end, key_padding_mask
+    )
+    scale = softmax_scale(scale, D)
     if resolve_backend(backend, q, k, v) == "torch":
-        return attend_and_score_reference(
-            q, k, v, score_rows=score_rows, key_start=key_start, key_end=key_end,
-            key_padding_mask=key_padding_mask, scale=scale, average_heads=average_heads,
-        )
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        return attend_and_score_torch(q, k, v, score_rows, key_start, key_end, key_padding_mask, scale, average_heads)
+    check_kernel_dtypes(q=q, k=k, v=v)
     out, lse2 = _flash_forward(q, k, v, key_padding_mask, scale)
     if score_rows is None:
         return out, None
     scores = _score_rows(q, k, lse2, score_rows, key_start, key_end, key_padding_mask, scale, average_heads)
     return out, scores
+
+
+attend_and_score_reference = torch_reference(attend_and_score)
+
+
+def _mask_arg(kpm, q):
+    """The padding mask as a uint8 tensor on q's device and its strides; a dummy pointer (never read) without one."""
+    if kpm is None:
+        return q, 0, 0
+    kpm_u8 = kpm.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
+    return (kpm_u8, *kpm_u8.stride())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,25 +133,11 @@ def _flash_fwd_kernel(
     for start_n in range(0, lo, BLOCK_N):
         offs_n = start_n + offs_n0
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
+        s = dot_qk(q, k, IEEE) * qk_scale
         if HAS_MASK:
             km = tl.load(KPM + b * smb + offs_n * smn)
             s = tl.where(km[None, :] != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(m_i, l_i, acc, s, v_base, offs_n, svn, offs_d, svd, d_ok[None, :], IEEE)
 
     # Phase 2: the diagonal tile(s): causal and bounds masks.
     hi = tl.minimum(lo + BLOCK_M, N)
@@ -172,31 +146,17 @@ def _flash_fwd_kernel(
         n_ok = offs_n < N
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
+        s = dot_qk(q, k, IEEE) * qk_scale
         see = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :]
         if HAS_MASK:
             km = tl.load(KPM + b * smb + offs_n * smn, mask=n_ok, other=0)
             see = see & (km[None, :] != 0)
         s = tl.where(see, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(m_i, l_i, acc, s, v_base, offs_n, svn, offs_d, svd,
+                                     n_ok[:, None] & d_ok[None, :], IEEE)
 
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = normalize_rows(acc, l_i)
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     # LSE in log2 units; +inf for rows that see nothing, so exp2(s - lse) is 0 there, never NaN.
@@ -213,33 +173,7 @@ _FWD_CONFIGS_HOPPER = [
     (128, 64, 8, 2),
     (64, 64, 4, 3),
 ]
-_fwd_launchers: dict = {}
-
-
-def _fwd_launcher():
-    """The forward kernel and how to launch it.
-
-    ``"tuned"``: autotuned over ``_FWD_CONFIGS_HOPPER`` (CUDA, the default); ``"fixed"``: one tile per
-    dtype, no autotuning (CUDA with ``VTOKEN_KERNELS_AUTOTUNE=0``, e.g. to keep test compiles short);
-    ``"interp"``: small tiles for the CPU interpreter.
-    """
-    if interpreter_enabled():
-        mode = "interp"
-    elif os.environ.get("VTOKEN_KERNELS_AUTOTUNE", "1") == "0":
-        mode = "fixed"
-    else:
-        mode = "tuned"
-    fn = _fwd_launchers.get(mode)
-    if fn is None:
-        fn = lazy_jit(_flash_fwd_kernel)
-        if mode == "tuned":
-            configs = [
-                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in _FWD_CONFIGS_HOPPER
-            ]
-            fn = triton.autotune(configs, key=["N_BUCKET", "BLOCK_D", "HAS_MASK", "IEEE"])(fn)
-        _fwd_launchers[mode] = fn
-    return mode, fn
+_fwd_launchers: dict = {}  # mode -> kernel (see dispatch.kernel_launcher)
 
 
 def _flash_forward(q, k, v, kpm, scale):
@@ -250,14 +184,11 @@ def _flash_forward(q, k, v, kpm, scale):
     if N == 0:
         return out, lse2
     has_mask = kpm is not None
-    if has_mask:
-        kpm_u8 = kpm.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
-        smb, smn = kpm_u8.stride()
-    else:
-        kpm_u8, smb, smn = q, 0, 0  # dummy pointer, never read
+    kpm_u8, smb, smn = _mask_arg(kpm, q)
     BLOCK_D = max(16, next_pow2(D))
     ieee = q.dtype == torch.float32
-    mode, kernel = _fwd_launcher()
+    mode, kernel = kernel_launcher(_fwd_launchers, _flash_fwd_kernel, _FWD_CONFIGS_HOPPER,
+                                   ["N_BUCKET", "BLOCK_D", "HAS_MASK", "IEEE"])
     args = (
         q, k, v, out, lse2, kpm_u8,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -337,10 +268,7 @@ def _score_kernel(
             q = tl.load(Q + b * sqb + h * sqh + rows_c[:, None] * sqn + offs_d[None, :] * sqd,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(LSE + (b * H + h) * N + rows_c, mask=row_ok, other=float("inf"))
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            s = dot_qk(q, k, IEEE)
             p = tl.where(see, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
             if AVERAGE:
                 acc += p
@@ -363,15 +291,9 @@ def _score_rows(q, k, lse2, score_rows, key_start, key_end, kpm, scale, average_
     shape = (B, R, nk) if average_heads else (B, H, R, nk)
     if R == 0 or nk == 0:
         return torch.zeros(shape, dtype=torch.float32, device=q.device)
-    rows = score_rows.to(device=q.device)
-    if rows.dtype not in (torch.int32, torch.int64):
-        rows = rows.long()
+    rows = index_tensor(score_rows, q.device)
     has_mask = kpm is not None
-    if has_mask:
-        kpm_u8 = kpm.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
-        smb, smn = kpm_u8.stride()
-    else:
-        kpm_u8, smb, smn = q, 0, 0
+    kpm_u8, smb, smn = _mask_arg(kpm, q)
     BLOCK_D = max(16, next_pow2(D))
     if interpreter_enabled() and not q.is_cuda:
         BLOCK_R, BLOCK_N, warps = 16, 32, 4

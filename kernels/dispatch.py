@@ -5,18 +5,23 @@
 - ``"auto"``   Triton when every tensor is on CUDA and ``triton`` imports; the reference otherwise, and
                also when autograd would need gradients (the Triton kernels are forward-only).
 - ``"triton"`` always Triton. Tensors on the CPU need the Triton interpreter (``TRITON_INTERPRET=1``
-               set before the first kernel call of the process).
+               set before triton is imported, i.e. before importing :mod:`vtoken.kernels`).
 - ``"torch"``  always the PyTorch reference (:mod:`vtoken.kernels.reference`).
 
-Kernels are decorated with ``triton.jit`` lazily, on first use, so the interpreter setting is the one
-in force at the first call, not at import time (tests set ``TRITON_INTERPRET`` during collection,
-possibly after another module already imported :mod:`vtoken.kernels`).
+Kernels are decorated with ``triton.jit`` lazily, on first use, in the interpreter mode in force at
+that call, and the device functions they call (:mod:`vtoken.kernels.triton_helpers`, marked with
+:func:`jit_helper`) are jitted along with them, so defining and importing the kernels needs no triton.
+The interpreter itself must be switched on before triton is imported: triton 3.x jits its own library
+functions (``tl.zeros``, ...) at its import (the tests' conftest.py sets it first thing).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import types
+from typing import Callable
 
 import torch
 
@@ -62,22 +67,96 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         devices = sorted({str(t.device) for t in tensors if t is not None})
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (got {devices}) or the Triton interpreter: "
-            "set TRITON_INTERPRET=1 before the first kernel call"
+            "set TRITON_INTERPRET=1 before triton is imported"
         )
     return "triton"
 
 
 _JIT_CACHE: dict = {}
+_HELPER_MARK = "_vtoken_jit_helper"
+
+
+def jit_helper(fn):
+    """Mark ``fn`` as a Triton device function for kernels to call; :func:`lazy_jit` jits it with them."""
+    setattr(fn, _HELPER_MARK, True)
+    return fn
 
 
 def lazy_jit(fn):
-    """Return ``triton.jit(fn)``, built on first use and cached per interpreter mode."""
+    """Return ``triton.jit(fn)``, built on first use and cached per interpreter mode.
+
+    The :func:`jit_helper` functions ``fn`` calls by global name are jitted the same way, for the same
+    mode: ``fn`` is jitted as a copy whose globals bind those names to the jitted helpers. The module
+    that defines ``fn`` keeps the plain functions, so compiled and interpreted kernels can coexist.
+    """
     key = (fn, interpreter_enabled())
     jitted = _JIT_CACHE.get(key)
     if jitted is None:
-        jitted = triton.jit(fn)
+        jitted = triton.jit(_bind_helpers(fn))
         _JIT_CACHE[key] = jitted
     return jitted
+
+
+def _bind_helpers(fn):
+    scope = fn.__globals__
+    helpers = {name: scope[name] for name in fn.__code__.co_names if getattr(scope.get(name), _HELPER_MARK, False)}
+    if not helpers:
+        return fn
+    bound = types.FunctionType(fn.__code__, {**scope, **{n: lazy_jit(h) for n, h in helpers.items()}},
+                               fn.__name__, fn.__defaults__, fn.__closure__)
+    for attr in ("__kwdefaults__", "__qualname__", "__module__", "__doc__"):
+        setattr(bound, attr, getattr(fn, attr))
+    bound.__annotations__ = dict(fn.__annotations__)  # tl.constexpr parameters
+    return bound
+
+
+def torch_reference(kernel: Callable, *triton_only: str) -> Callable:
+    """The PyTorch reference of a public kernel function: ``kernel`` with ``backend="torch"``.
+
+    Same arguments, checks and results, minus ``backend`` and the Triton-only tuning arguments
+    ``triton_only`` (passing one is a ``TypeError``, as for any unknown argument).
+    """
+    sig = inspect.signature(kernel)
+    drop = {"backend", *triton_only}
+    ref_sig = sig.replace(parameters=[p for name, p in sig.parameters.items() if name not in drop])
+
+    def reference(*args, **kwargs):
+        bound = ref_sig.bind(*args, **kwargs)
+        return kernel(*bound.args, **bound.kwargs, backend="torch")
+
+    reference.__name__ = reference.__qualname__ = f"{kernel.__name__}_reference"
+    reference.__module__ = kernel.__module__
+    reference.__signature__ = ref_sig
+    reference.__doc__ = (
+        f"PyTorch reference of :func:`{kernel.__name__}`: that function with ``backend=\"torch\"`` "
+        f"(stock PyTorch ops, any device); see its docstring."
+    )
+    return reference
+
+
+def kernel_launcher(cache: dict, kernel, configs, key: list[str], *, tune: bool = True):
+    """``(mode, fn)``: the jitted ``kernel`` and how to launch it, built once per mode into ``cache``.
+
+    ``"interp"``: the CPU interpreter (the caller picks small tiles); ``"tuned"``: autotuned over
+    ``configs`` (``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples) on ``key``, when ``tune`` and not
+    ``VTOKEN_KERNELS_AUTOTUNE=0``; ``"fixed"``: the caller passes its tiles (no autotuning, e.g. to keep
+    test compiles short).
+    """
+    if interpreter_enabled():
+        mode = "interp"
+    elif tune and os.environ.get("VTOKEN_KERNELS_AUTOTUNE", "1") != "0":
+        mode = "tuned"
+    else:
+        mode = "fixed"
+    fn = cache.get(mode)
+    if fn is None:
+        fn = lazy_jit(kernel)
+        if mode == "tuned":
+            tiles = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                     for bm, bn, w, st in configs]
+            fn = triton.autotune(tiles, key=key)(fn)
+        cache[mode] = fn
+    return mode, fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +179,3 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def check_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")

@@ -21,23 +21,16 @@ Shapes: q ``[B, H, Q, D]``; k_buf, v_buf ``[B, Hkv, L, D]``; kept_idx ``[B, K]``
 clamped into ``[0, L)``). Output ``[B, H, Q, D]`` in q's dtype.
 """
 
-import math
+import functools
+from typing import NamedTuple
 
 import torch
 
-from vtoken.kernels.dispatch import (
-    cdiv,
-    check_dtype,
-    device_sms,
-    interpreter_enabled,
-    lazy_jit,
-    next_pow2,
-    resolve_backend,
-    tl,
-)
-from vtoken.kernels.reference import check_gather_shapes, gather_attend_reference
-
-LOG2E = 1.4426950408889634
+from vtoken.kernels.checks import check_gather_args, check_kernel_dtypes, index_tensor, softmax_scale
+from vtoken.kernels.dispatch import cdiv, device_sms, interpreter_enabled, lazy_jit, next_pow2, resolve_backend
+from vtoken.kernels.dispatch import tl, torch_reference
+from vtoken.kernels.reference import gather_attend_torch
+from vtoken.kernels.triton_helpers import LOG2E, attend_block, dot_qk, normalize_rows
 
 
 def gather_attend(
@@ -66,16 +59,22 @@ def gather_attend(
 
     Returns:
         ``[B, H, Q, D]``; a query that sees no kept entry gets zeros.
+
+    CUDA graphs: the Triton path reads only shapes, strides and dtypes on the host (no sync, no
+    data-dependent branch, allocations of static size), so a captured call replays correctly after
+    ``kept_idx`` / ``kept_len`` (and q, the buffers) are changed in place. Make one call outside the
+    capture first, with the same tensors: it compiles the kernels (Triton specialises on argument
+    alignment, so a warm-up on other tensors may not be enough).
     """
-    B, H, Hkv, Q, D, L, K = check_gather_shapes(q, k_buf, v_buf, kept_idx, kept_len)
-    for name, t in (("q", q), ("k_buf", k_buf), ("v_buf", v_buf)):
-        check_dtype(name, t)
-    if not (q.dtype == k_buf.dtype == v_buf.dtype):
-        raise TypeError(f"q, k_buf, v_buf must share a dtype; got {q.dtype}, {k_buf.dtype}, {v_buf.dtype}")
+    B, H, Hkv, Q, D, L, K = check_gather_args(q, k_buf, v_buf, kept_idx, kept_len)
+    scale = softmax_scale(scale, D)
     if resolve_backend(backend, q, k_buf, v_buf, kept_idx, kept_len) == "torch":
-        return gather_attend_reference(q, k_buf, v_buf, kept_idx, kept_len, scale=scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        return gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale)
+    check_kernel_dtypes(q=q, k_buf=k_buf, v_buf=v_buf)
     return _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits)
+
+
+gather_attend_reference = torch_reference(gather_attend, "num_splits")
 
 
 def _split_kernel(
@@ -125,27 +124,14 @@ def _split_kernel(
         idx = tl.minimum(tl.maximum(idx, 0), L_BUF - 1)  # never read outside the buffer
         k = tl.load(k_base + idx[:, None] * skl + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = dot_qk(q, k, IEEE)
         see = n_ok[None, :] & (offs_n[None, :] <= limit[:, None])
         s = tl.where(see, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + idx[:, None] * svl + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(m_i, l_i, acc, s, v_base, idx, svl, offs_d, svd,
+                                     n_ok[:, None] & d_ok[None, :], IEEE)
 
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out = normalize_rows(acc, l_i)
         o_ptrs = O + b * sob + h[:, None] * soh + qi[:, None] * son + offs_d[None, :] * sod
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     else:
@@ -187,16 +173,38 @@ def _merge_kernel(
     tl.store(O + b * sob + h * soh + i * son + offs_d * sod, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def _pick_splits(K, B, Hkv, m_blocks, block_n, sms):
-    """Chunks of the key axis so that about two waves of programs fill the GPU; static in shapes."""
-    n_blocks = max(1, cdiv(K, block_n))
-    want = max(1, cdiv(2 * sms, B * Hkv * m_blocks))
-    # Keep at least 2 key tiles per chunk: a shorter chunk costs more in its merge than it saves.
-    splits = max(1, min(want, n_blocks // 2, 128))
-    return splits
+class _LaunchPlan(NamedTuple):
+    block_m: int
+    block_n: int
+    block_d: int
+    m_blocks: int
+    num_splits: int
+    chunk: int  # kept entries per split, a multiple of block_n
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(B, Hkv, M_TOT, D, K, num_splits, sms, interp) -> _LaunchPlan:
+    """Tiles, split count and chunk length, from static shapes (and the SM count) alone (cached).
+
+    ``kept_len`` and ``kept_idx`` contents never enter (they are read on the device only), which is
+    what makes :func:`gather_attend` CUDA-graph safe: one capture replays for any kept lists and
+    counts. ``num_splits`` None: enough chunks of the key axis for about two waves of programs, at
+    least 2 key tiles each (a shorter chunk costs more in its merge than it saves), at most 128.
+    """
+    block_m = min(64, max(16, next_pow2(M_TOT)))
+    m_blocks = cdiv(M_TOT, block_m)
+    block_n = 16 if interp else 64
+    if num_splits is None:
+        want = max(1, cdiv(2 * sms, B * Hkv * m_blocks))
+        num_splits = max(1, min(want, max(1, cdiv(K, block_n)) // 2, 128))
+    num_splits = max(1, min(num_splits, max(1, cdiv(K, block_n))))
+    chunk = cdiv(cdiv(max(K, 1), num_splits), block_n) * block_n
+    num_splits = max(1, cdiv(max(K, 1), chunk))
+    return _LaunchPlan(block_m, block_n, max(16, next_pow2(D)), m_blocks, num_splits, chunk)
 
 
 def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits):
+    # Host side: shapes, strides and dtypes only; every allocation has a static size; no host sync.
     B, H, Q, D = q.shape
     Hkv, K = k_buf.shape[1], kept_idx.shape[-1]
     G = H // Hkv
@@ -204,48 +212,39 @@ def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits
     out = torch.empty((B, H, Q, D), dtype=q.dtype, device=q.device)
     if B == 0 or H == 0 or Q == 0:
         return out
-    BLOCK_D = max(16, next_pow2(D))
     interp = interpreter_enabled() and not q.is_cuda
-    BLOCK_M = min(64, max(16, next_pow2(M_TOT)))
-    m_blocks = cdiv(M_TOT, BLOCK_M)
-    BLOCK_N = 16 if interp else 64
-    if num_splits is None:
-        num_splits = _pick_splits(K, B, Hkv, m_blocks, BLOCK_N, device_sms(q))
-    num_splits = max(1, min(int(num_splits), max(1, cdiv(K, BLOCK_N))))
-    chunk = cdiv(cdiv(max(K, 1), num_splits), BLOCK_N) * BLOCK_N
-    num_splits = max(1, cdiv(max(K, 1), chunk))
+    splits = None if num_splits is None else int(num_splits)
+    plan = _launch_plan(B, Hkv, M_TOT, D, K, splits, device_sms(q), interp)
+    BLOCK_D, S = plan.block_d, plan.num_splits
 
     if kept_idx.dim() == 2:
         sib, sik = kept_idx.stride()
         sih = 0
     else:
         sib, sih, sik = kept_idx.stride()
-    klen = kept_len.to(device=q.device)
-    if klen.dtype not in (torch.int32, torch.int64):
-        klen = klen.long()
-    if num_splits > 1:
-        pacc = torch.empty((B * Hkv, num_splits, M_TOT, BLOCK_D), dtype=torch.float32, device=q.device)
-        pml = torch.empty((B * Hkv, num_splits, 2, M_TOT), dtype=torch.float32, device=q.device)
+    klen = index_tensor(kept_len, q.device)
+    if S > 1:
+        pacc = torch.empty((B * Hkv, S, M_TOT, BLOCK_D), dtype=torch.float32, device=q.device)
+        pml = torch.empty((B * Hkv, S, 2, M_TOT), dtype=torch.float32, device=q.device)
     else:
         pacc = pml = out  # unused
-    warps = 4
-    lazy_jit(_split_kernel)[(num_splits, B * Hkv, m_blocks)](
+    lazy_jit(_split_kernel)[(S, B * Hkv, plan.m_blocks)](
         q, k_buf, v_buf, kept_idx, klen, out, pacc, pml,
         *q.stride(), *k_buf.stride(), *v_buf.stride(),
         sib, sih, sik,
         *out.stride(),
-        Hkv, G, Q, M_TOT, K, k_buf.shape[2], chunk, scale * LOG2E,
-        NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=warps, num_stages=3 if not interp else 1,
+        Hkv, G, Q, M_TOT, K, k_buf.shape[2], plan.chunk, scale * LOG2E,
+        NUM_SPLITS=S, IEEE=q.dtype == torch.float32,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        num_warps=4, num_stages=3 if not interp else 1,
     )
-    if num_splits > 1:
+    if S > 1:
         lazy_jit(_merge_kernel)[(B * H * Q,)](
             pacc, pml, out,
             *out.stride(),
             H, Hkv, G, Q, M_TOT,
-            NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits),
+            NUM_SPLITS=S, SPLITS_P2=next_pow2(S),
             HEAD_DIM=D, BLOCK_D=BLOCK_D,
-            num_warps=4 if BLOCK_D * next_pow2(num_splits) >= 4096 else 2,
+            num_warps=4 if BLOCK_D * next_pow2(S) >= 4096 else 2,
         )
     return out

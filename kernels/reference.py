@@ -1,9 +1,15 @@
-"""PyTorch references for vtoken's kernels (the CPU path, and the expectation the Triton tests use).
+"""PyTorch implementations of vtoken's kernels (the CPU path, and the expectation the Triton tests use).
 
 They compute the same functions as the Triton kernels with stock PyTorch ops, and stay memory-frugal
-where reasonable: ``attend_and_score_reference`` takes its attention output from
+where reasonable: :func:`attend_and_score_torch` takes its attention output from
 ``scaled_dot_product_attention`` and builds probabilities only for the selected query rows (in row
 chunks), never an N x N probability matrix.
+
+The public references (``attend_and_score_reference``, ``gather_attend_reference``,
+``varlen_attention_reference``, exported by :mod:`vtoken.kernels`) are the kernel functions with
+``backend="torch"`` (:func:`vtoken.kernels.dispatch.torch_reference`): they check their arguments
+in :mod:`vtoken.kernels.checks` and land here. The functions below take checked arguments and the
+softmax scale as a float.
 
 Conventions shared with the kernels (see each kernel's module for the full contract):
 
@@ -13,8 +19,6 @@ Conventions shared with the kernels (see each kernel's module for the full contr
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -39,34 +43,8 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
-def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Validate ``q [B, H, N, D]``, ``k/v [B, Hkv, N, D]``; return ``(B, H, Hkv, N, D)``."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    B, H, N, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
-        raise ValueError(f"k and v must be [B={B}, Hkv, N={N}, D={D}]; got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
-    return B, H, Hkv, N, D
-
-
-def attend_and_score_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    score_rows: torch.Tensor | None,
-    key_start: int = 0,
-    key_end: int | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    average_heads: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Causal attention output plus the attention probabilities of selected rows (PyTorch reference).
+def attend_and_score_torch(q, k, v, score_rows, key_start, key_end, key_padding_mask, scale, average_heads):
+    """Causal attention output plus the attention probabilities of selected rows.
 
     Shapes: q ``[B, H, N, D]``; k, v ``[B, Hkv, N, D]``; key_padding_mask ``[B, N]`` bool (True = real
     token); score_rows ``[B, R]`` integer query rows (``-1`` or out of range = unused slot).
@@ -76,16 +54,8 @@ def attend_and_score_reference(
     probabilities are softmax over all keys the row sees (causal + padding), then sliced to the key
     range; unused rows are zeros.
     """
-    B, H, Hkv, N, D = check_attention_shapes(q, k, v)
-    key_end = N if key_end is None else key_end
-    if not 0 <= key_start <= key_end <= N:
-        raise ValueError(f"need 0 <= key_start <= key_end <= N={N}; got key_start={key_start}, key_end={key_end}")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if key_padding_mask is not None:
-        if key_padding_mask.shape != (B, N):
-            raise ValueError(f"key_padding_mask must be [B={B}, N={N}], got {tuple(key_padding_mask.shape)}")
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
-
     out = _causal_output(q, k, v, key_padding_mask, scale)
     if score_rows is None:
         return out, None
@@ -113,8 +83,6 @@ def _row_probabilities(q, k, score_rows, key_start, key_end, kpm, scale, average
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    if score_rows.dim() != 2 or score_rows.shape[0] != B:
-        raise ValueError(f"score_rows must be [B={B}, R], got {tuple(score_rows.shape)}")
     rows = score_rows.to(device=q.device, dtype=torch.long)
     R = rows.shape[1]
     nk = key_end - key_start
@@ -145,43 +113,8 @@ def _row_probabilities(q, k, score_rows, key_start, key_end, kpm, scale, average
     return scores
 
 
-def check_gather_shapes(q, k_buf, v_buf, kept_idx, kept_len):
-    if q.dim() != 4 or k_buf.dim() != 4 or k_buf.shape != v_buf.shape:
-        raise ValueError(
-            f"q must be [B, H, Q, D] and k_buf, v_buf the same [B, Hkv, L, D]; got q {tuple(q.shape)}, "
-            f"k_buf {tuple(k_buf.shape)}, v_buf {tuple(v_buf.shape)}"
-        )
-    B, H, Q, D = q.shape
-    Hkv, L = k_buf.shape[1], k_buf.shape[2]
-    if k_buf.shape[0] != B or k_buf.shape[3] != D:
-        raise ValueError(f"k_buf must be [B={B}, Hkv, L, D={D}], got {tuple(k_buf.shape)}")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
-    if kept_idx.dim() == 2:
-        if kept_idx.shape[0] != B:
-            raise ValueError(f"kept_idx must be [B={B}, K] or [B, Hkv={Hkv}, K], got {tuple(kept_idx.shape)}")
-    elif kept_idx.dim() == 3:
-        if kept_idx.shape[:2] != (B, Hkv):
-            raise ValueError(f"kept_idx must be [B={B}, K] or [B, Hkv={Hkv}, K], got {tuple(kept_idx.shape)}")
-    else:
-        raise ValueError(f"kept_idx must be [B, K] or [B, Hkv, K], got {tuple(kept_idx.shape)}")
-    if kept_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"kept_idx must be int32 or int64, got {kept_idx.dtype}")
-    if kept_len.shape != (B,):
-        raise ValueError(f"kept_len must be [B={B}], got {tuple(kept_len.shape)}")
-    return B, H, Hkv, Q, D, L, kept_idx.shape[-1]
-
-
-def gather_attend_reference(
-    q: torch.Tensor,
-    k_buf: torch.Tensor,
-    v_buf: torch.Tensor,
-    kept_idx: torch.Tensor,
-    kept_len: torch.Tensor,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of Q queries over the kept entries of a KV buffer (PyTorch reference: gather + SDPA).
+def gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale):
+    """Attention of Q queries over the kept entries of a KV buffer (gather + SDPA).
 
     Shapes: q ``[B, H, Q, D]``; k_buf, v_buf ``[B, Hkv, L, D]``; kept_idx ``[B, K]`` or ``[B, Hkv, K]``
     indices into L; kept_len ``[B]``: sample b uses ``kept_idx[b, ..., :kept_len[b]]`` (the rest of
@@ -189,8 +122,8 @@ def gather_attend_reference(
     kept entries ``t <= kept_len - Q + i``. Returns ``[B, H, Q, D]`` in q's dtype; a query that sees
     nothing gives zeros.
     """
-    B, H, Hkv, Q, D, L, K = check_gather_shapes(q, k_buf, v_buf, kept_idx, kept_len)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    B, H, Q, D = q.shape
+    Hkv, L, K = k_buf.shape[1], k_buf.shape[2], kept_idx.shape[-1]
     idx = kept_idx.to(torch.long).clamp(0, max(L - 1, 0))
     if idx.dim() == 2:
         idx = idx[:, None, :].expand(B, Hkv, K)
@@ -201,37 +134,23 @@ def gather_attend_reference(
     klen = kept_len.to(device=q.device, dtype=torch.long).clamp(0, K)
     limit = klen[:, None] - Q + torch.arange(Q, device=q.device)[None, :]  # [B, Q]
     see = (t[None, None, :] <= limit[:, :, None]) & (t[None, None, :] < klen[:, None, None])  # [B, Q, K]
+    # entries past kept_len may hold anything (stale or uninitialised buffer rows): zero them, so a
+    # NaN there cannot reach the output through 0 * NaN in the probability-value product
+    live = (t[None, :] < klen[:, None])[:, None, :, None]  # [B, 1, K, 1]
+    kg = torch.where(live, kg, kg.new_zeros(()))
+    vg = torch.where(live, vg, vg.new_zeros(()))
     out = _sdpa(q, kg, vg, mask=see[:, None], scale=scale)
     sees_any = see.any(dim=-1)  # [B, Q]
     return torch.where(sees_any[:, None, :, None], out, out.new_zeros(()))
 
 
-def check_varlen_shapes(q, k, v, cu_seqlens):
-    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must be the same [Total, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D [S+1], got {tuple(cu_seqlens.shape)}")
-    return q.shape
-
-
-def varlen_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Block-diagonal (per-segment, non-causal) attention (PyTorch reference: one SDPA per segment).
+def varlen_attention_torch(q, k, v, cu_seqlens, scale):
+    """Block-diagonal (per-segment, non-causal) attention: one SDPA per segment.
 
     Shapes: q, k, v ``[Total, H, D]``; cu_seqlens ``[S+1]`` with ``cu_seqlens[0] = 0`` and
     ``cu_seqlens[-1] = Total``; tokens ``cu_seqlens[s]:cu_seqlens[s+1]`` attend only to each other.
     Returns ``[Total, H, D]``. This is what ``transformers``' SDPA path of windowed vision towers does.
     """
-    T, H, D = check_varlen_shapes(q, k, v, cu_seqlens)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out = torch.zeros_like(q)
     bounds = cu_seqlens.tolist()
     for s0, s1 in zip(bounds[:-1], bounds[1:]):

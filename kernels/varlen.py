@@ -14,24 +14,12 @@ Shapes: q, k, v ``[Total, H, D]`` (any float dtype of fp16/bf16/fp32, any stride
 ``[S+1]`` int32/int64 with ``cu_seqlens[0] = 0`` and ``cu_seqlens[S] = Total``. Output ``[Total, H, D]``.
 """
 
-import math
-import os
-
 import torch
 
-from vtoken.kernels.dispatch import (
-    cdiv,
-    check_dtype,
-    interpreter_enabled,
-    lazy_jit,
-    next_pow2,
-    resolve_backend,
-    tl,
-    triton,
-)
-from vtoken.kernels.reference import check_varlen_shapes, varlen_attention_reference
-
-LOG2E = 1.4426950408889634
+from vtoken.kernels.checks import check_kernel_dtypes, check_varlen_args, index_tensor, softmax_scale
+from vtoken.kernels.dispatch import cdiv, kernel_launcher, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.reference import varlen_attention_torch
+from vtoken.kernels.triton_helpers import LOG2E, accumulate_pv, dot_qk, softmax_step
 
 
 def varlen_attention(
@@ -56,13 +44,15 @@ def varlen_attention(
     Returns:
         ``[Total, H, D]`` in q's dtype.
     """
-    T, H, D = check_varlen_shapes(q, k, v, cu_seqlens)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_dtype(name, t)
+    T, H, D = check_varlen_args(q, k, v, cu_seqlens)
+    scale = softmax_scale(scale, D)
     if resolve_backend(backend, q, k, v, cu_seqlens) == "torch":
-        return varlen_attention_reference(q, k, v, cu_seqlens, scale=scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        return varlen_attention_torch(q, k, v, cu_seqlens, scale)
+    check_kernel_dtypes(same=False, q=q, k=k, v=v)  # (as before: no same-dtype rule here)
     return _varlen_triton(q, k, v, cu_seqlens, scale, max_seqlen)
+
+
+varlen_attention_reference = torch_reference(varlen_attention, "max_seqlen")
 
 
 def _varlen_kernel(
@@ -108,36 +98,20 @@ def _varlen_kernel(
         n_ok = offs_n < seg_end
         k1 = tl.load(K + offs_n[:, None] * skt + h * skh + offs_d1[None, :] * skd,
                      mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q1, tl.trans(k1), input_precision="ieee")
-        else:
-            s = tl.dot(q1, tl.trans(k1))
+        s = dot_qk(q1, k1, IEEE)
         if D2 > 0:
             k2 = tl.load(K + offs_n[:, None] * skt + h * skh + offs_d2[None, :] * skd,
                          mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
-            if IEEE:
-                s += tl.dot(q2, tl.trans(k2), input_precision="ieee")
-            else:
-                s += tl.dot(q2, tl.trans(k2))
+            s += dot_qk(q2, k2, IEEE)
         s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = softmax_step(m_i, l_i, s)
         v1 = tl.load(V + offs_n[:, None] * svt + h * svh + offs_d1[None, :] * svd,
                      mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
-        if IEEE:
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision="ieee")
-        else:
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
+        acc1 = accumulate_pv(acc1, alpha, p, v1, IEEE)
         if D2 > 0:
             v2 = tl.load(V + offs_n[:, None] * svt + h * svh + offs_d2[None, :] * svd,
                          mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
-            if IEEE:
-                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision="ieee")
-            else:
-                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
+            acc2 = accumulate_pv(acc2, alpha, p, v2, IEEE)
         m_i = m_new
 
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
@@ -160,25 +134,7 @@ def split_head_dim(D: int) -> tuple[int, int]:
 
 # Long segments (full-attention layers): autotuned among these (sm_90 builds, D = 80: none spills).
 _LONG_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-_launchers: dict = {}
-
-
-def _launcher(long_segments: bool):
-    if interpreter_enabled():
-        mode = "interp"
-    elif long_segments and os.environ.get("VTOKEN_KERNELS_AUTOTUNE", "1") != "0":
-        mode = "tuned"
-    else:
-        mode = "fixed"
-    fn = _launchers.get(mode)
-    if fn is None:
-        fn = lazy_jit(_varlen_kernel)
-        if mode == "tuned":
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                       for bm, bn, w, st in _LONG_CONFIGS]
-            fn = triton.autotune(configs, key=["MAXLEN_BUCKET", "HEAD_DIM", "IEEE"])(fn)
-        _launchers[mode] = fn
-    return mode, fn
+_launchers: dict = {}  # mode -> kernel (see dispatch.kernel_launcher)
 
 
 def _varlen_triton(q, k, v, cu_seqlens, scale, max_seqlen):
@@ -187,17 +143,15 @@ def _varlen_triton(q, k, v, cu_seqlens, scale, max_seqlen):
     S = cu_seqlens.numel() - 1
     if T == 0 or S <= 0 or H == 0:
         return out.zero_() if T else out
-    cu = cu_seqlens.to(device=q.device)
-    if cu.dtype not in (torch.int32, torch.int64):
-        cu = cu.long()
-    cu = cu.contiguous()
+    cu = index_tensor(cu_seqlens, q.device).contiguous()
     if max_seqlen is None:
         max_seqlen = int((cu[1:] - cu[:-1]).max().item())  # one host read per call
     max_seqlen = int(max_seqlen)
     if max_seqlen <= 0:
         return out.zero_()
     D1, D2 = split_head_dim(D)
-    mode, kernel = _launcher(long_segments=max_seqlen > 256)
+    mode, kernel = kernel_launcher(_launchers, _varlen_kernel, _LONG_CONFIGS, ["MAXLEN_BUCKET", "HEAD_DIM", "IEEE"],
+                                   tune=max_seqlen > 256)
     args = (q, k, v, out, cu, *q.stride(), *k.stride(), *v.stride(), *out.stride(), scale * LOG2E,
             next_pow2(max_seqlen))
     meta = dict(IEEE=q.dtype == torch.float32, HEAD_DIM=D, D1=D1, D2=D2)

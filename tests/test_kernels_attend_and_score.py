@@ -178,6 +178,7 @@ TRITON_CPU_CASES = [
     (1, 4, 1, 37, 16, "left", torch.float32),   # G = 4
     (1, 7, 1, 23, 16, "right", torch.float32),  # G = 7
     (2, 2, 1, 50, 32, "left", torch.float16),
+    (1, 8, 2, 67, 24, "right", torch.float16),  # G = 4, several query tiles, D = 24, per-head scores
 ]
 
 

@@ -117,6 +117,7 @@ TRITON_CPU_CASES = [
     (3, 2, 2, 1, 16, 60, 37, False, torch.float32, None),   # G = 1
     (2, 8, 2, 3, 16, 80, 45, True, torch.float32, 3),       # G = 4, split-K + merge
     (2, 7, 1, 2, 32, 50, 29, False, torch.float16, 2),      # G = 7
+    (2, 8, 2, 1, 24, 70, 51, True, torch.float16, None),    # G = 4, per-head lists, D = 24, auto splits
 ]
 
 
@@ -133,6 +134,78 @@ def test_triton_matches_reference_cpu(case):
     ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+@needs_triton
+def test_triton_strided_inputs_int64_lists_and_clamped_counts_cpu():
+    """q and the buffers as strided views, int64 lists, kept_len of 0 and above K, an explicit scale."""
+    if torch.cuda.is_available():
+        pytest.skip("covered at large shapes by the gpu tests")
+    B, H, Hkv, Q, D, L, K = 3, 8, 2, 2, 16, 45, 33
+    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, seed=5, lens=[0, K, 20])
+    lens[1] = K + 9  # counts as K
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Q, H, D] memory, as attention projections give
+    big = torch.randn(2, B, Hkv, L + 7, D)
+    kb = big[0, :, :, 3:L + 3].copy_(kb)  # views with a longer row stride
+    vb = big[1, :, :, 3:L + 3].copy_(vb)
+    out = gather_attend(q, kb, vb, idx, lens.to(torch.int32), scale=0.3, num_splits=2, backend="triton")
+    ref = gather_attend_reference(q, kb, vb, idx, lens, scale=0.3)
+    assert out[0].abs().max() == 0 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-5
+    torch.testing.assert_close(ref.double(), naive_gather_attend(q, kb, vb, idx, lens.clamp(max=K), scale=0.3),
+                               atol=2e-6, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_launch_depends_on_shapes_only_and_reads_no_data(monkeypatch):
+    """CUDA-graph safety by construction: the host side of the Triton path reads no tensor data and
+    launches the same grids and arguments whatever kept_idx / kept_len hold."""
+    import importlib
+
+    mod = importlib.import_module("vtoken.kernels.gather_attend")
+    launches = []
+
+    def describe(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
+        return a
+
+    class Recorder:  # stands in for the jitted kernels: records launches, runs nothing
+        def __init__(self, fn):
+            self.name = fn.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((self.name, grid, [describe(a) for a in args], meta))
+
+    monkeypatch.setattr(mod, "lazy_jit", Recorder)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend="triton" on CPU tensors
+    B, H, Hkv, Q, D, L, K = 2, 8, 2, 1, 16, 300, 200
+    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=True, idx_dtype=torch.int32, seed=1)
+    lens = lens.to(torch.int32)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the host read tensor data")
+
+    runs = []
+    for new_lens, seed in (([K, 3], 2), ([0, 57], 3)):
+        _, _, _, idx2, lens2 = make_inputs(B, H, Hkv, Q, D, L, K, per_head=True, idx_dtype=torch.int32, seed=seed,
+                                           lens=new_lens)
+        idx.copy_(idx2)
+        lens.copy_(lens2)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"):
+                m.setattr(torch.Tensor, name, forbidden)
+            gather_attend(q, kb, vb, idx, lens, backend="triton")
+        runs.append(list(launches))
+        launches.clear()
+    assert [name for name, *_ in runs[0]] == ["_split_kernel", "_merge_kernel"]  # the split-K path
+    assert runs[0][0][2][3:5] == [describe(idx), describe(lens)]  # read in place on the device, no copies
+
+    def by_shape(run):  # the output and partial buffers are fresh allocations: compare them by shape
+        return [(n, g, [a[2:] if isinstance(a, tuple) and a[0] == "tensor" else a for a in args], meta)
+                for n, g, args, meta in run]
+
+    assert by_shape(runs[0]) == by_shape(runs[1])
 
 
 GPU_CASES = [
@@ -161,24 +234,62 @@ def test_triton_matches_reference_gpu(case, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_graph_replay_with_new_kept_lists():
-    """Static shapes: capture once, then change kept lists and counts in place and replay."""
-    B, H, Hkv, Q, D, L, K = 4, 16, 4, 1, 128, 4096, 1024
-    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, dtype=torch.bfloat16, device="cuda", seed=1)
-    gather_attend(q, kb, vb, idx, lens)  # compile outside the capture
-    stream = torch.cuda.Stream()
+@pytest.mark.parametrize("per_head,Q,num_splits", [(False, 1, None), (True, 1, None), (True, 4, None),
+                                                   (False, 2, 1)])
+def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits):
+    """Static shapes: capture once, change kept_idx / kept_len contents (then q and the buffers) in place,
+    replay; the replay matches the reference and the eager call bit for bit."""
+    B, H, Hkv, D, L, K = 4, 28, 4, 128, 4096, 1024  # G = 7; split-K unless num_splits=1
+    mk = dict(per_head=per_head, idx_dtype=torch.int32, dtype=torch.bfloat16, device="cuda")
+    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, seed=1, **mk)
+    lens = lens.to(torch.int32)  # as the static-cache engine keeps its counts
+
+    def run():
+        return gather_attend(q, kb, vb, idx, lens, num_splits=num_splits)
+
+    stream = torch.cuda.Stream()  # warm-up (compile) on a side stream, as torch.cuda.graphs recommends
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        gather_attend(q, kb, vb, idx, lens)
+        run()
+        torch.cuda.set_sync_debug_mode("error")  # a compiled call makes no host sync
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = gather_attend(q, kb, vb, idx, lens)
-    for seed in (2, 3):
-        q2, kb2, vb2, idx2, lens2 = make_inputs(B, H, Hkv, Q, D, L, K, dtype=torch.bfloat16, device="cuda", seed=seed)
-        for dst, src in ((q, q2), (kb, kb2), (vb, vb2), (idx, idx2), (lens, lens2)):
-            dst.copy_(src)
+        out = run()
+    for seed, new_lens, new_data in ((2, [K, 1, 0, K // 3], False), (3, None, True), (4, [7, K, K - 1, 2], False)):
+        q2, kb2, vb2, idx2, lens2 = make_inputs(B, H, Hkv, Q, D, L, K, seed=seed, lens=new_lens, **mk)
+        idx.copy_(idx2)
+        lens.copy_(lens2)
+        if new_data:
+            q.copy_(q2)
+            kb.copy_(kb2)
+            vb.copy_(vb2)
         graph.replay()
         torch.cuda.synchronize()
         ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
+        assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-2
+        assert torch.equal(out, run())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unused_buffer_rows_may_hold_nan(backend):
+    """Rows no live kept entry points at (stale or uninitialised KV slots, the targets of clamped
+    garbage indices past kept_len) must not reach the output, even when they hold NaN."""
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    B, H, Hkv, Q, D, L, K = 3, 4, 2, 2, 16, 40, 19
+    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, seed=3)
+    ref = naive_gather_attend(q, kb, vb, idx, lens)
+    live = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        live[b, idx[b, : int(lens[b])]] = True
+    dead = ~live[:, None, :, None].expand_as(kb)
+    kb_nan, vb_nan = kb.masked_fill(dead, float("nan")), vb.masked_fill(dead, float("nan"))
+    out = gather_attend(q, kb_nan, vb_nan, idx, lens, backend=backend)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-5

@@ -211,7 +211,7 @@ class StaticDecoder:
                 cap = max(n, kv.capacity[g])
                 kv.capacity[g] = cap
                 shape = (batch, k.shape[1], cap + new_tokens, k.shape[3])
-                kb, vb = k.new_zeros(shape), v.new_zeros(shape)
+                kb, vb = k.new_empty(shape), v.new_empty(shape)
                 if kv.keys[layer] is not None:
                     old = kv.keys[layer].shape[2] - new_tokens
                     kb[:, :, :old].copy_(kv.keys[layer][:, :, :old])
