@@ -23,16 +23,20 @@ def static(model, inputs, **kw):
     return dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS), dec
 
 
-def test_unpruned_static_equals_generate(arch):
+@pytest.mark.parametrize("graph_prefill", [False, True])
+def test_unpruned_static_equals_generate(arch, graph_prefill):
     model = get_model(arch)
     inputs = get_inputs(arch, model)
-    got, dec = static(model, inputs)
+    got, dec = static(model, inputs, graph_prefill=graph_prefill)
     assert torch.equal(got, model.generate(**inputs, **GEN))
     assert len(dec.last["prefill_lengths"]) == 1
+    if graph_prefill and arch != "qwen3_vl":  # the tail is every decoder layer (deepstack: no split)
+        assert dec.last["graph_prefill_from_layer"] == 0
 
 
 @pytest.mark.parametrize("plan", ["fastv", "two_stage"])
-def test_pruned_static_equals_pruned_generate(arch, plan):
+@pytest.mark.parametrize("graph_prefill", [False, True])
+def test_pruned_static_equals_pruned_generate(arch, plan, graph_prefill):
     model = get_model(arch)
     inputs = get_inputs(arch, model)
     unpruned_kv = static(model, inputs)[1].last["kv_bytes"]
@@ -42,7 +46,7 @@ def test_pruned_static_equals_pruned_generate(arch, plan):
         handle = vtoken.apply_pruning(model, plan=[vtoken.Stage(1, "fastv", 6), vtoken.Stage(3, "random", 3)])
     with handle:
         ref = model.generate(**inputs, **GEN)
-        got, dec = static(model, inputs)
+        got, dec = static(model, inputs, graph_prefill=graph_prefill)
         kept = handle.stats
     assert torch.equal(got, ref)
     lengths = dec.last["prefill_lengths"]
@@ -50,6 +54,8 @@ def test_pruned_static_equals_pruned_generate(arch, plan):
     assert lengths[0] == inputs["input_ids"].shape[1]
     assert dec.last["kv_bytes"] < unpruned_kv
     assert kept is not None
+    if graph_prefill and arch != "qwen3_vl":
+        assert dec.last["graph_prefill_from_layer"] == handle.plan[-1].layer
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
@@ -127,9 +133,17 @@ def test_cuda_graph_equals_eager_static_decode_on_gpu():
 
     model = tm.tiny_qwen("qwen2_vl").cuda()
     inputs = {k: v.cuda() for k, v in get_inputs("qwen2_vl", model).items()}
-    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
-        eager, _ = static(model, inputs, cuda_graph=False)
-        graph, dec = static(model, inputs, cuda_graph=True)
-        ref = model.generate(**inputs, **GEN)
-    assert dec.last["cuda_graph"]
-    assert torch.equal(graph, eager) and torch.equal(graph, ref)
+    for plan in (dict(method="fastv", keep=4, K=1), dict(plan=[vtoken.Stage(1, "fastv", 6), vtoken.Stage(3, "random", 3)])):
+        with vtoken.apply_pruning(model, **plan):
+            ref = model.generate(**inputs, **GEN)
+            eager, _ = static(model, inputs, cuda_graph=False, graph_prefill=False)
+            dec = StaticDecoder(model)  # graphs for the prefill tail and the decode step
+            first = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
+            assert dec.last["cuda_graph"] and dec.last["graph_prefill_from_layer"] == model._vtoken_handle.plan[-1].layer
+            assert dec.last["capture_ms"] > 0
+            again = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)  # replays the cached graphs
+            assert dec.last["capture_ms"] == 0
+        assert torch.equal(eager, ref) and torch.equal(first, ref) and torch.equal(again, ref)
+    unpruned = StaticDecoder(model)
+    assert torch.equal(unpruned.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS), model.generate(**inputs, **GEN))
+    assert unpruned.last["graph_prefill_from_layer"] == 0

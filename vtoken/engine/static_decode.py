@@ -124,37 +124,91 @@ def _kept_index(valid: torch.Tensor, new_tokens: int) -> tuple:
 
 
 # ------------------------------------------------------------------------------------ decoder
+class _StopPrefill(Exception):
+    """Raised by a pre-hook on the first layer of the captured tail: carries that layer's inputs."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: dict):
+        super().__init__("vtoken: prefill continues in a captured graph")
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+class _PrefillWriter:
+    """The cache the captured prefill tail's layers see: writes a layer's prefill keys/values into
+    slots ``[0, n)`` of its static buffers and returns those slots."""
+
+    def __init__(self, kv: StaticKV):
+        self.kv = kv
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n = key_states.shape[2]
+        k, v = self.kv.keys[layer_idx][:, :, :n], self.kv.values[layer_idx][:, :, :n]
+        k.copy_(key_states)
+        v.copy_(value_states)
+        return k, v
+
+
+@dataclass
+class _Session:
+    """What captured graphs point at, reused by later calls with the same shapes: the static KV
+    buffers, the per-group index tensors, the decode step's input/output tensors, the graphs."""
+
+    signature: tuple
+    kv: StaticKV
+    tok: torch.Tensor
+    t: torch.Tensor
+    new: torch.Tensor
+    pos_next: torch.Tensor
+    decode_graph: object = None
+    tail_inputs: Optional[dict] = None
+    tail_logits: Optional[torch.Tensor] = None
+    tail_graph: object = None
+
+
 class StaticDecoder:
-    """Greedy generation with static KV buffers, kept-index lists and (on CUDA) a CUDA graph.
+    """Greedy generation with static KV buffers, kept-index lists and (on CUDA) CUDA graphs.
 
     ``StaticDecoder(model).generate(**inputs, max_new_tokens=T)`` returns what
     ``model.generate(**inputs, max_new_tokens=T, do_sample=False)`` returns (prompt ids followed
     by the new tokens, ``[B, N + T']``), with or without a :func:`vtoken.apply_pruning` handle on
     the model. After a call, :attr:`last` holds ``prefill_ms``, ``setup_ms``, ``capture_ms``,
     ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``kv_bytes`` (the static
-    buffers) and ``prefill_lengths`` (each layer group's prefill KV length).
+    buffers), ``prefill_lengths`` (each layer group's prefill KV length) and whether graphs ran.
+
+    Graph prefill (``graph_prefill``, default on with ``cuda_graph``): the prefill runs eagerly up
+    to the last pruning stage (vision tower, the full-length layers, scoring and the gather; with
+    no handle: up to the first decoder layer), and the remaining layers, the final norm and the
+    LM head run as one CUDA graph writing their keys/values straight into the static buffers. The
+    graphs and buffers are kept for the next call with the same shapes (serving engines capture
+    per shape bucket the same way); the first call of a shape pays the capture (``capture_ms``).
 
     Args:
         model: a supported VLM (see :func:`vtoken.adapters.supported_models`).
         backend: ``gather_attend``'s backend: ``"auto"`` (Triton on CUDA), ``"triton"``, ``"torch"``.
         cuda_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA).
+        graph_prefill: split the prefill as above (default: as ``cuda_graph``). On the CPU
+            ``graph_prefill=True`` runs the same split without graphs (what the tests check).
     """
 
-    def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None):
+    def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None,
+                 graph_prefill: Optional[bool] = None):
         self.model = model
         self.adapter = get_adapter(model)
         self.backend = backend
         self.cuda_graph = cuda_graph
+        self.graph_prefill = graph_prefill
         cfg = self.adapter.text_config
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
             raise PruningConfigError("StaticDecoder does not support sliding-window attention layers")
         self.groups: list = []
         self.layer_group: list = []
         self.last: dict = {}
-        self._graph = None
+        self._session: Optional[_Session] = None
 
     # -------------------------------------------------------------- prefill
-    def _prefill(self, inputs: dict):
+    def _prefill(self, inputs: dict, stop: Optional[int] = None):
+        """Run the model's forward; with ``stop``, abort it at decoder layer ``stop`` (after the
+        pruning hooks have re-laid-out its inputs). Returns (logits or None, position ids, cache,
+        tail inputs or None)."""
         captured = {}
         rotary = self.adapter.text_model.rotary_emb
 
@@ -162,22 +216,43 @@ class StaticDecoder:
             pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
             captured.setdefault("pos", pos)
 
-        hook = rotary.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            from transformers import DynamicCache
+        def halt(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            raise _StopPrefill(hidden, kwargs)
 
-            params = inspect.signature(self.model.forward).parameters
-            # an explicit cache object: the pruning runtime records the pruned layout on it
-            kwargs = dict(inputs, use_cache=True, return_dict=True)
-            kwargs["cache" if "cache" in params else "past_key_values"] = DynamicCache()
-            if "logits_to_keep" in params:
-                kwargs["logits_to_keep"] = 1
-            out = self.model(**kwargs)
+        from transformers import DynamicCache
+
+        params = inspect.signature(self.model.forward).parameters
+        # an explicit cache object: the pruning runtime records the pruned layout on it
+        kwargs = dict(inputs, use_cache=True, return_dict=True)
+        cache = DynamicCache()
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = 1
+        hooks = [rotary.register_forward_pre_hook(grab, with_kwargs=True)]
+        if stop is not None:
+            hooks.append(self.adapter.layers[stop].register_forward_pre_hook(halt, with_kwargs=True))
+        logits, tail = None, None
+        try:
+            logits = self.model(**kwargs).logits[:, -1]
+        except _StopPrefill as stopped:
+            tail = {"hidden": stopped.hidden, "mask": stopped.kwargs.get("attention_mask"),
+                    "position_embeddings": stopped.kwargs["position_embeddings"]}
         finally:
-            hook.remove()
+            for h in hooks:
+                h.remove()
         if captured.get("pos") is None:
             raise PruningConfigError("StaticDecoder could not read the prefill's position ids")
-        return out, captured["pos"], kwargs.get("cache", kwargs.get("past_key_values"))
+        return logits, captured["pos"], cache, tail
+
+    def _stop_layer(self) -> Optional[int]:
+        """First layer of the captured prefill tail, or None when the split does not apply."""
+        handle = self.model.__dict__.get(HANDLE_ATTR)
+        stop = handle.plan[-1].layer if handle is not None else 0
+        deepstack = getattr(getattr(self.model.config, "vision_config", None), "deepstack_visual_indexes", None)
+        if deepstack and stop < len(deepstack):  # Qwen3-VL adds vision features inside those layers
+            return None
+        return stop if stop < len(self.adapter.layers) else None
 
     def _layer_valid(self, cache, mask2d: torch.Tensor) -> tuple:
         """Per layer group: the prefill layout's validity ``[b, N_g]``; and layer -> group."""
@@ -191,32 +266,56 @@ class StaticDecoder:
             raise RuntimeError(f"the pruned prefill recorded {len(state.stages)} stages of {len(handle.plan)}")
         return [mask2d] + [s.valid for s in state.stages], [layer_stage[i] + 1 for i in range(n_layers)]
 
+    def _kv_shape(self, layer: int) -> tuple:
+        attn = self.adapter.layers[layer].self_attn
+        head_dim = int(attn.head_dim)
+        return attn.k_proj.out_features // head_dim, head_dim
+
+    def _allocate(self, batch: int, capacity: list, layer_group: list, new_tokens: int, like: torch.Tensor,
+                  keys: Optional[list] = None, values: Optional[list] = None) -> StaticKV:
+        """Static buffers ``[B, Hkv, capacity[g] + T, D]`` per layer (keeping the prefix of any
+        ``keys``/``values`` given, when a group widens)."""
+        new_keys, new_values = [], []
+        for layer, g in enumerate(layer_group):
+            hkv, d = self._kv_shape(layer)
+            shape = (batch, hkv, capacity[g] + new_tokens, d)
+            old_k = keys[layer] if keys is not None else None
+            if old_k is not None and old_k.shape == shape:
+                new_keys.append(old_k)
+                new_values.append(values[layer])
+                continue
+            kb, vb = like.new_empty(shape), like.new_empty(shape)
+            if old_k is not None:
+                n = old_k.shape[2] - new_tokens
+                kb[:, :, :n].copy_(old_k[:, :, :n])
+                vb[:, :, :n].copy_(values[layer][:, :, :n])
+            new_keys.append(kb)
+            new_values.append(vb)
+        kv = StaticKV(new_keys, new_values, layer_group, [])
+        kv.capacity = list(capacity)
+        kv.valid_rows = [[] for _ in capacity]
+        return kv
+
     def _store_chunk(self, kv: Optional[StaticKV], cache, valids: list, layer_group: list, rows: slice,
-                     batch: int, new_tokens: int) -> StaticKV:
-        """Copy one prefill chunk's KV cache into the static buffers (rows ``rows`` of ``batch``),
-        allocating them on the first chunk and widening a group's buffers if a later chunk's
-        layout is longer. The chunk's cache is released layer by layer."""
+                     batch: int, new_tokens: int, like: torch.Tensor, upto: Optional[int] = None) -> StaticKV:
+        """Copy one prefill chunk's KV cache (layers below ``upto``) into the static buffers (rows
+        ``rows`` of ``batch``), allocating them on the first chunk and widening a group's buffers
+        if a later chunk's layout is longer. The chunk's cache is released layer by layer."""
+        caps = [v.shape[1] for v in valids]
         if kv is None:
-            kv = StaticKV([None] * len(layer_group), [None] * len(layer_group), layer_group, [])
-            kv.capacity = [v.shape[1] for v in valids]
-            kv.valid_rows = [[] for _ in valids]
+            kv = self._allocate(batch, caps, layer_group, new_tokens, like)
+        elif any(c > k for c, k in zip(caps, kv.capacity)):
+            rows_seen = kv.valid_rows
+            kv = self._allocate(batch, [max(c, k) for c, k in zip(caps, kv.capacity)], layer_group, new_tokens, like,
+                                kv.keys, kv.values)
+            kv.valid_rows = rows_seen
         for g, valid in enumerate(valids):
             kv.valid_rows[g].append((rows, valid.bool()))
-        for layer, g in enumerate(layer_group):
+        for layer in range(len(layer_group) if upto is None else upto):
             k, v = _cache_layer_kv(cache, layer)
-            n = valids[g].shape[1]
+            n = valids[layer_group[layer]].shape[1]
             if k.shape[2] != n:
                 raise RuntimeError(f"layer {layer}: prefill cache holds {k.shape[2]} entries, layout has {n}")
-            if kv.keys[layer] is None or n > kv.keys[layer].shape[2] - new_tokens:
-                cap = max(n, kv.capacity[g])
-                kv.capacity[g] = cap
-                shape = (batch, k.shape[1], cap + new_tokens, k.shape[3])
-                kb, vb = k.new_empty(shape), v.new_empty(shape)
-                if kv.keys[layer] is not None:
-                    old = kv.keys[layer].shape[2] - new_tokens
-                    kb[:, :, :old].copy_(kv.keys[layer][:, :, :old])
-                    vb[:, :, :old].copy_(kv.values[layer][:, :, :old])
-                kv.keys[layer], kv.values[layer] = kb, vb
             kv.keys[layer][rows, :, :n].copy_(k)
             kv.values[layer][rows, :, :n].copy_(v)
             _release_layer(cache, layer)
@@ -224,42 +323,74 @@ class StaticDecoder:
 
     def _finish_buffers(self, kv: StaticKV, batch: int, new_tokens: int, device) -> None:
         """Kept-index lists once every chunk is stored: valid prefill slots, then the new tokens'
-        slots ``capacity .. capacity + T - 1`` (one write slot per group for the whole batch)."""
+        slots ``capacity .. capacity + T - 1`` (one write slot per group for the whole batch).
+        Index tensors a session already holds are refilled in place (captured graphs read them)."""
         groups = []
         for g, cap in enumerate(kv.capacity):
             valid = torch.zeros(batch, cap, dtype=torch.bool, device=device)
             for rows, v in kv.valid_rows[g]:
                 valid[rows, : v.shape[1]] = v
             idx, base = _kept_index(valid, new_tokens)
-            groups.append(LayoutGroup(n_prefill=cap, idx=idx, base=base, count=base.clone(),
-                                      slot=torch.zeros(1, dtype=torch.long, device=device)))
+            if g < len(kv.groups):
+                old = kv.groups[g]
+                old.idx.copy_(idx)
+                old.base.copy_(base)
+                old.count.copy_(base)
+                groups.append(old)
+            else:
+                groups.append(LayoutGroup(n_prefill=cap, idx=idx, base=base, count=base.clone(),
+                                          slot=torch.zeros(1, dtype=torch.long, device=device)))
         kv.groups = groups
         self.groups, self.layer_group = groups, kv.layer_group
 
-    # -------------------------------------------------------------- one decode step
-    def _make_step(self, kv: StaticKV, tok: torch.Tensor, pos_next: torch.Tensor, t: torch.Tensor,
-                   out: torch.Tensor, suppress: Optional[torch.Tensor]):
-        """The step closure: reads ``tok [B, 1]`` and step ``t [1]``; writes token t+1 into ``out``."""
+    # -------------------------------------------------------------- captured pieces
+    def _layer_call(self):
+        params = inspect.signature(self.adapter.layers[0].forward).parameters
+        cache_kw = "cache" if "cache" in params else "past_key_values"
+
+        def call(layer, h, mask, pe, cache):
+            h = layer(h, attention_mask=mask, position_embeddings=pe, use_cache=True, **{cache_kw: cache})
+            return h[0] if isinstance(h, tuple) else h
+
+        return call
+
+    def _make_tail(self, session: _Session, stop: int):
+        """The prefill tail closure: layers ``stop..`` on the session's static tail inputs, writing
+        KV into the static buffers; final norm + LM head of the last slot into ``tail_logits``."""
+        text, head = self.adapter.text_model, self.model.get_output_embeddings()
+        layers = list(self.adapter.layers)[stop:]
+        call = self._layer_call()
+        writer = _PrefillWriter(session.kv)
+        inp = session.tail_inputs
+
+        def tail():
+            h = inp["hidden"]
+            for layer in layers:
+                h = call(layer, h, inp["mask"], inp["position_embeddings"], writer)
+            session.tail_logits.copy_(head(text.norm(h)[:, -1]))
+
+        return tail
+
+    def _make_step(self, session: _Session, suppress: Optional[torch.Tensor]):
+        """The decode step closure: reads ``tok [B, 1]`` and step ``t [1]``; writes token t+1 into
+        ``new``."""
         model, adapter = self.model, self.adapter
         embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
         text = adapter.text_model
         layers = list(adapter.layers)
-        params = inspect.signature(layers[0].forward).parameters
-        cache_kw = "cache" if "cache" in params else "past_key_values"
-        groups = self.groups
+        call = self._layer_call()
+        kv, tok, t, out, pos_next = session.kv, session.tok, session.t, session.new, session.pos_next
+        groups = kv.groups
 
         def step():
             for g in groups:
                 g.slot.copy_(t + g.n_prefill)
                 torch.add(g.base, t.to(g.base.dtype) + 1, out=g.count)
             h = embed(tok)
-            pos = adapter.decode_position_ids(pos_next + t)
-            pe = text.rotary_emb(h, pos)
+            pe = text.rotary_emb(h, adapter.decode_position_ids(pos_next + t))
             for layer in layers:
-                h = layer(h, attention_mask=None, position_embeddings=pe, use_cache=True, **{cache_kw: kv})
-                if isinstance(h, tuple):
-                    h = h[0]
+                h = call(layer, h, None, pe, kv)
             logits = head(text.norm(h)[:, -1])
             if suppress is not None:
                 logits.index_fill_(1, suppress, float("-inf"))
@@ -283,6 +414,31 @@ class StaticDecoder:
             undo.append((attn, original))
         return undo
 
+    @staticmethod
+    def _capture(fn, dev, warmups: int = 1):
+        """Warm ``fn`` up on a side stream (Triton compilation, cuBLAS workspaces), then capture it."""
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                fn()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+    def _session_for(self, signature: tuple, kv: StaticKV, batch: int, new_tokens: int, pad: int, dev,
+                     reuse: bool) -> _Session:
+        if reuse and self._session is not None and self._session.signature == signature:
+            return self._session
+        session = _Session(signature=signature, kv=kv, tok=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+                           t=torch.zeros(1, dtype=torch.long, device=dev),
+                           new=torch.full((batch, new_tokens), pad, dtype=torch.long, device=dev),
+                           pos_next=torch.zeros(batch, dtype=torch.long, device=dev))
+        self._session = session if reuse else None
+        return session
+
     # -------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
@@ -292,6 +448,8 @@ class StaticDecoder:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
         if max_new_tokens < 1:
             raise PruningConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
+            raise PruningConfigError(f"prefill_batch must be a positive int or None, got {prefill_batch!r}")
         gen_cfg = getattr(self.model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
         pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
@@ -303,66 +461,98 @@ class StaticDecoder:
             raise PruningConfigError(f"cuda_graph=True needs a model on a CUDA device; the inputs are on {dev}")
         use_graph = self.cuda_graph if self.cuda_graph is not None else dev.type == "cuda"
         sync = (lambda: torch.cuda.synchronize(dev)) if (timing and dev.type == "cuda") else (lambda: None)
-        B = input_ids.shape[0]
+        B, T = input_ids.shape[0], max_new_tokens
         mask2d = inputs.get("attention_mask")
         mask2d = torch.ones_like(input_ids, dtype=torch.bool) if mask2d is None else mask2d.bool()
-
-        sync(); t0 = time.perf_counter()
-        suppress = None if not suppress_tokens else torch.tensor(list(suppress_tokens), dtype=torch.long, device=dev)
-        T = max_new_tokens
-        if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
-            raise PruningConfigError(f"prefill_batch must be a positive int or None, got {prefill_batch!r}")
         chunk = B if not prefill_batch else prefill_batch
         if chunk < B:
             _check_same_visual_inputs(self.model.config, input_ids)
-        kv, firsts, nexts = None, [], []
+        split = (self.graph_prefill if self.graph_prefill is not None else use_graph) and chunk >= B
+        stop = self._stop_layer() if split else None
+        graphs = dev.type == "cuda" and use_graph
+        suppress = None if not suppress_tokens else torch.tensor(list(suppress_tokens), dtype=torch.long, device=dev)
+        like = next(self.adapter.text_model.parameters())
+
+        sync(); t0 = time.perf_counter()
+        capture_ms = 0.0
+        kv, session, firsts, nexts = None, None, [], []
         for start in range(0, B, chunk):
             rows = slice(start, min(B, start + chunk))
             part = inputs if rows.stop - rows.start == B else _slice_inputs(inputs, rows, B)
-            out, prefill_pos, cache = self._prefill(part)
-            last_logits = out.logits[:, -1]
-            if suppress is not None:
-                last_logits = last_logits.index_fill(1, suppress, float("-inf"))
-            firsts.append(last_logits.argmax(-1))
+            logits, prefill_pos, cache, tail = self._prefill(part, stop)
             # a generated token's position: the sample's largest prefill position + 1 (+ t)
             pos = prefill_pos.to(dev)
             pos = pos.amax(dim=0) if pos.dim() == 3 else pos
             nexts.append((pos.amax(dim=-1) + 1).expand(rows.stop - rows.start))
             valids, layer_group = self._layer_valid(cache, mask2d[rows])
+            if tail is None:
+                kv = self._store_chunk(kv, cache, valids, layer_group, rows, B, T, like)
+            else:
+                signature = (B, T, tuple(v.shape[1] for v in valids), stop, tuple(tail["hidden"].shape),
+                             None if tail["mask"] is None else (tuple(tail["mask"].shape), tail["mask"].dtype),
+                             tuple(tail["position_embeddings"][0].shape), None if suppress is None else
+                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend)
+                reused = self._session is not None and self._session.signature == signature
+                kv0 = self._session.kv if reused else self._allocate(B, [v.shape[1] for v in valids], layer_group,
+                                                                     T, like)
+                kv0.valid_rows = [[] for _ in valids]
+                kv = self._store_chunk(kv0, cache, valids, layer_group, rows, B, T, like, upto=stop)
+                session = self._session_for(signature, kv, B, T, pad, dev, reuse=graphs)
+                if session.tail_inputs is None:
+                    session.tail_inputs = {
+                        "hidden": tail["hidden"].clone(),
+                        "mask": None if tail["mask"] is None else tail["mask"].clone(),
+                        "position_embeddings": tuple(p.clone() for p in tail["position_embeddings"]),
+                    }
+                    session.tail_logits = like.new_empty(B, self.model.get_output_embeddings().out_features)
+                else:
+                    inp = session.tail_inputs
+                    inp["hidden"].copy_(tail["hidden"])
+                    if inp["mask"] is not None:
+                        inp["mask"].copy_(tail["mask"])
+                    for dst, src in zip(inp["position_embeddings"], tail["position_embeddings"]):
+                        dst.copy_(src)
+                run_tail = self._make_tail(session, stop)
+                if graphs and session.tail_graph is None:
+                    c0 = time.perf_counter()
+                    session.tail_graph = self._capture(run_tail, dev)
+                    capture_ms += 1000 * (time.perf_counter() - c0)
+                if graphs:
+                    session.tail_graph.replay()
+                else:
+                    run_tail()
+                logits = session.tail_logits
+            if suppress is not None:
+                logits = logits.index_fill(1, suppress, float("-inf"))
+            firsts.append(logits.argmax(-1))
             if start == 0:
                 sync(); t1 = time.perf_counter()
-            kv = self._store_chunk(kv, cache, valids, layer_group, rows, B, T)
-            del out, cache
+            del cache, tail
         self._finish_buffers(kv, B, T, dev)
         first = torch.cat(firsts)
-        pos_next = torch.cat(nexts).contiguous()
-        tok = first.unsqueeze(1).clone()
-        t = torch.zeros(1, dtype=torch.long, device=dev)
-        new = torch.full((B, T), pad, dtype=torch.long, device=dev)
-        new[:, 0] = first
-        step = self._make_step(kv, tok, pos_next, t, new, suppress)
+        if session is None:
+            session = self._session_for(None, kv, B, T, pad, dev, reuse=False)
+        session.pos_next.copy_(torch.cat(nexts))
+        session.tok.copy_(first.unsqueeze(1))
+        session.t.zero_()
+        session.new.fill_(pad)
+        session.new[:, 0] = first
+        step = self._make_step(session, suppress)
         sync(); t2 = time.perf_counter()
 
         undo = self._swap_attention()
         try:
-            capture_ms = 0.0
             if T > 1 and use_graph:
-                graph = torch.cuda.CUDAGraph()
-                side = torch.cuda.Stream(device=dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up: Triton compilation and allocator pools outside capture
-                        step()
-                torch.cuda.current_stream(dev).wait_stream(side)
-                with torch.cuda.graph(graph):
-                    step()
-                t.zero_()
-                tok.copy_(first.unsqueeze(1))
-                sync(); t3 = time.perf_counter()
-                capture_ms = 1000 * (t3 - t2)
+                if session.decode_graph is None:
+                    c0 = time.perf_counter()
+                    session.decode_graph = self._capture(step, dev, warmups=2)
+                    session.t.zero_()
+                    session.tok.copy_(first.unsqueeze(1))
+                    sync()
+                    capture_ms += 1000 * (time.perf_counter() - c0)
+                t3 = time.perf_counter()
                 for _ in range(T - 1):
-                    graph.replay()
-                self._graph = graph
+                    session.decode_graph.replay()
             else:
                 t3 = time.perf_counter()
                 for _ in range(T - 1):
@@ -371,11 +561,12 @@ class StaticDecoder:
         finally:
             for attn, original in undo:
                 attn.config = original
-        new = _finish(new, eos_ids, pad)
+        new = _finish(session.new.clone(), eos_ids, pad)
         self.last = dict(
             prefill_ms=1000 * (t1 - t0), setup_ms=1000 * (t2 - t1), capture_ms=capture_ms, prefill_chunks=len(firsts),
             decode_ms_per_token=1000 * (t4 - t3) / (T - 1) if T > 1 else None,
-            kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups], cuda_graph=bool(use_graph and T > 1),
+            kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
+            cuda_graph=bool(use_graph and T > 1), graph_prefill_from_layer=stop if split else None,
         )
         return torch.cat([input_ids, new], dim=1)
 
