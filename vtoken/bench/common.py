@@ -216,7 +216,21 @@ class ModuleTimer:
         return False
 
 
-class OracleFeed:
+class HookOwner:
+    """Holds one hook handle in ``self._h``; ``remove()`` and use as a context manager."""
+
+    def remove(self):
+        self._h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+class OracleFeed(HookOwner):
     """The ORACLE of DESIGN.md section 7: the same model (vision tower, projector, merging of the
     image features into the prompt: its own code), then the language model fed ONLY the tokens at
     ``index`` (B, M) original positions, with their original position ids. No scoring, no
@@ -263,16 +277,6 @@ class OracleFeed:
             out["position_ids"] = idx
         self.fed.append(M)
         return (), out
-
-    def remove(self):
-        self._h.remove()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
 
 def kept_positions(handle) -> torch.Tensor:

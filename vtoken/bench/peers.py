@@ -34,13 +34,13 @@ import torch
 
 import vtoken
 from vtoken.bench import models as M
-from vtoken.bench.common import OracleFeed, ModuleTimer, cache_of, kept_positions, kv_bytes, kv_fields, timed, token_counts
+from vtoken.bench.common import HookOwner, OracleFeed, ModuleTimer, cache_of, kept_positions, kv_bytes, kv_fields, timed, token_counts
 
 N_IMAGES = 7
 KEEP = 64  # per image (of 576)
 
 
-class LayerRerun:
+class LayerRerun(HookOwner):
     """LLMC-style scoring emulation: after decoder layer ``layer`` runs in the prefill, run it
     again on the same input in eager attention with attention weights returned (no KV cache
     update), and reduce the weights to the head-averaged last-row score (kept in ``scores``)."""
@@ -102,16 +102,6 @@ class LayerRerun:
         self.scores = w[:, :, -1, :].float().mean(dim=1)  # (B, N): attention the last token pays each key
         self.reruns += 1
         return None
-
-    def remove(self):
-        self._h.remove()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
 
 def run_peers(bench, pool, n_images=N_IMAGES, keep=KEEP, method="fastv", K=2):
