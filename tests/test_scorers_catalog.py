@@ -249,3 +249,15 @@ def test_edge_budgets_keep_all_single_and_empty_segments(scorer):
         sig.full_pos[2] = -1
     sel = scorer.select(sig)
     assert sel.keep[2].sum() == 0 and not (sel.keep & ~sig.mask).any()
+
+
+def test_depth_scaled_options_for_shallow_models():
+    """The eval scales the papers' 32-layer stage positions to shallow models (hand-computed)."""
+    from vtoken.methods import depth_scaled_options
+
+    assert depth_scaled_options("pyramiddrop", 32) == {}  # (8, 16, 24) fit: unchanged
+    assert depth_scaled_options("pyramiddrop", 4) == {"layers": (1, 2, 3)}  # round(1, 2, 3)
+    assert depth_scaled_options("pyramiddrop", 16) == {"layers": (4, 8, 12)}
+    assert depth_scaled_options("sparsevlm", 8) == {"layers": (1, 2, 4)}  # round(.5)=0 -> 1; round(1.5)=2; round(3.75)=4
+    assert depth_scaled_options("sparsevlm", 3) == {}  # three stages need layers 1, 2, 3 < 3: impossible
+    assert depth_scaled_options("fastv", 4) == {}  # no multi-stage layers option

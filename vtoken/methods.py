@@ -76,3 +76,27 @@ def build_plan(method: str, keep, **options) -> list:
         raise PruningConfigError(
             f"bad option for method {spec.name!r}: {exc}; options it takes: {', '.join(spec.options) or 'none'}"
         ) from exc
+
+
+def depth_scaled_options(method: str, num_layers: int, reference_depth: int = 32) -> dict:
+    """``{"layers": ...}`` for a multi-stage preset whose default stage layers (the papers', for
+    32-layer LLMs) do not fit a model with ``num_layers`` decoder layers: each layer L becomes
+    ``round(L * num_layers / reference_depth)``, at least 1, strictly increasing, below
+    ``num_layers``. ``{}`` when the defaults fit, or the method has no ``layers`` option, or the
+    model is too shallow for its stage count. Used by ``vtoken eval`` (and noted in its table);
+    :func:`vtoken.apply_pruning` itself never moves stages silently.
+    """
+    import inspect
+
+    spec = method_spec(method)
+    param = inspect.signature(spec.builder).parameters.get("layers")
+    if param is None or not isinstance(param.default, tuple):
+        return {}
+    layers = param.default
+    if max(layers) < num_layers:
+        return {}
+    scaled, prev = [], 0
+    for L in layers:
+        prev = max(prev + 1, round(L * num_layers / reference_depth), 1)
+        scaled.append(prev)
+    return {"layers": tuple(scaled)} if scaled[-1] < num_layers else {}

@@ -173,7 +173,13 @@ class ModelBackend:
             return
         import vtoken
 
-        handle = vtoken.apply_pruning(self.model, method=method, keep=keep)
+        from vtoken.methods import depth_scaled_options
+
+        depth = int(getattr(self.model.config.get_text_config(), "num_hidden_layers", 0) or 0)
+        options = depth_scaled_options(method, depth) if depth else {}
+        if options:  # the papers' 32-layer stage positions, scaled to this model's depth (noted in the table)
+            self.info.setdefault("scaled_layers", {})[method] = list(options["layers"])
+        handle = vtoken.apply_pruning(self.model, method=method, keep=keep, **options)
         self._handle = handle
         try:
             yield handle

@@ -306,6 +306,9 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
          "Efficiency: CPU wall times (no GPU: no synchronisation needed, no peak-memory column); medians over "
          "batches; prefill = first forward of generate per batch; KV = prefill KV cache per question."),
     ]
+    for name, layers in sorted((info.get("scaled_layers") or {}).items()):
+        notes.append(f"{name}: the paper's stage layers (for 32-layer LLMs) scaled to this model's depth: "
+                     f"layers={tuple(layers)}.")
     for row in rows:
         if row.get("failed"):
             notes.append(f"{row['label']} at keep={row['keep']} could not run: {row['failed']}")
