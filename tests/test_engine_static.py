@@ -147,3 +147,18 @@ def test_cuda_graph_equals_eager_static_decode_on_gpu():
     unpruned = StaticDecoder(model)
     assert torch.equal(unpruned.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS), model.generate(**inputs, **GEN))
     assert unpruned.last["graph_prefill_from_layer"] == 0
+
+
+@pytest.mark.gpu
+def test_vision_tower_graph_replays_on_gpu():
+    """LLaVA's CLIP tower replayed as a CUDA graph: same tokens as generate, for new pixels too."""
+    import tiny_models as tm
+
+    model = tm.tiny_llava().cuda()
+    dec = StaticDecoder(model)
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+        for seed in (0, 1):
+            inputs = {k: v.cuda() for k, v in tm.llava_inputs(model, [3, 6, 5], [1, 1, 1], [4, 2, 3], seed=seed).items()}
+            got = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
+            assert dec.last["vision_tower_graph"] == "captured"
+            assert torch.equal(got, model.generate(**inputs, **GEN))

@@ -133,6 +133,9 @@ class Adapter:
 
     model_types: tuple = ()
     family: str = ""
+    # the vision tower's forward has static shapes for a given pixel input and no host syncs, so
+    # vtoken.engine.StaticDecoder may replay it as a CUDA graph
+    vision_tower_graphable: bool = False
 
     def __init__(self, model):
         self.model = model

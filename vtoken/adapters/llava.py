@@ -22,6 +22,8 @@ class LlavaAdapter(Adapter):
     """``LlavaForConditionalGeneration``: a fixed grid of image tokens per image (576 for 336 px /
     14 px patches), one contiguous run of ``image_token_id`` per image."""
 
+    vision_tower_graphable = True  # CLIP tower: fixed shapes per pixel input
+
     model_types = ("LlavaForConditionalGeneration",)
     family = "llava"
 
@@ -81,6 +83,8 @@ class LlavaNextAdapter(Adapter):
     unpadded grid end with the learned ``image_newline`` vector) are detected in the layer-0
     embeddings and kept as structural tokens: never pruned, never counted in a budget.
     """
+
+    vision_tower_graphable = True  # CLIP tower: fixed shapes per pixel input
 
     model_types = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
     family = "llava_next"

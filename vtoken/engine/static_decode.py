@@ -124,6 +124,71 @@ def _kept_index(valid: torch.Tensor, new_tokens: int) -> tuple:
 
 
 # ------------------------------------------------------------------------------------ decoder
+def _signature(value):
+    if torch.is_tensor(value):
+        return ("T", tuple(value.shape), value.dtype, str(value.device))
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _signature(v)) for k, v in value.items()))
+    return repr(value)
+
+
+def _copy_into(dst, src):
+    if torch.is_tensor(dst):
+        dst.copy_(src)
+    elif isinstance(dst, (list, tuple)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+    elif isinstance(dst, dict):
+        for k in dst:
+            _copy_into(dst[k], src[k])
+
+
+def _clone(value):
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+class _GraphedForward:
+    """A module's ``forward`` replayed as a CUDA graph, one graph per input signature (shapes,
+    dtypes, non-tensor arguments). Outputs are the graph's static tensors, valid until the next
+    replay. A forward that cannot be captured (host syncs, data-dependent shapes: e.g. Qwen's
+    windowed vision tower) runs eagerly from then on (``self.failed`` says why)."""
+
+    def __init__(self, module, capture):
+        self.forward, self.capture, self.graphs, self.failed = module.forward, capture, {}, None
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is not None:
+            return self.forward(*args, **kwargs)
+        key = _signature((args, kwargs))
+        entry = self.graphs.get(key)
+        if entry is None:
+            static = _clone((args, kwargs))
+            box = {}
+
+            def run():
+                box["out"] = self.forward(*static[0], **static[1])
+
+            try:
+                graph = self.capture(run)
+            except Exception as exc:  # noqa: BLE001 - not capturable: stay eager
+                self.failed = f"{type(exc).__name__}: {exc}"
+                torch.cuda.synchronize()
+                return self.forward(*args, **kwargs)
+            entry = self.graphs[key] = (graph, static, box)
+        graph, static, box = entry
+        _copy_into(static, (args, kwargs))
+        graph.replay()
+        return box["out"]
+
+
 class _StopPrefill(Exception):
     """Raised by a pre-hook on the first layer of the captured tail: carries that layer's inputs."""
 
@@ -158,6 +223,7 @@ class _Session:
     t: torch.Tensor
     new: torch.Tensor
     pos_next: torch.Tensor
+    suppress: Optional[torch.Tensor] = None  # token ids masked at every step (read by the decode graph)
     decode_graph: object = None
     tail_inputs: Optional[dict] = None
     tail_logits: Optional[torch.Tensor] = None
@@ -203,12 +269,14 @@ class StaticDecoder:
         self.layer_group: list = []
         self.last: dict = {}
         self._session: Optional[_Session] = None
+        self._tower_graph: Optional[_GraphedForward] = None
 
     # -------------------------------------------------------------- prefill
-    def _prefill(self, inputs: dict, stop: Optional[int] = None):
+    def _prefill(self, inputs: dict, stop: Optional[int] = None, graph_tower: bool = False):
         """Run the model's forward; with ``stop``, abort it at decoder layer ``stop`` (after the
-        pruning hooks have re-laid-out its inputs). Returns (logits or None, position ids, cache,
-        tail inputs or None)."""
+        pruning hooks have re-laid-out its inputs); with ``graph_tower``, the vision tower's forward
+        replays a CUDA graph per input shape. Returns (logits or None, position ids, cache, tail
+        inputs or None)."""
         captured = {}
         rotary = self.adapter.text_model.rotary_emb
 
@@ -232,6 +300,11 @@ class StaticDecoder:
         hooks = [rotary.register_forward_pre_hook(grab, with_kwargs=True)]
         if stop is not None:
             hooks.append(self.adapter.layers[stop].register_forward_pre_hook(halt, with_kwargs=True))
+        tower = self.adapter.vision_tower if graph_tower else None
+        if tower is not None:
+            if self._tower_graph is None:
+                self._tower_graph = _GraphedForward(tower, lambda fn: self._capture(fn, inputs["input_ids"].device))
+            tower.forward = self._tower_graph
         logits, tail = None, None
         try:
             logits = self.model(**kwargs).logits[:, -1]
@@ -241,9 +314,17 @@ class StaticDecoder:
         finally:
             for h in hooks:
                 h.remove()
+            if tower is not None:
+                tower.__dict__.pop("forward", None)
         if captured.get("pos") is None:
             raise PruningConfigError("StaticDecoder could not read the prefill's position ids")
         return logits, captured["pos"], cache, tail
+
+    def _needs_vision(self) -> bool:
+        """Whether the attached plan reads vision-encoder attention (captured by Python probes
+        inside the tower, which a graph replay would skip)."""
+        handle = self.model.__dict__.get(HANDLE_ATTR)
+        return bool(handle is not None and handle.runtime.needs_vision)
 
     def _stop_layer(self) -> Optional[int]:
         """First layer of the captured prefill tail, or None when the split does not apply."""
@@ -371,7 +452,7 @@ class StaticDecoder:
 
         return tail
 
-    def _make_step(self, session: _Session, suppress: Optional[torch.Tensor]):
+    def _make_step(self, session: _Session):
         """The decode step closure: reads ``tok [B, 1]`` and step ``t [1]``; writes token t+1 into
         ``new``."""
         model, adapter = self.model, self.adapter
@@ -381,6 +462,7 @@ class StaticDecoder:
         layers = list(adapter.layers)
         call = self._layer_call()
         kv, tok, t, out, pos_next = session.kv, session.tok, session.t, session.new, session.pos_next
+        suppress = session.suppress
         groups = kv.groups
 
         def step():
@@ -429,13 +511,15 @@ class StaticDecoder:
         return graph
 
     def _session_for(self, signature: tuple, kv: StaticKV, batch: int, new_tokens: int, pad: int, dev,
-                     reuse: bool) -> _Session:
+                     suppress: Optional[torch.Tensor], reuse: bool) -> _Session:
+        """The session for ``signature`` (the cached one when it matches; every tensor a captured
+        graph reads must live here, not in a call's locals, or a replay reads freed memory)."""
         if reuse and self._session is not None and self._session.signature == signature:
             return self._session
         session = _Session(signature=signature, kv=kv, tok=torch.zeros(batch, 1, dtype=torch.long, device=dev),
                            t=torch.zeros(1, dtype=torch.long, device=dev),
                            new=torch.full((batch, new_tokens), pad, dtype=torch.long, device=dev),
-                           pos_next=torch.zeros(batch, dtype=torch.long, device=dev))
+                           pos_next=torch.zeros(batch, dtype=torch.long, device=dev), suppress=suppress)
         self._session = session if reuse else None
         return session
 
@@ -479,7 +563,9 @@ class StaticDecoder:
         for start in range(0, B, chunk):
             rows = slice(start, min(B, start + chunk))
             part = inputs if rows.stop - rows.start == B else _slice_inputs(inputs, rows, B)
-            logits, prefill_pos, cache, tail = self._prefill(part, stop)
+            logits, prefill_pos, cache, tail = self._prefill(part, stop, graph_tower=graphs and stop is not None
+                                                             and self.adapter.vision_tower_graphable
+                                                             and not self._needs_vision())
             # a generated token's position: the sample's largest prefill position + 1 (+ t)
             pos = prefill_pos.to(dev)
             pos = pos.amax(dim=0) if pos.dim() == 3 else pos
@@ -497,7 +583,7 @@ class StaticDecoder:
                                                                      T, like)
                 kv0.valid_rows = [[] for _ in valids]
                 kv = self._store_chunk(kv0, cache, valids, layer_group, rows, B, T, like, upto=stop)
-                session = self._session_for(signature, kv, B, T, pad, dev, reuse=graphs)
+                session = self._session_for(signature, kv, B, T, pad, dev, suppress, reuse=graphs)
                 if session.tail_inputs is None:
                     session.tail_inputs = {
                         "hidden": tail["hidden"].clone(),
@@ -531,13 +617,13 @@ class StaticDecoder:
         self._finish_buffers(kv, B, T, dev)
         first = torch.cat(firsts)
         if session is None:
-            session = self._session_for(None, kv, B, T, pad, dev, reuse=False)
+            session = self._session_for(None, kv, B, T, pad, dev, suppress, reuse=False)
         session.pos_next.copy_(torch.cat(nexts))
         session.tok.copy_(first.unsqueeze(1))
         session.t.zero_()
         session.new.fill_(pad)
         session.new[:, 0] = first
-        step = self._make_step(session, suppress)
+        step = self._make_step(session)
         sync(); t2 = time.perf_counter()
 
         undo = self._swap_attention()
@@ -567,6 +653,7 @@ class StaticDecoder:
             decode_ms_per_token=1000 * (t4 - t3) / (T - 1) if T > 1 else None,
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
             cuda_graph=bool(use_graph and T > 1), graph_prefill_from_layer=stop if split else None,
+            vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
         )
         return torch.cat([input_ids, new], dim=1)
 
