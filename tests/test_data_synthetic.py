@@ -87,8 +87,9 @@ def test_objects_are_small_and_drawn():
         assert side <= 2 * 14  # at most about two 14 px patches wide
         cx, cy = int(o.x * 336), int(o.y * 336)
         assert tuple(img[cy + 2, cx]) == S.COLORS[o.color]  # just below the centre: inside every shape
-    # most of the canvas is background (blue channel 255, red/green >= 200): objects are small
-    bg = ((img[..., 2] == 255) & (img[..., 0] >= 200) & (img[..., 1] >= 200)).mean()
+    # most of the canvas is background (blue channel 255, red/green >= 255 - GRADIENT): objects are small
+    floor = 255 - S.GRADIENT
+    bg = ((img[..., 2] == 255) & (img[..., 0] >= floor) & (img[..., 1] >= floor)).mean()
     assert bg > 0.9
     assert tuple(img[0, 0]) == S.BACKGROUND
 
@@ -98,3 +99,43 @@ def test_other_image_sizes_scale_the_scene():
     big = S.make_split("test", 2, seed=1)
     assert small[0]["image"].size == (224, 224)
     assert [r["question"] for r in small] == [r["question"] for r in big]
+
+
+def test_relation_questions_are_unambiguous_and_balanced():
+    recs = [r for r in S.make_split("test", 400, seed=3) if r["qtype"] in ("left", "above")]
+    assert len(recs) == 100
+    for r in recs:
+        words = r["question"].rstrip("?").split()
+        by_color = {o.color: o for o in r["scene"].objects}
+        axis = "x" if r["qtype"] == "left" else "y"
+        gap = getattr(by_color[words[-2]], axis) - getattr(by_color[words[2]], axis)
+        assert abs(gap) >= S._MIN_SEP  # clearly separated along the compared axis
+    yes = sum(r["answer"] == "yes" for r in recs)
+    assert 35 <= yes <= 65
+
+
+def test_training_questions_ask_each_fact_once_and_aux_positions_are_right():
+    rng = np.random.default_rng(11)
+    qtypes = S.QTYPES + ("left", "above") + S.AUX_QTYPES
+    seen_aux = set()
+    for _ in range(30):
+        scene = S.make_scene(rng, "train")
+        by_color = {o.color: o for o in scene.objects}
+        qas = S.make_questions(scene, rng, 24, qtypes)
+        assert len({q for q, _, _ in qas}) == len(qas)
+        pairs = [(t, frozenset(q.split()[i] for i in (2, -2))) for q, _, t in qas if t in ("left", "above")]
+        assert len(set(pairs)) == len(pairs)  # never both orders of one pair in one sequence
+        for q, a, t in qas:
+            if t in S.AUX_QTYPES:
+                seen_aux.add(t)
+                o = by_color[q.split()[4]]
+                v = o.x if t == "column" else o.y
+                assert int(a) == min(S.POS_BINS - 1, int(v * S.POS_BINS))
+    assert seen_aux == set(S.AUX_QTYPES)
+    # training-only types never enter a default split, and make_record is make_split's element
+    assert {r["qtype"] for r in S.make_split("test", 16)} == set(S.QTYPES)
+    aux = S.make_split("test", 4, seed=2, qtypes=S.AUX_QTYPES)
+    assert [r["qtype"] for r in aux] == ["column", "row", "column", "row"]
+    assert _sig(S.make_record("test", 2, 3)) == _sig(S.make_split("test", 4, seed=2)[3])
+    with pytest.raises(ValueError):
+        S.make_split("test", 1, qtypes=("nope",))

@@ -39,6 +39,15 @@ def test_training_pipeline_matches_the_processor(arch):
     assert check_pipeline(arch, proc, n=2) < 1e-5
 
 
+@pytest.mark.parametrize("arch", build.ARCHS)
+def test_packed_training_turns_equal_single_turns(arch):
+    """Independent turns packed behind one image (4-D mask, explicit positions / M-RoPE template)
+    give the logits of each turn run alone through the model's default path."""
+    from vtoken.zoo.train import check_packed_turns
+
+    assert check_packed_turns(arch, build.build_processor(arch), n_images=1, turns=2) < 1e-4
+
+
 def test_qwen_processor_roundtrip_without_torchvision(tmp_path):
     from vtoken.zoo.processing import load_processor, save_processor
 

@@ -21,6 +21,16 @@ qtype                 example                                             answer
 ``above``             is the red object above the blue object?            yes/no
 ====================  ==================================================  ======================
 
+Relation questions are only asked about two objects whose centres are at least ``_MIN_SEP`` (0.15
+of the image, 3.6 patches) apart along the compared axis, so their answers are never ambiguous;
+"yes" and "no" are equally likely (both orders of every pair are candidates).
+
+Training-only question types (:data:`AUX_QTYPES`, never in a split made with the default
+``qtypes``) ask for the coarse position of a named object: ``column`` ("what column is the red
+object in?") and ``row`` ("what row is the red object in?"), answered by a digit 0-7 (eighths of
+the image, left to right / top to bottom). They supervise directly what a relation question needs
+twice (the position of a named object) and are used as auxiliary tasks by :mod:`vtoken.zoo.train`.
+
 Colours and shapes are those of the ``easy-vqa`` data set, so one closed vocabulary serves both.
 
 Determinism and disjoint splits: record ``i`` of split ``s`` with seed ``k`` is drawn from its own
@@ -32,6 +42,7 @@ the seeds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Iterable
@@ -44,7 +55,9 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "QTYPES",
+    "AUX_QTYPES",
     "ANSWER_VOCAB",
+    "AUX_WORDS",
     "QUESTION_WORDS",
     "Obj",
     "Scene",
@@ -53,6 +66,7 @@ __all__ = [
     "make_question",
     "make_questions",
     "make_split",
+    "make_record",
     "scene_split",
     "scene_key",
 ]
@@ -78,19 +92,25 @@ GRID = 24
 SIZE_FRAC = {"small": 12 / 336, "large": 26 / 336}
 _CELLS = {"small": 1, "large": 2}
 BACKGROUND = (255, 255, 255)  # top-left corner of the canvas
-# The canvas is a faint gradient (red fades left to right, green top to bottom, down to 200), so
-# every patch carries its absolute position: "left of" / "above" are then learnable by the tiny
-# checkpoints, whose Qwen2-VL vision tower has only relative (rotary) positions.
-GRADIENT = 55
+# The canvas is a faint gradient (red fades left to right, green top to bottom, from 255 down to
+# 255 - GRADIENT), so every patch carries its absolute position: "left of" / "above" are then
+# learnable by the tiny checkpoints, whose Qwen2-VL vision tower has only relative (rotary)
+# positions.
+GRADIENT = 80
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
 
 QTYPES = ("shape", "size", "color", "exist", "count_shape", "count_all", "left", "above")
+AUX_QTYPES = ("column", "row")  # training-only: position of a named object, digit 0 .. POS_BINS-1
+POS_BINS = 8
 DIGITS = tuple(str(d) for d in range(10))
 ANSWER_VOCAB: tuple[str, ...] = ("yes", "no") + tuple(COLORS) + SHAPES + SIZES + DIGITS
 QUESTION_WORDS: tuple[str, ...] = (
     "what", "shape", "size", "color", "is", "the", "object", "objects", "there", "a", "how", "many",
     "are", "left", "of", "above", "?",
 ) + tuple(SHAPE_PLURAL.values())
+# words of the training-only AUX_QTYPES ("in" is also an easy-vqa word); kept apart from
+# QUESTION_WORDS so the tokenizer's earlier ids do not move
+AUX_WORDS: tuple[str, ...] = ("column", "row", "in")
 
 _SPLIT_CODES = {"train": 1, "test": 2}
 _TEST_FRACTION_MOD = 8  # one scene hash in 8 belongs to the test split
@@ -155,14 +175,19 @@ def make_scene(rng: np.random.Generator, split: str = "train") -> Scene:
             return scene
 
 
-def render(scene: Scene, image_size: int = 336) -> Image.Image:
-    """Draw ``scene`` on an ``image_size`` x ``image_size`` RGB canvas (faint white-to-lavender gradient)."""
-    ramp = np.round(GRADIENT * (np.arange(image_size) + 0.5) / image_size).astype(np.int16)
+@functools.lru_cache(maxsize=8)
+def _canvas(image_size: int, gradient: int) -> Image.Image:
+    ramp = np.round(gradient * (np.arange(image_size) + 0.5) / image_size).astype(np.int16)
     canvas = np.empty((image_size, image_size, 3), dtype=np.uint8)
     canvas[..., 0] = 255 - ramp[None, :]
     canvas[..., 1] = 255 - ramp[:, None]
     canvas[..., 2] = 255
-    img = Image.fromarray(canvas, "RGB")
+    return Image.fromarray(canvas, "RGB")
+
+
+def render(scene: Scene, image_size: int = 336) -> Image.Image:
+    """Draw ``scene`` on an ``image_size`` x ``image_size`` RGB canvas (faint white-to-lavender gradient)."""
+    img = _canvas(image_size, GRADIENT).copy()
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         side = SIZE_FRAC[o.size] * image_size
@@ -185,28 +210,29 @@ def _by_color(scene: Scene) -> dict[str, Obj]:
     return {o.color: o for o in scene.objects}
 
 
-def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
-    """One (question, answer) of type ``qtype`` about ``scene``, or None if the scene has none."""
+def _question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str, tuple] | None:
+    """(question, answer, fact) of type ``qtype`` or None; ``fact`` identifies what is asked
+    (a relation pair in either order is one fact)."""
     objs = list(scene.objects)
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     if qtype == "shape":
         o = pick(objs)
-        return f"what shape is the {o.color} object?", o.shape
+        return f"what shape is the {o.color} object?", o.shape, (qtype, o.color)
     if qtype == "size":
         o = pick(objs)
-        return f"what size is the {o.color} object?", o.size
+        return f"what size is the {o.color} object?", o.size, (qtype, o.color)
     if qtype == "color":
         counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
         unique = [o for o in objs if counts[o.shape] == 1]
         if not unique:
             return None
         o = pick(unique)
-        return f"what color is the {o.shape}?", o.color
+        return f"what color is the {o.shape}?", o.color, (qtype, o.shape)
     if qtype == "exist":
         present = {(o.color, o.shape) for o in objs}
         if rng.random() < 0.5:
             c, s = pick(sorted(present))
-            return f"is there a {c} {s}?", "yes"
+            return f"is there a {c} {s}?", "yes", (qtype, c, s)
         # negatives: mostly near misses (the colour is there with another shape)
         scene_colors = [o.color for o in objs]
         if rng.random() < 0.7:
@@ -214,12 +240,13 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[s
         else:
             c = pick(list(COLORS))
         shapes = [s for s in SHAPES if (c, s) not in present]
-        return f"is there a {c} {pick(shapes)}?", "no"
+        s = pick(shapes)
+        return f"is there a {c} {s}?", "no", (qtype, c, s)
     if qtype == "count_shape":
         s = pick(SHAPES)
-        return f"how many {SHAPE_PLURAL[s]} are there?", str(sum(o.shape == s for o in objs))
+        return f"how many {SHAPE_PLURAL[s]} are there?", str(sum(o.shape == s for o in objs)), (qtype, s)
     if qtype == "count_all":
-        return "how many objects are there?", str(len(objs))
+        return "how many objects are there?", str(len(objs)), (qtype,)
     if qtype in ("left", "above"):
         axis = "x" if qtype == "left" else "y"
         pairs = [
@@ -233,8 +260,21 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[s
         a, b = pick(pairs)
         ans = "yes" if getattr(a, axis) < getattr(b, axis) else "no"
         rel = "left of" if qtype == "left" else "above"
-        return f"is the {a.color} object {rel} the {b.color} object?", ans
-    raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
+        return f"is the {a.color} object {rel} the {b.color} object?", ans, (qtype, frozenset((a.color, b.color)))
+    if qtype in AUX_QTYPES:
+        o = pick(objs)
+        v = o.x if qtype == "column" else o.y
+        return f"what {qtype} is the {o.color} object in?", str(min(POS_BINS - 1, int(v * POS_BINS))), (qtype, o.color)
+    raise ValueError(f"qtype must be one of {QTYPES + AUX_QTYPES}, got {qtype!r}")
+
+
+def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    """One (question, answer) of type ``qtype`` about ``scene``, or None if the scene has none.
+
+    ``qtype``: one of :data:`QTYPES` or the training-only :data:`AUX_QTYPES`.
+    """
+    qa = _question(scene, qtype, rng)
+    return None if qa is None else qa[:2]
 
 
 def make_questions(
@@ -243,25 +283,30 @@ def make_questions(
     """Up to ``k`` distinct (question, answer, qtype) triples about ``scene``.
 
     Question types come in rounds (each round a fresh permutation of ``qtypes``), so every type
-    appears once before any appears twice.
+    appears once before any appears twice; a type listed twice in ``qtypes`` is asked twice as
+    often. Every fact is asked at most once: in particular a relation pair is never asked in both
+    orders (in a multi-turn training sequence the second answer would follow from the first).
     """
     qtypes = list(qtypes)
     out: list[tuple[str, str, str]] = []
-    seen: set[str] = set()
+    seen: set = set()
     for _ in range(3 * k):
         for qt in rng.permutation(qtypes):
             if len(out) >= k:
                 return out
-            qa = make_question(scene, str(qt), rng)
-            if qa is not None and qa[0] not in seen:
-                seen.add(qa[0])
+            qa = _question(scene, str(qt), rng)
+            if qa is not None and qa[2] not in seen:
+                seen.add(qa[2])
                 out.append((qa[0], qa[1], str(qt)))
     return out
 
 
-def _record(split: str, seed: int, i: int, image_size: int) -> dict:
+def make_record(split: str, seed: int, i: int, image_size: int = 336, qtypes: tuple[str, ...] = QTYPES) -> dict:
+    """Record ``i`` of ``make_split(split, n, seed, image_size, qtypes)`` (for any ``n > i``)."""
+    if split not in _SPLIT_CODES:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
     rng = np.random.default_rng([_SPLIT_CODES[split], seed, i])
-    qtype = QTYPES[i % len(QTYPES)]  # balanced question types
+    qtype = qtypes[i % len(qtypes)]  # balanced question types
     while True:
         scene = make_scene(rng, split)
         qa = make_question(scene, qtype, rng)
@@ -279,16 +324,24 @@ def _record(split: str, seed: int, i: int, image_size: int) -> dict:
     }
 
 
-def make_split(split: str, n: int, seed: int = 0, image_size: int = 336) -> list[dict]:
+def make_split(
+    split: str, n: int, seed: int = 0, image_size: int = 336, qtypes: tuple[str, ...] = QTYPES
+) -> list[dict]:
     """``n`` VQA records of ``split`` ("train" or "test"), deterministic in (split, n, seed, image_size).
 
     Each record: ``image`` (PIL RGB, ``image_size`` square), ``question`` (str), ``answers`` (ten
     copies of the canonical answer, VQAv2-style), ``answer`` (str), ``qtype`` (str, see
     :data:`QTYPES`; types are balanced round-robin), ``id`` (str) and ``scene`` (the :class:`Scene`).
     Record ``i`` does not depend on ``n``: ``make_split(s, 10)`` is a prefix of ``make_split(s, 20)``.
+    ``qtypes``: the question types, in round-robin order (default :data:`QTYPES`; the training-only
+    :data:`AUX_QTYPES` may be added for diagnostics).
     """
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return [_record(split, seed, i, image_size) for i in range(n)]
+    qtypes = tuple(qtypes)
+    bad = [t for t in qtypes if t not in QTYPES + AUX_QTYPES]
+    if bad or not qtypes:
+        raise ValueError(f"qtypes must be a non-empty subset of {QTYPES + AUX_QTYPES}, got {qtypes!r}")
+    return [make_record(split, seed, i, image_size, qtypes) for i in range(n)]

@@ -6,10 +6,10 @@ backends (no torchvision needed), and the models are ``transformers`` classes wi
 
 Sizes (both checkpoints share the language-model shape):
 
-* language model: Llama/Qwen2 decoder, hidden 256, 4 layers, 8 query heads and 4 key-value
-  heads of dim 32 (GQA), MLP 768.
+* language model: Llama/Qwen2 decoder, hidden 256, 6 layers, 8 query heads and 4 key-value
+  heads of dim 32 (GQA), MLP 768; rotary base 1e6 for LLaVA's 1-D RoPE, 1e4 for Qwen2-VL's M-RoPE.
 * LLaVA vision tower: CLIP ViT, 336 px, patch 14 (24 x 24 = 576 patches + [CLS]), hidden 128,
-  3 layers (features of the penultimate one, as LLaVA-1.5), [CLS] dropped ("default").
+  4 layers (features of the penultimate one, as LLaVA-1.5), [CLS] dropped ("default").
 * Qwen2-VL vision tower: hidden 128, 3 layers, patch 7, temporal patch 2, 2 x 2 merge, so one
   visual token covers 14 x 14 pixels as in LLaVA-1.5. Dynamic resolution: the processor keeps
   images between 336 x 336 and 672 x 672 pixels (sides rounded to multiples of 14); the default
@@ -40,6 +40,7 @@ EASY_VQA_WORDS = (
 PROMPT_WORDS = ("user", "assistant", ":")
 
 QWEN_PATCH = 7
+LLAVA_ROPE_THETA = 1e6
 QWEN_MIN_PIXELS = 336 * 336
 QWEN_MAX_PIXELS = 672 * 672
 
@@ -54,6 +55,7 @@ def vocabulary() -> list[str]:
         *EASY_VQA_WORDS,
         # a few extra digits/words so counting answers and near-vocabulary questions never hit <unk>
         "10", "and", "right", "below", "how", "many", "objects",
+        *synthetic.AUX_WORDS,  # training-only position questions (last: earlier ids unchanged)
     ):
         if w not in words:
             words.append(w)
@@ -153,7 +155,7 @@ def _text_kwargs(tokenizer) -> dict:
         vocab_size=len(tokenizer),
         hidden_size=256,
         intermediate_size=768,
-        num_hidden_layers=4,
+        num_hidden_layers=6,
         num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=2048,
@@ -174,14 +176,18 @@ def build_config(arch: str, tokenizer=None):
         vision = CLIPVisionConfig(
             hidden_size=128,
             intermediate_size=512,
-            num_hidden_layers=3,
+            num_hidden_layers=4,
             num_attention_heads=4,
             image_size=336,
             patch_size=14,
             num_channels=3,
             hidden_act="quick_gelu",
         )
-        text_cfg = LlamaConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        # rope_theta 1e6 (as Llama 3 / Qwen2 use): with head dim 32 and the question ~600 tokens
+        # after the image's first patch, theta 1e4 leaves only 4 of 16 rotary frequencies slow
+        # enough for a content lookup ("the red object") that works wherever the object is; 1e6
+        # leaves 8. (Qwen2-VL's M-RoPE keeps text-to-image distances under ~40, so 1e4 is fine.)
+        text_cfg = LlamaConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": LLAVA_ROPE_THETA})
         cfg = LlavaConfig(
             vision_config=vision,
             text_config=text_cfg,
