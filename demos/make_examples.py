@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "examples"
 # one example per question type that shows pruning at work (small objects, spatial relations)
-WANTED = ("shape", "color", "count_all", "left", "exist", "size")
+WANTED = ("shape", "color", "count_all", "above", "exist", "size")
 
 
 def main() -> None:
