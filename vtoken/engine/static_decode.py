@@ -6,7 +6,10 @@ is launched from Python layer by layer, and a 7B model's decode is bound by thos
 cache barely shows. :class:`StaticDecoder` is the serving-style path:
 
 1. **Prefill** runs the model's own forward (pruned by the attached :func:`vtoken.apply_pruning`
-   handle, if any) with a dynamic cache.
+   handle, if any) with a dynamic cache; on CUDA it stops at the last pruning stage (the first
+   decoder layer when unpruned) and runs the remaining layers and the LM head as one CUDA graph
+   that writes their keys/values straight into the static buffers of step 2 (CLIP vision towers
+   are replayed as graphs too). Graphs are kept per input shape and replayed by later calls.
 2. **Static buffers**: each decoder layer gets a preallocated KV buffer
    ``[B, Hkv, N_l + T, D]`` (``N_l`` = that layer's prefill length after pruning, ``T`` = new
    tokens), the prefill keys/values copied in. Padding and pruned-away slots are never attended:
