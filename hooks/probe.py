@@ -42,15 +42,24 @@ def register_probe_implementation() -> None:
         AttentionInterface.register(PROBE_IMPL, _vtoken_attention)
 
 
+def private_attention_config(config, implementation: str, **attrs):
+    """A shallow copy of an attention module's ``config`` whose attention implementation is
+    ``implementation`` (a name in transformers' ``ALL_ATTENTION_FUNCTIONS``), plus ``attrs``:
+    only the module given the copy changes; the model's shared config stays as it was."""
+    private = copy.copy(config)
+    private._attn_implementation_internal = implementation
+    for name, value in attrs.items():
+        setattr(private, name, value)
+    return private
+
+
 def install_probe(attn_module, probe) -> callable:
     """Route ``attn_module`` through ``probe(base, module, q, k, v, mask, **kw)``; returns undo."""
     register_probe_implementation()
     original_config = attn_module.config
     base_name = original_config._attn_implementation or "eager"
     base = _eager_base if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
-    private = copy.copy(original_config)
-    private._attn_implementation_internal = PROBE_IMPL
-    attn_module.config = private
+    attn_module.config = private_attention_config(original_config, PROBE_IMPL)
     attn_module._vtoken_base_attention = base
     attn_module._vtoken_probe = probe
 

@@ -127,6 +127,16 @@ def layout_from_runs(
     )
 
 
+def visual_token_ids(config) -> list:
+    """The image / video placeholder token ids a model config declares (LLaVA and Qwen names)."""
+    ids = []
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v not in ids:
+            ids.append(v)
+    return ids
+
+
 class Adapter:
     """Base adapter. Subclasses set ``model_types`` (transformers class names) and override
     :meth:`layout`."""

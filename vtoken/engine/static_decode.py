@@ -35,7 +35,6 @@ continuation stay on ``model.generate``.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import time
 from dataclasses import dataclass
@@ -44,11 +43,13 @@ from typing import Optional
 import torch
 
 from vtoken.adapters import get_adapter
+from vtoken.adapters.base import visual_token_ids
 from vtoken.errors import PruningConfigError
+from vtoken.hooks.handle import HANDLE_ATTR
+from vtoken.hooks.probe import private_attention_config
+from vtoken.hooks.runtime import STATE_ATTR
 
 STATIC_IMPL = "vtoken_static"
-HANDLE_ATTR = "_vtoken_handle"
-STATE_ATTR = "_vtoken_state"
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -274,6 +275,11 @@ class StaticDecoder:
         self._session: Optional[_Session] = None
         self._tower_graph: Optional[_GraphedForward] = None
 
+    @property
+    def _handle(self):
+        """The :func:`vtoken.apply_pruning` handle attached to the model, or None."""
+        return self.model.__dict__.get(HANDLE_ATTR)
+
     # -------------------------------------------------------------- prefill
     def _prefill(self, inputs: dict, stop: Optional[int] = None, graph_tower: bool = False):
         """Run the model's forward; with ``stop``, abort it at decoder layer ``stop`` (after the
@@ -326,12 +332,12 @@ class StaticDecoder:
     def _needs_vision(self) -> bool:
         """Whether the attached plan reads vision-encoder attention (captured by Python probes
         inside the tower, which a graph replay would skip)."""
-        handle = self.model.__dict__.get(HANDLE_ATTR)
+        handle = self._handle
         return bool(handle is not None and handle.runtime.needs_vision)
 
     def _stop_layer(self) -> Optional[int]:
         """First layer of the captured prefill tail, or None when the split does not apply."""
-        handle = self.model.__dict__.get(HANDLE_ATTR)
+        handle = self._handle
         stop = handle.plan[-1].layer if handle is not None else 0
         deepstack = getattr(getattr(self.model.config, "vision_config", None), "deepstack_visual_indexes", None)
         if deepstack and stop < len(deepstack):  # Qwen3-VL adds vision features inside those layers
@@ -340,7 +346,7 @@ class StaticDecoder:
 
     def _layer_valid(self, cache, mask2d: torch.Tensor) -> tuple:
         """Per layer group: the prefill layout's validity ``[b, N_g]``; and layer -> group."""
-        handle = self.model.__dict__.get(HANDLE_ATTR)
+        handle = self._handle
         state = getattr(cache, STATE_ATTR, None)
         n_layers = len(self.adapter.layers)
         if handle is None or state is None:
@@ -491,12 +497,8 @@ class StaticDecoder:
         undo = []
         for layer in self.adapter.layers:
             attn = layer.self_attn
-            original = attn.config
-            private = copy.copy(original)
-            private._attn_implementation_internal = STATIC_IMPL
-            private._vtoken_static = self
-            attn.config = private
-            undo.append((attn, original))
+            undo.append((attn, attn.config))
+            attn.config = private_attention_config(attn.config, STATIC_IMPL, _vtoken_static=self)
         return undo
 
     @staticmethod
@@ -691,15 +693,12 @@ def _slice_inputs(inputs: dict, rows: slice, batch: int) -> dict:
 
 
 def _check_same_visual_inputs(config, input_ids: torch.Tensor) -> None:
-    for name in ("image_token_id", "video_token_id", "image_token_index"):
-        tok = getattr(config, name, None)
-        if tok is None:
-            continue
-        per_row = (input_ids == int(tok)).sum(1)
+    for tok in visual_token_ids(config):
+        per_row = (input_ids == tok).sum(1)
         if not bool((per_row == per_row[0]).all()):
             raise PruningConfigError(
-                f"prefill_batch needs every sample to carry the same visual inputs; {name} counts per sample: "
-                f"{per_row.tolist()}"
+                f"prefill_batch needs every sample to carry the same visual inputs; counts of token {tok} per "
+                f"sample: {per_row.tolist()}"
             )
 
 

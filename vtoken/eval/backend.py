@@ -126,15 +126,6 @@ class _Timer:
         self._handles = []
 
 
-def _visual_token_ids(config) -> list:
-    ids = []
-    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v not in ids:
-            ids.append(v)
-    return ids
-
-
 class ModelBackend:
     """A loaded VLM + processor + answer function, with pruning and measurement.
 
@@ -158,7 +149,9 @@ class ModelBackend:
         self._handle = None
         self._config = None
         self._warmed: set = set()
-        self._visual_ids = _visual_token_ids(model.config)
+        from vtoken.adapters.base import visual_token_ids
+
+        self._visual_ids = visual_token_ids(model.config)
 
     @contextlib.contextmanager
     def configure(self, method: str, keep):
