@@ -13,14 +13,18 @@ from typing import Optional
 import torch
 
 
-def prefill_mask(valid: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def prefill_mask(valid: torch.Tensor, attn_impl: str, dtype: torch.dtype,
+                 all_valid: Optional[bool] = None) -> Optional[torch.Tensor]:
     """Causal mask over a re-laid-out sequence.
 
     valid (B, N) bool -> (B, 1, N, N) mask, or None when every token is valid and the
     implementation applies causality itself (SDPA's ``is_causal``). Each query also sees itself
-    so rows of padding queries are never empty (no NaN).
+    so rows of padding queries are never empty (no NaN). ``all_valid``: ``valid.all()`` when the
+    caller knows it (saves a device sync).
     """
-    if attn_impl != "eager" and bool(valid.all()):
+    if all_valid is None:
+        all_valid = bool(valid.all())
+    if attn_impl != "eager" and all_valid:
         return None
     N = valid.shape[1]
     causal = torch.ones(N, N, dtype=torch.bool, device=valid.device).tril_()

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from vtoken.hooks import masks as M
+from vtoken.hooks.prefill_plan import candidates, prepare_prefill, text_rows
 from vtoken.hooks.probe import attention_rows
 from vtoken.plan import tokens_for
 from vtoken.signals import SegmentSignals
@@ -91,6 +92,11 @@ class CallContext:
     trace: list = field(default_factory=list)
     index_in_seg: Optional[torch.Tensor] = None
     vis_ordinal: Optional[torch.Tensor] = None
+    ids_host: Optional[torch.Tensor] = None  # host copies of a prefill's input_ids / 2-D mask
+    mask_host: Optional[torch.Tensor] = None
+    prepared: object = None  # PreparedPrefill (vtoken.hooks.prefill_plan)
+    text0: Optional[tuple] = None  # text rows of the original layout (until the first re-layout)
+    checks: Optional[list] = None  # budget checks deferred to the end of the multimodal forward
 
 
 class GenerateSession:
@@ -199,21 +205,46 @@ class Runtime:
             if isinstance(feats, (list, tuple)):
                 ctx.feature_lengths[kind] = [int(f.shape[0]) for f in feats]
         input_ids = kwargs.get("input_ids")
+        pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
         if input_ids is not None and input_ids.dim() == 2:
             ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
-        elif kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+            if pixels:
+                self._read_host_inputs(ctx, kwargs)
+        elif pixels:
             from vtoken.errors import PruningConfigError
 
             raise PruningConfigError("vtoken needs input_ids (not inputs_embeds) to locate the visual tokens")
         self.tls.ctx = ctx
 
+    def _read_host_inputs(self, ctx: CallContext, kwargs: dict) -> None:
+        """A prefill with images: copy ``input_ids`` and the 2-D mask to the host now (before the
+        vision tower runs, so the copy waits for nothing) and, when the adapter can lay out the
+        visual tokens from the inputs alone, prepare the first stage on the host
+        (:mod:`vtoken.hooks.prefill_plan`)."""
+        input_ids = kwargs["input_ids"]
+        ctx.checks = []
+        ctx.ids_host = input_ids.cpu()
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape == input_ids.shape:
+            ctx.mask_host = mask.cpu().bool()
+        if self.adapter.layout_needs_features:
+            return
+        layout = self.adapter.layout(ctx.ids_host, kwargs, ctx)
+        if layout is not None:
+            valid = ctx.mask_host if ctx.mask_host is not None else torch.ones(input_ids.shape, dtype=torch.bool)
+            ctx.prepared = prepare_prefill(layout, valid, self.plan[0].keep, input_ids.device)
+
     def on_multimodal_done(self) -> None:
         ctx = self.ctx
-        if ctx is not None and ctx.mode == "prefill" and ctx.trace:
+        self.tls.ctx = None
+        if ctx is None:
+            return
+        for name, got, budget in ctx.checks or ():
+            _check_budget(name, got, budget)
+        if ctx.mode == "prefill" and ctx.trace:
             self.last_trace = ctx.trace
             self.last_meta = (ctx.layout, ctx.vis_ordinal, ctx.orig_valid)
             self.tls.last = (ctx.trace, self.last_meta)
-        self.tls.ctx = None
 
     def on_text_call(self, kwargs: dict) -> None:
         ctx = self.ctx
@@ -240,27 +271,37 @@ class Runtime:
                 new_valid = torch.ones(B, state.extra, dtype=torch.bool, device=embeds.device)
             ctx.span_masks = [M.extend_mask(s.valid, new_valid, q, impl, dtype, s.all_valid) for s in state.stages]
             return
+        if ctx.prepared is not None and tuple(ctx.prepared.layout.segment_of.shape) != (B, q):
+            ctx.prepared = None  # the language model got another sequence than input_ids: lay out again
         if ctx.inputs is not None:  # a prefill: locate the visual tokens now that features exist
-            ctx.layout = self.adapter.layout(ctx.inputs["input_ids"], ctx.inputs, ctx)
+            if ctx.prepared is None:
+                ids = ctx.ids_host if ctx.ids_host is not None else ctx.inputs["input_ids"]
+                ctx.layout = self.adapter.layout(ids, ctx.inputs, ctx)
             ctx.inputs = None
             ctx.vision = getattr(self.tls, "vision", None) or []
             self.tls.vision = []
-        if ctx.layout is None:
+        if ctx.layout is None and ctx.prepared is None:
             ctx.mode = "off"
             return
         N = q
         ctx.n = N
         dev = embeds.device
         ctx.orig_valid = mask2d.bool() if mask2d is not None else torch.ones(B, N, dtype=torch.bool, device=dev)
-        structural = self.adapter.structural_from_embeds(embeds, ctx.layout)
-        if structural is not None:
-            _refine_structural(ctx.layout, structural)
-        lay = ctx.layout
-        prunable = lay.prunable
+        if ctx.prepared is None:
+            structural = self.adapter.structural_from_embeds(embeds, ctx.layout)
+            if structural is not None:
+                _refine_structural(ctx.layout, structural)
+            if mask2d is None:
+                valid = torch.ones(B, N, dtype=torch.bool)
+            elif ctx.mask_host is not None and tuple(ctx.mask_host.shape) == (B, N):
+                valid = ctx.mask_host
+            else:
+                valid = ctx.orig_valid.cpu()
+            ctx.prepared = prepare_prefill(ctx.layout, valid, self.plan[0].keep, dev)
+        prep = ctx.prepared
+        ctx.layout = prep.layout
         # index of each prunable token within its segment; ordinal within the sample's visual tokens
-        seg = lay.segment_of
-        ctx.index_in_seg = _running_index(prunable, seg)
-        ctx.vis_ordinal = torch.where(lay.visual, lay.visual.long().cumsum(1) - 1, torch.full_like(seg, -1))
+        ctx.index_in_seg, ctx.vis_ordinal, ctx.text0 = prep.index_in_seg, prep.vis_ordinal, prep.text
         ctx.cur_pos = torch.arange(N, device=dev).expand(B, N)
         ctx.cur_valid = ctx.orig_valid
         session = self.session
@@ -381,27 +422,13 @@ class Runtime:
             return self._relayout(ctx, hidden, new_pos, stage.layer, record=False)
         lay = ctx.layout
         cur_pos, cur_valid = ctx.cur_pos, ctx.cur_valid
-        safe = cur_pos.clamp(min=0)
-        seg = torch.where(cur_pos >= 0, lay.segment_of.gather(1, safe), torch.full_like(cur_pos, -1))
-        cand = (cur_pos >= 0) & cur_valid & lay.prunable.gather(1, safe)
-        b_idx, slot = cand.nonzero(as_tuple=True)
-        S = lay.num_segments
-        seg_ids = seg[b_idx, slot]
-        counts = torch.bincount(seg_ids, minlength=S)
-        offsets = counts.cumsum(0) - counts
-        within = torch.arange(seg_ids.numel(), device=seg_ids.device) - offsets[seg_ids]
-        n = int(counts.max()) if S > 0 else 0
-        slot_pad = torch.full((S, n), -1, dtype=torch.long, device=hidden.device)
-        slot_pad[seg_ids, within] = slot
-        smask = slot_pad >= 0
+        prep = ctx.prepared
+        # the first stage on the original layout: candidates prepared on the host (no syncs)
+        first = prep is not None and i == 0 and ctx.mode == "prefill" and ctx.text0 is prep.text
+        c = prep.first if first else candidates(lay, cur_pos, cur_valid, ctx.index_in_seg, stage.keep)
+        slot_pad, smask, index, budget, cand = c.slot_pad, c.smask, c.index, c.budget, c.cand
         sample = lay.seg_sample
         safe_slot = slot_pad.clamp(min=0)
-        orig = cur_pos[sample.unsqueeze(1), safe_slot]
-        index = torch.where(smask, ctx.index_in_seg[sample.unsqueeze(1), orig], torch.full_like(orig, -1))
-        budget = torch.tensor(
-            [tokens_for(stage.keep, int(c)) for c in lay.seg_count.tolist()], dtype=torch.long, device=hidden.device
-        )
-        budget = torch.minimum(budget, counts)
         sig = SegmentSignals(
             mask=smask,
             budget=budget,
@@ -415,17 +442,21 @@ class Runtime:
         self._fill_signals(ctx, stage, sig, hidden, slot_pad, safe_slot)
         sel = stage.scorer.select(sig)
         keep = sel.keep & smask
-        if not getattr(stage.scorer, "adaptive", False):
-            got = keep.sum(1)
-            if not torch.equal(got, budget):
-                raise RuntimeError(
-                    f"scorer {stage.scorer.name!r} kept {got.tolist()} tokens, budget was {budget.tolist()}"
-                )
+        exact = not getattr(stage.scorer, "adaptive", False)
+        if exact:
+            name = getattr(stage.scorer, "name", type(stage.scorer).__name__)
+            if ctx.checks is not None:  # checked when the forward ends (a check here would sync)
+                ctx.checks.append((name, keep.sum(1), budget))
+            else:
+                _check_budget(name, keep.sum(1), budget)
+        known = first and exact  # what the stage keeps per row is known on the host
         if stage.mode == "merge":
             hidden = _merge(hidden, sig, keep, sel.merge_into, slot_pad)
-        drop = torch.zeros_like(cand)
+        B, Nc = cand.shape
         dropped = smask & ~keep
-        drop[sample.unsqueeze(1).expand_as(slot_pad)[dropped], slot_pad[dropped]] = True
+        flat = torch.where(dropped, sample.unsqueeze(1) * Nc + slot_pad, torch.full_like(slot_pad, B * Nc))
+        drop = torch.zeros(B * Nc + 1, dtype=torch.bool, device=cand.device)
+        drop = drop.scatter_(0, flat.reshape(-1), True)[: B * Nc].view(B, Nc)
         trace = StageTrace(
             layer=stage.layer,
             scorer=getattr(stage.scorer, "name", type(stage.scorer).__name__),
@@ -438,31 +469,39 @@ class Runtime:
             diagnostics=dict(sig.diagnostics),
         )
         ctx.trace.append(trace)
-        if not bool(drop.any()) and stage.mode == "select":
+        nothing_dropped = (not prep.drop_any) if known else not bool(drop.any())
+        if nothing_dropped and stage.mode == "select":
             # nothing dropped anywhere: keep the layout (and the model's own masks) as they are
             if ctx.state is not None:
+                all_valid = prep.all_valid if known else bool(cur_valid.all())
                 ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid,
-                                                   all_valid=bool(cur_valid.all())))
+                                                   all_valid=all_valid))
             return hidden
         # padding slots (original or from an earlier stage) are dropped too; new padding goes left
         keep_slot = (cur_pos >= 0) & cur_valid & ~drop
-        n_b = keep_slot.sum(1)
-        Nn = int(n_b.max())
-        B = hidden.shape[0]
+        if known:
+            n_b, Nn = prep.kept_per_row, max(prep.kept_host)
+        else:
+            n_b = keep_slot.sum(1)
+            Nn = int(n_b.max())
         rank = keep_slot.long().cumsum(1) - 1 + (Nn - n_b).unsqueeze(1)
-        new_pos = torch.full((B, Nn), -1, dtype=torch.long, device=hidden.device)
-        bb, jj = keep_slot.nonzero(as_tuple=True)
-        new_pos[bb, rank[bb, jj]] = cur_pos[bb, jj]
+        # scatter each kept slot to its rank; everything else lands in a spare last column
+        target = torch.where(keep_slot & (rank >= 0) & (rank < Nn), rank, torch.full_like(rank, Nn))
+        new_pos = torch.full((B, Nn + 1), -1, dtype=torch.long, device=hidden.device)
+        new_pos = new_pos.scatter_(1, target, cur_pos)[:, :Nn]
         trace.positions = new_pos
-        return self._relayout(ctx, hidden, new_pos, stage.layer, record=True)
+        all_valid = (prep.all_valid and len(set(prep.kept_host)) == 1) if known else None
+        return self._relayout(ctx, hidden, new_pos, stage.layer, record=True, all_valid=all_valid)
 
-    def _relayout(self, ctx, hidden, new_pos, layer, record):
-        """Move to the layout ``new_pos`` (B, Nn) of original positions (-1 = padding slot)."""
+    def _relayout(self, ctx, hidden, new_pos, layer, record, all_valid=None):
+        """Move to the layout ``new_pos`` (B, Nn) of original positions (-1 = padding slot);
+        ``all_valid``: whether every new slot is valid, when the caller knows it (else one sync)."""
         B, Nc = ctx.cur_pos.shape
-        inv = torch.zeros(B, ctx.n, dtype=torch.long, device=hidden.device)
-        live = ctx.cur_pos >= 0
-        bb, jj = live.nonzero(as_tuple=True)
-        inv[bb, ctx.cur_pos[bb, jj]] = jj
+        # inv[b, p] = current slot of original position p (positions not present: a spare column)
+        where = torch.where(ctx.cur_pos >= 0, ctx.cur_pos, torch.full_like(ctx.cur_pos, ctx.n))
+        inv = torch.zeros(B, ctx.n + 1, dtype=torch.long, device=hidden.device)
+        inv = inv.scatter_(1, where, torch.arange(Nc, device=hidden.device).expand(B, Nc))[:, : ctx.n]
+        ctx.text0 = None  # the original layout's text rows no longer apply
         pad = new_pos < 0
         safe = new_pos.clamp(min=0)
         take = inv.gather(1, safe)
@@ -474,10 +513,11 @@ class Runtime:
             span["position_embeddings"] = tuple(_gather_seq(t, safe) for t in ctx.pos_emb0)
         if ctx.pos_ids0 is not None:
             span["position_ids"] = _gather_seq(ctx.pos_ids0, safe)
-        span["attention_mask"] = M.prefill_mask(valid, self.attn_impl(), hidden.dtype)
+        all_valid = bool(valid.all()) if all_valid is None else all_valid
+        span["attention_mask"] = M.prefill_mask(valid, self.attn_impl(), hidden.dtype, all_valid)
         ctx.span = span
         if record and ctx.state is not None:
-            ctx.state.stages.append(StageState(layer=layer, positions=new_pos, valid=valid, all_valid=bool(valid.all())))
+            ctx.state.stages.append(StageState(layer=layer, positions=new_pos, valid=valid, all_valid=all_valid))
         return hidden
 
     def _fill_signals(self, ctx, stage, sig, hidden, slot_pad, safe_slot):
@@ -538,7 +578,7 @@ class Runtime:
         from vtoken.errors import PruningConfigError
 
         lay = ctx.layout
-        counts = lay.seg_count.tolist()
+        counts = ctx.prepared.seg_count_host if ctx.prepared is not None else lay.seg_count.tolist()
         if any(kind != "image" for kind in lay.seg_kind):
             raise PruningConfigError(f"scorer {stage.scorer.name!r} reads vision-encoder attention, "
                                      "which vtoken maps to LLM tokens for images only (not video) so far")
@@ -585,18 +625,10 @@ def _bad_mask(mask):
     )
 
 
-def _running_index(prunable: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """(B, N) index of each prunable token within its segment (-1 elsewhere)."""
-    flat_seg = seg.clone()
-    flat_seg[~prunable] = -1
-    out = torch.full_like(seg, -1)
-    bb, jj = prunable.nonzero(as_tuple=True)
-    ids = flat_seg[bb, jj]
-    if ids.numel():
-        counts = torch.bincount(ids)
-        offsets = counts.cumsum(0) - counts
-        out[bb, jj] = torch.arange(ids.numel(), device=seg.device) - offsets[ids]
-    return out
+def _check_budget(name: str, got: torch.Tensor, budget: torch.Tensor) -> None:
+    """A non-adaptive scorer must keep exactly its budget per segment."""
+    if not torch.equal(got, budget):
+        raise RuntimeError(f"scorer {name!r} kept {got.tolist()} tokens, budget was {budget.tolist()}")
 
 
 def _refine_structural(layout, structural: torch.Tensor) -> None:
@@ -617,16 +649,9 @@ def _last_valid(valid: torch.Tensor) -> torch.Tensor:
 
 def _text_rows(ctx):
     """(B, T) slot indices of valid non-visual tokens (-1 padded), and (B, T) mask."""
-    lay = ctx.layout
-    safe = ctx.cur_pos.clamp(min=0)
-    is_text = ctx.cur_valid & ~lay.visual.gather(1, safe) & (ctx.cur_pos >= 0)
-    counts = is_text.sum(1)
-    T = max(int(counts.max()), 1)
-    rows = torch.full((is_text.shape[0], T), -1, dtype=torch.long, device=is_text.device)
-    bb, jj = is_text.nonzero(as_tuple=True)
-    rank = is_text.long().cumsum(1) - 1
-    rows[bb, rank[bb, jj]] = jj
-    return rows, rows >= 0
+    if ctx.text0 is not None:
+        return ctx.text0
+    return text_rows(ctx.layout, ctx.cur_pos, ctx.cur_valid)
 
 
 def _merge(hidden, sig, keep, merge_into, slot_pad):

@@ -146,6 +146,9 @@ class Adapter:
     # the vision tower's forward has static shapes for a given pixel input and no host syncs, so
     # vtoken.engine.StaticDecoder may replay it as a CUDA graph
     vision_tower_graphable: bool = False
+    # the layout needs what the model computes in the forward (feature lengths, embeddings): it is
+    # built when the language model is called, not from the inputs before the vision tower runs
+    layout_needs_features: bool = False
 
     def __init__(self, model):
         self.model = model

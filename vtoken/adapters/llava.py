@@ -86,6 +86,7 @@ class LlavaNextAdapter(Adapter):
 
     vision_tower_graphable = True  # CLIP tower: fixed shapes per pixel input
 
+    layout_needs_features = True  # per-image counts from get_image_features; newlines from embeddings
     model_types = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
     family = "llava_next"
 

@@ -175,7 +175,7 @@ def _run(args, argv, suites, device, t_start) -> int:
     meta = dict(env, attn="sdpa", dtype="float32" if args.tiny else "bfloat16", weights="random",
                 tiny=args.tiny, command="vtoken bench " + " ".join(argv), repeats=args.repeats, long_ms=args.long_ms,
                 new_tokens=args.new_tokens, suites=suites, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                time_budget_s=args.time_budget, build_s={}, suite_s={}, skipped=bench.skipped, errors=[])
+                time_budget_s=args.time_budget, build_s={}, suite_s={}, skipped=bench.skipped, errors=bench.errors)
     os.makedirs(args.out, exist_ok=True)
     pool = ModelPool(bench, set().union(*(NEEDS[s] for s in suites)) if suites else set())
 
@@ -220,8 +220,7 @@ def run_suite(suite, bench, pool, args):
     from vtoken.bench import image_suites, maxbatch, peers, qwen_suites
 
     if suite == "llava":
-        for method in args.methods:
-            image_suites.run_llava(bench, pool, batches=args.batch, keeps=args.keep, method=method)
+        image_suites.run_llava(bench, pool, batches=args.batch, keeps=args.keep, methods=args.methods)
     elif suite == "llava-next":
         image_suites.run_llava_next(bench, pool, batches=args.next_batch)
     elif suite == "qwen-long":

@@ -33,6 +33,7 @@ class Bench:
     env: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # failures that did not stop the run (one method, one row)
     notes: dict = field(default_factory=dict)
     on_row: Optional[Callable] = None
     quiet: bool = False

@@ -28,78 +28,109 @@ def vision_module(model):
     return getattr(mm, "vision_tower", None) or getattr(mm, "visual")
 
 
-def measure_family(bench, suite, model_name, model, inputs, budgets, *, method="fastv", decode_keeps=(),
+def measure_family(bench, suite, model_name, model, inputs, budgets, *, methods=("fastv",), decode_keeps=(),
                    decode_unpruned=True, extra=None):
-    """Unpruned, then pruned + oracle rows for each ``(label, keep)`` of ``budgets``.
+    """Unpruned (once), then for each method of ``methods`` the pruned + oracle rows of each
+    ``(label, keep)`` of ``budgets``; decode ms/token for the budgets in ``decode_keeps``. A method
+    that raises is logged in ``bench.errors`` and the other methods still run. Multi-stage presets
+    whose stage layers do not fit a shallow (tiny) model get
+    :func:`vtoken.methods.depth_scaled_options`.
 
-    Returns {"unpruned": row, label: {"pruned": row, "oracle": row}}.
+    Returns {"unpruned": row, method: {label: {"pruned": row, "oracle": row}}}.
     """
-    extra = dict(extra or {})
-    B, N = inputs["input_ids"].shape
-    image_id = model.config.image_token_id
-    visual = int((inputs["input_ids"][0] == image_id).sum())
-    lm = model.model.language_model
-    T = bench.new_tokens
-    out_rows = {}
+    run = _FamilyRun(bench, suite, model_name, model, inputs, extra)
+    with ModuleTimer(bench, vision_module(model)) as run.vt:
+        out_rows = {"unpruned": run.unpruned(decode_unpruned)}
+        for method in methods:
+            try:
+                out_rows[method] = {label: run.pruned_and_oracle(method, label, keep, label in decode_keeps)
+                                    for label, keep in run.within_budget(budgets, method)}
+            except Exception as exc:  # one failing method must not cost the other methods' rows
+                msg = f"{suite}: {model_name} batch {run.B} {method}: {type(exc).__name__}: {exc}"
+                bench.errors.append(msg.replace("\n", " ")[:800])
+                bench.log("ERROR " + msg)
+                bench.empty_cache(collect=True)
+    return out_rows
 
-    def prefill():
-        return model(**inputs, logits_to_keep=1, use_cache=True)
 
-    def decode_ms(ttft):
+class _FamilyRun:
+    """The measurements of :func:`measure_family` on one (model, inputs)."""
+
+    def __init__(self, bench, suite, model_name, model, inputs, extra):
+        self.bench, self.suite, self.model_name, self.model, self.inputs = bench, suite, model_name, model, inputs
+        self.extra = dict(extra or {})
+        self.B, self.N = inputs["input_ids"].shape
+        self.visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+        self.lm = model.model.language_model
+        self.T = bench.new_tokens
+        self.vt = None  # ModuleTimer of the vision module, set by measure_family
+        self.base = None
+
+    def prefill(self):
+        return self.model(**self.inputs, logits_to_keep=1, use_cache=True)
+
+    def decode_ms(self, ttft):
+        T = self.T
+
         def gen():
-            return model.generate(**inputs, max_new_tokens=T, min_new_tokens=T, do_sample=False,
-                                  return_dict_in_generate=True)
+            return self.model.generate(**self.inputs, max_new_tokens=T, min_new_tokens=T, do_sample=False,
+                                       return_dict_in_generate=True)
 
-        total, _, _ = timed(bench, gen, repeats=max(2, bench.repeats - 1))
+        total, _, _ = timed(self.bench, gen, repeats=max(2, self.bench.repeats - 1))
         return (total - ttft) / max(1, T - 1)
 
-    def row(method_name, keep, ttft, runs, vision, kv, peak, dec=None, **more):
-        r = dict(suite=suite, model=model_name, batch=B, method=method_name, keep=keep, attn=M.attention_of(model),
-                 ttft_ms=round(ttft, 2), vision_ms=None if vision is None else round(vision, 2),
-                 decode_ms_per_token=None if dec is None else round(dec, 2),
-                 tokens_per_s=None if dec is None else round(1000.0 * B / dec, 1),
-                 **kv_fields(kv), peak_mem_gb=peak, runs=runs,
-                 new_tokens=T if dec is not None else None, **extra)
-        r.update(more)
-        return bench.add(**r)
-
-    with ModuleTimer(bench, vision_module(model)) as vt:
-        bench.reset_peak()
-        ttft, runs, out = timed(bench, prefill, timers=[vt])
+    def timed_prefill(self):
+        """(ttft ms, runs, kv bytes, vision ms, peak GB) of the prefill as the model stands now."""
+        self.bench.reset_peak()
+        ttft, runs, out = timed(self.bench, self.prefill, timers=[self.vt])
         kv = kv_bytes(cache_of(out))
         del out
-        vis_ms, peak = vt.median_ms(), bench.peak_gb()  # peak memory of the prefill runs (not of generate)
-        dec = decode_ms(ttft) if decode_unpruned else None
-        base = row("unpruned", "all", ttft, runs, vis_ms, kv, peak, dec, visual_tokens=visual, kept_visual=visual,
-                   context=N, context_after=N)
-        out_rows["unpruned"] = base
+        return ttft, runs, kv, self.vt.median_ms(), self.bench.peak_gb()
+
+    def row(self, method_name, keep, ttft, runs, vision, kv, peak, dec=None, **more):
+        r = dict(suite=self.suite, model=self.model_name, batch=self.B, method=method_name, keep=keep,
+                 attn=M.attention_of(self.model), ttft_ms=round(ttft, 2),
+                 vision_ms=None if vision is None else round(vision, 2),
+                 decode_ms_per_token=None if dec is None else round(dec, 2),
+                 tokens_per_s=None if dec is None else round(1000.0 * self.B / dec, 1),
+                 **kv_fields(kv), peak_mem_gb=peak, runs=runs,
+                 new_tokens=self.T if dec is not None else None, **self.extra)
+        r.update(more)
+        return self.bench.add(**r)
+
+    def unpruned(self, decode):
+        ttft, runs, kv, vis_ms, peak = self.timed_prefill()  # peak memory of the prefill runs (not of generate)
+        dec = self.decode_ms(ttft) if decode else None
+        self.base = self.row("unpruned", "all", ttft, runs, vis_ms, kv, peak, dec, visual_tokens=self.visual,
+                             kept_visual=self.visual, context=self.N, context_after=self.N)
+        return self.base
+
+    def within_budget(self, budgets, method):
         for label, keep in budgets:
-            if bench.over_budget():
-                bench.skip(suite, f"{model_name} batch {B} keep {label} and later")
-                break
-            with vtoken.apply_pruning(model, method=method, keep=keep, backend=bench.backend) as handle:
-                bench.reset_peak()
-                ttft, runs, out = timed(bench, prefill, timers=[vt])
-                kv = kv_bytes(cache_of(out))
-                del out
-                vis_ms, peak = vt.median_ms(), bench.peak_gb()
-                counts = token_counts(handle)
-                index = kept_positions(handle)
-                dec = decode_ms(ttft) if label in decode_keeps else None
-                pruned = row(f"{method}[{bench.backend}]", label, ttft, runs, vis_ms, kv, peak, dec, keep_arg=keep,
-                             speedup_vs_unpruned=round(base["ttft_ms"] / ttft, 3), **counts)
-            with OracleFeed(lm, index, N) as feed:
-                bench.reset_peak()
-                ttft_o, runs, out = timed(bench, prefill, timers=[vt])
-                kv = kv_bytes(cache_of(out))
-                del out
-                fed = feed.fed[-1]
-            oracle = row("oracle", label, ttft_o, runs, vt.median_ms(), kv, bench.peak_gb(), visual_tokens=visual,
-                         kept_visual=counts["kept_visual"], context=N, context_after=fed,
-                         speedup_vs_unpruned=round(base["ttft_ms"] / ttft_o, 3))
-            pruned["ratio_to_oracle"] = round(pruned["ttft_ms"] / ttft_o, 3)
-            out_rows[label] = {"pruned": pruned, "oracle": oracle}
-    return out_rows
+            if self.bench.over_budget():
+                self.bench.skip(self.suite, f"{self.model_name} batch {self.B} {method} keep {label} and later")
+                return
+            yield label, keep
+
+    def pruned_and_oracle(self, method, label, keep, decode):
+        from vtoken.methods import depth_scaled_options
+
+        options = depth_scaled_options(method, len(self.lm.layers))
+        with vtoken.apply_pruning(self.model, method=method, keep=keep, backend=self.bench.backend,
+                                  **options) as handle:
+            ttft, runs, kv, vis_ms, peak = self.timed_prefill()
+            counts, index = token_counts(handle), kept_positions(handle)
+            dec = self.decode_ms(ttft) if decode else None
+            pruned = self.row(f"{method}[{self.bench.backend}]", label, ttft, runs, vis_ms, kv, peak, dec,
+                              keep_arg=keep, speedup_vs_unpruned=round(self.base["ttft_ms"] / ttft, 3), **counts)
+        with OracleFeed(self.lm, index, self.N) as feed:
+            ttft_o, runs, kv, vis_ms, peak = self.timed_prefill()
+            fed = feed.fed[-1]
+        oracle = self.row("oracle", label, ttft_o, runs, vis_ms, kv, peak, visual_tokens=self.visual,
+                          kept_visual=counts["kept_visual"], context=self.N, context_after=fed,
+                          speedup_vs_unpruned=round(self.base["ttft_ms"] / ttft_o, 3))
+        pruned["ratio_to_oracle"] = round(pruned["ttft_ms"] / ttft_o, 3)
+        return {"pruned": pruned, "oracle": oracle}
 
 
 def eager_peer_row(bench, suite, model_name, model, inputs, extra=None):
@@ -132,7 +163,7 @@ def scaled_budgets(bench, model, keeps=FULL_BUDGETS):
     return [(k, max(1, round(k * per / 576))) for k in keeps]
 
 
-def run_llava(bench, pool, batches=(1, 8, 32), keeps=FULL_BUDGETS, method="fastv"):
+def run_llava(bench, pool, batches=(1, 8, 32), keeps=FULL_BUDGETS, methods=("fastv",)):
     """Suite ``llava``: LLaVA-1.5-7B at each batch size; the eager FastV-style peer at batch 1."""
     model = pool.get("llava-1.5-7b")
     budgets = scaled_budgets(bench, model, keeps or FULL_BUDGETS)
@@ -141,7 +172,7 @@ def run_llava(bench, pool, batches=(1, 8, 32), keeps=FULL_BUDGETS, method="fastv
             bench.skip("llava", f"batch {B} and later")
             break
         inputs = M.llava_inputs(model, B, device=bench.device, dtype=bench.dtype)
-        measure_family(bench, "llava", "llava-1.5-7b", model, inputs, budgets, method=method,
+        measure_family(bench, "llava", "llava-1.5-7b", model, inputs, budgets, methods=methods,
                        decode_keeps={budgets[-1][0]})
         if B == 1:
             eager_peer_row(bench, "llava", "llava-1.5-7b", model, inputs)
