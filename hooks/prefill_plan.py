@@ -15,9 +15,7 @@ Shapes: B batch rows, N prompt tokens, S segments, n the largest candidate count
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
+from dataclasses import dataclass, replace
 import torch
 
 from vtoken.plan import tokens_for
@@ -119,6 +117,7 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     """Host computation of a prefill's layout-dependent tensors, uploaded to ``device``.
 
     layout: VisualLayout with CPU tensors; valid (B, N) bool on the CPU (the 2-D attention mask);
+    (both on ``device`` also works: the same computation, with host syncs);
     keep: the first stage's budget.
     """
     B, N = valid.shape
@@ -130,39 +129,38 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     kept_cand = torch.zeros(B, dtype=torch.long).index_add_(0, layout.seg_sample, first.budget) if S else torch.zeros(B, dtype=torch.long)
     kept = valid.sum(1) - first.cand.sum(1) + kept_cand
     all_valid = bool(valid.all())
-    up = _Uploader(device)
+    fields = ("slot_pad", "smask", "index", "budget", "counts", "cand")
+    lay_fields = ("segment_of", "structural", "seg_sample", "seg_ordinal", "seg_count")
+    host = ([index_in_seg, visual_ordinal(layout), kept] + [getattr(first, k) for k in fields] + list(text)
+            + [getattr(layout, k) for k in lay_fields])
+    dev = upload(host, device)
     return PreparedPrefill(
-        layout=layout_to(layout, up),
-        index_in_seg=up(index_in_seg),
-        vis_ordinal=up(visual_ordinal(layout)),
-        first=Candidates(**{k: up(getattr(first, k)) for k in ("slot_pad", "smask", "index", "budget", "counts", "cand")}),
-        text=tuple(up(t) for t in text),
+        layout=replace(layout, **dict(zip(lay_fields, dev[9 + len(text):]))),
+        index_in_seg=dev[0],
+        vis_ordinal=dev[1],
+        first=Candidates(**dict(zip(fields, dev[3:9]))),
+        text=tuple(dev[9: 9 + len(text)]),
         drop_any=bool((first.budget < first.counts).any()),
-        kept_per_row=up(kept),
+        kept_per_row=dev[2],
         kept_host=kept.tolist(),
         all_valid=all_valid,
         seg_count_host=layout.seg_count.tolist(),
     )
 
 
-def layout_to(layout, move):
-    """A copy of ``layout`` with its tensors moved by ``move`` (a device or a callable)."""
-    from dataclasses import replace
-
-    fn = move if callable(move) else (lambda t: t.to(move))
-    return replace(layout, **{k: fn(getattr(layout, k)) for k in
-                              ("segment_of", "structural", "seg_sample", "seg_ordinal", "seg_count")})
-
-
-class _Uploader:
-    """Host -> device copies that do not block the host (pinned staging memory on CUDA)."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-
-    def __call__(self, t: Optional[torch.Tensor]):
-        if t is None or t.device == self.device:
-            return t
-        if self.device.type == "cuda":
-            return t.contiguous().pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+def upload(tensors: list, device) -> list:
+    """Copies of the integer / bool ``tensors`` on ``device``, in ONE host -> device transfer that
+    does not block the host (packed into one pinned int64 buffer on CUDA; moved as they are
+    otherwise). Tensors already on ``device`` come back unchanged."""
+    device = torch.device(device)
+    if device.type != "cuda" or all(t.device == device for t in tensors):
+        return [t.to(device) for t in tensors]
+    flat = [t.reshape(-1).to("cpu", torch.int64) for t in tensors]
+    staged = torch.cat(flat).pin_memory() if flat else torch.empty(0, dtype=torch.int64).pin_memory()
+    packed = staged.to(device, non_blocking=True)
+    out, start = [], 0
+    for t, f in zip(tensors, flat):
+        piece = packed[start: start + f.numel()].view(t.shape)
+        out.append(piece.bool() if t.dtype == torch.bool else piece.to(t.dtype))
+        start += f.numel()
+    return out

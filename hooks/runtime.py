@@ -31,7 +31,6 @@ import torch
 from vtoken.hooks import masks as M
 from vtoken.hooks.prefill_plan import candidates, prepare_prefill, text_rows
 from vtoken.hooks.probe import attention_rows
-from vtoken.plan import tokens_for
 from vtoken.signals import SegmentSignals
 
 STATE_ATTR = "_vtoken_state"
@@ -275,7 +274,7 @@ class Runtime:
             ctx.prepared = None  # the language model got another sequence than input_ids: lay out again
         if ctx.inputs is not None:  # a prefill: locate the visual tokens now that features exist
             if ctx.prepared is None:
-                ids = ctx.ids_host if ctx.ids_host is not None else ctx.inputs["input_ids"]
+                ids = ctx.ids_host if ctx.ids_host is not None else ctx.inputs["input_ids"].cpu()
                 ctx.layout = self.adapter.layout(ids, ctx.inputs, ctx)
             ctx.inputs = None
             ctx.vision = getattr(self.tls, "vision", None) or []

@@ -133,6 +133,31 @@ def timed(bench: Bench, fn: Callable, repeats: Optional[int] = None, warmup: int
     return statistics.median(times), len(times), out
 
 
+def timed_interleaved(bench: Bench, variants: list, rounds: int) -> list:
+    """Median ms of each of ``variants`` [(context factory, fn)], timed in ``rounds`` rounds that
+    run every variant once in turn (after one warm-up round), synchronised.
+
+    A ratio between two variants of one round shares that moment's machine state (clocks, host
+    load), so it is far steadier than the ratio of two medians taken one after the other: on a
+    launch-bound prefill (7B, batch 1) back-to-back medians drift by up to 2x on a shared host.
+    """
+    times = [[] for _ in variants]
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for i, (enter, fn) in enumerate(variants):
+                with enter():
+                    bench.sync()
+                    t0 = time.perf_counter()
+                    out = fn()
+                    bench.sync()
+                    dt = (time.perf_counter() - t0) * 1000.0
+                    unlink(out)
+                    del out
+                if r:
+                    times[i].append(dt)
+    return [statistics.median(t) for t in times]
+
+
 def unlink(out) -> None:
     """Let an output's KV cache be freed by reference counting.
 
