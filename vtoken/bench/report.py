@@ -59,6 +59,7 @@ def render_markdown(meta: dict, rows: list) -> str:
         lines += ["## Summary", "", "| suite | measure | value | target |", "|---|---|---|---|"]
         lines += [f"| {s} | {m} | {v} | {t} |" for s, m, v, t in summary]
         lines.append("")
+    lines += method_table(rows)
     suites = []
     for r in rows:
         if r.get("suite") not in suites:
@@ -77,6 +78,43 @@ def render_markdown(meta: dict, rows: list) -> str:
     if meta.get("errors"):
         lines += ["## Errors", ""] + [f"- {s}" for s in meta["errors"]] + [""]
     return "\n".join(lines) + "\n"
+
+
+def method_table(rows: list) -> list:
+    """Markdown lines of the per-method summary of the ``llava`` suite (empty with one method):
+    one row per method, per batch the TTFT at each budget, the TTFT ratio to the oracle at the
+    smallest budget and decode ms/token there."""
+    sub = [r for r in rows if r.get("suite") == "llava" and r.get("method") not in ("oracle", "unpruned")
+           and not str(r.get("method")).startswith("peer:")]
+    methods = list(dict.fromkeys(r["method"] for r in sub))
+    if len(methods) < 2:
+        return []
+    batches = sorted({r["batch"] for r in sub})
+    keeps = list(dict.fromkeys(r["keep"] for r in sub))
+    last = keeps[-1]
+    head = ["method"] + [f"b{b} TTFT ms {'/'.join(str(k) for k in keeps)}" for b in batches]
+    head += [f"b{b} x oracle @{last}" for b in batches] + [f"b{b} decode ms/tok @{last}" for b in batches]
+    out = ["## Per method (LLaVA-1.5-7B, eager transformers path)", "",
+           "TTFT ms at each budget (tokens per image), TTFT / oracle TTFT and decode ms/token at the smallest "
+           "budget; unpruned first.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {b: next((r for r in rows if r.get("suite") == "llava" and r.get("method") == "unpruned"
+                     and r.get("batch") == b), {}) for b in batches}
+    cells = ["unpruned"] + [str(base[b].get("ttft_ms", "")) for b in batches] + ["" for _ in batches]
+    cells += [_fmt(base[b].get("decode_ms_per_token")) for b in batches]
+    out.append("| " + " | ".join(cells) + " |")
+    for m in methods:
+        cells = [m]
+        for b in batches:
+            got = {r["keep"]: r for r in sub if r["method"] == m and r["batch"] == b}
+            cells.append(" / ".join(str(got[k]["ttft_ms"]) if k in got else "–" for k in keeps))
+        for b in batches:
+            r = next((r for r in sub if r["method"] == m and r["batch"] == b and r["keep"] == last), {})
+            cells.append(_fmt(r.get("ratio_to_oracle")))
+        for b in batches:
+            r = next((r for r in sub if r["method"] == m and r["batch"] == b and r["keep"] == last), {})
+            cells.append(_fmt(r.get("decode_ms_per_token")))
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _find(rows, **kw):
