@@ -5,9 +5,10 @@ bf16 weights directly on the GPU (speed does not depend on weight values; nothin
 downloaded here), SDPA attention, and measures with CUDA synchronisation, medians over repeats
 (DESIGN.md section 7). Suites (``--suite``, comma-separated):
 
-- ``llava``: LLaVA-1.5-7B at batch 1/8/32 (``--batch``): unpruned, each method at 192/128/64
-  tokens per image, the ORACLE (the same model fed only the kept tokens), decode ms/token, and the
-  whole-model eager + ``output_attentions`` peer at batch 1.
+- ``llava``: LLaVA-1.5-7B at batch 1/8/32 (``--batch``): unpruned, each method of ``--methods``
+  at 192/128/64 tokens per image, the ORACLE (the same model fed only the kept tokens; pruned and
+  oracle TTFT timed in interleaved rounds), decode ms/token, and the whole-model eager +
+  ``output_attentions`` peer at batch 1.
 - ``llava-next``: LLaVA-NeXT-7B (anyres, image newlines), batch 1/8 (``--next-batch``): unpruned,
   fastv at 192/128/64 per 576-token crop equivalent (fractions of each image), oracle, decode.
 - ``qwen-long``: the full Qwen2.5-VL-7B at 4K/8K/16K visual tokens (1/2/4 images), batch 1:
