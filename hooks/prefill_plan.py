@@ -8,7 +8,8 @@ the language model runs (for LLaVA-1.5 and Qwen-VL: before the vision tower, whe
 nothing queued, so reading ``input_ids`` back costs no stall). The stage then only launches
 device work: scores, top-k, gathers. On an eager launch-bound prefill (7B model, batch 1) each
 host sync in the middle of the forward drains the device queue; the generic path of
-:mod:`vtoken.hooks.runtime` has ~30 of them, this one none until the forward ends.
+:mod:`vtoken.hooks.runtime` has ~30 of them, this one none of its own (a scorer may still sync,
+e.g. a greedy selection loop; the budget check waits until the forward ends).
 
 Shapes: B batch rows, N prompt tokens, S segments, n the largest candidate count of a segment.
 """
