@@ -67,6 +67,7 @@ class _FamilyRun:
         self.T = bench.new_tokens
         self.vt = None  # ModuleTimer of the vision module, set by measure_family
         self.base = None
+        self.last_alone = None  # TTFT ms of the last timed_prefill (the pruned run timed alone)
 
     def prefill(self):
         return self.model(**self.inputs, logits_to_keep=1, use_cache=True)
