@@ -129,39 +129,39 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     S = layout.num_segments
     kept_cand = torch.zeros(B, dtype=torch.long).index_add_(0, layout.seg_sample, first.budget) if S else torch.zeros(B, dtype=torch.long)
     kept = valid.sum(1) - first.cand.sum(1) + kept_cand
-    all_valid = bool(valid.all())
     fields = ("slot_pad", "smask", "index", "budget", "counts", "cand")
     lay_fields = ("segment_of", "structural", "seg_sample", "seg_ordinal", "seg_count")
-    host = ([index_in_seg, visual_ordinal(layout), kept] + [getattr(first, k) for k in fields] + list(text)
-            + [getattr(layout, k) for k in lay_fields])
+    host = {"index_in_seg": index_in_seg, "vis_ordinal": visual_ordinal(layout), "kept": kept,
+            "text_rows": text[0], "text_mask": text[1]}
+    host.update({f"first.{k}": getattr(first, k) for k in fields})
+    host.update({f"layout.{k}": getattr(layout, k) for k in lay_fields})
     dev = upload(host, device)
     return PreparedPrefill(
-        layout=replace(layout, **dict(zip(lay_fields, dev[9 + len(text):]))),
-        index_in_seg=dev[0],
-        vis_ordinal=dev[1],
-        first=Candidates(**dict(zip(fields, dev[3:9]))),
-        text=tuple(dev[9: 9 + len(text)]),
+        layout=replace(layout, **{k: dev[f"layout.{k}"] for k in lay_fields}),
+        index_in_seg=dev["index_in_seg"],
+        vis_ordinal=dev["vis_ordinal"],
+        first=Candidates(**{k: dev[f"first.{k}"] for k in fields}),
+        text=(dev["text_rows"], dev["text_mask"]),
         drop_any=bool((first.budget < first.counts).any()),
-        kept_per_row=dev[2],
+        kept_per_row=dev["kept"],
         kept_host=kept.tolist(),
-        all_valid=all_valid,
+        all_valid=bool(valid.all()),
         seg_count_host=layout.seg_count.tolist(),
     )
 
 
-def upload(tensors: list, device) -> list:
-    """Copies of the integer / bool ``tensors`` on ``device``, in ONE host -> device transfer that
-    does not block the host (packed into one pinned int64 buffer on CUDA; moved as they are
-    otherwise). Tensors already on ``device`` come back unchanged."""
+def upload(tensors: dict, device) -> dict:
+    """Copies of the integer / bool ``tensors`` (name -> tensor) on ``device``, in ONE host ->
+    device transfer that does not block the host (packed into one pinned int64 buffer on CUDA;
+    moved as they are otherwise)."""
     device = torch.device(device)
-    if device.type != "cuda" or all(t.device == device for t in tensors):
-        return [t.to(device) for t in tensors]
-    flat = [t.reshape(-1).to("cpu", torch.int64) for t in tensors]
-    staged = torch.cat(flat).pin_memory() if flat else torch.empty(0, dtype=torch.int64).pin_memory()
-    packed = staged.to(device, non_blocking=True)
-    out, start = [], 0
-    for t, f in zip(tensors, flat):
-        piece = packed[start: start + f.numel()].view(t.shape)
-        out.append(piece.bool() if t.dtype == torch.bool else piece.to(t.dtype))
-        start += f.numel()
+    if device.type != "cuda" or all(t.device == device for t in tensors.values()):
+        return {k: t.to(device) for k, t in tensors.items()}
+    flat = {k: t.reshape(-1).to("cpu", torch.int64) for k, t in tensors.items()}
+    packed = torch.cat(list(flat.values())).pin_memory().to(device, non_blocking=True)
+    out, start = {}, 0
+    for k, t in tensors.items():
+        piece = packed[start: start + flat[k].numel()].view(t.shape)
+        out[k] = piece.bool() if t.dtype == torch.bool else piece.to(t.dtype)
+        start += flat[k].numel()
     return out

@@ -423,7 +423,7 @@ class Runtime:
         cur_pos, cur_valid = ctx.cur_pos, ctx.cur_valid
         prep = ctx.prepared
         # the first stage on the original layout: candidates prepared on the host (no syncs)
-        first = prep is not None and i == 0 and ctx.mode == "prefill" and ctx.text0 is prep.text
+        first = prep is not None and i == 0 and ctx.mode == "prefill"  # nothing re-laid-out before stage 0
         c = prep.first if first else candidates(lay, cur_pos, cur_valid, ctx.index_in_seg, stage.keep)
         slot_pad, smask, index, budget, cand = c.slot_pad, c.smask, c.index, c.budget, c.cand
         sample = lay.seg_sample
@@ -442,8 +442,8 @@ class Runtime:
         sel = stage.scorer.select(sig)
         keep = sel.keep & smask
         exact = not getattr(stage.scorer, "adaptive", False)
+        name = getattr(stage.scorer, "name", type(stage.scorer).__name__)
         if exact:
-            name = getattr(stage.scorer, "name", type(stage.scorer).__name__)
             if ctx.checks is not None:  # checked when the forward ends (a check here would sync)
                 ctx.checks.append((name, keep.sum(1), budget))
             else:
@@ -458,7 +458,7 @@ class Runtime:
         drop = drop.scatter_(0, flat.reshape(-1), True)[: B * Nc].view(B, Nc)
         trace = StageTrace(
             layer=stage.layer,
-            scorer=getattr(stage.scorer, "name", type(stage.scorer).__name__),
+            scorer=name,
             mode=stage.mode,
             positions=cur_pos,
             seg_sample=sample,

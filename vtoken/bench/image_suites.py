@@ -67,7 +67,6 @@ class _FamilyRun:
         self.T = bench.new_tokens
         self.vt = None  # ModuleTimer of the vision module, set by measure_family
         self.base = None
-        self.last_alone = None  # TTFT ms of the last timed_prefill (the pruned run timed alone)
 
     def prefill(self):
         return self.model(**self.inputs, logits_to_keep=1, use_cache=True)
@@ -88,7 +87,6 @@ class _FamilyRun:
         ttft, runs, out = timed(self.bench, self.prefill, timers=[self.vt])
         kv = kv_bytes(cache_of(out))
         del out
-        self.last_alone = ttft
         return ttft, runs, kv, self.vt.median_ms(), self.bench.peak_gb()
 
     def row(self, method_name, keep, ttft, runs, vision, kv, peak, dec=None, **more):
@@ -128,9 +126,9 @@ class _FamilyRun:
             return vtoken.apply_pruning(self.model, method=method, keep=keep, backend=self.bench.backend, **options)
 
         with pruning() as handle:
-            ttft, runs, kv, vis_ms, peak = self.timed_prefill()
+            alone, _, kv, vis_ms, peak = self.timed_prefill()
             counts, index = token_counts(handle), kept_positions(handle)
-            dec = self.decode_ms(ttft) if decode else None
+            dec = self.decode_ms(alone) if decode else None
         with OracleFeed(self.lm, index, self.N) as feed:
             self.bench.reset_peak()
             with torch.no_grad():
@@ -142,7 +140,7 @@ class _FamilyRun:
                                                       (lambda: OracleFeed(self.lm, index, self.N), self.prefill)], rounds)
         pruned = self.row(f"{method}[{self.bench.backend}]", label, ttft, rounds, vis_ms, kv, peak, dec,
                           keep_arg=keep, speedup_vs_unpruned=round(self.base["ttft_ms"] / ttft, 3),
-                          ratio_to_oracle=round(ttft / ttft_o, 3), ttft_alone_ms=round(self.last_alone, 2), **counts)
+                          ratio_to_oracle=round(ttft / ttft_o, 3), ttft_alone_ms=round(alone, 2), **counts)
         oracle = self.row("oracle", label, ttft_o, rounds, None, kv_o, peak_o, visual_tokens=self.visual,
                           kept_visual=counts["kept_visual"], context=self.N, context_after=fed,
                           speedup_vs_unpruned=round(self.base["ttft_ms"] / ttft_o, 3))
