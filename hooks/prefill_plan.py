@@ -17,6 +17,8 @@ Shapes: B batch rows, N prompt tokens, S segments, n the largest candidate count
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+import numpy as np
 import torch
 
 from vtoken.plan import tokens_for
@@ -65,24 +67,15 @@ def candidates(layout, cur_pos: torch.Tensor, cur_valid: torch.Tensor, index_in_
     return Candidates(slot_pad=slot_pad, smask=smask, index=index, budget=budget, counts=counts, cand=cand)
 
 
-def running_index(prunable: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """(B, N) index of each prunable token within its segment (-1 elsewhere)."""
-    flat_seg = seg.clone()
-    flat_seg[~prunable] = -1
-    out = torch.full_like(seg, -1)
-    bb, jj = prunable.nonzero(as_tuple=True)
-    ids = flat_seg[bb, jj]
-    if ids.numel():
-        counts = torch.bincount(ids)
-        offsets = counts.cumsum(0) - counts
-        out[bb, jj] = torch.arange(ids.numel(), device=seg.device) - offsets[ids]
-    return out
+def kept_slots(base: torch.Tensor, cand_flat: torch.Tensor, keep: torch.Tensor, shape) -> torch.Tensor:
+    """(B, N) bool: the slots a stage keeps, in ONE scatter.
 
-
-def visual_ordinal(layout) -> torch.Tensor:
-    """(B, N) ordinal of each visual token among its sample's visual tokens (-1 elsewhere)."""
-    vis = layout.visual
-    return torch.where(vis, vis.long().cumsum(1) - 1, torch.full_like(layout.segment_of, -1))
+    base (B*N + 1,) bool: slots kept whatever the scorer says (present, valid, not candidates),
+    flattened, plus a spare last entry; cand_flat (S, n) long: flat slot ``b * N + j`` of each
+    candidate (``B * N``, the spare, on padding); keep (S, n) bool: the scorer's choice (False on
+    padding)."""
+    B, N = shape
+    return base.scatter(0, cand_flat.reshape(-1), keep.reshape(-1))[: B * N].view(B, N)
 
 
 def text_rows(layout, cur_pos: torch.Tensor, cur_valid: torch.Tensor) -> tuple:
@@ -112,56 +105,98 @@ class PreparedPrefill:
     kept_host: list  # the same, on the host
     all_valid: bool  # every original slot is valid (no padding)
     seg_count_host: list  # prunable tokens of each segment, on the host
+    keep_base: torch.Tensor  # (B*N + 1,) bool, see kept_slots
+    cand_flat: torch.Tensor  # (S, n) long, see kept_slots
+    rank_shift: torch.Tensor  # (B, 1) long: max(kept) - kept - 1
 
 
 def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefill:
     """Host computation of a prefill's layout-dependent tensors, uploaded to ``device``.
 
-    layout: VisualLayout with CPU tensors; valid (B, N) bool on the CPU (the 2-D attention mask);
-    (both on ``device`` also works: the same computation, with host syncs);
-    keep: the first stage's budget.
+    layout: VisualLayout (CPU tensors; device ones are copied back); valid (B, N) bool, the 2-D
+    attention mask; keep: the first stage's budget. The arithmetic runs in NumPy on the host
+    (a few microseconds per operation instead of a PyTorch CPU op's dispatch cost: the eager
+    7B prefill at batch 1 is bound by host time, benchmarks/profile/); it is the first stage of
+    :func:`candidates` and :func:`text_rows` on the original layout (tests/test_host_syncs.py
+    checks them against each other).
     """
-    B, N = valid.shape
-    pos = torch.arange(N).expand(B, N)
-    index_in_seg = running_index(layout.prunable, layout.segment_of)
-    first = candidates(layout, pos, valid, index_in_seg, keep)
-    text = text_rows(layout, pos, valid)
-    S = layout.num_segments
-    kept_cand = torch.zeros(B, dtype=torch.long).index_add_(0, layout.seg_sample, first.budget) if S else torch.zeros(B, dtype=torch.long)
-    kept = valid.sum(1) - first.cand.sum(1) + kept_cand
-    fields = ("slot_pad", "smask", "index", "budget", "counts", "cand")
-    lay_fields = ("segment_of", "structural", "seg_sample", "seg_ordinal", "seg_count")
-    host = {"index_in_seg": index_in_seg, "vis_ordinal": visual_ordinal(layout), "kept": kept,
-            "text_rows": text[0], "text_mask": text[1]}
-    host.update({f"first.{k}": getattr(first, k) for k in fields})
-    host.update({f"layout.{k}": getattr(layout, k) for k in lay_fields})
+    seg = layout.segment_of.cpu().numpy()
+    B, N = seg.shape
+    ok = valid.cpu().numpy().astype(bool)
+    vis = seg >= 0
+    prunable = vis & ~layout.structural.cpu().numpy().astype(bool)
+    sample = layout.seg_sample.cpu().numpy()
+    seg_count = layout.seg_count.cpu().numpy()
+    S = int(sample.size)
+    # index of every prunable token within its segment (segments are numbered row-major)
+    index_in_seg = np.full((B, N), -1, dtype=np.int64)
+    ids = seg[prunable]
+    offsets = np.cumsum(np.bincount(ids, minlength=S)) - np.bincount(ids, minlength=S)
+    index_in_seg[prunable] = np.arange(ids.size) - offsets[ids]
+    vis_ordinal = np.where(vis, np.cumsum(vis, axis=1) - 1, -1)
+    # the first stage's candidates: every valid prunable token of the original layout
+    cand = ok & prunable
+    b_idx, slot = np.nonzero(cand)
+    seg_ids = seg[b_idx, slot]
+    counts = np.bincount(seg_ids, minlength=S).astype(np.int64)
+    within = np.arange(seg_ids.size) - (np.cumsum(counts) - counts)[seg_ids]
+    n = int(counts.max()) if S else 0
+    slot_pad = np.full((S, n), -1, dtype=np.int64)
+    slot_pad[seg_ids, within] = slot
+    smask = slot_pad >= 0
+    index = np.where(smask, index_in_seg[sample[:, None], np.maximum(slot_pad, 0)], -1)
+    budget = np.minimum([tokens_for(keep, int(c)) for c in seg_count.tolist()], counts).astype(np.int64)
+    # text rows of the original layout: slots of valid non-visual tokens, left-aligned
+    is_text = ok & ~vis
+    T = max(int(is_text.sum(1).max()), 1) if B else 1
+    tb, tj = np.nonzero(is_text)
+    text = np.full((B, T), -1, dtype=np.int64)
+    text[tb, (np.cumsum(is_text, axis=1) - 1)[tb, tj]] = tj
+    kept = ok.sum(1) - cand.sum(1) + np.bincount(sample, weights=budget, minlength=B).astype(np.int64)
+    # for kept_slots / the re-layout: slots kept whatever the scores, candidates' flat slots and
+    # the rank offset that puts each row's kept tokens flush right (new padding on the left)
+    keep_base = np.append((ok & ~cand).reshape(-1), False)
+    cand_flat = np.where(smask, sample[:, None] * N + slot_pad, B * N)
+    rank_shift = (kept.max() if B else 0) - kept - 1
+    host = {"index_in_seg": index_in_seg, "vis_ordinal": vis_ordinal, "kept": kept,
+            "text_rows": text, "text_mask": text >= 0,
+            "first.slot_pad": slot_pad, "first.smask": smask, "first.index": index, "first.budget": budget,
+            "first.counts": counts, "first.cand": cand,
+            "keep_base": keep_base, "cand_flat": cand_flat, "rank_shift": rank_shift[:, None],
+            "layout.segment_of": seg, "layout.structural": prunable ^ vis, "layout.seg_sample": sample,
+            "layout.seg_ordinal": layout.seg_ordinal.cpu().numpy(), "layout.seg_count": seg_count}
     dev = upload(host, device)
+    lay_fields = ("segment_of", "structural", "seg_sample", "seg_ordinal", "seg_count")
+    fields = ("slot_pad", "smask", "index", "budget", "counts", "cand")
     return PreparedPrefill(
         layout=replace(layout, **{k: dev[f"layout.{k}"] for k in lay_fields}),
         index_in_seg=dev["index_in_seg"],
         vis_ordinal=dev["vis_ordinal"],
         first=Candidates(**{k: dev[f"first.{k}"] for k in fields}),
         text=(dev["text_rows"], dev["text_mask"]),
-        drop_any=bool((first.budget < first.counts).any()),
+        drop_any=bool((budget < counts).any()),
         kept_per_row=dev["kept"],
         kept_host=kept.tolist(),
-        all_valid=bool(valid.all()),
-        seg_count_host=layout.seg_count.tolist(),
+        all_valid=bool(ok.all()),
+        seg_count_host=seg_count.tolist(),
+        keep_base=dev["keep_base"],
+        cand_flat=dev["cand_flat"],
+        rank_shift=dev["rank_shift"],
     )
 
 
-def upload(tensors: dict, device) -> dict:
-    """Copies of the integer / bool ``tensors`` (name -> tensor) on ``device``, in ONE host ->
-    device transfer that does not block the host (packed into one pinned int64 buffer on CUDA;
-    moved as they are otherwise)."""
+def upload(arrays: dict, device) -> dict:
+    """Long / bool tensors on ``device`` from the NumPy ``arrays`` (name -> integer or bool
+    array), in ONE host -> device transfer that launches no kernel: the arrays are packed as
+    bytes (int64 ones first, so every slice stays 8-byte aligned) into one buffer, pinned on CUDA
+    and copied without blocking the host; each tensor is then a dtype view of a slice of it."""
     device = torch.device(device)
-    if device.type != "cuda" or all(t.device == device for t in tensors.values()):
-        return {k: t.to(device) for k, t in tensors.items()}
-    flat = {k: t.reshape(-1).to("cpu", torch.int64) for k, t in tensors.items()}
-    packed = torch.cat(list(flat.values())).pin_memory().to(device, non_blocking=True)
-    out, start = {}, 0
-    for k, t in tensors.items():
-        piece = packed[start: start + flat[k].numel()].view(t.shape)
-        out[k] = piece.bool() if t.dtype == torch.bool else piece.to(t.dtype)
-        start += flat[k].numel()
+    items = [(k, np.asarray(a)) for k, a in arrays.items()]
+    items.sort(key=lambda kv: kv[1].dtype == bool)  # int64 first (stable: names keep their order)
+    raw = [a.astype(bool if a.dtype == bool else np.int64).reshape(-1).view(np.uint8) for _, a in items]
+    packed = torch.from_numpy(np.concatenate(raw)) if raw else torch.zeros(0, dtype=torch.uint8)
+    packed = packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else packed.to(device)
+    out = {}
+    for (k, a), piece in zip(items, packed.split([r.size for r in raw])):
+        out[k] = piece.view(torch.bool if a.dtype == bool else torch.int64).view(a.shape)
     return out

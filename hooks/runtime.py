@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from vtoken.hooks import masks as M
-from vtoken.hooks.prefill_plan import candidates, prepare_prefill, text_rows
+from vtoken.hooks.prefill_plan import candidates, kept_slots, prepare_prefill, text_rows
 from vtoken.hooks.probe import attention_rows
 from vtoken.signals import SegmentSignals
 
@@ -95,6 +95,7 @@ class CallContext:
     mask_host: Optional[torch.Tensor] = None
     prepared: object = None  # PreparedPrefill (vtoken.hooks.prefill_plan)
     text0: Optional[tuple] = None  # text rows of the original layout (until the first re-layout)
+    relaid: bool = False  # a stage has re-laid-out the sequence (slots no longer original positions)
     checks: Optional[list] = None  # budget checks deferred to the end of the multimodal forward
 
 
@@ -451,11 +452,6 @@ class Runtime:
         known = first and exact  # what the stage keeps per row is known on the host
         if stage.mode == "merge":
             hidden = _merge(hidden, sig, keep, sel.merge_into, slot_pad)
-        B, Nc = cand.shape
-        dropped = smask & ~keep
-        flat = torch.where(dropped, sample.unsqueeze(1) * Nc + slot_pad, torch.full_like(slot_pad, B * Nc))
-        drop = torch.zeros(B * Nc + 1, dtype=torch.bool, device=cand.device)
-        drop = drop.scatter_(0, flat.reshape(-1), True)[: B * Nc].view(B, Nc)
         trace = StageTrace(
             layer=stage.layer,
             scorer=name,
@@ -468,7 +464,7 @@ class Runtime:
             diagnostics=dict(sig.diagnostics),
         )
         ctx.trace.append(trace)
-        nothing_dropped = (not prep.drop_any) if known else not bool(drop.any())
+        nothing_dropped = (not prep.drop_any) if known else not bool((smask & ~keep).any())
         if nothing_dropped and stage.mode == "select":
             # nothing dropped anywhere: keep the layout (and the model's own masks) as they are
             if ctx.state is not None:
@@ -476,17 +472,21 @@ class Runtime:
                 ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid,
                                                    all_valid=all_valid))
             return hidden
-        # padding slots (original or from an earlier stage) are dropped too; new padding goes left
-        keep_slot = (cur_pos >= 0) & cur_valid & ~drop
-        if known:
-            n_b, Nn = prep.kept_per_row, max(prep.kept_host)
+        if known:  # kept slots and per-row counts from the host plan: no syncs, few launches
+            keep_slot = kept_slots(prep.keep_base, prep.cand_flat, keep, cur_pos.shape)
+            Nn, rank = max(prep.kept_host), keep_slot.cumsum(1) + prep.rank_shift
         else:
+            B, Nc = cur_pos.shape
+            base = torch.cat([((cur_pos >= 0) & cur_valid & ~cand).view(-1), cand.new_zeros(1)])
+            flat = torch.where(smask, sample.unsqueeze(1) * Nc + slot_pad, torch.full_like(slot_pad, B * Nc))
+            keep_slot = kept_slots(base, flat, keep, (B, Nc))
             n_b = keep_slot.sum(1)
             Nn = int(n_b.max())
-        rank = keep_slot.long().cumsum(1) - 1 + (Nn - n_b).unsqueeze(1)
-        # scatter each kept slot to its rank; everything else lands in a spare last column
-        target = torch.where(keep_slot & (rank >= 0) & (rank < Nn), rank, torch.full_like(rank, Nn))
-        new_pos = torch.full((B, Nn + 1), -1, dtype=torch.long, device=hidden.device)
+            rank = keep_slot.cumsum(1) - 1 + (Nn - n_b).unsqueeze(1)
+        # scatter each kept slot to its rank (new padding on the left); the rest to a spare column
+        # (the clamp only matters when a scorer broke its budget, which the deferred check reports)
+        target = torch.where(keep_slot, rank, Nn).clamp_(0, Nn)
+        new_pos = torch.full((cur_pos.shape[0], Nn + 1), -1, dtype=torch.long, device=hidden.device)
         new_pos = new_pos.scatter_(1, target, cur_pos)[:, :Nn]
         trace.positions = new_pos
         all_valid = (prep.all_valid and len(set(prep.kept_host)) == 1) if known else None
@@ -496,16 +496,20 @@ class Runtime:
         """Move to the layout ``new_pos`` (B, Nn) of original positions (-1 = padding slot);
         ``all_valid``: whether every new slot is valid, when the caller knows it (else one sync)."""
         B, Nc = ctx.cur_pos.shape
-        # inv[b, p] = current slot of original position p (positions not present: a spare column)
-        where = torch.where(ctx.cur_pos >= 0, ctx.cur_pos, torch.full_like(ctx.cur_pos, ctx.n))
-        inv = torch.zeros(B, ctx.n + 1, dtype=torch.long, device=hidden.device)
-        inv = inv.scatter_(1, where, torch.arange(Nc, device=hidden.device).expand(B, Nc))[:, : ctx.n]
-        ctx.text0 = None  # the original layout's text rows no longer apply
-        pad = new_pos < 0
         safe = new_pos.clamp(min=0)
-        take = inv.gather(1, safe)
+        if not ctx.relaid:  # still the original layout: slot == original position
+            take = safe
+        else:  # inv[b, p] = current slot of original position p (positions not present: a spare column)
+            where = torch.where(ctx.cur_pos >= 0, ctx.cur_pos, torch.full_like(ctx.cur_pos, ctx.n))
+            inv = torch.zeros(B, ctx.n + 1, dtype=torch.long, device=hidden.device)
+            inv = inv.scatter_(1, where, torch.arange(Nc, device=hidden.device).expand(B, Nc))[:, : ctx.n]
+            take = inv.gather(1, safe)
+        ctx.relaid, ctx.text0 = True, None  # the original layout's text rows no longer apply
         hidden = hidden.gather(1, take.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        valid = ctx.orig_valid.gather(1, safe) & ~pad
+        if all_valid:
+            valid = torch.ones(new_pos.shape, dtype=torch.bool, device=new_pos.device)
+        else:
+            valid = ctx.orig_valid.gather(1, safe) & (new_pos >= 0)
         ctx.cur_pos, ctx.cur_valid = new_pos, valid
         span = {}
         if ctx.pos_emb0 is not None:

@@ -232,3 +232,23 @@ def test_unknown_suite():
         cli.parse_suites("llava,nope")
     assert cli.parse_suites("new") == ["qwen-long", "llava-next", "peers", "maxbatch"]
     assert Bench(device="cpu").time_left() == float("inf")
+
+
+def test_interleaved_rounds_and_paired_ratio():
+    """timed_interleaved alternates the variants round by round; paired_ratio is the median of
+    the per-round ratios (hand-computed), not the ratio of medians; short measurements get more
+    rounds."""
+    import contextlib
+
+    from vtoken.bench.common import Bench, paired_ratio, rounds_for, timed_interleaved
+
+    order = []
+    variants = [(contextlib.nullcontext, lambda: order.append("a")), (contextlib.nullcontext, lambda: order.append("b"))]
+    bench = Bench.__new__(Bench)
+    bench.sync = lambda: None
+    times = timed_interleaved(bench, variants, 3)
+    assert order == ["a", "b"] * 4 and [len(t) for t in times] == [3, 3]  # one warm-up round
+    assert paired_ratio([10.0, 30.0, 20.0], [5.0, 10.0, 20.0]) == 2.0  # ratios 2, 3, 1 -> 2
+    assert paired_ratio([4.0, 30.0, 20.0], [1.0, 10.0, 40.0]) == 3.0  # ratio of medians: 20 / 10 = 2
+    assert rounds_for(30.0, 3) == 41 and rounds_for(600.0, 3) == 5 and rounds_for(100.0, 3) == 15
+    assert rounds_for(600.0, 9) == 9

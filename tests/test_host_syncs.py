@@ -127,3 +127,123 @@ def test_broken_budget_still_fails_loudly():
         with pytest.raises(RuntimeError, match="kept .* tokens, budget was"):
             with torch.no_grad():
                 model(**inputs)
+
+
+def _random_layout(gen, B, N):
+    """A random layout: per row, a few runs of visual tokens (image = 0 / video = 1), some runs
+    split into several segments by expected sizes, ~10 % structural tokens; and a random padding
+    mask (left or right per row)."""
+    from vtoken.adapters.base import layout_from_runs
+
+    is_visual = torch.zeros(B, N, dtype=torch.bool)
+    kinds = torch.zeros(B, N, dtype=torch.long)
+    sizes = {0: [], 1: []}
+    for b in range(B):
+        j = int(torch.randint(0, 4, (1,), generator=gen))
+        while j < N - 3:
+            length = int(torch.randint(2, 12, (1,), generator=gen))
+            code = int(torch.randint(0, 2, (1,), generator=gen))
+            end = min(N, j + length)
+            is_visual[b, j:end] = True
+            kinds[b, j:end] = code
+            run = end - j
+            cut = int(torch.randint(1, run, (1,), generator=gen)) if run > 3 else run
+            sizes[code].extend([cut, run - cut] if cut < run else [run])
+            j = end + int(torch.randint(1, 6, (1,), generator=gen))
+    structural = is_visual & (torch.rand(B, N, generator=gen) < 0.1)
+    grids = {code: [None] * len(v) for code, v in sizes.items()}
+    layout = layout_from_runs(is_visual, kinds, sizes, grids, structural=structural)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    for b in range(B):
+        pad = int(torch.randint(0, 4, (1,), generator=gen))
+        if pad:
+            if b % 2:
+                valid[b, :pad] = False
+            else:
+                valid[b, N - pad:] = False
+    return layout, valid
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("keep", [3, 0.4])
+def test_host_plan_equals_generic_torch_path(seed, keep):
+    """prepare_prefill (NumPy on the host) against the generic PyTorch functions the later stages
+    use (candidates, text_rows) and against Python loops for the per-token indices."""
+    from vtoken.adapters.base import token_runs
+    from vtoken.hooks.prefill_plan import candidates, kept_slots, text_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    B, N = 3, 40
+    layout, valid = _random_layout(gen, B, N)
+    prep = prepare_prefill(layout, valid, keep, "cpu")
+    seg, prunable, vis = layout.segment_of.tolist(), layout.prunable.tolist(), layout.visual.tolist()
+    # index within segment and visual ordinal, by loops
+    index_ref, ord_ref = [[-1] * N for _ in range(B)], [[-1] * N for _ in range(B)]
+    runs = sum(len(token_runs(layout.visual[b])) for b in range(B))
+    assert layout.num_segments > runs  # some runs hold several segments
+    seen = collections.Counter()
+    for b in range(B):
+        k = 0
+        for j in range(N):
+            if prunable[b][j]:
+                index_ref[b][j] = seen[seg[b][j]]
+                seen[seg[b][j]] += 1
+            if vis[b][j]:
+                ord_ref[b][j] = k
+                k += 1
+    assert prep.index_in_seg.tolist() == index_ref
+    assert prep.vis_ordinal.tolist() == ord_ref
+    pos = torch.arange(N).expand(B, N)
+    ref = candidates(layout, pos, valid, torch.tensor(index_ref), keep)
+    for f in ("slot_pad", "smask", "index", "budget", "counts", "cand"):
+        assert torch.equal(getattr(prep.first, f), getattr(ref, f)), f
+    rows, mask = text_rows(layout, pos, valid)
+    assert torch.equal(prep.text[0], rows) and torch.equal(prep.text[1], mask)
+    for f in ("segment_of", "structural", "seg_sample", "seg_ordinal", "seg_count"):
+        assert torch.equal(getattr(prep.layout, f), getattr(layout, f)), f
+    # kept_slots with a random choice of `budget` candidates per segment: valid non-candidates
+    # plus the chosen ones; kept counts per row match the host's
+    choice = torch.zeros_like(ref.smask)
+    for s in range(layout.num_segments):
+        real = ref.smask[s].nonzero().flatten()
+        pick = real[torch.randperm(real.numel(), generator=gen)[: int(ref.budget[s])]]
+        choice[s, pick] = True
+    got = kept_slots(prep.keep_base, prep.cand_flat, choice, (B, N))
+    want = valid & ~ref.cand
+    for s in range(layout.num_segments):
+        b = int(layout.seg_sample[s])
+        want[b, ref.slot_pad[s][choice[s]]] = True
+    assert torch.equal(got, want)
+    assert got.sum(1).tolist() == prep.kept_host
+    assert (prep.rank_shift.flatten() + torch.tensor(prep.kept_host)).tolist() == [max(prep.kept_host) - 1] * B
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_first_stage_fast_path_equals_generic_path(arch, pad_side, monkeypatch):
+    """The first stage's host-planned re-layout gives the same kept positions and the same logits
+    as the generic device path (forced here by hiding the host plan from the stage)."""
+    from vtoken.hooks import runtime as R
+
+    model = get_model(arch)
+    inputs = get_inputs(arch, model, pad_side=pad_side)
+
+    def run():
+        with vtoken.apply_pruning(model, method="fastv", keep=0.3) as handle, torch.no_grad():
+            out = model(**inputs).logits
+            return out, [t.positions for t in handle.runtime.last_trace]
+
+    fast, fast_pos = run()
+    original = R.Runtime._run_stage
+
+    def generic(self, ctx, i, hidden):
+        ctx.prepared, saved = None, ctx.prepared
+        try:
+            return original(self, ctx, i, hidden)
+        finally:
+            ctx.prepared = saved
+
+    monkeypatch.setattr(R.Runtime, "_run_stage", generic)
+    slow, slow_pos = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast_pos, slow_pos)) and len(fast_pos) == len(slow_pos)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)

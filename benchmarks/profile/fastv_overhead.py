@@ -2,12 +2,13 @@
 
     OUT=dir python benchmarks/profile/fastv_overhead.py   # CUDA; from outside the repository root
 
-Prints (and writes to $OUT/fastv_overhead.txt): TTFT medians (unpruned / fastv / oracle), the
-wall time of each vtoken runtime region measured with a device sync around it, the count of
-device syncs (``cudaStreamSynchronize`` / ``cudaMemcpy`` D2H) and kernel launches of each path,
-and the profiler's top operators of the pruned prefill.
+Prints (and writes to $OUT/fastv_overhead.txt): TTFT medians of unpruned / fastv / oracle from
+interleaved rounds with the paired fastv/oracle ratio (as the bench computes it), the time of
+each vtoken runtime region (wall time with a device sync around it, and host time alone), the
+count of device syncs (``cudaStreamSynchronize`` / ``cudaMemcpy`` D2H) and kernel launches of
+each path, and the profiler's top operators of the pruned prefill.
 """
-import collections, functools, os, statistics, sys, time
+import collections, contextlib, functools, os, statistics, sys, time
 
 import torch
 
@@ -38,15 +39,6 @@ def pre():
         return model(**inputs, logits_to_keep=1, use_cache=True)
 
 
-def med(fn, n=15):
-    fn(); fn()
-    ts = []
-    for _ in range(n):
-        torch.cuda.synchronize(); t0 = time.perf_counter(); fn(); torch.cuda.synchronize()
-        ts.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(ts)
-
-
 def launches(fn):
     from torch.profiler import ProfilerActivity, profile
     fn(); torch.cuda.synchronize()
@@ -66,46 +58,58 @@ def launches(fn):
 regions = collections.defaultdict(list)
 
 
-def timed_region(cls, name):
+def timed_region(cls, name, sync):
+    """Wrap a runtime method: wall ms with a device sync on both sides (``sync``), else the host
+    ms alone (what a launch-bound forward pays)."""
     f = getattr(cls, name)
 
     @functools.wraps(f)
     def g(*a, **k):
-        torch.cuda.synchronize(); t0 = time.perf_counter()
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         try:
             return f(*a, **k)
         finally:
-            torch.cuda.synchronize(); regions[name].append(1000 * (time.perf_counter() - t0))
+            if sync:
+                torch.cuda.synchronize()
+            regions[(name, sync)].append(1000 * (time.perf_counter() - t0))
     return g, f
 
 
+from vtoken.bench.common import Bench, paired_ratio, timed_interleaved
+
+with vtoken.apply_pruning(model, method="fastv", keep=64) as h:
+    pre()
+    idx = kept_positions(h)
+bench = Bench(device="cuda")
 for _ in range(3):
-    base = med(pre)
-    with vtoken.apply_pruning(model, method="fastv", keep=64) as h:
-        pruned = med(pre)
-        idx = kept_positions(h)
-    with OracleFeed(lm, idx, N):
-        oracle = med(pre)
-    log(f"batch {B}: TTFT unpruned {base:.2f} ms, fastv-64 {pruned:.2f} ms, oracle {oracle:.2f} ms, "
-        f"ratio {pruned / oracle:.3f}")
+    t_u, t_p, t_o = timed_interleaved(bench, [(contextlib.nullcontext, pre),
+                                              (lambda: vtoken.apply_pruning(model, method="fastv", keep=64), pre),
+                                              (lambda: OracleFeed(lm, idx, N), pre)], 41)
+    log(f"batch {B}: TTFT (41 interleaved rounds, medians) unpruned {statistics.median(t_u):.2f} ms, "
+        f"fastv-64 {statistics.median(t_p):.2f} ms, oracle {statistics.median(t_o):.2f} ms, "
+        f"paired ratio fastv/oracle {paired_ratio(t_p, t_o):.3f}")
 
 with vtoken.apply_pruning(model, method="fastv", keep=64) as h:
     cp, prof = launches(pre)
     idx = kept_positions(h)
     log("pruned launches/syncs/memcpy:", cp)
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=35))
-    saved = {}
-    for name in ["on_text_call", "on_layer", "_run_stage", "_relayout", "_fill_signals", "on_multimodal_call",
-                 "on_multimodal_done"]:
-        g, f = timed_region(R.Runtime, name)
-        saved[name] = f
-        setattr(R.Runtime, name, g)
-    for _ in range(5):
-        pre()
-    for name, f in saved.items():
-        setattr(R.Runtime, name, f)
-    for name, ts in regions.items():
-        log(f"region {name}: calls/prefill {len(ts) // 5}, total ms/prefill {sum(ts) / 5:.3f}")
+    for sync in (True, False):
+        saved = {}
+        for name in ["on_text_call", "on_layer", "_run_stage", "_relayout", "_fill_signals", "on_multimodal_call",
+                     "on_multimodal_done"]:
+            g, f = timed_region(R.Runtime, name, sync)
+            saved[name] = f
+            setattr(R.Runtime, name, g)
+        for _ in range(20):
+            pre()
+        for name, f in saved.items():
+            setattr(R.Runtime, name, f)
+    for (name, sync), ts in regions.items():
+        kind = "synced wall" if sync else "host"
+        log(f"region {name}: calls/prefill {len(ts) // 20}, {kind} ms/prefill {sum(ts) / 20:.3f}")
 with OracleFeed(lm, idx, N):
     co, _ = launches(pre)
     log("oracle launches/syncs/memcpy:", co)

@@ -12,6 +12,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -50,14 +51,13 @@ class VisualLayout:
         return self.segment_of >= 0
 
 
-def token_runs(row: torch.Tensor) -> list:
-    """[(start, length)] of the maximal runs of True in a 1-D bool tensor."""
-    if row.numel() == 0 or not bool(row.any()):
+def token_runs(row) -> list:
+    """[(start, length)] of the maximal runs of True in a 1-D bool tensor or array."""
+    r = np.asarray(row.cpu() if torch.is_tensor(row) else row, dtype=np.int8)
+    if r.size == 0 or not r.any():
         return []
-    r = row.to(torch.int8)
-    diff = torch.diff(torch.cat([r.new_zeros(1), r, r.new_zeros(1)]))
-    starts = torch.nonzero(diff == 1).flatten().tolist()
-    ends = torch.nonzero(diff == -1).flatten().tolist()
+    diff = np.diff(np.concatenate(([0], r, [0])))
+    starts, ends = np.flatnonzero(diff == 1).tolist(), np.flatnonzero(diff == -1).tolist()
     return [(s, e - s) for s, e in zip(starts, ends)]
 
 
@@ -77,11 +77,12 @@ def layout_from_runs(
     """
     B, N = is_visual.shape
     structural = torch.zeros_like(is_visual) if structural is None else structural
-    segment_of = torch.full((B, N), -1, dtype=torch.long)
+    segment_of = np.full((B, N), -1, dtype=np.int64)
     seg_sample, seg_ordinal, seg_count, seg_grid, seg_kind = [], [], [], [], []
     cursor = {code: 0 for code in sizes}
     names = {0: "image", 1: "video"}
-    vis_cpu, kinds_cpu, struct_cpu = is_visual.cpu(), kinds.cpu(), structural.cpu()
+    vis_cpu, kinds_cpu = is_visual.cpu().numpy().astype(bool), kinds.cpu().numpy()
+    struct_cpu = structural.cpu().numpy().astype(bool)
     for b in range(B):
         ordinal = 0
         for start, length in token_runs(vis_cpu[b]):
@@ -89,7 +90,7 @@ def layout_from_runs(
             end = start + length
             struct = struct_cpu[b, start:end].tolist()
             # prunable[i] = prunable tokens in the run up to and including offset i
-            prunable = (~struct_cpu[b, start:end]).long().cumsum(0).tolist()
+            prunable = np.cumsum(~struct_cpu[b, start:end]).tolist()
             pos = start
             while pos < end:
                 expected = sizes.get(code, [])
@@ -117,7 +118,7 @@ def layout_from_runs(
                 pos = seg_end
     dev = is_visual.device
     return VisualLayout(
-        segment_of=segment_of.to(dev),
+        segment_of=torch.from_numpy(segment_of).to(dev),
         structural=structural.to(dev) & is_visual,
         seg_sample=torch.tensor(seg_sample, dtype=torch.long, device=dev),
         seg_ordinal=torch.tensor(seg_ordinal, dtype=torch.long, device=dev),

@@ -134,12 +134,13 @@ def timed(bench: Bench, fn: Callable, repeats: Optional[int] = None, warmup: int
 
 
 def timed_interleaved(bench: Bench, variants: list, rounds: int) -> list:
-    """Median ms of each of ``variants`` [(context factory, fn)], timed in ``rounds`` rounds that
-    run every variant once in turn (after one warm-up round), synchronised.
+    """Per-round ms of each of ``variants`` [(context factory, fn)], timed in ``rounds`` rounds
+    that run every variant once in turn (after one warm-up round), synchronised.
 
     A ratio between two variants of one round shares that moment's machine state (clocks, host
     load), so it is far steadier than the ratio of two medians taken one after the other: on a
     launch-bound prefill (7B, batch 1) back-to-back medians drift by up to 2x on a shared host.
+    Summarise with :func:`statistics.median` per variant and :func:`paired_ratio` between two.
     """
     times = [[] for _ in variants]
     with torch.no_grad():
@@ -155,7 +156,19 @@ def timed_interleaved(bench: Bench, variants: list, rounds: int) -> list:
                     del out
                 if r:
                     times[i].append(dt)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def paired_ratio(a: list, b: list) -> float:
+    """Median over rounds of a[r] / b[r] (two variants' times from :func:`timed_interleaved`)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def rounds_for(ms: float, repeats: int, seconds: float = 1.5, most: int = 41) -> int:
+    """Interleaved rounds for a measurement of about ``ms``: at least ``max(5, repeats)``, more
+    for short ones (about ``seconds`` of timed work per variant, at most ``most``), since a short
+    launch-bound prefill is the noisiest."""
+    return max(5, repeats, min(most, int(seconds * 1000.0 / max(ms, 1e-3))))
 
 
 def unlink(out) -> None:

@@ -15,12 +15,14 @@ of each image's prunable tokens = the same 192 / 128 / 64 tokens per 576-token c
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 import vtoken
 from vtoken.bench import models as M
 from vtoken.bench.common import (OracleFeed, ModuleTimer, cache_of, kept_positions, kv_bytes, kv_fields, timed,
-                                 timed_interleaved, token_counts)
+                                 timed_interleaved, token_counts, paired_ratio, rounds_for)
 
 FULL_BUDGETS = (192, 128, 64)  # tokens per 576-token image (crop) equivalent
 
@@ -135,12 +137,13 @@ class _FamilyRun:
                 out = self.prefill()
             kv_o, peak_o, fed = kv_bytes(cache_of(out)), self.bench.peak_gb(), feed.fed[-1]
             del out
-        rounds = max(5, self.bench.repeats)
-        ttft, ttft_o = timed_interleaved(self.bench, [(pruning, self.prefill),
-                                                      (lambda: OracleFeed(self.lm, index, self.N), self.prefill)], rounds)
+        rounds = rounds_for(alone, self.bench.repeats)
+        times, times_o = timed_interleaved(self.bench, [(pruning, self.prefill),
+                                                        (lambda: OracleFeed(self.lm, index, self.N), self.prefill)], rounds)
+        ttft, ttft_o = statistics.median(times), statistics.median(times_o)
         pruned = self.row(f"{method}[{self.bench.backend}]", label, ttft, rounds, vis_ms, kv, peak, dec,
                           keep_arg=keep, speedup_vs_unpruned=round(self.base["ttft_ms"] / ttft, 3),
-                          ratio_to_oracle=round(ttft / ttft_o, 3), ttft_alone_ms=round(alone, 2), **counts)
+                          ratio_to_oracle=round(paired_ratio(times, times_o), 3), ttft_alone_ms=round(alone, 2), **counts)
         oracle = self.row("oracle", label, ttft_o, rounds, None, kv_o, peak_o, visual_tokens=self.visual,
                           kept_visual=counts["kept_visual"], context=self.N, context_after=fed,
                           speedup_vs_unpruned=round(self.base["ttft_ms"] / ttft_o, 3))
