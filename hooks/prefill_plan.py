@@ -108,6 +108,7 @@ class PreparedPrefill:
     keep_base: torch.Tensor  # (B*N + 1,) bool, see kept_slots
     cand_flat: torch.Tensor  # (S, n) long, see kept_slots
     rank_shift: torch.Tensor  # (B, 1) long: max(kept) - kept - 1
+    last_valid: torch.Tensor  # (B, 1) long: slot of each row's last valid token (0 for an empty row)
 
 
 def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefill:
@@ -158,11 +159,13 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     keep_base = np.append((ok & ~cand).reshape(-1), False)
     cand_flat = np.where(smask, sample[:, None] * N + slot_pad, B * N)
     rank_shift = (kept.max() if B else 0) - kept - 1
+    last_valid = np.where(ok.any(1), N - 1 - np.argmax(ok[:, ::-1], axis=1), 0)
     host = {"index_in_seg": index_in_seg, "vis_ordinal": vis_ordinal, "kept": kept,
             "text_rows": text, "text_mask": text >= 0,
             "first.slot_pad": slot_pad, "first.smask": smask, "first.index": index, "first.budget": budget,
             "first.counts": counts, "first.cand": cand,
             "keep_base": keep_base, "cand_flat": cand_flat, "rank_shift": rank_shift[:, None],
+            "last_valid": last_valid[:, None],
             "layout.segment_of": seg, "layout.structural": prunable ^ vis, "layout.seg_sample": sample,
             "layout.seg_ordinal": layout.seg_ordinal.cpu().numpy(), "layout.seg_count": seg_count}
     dev = upload(host, device)
@@ -182,6 +185,7 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
         keep_base=dev["keep_base"],
         cand_flat=dev["cand_flat"],
         rank_shift=dev["rank_shift"],
+        last_valid=dev["last_valid"],
     )
 
 

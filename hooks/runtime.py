@@ -359,13 +359,14 @@ class Runtime:
             rec = ctx.attn.setdefault(layer, {})
             valid = ctx.cur_valid
             parts = []
-            if "last" in needs:
-                parts.append(("last", _last_valid(valid).unsqueeze(1)))
+            if "last" in needs:  # the last valid slot of each row (from the host plan on the original layout)
+                last = ctx.prepared.last_valid if ctx.prepared is not None and not ctx.relaid else None
+                parts.append(("last", _last_valid(valid).unsqueeze(1) if last is None else last))
             if "text" in needs:
                 parts.append(("text", _text_rows(ctx)[0]))
             if "full" in needs:
                 parts.append(("full", torch.arange(valid.shape[1], device=valid.device).expand(valid.shape[0], -1)))
-            rows = torch.cat([r for _, r in parts], dim=1) if parts else None
+            rows = (parts[0][1] if len(parts) == 1 else torch.cat([r for _, r in parts], dim=1)) if parts else None
             use_kernel = want_rows and key.shape[2] == query.shape[2] and self._kernel_backend(query) == "triton"
             if use_kernel:
                 from vtoken.kernels import attend_and_score
