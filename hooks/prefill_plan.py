@@ -109,6 +109,7 @@ class PreparedPrefill:
     cand_flat: torch.Tensor  # (S, n) long, see kept_slots
     rank_shift: torch.Tensor  # (B, 1) long: max(kept) - kept - 1
     last_valid: torch.Tensor  # (B, 1) long: slot of each row's last valid token (0 for an empty row)
+    arange: torch.Tensor  # (N,) long: 0..N-1 (the original layout's positions, without a launch)
 
 
 def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefill:
@@ -165,7 +166,7 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
             "first.slot_pad": slot_pad, "first.smask": smask, "first.index": index, "first.budget": budget,
             "first.counts": counts, "first.cand": cand,
             "keep_base": keep_base, "cand_flat": cand_flat, "rank_shift": rank_shift[:, None],
-            "last_valid": last_valid[:, None],
+            "last_valid": last_valid[:, None], "arange": np.arange(N),
             "layout.segment_of": seg, "layout.structural": prunable ^ vis, "layout.seg_sample": sample,
             "layout.seg_ordinal": layout.seg_ordinal.cpu().numpy(), "layout.seg_count": seg_count}
     dev = upload(host, device)
@@ -186,6 +187,7 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
         cand_flat=dev["cand_flat"],
         rank_shift=dev["rank_shift"],
         last_valid=dev["last_valid"],
+        arange=dev["arange"],
     )
 
 

@@ -302,7 +302,7 @@ class Runtime:
         ctx.layout = prep.layout
         # index of each prunable token within its segment; ordinal within the sample's visual tokens
         ctx.index_in_seg, ctx.vis_ordinal, ctx.text0 = prep.index_in_seg, prep.vis_ordinal, prep.text
-        ctx.cur_pos = torch.arange(N, device=dev).expand(B, N)
+        ctx.cur_pos = prep.arange.expand(B, N)
         ctx.cur_valid = ctx.orig_valid
         session = self.session
         if cache is None and session is not None and session.state is not None and N > session.state.n_prefill:

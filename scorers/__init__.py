@@ -13,7 +13,7 @@ from vtoken.scorers.attention import (
     VisionZipScorer,
     ZipVLScorer,
 )
-from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask
+from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
 from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
 from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
 from vtoken.scorers.flow import FlowCutScorer, RolloutScorer, rollout_row
@@ -21,7 +21,7 @@ from vtoken.scorers.functional import attention_entropy, attention_rollout, eran
 from vtoken.scorers.sink import VARScorer
 
 __all__ = [
-    "Scorer", "Selection", "topk_mask", "masked_scores", "demote", "promote",
+    "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
     "AttentionScorer", "FastVScorer", "SparseVLMScorer", "PyramidDropScorer", "FasterVLMScorer",
     "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
     "FlowCutScorer", "RolloutScorer", "VARScorer", "RandomScorer", "UniformScorer", "KeepAllScorer",

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from vtoken.scorers import functional as F
-from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, topk_mask
+from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, topk_mask, topk_selection
 from vtoken.signals import SegmentSignals
 
 
@@ -197,29 +197,30 @@ class VisionZipScorer(AttentionScorer):
         return budget - contextual, contextual
 
     def select(self, sig: SegmentSignals) -> Selection:
+        """Vectorised over segments (no host sync, no per-segment loop): the dominant top-k, then
+        per segment the remaining candidates' ranks ``r`` (in slot order) become targets where
+        ``r % step == 0`` and ``r // step < contextual`` (``step = max(1, remaining // contextual)``:
+        the uniformly strided targets), and every other remaining token merges into the target
+        with the most similar key (ties: the lowest slot)."""
         scores = self.score(sig)
         S, n = sig.mask.shape
-        dominant_budget = torch.tensor([self.split(int(b))[0] for b in sig.budget.tolist()], dtype=torch.long,
-                                       device=sig.mask.device)
-        keep = topk_mask(scores, sig.mask, dominant_budget)
-        merge_into = torch.full((S, n), -1, dtype=torch.long, device=sig.mask.device)
+        b = sig.budget.to(torch.float64)
+        contextual = torch.minimum(b - 1, torch.round(b * self.contextual_ratio))
+        contextual = torch.where(b <= 1, torch.zeros_like(b), contextual).long()  # = split(budget)[1]
+        keep = topk_mask(scores, sig.mask, sig.budget - contextual)
+        rest = sig.mask & ~keep
+        rank = rest.long().cumsum(1) - 1
+        step = (rest.sum(1) // contextual.clamp(min=1)).clamp(min=1).unsqueeze(1)
+        target = rest & (rank % step == 0) & (rank // step < contextual.unsqueeze(1))
+        others = rest & ~target & target.any(1, keepdim=True)  # no target (contextual 0): plain drop
         keys = F.unit_rows(sig.vision_keys)
-        for s in range(S):
-            contextual = self.split(int(sig.budget[s]))[1]
-            rest = (sig.mask[s] & ~keep[s]).nonzero().flatten()
-            if contextual == 0 or rest.numel() == 0:
-                continue
-            step = max(1, rest.numel() // contextual)
-            tpos = torch.arange(0, rest.numel(), step, device=rest.device)[:contextual]
-            targets = rest[tpos]
-            keep[s, targets] = True
-            is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
-            is_target[tpos] = True
-            others = rest[~is_target]
-            if others.numel():
-                sim = keys[s, others] @ keys[s, targets].T  # (o, c)
-                merge_into[s, others] = targets[sim.argmax(dim=1)]
-        return Selection(keep=keep, scores=masked_scores(scores, sig.mask), merge_into=merge_into)
+        merge_into = torch.full((S, n), -1, dtype=torch.long, device=sig.mask.device)
+        chunk = max(1, (1 << 26) // max(n * n, 1))  # segments per similarity block (<= 256 MB fp32)
+        for s0 in range(0, S, chunk):  # a loop over shapes only: no data-dependent branch
+            k = keys[s0: s0 + chunk]
+            sim = (k @ k.transpose(1, 2)).masked_fill(~target[s0: s0 + chunk].unsqueeze(1), float("-inf"))
+            merge_into[s0: s0 + chunk] = torch.where(others[s0: s0 + chunk], sim.argmax(dim=-1), -1)
+        return Selection(keep=keep | target, scores=masked_scores(scores, sig.mask), merge_into=merge_into)
 
 
 class ZipVLScorer(AttentionScorer):
@@ -262,7 +263,7 @@ class ZipVLScorer(AttentionScorer):
         count = torch.minimum(count, sig.budget.to(count.device)).clamp(min=1)
         count = torch.minimum(count, sig.counts)
         sig.diagnostics["zipvl_count"] = count.clone()
-        return Selection(keep=topk_mask(scores, sig.mask, count), scores=masked_scores(scores, sig.mask))
+        return topk_selection(scores, sig.mask, count)
 
 
 class SparseVLMScorer(AttentionScorer):
@@ -332,7 +333,7 @@ class SparseVLMScorer(AttentionScorer):
     def select(self, sig: SegmentSignals) -> Selection:
         scores = self.score(sig)
         if not self.recycle:
-            return Selection(keep=topk_mask(scores, sig.mask, sig.budget), scores=masked_scores(scores, sig.mask))
+            return topk_selection(scores, sig.mask, sig.budget)
         S, n = sig.mask.shape
         keep = torch.zeros_like(sig.mask)
         merge_into = torch.full((S, n), -1, dtype=torch.long, device=sig.mask.device)

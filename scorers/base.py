@@ -48,8 +48,7 @@ class Scorer:
         raise NotImplementedError
 
     def select(self, sig: SegmentSignals) -> Selection:
-        scores = self.score(sig)
-        return Selection(keep=topk_mask(scores, sig.mask, sig.budget), scores=masked_scores(scores, sig.mask))
+        return topk_selection(self.score(sig), sig.mask, sig.budget)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -61,13 +60,23 @@ def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores.float().masked_fill(~mask, float("-inf"))
 
 
+def topk_selection(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> Selection:
+    """The plain top-k :class:`Selection`: keep = :func:`topk_mask`, scores masked with -inf on
+    padding (computed once for both)."""
+    s = masked_scores(scores, mask)
+    return Selection(keep=_topk_of_masked(s, mask, budget), scores=s)
+
+
 def topk_mask(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """Keep the ``budget[s]`` highest-scoring real slots of each row, vectorised over rows.
 
     scores (S, n) float, mask (S, n) bool, budget (S,) long -> (S, n) bool.
     Ties break towards the lower slot index (stable sort), so results are deterministic.
     """
-    s = masked_scores(scores, mask)
+    return _topk_of_masked(masked_scores(scores, mask), mask, budget)
+
+
+def _topk_of_masked(s: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     order = torch.sort(s, dim=1, descending=True, stable=True).indices  # (S, n)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))

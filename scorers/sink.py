@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from vtoken.scorers import functional as F
-from vtoken.scorers.base import Selection, demote, masked_scores, promote, topk_mask
+from vtoken.scorers.base import Selection, demote, masked_scores, promote, topk_mask, topk_selection
 from vtoken.scorers.attention import AttentionScorer
 from vtoken.signals import SegmentSignals
 
@@ -117,7 +117,7 @@ class VARScorer(AttentionScorer):
 
     def select(self, sig: SegmentSignals) -> Selection:
         scores = self.score(sig)
-        return Selection(keep=topk_mask(scores, sig.mask, sig.budget), scores=masked_scores(scores, sig.mask))
+        return topk_selection(scores, sig.mask, sig.budget)
 
 
 __all__ = ["VARScorer"]

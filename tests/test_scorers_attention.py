@@ -172,6 +172,49 @@ def test_visionzip_dominant_plus_contextual_merge():
     assert (mi[:6] == -1).all()
 
 
+def _visionzip_loop(z, sig):
+    """VisionZip's selection written per segment with Python loops (the reference)."""
+    from vtoken.scorers import functional as F
+    from vtoken.scorers.base import topk_mask
+
+    scores = z.score(sig)
+    S, n = sig.mask.shape
+    budgets = sig.budget.tolist()
+    keep = topk_mask(scores, sig.mask, torch.tensor([z.split(b)[0] for b in budgets]))
+    merge_into = torch.full((S, n), -1, dtype=torch.long)
+    keys = F.unit_rows(sig.vision_keys)
+    for s in range(S):
+        contextual = z.split(budgets[s])[1]
+        rest = (sig.mask[s] & ~keep[s]).nonzero().flatten().tolist()
+        if contextual == 0 or not rest:
+            continue
+        step = max(1, len(rest) // contextual)
+        targets = rest[0::step][:contextual]
+        keep[s, targets] = True
+        for j in rest:
+            if j not in targets:
+                sims = [float(keys[s, j] @ keys[s, t]) for t in targets]
+                merge_into[s, j] = targets[sims.index(max(sims))]
+    return keep, merge_into
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_visionzip_vectorised_equals_per_segment_loop(seed):
+    """Segments of different sizes and budgets (1: no contextual token; >= the count: nothing
+    left to merge; ratio 0.3: a non-dyadic split) against the per-segment reference."""
+    gen = torch.Generator().manual_seed(seed)
+    counts, budgets = [30, 17, 9, 5, 12], [10, 1, 9, 7, 4]
+    att = [torch.rand(c, generator=gen) for c in counts]
+    keys = [torch.randn(c, 6, generator=gen) for c in counts]
+    sig = make_signals(counts, budgets, vision_attn=att, vision_keys=keys)
+    for ratio in (10 / 64, 0.3):
+        z = VisionZipScorer(contextual_ratio=ratio)
+        sel = z.select(sig)
+        keep, merge_into = _visionzip_loop(z, sig)
+        assert torch.equal(sel.keep, keep) and torch.equal(sel.merge_into, merge_into)
+        assert sel.keep.sum(1).tolist() == [min(b, c) for b, c in zip(budgets, counts)]
+
+
 def test_visionzip_default_split_is_54_plus_10():
     z = VisionZipScorer()
     assert z.split(64) == (54, 10)
