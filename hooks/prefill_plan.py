@@ -133,7 +133,8 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     # index of every prunable token within its segment (segments are numbered row-major)
     index_in_seg = np.full((B, N), -1, dtype=np.int64)
     ids = seg[prunable]
-    offsets = np.cumsum(np.bincount(ids, minlength=S)) - np.bincount(ids, minlength=S)
+    per_seg = np.bincount(ids, minlength=S)
+    offsets = np.cumsum(per_seg) - per_seg
     index_in_seg[prunable] = np.arange(ids.size) - offsets[ids]
     vis_ordinal = np.where(vis, np.cumsum(vis, axis=1) - 1, -1)
     # the first stage's candidates: every valid prunable token of the original layout

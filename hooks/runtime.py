@@ -115,6 +115,8 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     B, Mlen = idx.shape
     seq_dim = x.dim() - 2 if x.is_floating_point() else x.dim() - 1
     batch_dim = seq_dim - 1
+    if B == 1 and x.shape[batch_dim] == 1:  # one row: a single index_select
+        return x.index_select(seq_dim, idx[0])
     shape = list(x.shape)
     shape[batch_dim] = B
     x = x.expand(*shape)
@@ -442,10 +444,10 @@ class Runtime:
         )
         self._fill_signals(ctx, stage, sig, hidden, slot_pad, safe_slot)
         sel = stage.scorer.select(sig)
-        keep = sel.keep & smask
+        keep = sel.keep if sel.exact else sel.keep & smask
         exact = not getattr(stage.scorer, "adaptive", False)
         name = getattr(stage.scorer, "name", type(stage.scorer).__name__)
-        if exact:
+        if exact and not sel.exact:  # topk_selection's keep meets the budget by construction
             if ctx.checks is not None:  # checked when the forward ends (a check here would sync)
                 ctx.checks.append((name, keep.sum(1), budget))
             else:
@@ -538,11 +540,9 @@ class Runtime:
                 sig.text_hidden = hidden[rows_b, tsafe]
         rec = ctx.attn.get(stage.layer - 1, {})
         if "attn_last" in needs:
-            last = rec["last"][:, :, 0, :]  # (B, H, Nc)
-            sig.attn_last = last[rows_b, :, safe_slot].permute(0, 2, 1)
+            sig.attn_last = _per_segment(rec["last"][:, :, 0, :], sample, safe_slot)
         if "attn_last_text" in needs:
-            last = rec["last"][:, :, 0, :]
-            sig.attn_last_text = last[rows_b, :, tsafe].permute(0, 2, 1)
+            sig.attn_last_text = _per_segment(rec["last"][:, :, 0, :], sample, tsafe)
         if "attn_text" in needs:
             text = rec["text"]  # (B, H, T, Nc)
             per = text[sample]  # (S, H, T, Nc)
@@ -563,7 +563,7 @@ class Runtime:
             sig.full_query = _last_valid(ctx.cur_valid)[sample]
         if "layer_attn_last" in needs:
             per_layer = [ctx.attn[layer]["last"][:, :, 0, :] for layer in range(stage.layer)]
-            sig.layer_attn_last = torch.stack([t[rows_b, :, safe_slot].permute(0, 2, 1) for t in per_layer], dim=1)
+            sig.layer_attn_last = torch.stack([_per_segment(t, sample, safe_slot) for t in per_layer], dim=1)
         missing = needs - {"hidden", "text_hidden", "attn_last", "attn_last_text", "attn_text", "keys", "text_keys",
                            "layer_attn_last", "vision_attn", "vision_keys", "layer_attn_full", "full_pos", "full_query"}
         if missing:
@@ -642,6 +642,14 @@ def _refine_structural(layout, structural: torch.Tensor) -> None:
     layout.seg_count = torch.bincount(seg, minlength=S)
     layout.seg_grid = [g if g is not None and g[0] * g[1] * g[2] == int(c) else None
                        for g, c in zip(layout.seg_grid, layout.seg_count.tolist())]
+
+
+def _per_segment(rows: torch.Tensor, sample: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, H, Nc) per-row values -> (S, H, n) values of each segment's candidate slots
+    ``slots`` (S, n) in row ``sample`` (S,): two gathers (cheaper on the host than advanced
+    indexing)."""
+    per = rows.index_select(0, sample)
+    return per.gather(2, slots.unsqueeze(1).expand(-1, per.shape[1], -1))
 
 
 def _last_valid(valid: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,10 @@ class Selection:
     keep: torch.Tensor
     scores: Optional[torch.Tensor] = None
     merge_into: Optional[torch.Tensor] = None
+    #: set by :func:`topk_selection` only: ``keep`` is exactly ``min(budget, real slots)`` per row
+    #: and False on padding by construction, so the runtime skips its budget check (a reduction
+    #: and a device sync per stage)
+    exact: bool = False
 
 
 class Scorer:
@@ -56,15 +60,18 @@ class Scorer:
 
 
 def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scores as float32 with -inf on padding slots."""
-    return scores.float().masked_fill(~mask, float("-inf"))
+    """Scores as float32 with -inf on padding slots and finite values on real ones (NaN and -inf
+    become the lowest finite float32, +inf the highest), so every real slot ranks above every
+    padding slot (:func:`topk_mask` keeps exactly ``min(budget, real slots)``)."""
+    f = torch.finfo(torch.float32)
+    return scores.float().nan_to_num(nan=f.min, posinf=f.max, neginf=f.min).masked_fill(~mask, float("-inf"))
 
 
 def topk_selection(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> Selection:
     """The plain top-k :class:`Selection`: keep = :func:`topk_mask`, scores masked with -inf on
     padding (computed once for both)."""
     s = masked_scores(scores, mask)
-    return Selection(keep=_topk_of_masked(s, mask, budget), scores=s)
+    return Selection(keep=_topk_of_masked(s, mask, budget), scores=s, exact=True)
 
 
 def topk_mask(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
