@@ -46,8 +46,8 @@ class PruningHandle:
             if rt.last_trace is None:
                 return None
             last = (rt.last_trace, rt.last_meta)
-        trace, (layout, vis_ordinal, orig_valid) = last
-        return build_stats(trace, layout, vis_ordinal, rt.num_layers, orig_valid)
+        trace, meta = last
+        return build_stats(trace, meta.layout, meta.prepared.vis_ordinal, rt.num_layers, meta.orig_valid)
 
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``."""

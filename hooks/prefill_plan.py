@@ -16,7 +16,8 @@ Shapes: B batch rows, N prompt tokens, S segments, n the largest candidate count
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -93,13 +94,15 @@ def text_rows(layout, cur_pos: torch.Tensor, cur_valid: torch.Tensor) -> tuple:
 
 @dataclass
 class PreparedPrefill:
-    """The device copies of a host-prepared prefill (see :func:`prepare_prefill`)."""
+    """The device copies of a host-prepared prefill (see :func:`prepare_prefill`).
+
+    ``index_in_seg`` (B, N), ``vis_ordinal`` (B, N) and ``text`` (the original layout's text
+    rows and their mask, (B, T)) are computed and uploaded on first use: a one-stage plan whose
+    scorer reads no text signal never needs them inside the forward (stats read the ordinals
+    later)."""
 
     layout: object  # VisualLayout on the device
-    index_in_seg: torch.Tensor  # (B, N)
-    vis_ordinal: torch.Tensor  # (B, N)
     first: Candidates  # the first stage's candidates on the original layout
-    text: tuple  # text_rows of the original layout
     drop_any: bool  # the first stage drops at least one token (some budget < its count)
     kept_per_row: torch.Tensor  # (B,) tokens each row keeps after an exact-budget first stage
     kept_host: list  # the same, on the host
@@ -110,6 +113,28 @@ class PreparedPrefill:
     rank_shift: torch.Tensor  # (B, 1) long: max(kept) - kept - 1
     last_valid: torch.Tensor  # (B, 1) long: slot of each row's last valid token (0 for an empty row)
     arange: torch.Tensor  # (N,) long: 0..N-1 (the original layout's positions, without a launch)
+    host: dict = field(default_factory=dict, repr=False)  # NumPy arrays the lazy fields derive from
+    device: object = None
+
+    @cached_property
+    def index_in_seg(self) -> torch.Tensor:
+        return upload({"x": self.host["index_in_seg"]}, self.device)["x"]
+
+    @cached_property
+    def vis_ordinal(self) -> torch.Tensor:
+        vis = self.host["vis"]
+        return upload({"x": np.where(vis, np.cumsum(vis, axis=1) - 1, -1)}, self.device)["x"]
+
+    @cached_property
+    def text(self) -> tuple:
+        is_text = self.host["ok"] & ~self.host["vis"]
+        B = is_text.shape[0]
+        T = max(int(is_text.sum(1).max()), 1) if B else 1
+        tb, tj = np.nonzero(is_text)
+        rows = np.full((B, T), -1, dtype=np.int64)
+        rows[tb, (np.cumsum(is_text, axis=1) - 1)[tb, tj]] = tj
+        dev = upload({"rows": rows, "mask": rows >= 0}, self.device)
+        return dev["rows"], dev["mask"]
 
 
 def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefill:
@@ -136,7 +161,6 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     per_seg = np.bincount(ids, minlength=S)
     offsets = np.cumsum(per_seg) - per_seg
     index_in_seg[prunable] = np.arange(ids.size) - offsets[ids]
-    vis_ordinal = np.where(vis, np.cumsum(vis, axis=1) - 1, -1)
     # the first stage's candidates: every valid prunable token of the original layout
     cand = ok & prunable
     b_idx, slot = np.nonzero(cand)
@@ -149,12 +173,6 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     smask = slot_pad >= 0
     index = np.where(smask, index_in_seg[sample[:, None], np.maximum(slot_pad, 0)], -1)
     budget = np.minimum([tokens_for(keep, int(c)) for c in seg_count.tolist()], counts).astype(np.int64)
-    # text rows of the original layout: slots of valid non-visual tokens, left-aligned
-    is_text = ok & ~vis
-    T = max(int(is_text.sum(1).max()), 1) if B else 1
-    tb, tj = np.nonzero(is_text)
-    text = np.full((B, T), -1, dtype=np.int64)
-    text[tb, (np.cumsum(is_text, axis=1) - 1)[tb, tj]] = tj
     kept = ok.sum(1) - cand.sum(1) + np.bincount(sample, weights=budget, minlength=B).astype(np.int64)
     # for kept_slots / the re-layout: slots kept whatever the scores, candidates' flat slots and
     # the rank offset that puts each row's kept tokens flush right (new padding on the left)
@@ -162,23 +180,19 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     cand_flat = np.where(smask, sample[:, None] * N + slot_pad, B * N)
     rank_shift = (kept.max() if B else 0) - kept - 1
     last_valid = np.where(ok.any(1), N - 1 - np.argmax(ok[:, ::-1], axis=1), 0)
-    host = {"index_in_seg": index_in_seg, "vis_ordinal": vis_ordinal, "kept": kept,
-            "text_rows": text, "text_mask": text >= 0,
-            "first.slot_pad": slot_pad, "first.smask": smask, "first.index": index, "first.budget": budget,
-            "first.counts": counts, "first.cand": cand,
-            "keep_base": keep_base, "cand_flat": cand_flat, "rank_shift": rank_shift[:, None],
-            "last_valid": last_valid[:, None], "arange": np.arange(N),
-            "layout.segment_of": seg, "layout.structural": prunable ^ vis, "layout.seg_sample": sample,
-            "layout.seg_ordinal": layout.seg_ordinal.cpu().numpy(), "layout.seg_count": seg_count}
-    dev = upload(host, device)
+    arrays = {"kept": kept,
+              "first.slot_pad": slot_pad, "first.smask": smask, "first.index": index, "first.budget": budget,
+              "first.counts": counts, "first.cand": cand,
+              "keep_base": keep_base, "cand_flat": cand_flat, "rank_shift": rank_shift[:, None],
+              "last_valid": last_valid[:, None], "arange": np.arange(N),
+              "layout.segment_of": seg, "layout.structural": prunable ^ vis, "layout.seg_sample": sample,
+              "layout.seg_ordinal": layout.seg_ordinal.cpu().numpy(), "layout.seg_count": seg_count}
+    dev = upload(arrays, device)
     lay_fields = ("segment_of", "structural", "seg_sample", "seg_ordinal", "seg_count")
     fields = ("slot_pad", "smask", "index", "budget", "counts", "cand")
     return PreparedPrefill(
         layout=replace(layout, **{k: dev[f"layout.{k}"] for k in lay_fields}),
-        index_in_seg=dev["index_in_seg"],
-        vis_ordinal=dev["vis_ordinal"],
         first=Candidates(**{k: dev[f"first.{k}"] for k in fields}),
-        text=(dev["text_rows"], dev["text_mask"]),
         drop_any=bool((budget < counts).any()),
         kept_per_row=dev["kept"],
         kept_host=kept.tolist(),
@@ -189,6 +203,8 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
         rank_shift=dev["rank_shift"],
         last_valid=dev["last_valid"],
         arange=dev["arange"],
+        host={"index_in_seg": index_in_seg, "vis": vis, "ok": ok},
+        device=device,
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -70,6 +70,14 @@ class StageTrace:
     diagnostics: dict
 
 
+class PrefillMeta(NamedTuple):
+    """What stats need of the last pruned prefill (read after the forward, on request)."""
+
+    layout: object
+    prepared: object  # PreparedPrefill: vis_ordinal is uploaded when first read
+    orig_valid: Optional[torch.Tensor]
+
+
 @dataclass
 class CallContext:
     layout: object = None
@@ -89,12 +97,9 @@ class CallContext:
     state: Optional[PruneState] = None
     replay: Optional[PruneState] = None
     trace: list = field(default_factory=list)
-    index_in_seg: Optional[torch.Tensor] = None
-    vis_ordinal: Optional[torch.Tensor] = None
     ids_host: Optional[torch.Tensor] = None  # host copies of a prefill's input_ids / 2-D mask
     mask_host: Optional[torch.Tensor] = None
     prepared: object = None  # PreparedPrefill (vtoken.hooks.prefill_plan)
-    text0: Optional[tuple] = None  # text rows of the original layout (until the first re-layout)
     relaid: bool = False  # a stage has re-laid-out the sequence (slots no longer original positions)
     checks: Optional[list] = None  # budget checks deferred to the end of the multimodal forward
 
@@ -129,6 +134,9 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 class Runtime:
     """Executes a plan on one model; one per handle."""
+
+    #: run the first stage from the host plan (no syncs); False: the generic device path (tests)
+    host_first_stage: bool = True
 
     def __init__(self, adapter, plan, backend: str = "auto"):
         self.adapter = adapter
@@ -245,7 +253,7 @@ class Runtime:
             _check_budget(name, got, budget)
         if ctx.mode == "prefill" and ctx.trace:
             self.last_trace = ctx.trace
-            self.last_meta = (ctx.layout, ctx.vis_ordinal, ctx.orig_valid)
+            self.last_meta = PrefillMeta(ctx.layout, ctx.prepared, ctx.orig_valid)
             self.tls.last = (ctx.trace, self.last_meta)
 
     def on_text_call(self, kwargs: dict) -> None:
@@ -302,8 +310,6 @@ class Runtime:
             ctx.prepared = prepare_prefill(ctx.layout, valid, self.plan[0].keep, dev)
         prep = ctx.prepared
         ctx.layout = prep.layout
-        # index of each prunable token within its segment; ordinal within the sample's visual tokens
-        ctx.index_in_seg, ctx.vis_ordinal, ctx.text0 = prep.index_in_seg, prep.vis_ordinal, prep.text
         ctx.cur_pos = prep.arange.expand(B, N)
         ctx.cur_valid = ctx.orig_valid
         session = self.session
@@ -427,8 +433,8 @@ class Runtime:
         cur_pos, cur_valid = ctx.cur_pos, ctx.cur_valid
         prep = ctx.prepared
         # the first stage on the original layout: candidates prepared on the host (no syncs)
-        first = prep is not None and i == 0 and ctx.mode == "prefill"  # nothing re-laid-out before stage 0
-        c = prep.first if first else candidates(lay, cur_pos, cur_valid, ctx.index_in_seg, stage.keep)
+        first = self.host_first_stage and prep is not None and i == 0 and ctx.mode == "prefill"
+        c = prep.first if first else candidates(lay, cur_pos, cur_valid, prep.index_in_seg, stage.keep)
         slot_pad, smask, index, budget, cand = c.slot_pad, c.smask, c.index, c.budget, c.cand
         sample = lay.seg_sample
         safe_slot = slot_pad.clamp(min=0)
@@ -507,7 +513,7 @@ class Runtime:
             inv = torch.zeros(B, ctx.n + 1, dtype=torch.long, device=hidden.device)
             inv = inv.scatter_(1, where, torch.arange(Nc, device=hidden.device).expand(B, Nc))[:, : ctx.n]
             take = inv.gather(1, safe)
-        ctx.relaid, ctx.text0 = True, None  # the original layout's text rows no longer apply
+        ctx.relaid = True  # the original layout's text rows (prepared.text) no longer apply
         hidden = hidden.gather(1, take.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if all_valid:
             valid = torch.ones(new_pos.shape, dtype=torch.bool, device=new_pos.device)
@@ -661,8 +667,8 @@ def _last_valid(valid: torch.Tensor) -> torch.Tensor:
 
 def _text_rows(ctx):
     """(B, T) slot indices of valid non-visual tokens (-1 padded), and (B, T) mask."""
-    if ctx.text0 is not None:
-        return ctx.text0
+    if not ctx.relaid and ctx.prepared is not None:
+        return ctx.prepared.text
     return text_rows(ctx.layout, ctx.cur_pos, ctx.cur_valid)
 
 

@@ -82,6 +82,12 @@ from vtoken.bench.common import Bench, paired_ratio, timed_interleaved
 with vtoken.apply_pruning(model, method="fastv", keep=64) as h:
     pre()
     idx = kept_positions(h)
+    R.Runtime.host_first_stage = False  # the generic device path must keep the same tokens
+    pre()
+    R.Runtime.host_first_stage = True
+    same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(idx, kept_positions(h)))
+    log(f"host-planned first stage keeps the same positions as the generic path: {same}")
+    assert same
 bench = Bench(device="cuda")
 for _ in range(3):
     t_u, t_p, t_o = timed_interleaved(bench, [(contextlib.nullcontext, pre),
