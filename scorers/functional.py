@@ -123,32 +123,31 @@ def greedy_maxmin(
         # seeds rank in slot order
         order = torch.where(seed, seed.long().cumsum(dim=1) - 1, order)
         picked = seed.sum(dim=1)
-        for s in range(S):  # min distance of every slot to the seed set, chunked over seeds
-            idx = seed[s].nonzero().flatten()
-            for start in range(0, idx.numel(), _CHUNK):
-                d = 1.0 - z[s] @ z[s, idx[start:start + _CHUNK]].T  # (n, c)
-                mind[s] = torch.minimum(mind[s], d.min(dim=1).values)
+        # min distance of every slot to its segment's seed set; blocks of segments, no host sync
+        chunk = max(1, (1 << 26) // max(n * n, 1))
+        for s0 in range(0, S, chunk):
+            zz, sd = z[s0: s0 + chunk], seed[s0: s0 + chunk]
+            d = (1.0 - zz @ zz.transpose(1, 2)).masked_fill(~sd.unsqueeze(1), float("inf"))  # (c, n, n)
+            mind[s0: s0 + chunk] = d.min(dim=2).values
     need_first = picked == 0
     first_score = None
     if bool(need_first.any()):
         first_score = nearest_neighbour_distance(z, mask)
-    rows = torch.arange(S, device=dev)
     steps = int((budget - picked).clamp(min=0).max()) if S else 0
+    # every step runs on all rows with static shapes (a row that has its budget changes nothing):
+    # no host sync inside the loop, about a dozen small kernels per step
     for _ in range(steps):
-        active = picked < budget
-        if not bool(active.any()):
-            break
+        active = picked < budget  # (S,)
         base = mind if first_score is None else torch.where((picked == 0).unsqueeze(1), first_score, mind)
         score = base.masked_fill(~mask | keep, float("-inf"))
         # +inf (a lone candidate has no neighbour) -> large finite, so argmax still prefers real slots
-        score = score.clamp(max=1e30)
-        pick = score.argmax(dim=1)
-        r = rows[active]
-        pk = pick[active]
-        keep[r, pk] = True
-        order[r, pk] = picked[active]
-        d = 1.0 - (z[r] @ z[r, pk].unsqueeze(-1)).squeeze(-1)  # (a, n)
-        mind[r] = torch.minimum(mind[r], d)
+        pick = score.clamp(max=1e30).argmax(dim=1, keepdim=True)  # (S, 1)
+        chosen = torch.zeros_like(keep).scatter_(1, pick, active.unsqueeze(1))
+        keep |= chosen
+        order = torch.where(chosen, picked.unsqueeze(1), order)
+        zp = z.gather(1, pick.unsqueeze(-1).expand(-1, 1, z.shape[-1]))  # (S, 1, D)
+        d = 1.0 - (z @ zp.transpose(1, 2)).squeeze(-1)  # (S, n)
+        mind = torch.where(active.unsqueeze(1), torch.minimum(mind, d), mind)
         picked = picked + active.long()
     return keep, order
 

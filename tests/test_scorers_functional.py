@@ -135,6 +135,60 @@ def test_greedy_maxmin_seed_counts_against_budget():
     assert sorted(order[0][keep[0]].tolist()) == [0, 1, 2, 3, 4]
 
 
+def test_greedy_maxmin_with_seeds_property():
+    """With seeds (AgilePruner's use): every later pick maximises the minimum cosine distance to
+    the seeds plus the earlier picks, per segment, for segments with and without seeds."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 16, 5, generator=g)
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[2, 11:] = False
+    seed = torch.zeros(3, 16, dtype=torch.bool)
+    seed[0, [1, 9]] = True
+    seed[2, 4] = True
+    budget = torch.tensor([6, 4, 5])
+    keep, order = F.greedy_maxmin(h, mask, budget, seed=seed)
+    assert keep.sum(1).tolist() == [6, 4, 5] and not (keep & ~mask).any() and (keep | ~seed).all()
+    for s in range(3):
+        z = h[s].double().numpy()
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+        d = 1 - z @ z.T
+        real = mask[s].nonzero().flatten().tolist()
+        picks = [int(j) for j in sorted(keep[s].nonzero().flatten().tolist(), key=lambda j: int(order[s, j]))]
+        n_seed = int(seed[s].sum())
+        assert set(picks[:n_seed]) == set(seed[s].nonzero().flatten().tolist())
+        for t in range(max(n_seed, 1), len(picks)):
+            chosen = picks[:t]
+            mind = {j: min(d[j, i] for i in chosen) for j in real if j not in chosen}
+            assert mind[picks[t]] == pytest.approx(max(mind.values()), abs=1e-6)
+
+
+def test_greedy_maxmin_loop_does_not_sync():
+    """The selection loop runs without host syncs: the sync-causing ops of a whole call are the
+    two before the loop (is a first pick needed, how many steps), whatever the budget."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"):
+                self.n[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    h = torch.randn(4, 40, 6)
+    mask = torch.ones(4, 40, dtype=torch.bool)
+    counts = []
+    for b in (3, 20):
+        with Count() as c:
+            F.greedy_maxmin(h, mask, torch.full((4,), b))
+        counts.append(sum(c.n.values()))
+    assert counts[0] == counts[1] <= 2, counts
+
+
 def test_greedy_maxmin_duplicates_and_single_candidate():
     # identical tokens: still exactly budget picks; a lone candidate is picked
     h = torch.ones(2, 4, 3)
