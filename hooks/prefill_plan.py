@@ -215,6 +215,12 @@ def upload(arrays: dict, device) -> dict:
     and copied without blocking the host; each tensor is then a dtype view of a slice of it."""
     device = torch.device(device)
     items = [(k, np.asarray(a)) for k, a in arrays.items()]
+    bad = [k for k, a in items if a.dtype != bool and not np.issubdtype(a.dtype, np.integer)]
+    if bad:
+        raise TypeError(f"upload takes integer or bool arrays; {bad} are not")
+    if not any(a.size for _, a in items):  # nothing to copy (e.g. an empty batch)
+        return {k: torch.empty(a.shape, dtype=torch.bool if a.dtype == bool else torch.int64, device=device)
+                for k, a in items}
     items.sort(key=lambda kv: kv[1].dtype == bool)  # int64 first (stable: names keep their order)
     raw = [a.astype(bool if a.dtype == bool else np.int64).reshape(-1).view(np.uint8) for _, a in items]
     packed = torch.from_numpy(np.concatenate(raw)) if raw else torch.zeros(0, dtype=torch.uint8)

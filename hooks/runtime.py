@@ -450,10 +450,12 @@ class Runtime:
         )
         self._fill_signals(ctx, stage, sig, hidden, slot_pad, safe_slot)
         sel = stage.scorer.select(sig)
-        keep = sel.keep if sel.exact else sel.keep & smask
+        # a topk_selection over this stage's own mask and budget meets the budget by construction
+        trusted = sel.exact_for is not None and sel.exact_for[0] is smask and sel.exact_for[1] is budget
+        keep = sel.keep if trusted else sel.keep & smask
         exact = not getattr(stage.scorer, "adaptive", False)
         name = getattr(stage.scorer, "name", type(stage.scorer).__name__)
-        if exact and not sel.exact:  # topk_selection's keep meets the budget by construction
+        if exact and not trusted:
             if ctx.checks is not None:  # checked when the forward ends (a check here would sync)
                 ctx.checks.append((name, keep.sum(1), budget))
             else:

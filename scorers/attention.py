@@ -204,7 +204,7 @@ class VisionZipScorer(AttentionScorer):
         with the most similar key (ties: the lowest slot)."""
         scores = self.score(sig)
         S, n = sig.mask.shape
-        b = sig.budget.to(torch.float64)
+        b = sig.budget.to(torch.float32 if sig.budget.device.type == "mps" else torch.float64)
         contextual = torch.minimum(b - 1, torch.round(b * self.contextual_ratio))
         contextual = torch.where(b <= 1, torch.zeros_like(b), contextual).long()  # = split(budget)[1]
         keep = topk_mask(scores, sig.mask, sig.budget - contextual)
@@ -213,13 +213,8 @@ class VisionZipScorer(AttentionScorer):
         step = (rest.sum(1) // contextual.clamp(min=1)).clamp(min=1).unsqueeze(1)
         target = rest & (rank % step == 0) & (rank // step < contextual.unsqueeze(1))
         others = rest & ~target & target.any(1, keepdim=True)  # no target (contextual 0): plain drop
-        keys = F.unit_rows(sig.vision_keys)
-        merge_into = torch.full((S, n), -1, dtype=torch.long, device=sig.mask.device)
-        chunk = max(1, (1 << 26) // max(n * n, 1))  # segments per similarity block (<= 256 MB fp32)
-        for s0 in range(0, S, chunk):  # a loop over shapes only: no data-dependent branch
-            k = keys[s0: s0 + chunk]
-            sim = (k @ k.transpose(1, 2)).masked_fill(~target[s0: s0 + chunk].unsqueeze(1), float("-inf"))
-            merge_into[s0: s0 + chunk] = torch.where(others[s0: s0 + chunk], sim.argmax(dim=-1), -1)
+        nearest = F.masked_max_similarity(F.unit_rows(sig.vision_keys), target)[1]
+        merge_into = torch.where(others, nearest, -1)
         return Selection(keep=keep | target, scores=masked_scores(scores, sig.mask), merge_into=merge_into)
 
 

@@ -30,10 +30,11 @@ class Selection:
     keep: torch.Tensor
     scores: Optional[torch.Tensor] = None
     merge_into: Optional[torch.Tensor] = None
-    #: set by :func:`topk_selection` only: ``keep`` is exactly ``min(budget, real slots)`` per row
-    #: and False on padding by construction, so the runtime skips its budget check (a reduction
-    #: and a device sync per stage)
-    exact: bool = False
+    #: set by :func:`topk_selection` only: the (mask, budget) tensors ``keep`` was made from; keep
+    #: holds exactly ``min(budget, real slots)`` per row and nothing outside the mask by
+    #: construction, so when they are the stage's own ``sig.mask`` / ``sig.budget`` the runtime
+    #: skips its budget check (a reduction and a device sync per stage)
+    exact_for: Optional[tuple] = None
 
 
 class Scorer:
@@ -69,9 +70,9 @@ def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def topk_selection(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> Selection:
     """The plain top-k :class:`Selection`: keep = :func:`topk_mask`, scores masked with -inf on
-    padding (computed once for both)."""
+    padding (computed once for both); ``exact_for`` records the mask and budget it obeys."""
     s = masked_scores(scores, mask)
-    return Selection(keep=_topk_of_masked(s, mask, budget), scores=s, exact=True)
+    return Selection(keep=_topk_of_masked(s, mask, budget), scores=s, exact_for=(mask, budget))
 
 
 def topk_mask(scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:

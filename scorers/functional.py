@@ -123,12 +123,8 @@ def greedy_maxmin(
         # seeds rank in slot order
         order = torch.where(seed, seed.long().cumsum(dim=1) - 1, order)
         picked = seed.sum(dim=1)
-        # min distance of every slot to its segment's seed set; blocks of segments, no host sync
-        chunk = max(1, (1 << 26) // max(n * n, 1))
-        for s0 in range(0, S, chunk):
-            zz, sd = z[s0: s0 + chunk], seed[s0: s0 + chunk]
-            d = (1.0 - zz @ zz.transpose(1, 2)).masked_fill(~sd.unsqueeze(1), float("inf"))  # (c, n, n)
-            mind[s0: s0 + chunk] = d.min(dim=2).values
+        # min distance of every slot to its segment's seed set (inf without seeds)
+        mind = 1.0 - masked_max_similarity(z, seed)[0]
     need_first = picked == 0
     first_score = None
     if bool(need_first.any()):
@@ -150,6 +146,30 @@ def greedy_maxmin(
         mind = torch.where(active.unsqueeze(1), torch.minimum(mind, d), mind)
         picked = picked + active.long()
     return keep, order
+
+
+def masked_max_similarity(z: torch.Tensor, cols: torch.Tensor, cap: int = 1 << 24) -> tuple:
+    """Largest similarity of every row to the chosen columns of its segment.
+
+    z (S, n, D) rows (unit rows: cosine similarity), cols (S, n) bool -> (values (S, n): max over
+    j with cols[s, j] of z[s, i] . z[s, j], -inf where a segment has no chosen column; index
+    (S, n) long: that j, the lowest on ties). Computed in blocks of at most ``cap`` similarities
+    (segments x query rows), a loop over shapes only: no host sync, bounded memory for long
+    segments.
+    """
+    S, n = cols.shape
+    values = torch.full((S, n), float("-inf"), dtype=z.dtype, device=z.device)
+    index = torch.zeros((S, n), dtype=torch.long, device=z.device)
+    rows = min(max(n, 1), max(1, cap // max(n, 1)))  # query rows per block
+    segs = max(1, cap // max(rows * n, 1))  # segments per block
+    for s0 in range(0, S, segs):
+        zs, cs = z[s0: s0 + segs], cols[s0: s0 + segs].unsqueeze(1)
+        for r0 in range(0, n, rows):
+            sim = (zs[:, r0: r0 + rows] @ zs.transpose(1, 2)).masked_fill(~cs, float("-inf"))  # (c, r, n)
+            best = sim.max(dim=2)
+            values[s0: s0 + segs, r0: r0 + rows] = best.values
+            index[s0: s0 + segs, r0: r0 + rows] = best.indices
+    return values, index
 
 
 def cosine_to(features: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -404,6 +424,7 @@ __all__ = [
     "unit_rows",
     "nearest_neighbour_distance",
     "greedy_maxmin",
+    "masked_max_similarity",
     "cosine_to",
     "erank",
     "erank_per_segment",

@@ -118,6 +118,30 @@ class _GreedyScorer:
         return Selection(keep=sig.mask & (rank <= (sig.budget + 1).unsqueeze(1)), scores=None)
 
 
+class _ShortTopK:
+    """Keeps one token fewer than its budget through the public topk_selection (a broken scorer
+    that uses the shared primitive with its own budget)."""
+
+    name = "short-topk"
+    needs = frozenset()
+
+    def select(self, sig):
+        from vtoken.scorers.base import topk_selection
+
+        return topk_selection(sig.index.float(), sig.mask, (sig.budget - 1).clamp(min=0))
+
+
+def test_topk_selection_with_another_budget_still_checked():
+    from vtoken.plan import Stage
+
+    model = get_model("llava")
+    inputs = get_inputs("llava", model, variant="single")
+    with vtoken.apply_pruning(model, plan=[Stage(layer=2, scorer=_ShortTopK(), keep=8)]):
+        with pytest.raises(RuntimeError, match="kept .* tokens, budget was"):
+            with torch.no_grad():
+                model(**inputs)
+
+
 def test_broken_budget_still_fails_loudly():
     from vtoken.plan import Stage
 
@@ -263,7 +287,8 @@ def _fast_equals_generic(arch, pad_side, monkeypatch, device):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_topk_selection_meets_budget_by_construction(seed):
-    """The runtime skips the budget check for a topk_selection (exact=True): its keep must hold
+    """The runtime skips the budget check for a topk_selection of the stage's own mask and budget
+    (exact_for): its keep must hold
     exactly min(budget, real slots) per row, never a padding slot, whatever the scores (ties,
     -inf, NaN included)."""
     from vtoken.scorers.base import topk_selection
@@ -276,6 +301,26 @@ def test_topk_selection_meets_budget_by_construction(seed):
     scores[torch.rand(S, n, generator=gen) < 0.05] = float("nan")
     budget = torch.randint(0, n + 3, (S,), generator=gen)
     sel = topk_selection(scores, mask, budget)
-    assert sel.exact
+    assert sel.exact_for[0] is mask and sel.exact_for[1] is budget
     assert not (sel.keep & ~mask).any()
     assert sel.keep.sum(1).tolist() == torch.minimum(budget, mask.sum(1)).tolist()
+
+
+def test_upload_round_trip_and_edge_cases():
+    """upload returns every array's values, dtype (int64 / bool) and shape, including empty
+    arrays among full ones and all-empty input; float arrays are refused."""
+    import numpy as np
+
+    from vtoken.hooks.prefill_plan import upload
+
+    arrays = {"a": np.arange(6).reshape(2, 3), "m": np.array([[True, False, True]]), "e": np.zeros((0, 4), dtype=np.int64),
+              "i32": np.array([7, -1], dtype=np.int32), "b": np.zeros(5, dtype=bool)}
+    out = upload(arrays, "cpu")
+    for k, a in arrays.items():
+        t = out[k]
+        assert t.dtype == (torch.bool if a.dtype == bool else torch.int64) and tuple(t.shape) == a.shape
+        assert t.tolist() == a.tolist()
+    empty = upload({"x": np.zeros((0, 3), dtype=np.int64), "y": np.zeros(0, dtype=bool)}, "cpu")
+    assert tuple(empty["x"].shape) == (0, 3) and empty["y"].dtype == torch.bool
+    with pytest.raises(TypeError, match="integer or bool"):
+        upload({"f": np.ones(3)}, "cpu")

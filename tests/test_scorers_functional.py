@@ -277,3 +277,21 @@ def test_dpc_knn_recovers_planted_clusters():
     groups = [set(assign[i * 5:(i + 1) * 5].tolist()) for i in range(3)]
     assert all(len(gr) == 1 for gr in groups) and len(set.union(*groups)) == 3
     assert (assign[cen] == torch.arange(3)).all()
+
+
+def test_masked_max_similarity_blocks_match_one_shot():
+    """Blocked over segments and query rows (a tiny cap forces many blocks) == one full matmul;
+    -inf (index 0) where a segment has no chosen column; ties -> the lowest column."""
+    g = torch.Generator().manual_seed(2)
+    z = F.unit_rows(torch.randn(3, 11, 4, generator=g))
+    z[1, 7] = z[1, 2]  # an exact tie for row 1's columns 2 and 7
+    cols = torch.rand(3, 11, generator=g) < 0.4
+    cols[1, [2, 7]] = True
+    cols[2] = False
+    full = (z @ z.transpose(1, 2)).masked_fill(~cols.unsqueeze(1), float("-inf"))
+    for cap in (1 << 24, 7, 1):
+        v, i = F.masked_max_similarity(z, cols, cap=cap)
+        torch.testing.assert_close(v, full.max(dim=2).values)
+        assert torch.equal(i[:2], full.max(dim=2).indices[:2])
+        assert torch.isinf(v[2]).all() and (v[2] < 0).all()
+        assert int(i[1, 2]) == 2 and int(i[1, 7]) == 2

@@ -3,7 +3,7 @@
 Per batch size: the unpruned model, then for each budget the pruned model (``apply_pruning``)
 and the ORACLE fed exactly the tokens the pruned run kept (:class:`OracleFeed`). Columns: TTFT
 (one prefill forward, vision tower included, last logit only), vision-tower time inside it,
-decode ms/token (``generate`` of ``new_tokens`` tokens minus TTFT, per token), tokens/s, KV-cache
+decode ms/token (``generate`` of ``new_tokens`` tokens minus ``generate`` of one, per step), tokens/s, KV-cache
 bytes after the prefill, peak memory.
 
 Budgets. LLaVA-1.5: ``keep`` = 192 / 128 / 64 visual tokens per image (of 576). LLaVA-NeXT:
@@ -15,6 +15,7 @@ of each image's prunable tokens = the same 192 / 128 / 64 tokens per 576-token c
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 import torch
@@ -73,15 +74,19 @@ class _FamilyRun:
     def prefill(self):
         return self.model(**self.inputs, logits_to_keep=1, use_cache=True)
 
-    def decode_ms(self, ttft):
+    def decode_ms(self):
+        """ms per decode step: ``generate`` of T tokens minus ``generate`` of 1 token, timed in
+        interleaved rounds (median of the per-round differences, so host drift between the two
+        cancels), over the T - 1 steps."""
         T = self.T
 
-        def gen():
-            return self.model.generate(**self.inputs, max_new_tokens=T, min_new_tokens=T, do_sample=False,
-                                       return_dict_in_generate=True)
+        def gen(n):
+            return lambda: self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                               return_dict_in_generate=True)
 
-        total, _, _ = timed(self.bench, gen, repeats=max(2, self.bench.repeats - 1))
-        return (total - ttft) / max(1, T - 1)
+        long, short = timed_interleaved(self.bench, [(contextlib.nullcontext, gen(T)), (contextlib.nullcontext, gen(1))],
+                                        max(2, self.bench.repeats - 1))
+        return statistics.median(a - b for a, b in zip(long, short)) / max(1, T - 1)
 
     def timed_prefill(self):
         """(ttft ms, runs, kv bytes, vision ms, peak GB) of the prefill as the model stands now."""
@@ -104,7 +109,7 @@ class _FamilyRun:
 
     def unpruned(self, decode):
         ttft, runs, kv, vis_ms, peak = self.timed_prefill()  # peak memory of the prefill runs (not of generate)
-        dec = self.decode_ms(ttft) if decode else None
+        dec = self.decode_ms() if decode else None
         self.base = self.row("unpruned", "all", ttft, runs, vis_ms, kv, peak, dec, visual_tokens=self.visual,
                              kept_visual=self.visual, context=self.N, context_after=self.N)
         return self.base
@@ -130,7 +135,7 @@ class _FamilyRun:
         with pruning() as handle:
             alone, _, kv, vis_ms, peak = self.timed_prefill()
             counts, index = token_counts(handle), kept_positions(handle)
-            dec = self.decode_ms(alone) if decode else None
+            dec = self.decode_ms() if decode else None
         with OracleFeed(self.lm, index, self.N) as feed:
             self.bench.reset_peak()
             with torch.no_grad():
