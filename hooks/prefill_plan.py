@@ -104,8 +104,7 @@ class PreparedPrefill:
     layout: object  # VisualLayout on the device
     first: Candidates  # the first stage's candidates on the original layout
     drop_any: bool  # the first stage drops at least one token (some budget < its count)
-    kept_per_row: torch.Tensor  # (B,) tokens each row keeps after an exact-budget first stage
-    kept_host: list  # the same, on the host
+    kept_host: list  # (B,) tokens each row keeps after an exact-budget first stage
     all_valid: bool  # every original slot is valid (no padding)
     seg_count_host: list  # prunable tokens of each segment, on the host
     keep_base: torch.Tensor  # (B*N + 1,) bool, see kept_slots
@@ -157,16 +156,12 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     S = int(sample.size)
     # index of every prunable token within its segment (segments are numbered row-major)
     index_in_seg = np.full((B, N), -1, dtype=np.int64)
-    ids = seg[prunable]
-    per_seg = np.bincount(ids, minlength=S)
-    offsets = np.cumsum(per_seg) - per_seg
-    index_in_seg[prunable] = np.arange(ids.size) - offsets[ids]
+    index_in_seg[prunable] = _rank_within(seg[prunable], S)[1]
     # the first stage's candidates: every valid prunable token of the original layout
     cand = ok & prunable
     b_idx, slot = np.nonzero(cand)
     seg_ids = seg[b_idx, slot]
-    counts = np.bincount(seg_ids, minlength=S).astype(np.int64)
-    within = np.arange(seg_ids.size) - (np.cumsum(counts) - counts)[seg_ids]
+    counts, within = _rank_within(seg_ids, S)
     n = int(counts.max()) if S else 0
     slot_pad = np.full((S, n), -1, dtype=np.int64)
     slot_pad[seg_ids, within] = slot
@@ -180,8 +175,7 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
     cand_flat = np.where(smask, sample[:, None] * N + slot_pad, B * N)
     rank_shift = (kept.max() if B else 0) - kept - 1
     last_valid = np.where(ok.any(1), N - 1 - np.argmax(ok[:, ::-1], axis=1), 0)
-    arrays = {"kept": kept,
-              "first.slot_pad": slot_pad, "first.smask": smask, "first.index": index, "first.budget": budget,
+    arrays = {"first.slot_pad": slot_pad, "first.smask": smask, "first.index": index, "first.budget": budget,
               "first.counts": counts, "first.cand": cand,
               "keep_base": keep_base, "cand_flat": cand_flat, "rank_shift": rank_shift[:, None],
               "last_valid": last_valid[:, None], "arange": np.arange(N),
@@ -194,7 +188,6 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
         layout=replace(layout, **{k: dev[f"layout.{k}"] for k in lay_fields}),
         first=Candidates(**{k: dev[f"first.{k}"] for k in fields}),
         drop_any=bool((budget < counts).any()),
-        kept_per_row=dev["kept"],
         kept_host=kept.tolist(),
         all_valid=bool(ok.all()),
         seg_count_host=seg_count.tolist(),
@@ -206,6 +199,13 @@ def prepare_prefill(layout, valid: torch.Tensor, keep, device) -> PreparedPrefil
         host={"index_in_seg": index_in_seg, "vis": vis, "ok": ok},
         device=device,
     )
+
+
+def _rank_within(ids: np.ndarray, S: int) -> tuple:
+    """ids (k,): segment of each item, items in row-major order (so grouped by segment) ->
+    (count per segment (S,), rank of each item within its segment (k,))."""
+    counts = np.bincount(ids, minlength=S).astype(np.int64)
+    return counts, np.arange(ids.size) - (np.cumsum(counts) - counts)[ids]
 
 
 def upload(arrays: dict, device) -> dict:
@@ -223,7 +223,7 @@ def upload(arrays: dict, device) -> dict:
                 for k, a in items}
     items.sort(key=lambda kv: kv[1].dtype == bool)  # int64 first (stable: names keep their order)
     raw = [a.astype(bool if a.dtype == bool else np.int64).reshape(-1).view(np.uint8) for _, a in items]
-    packed = torch.from_numpy(np.concatenate(raw)) if raw else torch.zeros(0, dtype=torch.uint8)
+    packed = torch.from_numpy(np.concatenate(raw))
     packed = packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else packed.to(device)
     out = {}
     for (k, a), piece in zip(items, packed.split([r.size for r in raw])):

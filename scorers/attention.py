@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from vtoken.scorers import functional as F
-from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, topk_mask, topk_selection
+from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, topk_selection
 from vtoken.signals import SegmentSignals
 
 
@@ -207,7 +207,8 @@ class VisionZipScorer(AttentionScorer):
         b = sig.budget.to(torch.float32 if sig.budget.device.type == "mps" else torch.float64)
         contextual = torch.minimum(b - 1, torch.round(b * self.contextual_ratio))
         contextual = torch.where(b <= 1, torch.zeros_like(b), contextual).long()  # = split(budget)[1]
-        keep = topk_mask(scores, sig.mask, sig.budget - contextual)
+        dominant = topk_selection(scores, sig.mask, sig.budget - contextual)  # masked scores computed once
+        keep = dominant.keep
         rest = sig.mask & ~keep
         rank = rest.long().cumsum(1) - 1
         step = (rest.sum(1) // contextual.clamp(min=1)).clamp(min=1).unsqueeze(1)
@@ -215,7 +216,7 @@ class VisionZipScorer(AttentionScorer):
         others = rest & ~target & target.any(1, keepdim=True)  # no target (contextual 0): plain drop
         nearest = F.masked_max_similarity(F.unit_rows(sig.vision_keys), target)[1]
         merge_into = torch.where(others, nearest, -1)
-        return Selection(keep=keep | target, scores=masked_scores(scores, sig.mask), merge_into=merge_into)
+        return Selection(keep=keep | target, scores=dominant.scores, merge_into=merge_into)
 
 
 class ZipVLScorer(AttentionScorer):

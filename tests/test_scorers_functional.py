@@ -100,6 +100,15 @@ def test_rollout_rejects_bad_shape():
 # ----------------------------------------------------------------------------- greedy max-min
 
 
+def _distances_and_picks(h, mask, keep, order, s):
+    """Segment s: float64 cosine distances (n, n), its real slots, and its picks in pick order."""
+    z = h[s].double().numpy()
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    real = mask[s].nonzero().flatten().tolist()
+    picks = [int(j) for j in sorted(keep[s].nonzero().flatten().tolist(), key=lambda j: int(order[s, j]))]
+    return 1 - z @ z.T, real, picks
+
+
 def test_greedy_maxmin_property_and_counts():
     """Every pick maximises the minimum cosine distance to the already-picked set."""
     g = torch.Generator().manual_seed(5)
@@ -111,11 +120,7 @@ def test_greedy_maxmin_property_and_counts():
     assert keep.sum(1).tolist() == [9, 6]
     assert not (keep & ~mask).any()
     for s in range(2):
-        z = h[s].double().numpy()
-        z = z / np.linalg.norm(z, axis=1, keepdims=True)
-        d = 1 - z @ z.T
-        real = mask[s].nonzero().flatten().tolist()
-        picks = [int(j) for j in sorted(keep[s].nonzero().flatten().tolist(), key=lambda j: int(order[s, j]))]
+        d, real, picks = _distances_and_picks(h, mask, keep, order, s)
         # first pick: the token whose nearest other token is farthest
         nn = {j: min(d[j, i] for i in real if i != j) for j in real}
         assert nn[picks[0]] == pytest.approx(max(nn.values()), abs=1e-6)
@@ -149,11 +154,7 @@ def test_greedy_maxmin_with_seeds_property():
     keep, order = F.greedy_maxmin(h, mask, budget, seed=seed)
     assert keep.sum(1).tolist() == [6, 4, 5] and not (keep & ~mask).any() and (keep | ~seed).all()
     for s in range(3):
-        z = h[s].double().numpy()
-        z = z / np.linalg.norm(z, axis=1, keepdims=True)
-        d = 1 - z @ z.T
-        real = mask[s].nonzero().flatten().tolist()
-        picks = [int(j) for j in sorted(keep[s].nonzero().flatten().tolist(), key=lambda j: int(order[s, j]))]
+        d, real, picks = _distances_and_picks(h, mask, keep, order, s)
         n_seed = int(seed[s].sum())
         assert set(picks[:n_seed]) == set(seed[s].nonzero().flatten().tolist())
         for t in range(max(n_seed, 1), len(picks)):

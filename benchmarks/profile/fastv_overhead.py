@@ -8,7 +8,7 @@ each vtoken runtime region (wall time with a device sync around it, and host tim
 count of device syncs (``cudaStreamSynchronize`` / ``cudaMemcpy`` D2H) and kernel launches of
 each path, and the profiler's top operators of the pruned prefill.
 """
-import collections, contextlib, functools, os, statistics, sys, time
+import collections, contextlib, functools, os, statistics, time
 
 import torch
 
