@@ -23,13 +23,14 @@ prefix's layout), never in module globals.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
 
 from vtoken.hooks import masks as M
-from vtoken.hooks.prefill_plan import candidates, kept_slots, prepare_prefill, text_rows
+from vtoken.hooks.prefill_plan import PlanCache, candidates, kept_slots, prepare_prefill, text_rows
 from vtoken.hooks.probe import attention_rows
 from vtoken.signals import SegmentSignals
 
@@ -132,11 +133,32 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(seq_dim, idx.view(view).expand(full))
 
 
+_PLAN_CACHES = weakref.WeakKeyDictionary()  # model -> PlanCache, shared by the handles applied to it
+
+
+def plan_cache_for(model, size: int) -> PlanCache:
+    """The model's host-plan cache, holding at most ``size`` plans. It outlives a handle (a plan
+    depends on the inputs and the first stage's budget, which is part of the key, not on the
+    method), so re-applying pruning to the same model keeps its plans; it is dropped with the
+    model, and never stored on it. ``size <= 0``: a disabled cache of its own (the model's is
+    left as it is)."""
+    if size <= 0:
+        return PlanCache(0)
+    cache = _PLAN_CACHES.get(model)
+    if cache is None:
+        cache = _PLAN_CACHES[model] = PlanCache(size)
+    elif cache.size != size:
+        cache.resize(size)
+    return cache
+
+
 class Runtime:
     """Executes a plan on one model; one per handle."""
 
     #: run the first stage from the host plan (no syncs); False: the generic device path (tests)
     host_first_stage: bool = True
+    #: host plans kept across calls (see PlanCache); 0 disables
+    plan_cache_size: int = 32
 
     def __init__(self, adapter, plan, backend: str = "auto"):
         self.adapter = adapter
@@ -151,6 +173,7 @@ class Runtime:
             for layer in range(L, self.num_layers):
                 self.layer_stage[layer] = i
         self.tls = threading.local()
+        self.plans = plan_cache_for(adapter.model, self.plan_cache_size)
         self.last_trace = None
         self.last_meta = None
         self.probe_needs = self._probe_needs()
@@ -239,10 +262,24 @@ class Runtime:
             ctx.mask_host = mask.cpu().bool()
         if self.adapter.layout_needs_features:
             return
+        key = self._plan_key(ctx.ids_host, ctx.mask_host, kwargs, input_ids.device)
+        ctx.prepared = self.plans.get(key) if key is not None else None
+        if ctx.prepared is not None:
+            return
         layout = self.adapter.layout(ctx.ids_host, kwargs, ctx)
         if layout is not None:
             valid = ctx.mask_host if ctx.mask_host is not None else torch.ones(input_ids.shape, dtype=torch.bool)
             ctx.prepared = prepare_prefill(layout, valid, self.plan[0].keep, input_ids.device)
+            if key is not None:
+                self.plans.put(key, ctx.prepared)
+
+    def _plan_key(self, ids_host, mask_host, inputs: dict, device):
+        """The PlanCache key of a prefill, or None when its plan is not cached (cache off, or an
+        adapter whose layout needs the forward's features or does not declare its inputs)."""
+        names = self.adapter.layout_inputs
+        if names is None or self.plans.size <= 0 or self.adapter.layout_needs_features:
+            return None
+        return PlanCache.key(ids_host, mask_host, {n: inputs.get(n) for n in names}, self.plan[0].keep, device)
 
     def on_multimodal_done(self) -> None:
         ctx = self.ctx
@@ -283,10 +320,16 @@ class Runtime:
             return
         if ctx.prepared is not None and tuple(ctx.prepared.layout.segment_of.shape) != (B, q):
             ctx.prepared = None  # the language model got another sequence than input_ids: lay out again
+        plan_key = None
         if ctx.inputs is not None:  # a prefill: locate the visual tokens now that features exist
             if ctx.prepared is None:
                 ids = ctx.ids_host if ctx.ids_host is not None else ctx.inputs["input_ids"].cpu()
-                ctx.layout = self.adapter.layout(ids, ctx.inputs, ctx)
+                if mask2d is not None and (ctx.mask_host is None or tuple(ctx.mask_host.shape) != (B, q)):
+                    ctx.mask_host = mask2d.cpu().bool()
+                plan_key = self._plan_key(ids, None if mask2d is None else ctx.mask_host, ctx.inputs, embeds.device)
+                ctx.prepared = self.plans.get(plan_key) if plan_key is not None else None
+                if ctx.prepared is None:
+                    ctx.layout = self.adapter.layout(ids, ctx.inputs, ctx)
             ctx.inputs = None
             ctx.vision = getattr(self.tls, "vision", None) or []
             self.tls.vision = []
@@ -308,6 +351,8 @@ class Runtime:
             else:
                 valid = ctx.orig_valid.cpu()
             ctx.prepared = prepare_prefill(ctx.layout, valid, self.plan[0].keep, dev)
+            if plan_key is not None:
+                self.plans.put(plan_key, ctx.prepared)
         prep = ctx.prepared
         ctx.layout = prep.layout
         ctx.cur_pos = prep.arange.expand(B, N)

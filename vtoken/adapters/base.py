@@ -150,6 +150,9 @@ class Adapter:
     # the layout needs what the model computes in the forward (feature lengths, embeddings): it is
     # built when the language model is called, not from the inputs before the vision tower runs
     layout_needs_features: bool = False
+    # the inputs (besides input_ids) that layout() reads; None: not declared, so a host plan built
+    # from this adapter's layout is not cached across calls (vtoken.hooks.prefill_plan.PlanCache)
+    layout_inputs: Optional[tuple] = None
 
     def __init__(self, model):
         self.model = model

@@ -26,6 +26,7 @@ class LlavaAdapter(Adapter):
 
     model_types = ("LlavaForConditionalGeneration",)
     family = "llava"
+    layout_inputs = ()  # the layout is a function of input_ids (and the config) alone
 
     def tokens_per_image(self) -> tuple:
         vc = self.model.config.vision_config

@@ -25,6 +25,7 @@ class QwenVLAdapter(Adapter):
         "Qwen3VLForConditionalGeneration",
     )
     family = "qwen_vl"
+    layout_inputs = ("image_grid_thw", "video_grid_thw")  # what layout() reads besides input_ids
 
     @property
     def merge(self) -> int:

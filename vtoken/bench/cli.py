@@ -98,6 +98,8 @@ def build_parser():
                    help="only print the summary (and rewrite the Markdown beside it) of an existing results.json")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="scoring-layer attention: auto = fused Triton attend_and_score on CUDA")
+    p.add_argument("--no-plan-cache", action="store_true",
+                   help="plan every pruned prefill from scratch (default: a repeated prompt reuses its host plan)")
     return p
 
 
@@ -169,13 +171,18 @@ def _run(args, argv, suites, device, t_start) -> int:
     from vtoken.bench.common import Bench
     from vtoken.bench.models import ModelPool
 
+    from vtoken.hooks.runtime import Runtime
+
+    if args.no_plan_cache:
+        Runtime.plan_cache_size = 0
     env = environment(device)
     bench = Bench(device=device, dtype=torch.float32 if args.tiny else torch.bfloat16, tiny=args.tiny,
                   repeats=args.repeats, new_tokens=args.new_tokens, backend=args.backend, long_ms=args.long_ms,
                   deadline=None if args.time_budget is None else t_start + args.time_budget, env=env)
     meta = dict(env, attn="sdpa", dtype="float32" if args.tiny else "bfloat16", weights="random",
                 tiny=args.tiny, command="vtoken bench " + " ".join(argv), repeats=args.repeats, long_ms=args.long_ms,
-                new_tokens=args.new_tokens, suites=suites, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                new_tokens=args.new_tokens, plan_cache=Runtime.plan_cache_size > 0,
+                suites=suites, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 time_budget_s=args.time_budget, build_s={}, suite_s={}, skipped=bench.skipped, errors=bench.errors)
     os.makedirs(args.out, exist_ok=True)
     pool = ModelPool(bench, set().union(*(NEEDS[s] for s in suites)) if suites else set())
