@@ -213,23 +213,30 @@ def upload(arrays: dict, device) -> dict:
     """Long / bool tensors on ``device`` from the NumPy ``arrays`` (name -> integer or bool
     array), in ONE host -> device transfer that launches no kernel: the arrays are packed as
     bytes (int64 ones first, so every slice stays 8-byte aligned) into one buffer, pinned on CUDA
-    and copied without blocking the host; each tensor is then a dtype view of a slice of it."""
+    and copied without blocking the host; each tensor is then a view of a slice of one int64 or
+    one bool view of it (two splits, one reshape per tensor: this runs on the host path of every
+    new prompt)."""
     device = torch.device(device)
     items = [(k, np.asarray(a)) for k, a in arrays.items()]
-    bad = [k for k, a in items if a.dtype != bool and not np.issubdtype(a.dtype, np.integer)]
+    bad = [k for k, a in items if a.dtype.kind not in "biu"]
     if bad:
         raise TypeError(f"upload takes integer or bool arrays; {bad} are not")
+    ints = [(k, a) for k, a in items if a.dtype.kind != "b"]
+    bools = [(k, a) for k, a in items if a.dtype.kind == "b"]
     if not any(a.size for _, a in items):  # nothing to copy (e.g. an empty batch)
-        return {k: torch.empty(a.shape, dtype=torch.bool if a.dtype == bool else torch.int64, device=device)
+        return {k: torch.empty(a.shape, dtype=torch.bool if a.dtype.kind == "b" else torch.int64, device=device)
                 for k, a in items}
-    items.sort(key=lambda kv: kv[1].dtype == bool)  # int64 first (stable: names keep their order)
-    raw = [a.astype(bool if a.dtype == bool else np.int64).reshape(-1).view(np.uint8) for _, a in items]
+    raw = [np.ascontiguousarray(a, dtype=np.int64).reshape(-1).view(np.uint8) for _, a in ints]
+    raw += [np.ascontiguousarray(a, dtype=bool).reshape(-1).view(np.uint8) for _, a in bools]
     packed = torch.from_numpy(np.concatenate(raw))
     packed = packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else packed.to(device)
+    n_int = 8 * sum(a.size for _, a in ints)
     out = {}
-    for (k, a), piece in zip(items, packed.split([r.size for r in raw])):
-        out[k] = piece.view(torch.bool if a.dtype == bool else torch.int64).view(a.shape)
-    return out
+    for group, view, dtype in ((ints, packed[:n_int], torch.int64), (bools, packed[n_int:], torch.bool)):
+        if group:
+            for (k, a), piece in zip(group, view.view(dtype).split([a.size for _, a in group])):
+                out[k] = piece.view(a.shape)
+    return {k: out[k] for k, _ in items}
 
 
 class PlanCache:

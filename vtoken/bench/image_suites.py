@@ -84,8 +84,10 @@ class _FamilyRun:
             return lambda: self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                return_dict_in_generate=True)
 
+        # 2 rounds were too few on a shared host (eager decode is launch-bound: the host's load is
+        # the noise); benchmarks/profile/decode_overhead.py uses 7
         long, short = timed_interleaved(self.bench, [(contextlib.nullcontext, gen(T)), (contextlib.nullcontext, gen(1))],
-                                        max(2, self.bench.repeats - 1))
+                                        max(5, self.bench.repeats))
         return statistics.median(a - b for a, b in zip(long, short)) / max(1, T - 1)
 
     def timed_prefill(self):
