@@ -167,3 +167,51 @@ def test_adapter_without_declared_layout_inputs_is_not_cached(monkeypatch):
     monkeypatch.setattr(LlavaAdapter, "layout_inputs", None)
     _, _, plans = _run(model, inputs, 4, monkeypatch, calls=2)
     assert (plans.hits, plans.misses, len(plans.entries)) == (0, 0, 0)
+
+
+def _device_tensors(prep) -> dict:
+    """Every tensor a cached plan holds (its layout's and first-stage candidates' included)."""
+    import dataclasses
+
+    out = {}
+    for name, obj in (("", prep), ("layout.", prep.layout), ("first.", prep.first)):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if torch.is_tensor(value):
+                out[name + f.name] = value
+    return out
+
+
+@pytest.mark.parametrize("case", ["fastv", "sparsevlm", "pyramiddrop", "fastervlm", "visionzip", "divprune", "dart",
+                                  "agile", "flowcut", "rollout", "var", "zipvl", "random", "uniform"])
+def test_no_method_changes_a_cached_plan(case, monkeypatch):
+    """Scorers and the runtime only read the cached tensors: after three forwards (one planning,
+    two reusing the plan) every tensor of it is as it was planned, and the logits equal an
+    uncached run's."""
+    from test_scorers_e2e import CASES
+
+    method, options = CASES[case]
+    model = get_model("llava")
+    inputs = get_inputs("llava", model, pad_side="left")
+    kwargs = dict(method=method, keep=0.3, **options)
+    _fresh(model, 0, monkeypatch)
+    with vtoken.apply_pruning(model, **kwargs), torch.no_grad():
+        expected = model(**inputs).logits
+    made = []
+
+    def prepare_and_snapshot(*args, **kw):
+        prep = real_prepare(*args, **kw)
+        made.append((prep, {k: v.clone() for k, v in _device_tensors(prep).items()}))
+        return prep
+
+    real_prepare = R.prepare_prefill
+    monkeypatch.setattr(R, "prepare_prefill", prepare_and_snapshot)
+    _fresh(model, 4, monkeypatch)
+    with vtoken.apply_pruning(model, **kwargs) as handle, torch.no_grad():
+        outs = [model(**inputs).logits for _ in range(3)]
+        assert handle.runtime.plans.hits == 2
+    ((prep, snapshot),) = made  # planned once, then reused
+    for k, v in _device_tensors(prep).items():
+        assert torch.equal(v, snapshot[k]), f"{case} modified the cached plan's {k}"
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
