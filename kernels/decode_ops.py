@@ -1,0 +1,184 @@
+"""Fused element-wise ops of a Llama-style decoder layer, for the static decode step.
+
+A captured decode step of a 7B model at batch 32 runs about 1,100 small kernels besides its GEMMs
+and attention (README, "Two decode paths"): ``transformers``' RMSNorm is six element-wise kernels,
+its rotary embedding five per tensor, the SwiGLU gate two, each residual add one. These kernels do
+each group in one launch, in the manner of Liger-Kernel's fused RMSNorm / RoPE / SwiGLU (Hsu et
+al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024), forward only:
+
+- :func:`add_rms_norm` ``(x, residual, weight, eps) -> (normed, x + residual)``: the residual add
+  of the previous sub-layer and the RMSNorm of the next (Zhang & Sennrich, 2019), as
+  ``LlamaRMSNorm``: statistics in float32, the normalised row rounded to the input dtype before
+  the weight multiplies it.
+- :func:`rope_qk` ``(q, k, cos, sin) -> (q', k')``: rotary embedding (Su et al., RoFormer, 2021) of
+  queries and keys in one launch, ``x * cos + rotate_half(x) * sin`` with ``transformers``'
+  rounding (each product and the sum rounded to the input dtype).
+- :func:`silu_mul` ``(gate, up) -> silu(gate) * up`` (Shazeer, "GLU Variants Improve
+  Transformer", 2020), ``silu`` rounded to the input dtype before the product, as
+  ``act_fn(gate_proj(x)) * up_proj(x)``.
+
+Shapes: rows are the last axis ``D`` of contiguous tensors; ``q [B, H, S, Dh]``, ``k [B, Hkv, S,
+Dh]``, ``cos``/``sin`` ``[B, S, Dh]`` (what a ``transformers`` rotary embedding returns; M-RoPE's
+``[3, B, S, Dh]`` is not accepted: pass one component, which is exact for decode tokens whose three
+position components are equal). Each op has its PyTorch reference beside it (``*_reference``) and
+runs on the CPU through Triton's interpreter in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtoken.kernels.dispatch import lazy_jit, next_pow2, resolve_backend, tl, torch_reference
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_rows(name: str, *tensors) -> None:
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: float16, bfloat16 or float32 tensors expected, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: contiguous tensors expected (shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+# ------------------------------------------------------------------------------------ add + RMSNorm
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (in x's dtype; ``s = x`` without a residual) and ``weight * RMSNorm(s)``.
+
+    Args:
+        x, residual: ``[..., D]`` contiguous, same shape and dtype (``residual`` may be None).
+        weight: ``[D]`` (its dtype is the output's, as in ``LlamaRMSNorm``).
+        eps: added to the mean square.
+    Returns:
+        ``(normed, s)``, both ``[..., D]``.
+    """
+    _check_rows("add_rms_norm", x, residual, weight)
+    D = x.shape[-1]
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if weight.shape != (D,):
+        raise ValueError(f"add_rms_norm: weight must be [{D}], got {tuple(weight.shape)}")
+    if resolve_backend(backend, x, residual, weight) == "torch":
+        s = x if residual is None else x + residual
+        h = s.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(s.dtype), s
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    s = x if residual is None else torch.empty_like(x)
+    rows = x.numel() // D
+    lazy_jit(_add_rms_norm_kernel)[(rows,)](
+        x, x if residual is None else residual, weight, out, s, D, float(eps),
+        HAS_RES=residual is not None, BLOCK=next_pow2(D))
+    return out, s
+
+
+def _add_rms_norm_kernel(X, R, W, OUT, S, D, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    x = tl.load(X + row * D + offs, mask=ok, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(R + row * D + offs, mask=ok, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(S + row * D + offs, x, mask=ok)
+    h = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(h * h, 0) / D + eps)
+    hn = (h * inv).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * D + offs, (w * hn).to(OUT.dtype.element_ty), mask=ok)
+
+
+add_rms_norm_reference = torch_reference(add_rms_norm)
+
+
+# ------------------------------------------------------------------------------------ rotary
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of ``q [B, H, S, Dh]`` and ``k [B, Hkv, S, Dh]`` with ``cos``/``sin``
+    ``[B, S, Dh]`` (half-split rotation, ``rotate_half``); new tensors, inputs unchanged."""
+    _check_rows("rope_qk", q, k, cos, sin)
+    B, H, S, Dh = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (S, Dh) or k.dtype != q.dtype:
+        raise ValueError(f"rope_qk: k must be [{B}, Hkv, {S}, {Dh}] {q.dtype}, got {tuple(k.shape)} {k.dtype}")
+    if cos.dtype != q.dtype or sin.dtype != q.dtype:
+        raise ValueError(f"rope_qk: cos and sin must have q's dtype {q.dtype} (transformers casts them), "
+                         f"got {cos.dtype} / {sin.dtype}")
+    if cos.shape != (B, S, Dh) or sin.shape != (B, S, Dh):
+        raise ValueError(f"rope_qk: cos and sin must be [{B}, {S}, {Dh}], got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    if Dh % 2:
+        raise ValueError(f"rope_qk: the head dimension must be even, got {Dh}")
+    if resolve_backend(backend, q, k, cos, sin) == "torch":
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        def rotate_half(x):
+            return torch.cat((-x[..., Dh // 2:], x[..., : Dh // 2]), dim=-1)
+
+        return (q * c) + (rotate_half(q) * s), (k * c) + (rotate_half(k) * s)
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    Hkv = k.shape[1]
+    lazy_jit(_rope_kernel)[(B * S, H + Hkv)](q, k, cos, sin, q_out, k_out, H, Hkv, S, Dh,
+                                                   BLOCK=next_pow2(Dh // 2))
+    return q_out, k_out
+
+
+def _rope_kernel(Q, K, COS, SIN, QO, KO, H, Hkv, S, Dh, BLOCK: tl.constexpr):
+    bs = tl.program_id(0).to(tl.int64)  # b * S + s
+    head = tl.program_id(1)
+    b = bs // S
+    s = bs % S
+    half = Dh // 2
+    offs = tl.arange(0, BLOCK)
+    ok = offs < half
+    if head < H:  # one launch for both tensors: programs [0, H) rotate q, [H, H + Hkv) rotate k
+        src = Q + ((b * H + head) * S + s) * Dh
+        dst = QO + ((b * H + head) * S + s) * Dh
+    else:
+        src = K + ((b * Hkv + head - H) * S + s) * Dh
+        dst = KO + ((b * Hkv + head - H) * S + s) * Dh
+    x1 = tl.load(src + offs, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half + offs, mask=ok, other=0.0).to(tl.float32)
+    cs = bs * Dh
+    c1 = tl.load(COS + cs + offs, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cs + half + offs, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + cs + offs, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cs + half + offs, mask=ok, other=0.0).to(tl.float32)
+    dt = Q.dtype.element_ty
+    # out[:half] = x1*c1 + (-x2)*s1 ; out[half:] = x2*c2 + x1*s2  (each product and the sum rounded)
+    lo = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+    hi = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    tl.store(dst + offs, lo, mask=ok)
+    tl.store(dst + half + offs, hi, mask=ok)
+
+
+rope_qk_reference = torch_reference(rope_qk)
+
+
+# ------------------------------------------------------------------------------------ SwiGLU gate
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up`` (``silu`` rounded to the input dtype first); same shape as the inputs."""
+    _check_rows("silu_mul", gate, up)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+                         "must match")
+    if resolve_backend(backend, gate, up) == "torch":
+        return torch.nn.functional.silu(gate) * up
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    block = 1024
+    lazy_jit(_silu_mul_kernel)[(-(-n // block),)](gate, up, out, n, BLOCK=block)
+    return out
+
+
+def _silu_mul_kernel(G, U, OUT, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + offs, (act * u).to(OUT.dtype.element_ty), mask=ok)
+
+
+silu_mul_reference = torch_reference(silu_mul)
