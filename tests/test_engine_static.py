@@ -162,3 +162,64 @@ def test_vision_tower_graph_replays_on_gpu():
             got = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
             assert dec.last["vision_tower_graph"] == "captured"
             assert torch.equal(got, model.generate(**inputs, **GEN))
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_fused_ops_decode_equals_generate(name, pruned):
+    """fused_ops=True (vtoken.engine.fused_decode) with the PyTorch references computes what the
+    model's own layers compute: the same tokens as generate, through the fused layers at every step."""
+    from vtoken.engine import fused_decode
+
+    model = get_model(name)
+    inputs = get_inputs(name, model)
+    handle = vtoken.apply_pruning(model, method="fastv", keep=4, K=1) if pruned else None
+    try:
+        ref = model.generate(**inputs, **GEN)
+        plain, _ = static(model, inputs)
+        calls = []
+        real = fused_decode.run_layers
+
+        def counted(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        fused_decode.run_layers = counted
+        try:
+            got, dec = static(model, inputs, fused_ops=True)
+        finally:
+            fused_decode.run_layers = real
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert torch.equal(plain, ref) and torch.equal(got, ref)
+    assert dec.last["fused_ops"] and len(calls) == T - 1  # every decode step went through the fused layers
+
+
+def test_fused_ops_refuse_other_layer_layouts():
+    model = get_model("qwen3_vl")  # q_norm / k_norm inside its attention
+    with pytest.raises(vtoken.PruningConfigError, match="Llama-layout.*attention has sub-modules"):
+        StaticDecoder(model, fused_ops=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_fused_ops_graph_decode_on_gpu(name):
+    """The Triton decode ops inside the captured decode step (float32 tiny models): the same
+    tokens as generate, pruned and unpruned, and the same as the unfused graph decode."""
+    import tiny_models as tm
+
+    model = (tm.tiny_llava() if name == "llava" else tm.tiny_qwen(name)).cuda()
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in get_inputs(name, model).items()}
+    for plan in (None, dict(method="fastv", keep=4, K=1)):
+        handle = vtoken.apply_pruning(model, **plan) if plan else None
+        try:
+            ref = model.generate(**inputs, **GEN)
+            fused = StaticDecoder(model, fused_ops=True)
+            got = fused.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
+            assert fused.last["cuda_graph"] and fused.last["fused_ops"]
+            again = fused.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)  # graph replay
+        finally:
+            if handle is not None:
+                handle.remove()
+        assert torch.equal(got, ref) and torch.equal(again, ref)

@@ -9,6 +9,8 @@ Rows (medians of ``--repeats`` synchronised runs, same process, same model):
   ``fastv`` keep 64; decode ms/token = (generate time - prefill time) / (new tokens - 1).
 - ``static-graph``: StaticDecoder with the decode step captured in a CUDA graph (capture time
   reported separately; decode ms/token over graph replays), unpruned and ``fastv`` keep 64.
+- ``static-graph-fused``: the same with ``fused_ops=True`` (add+RMSNorm, rotary, SiLU*up fused:
+  :mod:`vtoken.engine.fused_decode`).
 - ``static-eager``: the same static buffers and gather_attend kernel without the graph.
 - max batch in ``--mem-gb`` GB (64 new tokens): largest batch the static path runs without running
   out of memory (memory capped with ``torch.cuda.set_per_process_memory_fraction``), prefill in
@@ -68,12 +70,14 @@ def decode_rows(model, inputs_for, batches, new_tokens, repeats, keep, dev):
                 gen = _median_ms(hf_generate, dev, repeats)
                 rows.append(dict(path="hf-eager", variant=variant, batch=batch, context=n_ctx, ttft_ms=ttft,
                                  decode_ms_per_token=(gen - ttft) / (new_tokens - 1)))
-                paths = (("static-graph", True), ("static-eager", False)) if dev.type == "cuda" else (("static-eager", False),)
-                for path, graph in paths:
+                paths = ((("static-graph", True, False), ("static-graph-fused", True, True), ("static-eager", False, False))
+                         if dev.type == "cuda" else (("static-eager", False, False), ("static-eager-fused", False, True)))
+                for path, graph, fused in paths:
                     if path == "static-eager" and batch != max(batches) and dev.type == "cuda":
                         continue
                     stats = []
-                    dec = StaticDecoder(model, cuda_graph=graph)  # graphs are captured once per shape, then replayed
+                    # graphs are captured once per shape, then replayed
+                    dec = StaticDecoder(model, cuda_graph=graph, fused_ops=fused)
                     for _ in range(repeats + 1):
                         dec.generate(**inputs, max_new_tokens=new_tokens, timing=True)
                         stats.append(dec.last)

@@ -257,10 +257,14 @@ class StaticDecoder:
         cuda_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA).
         graph_prefill: split the prefill as above (default: as ``cuda_graph``). On the CPU
             ``graph_prefill=True`` runs the same split without graphs (what the tests check).
+        fused_ops: run the decode step's layers with fused element-wise kernels
+            (:mod:`vtoken.engine.fused_decode`; Llama-layout layers only, else a clear error).
+            Exactly the model's arithmetic with the PyTorch references; with the Triton kernels the
+            norms and the gate may differ by one bfloat16 rounding step.
     """
 
     def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None,
-                 graph_prefill: Optional[bool] = None):
+                 graph_prefill: Optional[bool] = None, fused_ops: bool = False):
         self.model = model
         self.adapter = get_adapter(model)
         self.backend = backend
@@ -269,6 +273,13 @@ class StaticDecoder:
         cfg = self.adapter.text_config
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
             raise PruningConfigError("StaticDecoder does not support sliding-window attention layers")
+        self.fused_ops = bool(fused_ops)
+        if self.fused_ops:
+            from vtoken.engine.fused_decode import unsupported_reason
+
+            reason = unsupported_reason(list(self.adapter.layers), self.adapter.text_model.norm, cfg)
+            if reason is not None:
+                raise PruningConfigError(f"fused_ops=True needs Llama-layout decoder layers; {reason}")
         self.groups: list = []
         self.layer_group: list = []
         self.last: dict = {}
@@ -473,6 +484,9 @@ class StaticDecoder:
         kv, tok, t, out, pos_next = session.kv, session.tok, session.t, session.new, session.pos_next
         suppress = session.suppress
         groups = kv.groups
+        fused, backend = self.fused_ops, self.backend
+        if fused:
+            from vtoken.engine.fused_decode import run_layers
 
         def step():
             for g in groups:
@@ -480,9 +494,12 @@ class StaticDecoder:
                 torch.add(g.base, t.to(g.base.dtype) + 1, out=g.count)
             h = embed(tok)
             pe = text.rotary_emb(h, adapter.decode_position_ids(pos_next + t))
-            for layer in layers:
-                h = call(layer, h, None, pe, kv)
-            logits = head(text.norm(h)[:, -1])
+            if fused:
+                logits = head(run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend)[:, -1])
+            else:
+                for layer in layers:
+                    h = call(layer, h, None, pe, kv)
+                logits = head(text.norm(h)[:, -1])
             if suppress is not None:
                 logits.index_fill_(1, suppress, float("-inf"))
             nxt = logits.argmax(-1)
@@ -659,6 +676,7 @@ class StaticDecoder:
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
             cuda_graph=bool(use_graph and T > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
+            fused_ops=self.fused_ops,
         )
         return torch.cat([input_ids, new], dim=1)
 

@@ -1,0 +1,91 @@
+"""The decoder layers of a static decode step with fused element-wise ops (opt-in).
+
+``StaticDecoder(model, fused_ops=True)`` runs each decode step's layers through :func:`run_layers`
+instead of the model's own layer ``forward``: the same sub-modules (the projections are the
+model's ``nn.Linear`` s, the attention is :func:`vtoken.kernels.gather_attend` over the static
+buffers as before), with the element-wise work between them done by
+:mod:`vtoken.kernels.decode_ops`: the residual add and RMSNorm in one kernel, the rotary embedding
+of q and k in one, SiLU times the up projection in one (about 40 kernels per layer become about
+16). With the PyTorch references (CPU) the step computes exactly what the model's layers compute;
+with the Triton kernels the norm and the gate may differ from ``transformers`` by one bfloat16
+rounding step, which can flip a greedy near-tie.
+
+Which layers qualify (:func:`unsupported_reason`): the Llama layout (LLaVA-1.5 / LLaVA-NeXT's
+Vicuna and Mistral, Qwen2-VL / Qwen2.5-VL's Qwen2): exactly ``self_attn`` (``q/k/v/o_proj``),
+``mlp`` (``gate/up/down_proj``, SiLU), ``input_layernorm`` and ``post_attention_layernorm``
+(RMSNorm with ``variance_epsilon``), half-split rotary. Anything else (Qwen3's q/k norms, for one)
+keeps the model's own layers.
+
+Shapes: hidden ``[B, 1, D]``; cos / sin ``[B, 1, Dh]`` (for M-RoPE ``[3, B, 1, Dh]``, whose
+three components are equal for a decode token, so the first one is the merged table).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vtoken.kernels import gather_attend
+from vtoken.kernels.decode_ops import add_rms_norm, rope_qk, silu_mul
+
+_LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+
+
+def _is_rms_norm(module) -> bool:
+    return hasattr(module, "variance_epsilon") and tuple(module.weight.shape) == (module.weight.numel(),)
+
+
+def unsupported_reason(layers, final_norm, config) -> Optional[str]:
+    """None when every layer has the Llama layout described above; else why not."""
+    act = getattr(config, "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r} (the fused gate is SiLU)"
+    if not _is_rms_norm(final_norm):
+        return f"final norm {type(final_norm).__name__} is not an RMSNorm with variance_epsilon"
+    for i, layer in enumerate(layers):
+        parts = {name for name, _ in layer.named_children()}
+        if parts != _LAYER_PARTS:
+            return f"layer {i} has sub-modules {sorted(parts)}, not {sorted(_LAYER_PARTS)}"
+        attn_parts = {name for name, _ in layer.self_attn.named_children()}
+        if attn_parts != _ATTN_PARTS:
+            return f"layer {i} attention has sub-modules {sorted(attn_parts)}, not {sorted(_ATTN_PARTS)}"
+        mlp_parts = {name for name, _ in layer.mlp.named_children()}
+        if not mlp_parts <= _MLP_PARTS or not {"gate_proj", "up_proj", "down_proj"} <= mlp_parts:
+            return f"layer {i} MLP has sub-modules {sorted(mlp_parts)}"
+        if not (_is_rms_norm(layer.input_layernorm) and _is_rms_norm(layer.post_attention_layernorm)):
+            return f"layer {i} norms are not RMSNorms with variance_epsilon"
+    return None
+
+
+def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, groups, layer_group, backend: str):
+    """The decode step from the embeddings ``h [B, 1, D]`` to the final norm's output ``[B, 1, D]``.
+
+    ``kv`` is the step's :class:`~vtoken.engine.static_decode.StaticKV` (``update`` writes the new
+    key/value at the group's slot and returns the buffers); ``groups[layer_group[i]]`` holds layer
+    i's kept-index list and count."""
+    cos, sin = position_embeddings
+    if cos.dim() == 4:  # M-RoPE [3, B, 1, Dh]: equal components for a decode token
+        cos, sin = cos[0], sin[0]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    B = h.shape[0]
+    x, residual = h, None
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        normed, residual = add_rms_norm(x, residual, layer.input_layernorm.weight,
+                                        layer.input_layernorm.variance_epsilon, backend=backend)
+        Dh = int(attn.head_dim)
+        q = attn.q_proj(normed).view(B, 1, -1, Dh).transpose(1, 2)
+        k = attn.k_proj(normed).view(B, 1, -1, Dh).transpose(1, 2)
+        v = attn.v_proj(normed).view(B, 1, -1, Dh).transpose(1, 2)
+        q, k = rope_qk(q.contiguous(), k.contiguous(), cos, sin, backend=backend)
+        k_buf, v_buf = kv.update(k, v.contiguous(), i)
+        group = groups[layer_group[i]]
+        out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=attn.scaling, backend=backend)
+        x = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+        normed, residual = add_rms_norm(x, residual, layer.post_attention_layernorm.weight,
+                                        layer.post_attention_layernorm.variance_epsilon, backend=backend)
+        x = mlp.down_proj(silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed), backend=backend))
+    return add_rms_norm(x, residual, final_norm.weight, final_norm.variance_epsilon, backend=backend)[0]
