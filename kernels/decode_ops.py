@@ -11,8 +11,9 @@ al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024), forward o
   ``LlamaRMSNorm``: statistics in float32, the normalised row rounded to the input dtype before
   the weight multiplies it.
 - :func:`rope_qk` ``(q, k, cos, sin) -> (q', k')``: rotary embedding (Su et al., RoFormer, 2021) of
-  queries and keys in one launch, ``x * cos + rotate_half(x) * sin`` with ``transformers``'
-  rounding (each product and the sum rounded to the input dtype).
+  queries and keys in one launch, ``x * cos + rotate_half(x) * sin`` written with ``transformers``'
+  rounding (each product and the sum rounded to the input dtype; the compiled GPU kernel may keep
+  a product in float32, one bfloat16 step from ``transformers`` on a few entries).
 - :func:`silu_mul` ``(gate, up) -> silu(gate) * up`` (Shazeer, "GLU Variants Improve
   Transformer", 2020), ``silu`` rounded to the input dtype before the product, as
   ``act_fn(gate_proj(x)) * up_proj(x)``.

