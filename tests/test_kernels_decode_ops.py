@@ -141,9 +141,15 @@ def test_decode_ops_bf16_on_gpu_at_7b_sizes():
     cos, sin = _rotary(32, 1, 128, dt, device="cuda")
     gq, gk = rope_qk(q, k, cos, sin)
     wq, wk = rope_qk_reference(q, k, cos, sin)
-    for got, want in ((gq, wq), (gk, wk)):
+    c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+    for x, got, want in ((q, gq, wq), (k, gk, wk)):
+        xf = x.float()
+        # the two terms of x * cos + rotate_half(x) * sin: rounding them or not moves the sum by at
+        # most a bfloat16 step of each term (which matters where they cancel), plus one of the sum
+        terms = (xf * c).abs() + (torch.cat((-xf[..., 64:], xf[..., :64]), -1) * s).abs()
         got, want = got.float(), want.float()
-        assert ((got - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
+        assert ((got - want).abs() <= 2 ** -7 * (terms + want.abs()) + 1e-6).all()
     g, u = _randn(32, 1, 11008, dtype=dt, seed=6, device="cuda"), _randn(32, 1, 11008, dtype=dt, seed=7, device="cuda")
     got, want = silu_mul(g, u).float(), silu_mul_reference(g, u).float()
-    assert ((got - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
+    # silu may land one bfloat16 step from PyTorch's (another exp), then the product is rounded
+    assert ((got - want).abs() <= 2 ** -6 * want.abs() + 1e-6).all()
