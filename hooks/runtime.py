@@ -279,7 +279,12 @@ class Runtime:
         names = self.adapter.layout_inputs
         if names is None or self.plans.size <= 0 or self.adapter.layout_needs_features:
             return None
-        return PlanCache.key(ids_host, mask_host, {n: inputs.get(n) for n in names}, self.plan[0].keep, device)
+        device = torch.device(device)
+        # a plan is uploaded without blocking on the stream of the call that made it: another
+        # stream gets its own plan rather than one whose copy may not have landed for it
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        return PlanCache.key(ids_host, mask_host, {n: inputs.get(n) for n in names}, self.plan[0].keep,
+                             (str(device), stream))
 
     def on_multimodal_done(self) -> None:
         ctx = self.ctx
@@ -328,6 +333,8 @@ class Runtime:
                     ctx.mask_host = mask2d.cpu().bool()
                 plan_key = self._plan_key(ids, None if mask2d is None else ctx.mask_host, ctx.inputs, embeds.device)
                 ctx.prepared = self.plans.get(plan_key) if plan_key is not None else None
+                if ctx.prepared is not None and tuple(ctx.prepared.layout.segment_of.shape) != (B, q):
+                    ctx.prepared = plan_key = None  # the plan of input_ids, for another sequence: not this one
                 if ctx.prepared is None:
                     ctx.layout = self.adapter.layout(ids, ctx.inputs, ctx)
             ctx.inputs = None

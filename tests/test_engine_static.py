@@ -196,10 +196,50 @@ def test_fused_ops_decode_equals_generate(name, pruned):
     assert dec.last["fused_ops"] and len(calls) == T - 1  # every decode step went through the fused layers
 
 
+def _tiny_granite_next(embedding_multiplier):
+    """A tiny LLaVA-NeXT whose language model is Granite (Granite-Vision's layout): Llama's
+    sub-modules, but residual branches, embeddings and attention logits scaled."""
+    import tiny_models as tm
+    import transformers as T
+
+    torch.manual_seed(0)
+    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=16, patch_size=4, projection_dim=32)
+    text = T.GraniteConfig(**tm.TEXT, pad_token_id=tm.PAD_ID, residual_multiplier=0.22,
+                           embedding_multiplier=embedding_multiplier, attention_multiplier=0.125, logits_scaling=1.0)
+    cfg = T.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tm.IMAGE_ID,
+                            image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]], vision_feature_layer=-2,
+                            vision_feature_select_strategy="default")
+    cfg.text_config.tie_word_embeddings = False
+    model = T.LlavaNextForConditionalGeneration(cfg).eval()
+    return model, tm.llava_next_inputs(model, [[(16, 30)], [(30, 16)]])
+
+
 def test_fused_ops_refuse_other_layer_layouts():
     model = get_model("qwen3_vl")  # q_norm / k_norm inside its attention
-    with pytest.raises(vtoken.PruningConfigError, match="Llama-layout.*attention has sub-modules"):
+    with pytest.raises(vtoken.PruningConfigError, match="Llama-layout.*Qwen3VLTextDecoderLayer"):
         StaticDecoder(model, fused_ops=True)
+    granite, _ = _tiny_granite_next(1.0)  # Llama's sub-modules, another forward
+    with pytest.raises(vtoken.PruningConfigError, match="GraniteDecoderLayer"):
+        StaticDecoder(granite, fused_ops=True)
+
+
+def test_static_decode_scales_granite_embeddings():
+    """Granite multiplies the token embeddings inside its text model; the static step must too."""
+    model, inputs = _tiny_granite_next(3.0)
+    logits = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, i, o: logits.append((o if o.dim() == 2 else o[:, -1]).clone()))
+    try:
+        ref = model.generate(**inputs, **GEN)
+        ref_logits, logits[:] = logits[:], []
+        got, _ = static(model, inputs)
+    finally:
+        hook.remove()
+    assert torch.equal(got, ref)
+    assert len(logits) == len(ref_logits) == T  # prefill + T - 1 steps, same tokens fed: same logits
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -10,8 +10,9 @@ of q and k in one, SiLU times the up projection in one (about 40 kernels per lay
 with the Triton kernels the norm and the gate may differ from ``transformers`` by one bfloat16
 rounding step, which can flip a greedy near-tie.
 
-Which layers qualify (:func:`unsupported_reason`): the Llama layout (LLaVA-1.5 / LLaVA-NeXT's
-Vicuna and Mistral, Qwen2-VL / Qwen2.5-VL's Qwen2): exactly ``self_attn`` (``q/k/v/o_proj``),
+Which layers qualify (:func:`unsupported_reason`): the Llama layer classes (LLaVA-1.5 / LLaVA-NeXT's
+Vicuna and Mistral, Qwen2-VL / Qwen2.5-VL's Qwen2; not Granite, whose layers have the same parts but
+scale each residual branch) with exactly ``self_attn`` (``q/k/v/o_proj``),
 ``mlp`` (``gate/up/down_proj``, SiLU), ``input_layernorm`` and ``post_attention_layernorm``
 (RMSNorm with ``variance_epsilon``), half-split rotary. Anything else (Qwen3's q/k norms, for one)
 keeps the model's own layers.
@@ -38,8 +39,21 @@ def _is_rms_norm(module) -> bool:
     return hasattr(module, "variance_epsilon") and tuple(module.weight.shape) == (module.weight.numel(),)
 
 
+# the layer classes whose forward is the Llama one run_layers reproduces (a layer with the same
+# sub-modules can still compute something else: Granite scales each residual branch)
+_KNOWN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2VLDecoderLayer",
+                 "Qwen2_5_VLDecoderLayer")
+_SCALING_FIELDS = ("residual_multiplier", "embedding_multiplier", "attention_multiplier")
+
+
 def unsupported_reason(layers, final_norm, config) -> Optional[str]:
     """None when every layer has the Llama layout described above; else why not."""
+    names = sorted({type(layer).__name__ for layer in layers} - set(_KNOWN_LAYERS))
+    if names:
+        return f"layer class {names[0]} is not one of {', '.join(_KNOWN_LAYERS)}"
+    scaled = [f for f in _SCALING_FIELDS if getattr(config, f, None) not in (None, 1, 1.0)]
+    if scaled:
+        return f"the text config scales activations ({', '.join(scaled)})"
     act = getattr(config, "hidden_act", None)
     if act not in ("silu", "swish"):
         return f"hidden_act {act!r} (the fused gate is SiLU)"

@@ -485,6 +485,8 @@ class StaticDecoder:
         suppress = session.suppress
         groups = kv.groups
         fused, backend = self.fused_ops, self.backend
+        emb_scale = getattr(adapter.text_config, "embedding_multiplier", None)
+        emb_scale = None if emb_scale in (None, 1, 1.0) else float(emb_scale)
         if fused:
             from vtoken.engine.fused_decode import run_layers
 
@@ -493,6 +495,8 @@ class StaticDecoder:
                 g.slot.copy_(t + g.n_prefill)
                 torch.add(g.base, t.to(g.base.dtype) + 1, out=g.count)
             h = embed(tok)
+            if emb_scale is not None:  # Granite scales the embeddings inside the text model's forward
+                h = h * emb_scale
             pe = text.rotary_emb(h, adapter.decode_position_ids(pos_next + t))
             if fused:
                 logits = head(run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend)[:, -1])
