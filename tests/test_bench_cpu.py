@@ -252,3 +252,14 @@ def test_interleaved_rounds_and_paired_ratio():
     assert paired_ratio([4.0, 30.0, 20.0], [1.0, 10.0, 40.0]) == 3.0  # ratio of medians: 20 / 10 = 2
     assert rounds_for(30.0, 3) == 41 and rounds_for(600.0, 3) == 5 and rounds_for(100.0, 3) == 15
     assert rounds_for(600.0, 9) == 9
+
+
+def test_runtime_call_counts_from_profiler_events():
+    from types import SimpleNamespace
+
+    from vtoken.bench.common import runtime_call_counts
+
+    names = ["cudaLaunchKernel", "aten::mm", "cuLaunchKernelEx", "cudaStreamSynchronize", "cudaMemcpyAsync",
+             "cudaLaunchKernelExC", "cudaMemcpy", "cudaDeviceSynchronize", "cuLaunchKernel", "aten::add"]
+    assert runtime_call_counts([SimpleNamespace(name=n) for n in names]) == {"launch": 4, "sync": 2, "memcpy": 2}
+    assert runtime_call_counts([SimpleNamespace(name="aten::mm")]) == {}

@@ -17,6 +17,7 @@ import torch
 
 import vtoken
 from vtoken.bench import models as M
+from vtoken.bench.common import runtime_call_counts
 
 OUT = os.environ.get("OUT", "/tmp")
 B = int(os.environ.get("BATCH", "1"))
@@ -114,19 +115,12 @@ with torch.no_grad():
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     steps(state, 8)
                     sync()
-            c = collections.Counter()
+            c = runtime_call_counts(prof.events())
             kernel_us = 0.0
-            for e in prof.events():
-                if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"):
-                    c["launch"] += 1
-                elif e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize"):
-                    c["sync"] += 1
-                elif e.name in ("cudaMemcpyAsync", "cudaMemcpy"):
-                    c["memcpy"] += 1
             for e in prof.key_averages():
                 if e.device_type == torch.autograd.DeviceType.CUDA:
                     kernel_us += e.self_device_time_total
-            log(f"{name}: per step (8 steps) launches {c['launch'] / 8:.0f}, "
-                f"syncs {c['sync'] / 8:.2f}, memcpy {c['memcpy'] / 8:.2f}, kernel time {kernel_us / 8 / 1000:.2f} ms")
+            log(f"{name}: per step (8 steps) launches {c.get('launch', 0) / 8:.0f}, "
+                f"syncs {c.get('sync', 0) / 8:.2f}, memcpy {c.get('memcpy', 0) / 8:.2f}, kernel time {kernel_us / 8 / 1000:.2f} ms")
             log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 open(os.path.join(OUT, "decode_overhead.txt"), "w").write("\n".join(lines) + "\n")

@@ -14,7 +14,7 @@ import torch
 
 import vtoken
 from vtoken.bench import models as M
-from vtoken.bench.common import OracleFeed, kept_positions
+from vtoken.bench.common import OracleFeed, kept_positions, runtime_call_counts
 from vtoken.hooks import runtime as R
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -44,15 +44,7 @@ def launches(fn):
     fn(); torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         fn(); torch.cuda.synchronize()
-    c = collections.Counter()
-    for e in p.events():
-        if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"):
-            c["launch"] += 1
-        elif e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize"):
-            c["sync"] += 1
-        elif e.name in ("cudaMemcpyAsync", "cudaMemcpy"):
-            c["memcpy"] += 1
-    return dict(c), p
+    return runtime_call_counts(p.events()), p
 
 
 regions = collections.defaultdict(list)

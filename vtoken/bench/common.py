@@ -171,6 +171,22 @@ def rounds_for(ms: float, repeats: int, seconds: float = 1.5, most: int = 41) ->
     return max(5, repeats, min(most, int(seconds * 1000.0 / max(ms, 1e-3))))
 
 
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+_COPIES = ("cudaMemcpyAsync", "cudaMemcpy")
+
+
+def runtime_call_counts(events) -> dict:
+    """Kernel launches, device syncs and memcpy calls among a ``torch.profiler`` run's events
+    (``prof.events()``): ``{"launch": n, "sync": n, "memcpy": n}`` (only the kinds seen)."""
+    counts = {}
+    for e in events:
+        kind = "launch" if e.name in _LAUNCHES else "sync" if e.name in _SYNCS else "memcpy" if e.name in _COPIES else None
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def unlink(out) -> None:
     """Let an output's KV cache be freed by reference counting.
 
