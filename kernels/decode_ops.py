@@ -29,17 +29,14 @@ from __future__ import annotations
 
 import torch
 
+from vtoken.kernels.checks import check_kernel_dtypes
 from vtoken.kernels.dispatch import lazy_jit, next_pow2, resolve_backend, tl, torch_reference
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _check_rows(name: str, *tensors) -> None:
-    for t in tensors:
-        if t is None:
-            continue
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: float16, bfloat16 or float32 tensors expected, got {t.dtype}")
+    """Kernel dtypes (:func:`~vtoken.kernels.checks.check_kernel_dtypes`) and contiguous rows."""
+    given = [t for t in tensors if t is not None]
+    check_kernel_dtypes(same=False, **{f"{name} argument {i}": t for i, t in enumerate(given)})
+    for t in given:
         if not t.is_contiguous():
             raise ValueError(f"{name}: contiguous tensors expected (shape {tuple(t.shape)}, strides {t.stride()})")
 

@@ -179,6 +179,14 @@ class Adapter:
     def vision_tower(self):
         return getattr(self.model.model, "vision_tower", None) or getattr(self.model.model, "visual", None)
 
+    def decode_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of decode tokens ``[B, 1]`` -> ``[B, 1, D]`` as the text model computes
+        them before its first layer (Granite's language model scales them by
+        ``embedding_multiplier``)."""
+        h = self.model.get_input_embeddings()(tokens)
+        scale = getattr(self.text_config, "embedding_multiplier", None)
+        return h if scale in (None, 1, 1.0) else h * float(scale)
+
     def decode_position_ids(self, pos: torch.Tensor) -> torch.Tensor:
         """Position ids for the text model's rotary embedding of one generated token per sample:
         ``pos [B]`` -> ``[B, 1]`` (1-D RoPE)."""

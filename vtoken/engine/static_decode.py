@@ -476,7 +476,6 @@ class StaticDecoder:
         """The decode step closure: reads ``tok [B, 1]`` and step ``t [1]``; writes token t+1 into
         ``new``."""
         model, adapter = self.model, self.adapter
-        embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
         text = adapter.text_model
         layers = list(adapter.layers)
@@ -485,8 +484,6 @@ class StaticDecoder:
         suppress = session.suppress
         groups = kv.groups
         fused, backend = self.fused_ops, self.backend
-        emb_scale = getattr(adapter.text_config, "embedding_multiplier", None)
-        emb_scale = None if emb_scale in (None, 1, 1.0) else float(emb_scale)
         if fused:
             from vtoken.engine.fused_decode import run_layers
 
@@ -494,9 +491,7 @@ class StaticDecoder:
             for g in groups:
                 g.slot.copy_(t + g.n_prefill)
                 torch.add(g.base, t.to(g.base.dtype) + 1, out=g.count)
-            h = embed(tok)
-            if emb_scale is not None:  # Granite scales the embeddings inside the text model's forward
-                h = h * emb_scale
+            h = adapter.decode_embeddings(tok)
             pe = text.rotary_emb(h, adapter.decode_position_ids(pos_next + t))
             if fused:
                 logits = head(run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend)[:, -1])
