@@ -25,8 +25,15 @@ Design choices
 * **Network: none.** Gradio analytics are off, there is no share link, server-side rendering
   (Node) is off and the theme uses system fonts, so the page renders on an offline machine.
   The server binds 127.0.0.1 unless ``--host`` says otherwise.
-* **Input checks** (:func:`load_image`): files over 10 MB, images over 20 megapixels and anything
-  PIL cannot decode are refused with a message shown in the page (never a traceback).
+* **Input checks** (:func:`load_image`, :func:`check_image_size`): files over 10 MB, images over
+  20 megapixels, images more than 20 times wider than tall (or taller than wide), images the
+  model's processor would enlarge past 20 megapixels (:func:`expected_processed_size` computes
+  that from the processor's resize settings, without resizing) and anything PIL cannot decode are
+  refused with a message shown in the page (never a traceback). Sizes are checked from the file's
+  header, before any pixel is decoded, and again before every processor call
+  (:meth:`DemoEngine._inputs`). The launched demo also lowers PIL's decompression-bomb limit to
+  20 megapixels for the whole process (:func:`harden_pil`), so no code path (Gradio's included)
+  decodes a bigger image.
 * **Heatmap**: kept indices (``handle.stats.stages[i].kept``, visual-token indices of the sample)
   are mapped onto the segment's token grid (``stats.segments[0][0].grid``, 24 × 24 for LLaVA-1.5)
   and drawn over the image the model saw (the processor's resized, centre-cropped pixels); kept
@@ -67,6 +74,16 @@ RANDOM_MODEL = "tiny-random"  # a randomly initialised LLaVA of the tiny-llava s
 RANDOM_MODELS = {RANDOM_MODEL: "llava", "tiny-random-qwen2vl": "qwen2vl"}  # name -> vtoken.zoo.build arch
 MAX_BYTES = 10 * 1024 * 1024  # 10 MB
 MAX_PIXELS = 20_000_000  # 20 megapixels
+# Longest side / shortest side. Photos are <= 2:1, panoramas and long screenshots <= ~10:1; past 20:1
+# LLaVA-1.5's centre crop keeps under a twentieth of the image, and Qwen2-VL's processor itself
+# refuses 200:1. The limit is what stops a tiny 20000 x 10 PNG from becoming a 672000 x 336 resize.
+MAX_ASPECT = 20
+# The largest image the processor may make (its resize, crop, padding or tiles; see
+# expected_processed_size): the upload limit again, so the processor never builds a bigger image than
+# an upload may be. LLaVA-1.5 (336 px short side) stays under 2.3 MP at 20:1, LLaVA-NeXT/OneVision
+# under their largest grid pinpoint, Qwen2-VL under its max_pixels (12.8 MP for the released
+# checkpoints); this catches processors configured bigger than that.
+MAX_PROCESSED_PIXELS = MAX_PIXELS
 UPLOAD_HARD_LIMIT = "50mb"  # Gradio refuses bigger uploads before they reach our checks
 DEFAULT_METHOD = "fastv"
 
@@ -78,27 +95,217 @@ class DemoInputError(ValueError):
 
 @dataclass
 class InvalidUpload:
-    """What the tolerant image component hands over when Gradio itself could not read the upload."""
+    """What the tolerant image component hands over when Gradio itself could not read the upload;
+    ``message`` (when set) is shown as is, else a generic "not an image" one naming ``reason``."""
 
     reason: str
+    message: str = ""
 
 
-def load_image(obj, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def harden_pil(max_pixels: int = MAX_PIXELS) -> None:
+    """Process-wide decompression-bomb guard, called by :func:`main` before the server starts:
+    PIL then warns about any image over ``max_pixels`` when it opens one (reading only its header)
+    and refuses those over twice that; the warning is made an error, so neither Gradio's own upload
+    handling nor ours ever decodes an image over ``max_pixels``. Not done at import: it changes
+    PIL's global state."""
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class ProcessedSize:
+    """What an image processor will make of a ``width`` x ``height`` image (see
+    :func:`expected_processed_size`). Sizes are ``(width, height)``."""
+
+    kind: str  # the branch that computed it: "resize", "anyres" or "smart_resize"
+    resized: tuple  # the whole image after the processor's resize (anyres: scaled into its best grid resolution)
+    output: tuple  # each view handed to the vision tower (after centre crop / tiling)
+    views: int = 1  # anyres: base view + tiles; else 1
+
+    @property
+    def pixels(self) -> int:
+        """The most pixels the processor holds at once: the resized image or all views, whichever
+        is larger (the cost of a request, before the model)."""
+        return max(self.resized[0] * self.resized[1], self.views * self.output[0] * self.output[1])
+
+
+def _size_field(size, key):
+    """``size[key]`` for a dict or a transformers ``SizeDict``; None when absent."""
+    if size is None:
+        return None
+    if isinstance(size, dict):
+        return size.get(key)
+    return getattr(size, key, None)
+
+
+def _resize_and_crop(ip, height: int, width: int) -> tuple:
+    """``((h, w) after resize, (h, w) after centre crop)`` for the plain resize + crop pipeline of
+    ``transformers``' image processors (``BaseImageProcessor`` / ``TorchvisionBackend`` /
+    ``PilBackend``.resize): ``size`` is ``shortest_edge`` (+ ``longest_edge``), ``max_height`` /
+    ``max_width`` or ``height`` / ``width``, checked in that order."""
+    size = getattr(ip, "size", None)
+    if isinstance(size, int):
+        size = {"shortest_edge": size} if not getattr(ip, "default_to_square", True) else {"height": size, "width": size}
+    h, w = height, width
+    if getattr(ip, "do_resize", True) and size is not None:
+        short, long_ = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+        if short and long_:  # transformers.image_transforms.get_size_with_aspect_ratio
+            raw = None
+            lo, hi = float(min(h, w)), float(max(h, w))
+            if hi / lo * short > long_:
+                raw = long_ * lo / hi
+                short = int(round(raw))
+            if (h <= w and h == short) or (w <= h and w == short):
+                pass
+            elif w < h:
+                h, w = (int(raw * h / w) if raw is not None else int(short * h / w)), short
+            else:
+                h, w = short, (int(raw * w / h) if raw is not None else int(short * w / h))
+        elif short:  # get_resize_output_image_size(default_to_square=False): short side -> shortest_edge
+            lo, hi = min(h, w), max(h, w)
+            new_long = int(short * hi / lo)
+            h, w = (new_long, short) if w <= h else (short, new_long)
+        elif _size_field(size, "max_height") and _size_field(size, "max_width"):  # get_image_size_for_max_height_width
+            scale = min(_size_field(size, "max_height") / h, _size_field(size, "max_width") / w)
+            h, w = int(h * scale), int(w * scale)
+        elif _size_field(size, "height") and _size_field(size, "width"):
+            h, w = int(_size_field(size, "height")), int(_size_field(size, "width"))
+    resized = (h, w)
+    crop = getattr(ip, "crop_size", None)
+    if getattr(ip, "do_center_crop", False) and _size_field(crop, "height") and _size_field(crop, "width"):
+        return resized, (int(_size_field(crop, "height")), int(_size_field(crop, "width")))  # pads when smaller
+    return resized, resized
+
+
+def expected_processed_size(processor, width: int, height: int) -> Optional[ProcessedSize]:
+    """The size ``processor`` (a ``transformers`` processor or its ``image_processor``) will resize
+    a ``width`` x ``height`` image to, computed from its own resize settings without resizing
+    anything; None for a processor kind this function does not know (the demo then relies on the
+    input-size and aspect-ratio limits alone). One branch per processor kind, mirroring
+    ``transformers`` 5.x (and 4.x, whose settings are the same):
+
+    * **smart_resize** (Qwen2-VL, Qwen2.5-VL: ``merge_size`` and ``patch_size``): both sides
+      rounded to multiples of ``patch_size * merge_size`` with the area kept within
+      ``[min_pixels, max_pixels]`` (``size["shortest_edge"]`` / ``size["longest_edge"]``, or the
+      older ``min_pixels`` / ``max_pixels`` attributes) — ``qwen2_vl``'s ``smart_resize``. One view,
+      flattened into patches.
+    * **anyres** (LLaVA-NeXT, LLaVA-OneVision: ``image_grid_pinpoints``): the grid resolution that
+      keeps the most of the image (``select_best_resolution``), the image scaled into it
+      (``get_patch_output_size``) and padded to it, cut into ``crop_size`` tiles, plus a base view
+      of the whole image (a single image; OneVision's multi-image padding to a square is not used
+      by the demo).
+    * **resize** (CLIP-style, LLaVA-1.5, SigLIP, ...: a ``size`` dict): ``shortest_edge`` (the short
+      side to that many pixels, the long side in proportion: the step that turns a 20000 x 10 image
+      into 672000 x 336), ``shortest_edge`` + ``longest_edge``, ``max_height`` / ``max_width`` or a
+      fixed ``height`` / ``width``, then the centre crop to ``crop_size`` when ``do_center_crop``.
+    """
+    ip = getattr(processor, "image_processor", None) or processor
+    width, height = max(int(width), 1), max(int(height), 1)
+    size = getattr(ip, "size", None)
+    merge, patch = getattr(ip, "merge_size", None), getattr(ip, "patch_size", None)
+    if merge and patch and getattr(ip, "temporal_patch_size", None) is not None:
+        min_px = _size_field(size, "shortest_edge") or _size_field(size, "min_pixels") or getattr(ip, "min_pixels", None)
+        max_px = _size_field(size, "longest_edge") or _size_field(size, "max_pixels") or getattr(ip, "max_pixels", None)
+        if not (min_px and max_px):
+            return None
+        h, w = height, width
+        if getattr(ip, "do_resize", True):
+            factor = int(patch) * int(merge)
+            h, w = round(height / factor) * factor, round(width / factor) * factor
+            if h * w > max_px:
+                beta = math.sqrt(height * width / max_px)
+                h = max(factor, math.floor(height / beta / factor) * factor)
+                w = max(factor, math.floor(width / beta / factor) * factor)
+            elif h * w < min_px:
+                beta = math.sqrt(min_px / (height * width))
+                h = math.ceil(height * beta / factor) * factor
+                w = math.ceil(width * beta / factor) * factor
+        return ProcessedSize("smart_resize", (w, h), (w, h))
+    pinpoints = getattr(ip, "image_grid_pinpoints", None)
+    if pinpoints:
+        best, best_eff, best_waste = None, 0, float("inf")  # select_best_resolution, pinpoints are (h, w)
+        for ph, pw in pinpoints:
+            scale = min(pw / width, ph / height)
+            eff = min(int(width * scale) * int(height * scale), width * height)
+            waste = pw * ph - eff
+            if eff > best_eff or (eff == best_eff and waste < best_waste):
+                best, best_eff, best_waste = (int(ph), int(pw)), eff, waste
+        bh, bw = best
+        if bw / width < bh / height:  # get_patch_output_size
+            rh, rw = min(math.ceil(height * bw / width), bh), bw
+        else:
+            rh, rw = bh, min(math.ceil(width * bh / height), bw)
+        crop = getattr(ip, "crop_size", None)
+        tile = _size_field(crop, "height") or _size_field(size, "height") or _size_field(size, "shortest_edge")
+        if not tile:
+            return None
+        tile = int(tile)
+        _, (oh, ow) = _resize_and_crop(ip, tile, tile)  # every view (base and tiles) is a tile-sized square
+        views = 1 + math.ceil(bh / tile) * math.ceil(bw / tile)
+        return ProcessedSize("anyres", (rw, rh), (ow, oh), views)
+    if size is None:
+        return None
+    (rh, rw), (oh, ow) = _resize_and_crop(ip, height, width)
+    return ProcessedSize("resize", (rw, rh), (ow, oh))
+
+
+def check_image_size(width: int, height: int, processor=None, max_pixels: int = MAX_PIXELS,
+                     max_aspect: float = MAX_ASPECT, max_processed_pixels: int = MAX_PROCESSED_PIXELS) -> None:
+    """Refuse (:class:`DemoInputError`, a message for the page naming the limit and what was given)
+    an empty image, one over ``max_pixels``, one whose long side is over ``max_aspect`` times its
+    short side, and one that ``processor`` would resize past ``max_processed_pixels`` (see
+    :func:`expected_processed_size`; skipped without a processor). Needs only the size, so callers
+    check before decoding the image and before calling the processor."""
+    w, h = int(width), int(height)
+    if w < 1 or h < 1:
+        raise DemoInputError(f"The image is empty ({w} × {h} pixels).")
+    if w * h > max_pixels:
+        raise DemoInputError(
+            f"The image is too large: {w} × {h} = {w * h / 1e6:.1f} megapixels; the limit is {max_pixels / 1e6:.0f} megapixels."
+        )
+    aspect = max(w, h) / min(w, h)
+    if aspect > max_aspect:
+        shape = "wide" if w > h else "tall"
+        raise DemoInputError(
+            f"The image is too {shape}: {w} × {h} pixels has an aspect ratio of {aspect:.0f}:1; "
+            f"the limit is {max_aspect:g}:1. Please crop it or upload a less elongated image."
+        )
+    if processor is None:
+        return
+    out = expected_processed_size(processor, w, h)
+    if out is not None and out.pixels > max_processed_pixels:
+        rw, rh = out.resized
+        raise DemoInputError(
+            f"The image would be too large once resized for this model: {w} × {h} pixels becomes "
+            f"{rw} × {rh} ({out.pixels / 1e6:.1f} megapixels) in the model's image processor; the limit is "
+            f"{max_processed_pixels / 1e6:.0f} megapixels. Please upload a smaller or less elongated image."
+        )
+
+
+def load_image(obj, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS, processor=None,
+               max_aspect: float = MAX_ASPECT, max_processed_pixels: int = MAX_PROCESSED_PIXELS) -> Image.Image:
     """A checked RGB ``PIL.Image`` from a path, bytes, PIL image or HxWxC uint8 array.
 
     Raises :class:`DemoInputError` (with a message meant for the page) for a missing image, a file
-    over ``max_bytes``, an image over ``max_pixels`` or anything PIL cannot decode.
+    over ``max_bytes``, anything PIL cannot decode and the sizes :func:`check_image_size` refuses
+    (``processor``: the model's, for the size after its resize). Files are checked from their
+    header, before their pixels are decoded; only the first frame of an animation is read.
     """
     if obj is None or (isinstance(obj, str) and not obj.strip()):
         raise DemoInputError("Please upload an image or pick one of the examples.")
     if isinstance(obj, InvalidUpload):
+        if obj.message:
+            raise DemoInputError(obj.message)
         raise DemoInputError(f"That file is not an image this demo can read ({obj.reason}). Please upload a PNG, JPEG, WebP or GIF.")
+    limits = dict(processor=processor, max_pixels=max_pixels, max_aspect=max_aspect,
+                  max_processed_pixels=max_processed_pixels)
     if isinstance(obj, np.ndarray):
         if obj.ndim not in (2, 3):
             raise DemoInputError(f"Expected an image array of shape HxW or HxWxC, got shape {obj.shape}.")
+        check_image_size(obj.shape[1], obj.shape[0], **limits)
         obj = Image.fromarray(obj.astype(np.uint8))
     if isinstance(obj, Image.Image):
-        _check_pixels(obj.width, obj.height, max_pixels)
+        check_image_size(obj.width, obj.height, **limits)
         return obj.convert("RGB")
     if isinstance(obj, (bytes, bytearray)):
         if len(obj) > max_bytes:
@@ -119,29 +326,27 @@ def load_image(obj, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(source)
-            _check_pixels(img.width, img.height, max_pixels)
-            img.load()
+            img = Image.open(source)  # reads the header only
+            check_image_size(img.width, img.height, **limits)
+            img.load()  # the first frame
     except DemoInputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DemoInputError(f"The image is too large (over {max_pixels / 1e6:.0f} megapixels).") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DemoInputError(_bomb_message(exc, max_pixels)) from None
     except Exception as exc:  # UnidentifiedImageError, truncated files, ...
         raise DemoInputError(
             f"{name} is not an image this demo can read ({type(exc).__name__}). Please upload a PNG, JPEG, WebP or GIF."
         ) from None
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
     return img.convert("RGB")
 
 
-def _check_pixels(w: int, h: int, max_pixels: int) -> None:
-    if w * h > max_pixels:
-        raise DemoInputError(
-            f"The image is too large: {w} × {h} = {w * h / 1e6:.1f} megapixels; the limit is {max_pixels / 1e6:.0f} megapixels."
-        )
-    if w < 1 or h < 1:
-        raise DemoInputError(f"The image is empty ({w} × {h} pixels).")
+def _bomb_message(exc: Exception, max_pixels: int) -> str:
+    """The page's message for PIL's decompression-bomb refusal (the pixel count from PIL's text)."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    given = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "over the limit"
+    return f"The image is too large: {given}; the limit is {max_pixels / 1e6:.0f} megapixels."
 
 
 def _too_big_bytes(size: int, limit: int) -> str:
@@ -345,6 +550,9 @@ class DemoEngine:
         raise AttributeError("model config has no image token id")
 
     def _inputs(self, image: Image.Image, question: str):
+        # every processor call passes here: refuse sizes the processor would blow up (a tiny but very
+        # long image, a processor configured with huge sizes) before it resizes anything
+        check_image_size(image.width, image.height, self.processor)
         prompt = build_prompt(self.processor, question)
         inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
@@ -418,7 +626,7 @@ class DemoEngine:
     def compare(self, image, question: str, method: str = DEFAULT_METHOD, keep=64,
                 max_new_tokens: Optional[int] = None) -> Comparison:
         """Both panels for one request (unpruned, then pruned), under one hold of the lock."""
-        image = load_image(image)
+        image = load_image(image, processor=self.processor)
         question = (question or "").strip()
         if not question:
             raise DemoInputError("Please type a question about the image.")
@@ -691,6 +899,8 @@ def _tolerant_preprocess(component) -> None:
     def preprocess(payload):
         try:
             return original(payload)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            return InvalidUpload(type(exc).__name__, _bomb_message(exc, MAX_PIXELS))
         except Exception as exc:
             return InvalidUpload(type(exc).__name__)
 
@@ -791,6 +1001,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    harden_pil()
     engine = DemoEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                         max_new_tokens=args.max_new_tokens)
     if not args.no_warmup:

@@ -41,7 +41,7 @@ class PruneStats:
     visual_tokens: list  # per sample
     segments: list  # per sample: [SegmentInfo]
     context_tokens: list  # per sample: (tokens before pruning, tokens after the last stage)
-    equivalent_tokens: list  # per sample: layer-averaged visual tokens (DESIGN.md §4)
+    equivalent_tokens: list  # per sample: layer-averaged visual tokens (docs/DESIGN.md §4)
     num_layers: int
     #: (B, N') original sequence position of every token slot after the last stage (-1 =
     #: padding slot); the model's outputs (logits, hidden states) come in this layout.
@@ -92,7 +92,7 @@ def build_stats(trace, layout, vis_ordinal, num_layers: int, orig_valid=None) ->
         kept = [ords[b][ords[b] >= 0].cpu() for b in range(B)]
         seg_kept = tr.seg_keep.sum(1).tolist()
         counts = [[] for _ in range(B)]
-        scores = [torch.full((int(vis_counts[b]),), float("nan")) for b in range(B)]
+        scores = [torch.full((int(vis_counts[b]),), float("nan"), dtype=torch.float32) for b in range(B)]
         for s in range(len(seg_kept)):
             b = int(tr.seg_sample[s])
             counts[b].append(int(seg_kept[s]))

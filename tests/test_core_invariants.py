@@ -1,4 +1,4 @@
-"""The five correctness invariants of DESIGN.md §3, on every adapter (tiny random models)."""
+"""The five correctness invariants of docs/DESIGN.md §3, on every adapter (tiny random models)."""
 
 import pytest
 import torch

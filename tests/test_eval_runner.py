@@ -258,7 +258,7 @@ def test_other_run_in_same_out_is_refused(tmp_path):
 
 
 def test_merge_prefers_success_over_error(tmp_path):
-    rec = {"dataset": "D", "id": "1", "index": 0, "method": "none", "keep": "full"}
+    rec = {"dataset": "D", "id": "1", "index": 0, "method": "none", "keep": "full", "answers": ["x"]}
     (tmp_path / "predictions.jsonl").write_text(json.dumps(dict(rec, error="unreadable image", score=None)) + "\n")
     (tmp_path / "predictions.part-0.jsonl").write_text(json.dumps(dict(rec, prediction="x", score=1.0)) + "\n")
     merge_outputs(tmp_path)

@@ -15,3 +15,17 @@ class UnsupportedModelError(VTokenError, TypeError):
 
 class AlreadyPrunedError(VTokenError, RuntimeError):
     """``apply_pruning`` was called on a model that already carries a pruning handle."""
+
+
+class DuplicateRegistrationError(PruningConfigError):
+    """A method or scorer name is already registered (``register_method`` / ``register_scorer``
+    without ``override=True``); the message names the existing registration."""
+
+
+class DataError(VTokenError, ValueError):
+    """An eval data set or output directory cannot be used (missing file, unknown layout)."""
+
+
+class DataFormatError(DataError):
+    """A file read by ``vtoken eval`` (questions, annotations, predictions) is not in the expected
+    format; the message names the file and the line, and nothing already written is changed."""

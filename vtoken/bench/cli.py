@@ -3,7 +3,7 @@
 Builds LLaVA-1.5-7B, LLaVA-NeXT-7B and Qwen2.5-VL-7B from their public config values with random
 bf16 weights directly on the GPU (speed does not depend on weight values; nothing can be
 downloaded here), SDPA attention, and measures with CUDA synchronisation, medians over repeats
-(DESIGN.md section 7). Suites (``--suite``, comma-separated):
+(docs/DESIGN.md section 7). Suites (``--suite``, comma-separated):
 
 - ``llava``: LLaVA-1.5-7B at batch 1/8/32 (``--batch``): unpruned, each method of ``--methods``
   at 192/128/64 tokens per image, the ORACLE (the same model fed only the kept tokens; pruned and

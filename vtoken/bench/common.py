@@ -1,7 +1,7 @@
 """Shared machinery of ``vtoken bench``: the run context, synchronised timing, memory and KV-cache
 accounting, the vision-encoder timer and the oracle.
 
-Timing protocol (DESIGN.md section 7): every measured call is bracketed by device
+Timing protocol (docs/DESIGN.md section 7): every measured call is bracketed by device
 synchronisation; one untimed warm-up call first (compiles, autotuning, allocator growth), then
 the median of ``repeats`` timed calls; a call whose first timed run exceeds ``long_ms`` is timed
 twice only (the median of two is their mean). Each row records how many runs its median is of.
@@ -286,7 +286,7 @@ class HookOwner:
 
 
 class OracleFeed(HookOwner):
-    """The ORACLE of DESIGN.md section 7: the same model (vision tower, projector, merging of the
+    """The ORACLE of docs/DESIGN.md section 7: the same model (vision tower, projector, merging of the
     image features into the prompt: its own code), then the language model fed ONLY the tokens at
     ``index`` (B, M) original positions, with their original position ids. No scoring, no
     vtoken hooks: one gather at the language model's entrance.

@@ -2,7 +2,7 @@
 
 ``model.generate`` (the default path) decodes through ``transformers``' dynamic cache: every step
 is launched from Python layer by layer, and a 7B model's decode is bound by those launches (about
-1.3 ms per layer on an H100 whatever the context, DESIGN.md section 7), so a shorter pruned KV
+1.3 ms per layer on an H100 whatever the context, docs/DESIGN.md section 7), so a shorter pruned KV
 cache barely shows. :class:`StaticDecoder` is the serving-style path:
 
 1. **Prefill** runs the model's own forward (pruned by the attached :func:`vtoken.apply_pruning`
@@ -25,7 +25,7 @@ cache barely shows. :class:`StaticDecoder` is the serving-style path:
 
 Positions: a new token's position is the sample's largest prefill position + 1 + t (for 1-D RoPE
 and for Qwen's M-RoPE, where the three components of a generated token are equal); pruning never
-changes it (original positions, DESIGN.md section 3).
+changes it (original positions, docs/DESIGN.md section 3).
 
 Decoding is greedy (argmax, no logits processors), which is what ``model.generate(do_sample=False)``
 does with a default generation config; finished rows are padded after their EOS as ``generate``
@@ -341,10 +341,10 @@ class StaticDecoder:
         return logits, captured["pos"], cache, tail
 
     def _needs_vision(self) -> bool:
-        """Whether the attached plan reads vision-encoder attention (captured by Python probes
-        inside the tower, which a graph replay would skip)."""
+        """Whether the attached plan reads vision-encoder attention, required or optional (captured
+        by Python probes inside the tower, which a graph replay would skip)."""
         handle = self._handle
-        return bool(handle is not None and handle.runtime.needs_vision)
+        return bool(handle is not None and (handle.runtime.needs_vision or handle.runtime.vision_probed))
 
     def _stop_layer(self) -> Optional[int]:
         """First layer of the captured prefill tail, or None when the split does not apply."""

@@ -1,4 +1,4 @@
-"""The eval script: retained-accuracy tables of pruning methods on VQA sets (DESIGN.md §6).
+"""The eval script: retained-accuracy tables of pruning methods on VQA sets (docs/DESIGN.md §6).
 
 Command line: ``vtoken eval ...`` or ``python -m vtoken.eval ...`` (see :mod:`vtoken.eval.cli`).
 From Python::

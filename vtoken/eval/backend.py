@@ -37,6 +37,10 @@ class BatchOutput:
     kept_tokens: list  # per sample: visual tokens after the last stage
     equivalent_tokens: list  # per sample: layer-averaged visual tokens
     timing: dict = field(default_factory=dict)
+    #: per sample, from the pruning handle's stats (None where there is no pruning / no stats):
+    kept_per_stage: Optional[list] = None  # [visual tokens alive after each stage]
+    stage_layers: Optional[list] = None  # [decoder layer of each stage]
+    segment_tokens: Optional[list] = None  # [prunable visual tokens of each image / video segment]
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -195,6 +199,7 @@ class ModelBackend:
         timer.reset()
         for d in self.cuda_devices:
             torch.cuda.reset_peak_memory_stats(d)
+        before = _last_prefill(self._handle)
         t0 = time.perf_counter()
         preds = self.answer_fn(self.model, self.processor, images, questions, max_new_tokens=self.max_new_tokens)
         timer.sync()
@@ -210,14 +215,21 @@ class ModelBackend:
             counts = sum((ids == i).sum(-1) for i in self._visual_ids)
             visual = [int(c) for c in counts.reshape(-1).tolist()][:n]
         kept, equiv = list(visual), [float(v) if v is not None else None for v in visual]
-        stats = getattr(self._handle, "stats", None) if self._handle is not None else None
-        if stats is not None and len(getattr(stats, "visual_tokens", [])) == n:
-            visual = [int(v) for v in stats.visual_tokens]
-            if stats.stages:
-                kept = [int(row[-1]) for row in stats.kept_per_stage]
-            else:
-                kept = list(visual)
-            equiv = [float(e) for e in stats.equivalent_tokens]
+        per_stage = layers = segments = None
+        if self._handle is not None:
+            # a pruned run's counts come from the handle's stats of THIS batch's prefill; without
+            # them the counts are unknown (None), never the unpruned count
+            kept, equiv = [None] * n, [None] * n
+            after = _last_prefill(self._handle)
+            fresh = after is _UNKNOWN or (after is not None and after is not before)
+            stats = getattr(self._handle, "stats", None) if fresh else None
+            if stats is not None and len(getattr(stats, "visual_tokens", [])) == n:
+                visual = [int(v) for v in stats.visual_tokens]
+                per_stage = [[int(c) for c in row] for row in stats.kept_per_stage]
+                kept = [row[-1] if row else v for row, v in zip(per_stage, visual)]
+                equiv = [float(e) for e in stats.equivalent_tokens]
+                layers = [[int(st.layer) for st in stats.stages]] * n
+                segments = [[int(sg.count) for sg in segs] for segs in stats.segments]
 
         ends = timer.ends
         timing = {"wall_ms": wall, "batch_size": n, "decode_steps": max(len(ends) - 1, 0)}
@@ -229,10 +241,24 @@ class ModelBackend:
             timing["kv_cache_mib_per_sample"] = timer.kv_bytes / 2**20 / max(n, 1)
         if self.cuda_devices:
             timing["peak_mem_mib"] = max(torch.cuda.max_memory_allocated(d) for d in self.cuda_devices) / 2**20
-        return BatchOutput(preds, visual, kept, equiv, timing)
+        return BatchOutput(preds, visual, kept, equiv, timing, per_stage, layers, segments)
 
     def close(self):
         self._timer.remove()
+
+
+_UNKNOWN = object()
+
+
+def _last_prefill(handle):
+    """The runtime's record of the last pruned prefill in this thread (a new object per prefill),
+    to tell this batch's stats from a previous batch's; ``_UNKNOWN`` if the runtime keeps none."""
+    if handle is None:
+        return None
+    tls = getattr(getattr(handle, "runtime", None), "tls", None)
+    if tls is None:
+        return _UNKNOWN
+    return getattr(tls, "last", None)
 
 
 # --- answering with a generic Hugging Face VLM ------------------------------------------------

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="vtoken_eval", help="output directory; re-using it resumes (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data set (default: 0)")
+    p.add_argument("--budget-count", choices=("final", "equivalent"), default="final",
+                   help="which visual-token count the table's 'Retain N' blocks mean: 'final' = tokens kept after "
+                        "the last pruning stage (exactly N), 'equivalent' = layer-averaged tokens (within 5%%); rows "
+                        "that do not keep N by it are marked in the table (default: %(default)s)")
+    p.add_argument("--strict-budget", action="store_true",
+                   help="exit with an error (after writing the report) if a row does not keep its block's budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     return p
@@ -144,7 +150,7 @@ def config_from_args(args) -> EvalConfig:
     return EvalConfig(model=args.model, data=list(data), methods=methods, keeps=keeps, limit=limit,
                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       out=args.out, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, budget_count=args.budget_count)
 
 
 def distributed_context():
@@ -192,13 +198,17 @@ def main(argv=None) -> int:
                              "`accelerate launch` (use one process, or drop --device-map)")
         if device is not None:
             config.device = str(device)
-    from vtoken.eval.loaders import DataError
+    from vtoken.errors import DataError
 
     try:
         results = run_eval(config, rank=rank, world=world)
-    except DataError as exc:
+    except DataError as exc:  # DataFormatError included: a file (and line) it cannot use; nothing was changed
         print(f"vtoken eval: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nvtoken eval: interrupted; every finished batch is kept in {config.out} "
+              f"(predictions.part-{rank}.jsonl); run the same command again to resume", file=sys.stderr)
+        return 130
     finally:
         _close_process_group()
     if rank == 0 and results is not None:
@@ -210,9 +220,13 @@ def main(argv=None) -> int:
                       f"{d['failed_questions']} unreadable/failed question(s) skipped; see results.json",
                       file=sys.stderr)
         print(f"wrote {out}/table.md, table.csv, results.json, predictions.jsonl, plot.png", file=sys.stderr)
+        for m in results.get("budget_mismatches") or []:
+            print(f"{'error' if args.strict_budget else 'warning'}: {m}", file=sys.stderr)
         if results.get("failed_configs"):
             for f in results["failed_configs"]:
                 print(f"error: {f['method']} keep={f['keep']} could not run: {f['error']}", file=sys.stderr)
+            return 1
+        if args.strict_budget and results.get("budget_mismatches"):
             return 1
     return 0
 

@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qsl
 
+from vtoken.errors import DataError, DataFormatError
+
 __all__ = [
     "Sample",
     "EvalDataset",
@@ -57,6 +59,8 @@ __all__ = [
     "open_image",
     "KINDS",
     "SHORT_ANSWER",
+    "DataError",
+    "DataFormatError",
 ]
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -71,8 +75,8 @@ _DEFAULT_NAMES = {"synthetic": "Synthetic", "easy-vqa": "EasyVQA", "vqav2": "VQA
                   "textvqa": "TextVQA", "pope": "POPE", "scienceqa": "SQA-IMG", "mme": "MME"}
 
 
-class DataError(ValueError):
-    """A data set cannot be read at all (missing file, unknown layout)."""
+# DataError: a data set cannot be read at all (missing file, unknown layout); DataFormatError (a
+# DataError): a file is not in the expected format; its message names the file and the line.
 
 
 @dataclass
@@ -193,12 +197,78 @@ def open_image(image):
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path):
+def _read_text(path: Path, what: str = "") -> str:
+    """A text file's contents; a clear :class:`DataFormatError` (file, line, byte) if it is not UTF-8."""
+    label = f"{what} {path}" if what else str(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {label}: {exc}") from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataFormatError(f"{label}, line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                              f"{exc.start}); save the file as UTF-8") from None
+
+
+def _line_at(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _kind_of(x) -> str:
+    if isinstance(x, list):
+        return f"a JSON list ({len(x)} item{'s' if len(x) != 1 else ''})"
+    if isinstance(x, dict):
+        return f"a JSON object with keys {', '.join(repr(k) for k in list(x)[:6])}{', ...' if len(x) > 6 else ''}" \
+            if x else "an empty JSON object"
+    if isinstance(x, str):
+        return "a JSON string"
+    if isinstance(x, bool):
+        return "a JSON boolean"
+    if isinstance(x, (int, float)):
+        return "a JSON number"
+    return "null"
+
+
+def _read_json(path: Path, what: str = "", shape=None, key: Optional[str] = None, expected: str = ""):
+    """A JSON file, with a :class:`DataFormatError` naming the file and line when it is empty, not
+    UTF-8, not JSON, or not of the expected shape: ``shape`` = ``dict`` / ``list`` / a tuple of
+    them (the top-level value); ``key`` = the top-level object's list to return (e.g. VQAv2's
+    ``"questions"``); ``expected`` describes the layout in the message."""
+    label = f"{what} {path}" if what else str(path)
+    text = _read_text(path, what)
+    if not text.strip():
+        raise DataFormatError(f"{label}, line 1: the file is empty; expected {expected or 'JSON'}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{label}, line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})") from None
+    top = _line_at(text, len(text) - len(text.lstrip()))
+    want = expected or (f"a JSON object with a {key!r} list" if key else "")
+    if key is not None:
+        shape = dict
+    if shape is not None and not isinstance(data, shape):
+        raise DataFormatError(f"{label}, line {top}: expected {want or 'a JSON ' + _shape_name(shape)}, "
+                              f"got {_kind_of(data)}")
+    if key is None:
+        return data
+    if key not in data:
+        raise DataFormatError(f"{label}, line {top}: expected {want}; the top-level object has no {key!r} key "
+                              f"(it is {_kind_of(data)})")
+    value = data[key]
+    if not isinstance(value, list):
+        import re
+
+        m = re.search(r'"' + re.escape(key) + r'"\s*:', text)
+        line = _line_at(text, m.start()) if m else top
+        raise DataFormatError(f"{label}, line {line}: {key!r} must be a JSON list, got {_kind_of(value)}")
+    return value
+
+
+def _shape_name(shape) -> str:
+    shapes = shape if isinstance(shape, tuple) else (shape,)
+    return " or ".join({dict: "object", list: "list"}.get(s, s.__name__) for s in shapes)
 
 
 def _find_file(root: Path, names: list, what: str) -> Path:
@@ -285,8 +355,13 @@ def _load_vqav2(spec: DataSpec, limit, seed) -> EvalDataset:
         root = root.parent
     split = qfile.name[len("v2_OpenEnded_mscoco_"): -len("_questions.json")] or split
     afile = _find_file(root, [f"v2_mscoco_{split}_annotations.json"], "VQAv2 annotations (needed to score)")
-    questions = _read_json(qfile).get("questions", [])
-    anns = {a.get("question_id"): a for a in _read_json(afile).get("annotations", []) if isinstance(a, dict)}
+    questions = _read_json(qfile, "VQAv2 questions file", key="questions",
+                           expected='a JSON object {"questions": [...], ...} (the official '
+                                    'v2_OpenEnded_mscoco_<split>_questions.json)')
+    anns = {a.get("question_id"): a for a in _read_json(
+        afile, "VQAv2 annotations file", key="annotations",
+        expected='a JSON object {"annotations": [...], ...} (the official v2_mscoco_<split>_annotations.json)')
+        if isinstance(a, dict)}
     img_split = split.split("-")[0] if "test" not in split else "test2015"
     imgs = _image_dir(root, spec.options, [img_split, f"images/{img_split}", "images", f"coco/{img_split}"], "VQAv2")
     ds = EvalDataset(spec.options.get("name", "VQAv2"), "vqav2", "vqa", str(qfile), [], total_records=len(questions))
@@ -294,6 +369,8 @@ def _load_vqav2(spec: DataSpec, limit, seed) -> EvalDataset:
         if limit and len(ds.samples) >= limit:
             break
         try:
+            if not isinstance(q, dict):
+                raise TypeError(f"expected a JSON object, got {_kind_of(q)}")
             qid, image_id, text = q["question_id"], int(q["image_id"]), q["question"]
             ann = anns.get(qid)
             if ann is None:
@@ -315,7 +392,9 @@ def _load_gqa(spec: DataSpec, limit, seed) -> EvalDataset:
     root = Path(spec.path).expanduser()
     split = spec.options.get("split", "testdev")
     qfile = _find_file(root, [f"{split}_balanced_questions.json", "*_balanced_questions.json"], "GQA questions")
-    data = _read_json(qfile)
+    data = _read_json(qfile, "GQA questions file", (dict, list),
+                      expected='a JSON object {"<question id>": {"imageId", "question", "answer", ...}} (the '
+                               'official <split>_balanced_questions.json) or a JSON list of such questions')
     imgs = _image_dir(qfile.parent, spec.options, ["images", "allImages/images", "../images"], "GQA")
     items = list(data.items()) if isinstance(data, dict) else [(str(i), d) for i, d in enumerate(data)]
     ds = EvalDataset(spec.options.get("name", "GQA"), "gqa", "exact", str(qfile), [], total_records=len(items))
@@ -323,6 +402,8 @@ def _load_gqa(spec: DataSpec, limit, seed) -> EvalDataset:
         if limit and len(ds.samples) >= limit:
             break
         try:
+            if not isinstance(q, dict):
+                raise TypeError(f"expected a JSON object, got {_kind_of(q)}")
             image_id, text, answer = q["imageId"], q["question"], q["answer"]
             qtype = (q.get("types") or {}).get("structural", "")
             ds.samples.append(Sample(str(qid), _with_instruction(text, SHORT_ANSWER), [str(answer)],
@@ -336,8 +417,8 @@ def _load_textvqa(spec: DataSpec, limit, seed) -> EvalDataset:
     root = Path(spec.path).expanduser()
     split = spec.options.get("split", "val")
     qfile = _find_file(root, [f"TextVQA_0.5.1_{split}.json", "TextVQA_*_val.json"], "TextVQA questions")
-    data = _read_json(qfile)
-    rows = data.get("data", []) if isinstance(data, dict) else []
+    rows = _read_json(qfile, "TextVQA questions file", key="data",
+                      expected='a JSON object {"data": [...], ...} (the official TextVQA_0.5.1_<split>.json)')
     imgs = _image_dir(qfile.parent, spec.options,
                       ["train_images", "train_val_images/train_images", "images", "test_images"], "TextVQA")
     ds = EvalDataset(spec.options.get("name", "TextVQA"), "textvqa", "vqa", str(qfile), [], total_records=len(rows))
@@ -345,6 +426,8 @@ def _load_textvqa(spec: DataSpec, limit, seed) -> EvalDataset:
         if limit and len(ds.samples) >= limit:
             break
         try:
+            if not isinstance(q, dict):
+                raise TypeError(f"expected a JSON object, got {_kind_of(q)}")
             qid, image_id, text, answers = q["question_id"], q["image_id"], q["question"], q["answers"]
             if not answers:
                 raise KeyError("no answers")
@@ -356,25 +439,25 @@ def _load_textvqa(spec: DataSpec, limit, seed) -> EvalDataset:
 
 
 def _read_jsonl(path: Path, ds: EvalDataset) -> list:
+    """(where, record) pairs of a JSON-lines file (or of a JSON list): ``where`` = "line N" /
+    "item N" for messages; a line that is not JSON is counted as malformed."""
     rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
+    text = _read_text(path, "POPE file")
     stripped = text.strip()
     if stripped.startswith("["):  # a JSON list instead of JSON lines
         try:
-            return list(json.loads(stripped))
+            data = json.loads(stripped)
         except json.JSONDecodeError:
-            pass
+            data = None
+        if isinstance(data, list):
+            return [(f"item {i}", r) for i, r in enumerate(data)]
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            ds.note_malformed(f"{path.name}:{n}: not JSON")
+            rows.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            ds.note_malformed(f"{path.name} line {n}: not JSON ({exc.msg})")
     return rows
 
 
@@ -398,10 +481,12 @@ def _load_pope(spec: DataSpec, limit, seed) -> EvalDataset:
         rows = _read_jsonl(fpath, ds)
         ds.total_records += len(rows)
         taken = 0
-        for i, r in enumerate(rows):
+        for where, r in rows:
             if per_file_limit and taken >= per_file_limit:
                 break
             try:
+                if not isinstance(r, dict):
+                    raise TypeError(f"expected a JSON object, got {_kind_of(r)}")
                 qid, image, text = r["question_id"], r["image"], r["text"]
                 label = str(r["label"]).strip().lower()
                 if label not in ("yes", "no"):
@@ -411,7 +496,7 @@ def _load_pope(spec: DataSpec, limit, seed) -> EvalDataset:
                                          category, group=str(image)))
                 taken += 1
             except (KeyError, TypeError, ValueError) as exc:
-                ds.note_malformed(f"{fpath.name} record {i}: {exc!r}")
+                ds.note_malformed(f"{fpath.name} {where}: {exc!r}")
     return ds
 
 
@@ -421,11 +506,22 @@ def _load_scienceqa(spec: DataSpec, limit, seed) -> EvalDataset:
     pfile = _find_file(root, ["problems.json", "scienceqa/problems.json", "data/scienceqa/problems.json"],
                        "ScienceQA problems.json")
     base = pfile.parent
-    problems = _read_json(pfile)
+    problems = _read_json(pfile, "ScienceQA problems file", dict,
+                          expected='a JSON object {"<pid>": {"question", "choices", "answer", "image", ...}} '
+                                   '(the official problems.json)')
     splits_file = base / "pid_splits.json"
     order = None
     if splits_file.exists():
-        order = [str(p) for p in _read_json(splits_file).get(split, [])]
+        splits = _read_json(splits_file, "ScienceQA splits file", dict,
+                            expected='a JSON object {"train": [pid, ...], "val": [...], "test": [...]} '
+                                     '(the official pid_splits.json)')
+        if split not in splits:
+            raise DataFormatError(f"ScienceQA splits file {splits_file}: no split {split!r} "
+                                  f"(splits: {', '.join(map(repr, splits)) or 'none'}); pass ?split=")
+        if not isinstance(splits[split], list):
+            raise DataFormatError(f"ScienceQA splits file {splits_file}: split {split!r} must be a JSON list of "
+                                  f"problem ids, got {_kind_of(splits[split])}")
+        order = [str(p) for p in splits[split]]
     if order is None:
         order = [pid for pid, p in problems.items() if isinstance(p, dict) and p.get("split") == split]
     imgs = _image_dir(base, spec.options, ["images", "../images"], "ScienceQA")
@@ -600,6 +696,12 @@ def load_dataset(spec, limit: Optional[int] = None, seed: int = 0) -> EvalDatase
     ds = _LOADERS[spec.kind](spec, limit, seed)
     if "name" in spec.options:
         ds.name = spec.options["name"]
+    if not ds.samples:
+        why = (f"{ds.malformed} malformed record(s), e.g. {'; '.join(ds.malformed_examples[:3])}"
+               if ds.malformed else "it holds no questions")
+        raise DataFormatError(f"{spec.text}: no usable question in {ds.source} ({ds.total_records} record(s) read; "
+                              f"{why})")
+    _check_images(ds, spec)
     # unique ids (a repeated id would make results ambiguous)
     seen: dict = {}
     for s in ds.samples:
@@ -609,6 +711,21 @@ def load_dataset(spec, limit: Optional[int] = None, seed: int = 0) -> EvalDatase
         else:
             seen[s.id] = 0
     return ds
+
+
+#: image paths probed by :func:`_check_images`
+IMAGE_PROBE = 32
+
+
+def _check_images(ds: EvalDataset, spec: DataSpec) -> None:
+    """Stop early, with the folder to fix, when none of the first image files exists (a wrong
+    image folder would otherwise give a table of failed questions); a few missing images are
+    found and counted by the runner."""
+    paths = [s.image for s in ds.samples[:IMAGE_PROBE] if isinstance(s.image, (str, os.PathLike))]
+    if paths and not any(os.path.exists(p) for p in paths):
+        folder = os.path.dirname(str(paths[0]))
+        raise DataError(f"{spec.text}: none of the first {len(paths)} image files exists (e.g. {paths[0]}); "
+                        f"is {folder} the image folder? pass ?images=DIR")
 
 
 def loader_for(kind: str) -> Callable:

@@ -29,17 +29,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from vtoken.errors import DataFormatError
 from vtoken.eval import metrics
 from vtoken.eval.loaders import EvalDataset, load_dataset, open_image
 
-__all__ = ["EvalConfig", "run_eval", "merge_outputs", "keep_key", "parse_keep", "read_jsonl", "score_sample",
-           "DEFAULT_METHODS", "QUICK_METHODS"]
+__all__ = ["EvalConfig", "run_eval", "merge_outputs", "keep_key", "parse_keep", "read_jsonl", "read_predictions",
+           "check_prediction", "score_sample", "DEFAULT_METHODS", "QUICK_METHODS", "BUDGET_COUNTS"]
 
 #: methods when --methods is not given, in table order (those registered are used)
 DEFAULT_METHODS = ("fastv", "sparsevlm", "pyramiddrop", "visionzip", "divprune", "dart", "random")
 #: methods of the no-argument quick run: one per family that runs on any adapter, plus the baseline
 QUICK_METHODS = ("fastv", "visionzip", "divprune", "random")
+#: the token counts a table's budget blocks can use (:attr:`EvalConfig.budget_count`)
+BUDGET_COUNTS = ("final", "equivalent")
 PRED_FILE, TIMING_FILE, CONFIG_FILE = "predictions.jsonl", "timings.jsonl", "run_config.json"
+#: keys every prediction record has (its identity)
+PRED_KEYS = ("dataset", "id", "method", "keep")
 
 
 @dataclass
@@ -57,6 +62,10 @@ class EvalConfig:
     max_new_tokens: int = 16
     seed: int = 0
     progress: bool = True
+    #: which visual-token count the "Retain N" blocks of the table mean (the report only; the
+    #: predictions do not depend on it): "final" = tokens kept after the last stage, "equivalent"
+    #: = layer-averaged tokens (docs/DESIGN.md §4); a row that does not keep N by it is flagged
+    budget_count: str = "final"
 
     def run_identity(self) -> dict:
         """What predictions depend on; a resumed run must match it."""
@@ -83,22 +92,86 @@ def parse_keep(text: str):
         return float(t)
 
 
-def read_jsonl(path) -> list:
-    """Lines of a JSONL file; a truncated last line (a killed run) is skipped."""
+def read_jsonl(path, check: Optional[Callable] = None, skipped: Optional[list] = None) -> list:
+    """Records of a JSONL file. A line that is not JSON (the half-written last line of a killed
+    run, even one cut inside a UTF-8 character) is skipped (its number appended to ``skipped``);
+    ``check(record, path, line_number)`` vets every decoded line and raises on one it cannot use."""
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
+                    rec = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    if skipped is not None:
+                        skipped.append(n)
                     continue
+                if check is not None:
+                    check(rec, path, n)
+                out.append(rec)
     except FileNotFoundError:
         pass
     return out
+
+
+def _json_kind(x) -> str:
+    if isinstance(x, list):
+        return f"a JSON list ({len(x)} item{'s' if len(x) != 1 else ''})"
+    if isinstance(x, dict):
+        return "a JSON object"
+    if isinstance(x, str):
+        return "a JSON string"
+    if isinstance(x, bool):
+        return "a JSON boolean"
+    if isinstance(x, (int, float)):
+        return "a JSON number"
+    return "null" if x is None else type(x).__name__
+
+
+def _untouched(path) -> str:
+    return f"; fix or delete that line and run again (nothing in {Path(path).parent} was changed)"
+
+
+def _check_object(rec, path, n, what: str = "record", required=()) -> None:
+    if not isinstance(rec, dict):
+        raise DataFormatError(f"{path}, line {n}: expected a JSON object (one {what} per line), got "
+                              f"{_json_kind(rec)}{_untouched(path)}")
+    missing = [k for k in required if k not in rec]
+    if missing:
+        raise DataFormatError(f"{path}, line {n}: the {what} lacks {', '.join(repr(k) for k in missing)} "
+                              f"(keys: {', '.join(sorted(map(str, rec))) or 'none'}){_untouched(path)}")
+
+
+def check_prediction(rec, path, n) -> None:
+    """Raise :class:`DataFormatError` (file, line) unless ``rec`` is a prediction record this
+    runner wrote: dataset / id / method / keep, and prediction / answers / score unless it is an
+    error record."""
+    _check_object(rec, path, n, "prediction record", PRED_KEYS)
+    ok = rec.get("error") is not None
+    if not ok:
+        _check_object(rec, path, n, "prediction record", PRED_KEYS + ("prediction", "answers", "score"))
+    bad = [k for k in ("dataset", "method", "keep") if not isinstance(rec[k], str)]
+    if isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)):
+        bad.append("id")
+    if not ok and not isinstance(rec["answers"], list):
+        bad.append("answers")
+    if not ok and (isinstance(rec["score"], bool) or not isinstance(rec["score"], (int, float))):
+        bad.append("score")
+    if bad:
+        got = ", ".join(f"{k}={rec[k]!r}" for k in bad)
+        raise DataFormatError(f"{path}, line {n}: the prediction record has a field of the wrong type ({got}; "
+                              f"expected strings for dataset/method/keep, a string or int id, a list of answers, "
+                              f"a number score){_untouched(path)}")
+
+
+def _check_timing(rec, path, n) -> None:
+    _check_object(rec, path, n, "timing record")
+
+
+def _check_failure(rec, path, n) -> None:
+    _check_object(rec, path, n, "failure record", ("method", "keep", "error"))
 
 
 def _key(rec) -> tuple:
@@ -156,11 +229,30 @@ class _Appender:
         self.f.close()
 
 
-def _existing_predictions(out: Path) -> list:
-    recs = read_jsonl(out / PRED_FILE)
-    for part in sorted(out.glob("predictions.part-*.jsonl")):
-        recs.extend(read_jsonl(part))
+def read_predictions(path, log: bool = False) -> list:
+    """Prediction records of ``path`` (see :func:`check_prediction`); a record it cannot use
+    raises :class:`DataFormatError` naming the file and line, before anything is written."""
+    skipped: list = []
+    recs = read_jsonl(path, check_prediction, skipped)
+    if skipped and log:
+        _log(f"vtoken eval: {path}: skipped {len(skipped)} line(s) that are not JSON (a run killed while writing): "
+             f"line {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''}; "
+             "their questions are computed again")
     return recs
+
+
+def _existing_predictions(out: Path, log: bool = False) -> list:
+    recs = read_predictions(out / PRED_FILE, log)
+    for part in sorted(out.glob("predictions.part-*.jsonl")):
+        recs.extend(read_predictions(part, log))
+    return recs
+
+
+def _existing_timings(out: Path) -> list:
+    times = read_jsonl(out / TIMING_FILE, _check_timing)
+    for part in sorted(out.glob("timings.part-*.jsonl")):
+        times.extend(read_jsonl(part, _check_timing))
+    return times
 
 
 def _check_identity(out: Path, config: EvalConfig, rank: int) -> None:
@@ -168,9 +260,17 @@ def _check_identity(out: Path, config: EvalConfig, rank: int) -> None:
     ident = config.run_identity()
     if path.exists():
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            old = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):  # e.g. emptied by a kill while it was written
+            _log(f"vtoken eval: {path} is not readable JSON (a run killed while writing it?); "
+                 f"it is written again for {ident}")
             old = None
+            if rank == 0:
+                _atomic_text(path, json.dumps(ident, indent=2, sort_keys=True))
+        if old is not None and not isinstance(old, dict):
+            raise DataFormatError(
+                f"{path}, line 1: expected a JSON object like {json.dumps(ident, sort_keys=True)}, got "
+                f"{_json_kind(old)}; fix or delete it and run again (nothing in {out} was changed)")
         if old is not None and old != ident:
             diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in ident.items() if old.get(k) != v)
             raise SystemExit(
@@ -178,7 +278,7 @@ def _check_identity(out: Path, config: EvalConfig, rank: int) -> None:
                 "use another --out, or delete that directory to start over"
             )
     elif rank == 0:
-        path.write_text(json.dumps(ident, indent=2, sort_keys=True))
+        _atomic_text(path, json.dumps(ident, indent=2, sort_keys=True))
 
 
 def _log(msg: str) -> None:
@@ -206,14 +306,20 @@ def run_eval(
     datasets: already loaded :class:`EvalDataset` objects instead of ``config.data``.
     """
     out = Path(config.out)
+    if config.budget_count not in BUDGET_COUNTS:
+        raise ValueError(f"budget_count must be one of {BUDGET_COUNTS}; got {config.budget_count!r}")
     out.mkdir(parents=True, exist_ok=True)
+    # everything already written is read (and vetted) before anything is written: a file this
+    # run cannot use stops it with the file and line, and leaves the directory as it was
+    existing = _existing_predictions(out, log=config.progress)
+    _existing_timings(out)
     _check_identity(out, config, rank)
     if datasets is None:
         datasets = [load_dataset(spec, config.limit, config.seed) for spec in config.data]
     _dedupe_names(datasets)
     configs = run_configs(config.methods, config.keeps)
 
-    done = {_key(r) for r in _existing_predictions(out) if r.get("error") is None}
+    done = {_key(r) for r in existing if r.get("error") is None}
     # pending work: per (method, keep), per dataset, fixed batches of this rank's shard
     work = []
     total = 0
@@ -262,7 +368,7 @@ def run_eval(
     info = dict(getattr(backend, "info", {}) or {}) if backend is not None else {}
     failures = []
     for r in range(world):
-        failures += read_jsonl(out / f"failed_configs.part-{r}.jsonl")
+        failures += read_jsonl(out / f"failed_configs.part-{r}.jsonl", _check_failure)
     for part in out.glob("failed_configs.part-*.jsonl"):
         part.unlink()
     return write_report(out, config, datasets, configs, backend_info=info, failed_configs=failures)
@@ -433,6 +539,10 @@ def _run_batch(enter, state, method, keep, kk, ds: EvalDataset, idx: list):
             "qtype": s.qtype, "visual_tokens": res.visual_tokens[j], "kept_tokens": res.kept_tokens[j],
             "equivalent_tokens": res.equivalent_tokens[j],
         }
+        for name in ("kept_per_stage", "stage_layers", "segment_tokens"):  # the handle's stats, per question
+            values = getattr(res, name, None)
+            if values is not None and values[j] is not None:
+                rec[name] = list(values[j])
         if s.group:
             rec["group"] = s.group
         if s.choices is not None:
@@ -460,10 +570,8 @@ def merge_outputs(out) -> None:
         k = _key(r)
         if k not in merged or (merged[k].get("error") is not None and r.get("error") is None):
             merged[k] = r
+    times = _existing_timings(out)  # read (and vetted) before either merged file is written
     _atomic_jsonl(out / PRED_FILE, sorted(merged.values(), key=_sort_key))
-    times = read_jsonl(out / TIMING_FILE)
-    for part in sorted(out.glob("timings.part-*.jsonl")):
-        times.extend(read_jsonl(part))
     seen, uniq = set(), []
     for t in times:
         k = (t.get("dataset"), t.get("method"), t.get("keep"), t.get("batch"), t.get("rank"))
@@ -482,6 +590,12 @@ def _atomic_jsonl(path: Path, recs: list) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         for r in recs:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -2,12 +2,23 @@
 all computed from ``predictions.jsonl`` / ``timings.jsonl`` (never from in-memory state, so a
 resumed run reports exactly what a one-shot run does).
 
-Table format (DESIGN.md §6): a first row "Upper bound, N tokens (100%)" with the unpruned
+Table format (docs/DESIGN.md §6): a first row "Upper bound, N tokens (100%)" with the unpruned
 model's raw scores, then one block per budget — "Retain 192 tokens (↓66.7%)" for token budgets,
 "Retain 33.3% tokens (↓66.7%)" for fractions — with one row per method: the raw score per data set
-and Avg = mean over data sets of score ÷ unpruned score, in percent. Token columns: "Tokens" =
-visual tokens per image after the last stage, "Equiv." = layer-averaged visual tokens; both are
-means over the questions. Efficiency columns are medians over the run's batches.
+and Avg = mean over data sets of score ÷ unpruned score, in percent. Efficiency columns are
+medians over the run's batches.
+
+Token accounting (docs/DESIGN.md §4): every row shows the visual tokens it really keeps, measured per
+question from the pruning handle's stats (recorded in ``predictions.jsonl``) and averaged over the
+questions — "Kept (final)" after the last stage, "Equiv. (layer-avg)" = layer-averaged tokens,
+"Kept per stage" ``L<layer>:<tokens>`` — never taken from a preset's budget tables. The table says
+which count its "Retain N" blocks use (``EvalConfig.budget_count``: ``"final"``, the default, or
+``"equivalent"``) and checks every row against it (:func:`budget_check`): ``final`` = exactly N
+per image (``tokens_for``: an image smaller than N keeps all; fractions round per image),
+``equivalent`` = within :data:`EQUIV_TOLERANCE` of N. A row that does not keep its block's budget
+is marked ⚠ in the table, with what it keeps, and listed in ``results.json``
+(``budget_mismatches``); e.g. SparseVLM's preset at 64 keeps (66, 30, 17) tokens after its three
+stages — 17 final, ≈ 62 layer-averaged on a 32-layer LLM — so it is flagged in a "final" table.
 """
 
 from __future__ import annotations
@@ -22,9 +33,18 @@ from pathlib import Path
 from typing import Optional
 
 from vtoken.eval import metrics
-from vtoken.eval.runner import PRED_FILE, TIMING_FILE, config_dict, keep_key, read_jsonl
+from vtoken.eval.runner import (PRED_FILE, TIMING_FILE, _check_timing, config_dict, keep_key, read_jsonl,
+                                read_predictions)
+from vtoken.plan import tokens_for
 
-__all__ = ["write_report", "dataset_score", "block_label", "METHOD_NAMES", "library_versions"]
+__all__ = ["write_report", "dataset_score", "block_label", "budget_target", "budget_check", "token_accounting",
+           "METHOD_NAMES", "library_versions", "EQUIV_TOLERANCE"]
+
+#: how far a row's layer-averaged tokens may lie from its block's N in an "equivalent" table:
+#: max(0.5 token, 5% of N). Progressive methods cannot hit N exactly (their stage budgets are
+#: whole tokens at fixed layers); SparseVLM's own released tables average 191 / 126 / 62 tokens
+#: for its nominal 192 / 128 / 64.
+EQUIV_TOLERANCE = 0.05
 
 METHOD_NAMES = {
     "none": "Unpruned", "fastv": "FastV", "sparsevlm": "SparseVLM", "pyramiddrop": "PyramidDrop",
@@ -84,6 +104,106 @@ def dataset_score(metric: str, recs: list) -> dict:
     raise ValueError(f"unknown metric {metric!r}")
 
 
+def budget_target(keep, rec: dict) -> Optional[float]:
+    """Visual tokens a question keeps after the last stage at budget ``keep`` by vtoken's rule
+    (:func:`vtoken.plan.tokens_for` per image / video segment; structural tokens such as image
+    newlines are never pruned): from the record's ``segment_tokens`` (prunable tokens per segment)
+    and ``visual_tokens``; a record without segments counts as one segment. None if unknown."""
+    if keep is None:
+        return None
+    visual = rec.get("visual_tokens")
+    segs = rec.get("segment_tokens")
+    if segs:
+        structural = (visual - sum(segs)) if visual is not None else 0
+        return float(sum(tokens_for(keep, int(c)) for c in segs) + max(structural, 0))
+    if visual is None:
+        return None
+    return float(tokens_for(keep, int(visual)))
+
+
+_COUNT_FIELD = {"final": "kept_tokens", "equivalent": "equivalent_tokens"}
+
+
+def budget_check(keep, recs: list, count: str = "final", tolerance: float = EQUIV_TOLERANCE) -> Optional[dict]:
+    """Does a row placed in the block "Retain ``keep``" keep that budget by ``count``?
+
+    Per question, the measured count (``kept_tokens`` for "final", ``equivalent_tokens`` for
+    "equivalent") is compared with :func:`budget_target`: "final" must match exactly,
+    "equivalent" within max(0.5, ``tolerance`` x target). Returns ``{"count", "budget",
+    "target", "measured", "ok", "off"}`` (means over questions; ``off`` = questions that miss;
+    ``ok`` None when some question has no recorded count), or None for the upper bound."""
+    if keep is None:
+        return None
+    field_ = _COUNT_FIELD[count]
+    targets, measured, off, unknown = [], [], 0, 0
+    for r in recs:
+        m, t = r.get(field_), budget_target(keep, r)
+        if m is None or t is None:
+            unknown += 1
+            continue
+        targets.append(t)
+        measured.append(float(m))
+        miss = abs(m - t) > (1e-6 if count == "final" else max(0.5, tolerance * t))
+        off += bool(miss)
+    ok = None if (unknown or not recs) else off == 0
+    return {"count": count, "budget": keep_key(keep), "target": _mean(targets), "measured": _mean(measured),
+            "ok": ok, "off": off, "unknown": unknown, "questions": len(recs)}
+
+
+def _stage_means(recs: list):
+    """(mean visual tokens after each stage, stage layers) over ``recs`` when they all ran the same
+    stages, else (None, None)."""
+    runs = [(tuple(r["stage_layers"]), r["kept_per_stage"]) for r in recs
+            if r.get("kept_per_stage") is not None and r.get("stage_layers") is not None]
+    if not runs or len(runs) != len(recs) or len({lay for lay, _ in runs}) != 1:
+        return None, None
+    layers = list(runs[0][0])
+    if any(len(k) != len(layers) for _, k in runs):
+        return None, None
+    return [statistics.fmean(k[i] for _, k in runs) for i in range(len(layers))], layers
+
+
+def token_accounting(method: str, keep, recs: list, count: str = "final") -> dict:
+    """A row's visual-token columns from its (successful) prediction records: means of the
+    measured final / layer-averaged / original tokens, the per-stage means and the budget check."""
+    per_stage, layers = _stage_means(recs)
+    return {
+        "kept_tokens": _mean(r.get("kept_tokens") for r in recs),
+        "equivalent_tokens": _mean(r.get("equivalent_tokens") for r in recs),
+        "visual_tokens": _mean(r.get("visual_tokens") for r in recs),
+        "kept_per_stage": per_stage, "stage_layers": layers,
+        "budget_check": None if method == "none" else budget_check(keep, recs, count),
+    }
+
+
+def _tok(x) -> str:
+    return "–" if x is None else (f"{x:.0f}" if abs(x - round(x)) < 1e-9 else f"{x:.1f}")
+
+
+def stages_text(row: dict) -> str:
+    """"L1:66 → L2:30 → L3:17" (mean visual tokens after each stage), "–" without stages."""
+    if not row.get("kept_per_stage"):
+        return "–"
+    return " → ".join(f"L{layer}:{_tok(k)}" for layer, k in zip(row["stage_layers"], row["kept_per_stage"]))
+
+
+def budget_message(row: dict, block: str) -> Optional[str]:
+    """A sentence for a row that does not (or cannot be shown to) keep its block's budget."""
+    chk = row.get("budget_check")
+    if not chk or chk["ok"]:
+        return None
+    if chk["ok"] is None:
+        return (f"{row['label']} in \"{block}\": visual-token counts not recorded for {chk['unknown']} of "
+                f"{chk['questions']} question(s); its budget is unverified.")
+    if chk["count"] == "final":
+        keeps = f"keeps {_tok(chk['measured'])} visual tokens per image after its last stage"
+    else:
+        keeps = f"averages {_tok(chk['measured'])} visual tokens per image over the LLM's layers"
+    return (f"{row['label']} in \"{block}\" {keeps}, not {_tok(chk['target'])} ({chk['off']} of {chk['questions']} "
+            f"question(s) off; final {_tok(row['kept_tokens'])}, layer-averaged {_tok(row['equivalent_tokens'])}, "
+            f"per stage {stages_text(row)}): not compared at equal tokens.")
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -113,7 +233,7 @@ def library_versions() -> dict:
     return out
 
 
-def _rows(config, datasets, configs, preds, timings) -> list:
+def _rows(config, datasets, configs, preds, timings, count: str = "final") -> list:
     by = {}
     for r in preds:
         by.setdefault((r["dataset"], r["method"], r["keep"]), []).append(r)
@@ -125,7 +245,7 @@ def _rows(config, datasets, configs, preds, timings) -> list:
     for method, keep in configs:
         kk = keep_key(keep)
         scores, details, errors = {}, {}, {}
-        tokens, equiv, visual = [], [], []
+        row_recs = []
         for ds in datasets:
             ids = {s.id for s in ds.samples}
             recs = [r for r in by.get((ds.name, method, kk), []) if str(r["id"]) in ids]
@@ -134,9 +254,7 @@ def _rows(config, datasets, configs, preds, timings) -> list:
             d = dataset_score(ds.metric, good)
             scores[ds.name] = d["score"]
             details[ds.name] = d
-            tokens += [r.get("kept_tokens") for r in good]
-            equiv += [r.get("equivalent_tokens") for r in good]
-            visual += [r.get("visual_tokens") for r in good]
+            row_recs += good
         ts = [t for t in tim.get((method, kk), []) if t.get("dataset") in names]
         eff = {
             "prefill_ms": _median(t.get("prefill_ms") for t in ts),
@@ -147,8 +265,7 @@ def _rows(config, datasets, configs, preds, timings) -> list:
         }
         rows.append({
             "method": method, "keep": kk, "label": method_label(method), "scores": scores, "details": details,
-            "errors": errors, "kept_tokens": _mean(tokens), "equivalent_tokens": _mean(equiv),
-            "visual_tokens": _mean(visual), "efficiency": eff,
+            "errors": errors, **token_accounting(method, keep, row_recs, count), "efficiency": eff,
         })
     upper = rows[0]
     for row in rows:
@@ -179,12 +296,20 @@ def _eff_cols(on_gpu: bool) -> list:
     return [f"Prefill ms{wall}", f"Decode ms/tok{wall}", "Peak MiB", "KV MiB/q"]
 
 
-def _render(rows, datasets, upper_tokens, on_gpu: bool):
+def _token_cols(count: str) -> list:
+    cols = ["Kept (final)", "Equiv. (layer-avg)"]
+    i = 0 if count == "final" else 1
+    cols[i] += " ← budget"
+    return cols + ["Kept per stage"]
+
+
+def _render(rows, datasets, upper_tokens, on_gpu: bool, count: str = "final"):
     names = [ds.name for ds in datasets]
     metric_of = {ds.name: ds.metric for ds in datasets}
-    header = ["Method", *names, "Avg", "Tokens", "Equiv.", *_eff_cols(on_gpu)]
+    header = ["Method", *names, "Avg", *_token_cols(count), *_eff_cols(on_gpu)]
     md = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     csv_rows = [["block", "method", "keep", *names, "avg_retained_pct", "kept_tokens", "equivalent_tokens",
+                 "kept_per_stage", "stage_layers", "budget_count", "budget_tokens", "budget_ok",
                  "prefill_ms", "decode_ms_per_token", "peak_mem_mib", "kv_cache_mib_per_sample", "device"]]
     ub_label = f"Upper bound, {upper_tokens:.0f} tokens (100%)" if upper_tokens else "Upper bound (100%)"
     blank = [""] * (len(header) - 1)
@@ -200,14 +325,27 @@ def _render(rows, datasets, upper_tokens, on_gpu: bool):
             md.append("| " + " | ".join([f"{row['label']} (failed)", *["–"] * (len(header) - 1)]) + " |")
             csv_rows.append([block, row["method"], row["keep"], *[""] * (len(csv_rows[0]) - 4), "failed"])
             continue
-        cells = [row["label"], *[_score_str(metric_of[n], row["scores"].get(n)) for n in names],
+        chk = row.get("budget_check")
+        label, tok_cells = row["label"], [_num(row["kept_tokens"]), _num(row["equivalent_tokens"])]
+        if chk and chk["ok"] is False:  # the row does not keep its block's budget: say what it keeps
+            label += " ⚠"
+            i = 0 if chk["count"] == "final" else 1
+            tok_cells[i] = f"{tok_cells[i]} ≠ {_tok(chk['target'])}"
+        elif chk and chk["ok"] is None:
+            label += " (?)"
+        cells = [label, *[_score_str(metric_of[n], row["scores"].get(n)) for n in names],
                  _fmt_pct(row["avg_retained_pct"]) if row["avg_retained_pct"] is not None else "–",
-                 _num(row["kept_tokens"]), _num(row["equivalent_tokens"]), _num(e["prefill_ms"]),
+                 *tok_cells, stages_text(row), _num(e["prefill_ms"]),
                  _num(e["decode_ms_per_token"], 2), _num(e["peak_mem_mib"], 0), _num(e["kv_cache_mib_per_sample"], 2)]
         md.append("| " + " | ".join(cells) + " |")
         csv_rows.append([block, row["method"], row["keep"],
                          *[_csv(row["scores"].get(n)) for n in names], _csv(row["avg_retained_pct"]),
-                         _csv(row["kept_tokens"]), _csv(row["equivalent_tokens"]), _csv(e["prefill_ms"]),
+                         _csv(row["kept_tokens"]), _csv(row["equivalent_tokens"]),
+                         ";".join(_csv(k) for k in row["kept_per_stage"] or []),
+                         ";".join(str(x) for x in row["stage_layers"] or []),
+                         count, _csv(chk["target"]) if chk else "",
+                         "" if not chk or chk["ok"] is None else ("yes" if chk["ok"] else "no"),
+                         _csv(e["prefill_ms"]),
                          _csv(e["decode_ms_per_token"]), _csv(e["peak_mem_mib"]), _csv(e["kv_cache_mib_per_sample"]),
                          "gpu" if on_gpu else "cpu"])
     buf = io.StringIO()
@@ -226,7 +364,7 @@ def _parse(k: str):
         return float(k)
 
 
-def _plot(path: Path, rows, upper_tokens, title: str) -> Optional[str]:
+def _plot(path: Path, rows, upper_tokens, title: str, count: str = "final") -> Optional[str]:
     try:
         import matplotlib
 
@@ -239,16 +377,17 @@ def _plot(path: Path, rows, upper_tokens, title: str) -> Optional[str]:
     for r in rows[1:]:
         if r["method"] not in methods:
             methods.append(r["method"])
+    field_ = _COUNT_FIELD[count]
     for m in methods:
-        pts = sorted((r["kept_tokens"], r["avg_retained_pct"]) for r in rows
+        pts = sorted((r[field_], r["avg_retained_pct"]) for r in rows
                      if r["method"] == m and not r.get("failed")
-                     and r["kept_tokens"] is not None and r["avg_retained_pct"] is not None)
+                     and r[field_] is not None and r["avg_retained_pct"] is not None)
         if upper_tokens:
             pts.append((upper_tokens, 100.0))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method_label(m))
     ax.axhline(100.0, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("visual tokens kept per image")
+    ax.set_xlabel("visual tokens kept per image" + (" (final)" if count == "final" else " (layer-averaged)"))
     ax.set_ylabel("retained accuracy (% of unpruned)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -263,15 +402,17 @@ def _plot(path: Path, rows, upper_tokens, title: str) -> Optional[str]:
 def write_report(out, config, datasets, configs, backend_info: dict = None, failed_configs: list = ()) -> dict:
     """Write table.md, table.csv, results.json and plot.png in ``out``; return the results."""
     out = Path(out)
-    preds = read_jsonl(out / PRED_FILE)
-    timings = read_jsonl(out / TIMING_FILE)
-    rows = _rows(config, datasets, configs, preds, timings)
+    preds = read_predictions(out / PRED_FILE)
+    timings = read_jsonl(out / TIMING_FILE, _check_timing)
+    count = getattr(config, "budget_count", "final")
+    rows = _rows(config, datasets, configs, preds, timings, count)
     fails: dict = {}
     for f in failed_configs or []:
         fails.setdefault((f["method"], f["keep"]), f["error"])
     for row in rows:
         if (row["method"], row["keep"]) in fails:
             row["failed"] = fails[(row["method"], row["keep"])]
+            row["budget_check"] = None
     upper_tokens = rows[0]["visual_tokens"]
     devices = {t.get("device_name") for t in timings}
     on_gpu = any(t.get("peak_mem_mib") is not None for t in timings)
@@ -292,14 +433,30 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
         })
     info = dict(backend_info or {})
     device_desc = info.get("device_name") or ", ".join(sorted(d for d in devices if d)) or ("GPU" if on_gpu else "cpu")
-    md, csv_text = _render(rows, datasets, upper_tokens, on_gpu)
+    md, csv_text = _render(rows, datasets, upper_tokens, on_gpu, count)
+    if count == "final":
+        budget_note = ("Budget blocks count FINAL visual tokens: a row in \"Retain N\" keeps N visual tokens per "
+                       "image after its last pruning stage (exactly; column \"Kept (final)\").")
+    else:
+        budget_note = ("Budget blocks count LAYER-AVERAGED (\"equivalent\") visual tokens (docs/DESIGN.md §4): a row in "
+                       "\"Retain N\" averages N visual tokens over the LLM's layers (within "
+                       f"{EQUIV_TOLERANCE:.0%} or half a token; column \"Equiv. (layer-avg)\").")
+    mismatches = []
+    for row in rows:
+        if row["method"] != "none" and not row.get("failed"):
+            msg = budget_message(row, block_label(_parse(row["keep"]), upper_tokens))
+            if msg:
+                mismatches.append(msg)
     notes = [
         f"Model `{config.model}`, dtype {info.get('dtype', config.dtype)}, batch size {config.batch_size}, "
         f"max {config.max_new_tokens} new tokens, greedy; device: {device_desc}.",
         "Scores: " + "; ".join(f"{d['name']} = {_METRIC_DESC[d['metric']]} (n={d['evaluated']})"
                                for d in data_info) + ".",
-        "Avg = mean over data sets of score / unpruned score. Tokens = visual tokens per image after the last "
-        "stage; Equiv. = layer-averaged visual tokens (means over questions).",
+        budget_note + " Kept (final), Equiv. (layer-averaged visual tokens) and Kept per stage (L<layer>:<tokens>) "
+        "are measured per question from the pruning handle's stats and averaged over questions. "
+        "⚠ = the row does not keep its block's budget by this count (what it keeps is shown; it is not "
+        "compared at equal tokens).",
+        "Avg = mean over data sets of score / unpruned score.",
         ("Efficiency: medians over batches, synchronised GPU timings; prefill = first forward of generate "
          "(vision encoder + LLM prefill) per batch; peak = max allocated; KV = prefill KV cache per question."
          if on_gpu else
@@ -312,6 +469,7 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
     for row in rows:
         if row.get("failed"):
             notes.append(f"{row['label']} at keep={row['keep']} could not run: {row['failed']}")
+    notes += [f"⚠ {m}" if not m.endswith("unverified.") else f"(?) {m}" for m in mismatches]
     failed = [d for d in data_info if d["malformed_records"] or d["failed_questions"]]
     if failed:
         notes.append("Skipped: " + "; ".join(
@@ -320,13 +478,15 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
     (out / "table.md").write_text(md + "\n" + "\n".join(f"- {n}" for n in notes) + "\n", encoding="utf-8")
     (out / "table.csv").write_text(csv_text, encoding="utf-8")
     plot_note = _plot(out / "plot.png", rows, upper_tokens,
-                      f"{config.model}: {', '.join(ds.name for ds in datasets)}")
+                      f"{config.model}: {', '.join(ds.name for ds in datasets)}", count)
     results = {
         "config": config_dict(config),
         "versions": library_versions(),
         "backend": info,
         "devices": sorted(d for d in devices if d),
         "upper_bound_tokens": upper_tokens,
+        "budget_count": count,
+        "budget_mismatches": mismatches,
         "datasets": data_info,
         "rows": rows,
         "table_notes": notes,
