@@ -15,7 +15,7 @@ from vtoken.errors import AlreadyPrunedError, PruningConfigError
 from vtoken.hooks.probe import install_probe
 from vtoken.hooks.runtime import GenerateSession, Runtime
 from vtoken.hooks.stats import build_stats
-from vtoken.methods import build_plan
+from vtoken.methods import build_plan, method_spec
 from vtoken.plan import validate_budget, validate_plan
 
 HANDLE_ATTR = "_vtoken_handle"
@@ -25,7 +25,10 @@ BACKENDS = ("auto", "torch", "triton")
 class PruningHandle:
     """Returned by :func:`vtoken.apply_pruning`.
 
-    Attributes: ``plan`` (list of Stage), ``method`` (name or None for explicit plans).
+    Attributes: ``plan`` (list of Stage); ``method``: the registered (normalised) name of the
+    preset the plan was built from (``apply_pruning(model, method="FastV")`` -> ``"fastv"``), or
+    None when an explicit ``plan=`` was given (then ``method`` is ignored: the plan is nobody's
+    preset, whatever its scorers).
     """
 
     def __init__(self, model, runtime: Runtime, method, undo: list):
@@ -48,6 +51,13 @@ class PruningHandle:
             last = (rt.last_trace, rt.last_meta)
         trace, meta = last
         return build_stats(trace, meta.layout, meta.prepared.vis_ordinal, rt.num_layers, meta.orig_valid)
+
+    @property
+    def prefills(self) -> int:
+        """Number of pruned prefills this handle has run in this thread. ``stats`` describes the
+        latest; a caller that reads ``stats`` after each of its batches can check that this count
+        moved (a batch whose prefill skipped pruning leaves it, and ``stats``, as they were)."""
+        return getattr(self.runtime.tls, "prefills", 0)
 
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``."""
@@ -82,8 +92,11 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
     if plan is None:
         keep = validate_budget(keep)
         plan = build_plan(method, keep, **options)
-    elif options:
-        raise PruningConfigError(f"options {sorted(options)} apply to method presets, not to an explicit plan")
+        method = method_spec(method).name  # the registered name ("FastV" -> "fastv")
+    else:
+        if options:
+            raise PruningConfigError(f"options {sorted(options)} apply to method presets, not to an explicit plan")
+        method = None  # an explicit plan: no preset name (see PruningHandle.method)
     plan = validate_plan(plan, num_layers=len(adapter.layers))
     runtime = Runtime(adapter, plan, backend=backend)
     undo = []
@@ -104,21 +117,23 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
             undo.append(adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).remove)
         for layer in sorted(runtime.probe_needs):
             undo.append(install_probe(adapter.layers[layer].self_attn, runtime.probe(layer)))
-        if runtime.needs_vision:
+        if runtime.needs_vision or runtime.wants_vision:
             module = adapter.vision_attention_module()
-            if module is None:
+            if module is None and runtime.needs_vision:
                 raise PruningConfigError(
                     f"this plan reads vision-encoder attention, which vtoken cannot map to LLM tokens on "
                     f"{type(model).__name__} yet; use an LLM-side method (e.g. fastv) instead"
                 )
-            undo.append(install_probe(module, runtime.vision_probe()))
+            if module is not None:  # optional readers (FlowCut's relay) go without it where it is None
+                undo.append(install_probe(module, runtime.vision_probe()))
+                runtime.vision_probed = True
         undo += adapter.install(runtime)
         undo.append(_wrap_generate(model, runtime))
     except Exception:
         for u in reversed(undo):
             u()
         raise
-    handle = PruningHandle(model, runtime, method if plan is not None else None, undo)
+    handle = PruningHandle(model, runtime, method, undo)
     model.__dict__[HANDLE_ATTR] = handle
     return handle
 
@@ -142,6 +157,7 @@ def _wrap_generate(model, runtime):
     def generate(*args, **kwargs):
         previous = getattr(runtime.tls, "session", None)
         runtime.tls.session = GenerateSession()
+        runtime.discard_vision_captures()  # generate may run the encoders before the first forward
         try:
             return original(*args, **kwargs)
         finally:

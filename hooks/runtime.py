@@ -180,6 +180,13 @@ class Runtime:
         self.needs_vision = any(
             getattr(st.scorer, "needs", frozenset()) & {"vision_attn", "vision_keys"} for st in plan
         )
+        #: a scorer reads vision-encoder attention only if the model provides it (``optional_needs``,
+        #: e.g. FlowCut's relay): attach() installs the vision probe where the adapter has one
+        self.wants_vision = any(
+            getattr(st.scorer, "optional_needs", frozenset()) & {"vision_attn"} for st in plan
+        )
+        #: set by attach() when the vision-encoder probe is installed (required or optional)
+        self.vision_probed = False
 
     # ---------------------------------------------------------------- contexts
     @property
@@ -229,7 +236,17 @@ class Runtime:
         return needs
 
     # ---------------------------------------------------------------- hook bodies
+    def discard_vision_captures(self) -> None:
+        """Forget vision-encoder signals captured so far on this thread. Called where a new set of
+        images starts (a forward that runs the vision tower, a ``generate`` call), so signals of an
+        encoder run outside a pruned call (``model.model.get_image_features(...)`` for embeddings)
+        never reach the next call's scorers."""
+        self.tls.vision = []
+
     def on_multimodal_call(self, kwargs: dict) -> None:
+        pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if pixels:
+            self.discard_vision_captures()  # this forward runs the vision tower: only its captures count
         ctx = CallContext()
         mm_out = kwargs.get("mm_encoder_outputs") or {}
         for kind in ("image", "video"):
@@ -238,7 +255,6 @@ class Runtime:
             if isinstance(feats, (list, tuple)):
                 ctx.feature_lengths[kind] = [int(f.shape[0]) for f in feats]
         input_ids = kwargs.get("input_ids")
-        pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
         if input_ids is not None and input_ids.dim() == 2:
             ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
             if pixels:
@@ -297,6 +313,7 @@ class Runtime:
             self.last_trace = ctx.trace
             self.last_meta = PrefillMeta(ctx.layout, ctx.prepared, ctx.orig_valid)
             self.tls.last = (ctx.trace, self.last_meta)
+            self.tls.prefills = getattr(self.tls, "prefills", 0) + 1
 
     def on_text_call(self, kwargs: dict) -> None:
         ctx = self.ctx
@@ -592,12 +609,26 @@ class Runtime:
         rows_b = sample.unsqueeze(1)
         if "hidden" in needs:
             sig.hidden = hidden[rows_b, safe_slot]
-        if needs & {"text_hidden", "attn_text", "attn_last_text", "text_keys"}:
+        if needs & {"text_hidden", "attn_text", "attn_last_text", "text_keys", "text_after", "normed_text_hidden"}:
             text_rows, text_mask = _text_rows(ctx)
             sig.text_mask = text_mask[sample]
             tsafe = text_rows.clamp(min=0)[sample]
             if "text_hidden" in needs:
                 sig.text_hidden = hidden[rows_b, tsafe]
+            if "text_after" in needs:  # text rows whose original position follows the segment's last token
+                text_pos = ctx.cur_pos[sample].gather(1, tsafe)
+                sig.text_after = sig.text_mask & (text_pos > _segment_end(ctx.layout).unsqueeze(1))
+        if needs & {"normed_hidden", "normed_text_hidden"}:
+            norm = self.adapter.final_norm
+            if norm is None:
+                from vtoken.errors import PruningConfigError
+
+                raise PruningConfigError(f"scorer {stage.scorer.name!r} needs the language model's final norm, "
+                                         f"which this model's adapter cannot provide")
+            if "normed_hidden" in needs:
+                sig.normed_hidden = norm(sig.hidden if sig.hidden is not None else hidden[rows_b, safe_slot])
+            if "normed_text_hidden" in needs:
+                sig.normed_text_hidden = norm(sig.text_hidden if sig.text_hidden is not None else hidden[rows_b, tsafe])
         rec = ctx.attn.get(stage.layer - 1, {})
         if "attn_last" in needs:
             sig.attn_last = _per_segment(rec["last"][:, :, 0, :], sample, safe_slot)
@@ -609,6 +640,8 @@ class Runtime:
             sig.attn_text = per.gather(3, safe_slot.view(-1, 1, 1, safe_slot.shape[1]).expand(-1, per.shape[1], per.shape[2], -1))
         if needs & {"keys", "text_keys"}:
             key = rec["keys"]  # (B, Hkv, Nc, D)
+            if ctx.pos_emb0 is not None:  # the rotary phase of each sample alone (left padding: see the adapter)
+                key = self.adapter.keys_at_sample_positions(key, ctx.pos_emb0, ctx.orig_valid.int().argmax(dim=1))
             flat = key.permute(0, 2, 1, 3).reshape(key.shape[0], key.shape[2], -1)
             if "keys" in needs:
                 sig.keys = flat[rows_b, safe_slot]
@@ -616,6 +649,8 @@ class Runtime:
                 sig.text_keys = flat[rows_b, tsafe]
         if needs & {"vision_attn", "vision_keys"}:
             self._fill_vision(ctx, stage, sig)
+        elif self.vision_probed and getattr(stage.scorer, "optional_needs", frozenset()) & {"vision_attn"}:
+            self._fill_optional_vision(ctx, sig)
         if "layer_attn_full" in needs:
             full = torch.stack([ctx.attn[layer]["full"] for layer in range(stage.layer)], dim=1)  # (B, Lyr, N, N)
             sig.layer_attn_full = full[sample]
@@ -624,8 +659,9 @@ class Runtime:
         if "layer_attn_last" in needs:
             per_layer = [ctx.attn[layer]["last"][:, :, 0, :] for layer in range(stage.layer)]
             sig.layer_attn_last = torch.stack([_per_segment(t, sample, safe_slot) for t in per_layer], dim=1)
-        missing = needs - {"hidden", "text_hidden", "attn_last", "attn_last_text", "attn_text", "keys", "text_keys",
-                           "layer_attn_last", "vision_attn", "vision_keys", "layer_attn_full", "full_pos", "full_query"}
+        missing = needs - {"hidden", "text_hidden", "text_after", "normed_hidden", "normed_text_hidden", "attn_last",
+                           "attn_last_text", "attn_text", "keys", "text_keys", "layer_attn_last", "vision_attn",
+                           "vision_keys", "layer_attn_full", "full_pos", "full_query"}
         if missing:
             extra = getattr(ctx, "extra_signals", {}) or {}
             for name in missing:
@@ -637,6 +673,26 @@ class Runtime:
                     raise PruningConfigError(
                         f"scorer {stage.scorer.name!r} needs signal {name!r}, which this model/stage cannot provide"
                     )
+
+    def _fill_optional_vision(self, ctx, sig):
+        """``vision_attn`` for a scorer that reads it only where available: the image segments'
+        encoder attention (the captures, in order, belong to the images: the towers run images
+        first), NaN rows for the other segments (video); left None when the captures do not
+        match the images' tokens."""
+        lay = ctx.layout
+        counts = ctx.prepared.seg_count_host if ctx.prepared is not None else lay.seg_count.tolist()
+        S, n = sig.mask.shape
+        images = [s for s, kind in enumerate(lay.seg_kind) if kind == "image"]
+        caps = ctx.vision[:len(images)]
+        if not S or not images or len(counts) != S or len(caps) != len(images) or any(
+                v[0].numel() != counts[s] for v, s in zip(caps, images)):
+            return
+        rows = [None] * S
+        for v, s in zip(caps, images):
+            rows[s] = torch.nn.functional.pad(v[0].float(), (0, n - v[0].numel()))
+        nan = torch.full((n,), float("nan"), device=caps[0][0].device)
+        attn = torch.stack([nan if r is None else r for r in rows])
+        sig.vision_attn = attn.gather(1, sig.index.clamp(min=0).to(attn.device)).to(sig.mask.device)
 
     def _fill_vision(self, ctx, stage, sig):
         from vtoken.errors import PruningConfigError
@@ -719,6 +775,16 @@ def _last_valid(valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, idx, torch.full_like(idx, -1)).max(dim=1).values.clamp(min=0)
 
 
+def _segment_end(layout) -> torch.Tensor:
+    """(S,) original position of each segment's last visual token (structural ones included)."""
+    seg = layout.segment_of
+    S = layout.num_segments
+    pos = torch.arange(seg.shape[1], device=seg.device).expand_as(seg).reshape(-1)
+    idx = torch.where(seg >= 0, seg, torch.full_like(seg, S)).reshape(-1)  # text/padding -> a spare slot
+    end = torch.full((S + 1,), -1, dtype=torch.long, device=seg.device)
+    return end.scatter_reduce_(0, idx, pos, reduce="amax")[:S]
+
+
 def _text_rows(ctx):
     """(B, T) slot indices of valid non-visual tokens (-1 padded), and (B, T) mask."""
     if not ctx.relaid and ctx.prepared is not None:
@@ -742,7 +808,7 @@ def _merge(hidden, sig, keep, merge_into, slot_pad):
     target = torch.where(dropped & (merge_into >= 0), merge_into, torch.arange(n, device=keep.device).expand(S, n))
     target = torch.where(sig.mask, target, torch.arange(n, device=keep.device).expand(S, n))
     summed = torch.zeros_like(h).scatter_add_(1, target.unsqueeze(-1).expand_as(h), h * sig.mask.unsqueeze(-1))
-    count = torch.zeros(S, n, device=h.device).scatter_add_(1, target, sig.mask.float())
+    count = torch.zeros(S, n, dtype=torch.float32, device=h.device).scatter_add_(1, target, sig.mask.float())
     merged = summed / count.clamp(min=1).unsqueeze(-1)
     upd = keep & (count > 1)
     out = hidden.clone()

@@ -1,36 +1,47 @@
-"""vtoken.scorers: the scorer library (attention, diversity / erank, information flow, sinks).
+"""vtoken.scorers (installed from the repository folder ``scorers/``): the scorer library (attention,
+diversity / erank, information flow, sinks). May import torch, vtoken.signals, vtoken.plan,
+vtoken.methods, vtoken.errors; never vtoken.hooks. Under the bare name ``scorers`` this folder is not
+importable (``vtoken/_folder_guard.py``).
 
-Scorers are pure functions of :class:`vtoken.signals.SegmentSignals`; methods are preset plans
-registered in :mod:`vtoken.scorers.catalog`.
+Scorers are pure functions of :class:`vtoken.signals.SegmentSignals`; methods are preset plans,
+each registered beside its scorer (a builder decorated with :func:`vtoken.methods.register_method`
+in the scorer's module); :mod:`vtoken.scorers.catalog` renders the methods table.
 """
 
-from vtoken.scorers.attention import (
-    AttentionScorer,
-    FasterVLMScorer,
-    FastVScorer,
-    PyramidDropScorer,
-    SparseVLMScorer,
-    VisionZipScorer,
-    ZipVLScorer,
-)
-from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
-from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
-from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
-from vtoken.scorers.flow import FlowCutScorer, RolloutScorer, rollout_row
-from vtoken.scorers.functional import attention_entropy, attention_rollout, erank
-from vtoken.scorers.sink import VARScorer
+if "." not in __name__:  # imported under its bare folder name: the name goes to its real owner
+    import importlib.util as _util, pathlib as _pathlib
+    _spec = _util.spec_from_file_location("_vtoken_folder_guard", _pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py")
+    _guard = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_guard)
+    _guard.hand_over(__name__, __file__)
+else:
+    from vtoken.scorers.attention import (
+        AttentionScorer,
+        FasterVLMScorer,
+        FastVScorer,
+        PyramidDropScorer,
+        SparseVLMScorer,
+        VisionZipScorer,
+        ZipVLScorer,
+    )
+    from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
+    from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
+    from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
+    from vtoken.scorers.flow import FlowCutScorer, RolloutScorer, rollout_row
+    from vtoken.scorers.functional import attention_entropy, attention_rollout, erank
+    from vtoken.scorers.sink import VARScorer
 
-__all__ = [
-    "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
-    "AttentionScorer", "FastVScorer", "SparseVLMScorer", "PyramidDropScorer", "FasterVLMScorer",
-    "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
-    "FlowCutScorer", "RolloutScorer", "VARScorer", "RandomScorer", "UniformScorer", "KeepAllScorer",
-    "erank", "attention_rollout", "rollout_row", "attention_entropy", "methods_table_markdown",
-]
+    __all__ = [
+        "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
+        "AttentionScorer", "FastVScorer", "SparseVLMScorer", "PyramidDropScorer", "FasterVLMScorer",
+        "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
+        "FlowCutScorer", "RolloutScorer", "VARScorer", "RandomScorer", "UniformScorer", "KeepAllScorer",
+        "erank", "attention_rollout", "rollout_row", "attention_entropy", "methods_table_markdown",
+    ]
 
 
-def methods_table_markdown() -> str:
-    """See :func:`vtoken.scorers.catalog.methods_table_markdown`."""
-    from vtoken.scorers.catalog import methods_table_markdown as render
+    def methods_table_markdown() -> str:
+        """See :func:`vtoken.scorers.catalog.methods_table_markdown`."""
+        from vtoken.scorers.catalog import methods_table_markdown as render
 
-    return render()
+        return render()

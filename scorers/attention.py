@@ -1,6 +1,9 @@
-"""Attention-based scorers: FastV, SparseVLM, PyramidDrop, FasterVLM (VTC-CLS), VisionZip, ZipVL.
+"""Attention-based scorers: FastV, SparseVLM, PyramidDrop, FasterVLM (VTC-CLS), VisionZip, ZipVL,
+each followed by its method preset (the plan builder registered with
+:func:`vtoken.methods.register_method`).
 
-Every scorer here derives from :class:`AttentionScorer` and therefore takes two modifiers:
+Every scorer here derives from :class:`AttentionScorer` and therefore takes two modifiers (every
+attention-ranked preset passes them through: :data:`MODIFIERS`):
 
 * ``debias=True`` -- Attention Debiasing (Zhao et al., "Attention Debiasing for Token Pruning in
   Vision Language Models", arXiv:2508.17807): before ranking, divide each image's attention
@@ -17,6 +20,9 @@ from typing import ClassVar
 
 import torch
 
+from vtoken.errors import PruningConfigError
+from vtoken.methods import layer_indices, register_method, register_scorer
+from vtoken.plan import Stage, validate_budget
 from vtoken.scorers import functional as F
 from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, topk_selection
 from vtoken.signals import SegmentSignals
@@ -90,6 +96,11 @@ class AttentionScorer(Scorer):
         return s
 
 
+#: options every attention-ranked method accepts (the AttentionScorer modifiers)
+MODIFIERS = ("debias", "exclude_sinks", "debias_trend", "debias_padding", "empty_weight", "sink_tau")
+
+
+@register_scorer
 class FastVScorer(AttentionScorer):
     """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv:2403.06764).
 
@@ -107,6 +118,14 @@ class FastVScorer(AttentionScorer):
         return F.head_mean(sig.attn_last)
 
 
+@register_method(name="fastv", family="attention", paper="Chen et al., ECCV 2024 (arXiv:2403.06764)",
+                 stages="layer K=2", needs_attention=True, text_guided=True, options=("K", "mode") + MODIFIERS)
+def fastv_plan(keep, K: int = 2, mode: str = "select", **modifiers):
+    """FastV preset: one stage at layer ``K`` keeping ``keep`` visual tokens per image."""
+    return [Stage(layer=K, scorer=FastVScorer(**modifiers), keep=validate_budget(keep), mode=mode)]
+
+
+@register_scorer
 class PyramidDropScorer(AttentionScorer):
     """PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via
     Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv:2410.17247).
@@ -129,6 +148,37 @@ class PyramidDropScorer(AttentionScorer):
         return F.head_mean(sig.attn_last)
 
 
+def pyramiddrop_budgets(keep, stages: int = 3, lam: float = 0.5) -> tuple:
+    """Per-stage budgets of the PyramidDrop preset: each stage keeps ``lam`` of the previous
+    one and the LAST stage keeps exactly ``keep``: keep / lam**(stages-1), ..., keep / lam, keep.
+
+    With lam = 0.5: keep=72 of 576 gives the paper's 288 / 144 / 72 (its 50% / 25% / 12.5%);
+    keep=64 gives 256 / 128 / 64; a float keep=0.125 gives 0.5 / 0.25 / 0.125. A stage whose
+    budget exceeds an image's tokens keeps the image whole (so the first halvings may be no-ops
+    for small images).
+    """
+    keep = validate_budget(keep)
+    if not 0.0 < lam <= 1.0:
+        raise PruningConfigError(f"pyramiddrop lam must lie in (0, 1]; got {lam}")
+    out = []
+    for i in range(stages):
+        x = keep / lam ** (stages - 1 - i)
+        out.append(max(1, int(round(x))) if isinstance(keep, int) else min(1.0, x))
+    return tuple(out)
+
+
+@register_method(name="pyramiddrop", family="attention", paper="Xing et al., CVPR 2025 (arXiv:2410.17247)",
+                 stages="layers 8, 16, 24", needs_attention=True, text_guided=True,
+                 options=("layers", "lam", "mode") + MODIFIERS)
+def pyramiddrop_plan(keep, layers=(8, 16, 24), lam: float = 0.5, mode: str = "select", **modifiers):
+    """PyramidDrop preset: stages at ``layers`` with :func:`pyramiddrop_budgets`."""
+    layers = layer_indices(layers, "pyramiddrop layers")
+    scorer = PyramidDropScorer(**modifiers)
+    return [Stage(layer=L, scorer=scorer, keep=b, mode=mode)
+            for L, b in zip(layers, pyramiddrop_budgets(keep, len(layers), lam))]
+
+
+@register_scorer
 class FasterVLMScorer(AttentionScorer):
     """FasterVLM / VTC-CLS (Zhang et al., "[CLS] Attention is All You Need for Training-Free
     Visual Token Pruning: Make VLM Inference Faster", arXiv:2412.01818; VTC-CLS: Wang et al.,
@@ -152,6 +202,17 @@ class FasterVLMScorer(AttentionScorer):
         return sig.vision_attn.float()
 
 
+@register_method(name="fastervlm", family="attention",
+                 paper="Zhang et al. 2024 (arXiv:2412.01818); VTC-CLS (arXiv:2412.05819)",
+                 stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False,
+                 options=("vision_layers", "mode") + MODIFIERS)
+def fastervlm_plan(keep, vision_layers=None, mode: str = "select", **modifiers):
+    """FasterVLM / VTC-CLS preset: one stage before the LLM ranked by vision-encoder attention."""
+    options = {} if vision_layers is None else {"vision_layers": layer_indices(vision_layers, "fastervlm vision_layers")}
+    return [Stage(layer=0, scorer=FasterVLMScorer(**modifiers), keep=validate_budget(keep), mode=mode, options=options)]
+
+
+@register_scorer
 class VisionZipScorer(AttentionScorer):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language
     Models", CVPR 2025, arXiv:2412.04467).
@@ -219,6 +280,24 @@ class VisionZipScorer(AttentionScorer):
         return Selection(keep=keep | target, scores=dominant.scores, merge_into=merge_into)
 
 
+@register_method(name="visionzip", family="attention", paper="Yang et al., CVPR 2025 (arXiv:2412.04467)",
+                 stages="layer 0 (before the LLM), merge", needs_attention=False, text_guided=False,
+                 options=("dominant", "contextual", "contextual_ratio") + MODIFIERS)
+def visionzip_plan(keep, dominant=None, contextual=None, contextual_ratio: float = 10.0 / 64.0, **modifiers):
+    """VisionZip preset: one merge stage before the LLM; ``dominant=`` and ``contextual=``
+    (e.g. 54 and 10) fix the split and the budget."""
+    if (dominant is None) != (contextual is None):
+        raise PruningConfigError("visionzip: give both dominant= and contextual= (e.g. 54 and 10), or neither")
+    if dominant is not None:
+        if int(dominant) < 1 or int(contextual) < 0:
+            raise PruningConfigError(f"visionzip: need dominant >= 1 and contextual >= 0; got {dominant}, {contextual}")
+        keep = int(dominant) + int(contextual)
+        contextual_ratio = int(contextual) / keep
+    scorer = VisionZipScorer(contextual_ratio=contextual_ratio, **modifiers)
+    return [Stage(layer=0, scorer=scorer, keep=validate_budget(keep), mode="merge")]
+
+
+@register_scorer
 class ZipVLScorer(AttentionScorer):
     """ZipVL (He et al., "ZipVL: Efficient Large Vision-Language Models with Dynamic Token
     Sparsification", arXiv:2410.08584).
@@ -262,6 +341,15 @@ class ZipVLScorer(AttentionScorer):
         return topk_selection(scores, sig.mask, count)
 
 
+@register_method(name="zipvl", family="attention", paper="He et al. 2024 (arXiv:2410.08584)",
+                 stages="layer K=2, adaptive count", needs_attention=True, text_guided=True,
+                 options=("K", "threshold", "mode") + MODIFIERS)
+def zipvl_plan(keep=1.0, K: int = 2, threshold: float = 0.975, mode: str = "select", **modifiers):
+    """ZipVL preset: one adaptive stage at layer ``K``; ``keep`` caps the count."""
+    return [Stage(layer=K, scorer=ZipVLScorer(threshold=threshold, **modifiers), keep=validate_budget(keep), mode=mode)]
+
+
+@register_scorer
 class SparseVLMScorer(AttentionScorer):
     """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient
     Vision-Language Model Inference", ICML 2025, arXiv:2410.04417).
@@ -359,6 +447,69 @@ class SparseVLMScorer(AttentionScorer):
         return Selection(keep=keep, scores=ms, merge_into=merge_into)
 
 
+#: SparseVLM's released budget tables (LLaVA-1.5, 576 visual tokens): visual tokens kept after
+#: each of its three pruning layers, for the nominal budgets 192 / 128 / 64 (the nominal budget
+#: is the layer-averaged count, e.g. (2*576 + 4*300 + 10*200 + 16*110) / 32 = 191).
+SPARSEVLM_TABLES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+SPARSEVLM_REFERENCE_TOKENS = 576
+
+
+def sparsevlm_budgets(keep, budget: str = "equivalent") -> tuple:
+    """Per-stage budgets of the SparseVLM preset for ``keep``.
+
+    ``budget="equivalent"`` (default, the paper's convention): ``keep`` is the nominal,
+    layer-averaged budget; the table of the nearest nominal budget (192 / 128 / 64, as a
+    fraction of 576 for float budgets) is scaled by keep / nominal. So keep=64 gives the paper's
+    (66, 30, 17) and keep=96 gives (227, 82, 27) (ties go to the larger table).
+    ``budget="final"``: the table is scaled so that the LAST stage keeps exactly ``keep``.
+    """
+    keep = validate_budget(keep)
+    if budget not in ("equivalent", "final"):
+        raise PruningConfigError(f"sparsevlm budget must be 'equivalent' or 'final'; got {budget!r}")
+    ref = SPARSEVLM_REFERENCE_TOKENS
+    as_tokens = keep if isinstance(keep, int) else keep * ref
+    if budget == "equivalent":
+        nominal = min(SPARSEVLM_TABLES, key=lambda k: (abs(k - as_tokens), -k))
+        factor = as_tokens / nominal
+    else:
+        nominal = min(SPARSEVLM_TABLES, key=lambda k: (abs(SPARSEVLM_TABLES[k][-1] - as_tokens), -k))
+        factor = as_tokens / SPARSEVLM_TABLES[nominal][-1]
+    raw = [x * factor for x in SPARSEVLM_TABLES[nominal]]
+    if isinstance(keep, int):
+        out = [max(1, int(round(x))) for x in raw]
+        if budget == "final":
+            out[-1] = keep
+    else:
+        out = [min(1.0, max(1e-6, x / ref)) for x in raw]
+        if budget == "final":
+            out[-1] = keep
+    for i in range(1, len(out)):  # never grow from stage to stage
+        out[i] = min(out[i], out[i - 1])
+    return tuple(out)
+
+
+@register_method(name="sparsevlm", family="attention", paper="Zhang et al., ICML 2025 (arXiv:2410.04417)",
+                 stages="layers 2, 6, 15", needs_attention=True, text_guided=True,
+                 options=("layers", "recycle", "budget", "mode", "recycle_ratio", "cluster_ratio") + MODIFIERS)
+def sparsevlm_plan(keep, layers=(2, 6, 15), recycle: bool = False, budget: str = "equivalent", mode=None,
+                   recycle_ratio: float = 0.3, cluster_ratio: float = 0.1, **modifiers):
+    """SparseVLM preset: stages at ``layers`` (the paper's pruning layers 2, 6, 15) with the
+    budgets of :func:`sparsevlm_budgets`; ``recycle=True`` runs the stages in merge mode.
+
+    The official code scores with the attention OF layer l and drops tokens from its output
+    (entering l+1); vtoken's stage at layer L scores with layer L-1's attention and prunes the
+    input of layer L, so ``layers=(3, 7, 16)`` reproduces the code's placement exactly, while
+    the default keeps the paper's numbers.
+    """
+    layers = layer_indices(layers, "sparsevlm layers")
+    budgets = sparsevlm_budgets(keep, budget)
+    if len(layers) != len(budgets):
+        raise PruningConfigError(f"sparsevlm has {len(budgets)} stages; got layers={layers}")
+    mode = mode or ("merge" if recycle else "select")
+    scorer = SparseVLMScorer(recycle=recycle, recycle_ratio=recycle_ratio, cluster_ratio=cluster_ratio, **modifiers)
+    return [Stage(layer=L, scorer=scorer, keep=b, mode=mode) for L, b in zip(layers, budgets)]
+
+
 __all__ = [
     "AttentionScorer",
     "FastVScorer",
@@ -367,4 +518,15 @@ __all__ = [
     "VisionZipScorer",
     "ZipVLScorer",
     "SparseVLMScorer",
+    "MODIFIERS",
+    "fastv_plan",
+    "pyramiddrop_plan",
+    "pyramiddrop_budgets",
+    "fastervlm_plan",
+    "visionzip_plan",
+    "zipvl_plan",
+    "sparsevlm_plan",
+    "sparsevlm_budgets",
+    "SPARSEVLM_TABLES",
+    "SPARSEVLM_REFERENCE_TOKENS",
 ]

@@ -1,4 +1,5 @@
-"""Baselines every retained-accuracy table needs: ``random``, ``uniform`` and ``none``."""
+"""Baselines every retained-accuracy table needs: ``random``, ``uniform`` and ``none``, each
+scorer followed by its method preset (registered with :func:`vtoken.methods.register_method`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import math
 
 import torch
 
+from vtoken.methods import register_method, register_scorer
+from vtoken.plan import Stage, validate_budget
 from vtoken.scorers.base import Scorer, Selection, masked_scores, topk_mask
 from vtoken.signals import SegmentSignals
 
 
+@register_scorer
 class RandomScorer(Scorer):
     """Keep a seeded random subset of each image's tokens.
 
@@ -27,10 +31,16 @@ class RandomScorer(Scorer):
         scores = torch.zeros(sig.mask.shape, dtype=torch.float32)
         for s in range(sig.num_segments):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(sig.ordinal[s]) * 7919 + int(sig.original[s]))
-            table = torch.rand(int(sig.original[s]), generator=g)
+            table = torch.rand(int(sig.original[s]), generator=g, dtype=torch.float32)
             idx = sig.index[s].clamp(min=0).cpu()
             scores[s] = table[idx]
         return scores.to(sig.mask.device)
+
+
+@register_method(name="random", family="baseline", stages="layer 0", options=("layer", "seed"))
+def random_plan(keep, layer: int = 0, seed: int = 0):
+    """Random baseline preset: one stage at ``layer`` (default before the LLM)."""
+    return [Stage(layer=layer, scorer=RandomScorer(seed=seed), keep=validate_budget(keep))]
 
 
 def grid_points(k: int, h: int, w: int) -> list:
@@ -53,6 +63,7 @@ def grid_points(k: int, h: int, w: int) -> list:
     return pick
 
 
+@register_scorer
 class UniformScorer(Scorer):
     """Keep a spatially even sub-grid of each image (falls back to evenly spaced positions
     along the candidate list when the grid is unknown or the image was already pruned)."""
@@ -78,6 +89,13 @@ class UniformScorer(Scorer):
         return Selection(keep=keep, scores=masked_scores(keep.float(), sig.mask))
 
 
+@register_method(name="uniform", family="baseline", stages="layer 0", options=("layer",))
+def uniform_plan(keep, layer: int = 0):
+    """Uniform-grid baseline preset: one stage at ``layer`` (default before the LLM)."""
+    return [Stage(layer=layer, scorer=UniformScorer(), keep=validate_budget(keep))]
+
+
+@register_scorer
 class KeepAllScorer(Scorer):
     """``none``: keeps every visual token (the unpruned upper bound through the same code path)."""
 
@@ -87,4 +105,11 @@ class KeepAllScorer(Scorer):
         return Selection(keep=sig.mask.clone(), scores=masked_scores(torch.ones_like(sig.mask, dtype=torch.float32), sig.mask))
 
 
-__all__ = ["RandomScorer", "UniformScorer", "KeepAllScorer", "grid_points", "topk_mask"]
+@register_method(name="none", family="baseline", stages="-", options=("layer",))
+def none_plan(keep=1.0, layer: int = 0):
+    """``none`` preset: every visual token kept (``keep`` is ignored)."""
+    return [Stage(layer=layer, scorer=KeepAllScorer(), keep=1.0)]
+
+
+__all__ = ["RandomScorer", "UniformScorer", "KeepAllScorer", "grid_points", "topk_mask", "random_plan",
+           "uniform_plan", "none_plan"]

@@ -11,6 +11,8 @@ from typing import ClassVar
 
 import torch
 
+from vtoken.methods import register_method, register_scorer
+from vtoken.plan import Stage, validate_budget
 from vtoken.scorers import functional as F
 from vtoken.scorers.base import Scorer, Selection, masked_scores, topk_mask
 from vtoken.scorers.functional import erank
@@ -25,10 +27,11 @@ def _top(x: torch.Tensor, k: int) -> torch.Tensor:
 def _rank_scores(order: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scores for heatmaps from a pick order: earlier picks score higher, unpicked score 0."""
     n = mask.shape[1]
-    s = torch.where(keep, (n - order).float(), torch.zeros(order.shape, device=order.device))
+    s = torch.where(keep, (n - order).float(), torch.zeros(order.shape, dtype=torch.float32, device=order.device))
     return masked_scores(s, mask)
 
 
+@register_scorer
 class DivPruneScorer(Scorer):
     """DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large
     Multimodal Models", CVPR 2025, arXiv:2503.02175).
@@ -52,53 +55,122 @@ class DivPruneScorer(Scorer):
         return Selection(keep=keep, scores=_rank_scores(order, keep, sig.mask))
 
 
+@register_method(name="divprune", family="diversity", paper="Alvar et al., CVPR 2025 (arXiv:2503.02175)",
+                 stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False, options=("layer", "mode"))
+def divprune_plan(keep, layer: int = 0, mode: str = "select"):
+    """DivPrune preset: one stage at ``layer`` (default before the LLM)."""
+    return [Stage(layer=layer, scorer=DivPruneScorer(), keep=validate_budget(keep), mode=mode)]
+
+
+@register_scorer
 class DARTScorer(Scorer):
     """DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models:
-    Duplication Matters More", arXiv:2502.11494).
+    Duplication Matters More", EMNLP 2025, arXiv:2502.11494).
 
-    At layer K (default 2): pivot tokens are the ``pivot_image`` (4) visual tokens and the
-    ``pivot_text`` (4) text tokens with the largest norm of their key states at layer K-1.
-    The visual pivots are kept; then, pivot by pivot, each pivot keeps the
-    round(budget / pivots) not-yet-kept visual tokens LEAST similar to it (cosine similarity of
-    hidden states) -- the tokens that duplicate no pivot. Needs no attention map.
+    The released rule (the authors' ``get_retained_image_token``, applied at layer K = 2):
 
-    Deviations: the paper ranks pivots by the L1 norm of the keys. The keys a scorer receives
-    carry RoPE, and a rotation changes L1 norms (not L2 norms): with L1 the pivots would depend on
-    each token's absolute position, so a left-padded batch and the same sample alone could pick
-    different pivots. vtoken therefore uses the rotation-invariant L2 norm by default
-    (``key_norm=2``); ``key_norm=1`` gives the paper's L1 norm. The released code visits the
-    pivots in Python-set order and may end a few tokens off the budget; vtoken visits image
-    pivots (by key norm) then text pivots, and tops up round-robin over the pivots (one
-    least-similar token each) until the budget is exact.
-    Similarities use the hidden states entering layer K (the official code applies the final
-    RMSNorm first; its per-dimension weights are not available to a pure scorer).
+    1. Pivots. The ``pivot_image`` (4) visual tokens of the segment and the ``pivot_text`` (4)
+       text tokens AFTER the segment's image (the prompt that follows it, up to the end of the
+       prompt; never the BOS / system prompt / tokens before the image) with the largest L1 norm
+       of their key states at layer K-1 (post-RoPE, all key heads concatenated).
+    2. Features. Hidden states entering layer K, passed through the LLM's final norm (the
+       released code applies ``self.norm`` before the cosine similarity; the runtime provides
+       them as ``normed_hidden`` / ``normed_text_hidden``).
+    3. Selection. The visual pivots are kept. Pivot by pivot, each pivot keeps the tokens LEAST
+       similar to it (cosine similarity) among the visual tokens that are neither pivots nor
+       already kept by an earlier pivot (no duplicates across pivots).
 
-    Signals: ``hidden`` (S, n, D), ``keys`` (S, n, Dk), ``text_hidden`` (S, T, D),
-    ``text_keys`` (S, T, Dk). Diagnostics: ``erank`` (S,) of the kept tokens.
+    Budget. The released code lets each of the P = pivot_image + pivot_text pivots take
+    ``TOKEN_TOPK = M // P`` tokens (M = its "max_num_trunction"), so it keeps
+    pivot_image + P * (M // P) tokens. vtoken keeps exactly the budget k: the visual pivots count
+    in it, and the other k - pivot_image tokens are split over the pivots as evenly as possible:
+    each pivot takes (k - pivot_image) // P and the first (k - pivot_image) % P pivots one more
+    (k = 12: one per pivot; k = 64: 8 for each visual pivot, 7 for each text pivot). For
+    k = pivot_image + P * t this is the released rule with TOKEN_TOPK = t. With fewer than
+    ``pivot_text`` text tokens after the image, all of them are pivots (none: visual pivots
+    only); with k < ``pivot_image`` the k visual tokens of largest key norm are kept.
+
+    Pivot order. The released code visits the pivots in Python-set order of their absolute
+    sequence indices, which a per-segment scorer cannot reproduce; vtoken visits the visual
+    pivots by decreasing key norm, then the text pivots by decreasing key norm (ties: lower
+    index first), and the remainder goes to the pivots visited first.
+
+    Opt-in deviations from the released rule (defaults reproduce it):
+
+    - ``key_norm=2``: rank pivots by the L2 norm of the keys. Keys carry RoPE, and a rotation
+      changes L1 norms but not L2 norms, so with L1 the pivots depend on each token's absolute
+      position (a sample placed at other positions may pick other pivots); L2 does not.
+    - ``text_pivots="all"``: text pivots drawn from every text token of the sample (BOS, system
+      prompt, image-start tokens included), vtoken's former behaviour.
+    - ``final_norm=False``: cosine similarities of the raw hidden states entering layer K (the
+      final norm skipped, vtoken's former behaviour). The norm's per-dimension weights change
+      the cosine, so on a trained model this changes the kept set.
+
+    Signals: ``keys`` (S, n, Dk), ``hidden`` (S, n, D, for the erank diagnostic) and
+    ``normed_hidden`` (S, n, D) (``hidden`` when ``final_norm=False``); with text pivots also
+    ``text_keys`` (S, T, Dk), ``normed_text_hidden`` (S, T, D) (``text_hidden`` when
+    ``final_norm=False``) and ``text_after`` (S, T) (not with ``text_pivots="all"``).
+    Diagnostics: ``erank`` (S,) of the kept tokens (raw hidden states). Scores (heatmaps):
+    minus the largest cosine similarity to any pivot.
     """
 
     name = "dart"
-    needs = frozenset({"hidden", "keys", "text_hidden", "text_keys"})
+    needs = frozenset({"hidden", "keys", "normed_hidden", "text_keys", "normed_text_hidden", "text_after"})
     text_guided: ClassVar[bool] = True
+    TEXT_PIVOTS = ("after_image", "all")
 
-    def __init__(self, pivot_image: int = 4, pivot_text: int = 4, key_norm: int = 2):
+    def __init__(self, pivot_image: int = 4, pivot_text: int = 4, key_norm: int = 1, text_pivots: str = "after_image",
+                 final_norm: bool = True):
         if pivot_image < 0 or pivot_text < 0 or pivot_image + pivot_text == 0:
             raise ValueError(f"need at least one pivot; got pivot_image={pivot_image}, pivot_text={pivot_text}")
         if key_norm not in (1, 2):
-            raise ValueError(f"key_norm must be 1 (the paper's L1) or 2 (RoPE-invariant L2); got {key_norm!r}")
+            raise ValueError(f"key_norm must be 1 (the released L1) or 2 (RoPE-invariant L2); got {key_norm!r}")
+        if text_pivots not in self.TEXT_PIVOTS:
+            raise ValueError(f"text_pivots must be one of {self.TEXT_PIVOTS}; got {text_pivots!r}")
         self.pivot_image = int(pivot_image)
         self.pivot_text = int(pivot_text)
         self.key_norm = int(key_norm)
+        self.text_pivots = text_pivots
+        self.final_norm = bool(final_norm)
+        needs = {"hidden", "keys"} | ({"normed_hidden"} if self.final_norm else set())
+        if self.pivot_text:
+            needs |= {"text_keys", "normed_text_hidden" if self.final_norm else "text_hidden"}
+            if text_pivots == "after_image":
+                needs.add("text_after")
+        self.needs = frozenset(needs)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "needs")
+        return f"{type(self).__name__}({fields})"
+
+    def _text_rows(self, sig: SegmentSignals):
+        """(S, T) bool: the text rows that may be pivots, or None (no text pivots)."""
+        keys = sig.text_keys
+        if not self.pivot_text or keys is None or keys.shape[1] == 0:
+            return None
+        rows = sig.text_mask if sig.text_mask is not None else torch.ones(keys.shape[:2], dtype=torch.bool,
+                                                                          device=keys.device)
+        if self.text_pivots == "after_image":
+            if sig.text_after is None:
+                raise ValueError("DARTScorer(text_pivots='after_image') needs the text_after signal")
+            rows = rows & sig.text_after.to(rows.device)
+        return rows
 
     def select(self, sig: SegmentSignals) -> Selection:
         S, n = sig.mask.shape
         dev = sig.mask.device
+        feats = sig.normed_hidden if self.final_norm else sig.hidden
+        if feats is None:
+            raise ValueError(f"DARTScorer(final_norm={self.final_norm}) needs the "
+                             f"{'normed_hidden' if self.final_norm else 'hidden'} signal")
         keep = torch.zeros_like(sig.mask)
-        dup = torch.full((S, n), float("-inf"), device=dev)  # max cosine to any pivot (heatmap)
+        dup = torch.full((S, n), float("-inf"), dtype=torch.float32, device=dev)  # max cosine to any pivot (heatmap)
         knorm = sig.keys.float().norm(p=self.key_norm, dim=-1).masked_fill(~sig.mask, float("-inf"))
-        has_text = sig.text_keys is not None and sig.text_keys.shape[1] > 0
-        tmask = sig.text_mask if sig.text_mask is not None else (
-            torch.ones(sig.text_keys.shape[:2], dtype=torch.bool, device=dev) if has_text else None)
+        trows = self._text_rows(sig)
+        if trows is not None:
+            tfeats = sig.normed_text_hidden if self.final_norm else sig.text_hidden
+            tnorm = sig.text_keys.float().norm(p=self.key_norm, dim=-1).masked_fill(~trows, float("-inf"))
+            n_text = trows.sum(dim=1).tolist()
         for s in range(S):
             k = int(sig.budget[s])
             count = int(sig.mask[s].sum())
@@ -107,42 +179,44 @@ class DARTScorer(Scorer):
             if k >= count:
                 keep[s] = sig.mask[s]
                 continue
-            hv = sig.hidden[s]
-            n_img = min(self.pivot_image, k, count)
-            img_piv = _top(knorm[s], n_img)
+            hv = feats[s]
+            img_piv = _top(knorm[s], min(self.pivot_image, k))
             pivots = [hv[i] for i in img_piv.tolist()]
-            if has_text and self.pivot_text:
-                tn = sig.text_keys[s].float().norm(p=self.key_norm, dim=-1).masked_fill(~tmask[s], float("-inf"))
-                n_txt = min(self.pivot_text, int(tmask[s].sum()))
-                if n_txt:
-                    pivots += [sig.text_hidden[s, i] for i in _top(tn, n_txt).tolist()]
-            if not pivots:  # no pivot at all: fall back to the key-norm ranking
+            if trows is not None and n_text[s]:
+                pivots += [tfeats[s, i] for i in _top(tnorm[s], min(self.pivot_text, n_text[s])).tolist()]
+            if not pivots:  # no pivot at all (pivot_image=0 and no text after the image): key-norm ranking
                 keep[s] = topk_mask(knorm[s:s + 1], sig.mask[s:s + 1], sig.budget[s:s + 1])[0]
                 continue
             keep[s, img_piv] = True
             sims = torch.stack([F.cosine_to(hv, p) for p in pivots])  # (P, n)
             dup[s] = sims.max(dim=0).values
-            per_pivot = max(1, round(k / len(pivots)))
-            avail = sig.mask[s] & ~keep[s]
-            kept = int(keep[s].sum())
-            rounds = [per_pivot] + [1] * count  # first pass: per_pivot each, then one each until full
-            for take in rounds:
-                if kept >= k or not bool(avail.any()):
+            # the budget beyond the visual pivots, split over the pivots in visiting order
+            base, extra = divmod(k - len(img_piv), len(pivots))
+            avail = sig.mask[s] & ~keep[s]  # neither a pivot nor taken by an earlier pivot
+            for p in range(len(pivots)):
+                take = base + (1 if p < extra else 0)
+                if take == 0:
                     break
-                for p in range(len(pivots)):
-                    if kept >= k or not bool(avail.any()):
-                        break
-                    t = min(take, k - kept, int(avail.sum()))
-                    cand = (-sims[p]).masked_fill(~avail, float("-inf"))
-                    pick = _top(cand, t)
-                    keep[s, pick] = True
-                    avail[pick] = False
-                    kept += t
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+                pick = _top((-sims[p]).masked_fill(~avail, float("-inf")), take)
+                keep[s, pick] = True
+                avail[pick] = False
+        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden if sig.hidden is not None else feats, keep)
         scores = torch.where(torch.isfinite(dup), -dup, torch.zeros_like(dup))
         return Selection(keep=keep, scores=masked_scores(scores, sig.mask))
 
 
+@register_method(name="dart", family="diversity", paper="Wen et al. 2025 (arXiv:2502.11494)",
+                 stages="layer K=2", needs_attention=False, text_guided=True,
+                 options=("K", "pivot_image", "pivot_text", "key_norm", "text_pivots", "final_norm", "mode"))
+def dart_plan(keep, K: int = 2, pivot_image: int = 4, pivot_text: int = 4, key_norm: int = 1,
+              text_pivots: str = "after_image", final_norm: bool = True, mode: str = "select"):
+    """DART preset: one stage at layer ``K`` (see :class:`DARTScorer` for the options)."""
+    scorer = DARTScorer(pivot_image=pivot_image, pivot_text=pivot_text, key_norm=key_norm, text_pivots=text_pivots,
+                        final_norm=final_norm)
+    return [Stage(layer=K, scorer=scorer, keep=validate_budget(keep), mode=mode)]
+
+
+@register_scorer
 class AgileScorer(Scorer):
     """AgilePruner-style image-adaptive hybrid (Baek et al., "AgilePruner: An Empirical Study of
     Attention and Diversity for Adaptive Visual Token Pruning in Large Vision-Language Models",
@@ -190,4 +264,14 @@ class AgileScorer(Scorer):
         return Selection(keep=keep, scores=masked_scores(att, sig.mask))
 
 
-__all__ = ["DivPruneScorer", "DARTScorer", "AgileScorer", "erank"]
+@register_method(name="agile", family="diversity", paper="Baek et al., ICLR 2026 (arXiv:2603.01236)",
+                 stages="layer K=2", needs_attention=True, text_guided=True,
+                 options=("K", "min_attention_share", "max_attention_share", "mode"))
+def agile_plan(keep, K: int = 2, min_attention_share: float = 0.0, max_attention_share: float = 1.0,
+               mode: str = "select"):
+    """AgilePruner preset: one stage at layer ``K``."""
+    scorer = AgileScorer(min_attention_share=min_attention_share, max_attention_share=max_attention_share)
+    return [Stage(layer=K, scorer=scorer, keep=validate_budget(keep), mode=mode)]
+
+
+__all__ = ["DivPruneScorer", "DARTScorer", "AgileScorer", "erank", "divprune_plan", "dart_plan", "agile_plan"]

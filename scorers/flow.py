@@ -1,11 +1,14 @@
-"""Information-flow scorers: FlowCut and attention rollout."""
+"""Information-flow scorers: FlowCut and attention rollout, each followed by its method preset
+(registered with :func:`vtoken.methods.register_method`)."""
 
 from __future__ import annotations
 
 import torch
 
+from vtoken.methods import register_method, register_scorer
+from vtoken.plan import Stage, validate_budget
 from vtoken.scorers import functional as F
-from vtoken.scorers.attention import AttentionScorer
+from vtoken.scorers.attention import MODIFIERS, AttentionScorer
 from vtoken.signals import SegmentSignals
 
 
@@ -17,7 +20,7 @@ def rollout_row(attn_layers: torch.Tensor, query: torch.Tensor, residual: float 
     """
     a = attn_layers.float()
     S, Lyr, m, _ = a.shape
-    r = torch.zeros(S, m, device=a.device)
+    r = torch.zeros(S, m, dtype=torch.float32, device=a.device)
     r[torch.arange(S, device=a.device), query.to(a.device)] = 1.0
     for layer in range(Lyr - 1, -1, -1):
         al = a[:, layer]
@@ -28,6 +31,7 @@ def rollout_row(attn_layers: torch.Tensor, query: torch.Tensor, residual: float 
     return r
 
 
+@register_scorer
 class FlowCutScorer(AttentionScorer):
     """FlowCut (Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient
     Vision-Language Models", arXiv:2505.19536).
@@ -42,10 +46,18 @@ class FlowCutScorer(AttentionScorer):
     vtoken's reading, with the signals a pure scorer gets: the information flow into the
     prediction is the attention of the last prompt token to each visual token at every LLM layer
     0..K-1 (``layer_attn_last``, heads averaged, normalised per layer), accumulated with the
-    paper's running average (``momentum`` = 0.5); where the vision tower has a [CLS] token,
-    ``relay=True`` starts the accumulation from its (normalised) attention to each patch
-    (``vision_attn``), the information the [CLS] relay carried out of the encoder, so the flow
-    runs encoder -> [CLS] relay -> LLM layers.
+    paper's running average (``momentum`` = 0.5); ``relay=True`` starts the accumulation from the
+    relay's (normalised) attention to each patch (``vision_attn``), the information the relay
+    carried out of the encoder, so the flow runs encoder -> relay -> LLM layers:
+
+        flow_0 = vision_attn / sum(vision_attn)             (relay; else flow_0 = c_0)
+        flow_l = momentum * flow_(l-1) + (1 - momentum) * c_l,   c_l = normalised head-mean
+                                                                   attention of layer l
+
+    The relay is the [CLS] token where the vision tower has one (LLaVA's CLIP: [CLS] attention at
+    the feature layer, as FlowCut's released CLIP code reads it); on encoders without [CLS]
+    (Qwen2-VL) it is the adapter's stand-in, the mean attention each patch receives (the
+    authors' Qwen2-VL port uses the attention of the mean query for the same role).
 
     Deviations: the paper prunes inside the vision encoder, progressively, with an
     entropy-adaptive ratio per layer, and multiplies its score by the value-vector L1 norm and a
@@ -53,10 +65,12 @@ class FlowCutScorer(AttentionScorer):
     with a fixed budget and without value vectors (not a scorer signal).
 
     Signals: ``layer_attn_last`` (S, Lyr, H, n); with ``relay`` also ``vision_attn`` (S, n) as an
-    *optional* signal (``optional_needs``): the runtime fills it where the vision tower has a
-    [CLS] token and may leave it None elsewhere, in which case the flow starts at LLM layer 0.
-    ``relay="require"`` makes it a hard need. Diagnostics: ``relay`` (S,) bool, whether the
-    [CLS] relay was used.
+    *optional* signal (``optional_needs``): the runtime captures and fills it where the adapter
+    maps vision-encoder attention to LLM tokens (``Adapter.vision_attention_module``; LLaVA-1.5,
+    Qwen2-VL images), and leaves it None elsewhere (the flow then starts at LLM layer 0) or NaN
+    on the rows of segments it has no capture for (video), which then run without the relay.
+    ``relay="require"`` makes it a hard need (an error where the model cannot provide it).
+    Diagnostics: ``relay`` (S,) bool, whether the relay was used for each segment.
     """
 
     name = "flowcut"
@@ -75,21 +89,42 @@ class FlowCutScorer(AttentionScorer):
             self.needs = frozenset(self.needs | {"vision_attn"})
 
     def raw_scores(self, sig: SegmentSignals) -> torch.Tensor:
-        flow = None
-        relay = bool(self.relay) and sig.vision_attn is not None
-        sig.diagnostics["relay"] = torch.full((sig.num_segments,), relay, dtype=torch.bool, device=sig.mask.device)
-        if relay:
-            flow = F.normalize_attention(sig.vision_attn, sig.mask)
+        dev = sig.mask.device
+        va = sig.vision_attn if self.relay else None
+        if va is None:
+            relay = torch.zeros(sig.num_segments, dtype=torch.bool, device=dev)
+        else:  # per segment: a NaN row is a segment the runtime has no relay for
+            va = va.to(dev)
+            relay = torch.isfinite(va).all(dim=1)
+            va = F.normalize_attention(va.nan_to_num(0.0), sig.mask)
+        sig.diagnostics["relay"] = relay
         layers = sig.layer_attn_last
-        if layers is not None:
-            for layer in range(layers.shape[1]):
-                cur = F.normalize_attention(F.head_mean(layers[:, layer]), sig.mask)
-                flow = cur if flow is None else self.momentum * flow + (1.0 - self.momentum) * cur
-        if flow is None:
-            raise ValueError("flowcut needs layer_attn_last (a stage at layer >= 1) or vision_attn")
+        if layers is None or layers.shape[1] == 0:
+            if va is None or not bool(relay.all()):
+                raise ValueError("flowcut needs layer_attn_last (a stage at layer >= 1) or vision_attn")
+            return va
+        m = self.momentum
+        flow = None
+        for layer in range(layers.shape[1]):
+            cur = F.normalize_attention(F.head_mean(layers[:, layer]), sig.mask)
+            if flow is None:  # the relay rows start from the relay, the others at layer 0
+                flow = cur if va is None else torch.where(relay.unsqueeze(1), m * va + (1.0 - m) * cur, cur)
+            else:
+                flow = m * flow + (1.0 - m) * cur
         return flow
 
 
+@register_method(name="flowcut", family="flow", paper="Tong et al. 2025 (arXiv:2505.19536)",
+                 stages="layer K=2", needs_attention=True, text_guided=True,
+                 options=("K", "relay", "momentum", "mode") + MODIFIERS)
+def flowcut_plan(keep, K: int = 2, relay=True, momentum: float = 0.5, mode: str = "select", **modifiers):
+    """FlowCut preset: one stage at layer ``K`` ranked by the flow accumulated over layers
+    0..K-1 (started from the vision-encoder relay where the model provides it)."""
+    scorer = FlowCutScorer(relay=relay, momentum=momentum, **modifiers)
+    return [Stage(layer=K, scorer=scorer, keep=validate_budget(keep), mode=mode)]
+
+
+@register_scorer
 class RolloutScorer(AttentionScorer):
     """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers",
     ACL 2020, arXiv:2005.00928) as a token-importance scorer.
@@ -126,4 +161,12 @@ class RolloutScorer(AttentionScorer):
         return got.masked_fill(~sig.mask, 0.0)
 
 
-__all__ = ["FlowCutScorer", "RolloutScorer", "rollout_row"]
+@register_method(name="rollout", family="flow", paper="Abnar & Zuidema, ACL 2020 (arXiv:2005.00928)",
+                 stages="layer K=2", needs_attention=True, text_guided=True,
+                 options=("K", "residual", "mode") + MODIFIERS)
+def rollout_plan(keep, K: int = 2, residual: float = 0.5, mode: str = "select", **modifiers):
+    """Attention-rollout preset: one stage at layer ``K``."""
+    return [Stage(layer=K, scorer=RolloutScorer(residual=residual, **modifiers), keep=validate_budget(keep), mode=mode)]
+
+
+__all__ = ["FlowCutScorer", "RolloutScorer", "rollout_row", "flowcut_plan", "rollout_plan"]

@@ -80,7 +80,7 @@ def nearest_neighbour_distance(z: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     Computed in row chunks so the (n x n) matrix is never held at once for large n.
     """
     S, n, _ = z.shape
-    out = torch.full((S, n), float("inf"), device=z.device)
+    out = torch.full((S, n), float("inf"), dtype=torch.float32, device=z.device)
     ar = torch.arange(n, device=z.device)
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
@@ -115,7 +115,7 @@ def greedy_maxmin(
     keep = torch.zeros((S, n), dtype=torch.bool, device=dev)
     order = torch.full((S, n), -1, dtype=torch.long, device=dev)
     budget = torch.minimum(budget.to(dev).long(), mask.sum(dim=1))
-    mind = torch.full((S, n), float("inf"), device=dev)
+    mind = torch.full((S, n), float("inf"), dtype=torch.float32, device=dev)
     picked = torch.zeros(S, dtype=torch.long, device=dev)
     if seed is not None:
         seed = seed & mask
@@ -208,7 +208,7 @@ def erank(features: torch.Tensor) -> torch.Tensor:
 def erank_per_segment(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """erank of each segment's kept rows: hidden (S, n, D), keep (S, n) bool -> (S,) float32."""
     if keep.shape[0] == 0:
-        return torch.zeros(0, device=hidden.device)
+        return torch.zeros(0, dtype=torch.float32, device=hidden.device)
     return torch.stack([erank(hidden[s][keep[s]]) for s in range(keep.shape[0])])
 
 
@@ -311,7 +311,7 @@ def empty_tokens(
         need = max(min_group, math.ceil(min_share * c))
         refs = torch.arange(c, device=hidden.device)
         if c > 4096:
-            refs = torch.linspace(0, c - 1, 1024, device=hidden.device).round().long()
+            refs = torch.linspace(0, c - 1, 1024, dtype=torch.float64, device=hidden.device).round().long()
             need = max(min_group, math.ceil(min_share * refs.numel()))
         zr = zs[refs]
         dup = torch.zeros(c, dtype=torch.long, device=hidden.device)

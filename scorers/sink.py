@@ -1,4 +1,5 @@
-"""Sink redistribution: VAR (Visual Attention Redistribution)."""
+"""Sink redistribution: VAR (Visual Attention Redistribution), and its method preset (registered
+with :func:`vtoken.methods.register_method`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ from typing import Optional
 
 import torch
 
+from vtoken.methods import register_method, register_scorer
+from vtoken.plan import Stage, validate_budget
 from vtoken.scorers import functional as F
 from vtoken.scorers.base import Selection, demote, masked_scores, promote, topk_mask, topk_selection
-from vtoken.scorers.attention import AttentionScorer
+from vtoken.scorers.attention import MODIFIERS, AttentionScorer
 from vtoken.signals import SegmentSignals
 
 
+@register_scorer
 class VARScorer(AttentionScorer):
     """VAR (Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal
     Models", ICLR 2025, arXiv:2503.03321), used as a pruning score.
@@ -120,4 +124,15 @@ class VARScorer(AttentionScorer):
         return topk_selection(scores, sig.mask, sig.budget)
 
 
-__all__ = ["VARScorer"]
+@register_method(name="var", family="sink", paper="Kang et al., ICLR 2025 (arXiv:2503.03321)",
+                 stages="layer K=2", needs_attention=True, text_guided=True,
+                 options=("K", "tau", "rho", "summ", "p", "dims", "num_dims", "keep_sinks", "mode") + MODIFIERS)
+def var_plan(keep, K: int = 2, tau: float = 20.0, rho: float = 0.5, summ: float = 0.2, p: float = 0.6, dims=None,
+             num_dims: int = 2, keep_sinks: bool = False, mode: str = "select", **modifiers):
+    """VAR preset: one stage at layer ``K`` ranked by sink-redistributed attention."""
+    scorer = VARScorer(tau=tau, rho=rho, summ=summ, p=p, dims=dims, num_dims=num_dims, keep_sinks=keep_sinks,
+                       **modifiers)
+    return [Stage(layer=K, scorer=scorer, keep=validate_budget(keep), mode=mode)]
+
+
+__all__ = ["VARScorer", "var_plan"]

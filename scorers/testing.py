@@ -16,8 +16,9 @@ import torch
 from vtoken.signals import SegmentSignals
 
 # per-segment layout of each signal: which axis holds the candidates (n) / text rows (T)
-_CAND_AXIS = {"hidden": 0, "keys": 0, "vision_keys": 0, "vision_attn": 0, "attn_last": 1, "layer_attn_last": 2}
-_TEXT_AXIS = {"text_hidden": 0, "text_keys": 0, "attn_last_text": 1}
+_CAND_AXIS = {"hidden": 0, "normed_hidden": 0, "keys": 0, "vision_keys": 0, "vision_attn": 0, "attn_last": 1,
+              "layer_attn_last": 2}
+_TEXT_AXIS = {"text_hidden": 0, "normed_text_hidden": 0, "text_keys": 0, "attn_last_text": 1}
 
 
 def _pad_axis(items: Sequence[torch.Tensor], axis: int, size: int) -> torch.Tensor:
@@ -76,6 +77,10 @@ def make_signals(
             if T is None:
                 raise ValueError(f"{name} needs text_counts")
             setattr(sig, name, _pad_axis([torch.as_tensor(t).float() for t in items], _TEXT_AXIS[name], T))
+        elif name == "text_after":  # bool (T_s,) per segment
+            if T is None:
+                raise ValueError("text_after needs text_counts")
+            sig.text_after = _pad_axis([torch.as_tensor(t, dtype=torch.bool).long() for t in items], 0, T).bool()
         elif name == "attn_text":
             if T is None:
                 raise ValueError("attn_text needs text_counts")
@@ -98,6 +103,9 @@ def random_signals(
 ) -> dict:
     """Random per-segment signals (every base signal, plus the full-attention rollout signals)
     as keyword arguments for :func:`make_signals`; attention rows are softmax-normalised.
+    ``normed_hidden`` / ``normed_text_hidden`` are the hidden states times fixed per-dimension
+    weights (a final RMSNorm's weights, up to the per-row scale cosines ignore); ``text_after``
+    marks the last two thirds of each segment's text rows (rounded up).
 
     Each segment is drawn from its own generator (seed, segment number, count), so a segment's
     signals do not depend on the other segments -- handy for batch-vs-single checks.
@@ -105,6 +113,8 @@ def random_signals(
     text_counts = list(text_counts) if text_counts is not None else [3] * len(counts)
     out = {k: [] for k in ("hidden", "keys", "vision_keys", "vision_attn", "attn_last", "layer_attn_last",
                            "text_hidden", "text_keys", "attn_last_text", "attn_text")}
+    out.update(normed_hidden=[], normed_text_hidden=[], text_after=[])
+    weight = torch.linspace(0.25, 2.0, dim)  # deterministic: no draw from the segments' generators
     fulls, poss, queries = [], [], []
     for s, (c, t) in enumerate(zip(counts, text_counts)):
         g = torch.Generator().manual_seed(seed * 7919 + s * 104729 + c)
@@ -122,6 +132,9 @@ def random_signals(
         m = c + t + 1  # [visual..., text..., last token]
         a = torch.softmax(torch.randn(layers, m, m, generator=g) * 2 + torch.triu(torch.full((m, m), -1e4), 1), dim=-1)
         fulls.append(a)
+        out["normed_hidden"].append(out["hidden"][-1] * weight)
+        out["normed_text_hidden"].append(out["text_hidden"][-1] * weight)
+        out["text_after"].append(torch.arange(t) >= t // 3)
         poss.append(torch.arange(c))
         queries.append(m - 1)
     M = max(f.shape[-1] for f in fulls) if fulls else 1

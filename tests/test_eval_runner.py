@@ -28,7 +28,7 @@ class FakeBackend:
         self.info = {"device_name": "fake", "dtype": "float32"}
 
     @contextlib.contextmanager
-    def configure(self, method, keep):
+    def configure(self, method, keep, budget_count="final"):
         self.method, self.keep = method, keep
         yield None
         self.method, self.keep = None, None
@@ -223,7 +223,7 @@ def test_generation_failure_isolated(tmp_path):
 def test_a_method_that_cannot_run_is_skipped_and_reported(tmp_path):
     class Broken(FakeBackend):
         @contextlib.contextmanager
-        def configure(self, method, keep):
+        def configure(self, method, keep, budget_count="final"):
             if method == "bad":
                 raise ValueError("stage layer 8 is outside the model's 4 decoder layers")
             with super().configure(method, keep):

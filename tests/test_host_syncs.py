@@ -153,6 +153,8 @@ def _random_layout(gen, B, N):
     is_visual = torch.zeros(B, N, dtype=torch.bool)
     kinds = torch.zeros(B, N, dtype=torch.long)
     sizes = {0: [], 1: []}
+    marks = torch.rand(B, N, generator=gen) < 0.1
+    structural = torch.zeros(B, N, dtype=torch.bool)
     for b in range(B):
         j = int(torch.randint(0, 4, (1,), generator=gen))
         while j < N - 3:
@@ -161,11 +163,11 @@ def _random_layout(gen, B, N):
             end = min(N, j + length)
             is_visual[b, j:end] = True
             kinds[b, j:end] = code
-            run = end - j
+            structural[b, j + 1:end] = marks[b, j + 1:end]  # a run starts with a prunable token
+            run = end - j - int(structural[b, j:end].sum())  # sizes count prunable tokens only
             cut = int(torch.randint(1, run, (1,), generator=gen)) if run > 3 else run
             sizes[code].extend([cut, run - cut] if cut < run else [run])
             j = end + int(torch.randint(1, 6, (1,), generator=gen))
-    structural = is_visual & (torch.rand(B, N, generator=gen) < 0.1)
     grids = {code: [None] * len(v) for code, v in sizes.items()}
     layout = layout_from_runs(is_visual, kinds, sizes, grids, structural=structural)
     valid = torch.ones(B, N, dtype=torch.bool)

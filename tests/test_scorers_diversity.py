@@ -57,7 +57,7 @@ def test_dart_keeps_pivots_and_least_duplicated_tokens():
     ])
     keys = torch.ones(8, 2)
     keys[0] *= 10  # pivot
-    sig = make_signals([8], [4], text_counts=[1], hidden=[h], keys=[keys],
+    sig = make_signals([8], [4], text_counts=[1], hidden=[h], normed_hidden=[h], keys=[keys],
                        text_hidden=[torch.tensor([[0.0, 0.0, 1.0]])], text_keys=[torch.ones(1, 2)])
     sel = DARTScorer(pivot_image=1, pivot_text=0).select(sig)
     k = kept(sel)

@@ -18,7 +18,8 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
     """Attach visual-token pruning to ``model`` in place and return its handle.
 
     model:   a supported ``transformers`` VLM (see :func:`vtoken.adapters.supported_models`).
-    method:  a name from :func:`available_methods` (ignored when ``plan`` is given).
+    method:  a name from :func:`available_methods`, case-insensitive (ignored when ``plan`` is
+             given; ``handle.method`` is then None).
     keep:    int = visual tokens kept per image; float in (0, 1] = fraction of each image's tokens.
     plan:    an explicit list of :class:`Stage` instead of a method preset.
     options: method options (e.g. ``K=3`` for FastV); ``backend="auto"|"torch"|"triton"`` picks

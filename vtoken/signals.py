@@ -22,6 +22,11 @@ original               (S,) long               the segment's original visual-tok
 hidden                 (S, n, D)               hidden states entering the stage's layer
 text_hidden            (S, T, D)               hidden states of the sample's text tokens
 text_mask              (S, T) bool             real text rows
+text_after             (S, T) bool             text rows after the segment's visual tokens in
+                                               the sequence (the prompt following the image)
+normed_hidden          (S, n, D)               ``hidden`` passed through the LLM's final norm
+                                               (the adapter's ``final_norm``)
+normed_text_hidden     (S, T, D)               ``text_hidden`` through the same final norm
 attn_last              (S, H, n)               softmax attention probability from the sample's
                                                last prompt token to each candidate, at the
                                                layer before the stage (layer L-1), per head
@@ -55,6 +60,9 @@ SIGNAL_NAMES = frozenset(
     {
         "hidden",
         "text_hidden",
+        "text_after",
+        "normed_hidden",
+        "normed_text_hidden",
         "attn_last",
         "attn_last_text",
         "attn_text",
@@ -81,6 +89,9 @@ class SegmentSignals:
     hidden: Optional[torch.Tensor] = None
     text_hidden: Optional[torch.Tensor] = None
     text_mask: Optional[torch.Tensor] = None
+    text_after: Optional[torch.Tensor] = None
+    normed_hidden: Optional[torch.Tensor] = None
+    normed_text_hidden: Optional[torch.Tensor] = None
     attn_last: Optional[torch.Tensor] = None
     attn_last_text: Optional[torch.Tensor] = None
     attn_text: Optional[torch.Tensor] = None

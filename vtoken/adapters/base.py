@@ -72,17 +72,42 @@ def layout_from_runs(
 
     is_visual (B, N) bool; kinds (B, N) long code per visual token (0 image, 1 video);
     sizes: {code: list of expected segment sizes in row-major order} (missing or exhausted ->
-    a whole run is one segment); grids: {code: list of (t, h, w)} aligned with sizes.
+    a whole run is one segment; sizes that do not tile the runs are ignored: one segment per
+    run); grids: {code: list of (t, h, w)} aligned with sizes.
     Structural tokens (B, N) count towards a segment's span but not its size.
     """
     B, N = is_visual.shape
     structural = torch.zeros_like(is_visual) if structural is None else structural
+    vis_cpu, kinds_cpu = is_visual.cpu().numpy().astype(bool), kinds.cpu().numpy()
+    struct_cpu = structural.cpu().numpy().astype(bool)
+    split = _split_runs(vis_cpu, kinds_cpu, struct_cpu, sizes, grids)
+    if not split[-1]:
+        # The sizes do not tile the rows' runs in order (transformers 5.17's beam search repeats a
+        # multi-image sample's images image by image, so the feature lengths come in another order
+        # than the rows'): trust the runs, one segment each, so identical rows get identical layouts.
+        split = _split_runs(vis_cpu, kinds_cpu, struct_cpu, {}, {})
+    segment_of, seg_sample, seg_ordinal, seg_count, seg_grid, seg_kind, _ = split
+    dev = is_visual.device
+    return VisualLayout(
+        segment_of=torch.from_numpy(segment_of).to(dev),
+        structural=structural.to(dev) & is_visual,
+        seg_sample=torch.tensor(seg_sample, dtype=torch.long, device=dev),
+        seg_ordinal=torch.tensor(seg_ordinal, dtype=torch.long, device=dev),
+        seg_count=torch.tensor(seg_count, dtype=torch.long, device=dev),
+        seg_grid=seg_grid,
+        seg_kind=seg_kind,
+    )
+
+
+def _split_runs(vis_cpu, kinds_cpu, struct_cpu, sizes: dict, grids: dict):
+    """The segments of :func:`layout_from_runs` on host arrays, and whether ``sizes`` tiled the runs
+    (every segment given a size got exactly that many prunable tokens)."""
+    B, N = vis_cpu.shape
     segment_of = np.full((B, N), -1, dtype=np.int64)
     seg_sample, seg_ordinal, seg_count, seg_grid, seg_kind = [], [], [], [], []
     cursor = {code: 0 for code in sizes}
     names = {0: "image", 1: "video"}
-    vis_cpu, kinds_cpu = is_visual.cpu().numpy().astype(bool), kinds.cpu().numpy()
-    struct_cpu = structural.cpu().numpy().astype(bool)
+    tiled = True
     for b in range(B):
         ordinal = 0
         for start, length in token_runs(vis_cpu[b]):
@@ -108,6 +133,7 @@ def layout_from_runs(
                 while seg_end < end and struct[seg_end - start]:
                     seg_end += 1
                 count = prunable[seg_end - start - 1] - before
+                tiled = tiled and (want is None or count == want)
                 segment_of[b, pos:seg_end] = len(seg_sample)
                 seg_sample.append(b)
                 seg_ordinal.append(ordinal)
@@ -116,16 +142,7 @@ def layout_from_runs(
                 seg_kind.append(names.get(code, "image"))
                 ordinal += 1
                 pos = seg_end
-    dev = is_visual.device
-    return VisualLayout(
-        segment_of=torch.from_numpy(segment_of).to(dev),
-        structural=structural.to(dev) & is_visual,
-        seg_sample=torch.tensor(seg_sample, dtype=torch.long, device=dev),
-        seg_ordinal=torch.tensor(seg_ordinal, dtype=torch.long, device=dev),
-        seg_count=torch.tensor(seg_count, dtype=torch.long, device=dev),
-        seg_grid=seg_grid,
-        seg_kind=seg_kind,
-    )
+    return segment_of, seg_sample, seg_ordinal, seg_count, seg_grid, seg_kind, tiled
 
 
 def visual_token_ids(config) -> list:
@@ -174,6 +191,41 @@ class Adapter:
     @property
     def text_config(self):
         return self.text_model.config
+
+    @property
+    def final_norm(self):
+        """The language model's final normalisation (applied to the last decoder layer's output
+        before the LM head) as a callable (..., D) -> (..., D), or None when the model has none.
+        Feeds the ``normed_hidden`` / ``normed_text_hidden`` signals (DART's cosine similarities
+        are taken on hidden states passed through it, as in the authors' released code)."""
+        return getattr(self.text_model, "norm", None)
+
+    def keys_at_sample_positions(self, key: torch.Tensor, position_embeddings, first: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE keys of a prefill layer as each sample would have them alone.
+
+        key (B, Hkv, N, Dh) as the layer's attention received it; ``position_embeddings`` the
+        rotary (cos, sin) the decoder layers receive, (..., B, N, Dh) (M-RoPE: a leading axis of
+        3); first (B,) long: each row's first valid slot. A sample alone starts at position 0,
+        but in a plain forward of a left-padded batch the model's positions of a row start at
+        its padding count: every key of that row is rotated by the same extra angle, the angle
+        of the row's first token, which this rotates back (the identity where the first token
+        is at position 0: ``generate``, M-RoPE positions, right or no padding). Rotary-norm
+        rankings (DART's key L1 norm) then do not depend on the padding. Default: the
+        half-split rotation ``x * cos + rotate_half(x) * sin`` of every supported family (a
+        text token's M-RoPE positions are equal on the three axes, so any axis gives its
+        angle). Returns float32 keys.
+        """
+        cos, sin = position_embeddings
+        if cos.dim() == 4:  # M-RoPE (3, B, N, Dh): the first token's three angles are equal
+            cos, sin = cos[0], sin[0]
+        rows = torch.arange(key.shape[0], device=cos.device)
+        first = first.to(cos.device)
+        c = cos.expand(key.shape[0], -1, -1)[rows, first].float().view(key.shape[0], 1, 1, -1).to(key.device)
+        s = sin.expand(key.shape[0], -1, -1)[rows, first].float().view(key.shape[0], 1, 1, -1).to(key.device)
+        k = key.float()
+        half = k.shape[-1] // 2
+        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        return k * c - rotated * s  # the inverse rotation (angle -theta)
 
     @property
     def vision_tower(self):

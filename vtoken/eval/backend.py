@@ -158,9 +158,11 @@ class ModelBackend:
         self._visual_ids = visual_token_ids(model.config)
 
     @contextlib.contextmanager
-    def configure(self, method: str, keep):
+    def configure(self, method: str, keep, budget_count: str = "final"):
         """Attach ``method`` at budget ``keep`` for the enclosed batches; ``"none"`` = the
-        unmodified model (the upper bound, with no hooks at all)."""
+        unmodified model (the upper bound, with no hooks at all). ``budget_count`` is the count
+        the table's "Retain N" blocks use: a preset that can count its budget either way
+        (SparseVLM) is run so that it keeps ``keep`` by that count."""
         self._config = (method, keep)
         if method == "none":
             try:
@@ -170,12 +172,13 @@ class ModelBackend:
             return
         import vtoken
 
-        from vtoken.methods import depth_scaled_options
+        from vtoken.methods import budget_count_options, depth_scaled_options
 
         depth = int(getattr(self.model.config.get_text_config(), "num_hidden_layers", 0) or 0)
         options = depth_scaled_options(method, depth) if depth else {}
         if options:  # the papers' 32-layer stage positions, scaled to this model's depth (noted in the table)
             self.info.setdefault("scaled_layers", {})[method] = list(options["layers"])
+        options.update(budget_count_options(method, budget_count))
         handle = vtoken.apply_pruning(self.model, method=method, keep=keep, **options)
         self._handle = handle
         try:
@@ -221,7 +224,7 @@ class ModelBackend:
             # them the counts are unknown (None), never the unpruned count
             kept, equiv = [None] * n, [None] * n
             after = _last_prefill(self._handle)
-            fresh = after is _UNKNOWN or (after is not None and after is not before)
+            fresh = after is _UNKNOWN or (after is not None and after != before)
             stats = getattr(self._handle, "stats", None) if fresh else None
             if stats is not None and len(getattr(stats, "visual_tokens", [])) == n:
                 visual = [int(v) for v in stats.visual_tokens]
@@ -251,14 +254,11 @@ _UNKNOWN = object()
 
 
 def _last_prefill(handle):
-    """The runtime's record of the last pruned prefill in this thread (a new object per prefill),
-    to tell this batch's stats from a previous batch's; ``_UNKNOWN`` if the runtime keeps none."""
+    """The handle's count of pruned prefills in this thread (:attr:`PruningHandle.prefills`), to
+    tell this batch's stats from a previous batch's; ``_UNKNOWN`` for a handle without one."""
     if handle is None:
         return None
-    tls = getattr(getattr(handle, "runtime", None), "tls", None)
-    if tls is None:
-        return _UNKNOWN
-    return getattr(tls, "last", None)
+    return getattr(handle, "prefills", _UNKNOWN)
 
 
 # --- answering with a generic Hugging Face VLM ------------------------------------------------

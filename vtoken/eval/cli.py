@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data set (default: 0)")
     p.add_argument("--budget-count", choices=("final", "equivalent"), default="final",
                    help="which visual-token count the table's 'Retain N' blocks mean: 'final' = tokens kept after "
-                        "the last pruning stage (exactly N), 'equivalent' = layer-averaged tokens (within 5%%); rows "
-                        "that do not keep N by it are marked in the table (default: %(default)s)")
+                        "the last pruning stage (exactly N), 'equivalent' = layer-averaged tokens (within 5%%); a method "
+                        "that can count its budget either way (sparsevlm) runs at N by this count; rows that still "
+                        "do not keep N by it are marked in the table (default: %(default)s)")
     p.add_argument("--strict-budget", action="store_true",
                    help="exit with an error (after writing the report) if a row does not keep its block's budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

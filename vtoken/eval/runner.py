@@ -62,14 +62,16 @@ class EvalConfig:
     max_new_tokens: int = 16
     seed: int = 0
     progress: bool = True
-    #: which visual-token count the "Retain N" blocks of the table mean (the report only; the
-    #: predictions do not depend on it): "final" = tokens kept after the last stage, "equivalent"
-    #: = layer-averaged tokens (docs/DESIGN.md §4); a row that does not keep N by it is flagged
+    #: which visual-token count the "Retain N" blocks of the table mean: "final" = tokens kept
+    #: after the last stage, "equivalent" = layer-averaged tokens (docs/DESIGN.md §4). A preset that
+    #: can count its budget either way (SparseVLM) runs at N by this count, so it is part of the run's
+    #: identity; a row that still does not keep N by it is flagged
     budget_count: str = "final"
 
     def run_identity(self) -> dict:
         """What predictions depend on; a resumed run must match it."""
-        return {"model": self.model, "dtype": self.dtype, "max_new_tokens": self.max_new_tokens}
+        return {"model": self.model, "dtype": self.dtype, "max_new_tokens": self.max_new_tokens,
+                "budget_count": self.budget_count}
 
 
 def keep_key(keep) -> str:
@@ -447,7 +449,7 @@ def _compute(work, total, get_backend, out: Path, rank: int, world: int, config:
         leave()
         backend = state["backend"] = get_backend()
         state["device_name"] = (getattr(backend, "info", None) or {}).get("device_name")
-        ctx = backend.configure(method, keep)
+        ctx = backend.configure(method, keep, budget_count=config.budget_count)
         try:
             ctx.__enter__()
         except Exception as exc:  # noqa: BLE001 - e.g. PruningConfigError: this method cannot run here

@@ -15,10 +15,11 @@ questions — "Kept (final)" after the last stage, "Equiv. (layer-avg)" = layer-
 which count its "Retain N" blocks use (``EvalConfig.budget_count``: ``"final"``, the default, or
 ``"equivalent"``) and checks every row against it (:func:`budget_check`): ``final`` = exactly N
 per image (``tokens_for``: an image smaller than N keeps all; fractions round per image),
-``equivalent`` = within :data:`EQUIV_TOLERANCE` of N. A row that does not keep its block's budget
-is marked ⚠ in the table, with what it keeps, and listed in ``results.json``
-(``budget_mismatches``); e.g. SparseVLM's preset at 64 keeps (66, 30, 17) tokens after its three
-stages — 17 final, ≈ 62 layer-averaged on a 32-layer LLM — so it is flagged in a "final" table.
+``equivalent`` = within :data:`EQUIV_TOLERANCE` of N. A preset that can count its budget either
+way (SparseVLM: its paper's (66, 30, 17) at 64 is 17 final, ≈ 62 layer-averaged on a 32-layer LLM)
+is run by the table's count (:func:`vtoken.methods.budget_count_options`). A row that still does
+not keep its block's budget (e.g. FastV by layer-averaged tokens) is marked ⚠ in the table, with
+what it keeps, and listed in ``results.json`` (``budget_mismatches``).
 """
 
 from __future__ import annotations

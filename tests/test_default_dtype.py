@@ -1,0 +1,54 @@
+"""No internal tensor depends on the global default dtype (issue 15, item 4).
+
+A bf16 model pruned while ``torch.set_default_dtype(torch.bfloat16)`` is in force must give exactly
+what the same model gives under the float32 default, for every method, in select and merge mode.
+"""
+
+import pytest
+import torch
+
+import vtoken
+from vtoken.methods import depth_scaled_options
+from conftest import get_inputs
+import tiny_models as tm
+
+METHODS = [m for m in vtoken.available_methods() if m not in ("none",)]
+
+
+@pytest.fixture(scope="module")
+def bf16_llava():
+    model = tm.tiny_llava(seed=3).to(torch.bfloat16)
+    return model, get_inputs("llava", model)
+
+
+def _run(model, inputs, method, mode):
+    options = depth_scaled_options(method, len(model.model.language_model.layers))
+    if mode == "merge":
+        options["mode"] = "merge"
+    inputs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+    with vtoken.apply_pruning(model, method=method, keep=9, **options) as handle:
+        with torch.no_grad():
+            out = model(**inputs).logits
+        kept = [[k.tolist() for k in st.kept] for st in handle.stats.stages]
+        positions = handle.stats.positions.clone()
+    return out, positions, kept
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_default_dtype_changes_nothing(bf16_llava, method):
+    model, inputs = bf16_llava
+    for mode in ("select", "merge"):
+        try:
+            ref = _run(model, inputs, method, mode)
+        except vtoken.PruningConfigError:
+            assert mode == "merge", f"{method} refused select mode"
+            continue  # the method does not take mode=; nothing to compare
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            got = _run(model, inputs, method, mode)
+        finally:
+            torch.set_default_dtype(previous)
+        assert got[2] == ref[2], f"{method}/{mode}: kept tokens differ under a bf16 default dtype"
+        assert torch.equal(got[1], ref[1]), f"{method}/{mode}: kept positions differ under a bf16 default dtype"
+        assert torch.equal(got[0], ref[0]), f"{method}/{mode}: logits differ under a bf16 default dtype"
