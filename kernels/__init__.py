@@ -1,6 +1,6 @@
 """vtoken.kernels (installed from the repository folder ``kernels/``): Triton kernels with a PyTorch
 reference beside each (docs/DESIGN.md section 5). Imports only torch, triton and other vtoken.kernels
-modules; under the bare name ``kernels`` this folder is not importable (``vtoken/_folder_guard.py``).
+modules; ``import kernels`` never runs this folder (``vtoken/_folder_guard.py``).
 
 - :func:`attend_and_score`: causal FlashAttention forward (GQA, padding) that also returns the exact,
   head-averaged (or per-head) attention probabilities of chosen query rows over a key range, from the
@@ -18,11 +18,8 @@ functions through :mod:`vtoken.kernels.triton_helpers`.
 """
 
 if "." not in __name__:  # imported under its bare folder name: the name goes to its real owner
-    import importlib.util as _util, pathlib as _pathlib
-    _spec = _util.spec_from_file_location("_vtoken_folder_guard", _pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py")
-    _guard = _util.module_from_spec(_spec)
-    _spec.loader.exec_module(_guard)
-    _guard.hand_over(__name__, __file__)
+    import pathlib, runpy
+    runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py"))["hand_over"](__name__, __file__)
 else:
     from vtoken.kernels.attend_and_score import attend_and_score, attend_and_score_reference
     from vtoken.kernels.dispatch import HAS_TRITON, resolve_backend

@@ -1,7 +1,7 @@
 """vtoken.scorers (installed from the repository folder ``scorers/``): the scorer library (attention,
 diversity / erank, information flow, sinks). May import torch, vtoken.signals, vtoken.plan,
-vtoken.methods, vtoken.errors; never vtoken.hooks. Under the bare name ``scorers`` this folder is not
-importable (``vtoken/_folder_guard.py``).
+vtoken.methods, vtoken.errors; never vtoken.hooks. ``import scorers`` never runs this folder
+(``vtoken/_folder_guard.py``).
 
 Scorers are pure functions of :class:`vtoken.signals.SegmentSignals`; methods are preset plans,
 each registered beside its scorer (a builder decorated with :func:`vtoken.methods.register_method`
@@ -9,11 +9,8 @@ in the scorer's module); :mod:`vtoken.scorers.catalog` renders the methods table
 """
 
 if "." not in __name__:  # imported under its bare folder name: the name goes to its real owner
-    import importlib.util as _util, pathlib as _pathlib
-    _spec = _util.spec_from_file_location("_vtoken_folder_guard", _pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py")
-    _guard = _util.module_from_spec(_spec)
-    _spec.loader.exec_module(_guard)
-    _guard.hand_over(__name__, __file__)
+    import pathlib, runpy
+    runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py"))["hand_over"](__name__, __file__)
 else:
     from vtoken.scorers.attention import (
         AttentionScorer,

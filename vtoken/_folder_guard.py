@@ -15,7 +15,7 @@ root (another distribution), or to an empty module when there is none (what Pyth
 folder that is not a package): none of the folder's code is ever importable under a name other than
 ``vtoken.<name>``.
 
-This file is loaded by path (``importlib.util.spec_from_file_location``), never through
+This file is run by path (``runpy.run_path``), never imported through
 ``import vtoken``: importing the package here could import transformers, which imports
 ``kernels`` — the very name being resolved.
 """

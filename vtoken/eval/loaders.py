@@ -216,7 +216,8 @@ def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def _kind_of(x) -> str:
+def json_kind(x) -> str:
+    """What a parsed JSON value is, for error messages ("a JSON list (3 items)", ...)."""
     if isinstance(x, list):
         return f"a JSON list ({len(x)} item{'s' if len(x) != 1 else ''})"
     if isinstance(x, dict):
@@ -228,7 +229,7 @@ def _kind_of(x) -> str:
         return "a JSON boolean"
     if isinstance(x, (int, float)):
         return "a JSON number"
-    return "null"
+    return "null" if x is None else type(x).__name__
 
 
 def _read_json(path: Path, what: str = "", shape=None, key: Optional[str] = None, expected: str = ""):
@@ -250,19 +251,19 @@ def _read_json(path: Path, what: str = "", shape=None, key: Optional[str] = None
         shape = dict
     if shape is not None and not isinstance(data, shape):
         raise DataFormatError(f"{label}, line {top}: expected {want or 'a JSON ' + _shape_name(shape)}, "
-                              f"got {_kind_of(data)}")
+                              f"got {json_kind(data)}")
     if key is None:
         return data
     if key not in data:
         raise DataFormatError(f"{label}, line {top}: expected {want}; the top-level object has no {key!r} key "
-                              f"(it is {_kind_of(data)})")
+                              f"(it is {json_kind(data)})")
     value = data[key]
     if not isinstance(value, list):
         import re
 
         m = re.search(r'"' + re.escape(key) + r'"\s*:', text)
         line = _line_at(text, m.start()) if m else top
-        raise DataFormatError(f"{label}, line {line}: {key!r} must be a JSON list, got {_kind_of(value)}")
+        raise DataFormatError(f"{label}, line {line}: {key!r} must be a JSON list, got {json_kind(value)}")
     return value
 
 
@@ -370,7 +371,7 @@ def _load_vqav2(spec: DataSpec, limit, seed) -> EvalDataset:
             break
         try:
             if not isinstance(q, dict):
-                raise TypeError(f"expected a JSON object, got {_kind_of(q)}")
+                raise TypeError(f"expected a JSON object, got {json_kind(q)}")
             qid, image_id, text = q["question_id"], int(q["image_id"]), q["question"]
             ann = anns.get(qid)
             if ann is None:
@@ -403,7 +404,7 @@ def _load_gqa(spec: DataSpec, limit, seed) -> EvalDataset:
             break
         try:
             if not isinstance(q, dict):
-                raise TypeError(f"expected a JSON object, got {_kind_of(q)}")
+                raise TypeError(f"expected a JSON object, got {json_kind(q)}")
             image_id, text, answer = q["imageId"], q["question"], q["answer"]
             qtype = (q.get("types") or {}).get("structural", "")
             ds.samples.append(Sample(str(qid), _with_instruction(text, SHORT_ANSWER), [str(answer)],
@@ -427,7 +428,7 @@ def _load_textvqa(spec: DataSpec, limit, seed) -> EvalDataset:
             break
         try:
             if not isinstance(q, dict):
-                raise TypeError(f"expected a JSON object, got {_kind_of(q)}")
+                raise TypeError(f"expected a JSON object, got {json_kind(q)}")
             qid, image_id, text, answers = q["question_id"], q["image_id"], q["question"], q["answers"]
             if not answers:
                 raise KeyError("no answers")
@@ -486,7 +487,7 @@ def _load_pope(spec: DataSpec, limit, seed) -> EvalDataset:
                 break
             try:
                 if not isinstance(r, dict):
-                    raise TypeError(f"expected a JSON object, got {_kind_of(r)}")
+                    raise TypeError(f"expected a JSON object, got {json_kind(r)}")
                 qid, image, text = r["question_id"], r["image"], r["text"]
                 label = str(r["label"]).strip().lower()
                 if label not in ("yes", "no"):
@@ -520,7 +521,7 @@ def _load_scienceqa(spec: DataSpec, limit, seed) -> EvalDataset:
                                   f"(splits: {', '.join(map(repr, splits)) or 'none'}); pass ?split=")
         if not isinstance(splits[split], list):
             raise DataFormatError(f"ScienceQA splits file {splits_file}: split {split!r} must be a JSON list of "
-                                  f"problem ids, got {_kind_of(splits[split])}")
+                                  f"problem ids, got {json_kind(splits[split])}")
         order = [str(p) for p in splits[split]]
     if order is None:
         order = [pid for pid, p in problems.items() if isinstance(p, dict) and p.get("split") == split]

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 from vtoken.errors import DataFormatError
 from vtoken.eval import metrics
-from vtoken.eval.loaders import EvalDataset, load_dataset, open_image
+from vtoken.eval.loaders import EvalDataset, json_kind, load_dataset, open_image
 
 __all__ = ["EvalConfig", "run_eval", "merge_outputs", "keep_key", "parse_keep", "read_jsonl", "read_predictions",
            "check_prediction", "score_sample", "DEFAULT_METHODS", "QUICK_METHODS", "BUDGET_COUNTS"]
@@ -118,20 +118,6 @@ def read_jsonl(path, check: Optional[Callable] = None, skipped: Optional[list] =
     return out
 
 
-def _json_kind(x) -> str:
-    if isinstance(x, list):
-        return f"a JSON list ({len(x)} item{'s' if len(x) != 1 else ''})"
-    if isinstance(x, dict):
-        return "a JSON object"
-    if isinstance(x, str):
-        return "a JSON string"
-    if isinstance(x, bool):
-        return "a JSON boolean"
-    if isinstance(x, (int, float)):
-        return "a JSON number"
-    return "null" if x is None else type(x).__name__
-
-
 def _untouched(path) -> str:
     return f"; fix or delete that line and run again (nothing in {Path(path).parent} was changed)"
 
@@ -139,7 +125,7 @@ def _untouched(path) -> str:
 def _check_object(rec, path, n, what: str = "record", required=()) -> None:
     if not isinstance(rec, dict):
         raise DataFormatError(f"{path}, line {n}: expected a JSON object (one {what} per line), got "
-                              f"{_json_kind(rec)}{_untouched(path)}")
+                              f"{json_kind(rec)}{_untouched(path)}")
     missing = [k for k in required if k not in rec]
     if missing:
         raise DataFormatError(f"{path}, line {n}: the {what} lacks {', '.join(repr(k) for k in missing)} "
@@ -272,7 +258,7 @@ def _check_identity(out: Path, config: EvalConfig, rank: int) -> None:
         if old is not None and not isinstance(old, dict):
             raise DataFormatError(
                 f"{path}, line 1: expected a JSON object like {json.dumps(ident, sort_keys=True)}, got "
-                f"{_json_kind(old)}; fix or delete it and run again (nothing in {out} was changed)")
+                f"{json_kind(old)}; fix or delete it and run again (nothing in {out} was changed)")
         if old is not None and old != ident:
             diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in ident.items() if old.get(k) != v)
             raise SystemExit(
