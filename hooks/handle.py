@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Optional
 
 from vtoken.adapters import get_adapter
-from vtoken.errors import AlreadyPrunedError, PruningConfigError
+from vtoken.errors import AlreadyPrunedError, HandleRemovedError, PruningConfigError
 from vtoken.hooks.probe import install_probe
-from vtoken.hooks.runtime import GenerateSession, Runtime
+from vtoken.hooks.runtime import STATE_ATTR, GenerateSession, Runtime
 from vtoken.hooks.stats import build_stats
 from vtoken.methods import build_plan, method_spec
 from vtoken.plan import validate_budget, validate_plan
@@ -59,17 +60,47 @@ class PruningHandle:
         moved (a batch whose prefill skipped pruning leaves it, and ``stats``, as they were)."""
         return getattr(self.runtime.tls, "prefills", 0)
 
+    # ------------------------------------------------ the surface engines use (vtoken.engine, plugins)
+    @property
+    def reads_vision_encoder(self) -> bool:
+        """Whether the plan reads vision-encoder attention (required or optional): captured by
+        Python probes inside the vision tower, which a CUDA-graph replay of the tower would skip."""
+        return bool(self.runtime.needs_vision or self.runtime.vision_probed)
+
+    @property
+    def layer_stage(self) -> tuple:
+        """Per decoder layer: the index of the stage whose layout it sees (-1 before the first)."""
+        return tuple(self.runtime.layer_stage)
+
+    def pruned_layouts(self, cache) -> Optional[list]:
+        """The layouts a pruned prefill recorded on ``cache`` (the KV cache object it filled): per
+        stage, (B, N_i) bool validity of the slots its layers cached; None when ``cache`` holds no
+        pruned prefill. Raises if the prefill recorded another number of stages than the plan."""
+        state = getattr(cache, STATE_ATTR, None)
+        if state is None:
+            return None
+        if len(state.stages) != len(self.plan):
+            raise RuntimeError(f"the pruned prefill recorded {len(state.stages)} stages of {len(self.plan)}")
+        return [s.valid for s in state.stages]
+
     def remove(self) -> None:
-        """Detach everything; the model behaves exactly as before ``apply_pruning``."""
+        """Detach everything; the model behaves exactly as before ``apply_pruning``. Calling it again
+        does nothing (``stats`` still describes the last pruned prefill)."""
         if not self.active:
             return
         for undo in reversed(self._undo):
             undo()
         self._undo = []
         self.model.__dict__.pop(HANDLE_ATTR, None)
+        self.runtime.attached = False  # caches it pruned refuse to be continued without it
         self.active = False
 
     def __enter__(self):
+        if not self.active:
+            raise HandleRemovedError(
+                "this pruning handle was removed and prunes nothing any more; call vtoken.apply_pruning(model, ...) "
+                "again for a new handle"
+            )
         return self
 
     def __exit__(self, *exc):
@@ -81,6 +112,7 @@ class PruningHandle:
 
 
 def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **options) -> PruningHandle:
+    model = _uncompiled(model)
     if HANDLE_ATTR in getattr(model, "__dict__", {}):
         raise AlreadyPrunedError(
             "this model already has vtoken pruning applied; call handle.remove() (or use the handle as a "
@@ -89,6 +121,11 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
     adapter = get_adapter(model)
     if backend not in BACKENDS:
         raise PruningConfigError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if plan is None and method is None:
+        raise PruningConfigError(
+            "apply_pruning needs a method name (method='fastv'; see vtoken.available_methods()) or an explicit "
+            "plan (plan=[vtoken.Stage(layer, scorer, keep), ...]); got method=None and plan=None"
+        )
     if plan is None:
         keep = validate_budget(keep)
         plan = build_plan(method, keep, **options)
@@ -138,6 +175,15 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
     return handle
 
 
+def _uncompiled(model):
+    """The module a ``torch.compile(model)`` wrapper (``OptimizedModule``) compiles: the hooks go on
+    it, and the wrapper's ``generate`` / ``forward`` (which delegate to it) see them."""
+    orig = getattr(model, "_orig_mod", None)
+    if orig is not None and type(model).__name__ == "OptimizedModule":
+        return orig
+    return model
+
+
 def _param_names(module) -> list:
     """Positional parameter names of ``module.forward`` (to read positional call arguments)."""
     params = inspect.signature(module.forward).parameters.values()
@@ -156,7 +202,9 @@ def _wrap_generate(model, runtime):
     @functools.wraps(original)
     def generate(*args, **kwargs):
         previous = getattr(runtime.tls, "session", None)
-        runtime.tls.session = GenerateSession()
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        shape = tuple(ids.shape) if getattr(ids, "ndim", 0) == 2 else (None, None)
+        runtime.tls.session = GenerateSession(batch=shape[0], prompt_len=shape[1])
         runtime.discard_vision_captures()  # generate may run the encoders before the first forward
         try:
             return original(*args, **kwargs)
@@ -165,3 +213,9 @@ def _wrap_generate(model, runtime):
 
     model.generate = generate
     return lambda: model.__dict__.pop("generate", None)
+
+
+def handle_of(model) -> Optional[PruningHandle]:
+    """The :class:`PruningHandle` attached to ``model`` by :func:`vtoken.apply_pruning`, or None."""
+    return getattr(model, "__dict__", {}).get(HANDLE_ATTR)
+

@@ -10,6 +10,7 @@ token, text rows) over all keys. Nothing N x N is materialised; the cost is O(R 
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 
@@ -22,24 +23,47 @@ except ImportError:  # pragma: no cover
 PROBE_IMPL = "vtoken"
 
 
-def _eager_base(*args, **kwargs):
-    # resolved lazily: each model family ships its own eager_attention_forward; they agree.
-    from transformers.models.llama.modeling_llama import eager_attention_forward
+def eager_attention_of(module) -> callable:
+    """The eager attention function ``module``'s own forward falls back to: the
+    ``eager_attention_forward`` of the modelling file that defines its class. The families'
+    functions differ (Llama's repeats grouped KV heads through ``module.num_key_value_groups``,
+    which CLIP's and SigLIP's attention modules do not have), so one family's cannot stand in for
+    another's. Llama's is the fallback for a class defined outside a modelling file."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if not callable(fn):
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
 
-    return eager_attention_forward(*args, **kwargs)
+
+def base_attention(module) -> callable:
+    """The attention function a probed ``module`` would use without vtoken, resolved at call time
+    from the model's SHARED config, so ``model.set_attn_implementation(...)`` after
+    ``apply_pruning`` also switches the probed layers (the probe only reads rows on the side)."""
+    name = module.__dict__["_vtoken_shared_config"]._attn_implementation
+    eager = module.__dict__["_vtoken_eager_attention"]
+    if name in (None, "eager"):
+        return eager
+    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    return get_interface(name, eager) if get_interface is not None else ALL_ATTENTION_FUNCTIONS[name]
 
 
 def _vtoken_attention(module, query, key, value, attention_mask, **kwargs):
-    base = module.__dict__["_vtoken_base_attention"]
+    base = base_attention(module)
     probe = module.__dict__.get("_vtoken_probe")
     if probe is None:
         return base(module, query, key, value, attention_mask, **kwargs)
     return probe(base, module, query, key, value, attention_mask, **kwargs)
 
 
+def register_attention_implementation(name: str, fn) -> None:
+    """Make ``fn(module, query, key, value, attention_mask, **kw)`` available to attention modules
+    under the implementation name ``name`` (transformers' ``AttentionInterface``), once."""
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, fn)
+
+
 def register_probe_implementation() -> None:
-    if PROBE_IMPL not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(PROBE_IMPL, _vtoken_attention)
+    register_attention_implementation(PROBE_IMPL, _vtoken_attention)
 
 
 def private_attention_config(config, implementation: str, **attrs):
@@ -57,16 +81,18 @@ def install_probe(attn_module, probe) -> callable:
     """Route ``attn_module`` through ``probe(base, module, q, k, v, mask, **kw)``; returns undo."""
     register_probe_implementation()
     original_config = attn_module.config
-    base_name = original_config._attn_implementation or "eager"
-    base = _eager_base if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
+    name = original_config._attn_implementation
+    if name not in (None, "eager"):
+        ALL_ATTENTION_FUNCTIONS[name]  # an unknown implementation name fails here, before any change
     attn_module.config = private_attention_config(original_config, PROBE_IMPL)
-    attn_module._vtoken_base_attention = base
+    attn_module._vtoken_shared_config = original_config  # the implementation is read from it per call
+    attn_module._vtoken_eager_attention = eager_attention_of(attn_module)
     attn_module._vtoken_probe = probe
 
     def undo():
         attn_module.config = original_config
-        attn_module.__dict__.pop("_vtoken_base_attention", None)
-        attn_module.__dict__.pop("_vtoken_probe", None)
+        for name in ("_vtoken_shared_config", "_vtoken_eager_attention", "_vtoken_probe"):
+            attn_module.__dict__.pop(name, None)
 
     return undo
 

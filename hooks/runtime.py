@@ -35,6 +35,15 @@ from vtoken.hooks.probe import attention_rows
 from vtoken.signals import SegmentSignals
 
 STATE_ATTR = "_vtoken_state"
+PASS_ATTR = "_vtoken_passthrough"  # on a static cache whose prefill dropped nothing: later steps run unpatched
+
+#: signals of the visual tokens themselves: a prefill's trailing tokens do not change them (causal
+#: attention), unlike the last token's / the text rows' signals
+_CAUSAL_SIGNALS = frozenset({"hidden", "normed_hidden", "keys", "vision_attn", "vision_keys"})
+
+#: the hook bodies run eagerly under ``torch.compile`` (a graph break at each): they read host
+#: copies, thread-local state and Python lists that a traced graph must not bake in
+_eager = torch.compiler.disable
 
 
 @dataclass
@@ -45,6 +54,10 @@ class StageState:
     positions: torch.Tensor  # (B, Ns) long
     valid: torch.Tensor  # (B, Ns) bool
     all_valid: bool = False  # every slot valid (decided once, so decode steps need no sync)
+    #: the stage dropped nothing and the layout is still the original one: a no-cache replay
+    #: keeps the model's own layout and masks there too (keep-all == the unpatched model, padding
+    #: rows' hidden states included)
+    identity: bool = False
 
 
 @dataclass
@@ -106,10 +119,14 @@ class CallContext:
 
 
 class GenerateSession:
-    """One ``generate`` call: holds the prompt's decisions for no-cache generation."""
+    """One ``generate`` call: holds the prompt's decisions for no-cache generation, and the shape of
+    the ``input_ids`` the call was given (``generate`` may repeat every row for beams / return
+    sequences, and append an assistant's candidates to the prompt's forward)."""
 
-    def __init__(self):
+    def __init__(self, batch: Optional[int] = None, prompt_len: Optional[int] = None):
         self.state: Optional[PruneState] = None
+        self.batch = batch
+        self.prompt_len = prompt_len  # a longer prefill carries appended candidates (assisted decoding)
 
 
 def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -187,6 +204,9 @@ class Runtime:
         )
         #: set by attach() when the vision-encoder probe is installed (required or optional)
         self.vision_probed = False
+        #: False once the handle is removed: a KV cache this runtime pruned cannot be continued
+        #: by the plain model (its pruned layers are shorter), see _patch_seq_length
+        self.attached = True
 
     # ---------------------------------------------------------------- contexts
     @property
@@ -197,6 +217,7 @@ class Runtime:
     def session(self) -> Optional[GenerateSession]:
         return getattr(self.tls, "session", None)
 
+    @_eager
     def record_feature_lengths(self, kind: str, lengths: list) -> None:
         """Called by adapters when the model computes visual features inside a forward."""
         ctx = self.ctx
@@ -243,6 +264,7 @@ class Runtime:
         never reach the next call's scorers."""
         self.tls.vision = []
 
+    @_eager
     def on_multimodal_call(self, kwargs: dict) -> None:
         pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
         if pixels:
@@ -255,14 +277,21 @@ class Runtime:
             if isinstance(feats, (list, tuple)):
                 ctx.feature_lengths[kind] = [int(f.shape[0]) for f in feats]
         input_ids = kwargs.get("input_ids")
+        # transformers >= 5.2x encodes the pixels in generate, before the first forward: the forward
+        # then gets the features (mm_encoder_outputs) instead of pixel inputs
+        encoded = isinstance(mm_out, dict) and any(mm_out.get(kind) is not None for kind in ("image", "video"))
         if input_ids is not None and input_ids.dim() == 2:
             ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
             if pixels:
                 self._read_host_inputs(ctx, kwargs)
-        elif pixels:
-            from vtoken.errors import PruningConfigError
+        elif pixels or encoded:
+            from vtoken.errors import UnsupportedCallError
 
-            raise PruningConfigError("vtoken needs input_ids (not inputs_embeds) to locate the visual tokens")
+            raise UnsupportedCallError(
+                "vtoken locates the visual tokens by their placeholder ids in input_ids, but this call has "
+                "inputs_embeds and pixel inputs without input_ids; pass input_ids (with the pixel inputs) instead "
+                "of inputs_embeds, or call handle.remove() to run it unpruned"
+            )
         self.tls.ctx = ctx
 
     def _read_host_inputs(self, ctx: CallContext, kwargs: dict) -> None:
@@ -302,6 +331,7 @@ class Runtime:
         return PlanCache.key(ids_host, mask_host, {n: inputs.get(n) for n in names}, self.plan[0].keep,
                              (str(device), stream))
 
+    @_eager
     def on_multimodal_done(self) -> None:
         ctx = self.ctx
         self.tls.ctx = None
@@ -315,6 +345,7 @@ class Runtime:
             self.tls.last = (ctx.trace, self.last_meta)
             self.tls.prefills = getattr(self.tls, "prefills", 0) + 1
 
+    @_eager
     def on_text_call(self, kwargs: dict) -> None:
         ctx = self.ctx
         if ctx is None:  # language model called directly: nothing to do
@@ -328,7 +359,11 @@ class Runtime:
         state = getattr(cache, STATE_ATTR, None) if cache is not None else None
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         B = embeds.shape[0] if embeds is not None else kwargs["input_ids"].shape[0]
-        if bad_mask and (state is not None or ctx.inputs is not None):
+        fixed = _fixed_slot_cache(cache)
+        if fixed and getattr(cache, PASS_ATTR, False):  # a later step on a static cache of a keep-all prefill
+            ctx.inputs, ctx.mode = None, "off"
+            return
+        if bad_mask and not fixed and (state is not None or ctx.inputs is not None):
             _bad_mask(kwargs.get("attention_mask"))
         if state is not None:
             ctx.mode = "decode"
@@ -378,6 +413,19 @@ class Runtime:
             if plan_key is not None:
                 self.plans.put(plan_key, ctx.prepared)
         prep = ctx.prepared
+        if fixed:  # a static cache: no pruned layout fits its slots; a plan that drops nothing runs unpatched
+            if self._may_drop(prep):
+                from vtoken.errors import UnsupportedCallError
+
+                raise UnsupportedCallError(
+                    f"{type(cache).__name__} (cache_implementation='static') keeps a fixed slot per position in "
+                    "every layer, which cannot hold the shorter cache of pruned layers; use the default dynamic "
+                    "cache (leave cache_implementation unset), or vtoken.engine.StaticDecoder(model).generate(...) "
+                    "for static KV buffers and CUDA graphs with pruning"
+                )
+            setattr(cache, PASS_ATTR, True)
+            ctx.mode = "off"
+            return
         ctx.layout = prep.layout
         ctx.cur_pos = prep.arange.expand(B, N)
         ctx.cur_valid = ctx.orig_valid
@@ -387,16 +435,46 @@ class Runtime:
             ctx.replay = session.state
         else:
             ctx.mode = "prefill"
+            if session is not None and session.prompt_len is not None and N > session.prompt_len:
+                self._check_appended_candidates(prep)
             ctx.state = PruneState(n_prefill=N, stages=[])
             if cache is not None:
                 setattr(cache, STATE_ATTR, ctx.state)
-                _patch_seq_length(cache, ctx.state, self.layer_stage)
+                _patch_seq_length(cache, ctx.state, self.layer_stage, self)
+                _patch_crop(cache, ctx.state)
             elif session is not None:
                 session.state = ctx.state
 
     def _dtype(self):
         return next(self.adapter.text_model.parameters()).dtype
 
+    def _check_appended_candidates(self, prep) -> None:
+        """A prefill longer than the prompt ``generate`` was given: assisted decoding appended the
+        assistant's candidate tokens to it. Visual-token and hidden-state signals are causal, so
+        unaffected; a scorer that reads the last token's or the text rows' attention / states
+        would rank by a candidate's, and differ from plain greedy decoding: refused where the plan
+        drops tokens."""
+        readers = [st.scorer.name for st in self.plan if set(getattr(st.scorer, "needs", ())) - _CAUSAL_SIGNALS]
+        if readers and self._may_drop(prep):
+            from vtoken.errors import UnsupportedCallError
+
+            raise UnsupportedCallError(
+                f"assisted decoding (assistant_model / prompt_lookup_num_tokens) runs the prompt's forward with the "
+                f"assistant's candidate tokens appended, and {sorted(set(readers))} rank visual tokens by the last or "
+                "text tokens, which would include candidates: use a method that does not read the prompt's text "
+                "(e.g. divprune, fastervlm) with an assistant, or generate without one"
+            )
+
+    def _may_drop(self, prep) -> bool:
+        """Whether the plan may drop a visual token of this prefill (host arithmetic, no sync): some
+        stage's budget is below a segment's count, or a stage chooses its own count (adaptive)."""
+        from vtoken.plan import tokens_for
+
+        counts = prep.seg_count_host
+        return any(getattr(st.scorer, "adaptive", False) or any(tokens_for(st.keep, c) < c for c in counts)
+                   for st in self.plan)
+
+    @_eager
     def on_layer(self, layer: int, args: tuple, kwargs: dict):
         ctx = self.ctx
         if ctx is None or ctx.mode == "off":
@@ -465,7 +543,7 @@ class Runtime:
                 rec["keys"] = key
             return result
 
-        return run
+        return _eager(run)
 
     def vision_probe(self):
         """Attention function of the probed vision-encoder layer: records, per image, the
@@ -480,7 +558,7 @@ class Runtime:
             pending.extend(self.adapter.vision_signals(query, key, scaling))
             return out
 
-        return run
+        return _eager(run)
 
     def _kernel_backend(self, tensor) -> str:
         if self.backend == "torch":
@@ -494,6 +572,8 @@ class Runtime:
         stage = self.plan[i]
         if ctx.mode == "replay":
             saved = ctx.replay.stages[i]
+            if saved.identity and not ctx.relaid:  # the prompt's stage dropped nothing: nor does its replay
+                return hidden
             B = hidden.shape[0]
             extra = torch.arange(ctx.replay.n_prefill, ctx.n, device=hidden.device).expand(B, -1)
             new_pos = torch.cat([saved.positions, extra], dim=1)
@@ -550,7 +630,7 @@ class Runtime:
             if ctx.state is not None:
                 all_valid = prep.all_valid if known else bool(cur_valid.all())
                 ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid,
-                                                   all_valid=all_valid))
+                                                   all_valid=all_valid, identity=not ctx.relaid))
             return hidden
         if known:  # kept slots and per-row counts from the host plan: no syncs, few launches
             keep_slot = kept_slots(prep.keep_base, prep.cand_flat, keep, cur_pos.shape)
@@ -681,6 +761,7 @@ class Runtime:
         match the images' tokens."""
         lay = ctx.layout
         counts = ctx.prepared.seg_count_host if ctx.prepared is not None else lay.seg_count.tolist()
+        _repeat_for_expanded_rows(ctx, self.session, counts)
         S, n = sig.mask.shape
         images = [s for s, kind in enumerate(lay.seg_kind) if kind == "image"]
         caps = ctx.vision[:len(images)]
@@ -695,27 +776,48 @@ class Runtime:
         sig.vision_attn = attn.gather(1, sig.index.clamp(min=0).to(attn.device)).to(sig.mask.device)
 
     def _fill_vision(self, ctx, stage, sig):
+        """``vision_attn`` / ``vision_keys`` of image segments from the encoder captures. A video
+        segment is not mapped to encoder patches: it may only come with a budget that keeps it
+        whole (nothing to rank: NaN scores, zero keys), else the call is refused."""
         from vtoken.errors import PruningConfigError
+        from vtoken.plan import tokens_for
 
         lay = ctx.layout
         counts = ctx.prepared.seg_count_host if ctx.prepared is not None else lay.seg_count.tolist()
-        if any(kind != "image" for kind in lay.seg_kind):
-            raise PruningConfigError(f"scorer {stage.scorer.name!r} reads vision-encoder attention, "
-                                     "which vtoken maps to LLM tokens for images only (not video) so far")
-        if len(ctx.vision) != len(counts) or any(v[0].numel() != c for v, c in zip(ctx.vision, counts)):
+        images = [s for s, kind in enumerate(lay.seg_kind) if kind == "image"]
+        if any(kind != "image" and tokens_for(stage.keep, c) < c for kind, c in zip(lay.seg_kind, counts)):
+            raise PruningConfigError(
+                f"scorer {stage.scorer.name!r} reads vision-encoder attention, which vtoken maps to LLM tokens for "
+                "images only (not video) so far; for inputs with video use an LLM-side method (e.g. fastv or "
+                "divprune), or a budget that keeps every video token (keep=1.0)")
+        _repeat_for_expanded_rows(ctx, self.session, counts)
+        caps = ctx.vision[:len(images)] if len(images) < len(counts) else ctx.vision  # video captures follow
+        if len(caps) != len(images) or any(v[0].numel() != counts[s] for v, s in zip(caps, images)):
             raise PruningConfigError(
                 f"scorer {stage.scorer.name!r} needs vision-encoder signals, but the captured encoder attention "
-                f"({[v[0].numel() for v in ctx.vision]}) does not match the images' tokens ({counts})"
+                f"({[v[0].numel() for v in caps]}) does not match the images' tokens ({[counts[s] for s in images]})"
             )
         S, n = sig.mask.shape
+        if not S:
+            sig.vision_attn = None
+            return
         idx = sig.index.clamp(min=0)
-        attn = torch.stack([torch.nn.functional.pad(v[0], (0, n - v[0].numel())) for v in ctx.vision]) if S else None
-        sig.vision_attn = attn.gather(1, idx).to(sig.mask.device) if S else None
+        dev = caps[0][0].device if caps else sig.mask.device
+        attn = torch.full((S, n), float("nan"), device=dev)
+        for v, s in zip(caps, images):
+            attn[s, : v[0].numel()] = v[0].float()
+        sig.vision_attn = attn.gather(1, idx.to(dev)).to(sig.mask.device)
         if "vision_keys" in getattr(stage.scorer, "needs", ()):
-            keys = torch.stack([torch.nn.functional.pad(v[1], (0, 0, 0, n - v[1].shape[0])) for v in ctx.vision])
-            sig.vision_keys = keys.gather(1, idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1])).to(sig.mask.device)
+            if not caps:
+                raise PruningConfigError(f"scorer {stage.scorer.name!r} needs vision-encoder keys of an image")
+            keys = torch.zeros(S, n, caps[0][1].shape[-1], dtype=caps[0][1].dtype, device=caps[0][1].device)
+            for v, s in zip(caps, images):
+                keys[s, : v[1].shape[0]] = v[1]
+            sig.vision_keys = keys.gather(1, idx.to(keys.device).unsqueeze(-1).expand(-1, -1, keys.shape[-1])).to(
+                sig.mask.device)
 
     # ---------------------------------------------------------------- qwen3-vl deepstack
+    @_eager
     def prune_deepstack(self, visual_pos_masks, visual_embeds):
         ctx = self.ctx
         pos = ctx.cur_pos
@@ -734,6 +836,50 @@ def _cache_arg(kwargs: dict):
     ``cache`` (the name from 5.24 on)."""
     cache = kwargs.get("past_key_values")
     return kwargs.get("cache") if cache is None else cache
+
+
+def _repeat_for_expanded_rows(ctx, session, counts) -> None:
+    """Match the vision-encoder captures to a batch that ``generate`` expanded after encoding.
+
+    transformers >= 5.2x encodes each image once, then repeats its features for beam search /
+    ``num_return_sequences``: every row of the ``session.batch`` rows the call was given comes
+    ``k`` times in a row (``repeat_interleave``), while the captures (images first, in order) are
+    those of the original rows. Repeat each original row's image captures ``k`` times (the
+    callers check the token counts); nothing changes outside such a call or when the captures
+    already cover every image (older transformers encode the expanded pixels).
+    """
+    lay, caps = ctx.layout, ctx.vision
+    B = int(lay.segment_of.shape[0])
+    b0 = getattr(session, "batch", None)
+    if not caps or not b0 or B <= b0 or B % b0:
+        return
+    img_counts = [c for c, kind in zip(counts, lay.seg_kind) if kind == "image"]
+    if len(caps) >= len(img_counts) and all(v[0].numel() == c for v, c in zip(caps, img_counts)):
+        return  # the captures already cover the expanded rows
+    k = B // b0
+    per_row = [0] * B
+    for b, kind in zip(lay.seg_sample.tolist(), lay.seg_kind):
+        per_row[b] += kind == "image"
+    out, off = [], 0
+    for g in range(0, B, k):
+        n = per_row[g]
+        if any(per_row[g + j] != n for j in range(k)):
+            return
+        out += caps[off:off + n] * k
+        off += n
+    if off <= len(caps):
+        ctx.vision = out
+
+
+def _fixed_slot_cache(cache) -> bool:
+    """A KV cache whose layers keep a fixed slot per position (transformers' StaticCache and its
+    sliding-window / hybrid kin: ``is_compileable`` layers), which a pruned layer cannot fill."""
+    if cache is None:
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers:
+        return any(getattr(layer, "is_compileable", False) for layer in layers)
+    return bool(getattr(cache, "is_compileable", False))
 
 
 def _bad_mask(mask):
@@ -817,17 +963,30 @@ def _merge(hidden, sig, keep, merge_into, slot_pad):
     return out
 
 
-def _patch_seq_length(cache, state: PruneState, layer_stage: list) -> None:
+def _patch_seq_length(cache, state: PruneState, layer_stage: list, runtime=None) -> None:
     """Make ``cache.get_seq_length(layer)`` report the ORIGINAL (unpruned) length, which is what
-    transformers uses it for (positions, slicing new tokens on continuation)."""
+    transformers uses it for (positions, slicing new tokens on continuation). Once ``runtime``'s
+    handle is removed, a cache whose prefix it pruned refuses instead (transformers asks for the
+    length before it continues from a cache): the plain model would attend to its shorter layers
+    with masks for the full length."""
     if "get_seq_length" in cache.__dict__:
         return
     import weakref
 
     bound = type(cache).get_seq_length
     cache_ref = weakref.ref(cache)  # no reference cycle: the cache's memory goes when generate drops it
+    runtime_ref = weakref.ref(runtime) if runtime is not None else None
 
     def get_seq_length(layer_idx: int = 0):
+        if runtime_ref is not None and not getattr(runtime_ref(), "attached", False) and not all(
+                st.identity for st in state.stages):
+            from vtoken.errors import UnsupportedCallError
+
+            raise UnsupportedCallError(
+                "this KV cache holds a prompt pruned by a vtoken handle that has since been removed (its pruned "
+                "layers are shorter than the prompt); continue generating with that handle attached, or start "
+                "again without past_key_values"
+            )
         physical = bound(cache_ref(), layer_idx)
         i = layer_stage[layer_idx] if layer_idx < len(layer_stage) else -1
         if i < 0 or i >= len(state.stages) or physical == 0:
@@ -835,3 +994,37 @@ def _patch_seq_length(cache, state: PruneState, layer_stage: list) -> None:
         return physical + state.n_prefill - state.stages[i].positions.shape[1]
 
     cache.get_seq_length = get_seq_length
+
+
+def _patch_crop(cache, state: PruneState) -> None:
+    """Keep the pruned prefix's record (``state``: the tokens appended after the prefill, which size
+    the decode masks, and each stage's layout) in step when transformers crops the cache: assisted /
+    prompt-lookup decoding drops rejected candidate tokens (with an assistant model the prefill
+    itself ends with candidates), a deferred stop check undoes a step. Every layer loses the same
+    number of tokens, pruned or not; a positive argument (the legacy absolute length, in the
+    original coordinates ``get_seq_length`` reports) is turned into that number."""
+    if "crop" in cache.__dict__ or not callable(getattr(type(cache), "crop", None)):
+        return
+    import weakref
+
+    bound = type(cache).crop
+    cache_ref = weakref.ref(cache)
+
+    def crop(tokens_to_remove: int):
+        c = cache_ref()
+        if tokens_to_remove > 0:
+            tokens_to_remove = -max(c.get_seq_length() - tokens_to_remove, 0)
+        out = bound(c, tokens_to_remove)
+        remove = -min(tokens_to_remove, 0)
+        from_extra = min(remove, state.extra)
+        state.extra -= from_extra
+        rest = remove - from_extra
+        if rest:  # the prefill itself ended with candidates (assisted decoding): its last slots go
+            # (text tokens, valid in every row and kept by every stage, so the last slots of each layout)
+            state.n_prefill -= rest
+            for st in state.stages:
+                st.positions, st.valid = st.positions[:, :-rest], st.valid[:, :-rest]
+        return out
+
+    cache.crop = crop
+

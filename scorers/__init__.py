@@ -12,21 +12,16 @@ if "." not in __name__:  # imported under its bare folder name: the name goes to
     import pathlib, runpy
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py"))["hand_over"](__name__, __file__)
 else:
-    from vtoken.scorers.attention import (
-        AttentionScorer,
-        FasterVLMScorer,
-        FastVScorer,
-        PyramidDropScorer,
-        SparseVLMScorer,
-        VisionZipScorer,
-        ZipVLScorer,
-    )
+    from vtoken.scorers.attention import FasterVLMScorer, FastVScorer, PyramidDropScorer, ZipVLScorer
+    from vtoken.scorers.attention_base import AttentionScorer
     from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
     from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
     from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
     from vtoken.scorers.flow import FlowCutScorer, RolloutScorer, rollout_row
     from vtoken.scorers.functional import attention_entropy, attention_rollout, erank
     from vtoken.scorers.sink import VARScorer
+    from vtoken.scorers.sparsevlm import SparseVLMScorer
+    from vtoken.scorers.visionzip import VisionZipScorer
 
     __all__ = [
         "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",

@@ -2,8 +2,9 @@
 pieces. It registers nothing itself.
 
 Each built-in method is registered beside its scorer, in the scorer's module
-(:mod:`vtoken.scorers.attention`, :mod:`~vtoken.scorers.baselines`, :mod:`~vtoken.scorers.diversity`,
-:mod:`~vtoken.scorers.flow`, :mod:`~vtoken.scorers.sink`): a plan builder decorated with
+(:mod:`vtoken.scorers.attention`, :mod:`~vtoken.scorers.visionzip`, :mod:`~vtoken.scorers.sparsevlm`,
+:mod:`~vtoken.scorers.baselines`, :mod:`~vtoken.scorers.diversity`, :mod:`~vtoken.scorers.flow`,
+:mod:`~vtoken.scorers.sink`): a plan builder decorated with
 :func:`vtoken.methods.register_method` right after the scorer class. The registry
 (:mod:`vtoken.methods`) imports those modules before any lookup.
 
@@ -13,20 +14,16 @@ ones (PyramidDrop, SparseVLM) each builder documents how ``keep`` maps onto its 
 
 Every attention-ranked method (fastv, sparsevlm, pyramiddrop, fastervlm, visionzip, zipvl,
 flowcut, rollout, var) also takes the modifiers ``debias=True`` (Attention Debiasing) and
-``exclude_sinks=True`` (VAR-style sink exclusion); see :class:`vtoken.scorers.attention.AttentionScorer`.
+``exclude_sinks=True`` (VAR-style sink exclusion); see :class:`vtoken.scorers.attention_base.AttentionScorer`.
 """
 
 from __future__ import annotations
 
 from vtoken.methods import MethodSpec, available_methods, method_spec, register_method, register_scorer  # noqa: F401
 from vtoken.plan import Stage, validate_budget  # noqa: F401
-from vtoken.scorers.attention import (  # noqa: F401
-    MODIFIERS,
-    SPARSEVLM_REFERENCE_TOKENS,
-    SPARSEVLM_TABLES,
-    pyramiddrop_budgets,
-    sparsevlm_budgets,
-)
+from vtoken.scorers.attention import pyramiddrop_budgets  # noqa: F401
+from vtoken.scorers.attention_base import MODIFIERS  # noqa: F401
+from vtoken.scorers.sparsevlm import SPARSEVLM_REFERENCE_TOKENS, SPARSEVLM_TABLES, sparsevlm_budgets  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- methods table

@@ -10,8 +10,8 @@ import torch
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers import functional as F
+from vtoken.scorers.attention_base import MODIFIERS, AttentionScorer
 from vtoken.scorers.base import Selection, demote, masked_scores, promote, topk_mask, topk_selection
-from vtoken.scorers.attention import MODIFIERS, AttentionScorer
 from vtoken.signals import SegmentSignals
 
 

@@ -6,7 +6,8 @@
     handle.remove()
 """
 
-from vtoken.errors import AlreadyPrunedError, PruningConfigError, UnsupportedModelError, VTokenError
+from vtoken.errors import (AlreadyPrunedError, PruningConfigError, UnsupportedCallError, UnsupportedModelError,
+                           VTokenError)
 from vtoken.methods import available_methods, build_plan
 from vtoken.plan import Stage
 from vtoken.scorers.functional import erank
@@ -41,5 +42,6 @@ __all__ = [
     "VTokenError",
     "PruningConfigError",
     "UnsupportedModelError",
+    "UnsupportedCallError",
     "AlreadyPrunedError",
 ]

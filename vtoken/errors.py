@@ -17,6 +17,11 @@ class AlreadyPrunedError(VTokenError, RuntimeError):
     """``apply_pruning`` was called on a model that already carries a pruning handle."""
 
 
+class HandleRemovedError(VTokenError, RuntimeError):
+    """A removed pruning handle was entered again as a context manager: it prunes nothing any more
+    (``remove()`` itself may be called again: it does nothing)."""
+
+
 class DuplicateRegistrationError(PruningConfigError):
     """A method or scorer name is already registered (``register_method`` / ``register_scorer``
     without ``override=True``); the message names the existing registration."""
@@ -29,3 +34,9 @@ class DataError(VTokenError, ValueError):
 class DataFormatError(DataError):
     """A file read by ``vtoken eval`` (questions, annotations, predictions) is not in the expected
     format; the message names the file and the line, and nothing already written is changed."""
+
+
+class UnsupportedCallError(VTokenError, ValueError):
+    """A call of the pruned model that vtoken cannot serve correctly: a ``generate`` option, cache
+    type or input form (a static cache with tokens to drop, ``inputs_embeds`` with pixel inputs, ...).
+    Raised before any output is produced; the message says what to use instead."""

@@ -2,7 +2,8 @@
 
 Every method registers beside its scorer: the scorer's module defines the preset plan builder
 right after the scorer class and decorates it with :func:`register_method` (the built-ins live in
-``vtoken.scorers.attention``, ``.baselines``, ``.diversity``, ``.flow`` and ``.sink``)::
+``vtoken.scorers.attention``, ``.visionzip``, ``.sparsevlm``, ``.baselines``, ``.diversity``, ``.flow``
+and ``.sink``)::
 
     @register_scorer
     class MyScorer(Scorer):
@@ -67,6 +68,8 @@ _SCORERS: dict = {}
 #: the modules that define (and register) the built-in scorers and methods
 _BUILTIN_MODULES = (
     "vtoken.scorers.attention",
+    "vtoken.scorers.visionzip",
+    "vtoken.scorers.sparsevlm",
     "vtoken.scorers.baselines",
     "vtoken.scorers.diversity",
     "vtoken.scorers.flow",

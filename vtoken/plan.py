@@ -80,6 +80,13 @@ class Stage:
             from vtoken.methods import make_scorer
 
             self.scorer = make_scorer(self.scorer)
+        elif isinstance(self.scorer, type) or not callable(getattr(self.scorer, "select", None)) \
+                or not isinstance(getattr(self.scorer, "name", None), str):
+            hint = f" (a class: pass an instance, {self.scorer.__name__}())" if isinstance(self.scorer, type) else ""
+            raise PruningConfigError(
+                f"Stage.scorer must be a registered scorer name (e.g. 'fastv') or a vtoken.scorers.base.Scorer "
+                f"instance; got {type(self.scorer).__name__} {self.scorer!r}{hint}"
+            )
 
 
 def validate_plan(plan: list, num_layers: int) -> list:

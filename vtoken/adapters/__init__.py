@@ -17,6 +17,15 @@ def supported_models() -> list:
 
 
 def get_adapter(model) -> Adapter:
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        what = f"the class {model.__name__} itself" if isinstance(model, type) else f"{type(model).__name__} {model!r:.80}"
+        raise UnsupportedModelError(
+            f"vtoken prunes a loaded transformers model instance (e.g. "
+            f"LlavaForConditionalGeneration.from_pretrained(...)); got {what}. Supported models: "
+            f"{', '.join(supported_models())}"
+        )
     name = type(model).__name__
     for cls in ADAPTERS:
         if name in cls.model_types:

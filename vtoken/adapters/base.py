@@ -170,9 +170,38 @@ class Adapter:
     # the inputs (besides input_ids) that layout() reads; None: not declared, so a host plan built
     # from this adapter's layout is not cached across calls (vtoken.hooks.prefill_plan.PlanCache)
     layout_inputs: Optional[tuple] = None
+    # every image becomes the same number of visual tokens (LLaVA-1.5's fixed grid), so a budget may
+    # be a token count; False for dynamic resolution (anyres tiles, Qwen's smart_resize)
+    fixed_token_count: bool = False
 
     def __init__(self, model):
         self.model = model
+
+    # --- prompts and token grids (also what the demo asks) ----------------------------------
+    @property
+    def image_token_id(self) -> Optional[int]:
+        """The id of the placeholder token that stands for each visual token of an image in
+        ``input_ids`` (``image_token_id`` or ``image_token_index`` of the config), or None when the
+        config declares none."""
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(self.model.config, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def image_placeholder(self, processor) -> str:
+        """The prompt text that stands for one image when no chat template writes the prompt (the
+        processor expands it into the image's visual tokens): the processor's ``image_token``, else
+        ``<image>``."""
+        return getattr(processor, "image_token", None) or "<image>"
+
+    @property
+    def base_view_side(self) -> Optional[int]:
+        """Side of the token grid of the whole image at base resolution when an image's tokens start
+        with that view and continue with other views (LLaVA-NeXT / OneVision anyres tiles and
+        newlines): the first ``side * side`` visual tokens of an image are its base view. None for
+        models without one."""
+        return None
 
     # --- structure -------------------------------------------------------------------
     @property

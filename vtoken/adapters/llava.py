@@ -27,6 +27,7 @@ class LlavaAdapter(Adapter):
     model_types = ("LlavaForConditionalGeneration",)
     family = "llava"
     layout_inputs = ()  # the layout is a function of input_ids (and the config) alone
+    fixed_token_count = True  # tokens_per_image() for every image
 
     def tokens_per_image(self) -> tuple:
         vc = self.model.config.vision_config
@@ -90,6 +91,13 @@ class LlavaNextAdapter(Adapter):
     layout_needs_features = True  # per-image counts from get_image_features; newlines from embeddings
     model_types = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
     family = "llava_next"
+
+    @property
+    def base_view_side(self) -> int:
+        """The base view (the whole image resized to the vision tower's input) comes first: an
+        ``image_size / patch_size`` square grid, then the high-resolution tiles with newlines."""
+        vc = self.model.config.vision_config
+        return int(vc.image_size // vc.patch_size)
 
     def layout(self, input_ids, inputs, ctx):
         cfg = self.model.config

@@ -27,6 +27,10 @@ class QwenVLAdapter(Adapter):
     family = "qwen_vl"
     layout_inputs = ("image_grid_thw", "video_grid_thw")  # what layout() reads besides input_ids
 
+    def image_placeholder(self, processor) -> str:
+        """Qwen's prompt wraps the image pad token in vision start / end markers."""
+        return "<|vision_start|><|image_pad|><|vision_end|>"
+
     @property
     def merge(self) -> int:
         return int(getattr(self.model.config.vision_config, "spatial_merge_size", 2))

@@ -77,7 +77,7 @@ def unsupported_reason(layers, final_norm, config) -> Optional[str]:
 def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, groups, layer_group, backend: str):
     """The decode step from the embeddings ``h [B, 1, D]`` to the final norm's output ``[B, 1, D]``.
 
-    ``kv`` is the step's :class:`~vtoken.engine.static_decode.StaticKV` (``update`` writes the new
+    ``kv`` is the step's :class:`~vtoken.engine.static_kv.StaticKV` (``update`` writes the new
     key/value at the group's slot and returns the buffers); ``groups[layer_group[i]]`` holds layer
     i's kept-index list and count."""
     cos, sin = position_embeddings

@@ -1,0 +1,201 @@
+"""Feature geometry and diversity, for the scorers (pure tensor functions, re-exported by
+:mod:`vtoken.scorers.functional`): cosine similarity, nearest neighbours, greedy max-min
+selection, effective rank, and density-peaks clustering.
+
+Conventions of :mod:`vtoken.scorers.functional` (padded per-segment tensors, ``mask`` (S, n)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+#: chunk of rows used when an (n x n) similarity would not fit comfortably in memory
+ROW_CHUNK = 1024
+
+
+# ----------------------------------------------------------------------------- similarity
+
+
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalise the last axis (float32)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+
+
+def nearest_neighbour_distance(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For unit features z (S, n, D): each real slot's cosine distance (1 - cos) to its nearest
+    OTHER real slot; (S, n), +inf where a segment has a single candidate, +inf on padding.
+
+    Computed in row chunks so the (n x n) matrix is never held at once for large n.
+    """
+    S, n, _ = z.shape
+    out = torch.full((S, n), float("inf"), dtype=torch.float32, device=z.device)
+    ar = torch.arange(n, device=z.device)
+    for start in range(0, n, ROW_CHUNK):
+        stop = min(n, start + ROW_CHUNK)
+        d = 1.0 - z[:, start:stop] @ z.transpose(1, 2)  # (S, c, n)
+        d = d.masked_fill(~mask.unsqueeze(1), float("inf"))
+        d[:, ar[start:stop] - start, ar[start:stop]] = float("inf")  # not its own neighbour
+        out[:, start:stop] = d.min(dim=2).values
+    return out.masked_fill(~mask, float("inf"))
+
+
+def greedy_maxmin(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    budget: torch.Tensor,
+    seed: Optional[torch.Tensor] = None,
+) -> tuple:
+    """Greedy max-min diversity selection (DivPrune's solver of the Max-Min Diversity Problem).
+
+    features (S, n, D), mask (S, n) bool, budget (S,) long, seed (S, n) bool or None: slots
+    already chosen (they count against the budget). Distance = 1 - cosine similarity.
+
+    The first pick (when ``seed`` is empty) is the token whose nearest neighbour is farthest
+    away; every later pick is the unchosen real token whose minimum distance to the chosen set
+    is largest. Ties break towards the lower slot index.
+
+    Returns (keep (S, n) bool with exactly ``max(budget, seeds)`` True per row, order (S, n)
+    long: pick rank of each chosen slot, -1 elsewhere; seeds rank 0..).
+    """
+    S, n = mask.shape
+    dev = mask.device
+    z = unit_rows(features)
+    keep = torch.zeros((S, n), dtype=torch.bool, device=dev)
+    order = torch.full((S, n), -1, dtype=torch.long, device=dev)
+    budget = torch.minimum(budget.to(dev).long(), mask.sum(dim=1))
+    mind = torch.full((S, n), float("inf"), dtype=torch.float32, device=dev)
+    picked = torch.zeros(S, dtype=torch.long, device=dev)
+    if seed is not None:
+        seed = seed & mask
+        keep |= seed
+        # seeds rank in slot order
+        order = torch.where(seed, seed.long().cumsum(dim=1) - 1, order)
+        picked = seed.sum(dim=1)
+        # min distance of every slot to its segment's seed set (inf without seeds)
+        mind = 1.0 - masked_max_similarity(z, seed)[0]
+    need_first = picked == 0
+    first_score = None
+    if bool(need_first.any()):
+        first_score = nearest_neighbour_distance(z, mask)
+    steps = int((budget - picked).clamp(min=0).max()) if S else 0
+    # every step runs on all rows with static shapes (a row that has its budget changes nothing):
+    # no host sync inside the loop, about a dozen small kernels per step
+    for _ in range(steps):
+        active = picked < budget  # (S,)
+        base = mind if first_score is None else torch.where((picked == 0).unsqueeze(1), first_score, mind)
+        score = base.masked_fill(~mask | keep, float("-inf"))
+        # +inf (a lone candidate has no neighbour) -> large finite, so argmax still prefers real slots
+        pick = score.clamp(max=1e30).argmax(dim=1, keepdim=True)  # (S, 1)
+        chosen = torch.zeros_like(keep).scatter_(1, pick, active.unsqueeze(1))
+        keep |= chosen
+        order = torch.where(chosen, picked.unsqueeze(1), order)
+        zp = z.gather(1, pick.unsqueeze(-1).expand(-1, 1, z.shape[-1]))  # (S, 1, D)
+        d = 1.0 - (z @ zp.transpose(1, 2)).squeeze(-1)  # (S, n)
+        mind = torch.where(active.unsqueeze(1), torch.minimum(mind, d), mind)
+        picked = picked + active.long()
+    return keep, order
+
+
+def masked_max_similarity(z: torch.Tensor, cols: torch.Tensor, cap: int = 1 << 24) -> tuple:
+    """Largest similarity of every row to the chosen columns of its segment.
+
+    z (S, n, D) rows (unit rows: cosine similarity), cols (S, n) bool -> (values (S, n): max over
+    j with cols[s, j] of z[s, i] . z[s, j], -inf where a segment has no chosen column; index
+    (S, n) long: that j, the lowest on ties). Computed in blocks of at most ``cap`` similarities
+    (segments x query rows), a loop over shapes only: no host sync, bounded memory for long
+    segments.
+    """
+    S, n = cols.shape
+    values = torch.full((S, n), float("-inf"), dtype=z.dtype, device=z.device)
+    index = torch.zeros((S, n), dtype=torch.long, device=z.device)
+    rows = min(max(n, 1), max(1, cap // max(n, 1)))  # query rows per block
+    segs = max(1, cap // max(rows * n, 1))  # segments per block
+    for s0 in range(0, S, segs):
+        zs, cs = z[s0: s0 + segs], cols[s0: s0 + segs].unsqueeze(1)
+        for r0 in range(0, n, rows):
+            sim = (zs[:, r0: r0 + rows] @ zs.transpose(1, 2)).masked_fill(~cs, float("-inf"))  # (c, r, n)
+            best = sim.max(dim=2)
+            values[s0: s0 + segs, r0: r0 + rows] = best.values
+            index[s0: s0 + segs, r0: r0 + rows] = best.indices
+    return values, index
+
+
+def cosine_to(features: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of features (n, D) to query (D,) -> (n,)."""
+    return unit_rows(features) @ unit_rows(query)
+
+
+# ----------------------------------------------------------------------------- effective rank
+
+
+def erank(features: torch.Tensor) -> torch.Tensor:
+    """Effective rank (Roy & Vetterli, EUSIPCO 2007) of a feature matrix.
+
+    features (n, d) -> 0-dim float32 tensor: exp(H(p)) with p_i = sigma_i / sum(sigma) the
+    normalised singular values and H the Shannon entropy (natural log). It lies in
+    [1, min(n, d)] for a non-zero matrix (1 = rank one, min(n, d) = all singular values equal);
+    an empty or all-zero matrix has effective rank 0. Features are not centred.
+    """
+    x = features.detach().double()
+    if x.dim() != 2:
+        raise ValueError(f"erank expects a 2-D (tokens, features) matrix; got shape {tuple(features.shape)}")
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    # singular values from the eigenvalues of the smaller Gram matrix (cheaper than an SVD of a
+    # wide token matrix; float64 keeps the small ones accurate enough for the entropy)
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    sv = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
+    total = sv.sum()
+    if not bool(total > 0):
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    p = sv / total
+    h = -(p * torch.log(p.clamp(min=1e-300))).sum()
+    return torch.exp(h).float()
+
+
+def erank_per_segment(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """erank of each segment's kept rows: hidden (S, n, D), keep (S, n) bool -> (S,) float32."""
+    if keep.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    return torch.stack([erank(hidden[s][keep[s]]) for s in range(keep.shape[0])])
+
+
+# ----------------------------------------------------------------------------- clustering
+
+
+def dpc_knn(x: torch.Tensor, clusters: int, k: Optional[int] = None) -> tuple:
+    """Density-peaks clustering with k-nearest-neighbour density (DPC-kNN, as used by SparseVLM's
+    token recycling). x (r, D) -> (centres (c,) long indices into x, assign (r,) long in 0..c-1).
+
+    density_i = exp(-mean of squared distances to its k nearest neighbours) (distances divided
+    by sqrt(D)); delta_i = distance to the nearest denser point (max distance for the densest);
+    centres = the ``clusters`` points with the largest density * delta; every point joins its
+    nearest centre; each centre joins itself. Density ties break by index (deterministic).
+    """
+    r, D = x.shape
+    c = max(1, min(int(clusters), r))
+    k = c if k is None else k
+    k = max(1, min(k, r))
+    xf = x.float()
+    dist = torch.cdist(xf, xf) / math.sqrt(max(D, 1))
+    knn = dist.topk(k, dim=1, largest=False).values
+    density = torch.exp(-(knn ** 2).mean(dim=1))
+    # deterministic tie-break: earlier index counts as slightly denser
+    density = density + torch.arange(r, 0, -1, device=x.device, dtype=density.dtype) * 1e-9
+    denser = density.unsqueeze(0) > density.unsqueeze(1)  # [i, j]: j denser than i
+    dmax = dist.max()
+    delta = torch.where(denser, dist, dmax.expand_as(dist)).min(dim=1).values
+    centres = (delta * density).topk(c).indices
+    assign = dist[:, centres].argmin(dim=1)
+    assign[centres] = torch.arange(c, device=x.device)
+    return centres, assign
+
+
+__all__ = [
+    "unit_rows", "nearest_neighbour_distance", "greedy_maxmin", "masked_max_similarity", "cosine_to",
+    "erank", "erank_per_segment", "dpc_knn",
+]

@@ -1,0 +1,117 @@
+"""CUDA-graph capture and replay for :class:`~vtoken.engine.StaticDecoder`.
+
+- ``_capture``: warm a closure up on a side stream, then capture it as a ``torch.cuda.CUDAGraph``
+  (the prefill tail, the decode step, the vision tower).
+- ``_GraphedForward``: a module's ``forward`` replayed as a graph, one per input signature (the
+  vision tower), falling back to eager when a forward cannot be captured; ``_signature``,
+  ``_clone`` and ``_copy_into`` walk its nested arguments.
+- ``_Session``: every tensor a captured graph reads (static KV buffers, the decode step's
+  inputs/outputs, the tail's inputs) and the graphs themselves, kept for later calls with the
+  same shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vtoken.engine.static_kv import StaticKV
+
+
+def _capture(fn, dev, warmups: int = 1):
+    """Warm ``fn`` up on a side stream (Triton compilation, cuBLAS workspaces), then capture it."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(device=dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _signature(value):
+    if torch.is_tensor(value):
+        return ("T", tuple(value.shape), value.dtype, str(value.device))
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _signature(v)) for k, v in value.items()))
+    return repr(value)
+
+
+def _copy_into(dst, src):
+    if torch.is_tensor(dst):
+        dst.copy_(src)
+    elif isinstance(dst, (list, tuple)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+    elif isinstance(dst, dict):
+        for k in dst:
+            _copy_into(dst[k], src[k])
+
+
+def _clone(value):
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+class _GraphedForward:
+    """A module's ``forward`` replayed as a CUDA graph, one graph per input signature (shapes,
+    dtypes, non-tensor arguments). Outputs are the graph's static tensors, valid until the next
+    replay. A forward that cannot be captured (host syncs, data-dependent shapes: e.g. Qwen's
+    windowed vision tower) runs eagerly from then on (``self.failed`` says why)."""
+
+    def __init__(self, module, capture):
+        self.forward, self.capture, self.graphs, self.failed = module.forward, capture, {}, None
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is not None:
+            return self.forward(*args, **kwargs)
+        key = _signature((args, kwargs))
+        entry = self.graphs.get(key)
+        if entry is None:
+            static = _clone((args, kwargs))
+            box = {}
+
+            def run():
+                box["out"] = self.forward(*static[0], **static[1])
+
+            try:
+                graph = self.capture(run)
+            except Exception as exc:  # noqa: BLE001 - not capturable: stay eager
+                self.failed = f"{type(exc).__name__}: {exc}"
+                torch.cuda.synchronize()
+                return self.forward(*args, **kwargs)
+            entry = self.graphs[key] = (graph, static, box)
+        graph, static, box = entry
+        _copy_into(static, (args, kwargs))
+        graph.replay()
+        return box["out"]
+
+
+@dataclass
+class _Session:
+    """What captured graphs point at, reused by later calls with the same shapes: the static KV
+    buffers, the per-group index tensors, the decode step's input/output tensors, the graphs."""
+
+    signature: tuple
+    kv: StaticKV
+    tok: torch.Tensor
+    t: torch.Tensor
+    new: torch.Tensor
+    pos_next: torch.Tensor
+    suppress: Optional[torch.Tensor] = None  # token ids masked at every step (read by the decode graph)
+    decode_graph: object = None
+    tail_inputs: Optional[dict] = None
+    tail_logits: Optional[torch.Tensor] = None
+    tail_graph: object = None

@@ -1,0 +1,53 @@
+"""What an eval run is: :class:`EvalConfig` (model, data sets, methods, budgets, output directory,
+...), the method lists of a default and of the quick run, and the token counts a table's budget
+blocks can use."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from vtoken.eval.records import keep_key
+
+__all__ = ["EvalConfig", "config_dict", "DEFAULT_METHODS", "QUICK_METHODS", "BUDGET_COUNTS"]
+
+
+#: methods when --methods is not given, in table order (those registered are used)
+DEFAULT_METHODS = ("fastv", "sparsevlm", "pyramiddrop", "visionzip", "divprune", "dart", "random")
+#: methods of the no-argument quick run: one per family that runs on any adapter, plus the baseline
+QUICK_METHODS = ("fastv", "visionzip", "divprune", "random")
+#: the token counts a table's budget blocks can use (:attr:`EvalConfig.budget_count`)
+BUDGET_COUNTS = ("final", "equivalent")
+
+
+@dataclass
+class EvalConfig:
+    model: str = "vtoken/tiny-llava"
+    data: list = field(default_factory=lambda: ["synthetic", "easy-vqa"])
+    methods: list = field(default_factory=list)
+    keeps: list = field(default_factory=lambda: [0.333, 0.222, 0.111])
+    limit: Optional[int] = None
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: Optional[str] = None
+    out: str = "eval_out"
+    max_new_tokens: int = 16
+    seed: int = 0
+    progress: bool = True
+    #: which visual-token count the "Retain N" blocks of the table mean: "final" = tokens kept
+    #: after the last stage, "equivalent" = layer-averaged tokens (docs/DESIGN.md §4). A preset that
+    #: can count its budget either way (SparseVLM) runs at N by this count, so it is part of the run's
+    #: identity; a row that still does not keep N by it is flagged
+    budget_count: str = "final"
+
+    def run_identity(self) -> dict:
+        """What predictions depend on; a resumed run must match it."""
+        return {"model": self.model, "dtype": self.dtype, "max_new_tokens": self.max_new_tokens,
+                "budget_count": self.budget_count}
+
+
+def config_dict(config: EvalConfig) -> dict:
+    d = asdict(config)
+    d["keeps"] = [keep_key(k) for k in config.keeps]
+    return d
