@@ -359,10 +359,12 @@ class Runtime:
         state = getattr(cache, STATE_ATTR, None) if cache is not None else None
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         B = embeds.shape[0] if embeds is not None else kwargs["input_ids"].shape[0]
-        fixed = _fixed_slot_cache(cache)
-        if fixed and getattr(cache, PASS_ATTR, False):  # a later step on a static cache of a keep-all prefill
+        if getattr(cache, PASS_ATTR, False):  # a later step on a static cache of a keep-all prefill
             ctx.inputs, ctx.mode = None, "off"
             return
+        # a pruned prefix (state) is never on a fixed-slot cache (refused or passed through at its
+        # prefill), so decode steps skip the per-layer scan
+        fixed = state is None and _fixed_slot_cache(cache)
         if bad_mask and not fixed and (state is not None or ctx.inputs is not None):
             _bad_mask(kwargs.get("attention_mask"))
         if state is not None:

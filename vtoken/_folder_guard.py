@@ -82,6 +82,12 @@ def hand_over(name: str, init_file: str) -> None:
                           f"'vtoken.{name}' and is not importable as a top-level {name!r}.")
         sys.modules[name] = module
         return
+    exec_as(name, spec)
+
+
+def exec_as(name: str, spec):
+    """Create the module of ``spec``, register it as ``sys.modules[name]`` (so that its own imports
+    of ``name`` find it) and execute it; on failure nothing stays registered. Returns the module."""
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -89,3 +95,4 @@ def hand_over(name: str, init_file: str) -> None:
     except BaseException:
         sys.modules.pop(name, None)
         raise
+    return module

@@ -36,13 +36,9 @@ def _map_folder(name: str, folder: Path) -> None:
     source checkout that is on ``sys.path`` but not installed), so its modules import each other."""
     spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
                                                   submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
+    from vtoken._folder_guard import exec_as
+
+    module = exec_as(name, spec)
     parent, _, child = name.rpartition(".")
     setattr(sys.modules[parent], child, module)
 
