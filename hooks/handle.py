@@ -14,7 +14,10 @@ from typing import Optional
 from vtoken.adapters import get_adapter
 from vtoken.errors import AlreadyPrunedError, HandleRemovedError, PruningConfigError
 from vtoken.hooks.probe import install_probe
-from vtoken.hooks.runtime import STATE_ATTR, GenerateSession, Runtime
+from vtoken.hooks.call_state import GenerateSession
+from vtoken.hooks.checkpointing import checkpointing
+from vtoken.hooks.kv_cache import STATE_ATTR
+from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
 from vtoken.methods import build_plan, method_spec
 from vtoken.plan import validate_budget, validate_plan
@@ -138,6 +141,10 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
     runtime = Runtime(adapter, plan, backend=backend)
     undo = []
     try:
+        top_params = _param_names(model)
+        h0 = model.register_forward_pre_hook(lambda m, a, kw: runtime.on_model_call(top_params, a, kw),
+                                             with_kwargs=True)
+        undo.append(h0.remove)
         mm = adapter.multimodal_model
         mm_params = _param_names(mm)
         h1 = mm.register_forward_pre_hook(
@@ -191,7 +198,7 @@ def _param_names(module) -> list:
 
 
 def _layer_hook(runtime, idx, module, args, kwargs):
-    return runtime.on_layer(idx, args, kwargs)
+    return runtime.on_layer(idx, args, kwargs, checkpointing(module))
 
 
 def _wrap_generate(model, runtime):

@@ -66,3 +66,34 @@ def _format(allowed: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> torch.
         out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return out.masked_fill_(~allowed, torch.finfo(dtype).min)
     return allowed
+
+
+def decode_step_masks(state, mask2d: Optional[torch.Tensor], q: int, batch: int, attn_impl: str,
+                      dtype: torch.dtype, device) -> list:
+    """One decode step's masks, one per stage of the pruned prefix ``state`` (a
+    :class:`vtoken.hooks.call_state.PruneState`, whose ``extra`` is advanced by the step's ``q``
+    new tokens): the prefix's validity after that stage, then the tokens appended since the
+    prefill (valid per the 2-D ``mask2d`` (B, original length + extra), all valid without one)."""
+    state.extra += q
+    if mask2d is not None:
+        new_valid = mask2d[:, -state.extra:].bool()
+    else:
+        new_valid = torch.ones(batch, state.extra, dtype=torch.bool, device=device)
+    return [extend_mask(s.valid, new_valid, q, attn_impl, dtype, s.all_valid) for s in state.stages]
+
+
+def key_validity(mask) -> Optional[torch.Tensor]:
+    """(B, N) bool validity of the keys an attention mask allows: a 2-D padding mask as it is; a
+    4-D mask (B, 1, q, N) (bool, True = attend, or additive float, 0 = attend) or transformers'
+    dict of them (``{"full_attention": ...}``) read from its last query row, which a causal mask
+    lets see every valid key. None for anything else."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not torch.is_tensor(mask):
+        return None
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() != 4:
+        return None
+    row = mask[:, 0, -1, :]
+    return row if row.dtype == torch.bool else row == 0

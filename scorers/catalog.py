@@ -24,17 +24,13 @@ from vtoken.plan import Stage, validate_budget  # noqa: F401
 from vtoken.scorers.attention import pyramiddrop_budgets  # noqa: F401
 from vtoken.scorers.attention_base import MODIFIERS  # noqa: F401
 from vtoken.scorers.sparsevlm import SPARSEVLM_REFERENCE_TOKENS, SPARSEVLM_TABLES, sparsevlm_budgets  # noqa: F401
+from vtoken.signals import SIGNALS
 
 
 # ----------------------------------------------------------------------------- methods table
 
-_ROWS = {
-    "attn_last": "last token",
-    "attn_last_text": "last token",
-    "attn_text": "text rows",
-    "layer_attn_last": "last token, layers 0..K-1",
-    "layer_attn_full": "full matrices, layers 0..K-1",
-}
+#: how the methods table names the attention captures a signal takes (vtoken.signals.SIGNALS)
+_CAPTURE_LABELS = {"last": "last token", "text": "text rows", "full": "full matrices"}
 _FAMILY_ORDER = ("attention", "diversity", "flow", "sink", "baseline")
 
 
@@ -46,11 +42,16 @@ def _attention_column(spec) -> str:
     needs = set()
     for st in plan:
         needs |= set(getattr(st.scorer, "needs", ())) | set(getattr(st.scorer, "optional_needs", ()))
-    rows = sorted({_ROWS[n] for n in needs if n in _ROWS})
+    rows, vision = set(), False
+    for signal in (SIGNALS[n] for n in needs if n in SIGNALS):
+        vision |= signal.vision and signal.name.endswith("attn")
+        for capture in signal.probe:
+            if capture in _CAPTURE_LABELS:
+                rows.add(_CAPTURE_LABELS[capture] + (", layers 0..K-1" if signal.every_layer else ""))
     parts = []
     if rows:
-        parts.append("yes (" + "; ".join(rows) + ")")
-    if "vision_attn" in needs:
+        parts.append("yes (" + "; ".join(sorted(rows)) + ")")
+    if vision:
         parts.append("vision-encoder [CLS] attention")
     return ", ".join(parts) if parts else "no"
 

@@ -45,7 +45,7 @@ def make_signals(
 
     ``attn_text`` entries are (H, T_s, n_s); every other signal follows the shapes of
     :mod:`vtoken.signals` without the leading S axis. Unknown keyword names are set as extra
-    attributes (for signals not in the base set, e.g. ``layer_attn_full``), unpadded.
+    attributes, unpadded (e.g. ``layer_attn_full``, already padded by the caller).
     """
     S = len(counts)
     n = max(counts) if S else 0

@@ -158,9 +158,7 @@ def test_architecture_doc_names_every_layer():
 
 
 @pytest.mark.parametrize("folder", [
-    pytest.param("hooks", marks=pytest.mark.xfail(strict=True, reason="hooks/runtime.py (~1,000 lines, six jobs) is "
-                                                  "not split yet: the open part of issue 18")),
-    "scorers", "kernels", "vtoken/engine", "vtoken/adapters", "vtoken/eval", "demos", "vtoken/zoo"])
+    "hooks", "scorers", "kernels", "vtoken/engine", "vtoken/adapters", "vtoken/eval", "demos", "vtoken/zoo"])
 def test_modules_stay_small(folder):
     """No module over ~400 lines unless its docstring gives the reason ("Size:" paragraph)."""
     big = []

@@ -114,18 +114,30 @@ def test_static_cache_equal_at_keep_all_refused_when_pruning(arch):
         model.generate(**inputs, **GEN)  # the handle still works on the default path
 
 
-def test_inputs_embeds_with_pixels_is_refused():
-    """The visual tokens are found by their ids: ``inputs_embeds`` with pixel inputs and no
-    ``input_ids`` is refused (generate, whose newer versions pre-encode the pixels, and forward),
-    never run silently unpruned."""
-    model = get_model("llava")
-    inputs = dict(get_inputs("llava", model))
-    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
-    with vtoken.apply_pruning(model, method="fastv", keep=8, K=1):
-        with pytest.raises(UnsupportedCallError, match="pass input_ids"):
-            model.generate(inputs_embeds=embeds, **inputs, **GEN)
-        with pytest.raises(UnsupportedCallError, match="pass input_ids"):
-            model(inputs_embeds=embeds, **inputs)
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_inputs_embeds_with_pixels_prunes_like_input_ids(arch):
+    """``inputs_embeds`` with pixel inputs and no ``input_ids`` (issue 19): the visual tokens are
+    found where the embeddings are the placeholder's, as transformers finds them. Keep-all equals
+    the plain model on the same call; pruning keeps each image's budget. LLaVA's forward is the
+    same function of embeddings as of ids, so it prunes exactly the tokens ``input_ids`` would
+    (Qwen computes its M-RoPE positions from ``input_ids`` when given: another forward)."""
+    model = get_model(arch)
+    inputs = dict(get_inputs(arch, model))
+    ids = inputs.pop("input_ids")
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeds, **inputs).logits
+        with vtoken.apply_pruning(model, method="fastv", keep=1.0, K=1):
+            torch.testing.assert_close(model(inputs_embeds=embeds, **inputs).logits, plain, rtol=0, atol=0)
+        with vtoken.apply_pruning(model, method="fastv", keep=0.5, K=1) as h:
+            ref = model(input_ids=ids, **inputs).logits
+            kept_ref = _kept(h)
+            got = model(inputs_embeds=embeds, **inputs).logits
+            kept = _kept(h)
+    assert [len(k) for k in kept] == [len(k) for k in kept_ref] and any(kept)
+    if arch == "llava":
+        assert kept == kept_ref
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_forward_and_compiled_module():

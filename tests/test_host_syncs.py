@@ -233,7 +233,7 @@ def test_host_plan_equals_generic_torch_path(seed, keep):
     assert torch.equal(got, want)
     assert got.sum(1).tolist() == prep.kept_host
     assert (prep.rank_shift.flatten() + torch.tensor(prep.kept_host)).tolist() == [max(prep.kept_host) - 1] * B
-    from vtoken.hooks.runtime import _last_valid
+    from vtoken.hooks.stage_signals import last_valid as _last_valid
 
     assert torch.equal(prep.last_valid.flatten(), _last_valid(valid))
 

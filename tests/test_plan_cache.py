@@ -7,6 +7,7 @@ import torch
 
 import vtoken
 from conftest import get_inputs, get_model
+from vtoken.hooks import host_plans
 from vtoken.hooks import runtime as R
 from vtoken.hooks.prefill_plan import PlanCache
 
@@ -15,7 +16,7 @@ def _fresh(model, size, monkeypatch):
     """Runtimes built from now on use a cache of ``size`` that starts empty (the cache is the
     model's, and the test models are shared between tests)."""
     monkeypatch.setattr(R.Runtime, "plan_cache_size", size)
-    R.plan_cache_for(model, size).clear()
+    host_plans.plan_cache_for(model, size).clear()
 
 
 def _run(model, inputs, cache_size, monkeypatch, calls=1, method="fastv", keep=0.3):
@@ -204,8 +205,8 @@ def test_no_method_changes_a_cached_plan(case, monkeypatch):
         made.append((prep, {k: v.clone() for k, v in _device_tensors(prep).items()}))
         return prep
 
-    real_prepare = R.prepare_prefill
-    monkeypatch.setattr(R, "prepare_prefill", prepare_and_snapshot)
+    real_prepare = host_plans.prepare_prefill
+    monkeypatch.setattr(host_plans, "prepare_prefill", prepare_and_snapshot)
     _fresh(model, 4, monkeypatch)
     with vtoken.apply_pruning(model, **kwargs) as handle, torch.no_grad():
         outs = [model(**inputs).logits for _ in range(3)]

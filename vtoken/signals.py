@@ -5,8 +5,14 @@ segment of the batch that still has prunable visual tokens, pads them to a commo
 count ``n`` and hands the scorer one :class:`SegmentSignals`. Scorers are pure functions of
 these tensors: no model access, no global state.
 
+This module is the one declaration of the signal contract: :data:`SIGNALS` names every signal
+a scorer may declare in ``needs`` (shape, meaning, and which attention captures it takes);
+the runtime collects exactly these (``vtoken.hooks.stage_signals``), installs the attention
+probes they ask for (``vtoken.hooks.probe.probe_rows``), and the methods table describes them.
+
 Shapes (S = segments in the batch, n = max candidates per segment, H = attention heads,
-T = max text rows per segment's sample, D = hidden size, Dk = key size = kv_heads * head_dim):
+T = max text rows per segment's sample, D = hidden size, Dk = key size = kv_heads * head_dim,
+Lyr = layers before the stage, m = tokens of the segment's sample). Always present:
 
 =====================  ======================  ==============================================
 field                  shape                   meaning
@@ -19,33 +25,11 @@ grid                   list of (t, h, w)       the segment's original token grid
 sample                 (S,) long               which batch row each segment belongs to
 ordinal                (S,) long               the segment's number within its sample (0, 1..)
 original               (S,) long               the segment's original visual-token count
-hidden                 (S, n, D)               hidden states entering the stage's layer
-text_hidden            (S, T, D)               hidden states of the sample's text tokens
-text_mask              (S, T) bool             real text rows
-text_after             (S, T) bool             text rows after the segment's visual tokens in
-                                               the sequence (the prompt following the image)
-normed_hidden          (S, n, D)               ``hidden`` passed through the LLM's final norm
-                                               (the adapter's ``final_norm``)
-normed_text_hidden     (S, T, D)               ``text_hidden`` through the same final norm
-attn_last              (S, H, n)               softmax attention probability from the sample's
-                                               last prompt token to each candidate, at the
-                                               layer before the stage (layer L-1), per head
-attn_last_text         (S, H, T)               same query row, attention to the text tokens
-attn_text              (S, H, T, n)            attention probability of every text row
-                                               (query) to each candidate at layer L-1
-keys                   (S, n, Dk)              post-RoPE key states of the candidates, L-1
-text_keys              (S, T, Dk)              post-RoPE key states of the text tokens, L-1
-vision_attn            (S, n)                  vision-encoder attention each candidate
-                                               receives: from [CLS] where the tower has one,
-                                               else mean attention received (pooled to LLM
-                                               tokens where patches are merged)
-vision_keys            (S, n, Dv)              vision-encoder key states (same layer)
-layer_attn_last        (S, Lyr, H, n)          ``attn_last`` at every layer 0..L-1 (for
-                                               information-flow scorers)
-generator              torch.Generator         seeded generator (random baselines)
+text_mask              (S, T) bool             real text rows (with any ``text_*`` signal)
+generator              torch.Generator         seeded generator (random baselines), or None
 =====================  ======================  ==============================================
 
-A field the stage's scorer did not declare in ``needs`` is ``None``.
+A declared signal the stage's scorer did not list in ``needs`` is ``None``.
 """
 
 from __future__ import annotations
@@ -55,29 +39,68 @@ from typing import Optional
 
 import torch
 
+
+@dataclass(frozen=True)
+class Signal:
+    """One declarable signal.
+
+    ``probe``: the attention captures the runtime records for it ("last": the last prompt
+    token's softmax row, "text": the text rows' softmax rows, "keys": post-RoPE keys, "full":
+    every row, head-averaged), at the layer before the stage, or at every layer before it when
+    ``every_layer``. ``vision``: read from the vision encoder's probe. ``causal``: see below.
+    """
+
+    name: str
+    shape: str
+    meaning: str
+    probe: tuple = ()
+    every_layer: bool = False
+    vision: bool = False
+    #: computed from the visual tokens themselves: tokens appended after them in a prefill (an
+    #: assistant's candidates) do not change it, unlike the last token's or the text rows' signals
+    causal: bool = False
+
+
+#: Every signal a scorer may declare in ``needs`` (or ``optional_needs``), in one place.
+SIGNALS = {s.name: s for s in (
+    Signal("hidden", "(S, n, D)", "hidden states entering the stage's layer", causal=True),
+    Signal("text_hidden", "(S, T, D)", "hidden states of the sample's text tokens"),
+    Signal("text_after", "(S, T) bool", "text rows after the segment's visual tokens in the sequence "
+                                        "(the prompt following the image)"),
+    Signal("normed_hidden", "(S, n, D)", "``hidden`` through the LLM's final norm (the adapter's final_norm)",
+           causal=True),
+    Signal("normed_text_hidden", "(S, T, D)", "``text_hidden`` through the same final norm"),
+    Signal("attn_last", "(S, H, n)", "softmax attention from the sample's last prompt token to each candidate, "
+                                     "at the layer before the stage (L-1), per head", probe=("last",)),
+    Signal("attn_last_text", "(S, H, T)", "the same query row, attention to the text tokens", probe=("last",)),
+    Signal("attn_text", "(S, H, T, n)", "attention of every text row (query) to each candidate at L-1",
+           probe=("text",)),
+    Signal("keys", "(S, n, Dk)", "post-RoPE key states of the candidates at L-1 (each sample's own rotary "
+                                 "phase)", probe=("keys",), causal=True),
+    Signal("text_keys", "(S, T, Dk)", "post-RoPE key states of the text tokens at L-1", probe=("keys",)),
+    Signal("vision_attn", "(S, n)", "vision-encoder attention each candidate receives: from [CLS] where the "
+                                    "tower has one, else mean attention received (pooled to LLM tokens where "
+                                    "patches are merged); NaN where a segment has none (video)", vision=True,
+           causal=True),
+    Signal("vision_keys", "(S, n, Dv)", "vision-encoder key states (same layer)", vision=True, causal=True),
+    Signal("layer_attn_last", "(S, Lyr, H, n)", "``attn_last`` at every layer 0..L-1 (information flow)",
+           probe=("last",), every_layer=True),
+    Signal("layer_attn_full", "(S, Lyr, m, m)", "head-averaged attention among the sample's tokens at every "
+                                                "layer 0..L-1 (sequence order; padding rows/columns zero)",
+           probe=("full",), every_layer=True),
+    Signal("full_pos", "(S, n) long", "column of each candidate in ``layer_attn_full`` (-1 on padding slots)",
+           probe=("full",), every_layer=True),
+    Signal("full_query", "(S,) long", "column of the sample's last prompt token in ``layer_attn_full``",
+           probe=("full",), every_layer=True),
+)}
+
 #: Every signal name a scorer may declare in ``needs``.
-SIGNAL_NAMES = frozenset(
-    {
-        "hidden",
-        "text_hidden",
-        "text_after",
-        "normed_hidden",
-        "normed_text_hidden",
-        "attn_last",
-        "attn_last_text",
-        "attn_text",
-        "keys",
-        "text_keys",
-        "vision_attn",
-        "vision_keys",
-        "layer_attn_last",
-    }
-)
+SIGNAL_NAMES = frozenset(SIGNALS)
 
 
 @dataclass
 class SegmentSignals:
-    """Padded per-segment signals of one stage; see the module docstring for shapes."""
+    """Padded per-segment signals of one stage; see :data:`SIGNALS` and the module docstring."""
 
     mask: torch.Tensor
     budget: torch.Tensor
@@ -86,9 +109,10 @@ class SegmentSignals:
     ordinal: torch.Tensor
     original: torch.Tensor
     grid: Optional[list] = None
+    text_mask: Optional[torch.Tensor] = None
+    generator: Optional[torch.Generator] = None
     hidden: Optional[torch.Tensor] = None
     text_hidden: Optional[torch.Tensor] = None
-    text_mask: Optional[torch.Tensor] = None
     text_after: Optional[torch.Tensor] = None
     normed_hidden: Optional[torch.Tensor] = None
     normed_text_hidden: Optional[torch.Tensor] = None
@@ -100,7 +124,9 @@ class SegmentSignals:
     vision_attn: Optional[torch.Tensor] = None
     vision_keys: Optional[torch.Tensor] = None
     layer_attn_last: Optional[torch.Tensor] = None
-    generator: Optional[torch.Generator] = None
+    layer_attn_full: Optional[torch.Tensor] = None
+    full_pos: Optional[torch.Tensor] = None
+    full_query: Optional[torch.Tensor] = None
     #: Free-form diagnostics a scorer may fill (e.g. ``{"erank": tensor(S,)}``); copied to stats.
     diagnostics: dict = field(default_factory=dict)
 

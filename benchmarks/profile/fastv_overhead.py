@@ -16,6 +16,7 @@ import vtoken
 from vtoken.bench import models as M
 from vtoken.bench.common import OracleFeed, kept_positions, runtime_call_counts
 from vtoken.hooks import runtime as R
+from vtoken.hooks import stage as S
 
 OUT = os.environ.get("OUT", "/tmp")
 B = int(os.environ.get("BATCH", "1"))
@@ -51,7 +52,7 @@ regions = collections.defaultdict(list)
 
 
 def timed_region(cls, name, sync):
-    """Wrap a runtime method: wall ms with a device sync on both sides (``sync``), else the host
+    """Wrap a runtime method or a function of a hooks module (where it is looked up): wall ms with a device sync on both sides (``sync``), else the host
     ms alone (what a launch-bound forward pays)."""
     f = getattr(cls, name)
 
@@ -113,15 +114,16 @@ with vtoken.apply_pruning(model, method="fastv", keep=64) as h:
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=35))
     for sync in (True, False):
         saved = {}
-        for name in ["on_text_call", "on_layer", "_run_stage", "_relayout", "_fill_signals", "on_multimodal_call",
-                     "on_multimodal_done"]:
-            g, f = timed_region(R.Runtime, name, sync)
-            saved[name] = f
-            setattr(R.Runtime, name, g)
+        regions_at = [(R.Runtime, n) for n in ("on_text_call", "on_layer", "on_multimodal_call", "on_multimodal_done")]
+        regions_at += [(R, "run_stage"), (S, "relayout"), (S, "fill_signals")]  # module functions, where called
+        for owner, name in regions_at:
+            g, f = timed_region(owner, name, sync)
+            saved[(owner, name)] = f
+            setattr(owner, name, g)
         for _ in range(20):
             pre()
-        for name, f in saved.items():
-            setattr(R.Runtime, name, f)
+        for (owner, name), f in saved.items():
+            setattr(owner, name, f)
     for (name, sync), ts in regions.items():
         kind = "synced wall" if sync else "host"
         log(f"region {name}: calls/prefill {len(ts) // 20}, {kind} ms/prefill {sum(ts) / 20:.3f}")

@@ -15,7 +15,8 @@ import torch
 import vtoken
 from vtoken.bench import models as M
 from vtoken.hooks import prefill_plan as P
-from vtoken.hooks.runtime import CallContext
+from vtoken.hooks.call_state import CallContext
+from vtoken.hooks.host_plans import plan_before_vision
 
 OUT = os.environ.get("OUT", "/tmp")
 DEV = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu: a smoke run on a tiny model
@@ -54,7 +55,7 @@ log("mask.cpu().bool()         " + us(lambda: mask.cpu().bool()))
 log("adapter.layout            " + us(lambda: rt.adapter.layout(ids_h, inputs, None)))
 log("prepare_prefill (cpu)     " + us(lambda: P.prepare_prefill(layout, mask_h, 64, "cpu")))
 log("prepare_prefill (cuda)    " + us(lambda: P.prepare_prefill(layout, mask_h, 64, DEV)))
-log("_read_host_inputs (whole) " + us(lambda: rt._read_host_inputs(CallContext(), inputs)))
+log("plan_before_vision (whole) " + us(lambda: plan_before_vision(rt, CallContext(), inputs)))
 buf = torch.from_numpy(np.zeros(12000, dtype=np.uint8))
 if DEV == "cuda":
     log("pin_memory + H2D 12 KB    " + us(lambda: buf.pin_memory().to(DEV, non_blocking=True)))

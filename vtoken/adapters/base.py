@@ -189,6 +189,17 @@ class Adapter:
                 return int(value)
         return None
 
+    def ids_from_embeds(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N) stand-in ``input_ids`` for a call given ``inputs_embeds`` (B, N, D) without them:
+        a position whose embedding equals an image / video placeholder token's embedding holds that
+        token (the way transformers' ``get_placeholder_mask`` finds them), every other -1."""
+        table = self.model.get_input_embeddings()
+        ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        for token in visual_token_ids(self.model.config):
+            vector = table(torch.tensor(token, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+            ids[(inputs_embeds == vector).all(dim=-1)] = token
+        return ids
+
     def image_placeholder(self, processor) -> str:
         """The prompt text that stands for one image when no chat template writes the prompt (the
         processor expands it into the image's visual tokens): the processor's ``image_token``, else

@@ -138,13 +138,25 @@ class LlavaNextAdapter(Adapter):
             @functools.wraps(original)
             def wrapped(*args, __orig=original, __kind=kind, **kwargs):
                 out = __orig(*args, **kwargs)
-                feats = getattr(out, "pooler_output", out)
-                if isinstance(feats, (list, tuple)):
-                    runtime.record_feature_lengths(__kind, [int(f.shape[0]) for f in feats])
-                elif torch.is_tensor(feats):
-                    runtime.record_feature_lengths(__kind, [int(math.prod(feats.shape[1:-1]))] * feats.shape[0])
+                lengths = _feature_lengths(out)
+                if lengths is not None:
+                    runtime.record_feature_lengths(__kind, lengths)
                 return out
 
             setattr(mm, name, wrapped)
             undo.append(lambda mm=mm, name=name: mm.__dict__.pop(name, None))
         return undo
+
+
+def _feature_lengths(out):
+    """Visual tokens per image (or video) of a ``get_image_features`` / ``get_video_features``
+    result: its ``pooler_output`` (transformers >= 5.2x), a list of (P_i, D) tensors (one per
+    image, LLaVA-NeXT / OneVision) or a (B, ..., D) tensor (one length per row). None for what
+    it cannot read: the tuple a ``return_dict=False`` call returns (a direct call outside a
+    pruned forward, where no length is needed)."""
+    feats = getattr(out, "pooler_output", out)
+    if torch.is_tensor(feats):
+        return [int(math.prod(feats.shape[1:-1]))] * feats.shape[0]
+    if isinstance(feats, (list, tuple)) and all(torch.is_tensor(f) for f in feats):
+        return [int(f.shape[0]) for f in feats]
+    return None
