@@ -17,8 +17,8 @@ else:
     from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
     from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
     from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
-    from vtoken.scorers.flow import FlowCutScorer, RolloutScorer, rollout_row
-    from vtoken.scorers.functional import attention_entropy, attention_rollout, erank
+    from vtoken.scorers.flow import AttentionFlowScorer, FlowCutScorer, RolloutScorer, rollout_row
+    from vtoken.scorers.functional import attention_entropy, attention_flow, attention_rollout, erank
     from vtoken.scorers.sink import VARScorer
     from vtoken.scorers.sparsevlm import SparseVLMScorer
     from vtoken.scorers.visionzip import VisionZipScorer
@@ -27,8 +27,9 @@ else:
         "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
         "AttentionScorer", "FastVScorer", "SparseVLMScorer", "PyramidDropScorer", "FasterVLMScorer",
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
-        "FlowCutScorer", "RolloutScorer", "VARScorer", "RandomScorer", "UniformScorer", "KeepAllScorer",
-        "erank", "attention_rollout", "rollout_row", "attention_entropy", "methods_table_markdown",
+        "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
+        "KeepAllScorer",
+        "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 
 

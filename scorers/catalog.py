@@ -13,8 +13,9 @@ Defaults are the papers' defaults. ``keep`` is the per-image budget (int tokens 
 ones (PyramidDrop, SparseVLM) each builder documents how ``keep`` maps onto its stages.
 
 Every attention-ranked method (fastv, sparsevlm, pyramiddrop, fastervlm, visionzip, zipvl,
-flowcut, rollout, var) also takes the modifiers ``debias=True`` (Attention Debiasing) and
-``exclude_sinks=True`` (VAR-style sink exclusion); see :class:`vtoken.scorers.attention_base.AttentionScorer`.
+flowcut, rollout, attnflow, var) also takes the modifiers ``debias=True`` (Attention Debiasing) and
+``exclude_sinks=True`` (sink exclusion, with ``sink_rule="var"|"act"|"secondary"``); see
+:class:`vtoken.scorers.attention_base.AttentionScorer`.
 """
 
 from __future__ import annotations

@@ -7,11 +7,15 @@ candidate slots of each segment; padding slots never influence a result and are 
 The functions live by family and are re-exported here:
 
 * :mod:`~vtoken.scorers.functional_attention` -- attention distributions: head mean,
-  normalisation, entropy, cumulative share (ZipVL), rollout over layers.
+  normalisation, entropy, cumulative share (ZipVL), rollout over layers, the residual-mixed
+  attention graph.
+* :mod:`~vtoken.scorers.functional_flow` -- attention flow: maximum flow through the layered
+  attention graph.
 * :mod:`~vtoken.scorers.functional_diversity` -- feature geometry and diversity: cosine
   similarity, nearest neighbours, greedy max-min selection, effective rank, DPC-kNN clustering.
 * :mod:`~vtoken.scorers.functional_debias` -- Attention Debiasing: positional trend, empty tokens.
-* :mod:`~vtoken.scorers.functional_sinks` -- visual sinks: massive-activation dimensions and tokens.
+* :mod:`~vtoken.scorers.functional_sinks` -- visual sinks: massive-activation dimensions and tokens
+  (VAR), attention received (ACT), alignment with the primary sink (secondary sinks).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from vtoken.scorers.functional_attention import (
     cumulative_share_count,
     head_mean,
     normalize_attention,
+    residual_attention,
 )
 from vtoken.scorers.functional_debias import empty_tokens, positional_trend, remove_positional_trend
 from vtoken.scorers.functional_diversity import (
@@ -34,7 +39,17 @@ from vtoken.scorers.functional_diversity import (
     nearest_neighbour_distance,
     unit_rows,
 )
-from vtoken.scorers.functional_sinks import massive_activation_tokens, rms_normalize, sink_dimensions, visual_sinks
+from vtoken.scorers.functional_flow import attention_flow, max_flow
+from vtoken.scorers.functional_sinks import (
+    SINK_RULES,
+    act_sinks,
+    massive_activation_tokens,
+    primary_sink,
+    rms_normalize,
+    secondary_sinks,
+    sink_dimensions,
+    visual_sinks,
+)
 
 __all__ = [
     "head_mean",
@@ -49,6 +64,9 @@ __all__ = [
     "erank",
     "erank_per_segment",
     "attention_rollout",
+    "residual_attention",
+    "attention_flow",
+    "max_flow",
     "positional_trend",
     "remove_positional_trend",
     "empty_tokens",
@@ -56,5 +74,9 @@ __all__ = [
     "sink_dimensions",
     "massive_activation_tokens",
     "visual_sinks",
+    "act_sinks",
+    "primary_sink",
+    "secondary_sinks",
+    "SINK_RULES",
     "dpc_knn",
 ]

@@ -72,15 +72,25 @@ def attention_rollout(attn_layers: torch.Tensor, residual: float = 0.5) -> torch
     """
     if attn_layers.dim() < 3:
         raise ValueError(f"attention_rollout expects (..., layers, m, m); got shape {tuple(attn_layers.shape)}")
-    a = attn_layers.float()
-    m = a.shape[-1]
-    eye = torch.eye(m, dtype=a.dtype, device=a.device)
+    a = residual_attention(attn_layers.float(), residual)
     out = None
     for layer in range(a.shape[-3]):
-        al = residual * eye + (1.0 - residual) * a[..., layer, :, :]
-        al = al / al.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+        al = a[..., layer, :, :]
         out = al if out is None else al @ out
     return out
 
 
-__all__ = ["head_mean", "normalize_attention", "attention_entropy", "cumulative_share_count", "attention_rollout"]
+def residual_attention(attn: torch.Tensor, residual: float = 0.5) -> torch.Tensor:
+    """The attention graph's edge weights with the residual stream (Abnar & Zuidema 2020):
+    A' = residual * I + (1 - residual) * A, each row renormalised to sum to one.
+
+    attn (..., m, m) -> (..., m, m) in attn's dtype. A zero row (a padding token) becomes the
+    identity row (for residual > 0).
+    """
+    eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
+    mixed = residual * eye + (1.0 - residual) * attn
+    return mixed / mixed.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+__all__ = ["head_mean", "normalize_attention", "attention_entropy", "cumulative_share_count", "attention_rollout",
+           "residual_attention"]

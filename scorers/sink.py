@@ -10,7 +10,7 @@ import torch
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers import functional as F
-from vtoken.scorers.attention_base import MODIFIERS, AttentionScorer
+from vtoken.scorers.attention_base import MODIFIERS, SINK_NEEDS, AttentionScorer
 from vtoken.scorers.base import Selection, demote, masked_scores, promote, topk_mask, topk_selection
 from vtoken.signals import SegmentSignals
 
@@ -39,6 +39,12 @@ class VARScorer(AttentionScorer):
     forward pass at every layer from 2 on; vtoken uses the redistributed attention of layer K-1
     only as the ranking signal and leaves the model's attention untouched.
 
+    ``sink_rule`` (default ``"var"``, the rule above) replaces step 1 for the visual sinks by
+    another rule of :class:`~vtoken.scorers.attention_base.AttentionScorer`, with ``sink_tau`` as
+    its threshold: ``"act"`` (ACT's attention-received rule, adds the signals ``attn_text`` and
+    ``text_after``) or ``"secondary"`` (alignment with the primary sink). The text sinks, which
+    only size the redistributed share, keep VAR's massive-activation rule (``tau``).
+
     Signals: ``attn_last`` (S, H, n), ``attn_last_text`` (S, H, T), ``hidden`` (S, n, D),
     ``text_hidden`` (S, T, D). Diagnostics: ``sinks`` (S,) visual sinks found,
     ``image_heads`` (S,) image-centric heads used.
@@ -58,8 +64,10 @@ class VARScorer(AttentionScorer):
         keep_sinks: bool = False,
         **modifiers,
     ):
-        modifiers.setdefault("sink_tau", tau)
+        if modifiers.get("sink_rule", "var") == "var":
+            modifiers.setdefault("sink_tau", tau)
         super().__init__(**modifiers)
+        self.needs = frozenset(self.needs | SINK_NEEDS[self.sink_rule])
         self.tau = float(tau)
         self.rho = float(rho)
         self.summ = float(summ)
@@ -74,7 +82,12 @@ class VARScorer(AttentionScorer):
             d = torch.tensor(self.dims, dtype=torch.long, device=sig.hidden.device).expand(sig.hidden.shape[0], -1)
         else:
             d = F.sink_dimensions(sig.hidden, sig.mask, self.tau, self.num_dims, sig.text_hidden, sig.text_mask)
-        vis = F.massive_activation_tokens(sig.hidden, d, self.tau) & sig.mask
+        if self.sink_rule == "var":
+            vis = F.massive_activation_tokens(sig.hidden, d, self.tau) & sig.mask
+        else:
+            vis = self.rule_sinks(sig)
+            if vis is None:
+                raise ValueError(f"var with sink_rule={self.sink_rule!r} needs the signals {sorted(self.needs)}")
         if sig.text_hidden is not None and sig.text_hidden.shape[1] > 0:
             txt = F.massive_activation_tokens(sig.text_hidden, d, self.tau)
             if sig.text_mask is not None:
@@ -124,7 +137,9 @@ class VARScorer(AttentionScorer):
         return topk_selection(scores, sig.mask, sig.budget)
 
 
-@register_method(name="var", family="sink", paper="Kang et al., ICLR 2025 (arXiv:2503.03321)",
+@register_method(name="var", family="sink",
+                 paper="Kang et al., ICLR 2025 (arXiv:2503.03321); sink_rule: ACT, Yu et al., ICML 2024 "
+                       "(arXiv:2406.15765), secondary sinks, Wong et al. 2025 (arXiv:2512.22213)",
                  stages="layer K=2", needs_attention=True, text_guided=True,
                  options=("K", "tau", "rho", "summ", "p", "dims", "num_dims", "keep_sinks", "mode") + MODIFIERS)
 def var_plan(keep, K: int = 2, tau: float = 20.0, rho: float = 0.5, summ: float = 0.2, p: float = 0.6, dims=None,

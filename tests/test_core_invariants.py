@@ -28,7 +28,7 @@ def pruned_last(handle, inputs):
     return (pos == target.unsqueeze(1)).int().argmax(1)
 
 
-@pytest.mark.parametrize("method,options", [("none", {}), ("fastv", {})])
+@pytest.mark.parametrize("method,options", [("none", {}), ("fastv", {}), ("attnflow", {}), ("attnflow", {"K": 3})])
 def test_keep_all_equals_unpatched(arch, method, options):
     """Invariant 1: nothing dropped -> same logits (at real tokens) and same generated tokens."""
     model = get_model(arch)

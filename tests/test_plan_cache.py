@@ -184,7 +184,8 @@ def _device_tensors(prep) -> dict:
 
 
 @pytest.mark.parametrize("case", ["fastv", "sparsevlm", "pyramiddrop", "fastervlm", "visionzip", "divprune", "dart",
-                                  "agile", "flowcut", "rollout", "var", "zipvl", "random", "uniform"])
+                                  "agile", "flowcut", "rollout", "attnflow", "var", "zipvl", "random",
+                                  "uniform"])
 def test_no_method_changes_a_cached_plan(case, monkeypatch):
     """Scorers and the runtime only read the cached tensors: after three forwards (one planning,
     two reusing the plan) every tensor of it is as it was planned, and the logits equal an

@@ -9,6 +9,7 @@ from vtoken.methods import build_plan, make_scorer, method_spec
 from vtoken.plan import Stage
 from vtoken.scorers import (
     AgileScorer,
+    AttentionFlowScorer,
     DARTScorer,
     DivPruneScorer,
     FasterVLMScorer,
@@ -29,7 +30,7 @@ from vtoken.scorers.catalog import pyramiddrop_budgets, sparsevlm_budgets
 from vtoken.scorers.testing import make_signals, random_signals
 
 ALL_METHODS = {"fastv", "sparsevlm", "pyramiddrop", "fastervlm", "visionzip", "zipvl", "divprune", "dart", "agile",
-               "flowcut", "rollout", "var", "random", "uniform", "none"}
+               "flowcut", "rollout", "attnflow", "var", "random", "uniform", "none"}
 
 SCORERS = [
     FastVScorer(), FastVScorer(debias=True), FastVScorer(exclude_sinks=True),
@@ -38,7 +39,9 @@ SCORERS = [
     PyramidDropScorer(), FasterVLMScorer(), FasterVLMScorer(debias=True), VisionZipScorer(), ZipVLScorer(),
     ZipVLScorer(debias=True), DivPruneScorer(), DARTScorer(), DARTScorer(key_norm=1), AgileScorer(),
     FlowCutScorer(), FlowCutScorer(relay=False),
-    RolloutScorer(), RolloutScorer(debias=True), VARScorer(), VARScorer(keep_sinks=True), RandomScorer(seed=3),
+    RolloutScorer(), RolloutScorer(debias=True), AttentionFlowScorer(), AttentionFlowScorer(residual=0.3),
+    FastVScorer(exclude_sinks=True, sink_rule="act"), FastVScorer(exclude_sinks=True, sink_rule="secondary"),
+    VARScorer(sink_rule="act"), VARScorer(sink_rule="secondary"), VARScorer(), VARScorer(keep_sinks=True), RandomScorer(seed=3),
     UniformScorer(), KeepAllScorer(),
 ]
 IDS = [repr(s)[:60] for s in SCORERS]
@@ -199,7 +202,7 @@ def test_pre_llm_presets():
 
 
 def test_in_llm_presets():
-    for name in ("zipvl", "dart", "agile", "flowcut", "rollout", "var"):
+    for name in ("zipvl", "dart", "agile", "flowcut", "rollout", "attnflow", "var"):
         (st,) = build_plan(name, 64)
         assert st.layer == 2, name
     (st,) = build_plan("zipvl", 1.0, threshold=0.9)

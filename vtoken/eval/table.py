@@ -38,7 +38,7 @@ METHOD_NAMES = {
     "vtc-cls": "VTC-CLS", "vtc_cls": "VTC-CLS", "fastervlm": "FasterVLM", "visionzip": "VisionZip",
     "zipvl": "ZipVL", "divprune": "DivPrune", "dart": "DART", "agile": "AgilePruner", "agilepruner": "AgilePruner",
     "flowcut": "FlowCut",
-    "rollout": "Attn. rollout", "var": "VAR", "random": "Random", "uniform": "Uniform",
+    "rollout": "Attn. rollout", "attnflow": "Attn. flow", "var": "VAR", "random": "Random", "uniform": "Uniform",
 }
 
 
