@@ -115,6 +115,7 @@ class CallContext:
     relaid: bool = False  # a stage has re-laid-out the sequence (slots no longer original positions)
     checks: Optional[list] = None  # budget checks deferred to the end of the multimodal forward
     stage_ops: Optional[StageOps] = None  # what the last stage did (see StageOps)
+    visual_call: bool = False  # the forward carries visual inputs (pixels, or features encoded by generate)
 
 
 class GenerateSession:

@@ -153,6 +153,7 @@ class Runtime:
                 and embeds.dim() == 3:  # locate the placeholders in the embeddings, as transformers does
             input_ids = self.adapter.ids_from_embeds(embeds)
             kwargs = {**kwargs, "input_ids": input_ids}
+        ctx.visual_call = bool(pixels or encoded)
         if input_ids is not None and input_ids.dim() == 2:
             ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
             if pixels:
@@ -212,6 +213,12 @@ class Runtime:
             ctx.mode = "decode"
             ctx.span_masks = M.decode_step_masks(state, mask2d, q, B, self.attn_impl(), self._dtype(), embeds.device)
             return
+        session = self.session
+        if not ctx.visual_call and (session is None or session.state is None):
+            # no visual inputs in this forward (a decode step on a cache vtoken did not prune, a text-only
+            # prompt): placeholder ids it may hold were generated as text, and nothing is pruned
+            ctx.inputs, ctx.mode = None, "off"
+            return
         if ctx.inputs is not None:  # a prefill: this forward's vision captures belong to it
             ctx.vision = getattr(self.tls, "vision", None) or []
             self.tls.vision = []
@@ -237,7 +244,6 @@ class Runtime:
         ctx.n = q
         ctx.cur_pos = prep.arange.expand(B, q)
         ctx.cur_valid = ctx.orig_valid
-        session = self.session
         if cache is None and session is not None and session.state is not None and q > session.state.n_prefill:
             ctx.mode = "replay"
             ctx.replay = session.state

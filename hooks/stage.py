@@ -70,8 +70,9 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
         else:
             check_budget(name, keep.sum(1), budget)
     known = first and exact  # what the stage keeps per row is known on the host
+    nothing_dropped = (not prep.drop_any) if known else not bool((smask & ~keep).any())
     merged = None
-    if stage.mode == "merge":
+    if stage.mode == "merge" and not nothing_dropped:
         merged = merge_targets(hidden, sig, keep, sel.merge_into, slot_pad)
         hidden = apply_merge(hidden, merged)
         ctx.stage_ops = StageOps(merged, None)
@@ -87,9 +88,8 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
         diagnostics=dict(sig.diagnostics),
     )
     ctx.trace.append(trace)
-    nothing_dropped = (not prep.drop_any) if known else not bool((smask & ~keep).any())
-    if nothing_dropped and stage.mode == "select":
-        # nothing dropped anywhere: keep the layout (and the model's own masks) as they are
+    if nothing_dropped:
+        # nothing dropped (nor merged) anywhere: keep the layout (and the model's own masks) as they are
         if ctx.state is not None:
             all_valid = prep.all_valid if known else bool(cur_valid.all())
             ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid,

@@ -34,11 +34,10 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from torch.utils.checkpoint import CheckpointError
 
 import vtoken
 from conftest import ARCHS, SUPPRESS
-from vtoken.errors import PruningConfigError, UnsupportedCallError, VTokenError
+from vtoken.errors import VTokenError
 
 TRANSFORMERS = Version(transformers.__version__)
 
@@ -241,82 +240,8 @@ def reset_rope_deltas(model) -> None:
 
 
 # ------------------------------------------------------------------------------------ the known failures
-# Every known failure of the suite, in one place: what the fix of issue 19 works from. A rule names
-# the test function, the cases it covers, the exception seen (AssertionError: a wrong result) and
-# where in vtoken it arises. Function names are given with the line numbers (hooks/runtime.py is
-# being split, issue 18: the names survive the move).
-
-_ITEM7_MERGE_REPLAY = (
-    "issue 19 item 7: merge mode breaks cache == no cache: the no-cache replay (hooks/runtime.py "
-    "Runtime._run_stage, `if ctx.mode == 'replay'` branch, ~line 575) re-lays out the prompt's kept positions but "
-    "does not merge the dropped tokens into the kept ones as the prefill did (`_merge`, ~line 616): tokens and "
-    "scores differ from the 2nd generated token on")
-_MERGE_KEEPALL = (
-    "keep-all merge is not the plain model: Runtime._run_stage (hooks/runtime.py ~line 630, `if nothing_dropped and "
-    "stage.mode == 'select'`) keeps the model's own layout and masks only for select stages; a merge stage that "
-    "drops nothing still re-lays out (`_relayout`: vtoken's mask, new padding on the left)")
-_ITEM6_EMBEDS = (
-    "issue 19 item 6: a forward with inputs_embeds and no input_ids is refused even at keep 1.0 "
-    "(UnsupportedCallError from Runtime.on_multimodal_call, hooks/runtime.py ~line 290); at keep-all it must pass "
-    "through")
-_ITEM2_CHECKPOINT = (
-    "issue 19 item 2: gradient checkpointing recomputes a layer in backward after the forward's thread-local call "
-    "state is gone (Runtime.on_multimodal_done sets tls.ctx = None, hooks/runtime.py ~line 337): the probe "
-    "(Runtime.probe's run, ~line 514) and the layer pre-hook (Runtime.on_layer, ~line 482) then run the layer "
-    "differently: torch.utils.checkpoint.CheckpointError 'A different number of tensors was saved'")
-
-KNOWN = (
-    # ---------------------------------------------------------------- generate
-    Known("test_generate_modes", _ITEM7_MERGE_REPLAY, families=("merge",), keeps=("pruned",), raises=AssertionError),
-    Known("test_generate_modes", _MERGE_KEEPALL + ": Qwen-VL's hidden states of padding slots differ from layer K on",
-          archs=QWEN, families=("merge",), keeps=("keepall",), extra=("greedy",), raises=AssertionError),
-    Known("test_output_attentions", _MERGE_KEEPALL + ": the attention rows of padding slots differ from layer K on",
-          families=("merge",), keeps=("keepall",), raises=AssertionError),
-    Known("test_output_attentions", _ITEM7_MERGE_REPLAY, families=("merge",), keeps=("pruned",), raises=AssertionError),
-    Known("test_cache_classes", _ITEM7_MERGE_REPLAY, families=("merge",), keeps=("pruned",), extra=("no_cache",),
-          raises=AssertionError),
-    Known("test_generate_from_inputs_embeds", _ITEM6_EMBEDS + "; generate(input_ids=..., inputs_embeds=...) also "
-          "reaches the model with inputs_embeds only (transformers drops input_ids from the prefill's inputs)",
-          keeps=("keepall",), extra=("with_ids", "without_ids"), raises=UnsupportedCallError),
-    Known("test_generated_placeholder_id",
-          "issue 19 item 4: a decode step whose new token is an image placeholder id, on a cache whose prefill "
-          "vtoken did not prune (text-only prompt, inputs_embeds prefill), is laid out as a prefill with the 2-D mask "
-          "of the whole sequence: IndexError at hooks/prefill_plan.py:164 (prepare_prefill, `seg[b_idx, slot]`) from "
-          "Runtime.on_text_call (hooks/runtime.py ~line 414)", raises=IndexError),
-    Known("test_padding_and_batch", _MERGE_KEEPALL + ": right-padded rows come back moved (logits at other slots)",
-          families=("merge",), keeps=("keepall",), extra=("right",), raises=AssertionError),
-    # ---------------------------------------------------------------- model forward paths
-    Known("test_forward_inputs_embeds_without_ids", _ITEM6_EMBEDS, keeps=("keepall",), raises=UnsupportedCallError),
-    Known("test_prebuilt_attention_masks",
-          "issue 19 item 6: a 4-D or dict attention mask is refused even at keep 1.0 (PruningConfigError from "
-          "Runtime.on_text_call -> _bad_mask, hooks/runtime.py ~lines 369 and 887); at keep-all it must pass through",
-          keeps=("keepall",), raises=PruningConfigError),
-    Known("test_switch_to_eager_after_apply", _MERGE_KEEPALL + ": the attention rows of padding slots differ",
-          families=("merge",), keeps=("keepall",), raises=AssertionError),
-    Known("test_get_image_features",
-          "issue 19 item 1: get_image_features(..., return_dict=False) with a handle attached: AttributeError "
-          "'list' object has no attribute 'shape' in the LlavaNextAdapter.install wrapper "
-          "(vtoken/adapters/llava.py:143), "
-          "which takes the returned tuple for the list of per-image features", extra=(False,), raises=AttributeError),
-    # ---------------------------------------------------------------- training
-    Known("test_labels_loss",
-          "issue 19 item 5: labels while pruning: the logits come back in the pruned layout (Runtime._relayout, "
-          "hooks/runtime.py) while labels keep the prompt's length, nothing gathers them: ValueError 'Expected input "
-          "batch_size (..) to match target batch_size (..)' in transformers' causal-LM loss",
-          keeps=("pruned",), raises=ValueError),
-    Known("test_labels_loss", _MERGE_KEEPALL + ": Qwen-VL's padding-slot logits differ, and the model's "
-          "shift-by-one loss reads the last padding slot of each left-padded row", archs=QWEN, families=("merge",),
-          keeps=("keepall",), raises=AssertionError),
-    Known("test_gradient_checkpointing", _ITEM2_CHECKPOINT, families=IN_LLM, keeps=("keepall",),
-          raises=CheckpointError),
-    Known("test_gradient_checkpointing", _ITEM2_CHECKPOINT + "; with tokens pruned, transformers 5.17 fails earlier: the "
-          "recomputed layers get the unpruned sequence, RuntimeError 'The size of tensor a (..) must match the size of "
-          "tensor b (..)' (CheckpointError is a RuntimeError)", families=IN_LLM, keeps=("pruned",),
-          raises=RuntimeError),
-    Known("test_gradient_checkpointing", _ITEM2_CHECKPOINT + " (transformers < 5.2x: also with a layer-0 stage; "
-          "passes on 5.25)", families=("pre",), keeps=("keepall",), raises=CheckpointError, until="5.25"),
-    Known("test_gradient_checkpointing",
-          "issue 19 item 2 (transformers < 5.2x, passes on 5.25): with a pruning layer-0 stage the checkpointed "
-          "layers are recomputed on the unpruned sequence: RuntimeError 'The size of tensor a (..) must match the "
-          "size of tensor b (..)'", families=("pre",), keeps=("pruned",), raises=RuntimeError, until="5.25"),
-)
+# Every known failure of the suite, in one place: a rule names the test function, the cases it
+# covers, the exception seen (AssertionError: a wrong result) and where in vtoken it arises, e.g.
+#   Known("test_labels_loss", "what goes wrong, and where", keeps=("pruned",), raises=ValueError)
+# Empty: the failures this suite found (issue 19 items 1, 2, 4-7 and keep-all merge stages) are fixed.
+KNOWN = ()
