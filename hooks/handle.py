@@ -19,6 +19,7 @@ from vtoken.hooks.checkpointing import checkpointing
 from vtoken.hooks.kv_cache import STATE_ATTR
 from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
+from vtoken.kernels import patch_vision_varlen
 from vtoken.methods import build_plan, method_spec
 from vtoken.plan import validate_budget, validate_plan
 
@@ -114,7 +115,8 @@ class PruningHandle:
         return f"PruningHandle(method={self.method!r}, stages={[(s.layer, s.scorer.name, s.keep) for s in self.plan]}, active={self.active})"
 
 
-def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **options) -> PruningHandle:
+def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vision_varlen: bool = True,
+           **options) -> PruningHandle:
     model = _uncompiled(model)
     if HANDLE_ATTR in getattr(model, "__dict__", {}):
         raise AlreadyPrunedError(
@@ -172,6 +174,13 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", **o
                 undo.append(install_probe(module, runtime.vision_probe()))
                 runtime.vision_probed = True
         undo += adapter.install(runtime)
+        tower = adapter.varlen_vision_tower() if vision_varlen else None
+        if tower is not None:  # the kernel where it runs (CUDA, no gradients); the model's own forward elsewhere
+            probed = adapter.vision_attention_module() if runtime.vision_probed else None
+            try:
+                undo.append(patch_vision_varlen(tower, backend=backend, triton_only=True, skip=(probed,)))
+            except ValueError:  # the user patched it already, or this version's tower has no such attention
+                pass
         undo.append(_wrap_generate(model, runtime))
     except Exception:
         for u in reversed(undo):

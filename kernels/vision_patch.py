@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vtoken.kernels.dispatch import resolve_backend
 from vtoken.kernels.varlen import varlen_attention
 
 
@@ -52,8 +53,9 @@ class _MaxSeqlenCache:
         return value
 
 
-def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache):
+def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, triton_only: bool = False):
     rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+    own = module.forward  # the module's forward before the patch
 
     def forward(
         self,
@@ -64,6 +66,11 @@ def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache):
         max_seqlen: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if triton_only and resolve_backend(backend, hidden_states) != "triton":  # CPU, or gradients needed
+            extra = {} if rotary_pos_emb is None else {"rotary_pos_emb": rotary_pos_emb}
+            if max_seqlen is not None:
+                extra["max_seqlen"] = max_seqlen
+            return own(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **extra, **kwargs)
         seq_length = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         if position_embeddings is None:  # older transformers passed the raw rotary angles
@@ -80,14 +87,19 @@ def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache):
     return types.MethodType(forward, module)
 
 
-def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto") -> Callable[[], None]:
+def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", triton_only: bool = False,
+                        skip: tuple = ()) -> Callable[[], None]:
     """Make every windowed vision-attention module under ``vision_model`` use :func:`varlen_attention`.
 
     Args:
-        vision_model: a Qwen2-VL / Qwen2.5-VL vision tower (e.g. ``model.visual`` or
+        vision_model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower (e.g. ``model.visual`` or
             ``model.model.visual``), or any module containing one.
         backend: passed to :func:`varlen_attention` (``"auto"``: Triton on CUDA, per-segment SDPA
             elsewhere).
+        triton_only: where the backend resolves to PyTorch (CPU tensors, or gradients needed), run
+            each module's own forward instead (what ``apply_pruning`` installs: the tower is then
+            exactly transformers' wherever the kernel would not run).
+        skip: modules to leave as they are (e.g. one whose attention a probe reads).
 
     Returns:
         ``remove()``: restores the original ``forward`` of every patched module. The output of the
@@ -96,7 +108,7 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto") -> Ca
     Raises:
         ValueError: when no supported attention module is found, or the tower is already patched.
     """
-    targets = [m for m in vision_model.modules() if _is_windowed_vision_attention(m)]
+    targets = [m for m in vision_model.modules() if _is_windowed_vision_attention(m) and not any(m is x for x in skip)]
     if not targets:
         raise ValueError(
             f"no windowed vision attention module (qkv/proj/num_heads + apply_rotary_pos_emb_vision) "
@@ -108,7 +120,7 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto") -> Ca
     saved = []
     for m in targets:
         saved.append((m, m.__dict__.get("forward")))
-        fwd = _make_forward(m, backend, cache)
+        fwd = _make_forward(m, backend, cache, triton_only)
         fwd.__func__._vtoken_varlen = True
         m.forward = fwd
 

@@ -24,7 +24,10 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
     keep:    int = visual tokens kept per image; float in (0, 1] = fraction of each image's tokens.
     plan:    an explicit list of :class:`Stage` instead of a method preset.
     options: method options (e.g. ``K=3`` for FastV); ``backend="auto"|"torch"|"triton"`` picks
-             the attention-scoring implementation.
+             the attention-scoring implementation; ``vision_varlen=False`` keeps Qwen's vision tower
+             as transformers runs it (by default its per-window attention runs as one varlen kernel
+             launch a layer on CUDA, :func:`vtoken.kernels.patch_vision_varlen`; elsewhere, and
+             with gradients, the tower's own forward runs).
 
     Returns a :class:`vtoken.hooks.PruningHandle`: ``remove()``, context manager, ``stats``.
     """

@@ -293,6 +293,12 @@ class Adapter:
         """Optionally refine structural tokens from layer-0 embeddings (LLaVA-NeXT newlines)."""
         return None
 
+    def varlen_vision_tower(self):
+        """The vision tower whose per-window attention ``apply_pruning`` routes through one varlen
+        kernel launch a layer (:func:`vtoken.kernels.patch_vision_varlen`), or None where the
+        model's own tower is already one launch (CLIP) or uses flash attention."""
+        return None
+
     # --- vision-encoder signals (vision_attn / vision_keys) ----------------------------------
     def vision_attention_module(self):
         """The vision-encoder attention module whose attention pre-LLM scorers read, or None

@@ -67,6 +67,14 @@ class QwenVLAdapter(Adapter):
             sizes[1] = [t * (h // m) * (w // m) for t, h, w in rows]
         return layout_from_runs(is_visual, is_video.long(), sizes, grids)
 
+    def varlen_vision_tower(self):
+        """Qwen's tower attends within each window / frame: transformers' SDPA and eager paths run
+        one attention call per window (about a thousand a layer at 16K patches, with a host sync),
+        flash attention one varlen call; the first two get vtoken's varlen kernel."""
+        visual = self.model.model.visual
+        impl = getattr(self.model.config.vision_config, "_attn_implementation", None) or "eager"
+        return visual if impl in ("sdpa", "eager") else None
+
     def vision_attention_module(self):
         visual = self.model.model.visual
         if getattr(self.model.config.vision_config, "fullatt_block_indexes", None) is not None:

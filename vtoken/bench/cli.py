@@ -78,6 +78,8 @@ def build_parser():
     p.add_argument("--methods", default="fastv", type=lambda s: s.split(","), help="methods of the llava suite")
     p.add_argument("--keep", default="192,128,64", type=_ints, help="budgets of the llava suite (tokens per image)")
     p.add_argument("--qwen-visual", default="4096,8192,16384", type=_ints)
+    p.add_argument("--qwen-one-image", action="store_true",
+                   help="qwen-long: each visual-token count as one square image (else images of 4096 tokens)")
     p.add_argument("--qwen-keep", default=0.111, type=float)
     p.add_argument("--vision-paths", default="varlen,sdpa", type=lambda s: s.split(","),
                    help="qwen-long vision attention: varlen (patch_vision_varlen), sdpa (transformers)")
@@ -232,7 +234,8 @@ def run_suite(suite, bench, pool, args):
     elif suite == "llava-next":
         image_suites.run_llava_next(bench, pool, batches=args.next_batch)
     elif suite == "qwen-long":
-        qwen_suites.run_qwen_long(bench, pool, visual=args.qwen_visual, keep=args.qwen_keep, paths=args.vision_paths)
+        qwen_suites.run_qwen_long(bench, pool, visual=args.qwen_visual, keep=args.qwen_keep, paths=args.vision_paths,
+                                  one_image=args.qwen_one_image)
     elif suite == "qwen-lm":
         qwen_suites.run_qwen_lm(bench, pool, visual=args.qwen_visual, methods=args.methods, profile=args.profile)
     elif suite == "peers":

@@ -25,13 +25,16 @@ from vtoken.bench.common import OracleFeed, ModuleTimer, cache_of, kept_position
 QWEN_KEEP = 0.111
 
 
-def run_qwen_long(bench, pool, visual=(4096, 8192, 16384), keep=QWEN_KEEP, paths=("varlen", "sdpa"), method="fastv"):
+def run_qwen_long(bench, pool, visual=(4096, 8192, 16384), keep=QWEN_KEEP, paths=("varlen", "sdpa"), method="fastv",
+                  one_image=False):
+    """``one_image``: each visual-token count as ONE square image (16384 tokens: 256 x 256 patches)
+    instead of images of 4096 tokens. On the ``sdpa`` path the pruned rows are the handle as
+    ``apply_pruning`` installs it (its varlen vision tower, the default) and with
+    ``vision_varlen=False`` (transformers' tower)."""
     from vtoken.kernels import patch_vision_varlen
 
     model = pool.get("qwen2.5-vl-7b")
-    grid = M.qwen_image_grid(bench.tiny)
     merge = model.config.vision_config.spatial_merge_size
-    per_image = grid[0] * grid[1] * grid[2] // merge ** 2
     full_per_image = 4096
     lm = model.model.language_model
     summary = {}
@@ -39,9 +42,19 @@ def run_qwen_long(bench, pool, visual=(4096, 8192, 16384), keep=QWEN_KEEP, paths
         remove = patch_vision_varlen(model.model.visual, backend=bench.backend) if path == "varlen" else None
         try:
             for n_vis in visual:
-                if n_vis % full_per_image:
-                    raise ValueError(f"--qwen-visual entries must be multiples of {full_per_image} (one image each); got {n_vis}")
-                n_images = n_vis // full_per_image
+                if one_image:
+                    side = int(round(n_vis ** 0.5))
+                    if side * side != n_vis:
+                        raise ValueError(f"--qwen-one-image needs square visual-token counts; got {n_vis}")
+                    n_images, grid = 1, (1, side * merge, side * merge)
+                    if bench.tiny:
+                        grid = (1, max(merge, grid[1] // 8), max(merge, grid[2] // 8))
+                else:
+                    if n_vis % full_per_image:
+                        raise ValueError(f"--qwen-visual entries must be multiples of {full_per_image} (one image each); "
+                                         f"got {n_vis}")
+                    n_images, grid = n_vis // full_per_image, M.qwen_image_grid(bench.tiny)
+                per_image = grid[0] * grid[1] * grid[2] // merge ** 2
                 if bench.over_budget():
                     bench.skip("qwen-long", f"vision path {path}, {n_vis} visual tokens and later")
                     break
@@ -71,6 +84,14 @@ def run_qwen_long(bench, pool, visual=(4096, 8192, 16384), keep=QWEN_KEEP, paths
                     del out
                     base = row("unpruned", 1.0, t_full, runs, vt.median_ms(), kv, kept_visual=visual_tokens,
                                context_after=N)
+                    if path == "sdpa":  # the handle with transformers' own tower, for comparison
+                        with vtoken.apply_pruning(model, method=method, keep=keep, backend=bench.backend,
+                                                  vision_varlen=False) as handle:
+                            bench.reset_peak()
+                            t, runs, out = timed(bench, prefill, timers=[vt])
+                            del out
+                            row(f"vision_varlen=False {method}[{bench.backend}]", keep, t, runs, vt.median_ms(), None,
+                                speedup_vs_unpruned=round(t_full / t, 3))
                     with vtoken.apply_pruning(model, method=method, keep=keep, backend=bench.backend) as handle:
                         bench.reset_peak()
                         t, runs, out = timed(bench, prefill, timers=[vt])
@@ -146,6 +167,7 @@ def run_qwen_lm(bench, pool, visual=(4096, 8192, 16384), keep=0.11, methods=("fa
 
             def pruned():
                 rt.on_multimodal_call({})
+                rt.ctx.visual_call = True  # the image embeddings are fed directly: this call carries visual tokens
                 rt.ctx.layout = layout_from_runs(input_ids == M.QWEN_IMAGE, torch.zeros_like(input_ids),
                                                  {0: [n_vis]}, {0: [(1, side, side)]})
                 try:
