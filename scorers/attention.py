@@ -67,6 +67,10 @@ class PyramidDropScorer(AttentionScorer):
     Deviation: the paper computes that row with the projections of the first layer of the next
     stage (layer L) on the hidden states entering it; vtoken reads the same row from layer L-1,
     the last layer that ran on the full token set (``attn_last``), so no extra projection runs.
+    Given the same row, the kept sets equal the released code's (Cooperx521/PyramidDrop@6444f30,
+    ``pdrop_rank_drop``; ``tests/test_fidelity_pyramiddrop.py``); its per-stage counts are
+    int(N * 0.5 / 0.25 / 0.125) of each image's N tokens, which fractional budgets reproduce up
+    to rounding (vtoken rounds to nearest, the code floors).
 
     Signals: ``attn_last`` (S, H, n) -> scores (S, n).
     """
