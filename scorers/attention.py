@@ -49,6 +49,7 @@ class FastVScorer(AttentionScorer):
 
 
 @register_method(name="fastv", family="attention", paper="Chen et al., ECCV 2024 (arXiv:2403.06764)",
+                 released_code="pkunlp-icler/FastV",
                  stages="layer K=2", needs_attention=True, text_guided=True, options=("K", "mode") + MODIFIERS)
 def fastv_plan(keep, K: int = 2, mode: str = "select", **modifiers):
     """FastV preset: one stage at layer ``K`` keeping ``keep`` visual tokens per image."""
@@ -102,6 +103,7 @@ def pyramiddrop_budgets(keep, stages: int = 3, lam: float = 0.5) -> tuple:
 
 
 @register_method(name="pyramiddrop", family="attention", paper="Xing et al., CVPR 2025 (arXiv:2410.17247)",
+                 released_code="Cooperx521/PyramidDrop@6444f30",
                  stages="layers 8, 16, 24", needs_attention=True, text_guided=True,
                  options=("layers", "lam", "mode") + MODIFIERS)
 def pyramiddrop_plan(keep, layers=(8, 16, 24), lam: float = 0.5, mode: str = "select", **modifiers):
@@ -137,6 +139,7 @@ class FasterVLMScorer(AttentionScorer):
 
 
 @register_method(name="fastervlm", family="attention",
+                 released_code="Theia-4869/FasterVLM",
                  paper="Zhang et al. 2024 (arXiv:2412.01818); VTC-CLS (arXiv:2412.05819)",
                  stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False,
                  options=("vision_layers", "mode") + MODIFIERS)

@@ -147,6 +147,7 @@ class VARScorer(AttentionScorer):
 
 
 @register_method(name="var", family="sink",
+                 released_code="seilk/VisAttnSink@98e62d6",
                  paper="Kang et al., ICLR 2025 (arXiv:2503.03321); sink_rule: ACT, Yu et al., ICML 2024 "
                        "(arXiv:2406.15765), secondary sinks, Wong et al. 2025 (arXiv:2512.22213)",
                  stages="layer K=2", needs_attention=True, text_guided=True,
