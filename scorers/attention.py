@@ -165,6 +165,8 @@ class ZipVLScorer(AttentionScorer):
     * ZipVL decides a ratio per layer from probe queries and applies it to sparse attention and
       KV eviction at every layer; vtoken applies it once, as a token-dropping stage at layer K,
       with the last prompt token's attention row as the probe.
+    * No selection code has been released (the authors' page, hexy.tech/zipvl, links none), so
+      the rule is held to the paper's equation only, not to code.
     The counts chosen go to ``sig.diagnostics["zipvl_count"]`` (S,) (and to handle.stats).
 
     Signals: ``attn_last`` (S, H, n) -> Selection with a per-segment count <= budget.

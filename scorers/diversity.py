@@ -233,6 +233,12 @@ class AgileScorer(Scorer):
     attention; the rest are chosen by greedy max-min diversity (DivPrune's rule on hidden
     states) seeded with the attention picks.
 
+    Not checked against code: cvsp-lab/AgilePruner@3df95a3 releases none ("coming soon"). Its
+    project page describes the paper's own minimal instantiation differently: high-attention
+    tokens first, each removing the candidates within a cosine-distance threshold
+    tau_i = order_i * erank_input / erank_avg * 0.01 (capped), erank_avg a dataset statistic;
+    this scorer's entropy split is vtoken's reading of the findings, not that rule.
+
     Signals: ``attn_last`` (S, H, n), ``hidden`` (S, n, D).
     Diagnostics: ``erank`` (S,) of the kept tokens, ``attn_entropy`` (S,) = h,
     ``attention_share`` (S,) = fraction of the budget chosen by attention.
