@@ -44,9 +44,14 @@ class SparseVLMScorer(AttentionScorer):
       massive activations).
     * The official recycling appends the merged tokens as extra tokens with renumbered
       positions; vtoken keeps each merged token at its centre's original position.
-    * The adaptive rank-based deletion count of the paper is absent from its released code
-      (Gumpest/SparseVLMs@26a5f48: ``attn_postprocess_topk`` takes the tables' counts); the
-      budget tables are used, as there.
+    * Counts: the current released code (Gumpest/SparseVLMs@26a5f48, ``attn_postprocess_topk``)
+      takes the budget tables' counts, as vtoken's default does. The first release (up to
+      @b72c5d6, Oct 2024, ``attn_postprocess_rank``) used the paper's rank-adaptive count:
+      min(int(rank(R) * scale + bias), count - 1), R the raters x visual matrix of head-mean
+      attention (``torch.linalg.matrix_rank``, default tolerance), nothing pruned when R has
+      full column rank; scale 13.5 (its MME script; 9 for POPE, 0.8 for TextVQA), bias 0.
+      ``rank_count=True`` (off by default; the preset's ``budget="rank"``) computes that count,
+      capped by the stage budget and at least 1 (the scorer is then ``adaptive``).
     * The released code keeps ``min(budget, count - 1)`` tokens (always dropping one); vtoken
       keeps exactly ``min(budget, count)``.
     * Recycling (vtoken's exact-budget form, checked by ``tests/test_fidelity_sparsevlm.py``):
@@ -69,8 +74,14 @@ class SparseVLMScorer(AttentionScorer):
     needs = frozenset({"attn_text", "hidden", "text_hidden"})
 
     def __init__(self, recycle: bool = False, recycle_ratio: float = 0.3, cluster_ratio: float = 0.1,
-                 raters: str = "normalized", **modifiers):
+                 raters: str = "normalized", rank_count: bool = False, rank_scale: float = 13.5,
+                 rank_bias: float = 0.0, **modifiers):
         super().__init__(**modifiers)
+        self.rank_count = bool(rank_count)
+        self.rank_scale = float(rank_scale)
+        self.rank_bias = float(rank_bias)
+        if self.rank_count:
+            self.adaptive = True
         if raters not in ("normalized", "released"):
             raise PruningConfigError(f"sparsevlm raters must be 'normalized' or 'released'; got {raters!r}")
         self.rater_rule = raters
@@ -110,17 +121,39 @@ class SparseVLMScorer(AttentionScorer):
         att = sig.attn_text.float().mean(dim=1)  # (S, T, n)
         return (att * r.unsqueeze(-1)).sum(dim=1) / r.sum(dim=1, keepdim=True).clamp(min=1)
 
+    def rank_counts(self, sig: SegmentSignals) -> torch.Tensor:
+        """(S,) long: the first release's count per segment, min(int(rank * scale + bias),
+        count - 1) (count when the raters' attention matrix has full column rank), capped by the
+        budget, at least 1. The rank is taken on each segment's exact raters x candidates matrix
+        (padding would change the default tolerance), one segment at a time."""
+        r = self.raters(sig)
+        att = sig.attn_text.float().mean(dim=1)  # (S, T, n)
+        out = []
+        for s in range(sig.mask.shape[0]):
+            c, b = int(sig.mask[s].sum()), int(sig.budget[s])
+            if c == 0:
+                out.append(0)
+                continue
+            R = att[s][r[s]][:, sig.mask[s]]
+            rank = int(torch.linalg.matrix_rank(R)) if R.numel() else 0
+            k = c if rank == c else min(int(rank * self.rank_scale + self.rank_bias), c - 1)
+            out.append(max(1, min(k, b)))
+        counts = torch.tensor(out, dtype=torch.long, device=sig.mask.device)
+        sig.diagnostics["rank_count"] = counts.clone()
+        return counts
+
     def select(self, sig: SegmentSignals) -> Selection:
         scores = self.score(sig)
+        budget = self.rank_counts(sig) if self.rank_count else sig.budget
         if not self.recycle:
-            return topk_selection(scores, sig.mask, sig.budget)
+            return topk_selection(scores, sig.mask, budget)
         S, n = sig.mask.shape
         keep = torch.zeros_like(sig.mask)
         merge_into = torch.full((S, n), -1, dtype=torch.long, device=sig.mask.device)
         ms = masked_scores(scores, sig.mask)
         recycled = torch.zeros(S, dtype=torch.long, device=sig.mask.device)
         for s in range(S):
-            count, k = int(sig.mask[s].sum()), int(sig.budget[s])
+            count, k = int(sig.mask[s].sum()), int(budget[s])
             order = torch.sort(ms[s], descending=True, stable=True).indices[:count]
             deleted = count - k
             if deleted <= 0 or k < 2:
@@ -160,6 +193,7 @@ def sparsevlm_budgets(keep, budget: str = "equivalent") -> tuple:
     (66, 30, 17), keep=96 the code's (238, 48, 26) and keep=112 gives (265, 96, 32) (ties go to
     the larger table).
     ``budget="final"``: the table is scaled so that the LAST stage keeps exactly ``keep``.
+    (The preset's ``budget="rank"`` uses no table: see :func:`sparsevlm_plan`.)
     """
     keep = validate_budget(keep)
     if budget not in ("equivalent", "final"):
@@ -189,9 +223,11 @@ def sparsevlm_budgets(keep, budget: str = "equivalent") -> tuple:
 @register_method(name="sparsevlm", family="attention", paper="Zhang et al., ICML 2025 (arXiv:2410.04417)",
                  released_code="Gumpest/SparseVLMs@26a5f48",
                  stages="layers 2, 6, 15", needs_attention=True, text_guided=True,
-                 options=("layers", "recycle", "budget", "mode", "recycle_ratio", "cluster_ratio", "raters") + MODIFIERS)
+                 options=("layers", "recycle", "budget", "mode", "recycle_ratio", "cluster_ratio", "raters",
+                          "rank_scale", "rank_bias") + MODIFIERS)
 def sparsevlm_plan(keep, layers=(2, 6, 15), recycle: bool = False, budget: str = "equivalent", mode=None,
-                   recycle_ratio: float = 0.3, cluster_ratio: float = 0.1, raters: str = "normalized", **modifiers):
+                   recycle_ratio: float = 0.3, cluster_ratio: float = 0.1, raters: str = "normalized",
+                   rank_scale: float = 13.5, rank_bias: float = 0.0, **modifiers):
     """SparseVLM preset: stages at ``layers`` (the paper's pruning layers 2, 6, 15) with the
     budgets of :func:`sparsevlm_budgets`; ``recycle=True`` runs the stages in merge mode.
 
@@ -199,14 +235,19 @@ def sparsevlm_plan(keep, layers=(2, 6, 15), recycle: bool = False, budget: str =
     (entering l+1); vtoken's stage at layer L scores with layer L-1's attention and prunes the
     input of layer L, so ``layers=(3, 7, 16)`` reproduces the code's placement exactly, while
     the default keeps the paper's numbers.
+
+    ``budget="rank"``: the first release's rank-adaptive counts (``SparseVLMScorer(rank_count=
+    True)``, with ``rank_scale`` / ``rank_bias``) at every stage; ``keep`` is then a cap
+    (``keep=1.0`` for the released behaviour).
     """
     layers = layer_indices(layers, "sparsevlm layers")
-    budgets = sparsevlm_budgets(keep, budget)
+    rank = budget == "rank"
+    budgets = (validate_budget(keep),) * len(layers) if rank else sparsevlm_budgets(keep, budget)
     if len(layers) != len(budgets):
         raise PruningConfigError(f"sparsevlm has {len(budgets)} stages; got layers={layers}")
     mode = mode or ("merge" if recycle else "select")
     scorer = SparseVLMScorer(recycle=recycle, recycle_ratio=recycle_ratio, cluster_ratio=cluster_ratio, raters=raters,
-                             **modifiers)
+                             rank_count=rank, rank_scale=rank_scale, rank_bias=rank_bias, **modifiers)
     return [Stage(layer=L, scorer=scorer, keep=b, mode=mode) for L, b in zip(layers, budgets)]
 
 

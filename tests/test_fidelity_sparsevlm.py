@@ -189,3 +189,73 @@ def test_budget_tables_are_the_released_ones():
     assert SPARSEVLM_TABLES == RELEASED_TABLES
     for nominal, table in RELEASED_TABLES.items():
         assert sparsevlm_budgets(nominal) == table
+
+
+# ----------------------------------------------------------------------------- rank-adaptive counts
+# The first release (Gumpest/SparseVLMs up to b72c5d6f, Oct 2024, score.py ``attn_postprocess_rank``):
+# count = min(int(rank(R) * scale + bias), n - 1), R = the raters' rows of the head-mean
+# attention over the visual columns, rank by torch.linalg.matrix_rank's default tolerance
+# (sigma > sigma_max * max(rows, cols) * eps(float32)); nothing pruned when rank == n.
+
+
+def ref_rank(R):
+    R = np.asarray(R, np.float64)
+    if R.size == 0:
+        return 0
+    sv = np.linalg.svd(R, compute_uv=False)
+    return int((sv > sv.max() * max(R.shape) * np.finfo(np.float32).eps).sum())
+
+
+def ref_rank_kept(x, budget, scale, bias=0.0):
+    r = ref_raters(x["hidden"].numpy(), x["text_hidden"].numpy(), x["text_after"].tolist(), False)
+    a = x["attn_text"].numpy().astype(np.float64).mean(axis=0)
+    n = a.shape[1]
+    rank = ref_rank(a[r])
+    k = n if rank == n else min(int(rank * scale + bias), n - 1)
+    k = max(1, min(k, budget))
+    return top(ref_scores(x["attn_text"].numpy(), r), k), k
+
+
+def low_rank_sample(seed, n, T, rank, H=4, D=16):
+    """attn_text rows mixing ``rank`` base distributions: the head-mean matrix has rank <= rank."""
+    x = sample(seed, n, T, T, H=H, D=D)
+    g = torch.Generator().manual_seed(1000 + seed)
+    base = torch.softmax(torch.randn(rank, n, generator=g) * 2, dim=-1)
+    w = torch.softmax(torch.randn(H, T, rank, generator=g) * 2, dim=-1)
+    x["attn_text"] = w @ base
+    return x
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("scale,bias", [(13.5, 0.0), (5.0, 0.0), (2.0, 1.0), (0.8, 0.0)])
+def test_rank_adaptive_counts_match_first_release(seed, scale, bias):
+    xs = [low_rank_sample(seed, 60, 12, 2), low_rank_sample(seed + 1, 35, 9, 4),
+          sample(seed + 2, 40, 8, 8), low_rank_sample(seed + 3, 50, 10, 1)]
+    budgets = [60, 35, 40, 20]  # the last one caps the count
+    sig = signals(xs, budgets)
+    sc = SparseVLMScorer(rank_count=True, rank_scale=scale, rank_bias=bias)
+    assert sc.adaptive and not SparseVLMScorer().adaptive
+    sel = sc.select(sig)
+    for s, (x, b) in enumerate(zip(xs, budgets)):
+        want, k = ref_rank_kept(x, b, scale, bias)
+        assert int(sig.diagnostics["rank_count"][s]) == k
+        assert kept(sel, s) == want, (s, k)
+
+
+def test_rank_counts_follow_the_rank():
+    """Lower rank, fewer tokens: rank 1, 2, 4 at scale 5 keep 5, 10, 20 (ranks checked)."""
+    for rank in (1, 2, 4):
+        x = low_rank_sample(7, 80, 14, rank)
+        r = ref_raters(x["hidden"].numpy(), x["text_hidden"].numpy(), x["text_after"].tolist(), False)
+        assert ref_rank(x["attn_text"].numpy().mean(axis=0)[r]) == min(rank, len(r))
+        sig = signals([x], [80])
+        SparseVLMScorer(rank_count=True, rank_scale=5.0).select(sig)
+        assert int(sig.diagnostics["rank_count"][0]) == 5 * min(rank, len(r))
+
+
+def test_rank_preset():
+    from vtoken.methods import build_plan
+    plan = build_plan("sparsevlm", 1.0, budget="rank", rank_scale=9.0)
+    assert [st.keep for st in plan] == [1.0, 1.0, 1.0] and [st.layer for st in plan] == [2, 6, 15]
+    assert plan[0].scorer.rank_count and plan[0].scorer.rank_scale == 9.0 and plan[0].scorer.adaptive
+    assert not build_plan("sparsevlm", 64)[0].scorer.adaptive
