@@ -221,7 +221,7 @@ def sparsevlm_budgets(keep, budget: str = "equivalent") -> tuple:
 
 
 @register_method(name="sparsevlm", family="attention", paper="Zhang et al., ICML 2025 (arXiv:2410.04417)",
-                 released_code="Gumpest/SparseVLMs@26a5f48",
+                 released_code="Gumpest/SparseVLMs@26a5f48 (rank counts: @b72c5d6)",
                  stages="layers 2, 6, 15", needs_attention=True, text_guided=True,
                  options=("layers", "recycle", "budget", "mode", "recycle_ratio", "cluster_ratio", "raters",
                           "rank_scale", "rank_bias") + MODIFIERS)

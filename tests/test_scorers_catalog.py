@@ -232,7 +232,7 @@ def test_methods_table_markdown():
     assert "| no | no |" in row
     assert lines[0].endswith("| Paper | Checked against released code |")
     row = next(line for line in lines if line.startswith("| `sparsevlm` |"))
-    assert row.endswith("| Gumpest/SparseVLMs@26a5f48 |")
+    assert row.endswith("| Gumpest/SparseVLMs@26a5f48 (rank counts: @b72c5d6) |")
     assert next(line for line in lines if line.startswith("| `random` |")).endswith("| - | - |")
 
 
