@@ -107,7 +107,12 @@ def pyramiddrop_budgets(keep, stages: int = 3, lam: float = 0.5) -> tuple:
                  stages="layers 8, 16, 24", needs_attention=True, text_guided=True,
                  options=("layers", "lam", "mode") + MODIFIERS)
 def pyramiddrop_plan(keep, layers=(8, 16, 24), lam: float = 0.5, mode: str = "select", **modifiers):
-    """PyramidDrop preset: stages at ``layers`` with :func:`pyramiddrop_budgets`."""
+    """PyramidDrop preset: stages at ``layers`` with :func:`pyramiddrop_budgets`.
+
+    The released code ranks with layer L's own query and keys (recomputed on the hidden states
+    entering L) and prunes before layer L runs; vtoken's stage at L reads layer L-1's row. So
+    ``layers=(9, 17, 25)`` ranks with the same layers' attention as the code (layers 8, 16 and
+    24 then run once more on the unpruned set)."""
     layers = layer_indices(layers, "pyramiddrop layers")
     scorer = PyramidDropScorer(**modifiers)
     return [Stage(layer=L, scorer=scorer, keep=b, mode=mode)

@@ -2,7 +2,7 @@
 
 Released code followed: github.com/Gumpest/SparseVLMs @ 26a5f48813c46cd1c7364160354e7fdd3febaa67
 (v1.0, the default ``USE_VERSION=1_0``; the rank-adaptive counts from the first release,
-@ b72c5d6f, below): ``llava/model/language_model/modelling_sparse_llama.py``
+@b72c5d6, below): ``llava/model/language_model/modelling_sparse_llama.py``
 (``LlamaModel.forward``: raters and recycling), ``score.py`` (``attn_postprocess_topk``,
 ``sparse_token_dict``) and ``utils.py`` (``cluster_and_merge``). The rule, step by step:
 
