@@ -70,6 +70,8 @@ class FlowCutScorer(AttentionScorer):
     sqrt(layers left) * (1 - H^2)) with H the normalised entropy of a_cls. That needs
     per-encoder-layer [CLS] attention, values and in-encoder pruning (no scorer signal carries
     them); vtoken scores once at the stage (default layer 2 of the LLM) with a fixed budget.
+    (Its LLaVA-NeXT path also prunes once inside the LLM, at layer 1, by the same score with the
+    last instruction token's query and value in place of [CLS]: that needs value states too.)
 
     Signals: ``layer_attn_last`` (S, Lyr, H, n); with ``relay`` also ``vision_attn`` (S, n) as an
     *optional* signal (``optional_needs``): the runtime captures and fills it where the adapter
