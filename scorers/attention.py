@@ -49,6 +49,7 @@ class FastVScorer(AttentionScorer):
 
 
 @register_method(name="fastv", family="attention", paper="Chen et al., ECCV 2024 (arXiv:2403.06764)",
+                 released_code="pkunlp-icler/FastV",
                  stages="layer K=2", needs_attention=True, text_guided=True, options=("K", "mode") + MODIFIERS)
 def fastv_plan(keep, K: int = 2, mode: str = "select", **modifiers):
     """FastV preset: one stage at layer ``K`` keeping ``keep`` visual tokens per image."""
@@ -67,6 +68,10 @@ class PyramidDropScorer(AttentionScorer):
     Deviation: the paper computes that row with the projections of the first layer of the next
     stage (layer L) on the hidden states entering it; vtoken reads the same row from layer L-1,
     the last layer that ran on the full token set (``attn_last``), so no extra projection runs.
+    Given the same row, the kept sets equal the released code's (Cooperx521/PyramidDrop@6444f30,
+    ``pdrop_rank_drop``; ``tests/test_fidelity_pyramiddrop.py``); its per-stage counts are
+    int(N * 0.5 / 0.25 / 0.125) of each image's N tokens, which fractional budgets reproduce up
+    to rounding (vtoken rounds to nearest, the code floors).
 
     Signals: ``attn_last`` (S, H, n) -> scores (S, n).
     """
@@ -98,10 +103,16 @@ def pyramiddrop_budgets(keep, stages: int = 3, lam: float = 0.5) -> tuple:
 
 
 @register_method(name="pyramiddrop", family="attention", paper="Xing et al., CVPR 2025 (arXiv:2410.17247)",
+                 released_code="Cooperx521/PyramidDrop@6444f30",
                  stages="layers 8, 16, 24", needs_attention=True, text_guided=True,
                  options=("layers", "lam", "mode") + MODIFIERS)
 def pyramiddrop_plan(keep, layers=(8, 16, 24), lam: float = 0.5, mode: str = "select", **modifiers):
-    """PyramidDrop preset: stages at ``layers`` with :func:`pyramiddrop_budgets`."""
+    """PyramidDrop preset: stages at ``layers`` with :func:`pyramiddrop_budgets`.
+
+    The released code ranks with layer L's own query and keys (recomputed on the hidden states
+    entering L) and prunes before layer L runs; vtoken's stage at L reads layer L-1's row. So
+    ``layers=(9, 17, 25)`` ranks with the same layers' attention as the code (layers 8, 16 and
+    24 then run once more on the unpruned set)."""
     layers = layer_indices(layers, "pyramiddrop layers")
     scorer = PyramidDropScorer(**modifiers)
     return [Stage(layer=L, scorer=scorer, keep=b, mode=mode)
@@ -133,6 +144,7 @@ class FasterVLMScorer(AttentionScorer):
 
 
 @register_method(name="fastervlm", family="attention",
+                 released_code="Theia-4869/FasterVLM",
                  paper="Zhang et al. 2024 (arXiv:2412.01818); VTC-CLS (arXiv:2412.05819)",
                  stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False,
                  options=("vision_layers", "mode") + MODIFIERS)
@@ -158,6 +170,8 @@ class ZipVLScorer(AttentionScorer):
     * ZipVL decides a ratio per layer from probe queries and applies it to sparse attention and
       KV eviction at every layer; vtoken applies it once, as a token-dropping stage at layer K,
       with the last prompt token's attention row as the probe.
+    * No selection code has been released (the authors' page, hexy.tech/zipvl, links none), so
+      the rule is held to the paper's equation only, not to code.
     The counts chosen go to ``sig.diagnostics["zipvl_count"]`` (S,) (and to handle.stats).
 
     Signals: ``attn_last`` (S, H, n) -> Selection with a per-segment count <= budget.

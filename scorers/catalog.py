@@ -59,10 +59,12 @@ def _attention_column(spec) -> str:
 
 def methods_table_markdown() -> str:
     """The README's methods table, rendered from the registry's MethodSpec entries:
-    name | family | stage(s) | needs attention rows? | text-guided? | paper."""
+    name | family | stage(s) | needs attention rows? | text-guided? | paper | checked against
+    released code (``MethodSpec.released_code``: the authors' repository whose selection code a
+    fidelity test holds the kept sets against, ``@commit`` where recorded)."""
     lines = [
-        "| Method | Family | Stage(s) | Needs attention rows? | Text-guided? | Paper |",
-        "|---|---|---|---|---|---|",
+        "| Method | Family | Stage(s) | Needs attention rows? | Text-guided? | Paper | Checked against released code |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def order(spec):
@@ -73,7 +75,7 @@ def methods_table_markdown() -> str:
     for spec in specs:
         lines.append(
             f"| `{spec.name}` | {spec.family} | {spec.stages or '-'} | {_attention_column(spec)} | "
-            f"{'yes' if spec.text_guided else 'no'} | {spec.paper or '-'} |"
+            f"{'yes' if spec.text_guided else 'no'} | {spec.paper or '-'} | {spec.released_code or '-'} |"
         )
     return "\n".join(lines) + "\n"
 

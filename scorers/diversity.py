@@ -56,6 +56,7 @@ class DivPruneScorer(Scorer):
 
 
 @register_method(name="divprune", family="diversity", paper="Alvar et al., CVPR 2025 (arXiv:2503.02175)",
+                 released_code="vbdi/divprune",
                  stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False, options=("layer", "mode"))
 def divprune_plan(keep, layer: int = 0, mode: str = "select"):
     """DivPrune preset: one stage at ``layer`` (default before the LLM)."""
@@ -206,6 +207,7 @@ class DARTScorer(Scorer):
 
 
 @register_method(name="dart", family="diversity", paper="Wen et al. 2025 (arXiv:2502.11494)",
+                 released_code="ZichenWen1/DART",
                  stages="layer K=2", needs_attention=False, text_guided=True,
                  options=("K", "pivot_image", "pivot_text", "key_norm", "text_pivots", "final_norm", "mode"))
 def dart_plan(keep, K: int = 2, pivot_image: int = 4, pivot_text: int = 4, key_norm: int = 1,
@@ -230,6 +232,12 @@ class AgileScorer(Scorer):
     [``min_attention_share``, ``max_attention_share``] of the budget, are the top tokens by
     attention; the rest are chosen by greedy max-min diversity (DivPrune's rule on hidden
     states) seeded with the attention picks.
+
+    Not checked against code: cvsp-lab/AgilePruner@3df95a3 releases none ("coming soon"). Its
+    project page describes the paper's own minimal instantiation differently: high-attention
+    tokens first, each removing the candidates within a cosine-distance threshold
+    tau_i = order_i * erank_input / erank_avg * 0.01 (capped), erank_avg a dataset statistic;
+    this scorer's entropy split is vtoken's reading of the findings, not that rule.
 
     Signals: ``attn_last`` (S, H, n), ``hidden`` (S, n, D).
     Diagnostics: ``erank`` (S,) of the kept tokens, ``attn_entropy`` (S,) = h,

@@ -60,10 +60,18 @@ class FlowCutScorer(AttentionScorer):
     (Qwen2-VL) it is the adapter's stand-in, the mean attention each patch receives (the
     authors' Qwen2-VL port uses the attention of the mean query for the same role).
 
-    Deviations: the paper prunes inside the vision encoder, progressively, with an
-    entropy-adaptive ratio per layer, and multiplies its score by the value-vector L1 norm and a
-    [CLS]-value similarity term; vtoken scores once at the stage (default layer 2 of the LLM)
-    with a fixed budget and without value vectors (not a scorer signal).
+    Deviations (not checked against the released code, which needs signals a scorer does not
+    get): the released rule (TungChintao/FlowCut@a2ecd24, ``flowcut/modeling_clip_flowcut.py``
+    and ``utils_flowcut.py``) runs inside the CLIP encoder, at every layer before the feature
+    layer: score = (a_cls / sum a_cls + s / sum s) * ||v||_1, with a_cls the head-mean [CLS]
+    attention row, s the head-mean softmax of the [CLS] value against every value, v the
+    head-mean value vector; cumulative = 0.5 * cumulative + 0.5 * score; every second layer it
+    keeps the top max(N - r, target) tokens by cumulative score, r = round((N - target) /
+    sqrt(layers left) * (1 - H^2)) with H the normalised entropy of a_cls. That needs
+    per-encoder-layer [CLS] attention, values and in-encoder pruning (no scorer signal carries
+    them); vtoken scores once at the stage (default layer 2 of the LLM) with a fixed budget.
+    (Its LLaVA-NeXT path also prunes once inside the LLM, at layer 1, by the same score with the
+    last instruction token's query and value in place of [CLS]: that needs value states too.)
 
     Signals: ``layer_attn_last`` (S, Lyr, H, n); with ``relay`` also ``vision_attn`` (S, n) as an
     *optional* signal (``optional_needs``): the runtime captures and fills it where the adapter

@@ -174,19 +174,25 @@ def dpc_knn(x: torch.Tensor, clusters: int, k: Optional[int] = None) -> tuple:
     density_i = exp(-mean of squared distances to its k nearest neighbours) (distances divided
     by sqrt(D)); delta_i = distance to the nearest denser point (max distance for the densest);
     centres = the ``clusters`` points with the largest density * delta; every point joins its
-    nearest centre; each centre joins itself. Density ties break by index (deterministic).
+    nearest centre; each centre joins itself. Density ties break by index (the lower index
+    counts as denser; deterministic). Ties are systematic: with k = 2 each pair of mutual nearest
+    neighbours has equal density. SparseVLM's released ``cluster_and_merge`` breaks them with
+    1e-6 random noise; without a tie-break both points of such a pair would count as peaks.
+    Distances are computed element-wise (exactly symmetric, so such ties stay exact).
     """
     r, D = x.shape
     c = max(1, min(int(clusters), r))
     k = c if k is None else k
     k = max(1, min(k, r))
     xf = x.float()
-    dist = torch.cdist(xf, xf) / math.sqrt(max(D, 1))
+    dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(max(D, 1))
     knn = dist.topk(k, dim=1, largest=False).values
     density = torch.exp(-(knn ** 2).mean(dim=1))
-    # deterministic tie-break: earlier index counts as slightly denser
-    density = density + torch.arange(r, 0, -1, device=x.device, dtype=density.dtype) * 1e-9
-    denser = density.unsqueeze(0) > density.unsqueeze(1)  # [i, j]: j denser than i
+    # [i, j]: j denser than i; on equal density the lower index counts as denser (a tie-break
+    # added to the density, as before, vanished below float32 resolution)
+    dj, di = density.unsqueeze(0), density.unsqueeze(1)
+    idx = torch.arange(r, device=x.device)
+    denser = (dj > di) | ((dj == di) & (idx.unsqueeze(0) < idx.unsqueeze(1)))
     dmax = dist.max()
     delta = torch.where(denser, dist, dmax.expand_as(dist)).min(dim=1).values
     centres = (delta * density).topk(c).indices

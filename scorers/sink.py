@@ -37,7 +37,14 @@ class VARScorer(AttentionScorer):
 
     Defaults (tau, rho, summ, p) are the official code's. VAR redistributes attention inside the
     forward pass at every layer from 2 on; vtoken uses the redistributed attention of layer K-1
-    only as the ranking signal and leaves the model's attention untouched.
+    only as the ranking signal and leaves the model's attention untouched. Given the same
+    attention row, hidden states and sink dimensions (``dims``), the image-centric heads and the
+    redistributed row are the released code's (seilk/VisAttnSink@98e62d6, ``src/logic/logic.py``:
+    ``DimProspector``, ``HeadFork``, ``VARProcessor.attn_redist``; checked by
+    ``tests/test_fidelity_var.py``), including: an image with no visual sink has no
+    image-centric head, and the sink portion's denominator adds 1e-6 per visual token. The code
+    finds sinks in the hidden states entering the attention's own layer (K-1); vtoken reads those
+    entering layer K (the ``hidden`` signal), the nearest it has.
 
     ``sink_rule`` (default ``"var"``, the rule above) replaces step 1 for the visual sinks by
     another rule of :class:`~vtoken.scorers.attention_base.AttentionScorer`, with ``sink_tau`` as
@@ -101,8 +108,10 @@ class VARScorer(AttentionScorer):
         a = sig.attn_last.float().masked_fill(~sig.mask.unsqueeze(1), 0.0)  # (S, H, n)
         image_sum = a.sum(dim=2)
         sink_vis = (a * vis_sink.unsqueeze(1)).sum(dim=2)
-        portion = sink_vis / (image_sum + 1e-6)
-        centric = (portion <= self.rho) & (image_sum >= self.summ)
+        # the released HeadFork: sum(image_attn + 1e-6) (1e-6 per visual token), and no head is
+        # image-centric in an image without visual sinks (text sinks alone redistribute nothing)
+        portion = sink_vis / (image_sum + 1e-6 * sig.mask.sum(dim=1, keepdim=True).float())
+        centric = (portion <= self.rho) & (image_sum >= self.summ) & vis_sink.any(dim=1, keepdim=True)
         if sig.attn_last_text is not None and txt_sink.shape[1] > 0:
             sink_txt = (sig.attn_last_text.float() * txt_sink.unsqueeze(1)).sum(dim=2)
         else:
@@ -138,6 +147,7 @@ class VARScorer(AttentionScorer):
 
 
 @register_method(name="var", family="sink",
+                 released_code="seilk/VisAttnSink@98e62d6",
                  paper="Kang et al., ICLR 2025 (arXiv:2503.03321); sink_rule: ACT, Yu et al., ICML 2024 "
                        "(arXiv:2406.15765), secondary sinks, Wong et al. 2025 (arXiv:2512.22213)",
                  stages="layer K=2", needs_attention=True, text_guided=True,

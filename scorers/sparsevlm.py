@@ -44,8 +44,28 @@ class SparseVLMScorer(AttentionScorer):
       massive activations).
     * The official recycling appends the merged tokens as extra tokens with renumbered
       positions; vtoken keeps each merged token at its centre's original position.
-    * The adaptive rank-based deletion count of the paper is disabled in its released code;
-      the budget tables are used, as there.
+    * Counts: the current released code (Gumpest/SparseVLMs@26a5f48, ``attn_postprocess_topk``)
+      takes the budget tables' counts, as vtoken's default does. The first release (up to
+      @b72c5d6, Oct 2024, ``attn_postprocess_rank``) used the paper's rank-adaptive count:
+      min(int(rank(R) * scale + bias), count - 1), R the raters x visual matrix of head-mean
+      attention (``torch.linalg.matrix_rank``, default tolerance), nothing pruned when R has
+      full column rank; scale 13.5 (its MME script; 9 for POPE, 0.8 for TextVQA), bias 0.
+      ``rank_count=True`` (off by default; the preset's ``budget="rank"``) computes that count,
+      capped by the stage budget and at least 1 (the scorer is then ``adaptive``).
+    * The released code keeps ``min(budget, count - 1)`` tokens (always dropping one); vtoken
+      keeps exactly ``min(budget, count)``.
+    * Recycling (vtoken's exact-budget form, checked by ``tests/test_fidelity_sparsevlm.py``):
+      with d = count - k deleted tokens the code's cluster count c = int((int(0.3 d) + 1) / 10)
+      + 1 is kept; the k - c best tokens are kept plainly, the pool is the next
+      int(0.3 (d + c)) + 1 tokens by score, and the code's DPC-kNN (k = c neighbours, distances
+      over sqrt(D)) picks the c centres among them; the code's random 1e-6 density noise is
+      replaced by a deterministic index tie-break.
+
+    ``raters="released"`` (off by default) computes the raters as the released code does:
+    raw dot products of visual and text hidden states (no normalisation, no scaling), softmax
+    over the text rows AFTER the image only (signal ``text_after``), raters = relevance above the
+    mean of those rows. It still reads the hidden states entering each stage (the code reads the
+    LLM's input embeddings once, which a stage at layer L >= 1 does not receive).
 
     Signals: ``attn_text`` (S, H, T, n), ``hidden`` (S, n, D), ``text_hidden`` (S, T, D).
     """
@@ -53,8 +73,20 @@ class SparseVLMScorer(AttentionScorer):
     name = "sparsevlm"
     needs = frozenset({"attn_text", "hidden", "text_hidden"})
 
-    def __init__(self, recycle: bool = False, recycle_ratio: float = 0.3, cluster_ratio: float = 0.1, **modifiers):
+    def __init__(self, recycle: bool = False, recycle_ratio: float = 0.3, cluster_ratio: float = 0.1,
+                 raters: str = "normalized", rank_count: bool = False, rank_scale: float = 13.5,
+                 rank_bias: float = 0.0, **modifiers):
         super().__init__(**modifiers)
+        self.rank_count = bool(rank_count)
+        self.rank_scale = float(rank_scale)
+        self.rank_bias = float(rank_bias)
+        if self.rank_count:
+            self.adaptive = True
+        if raters not in ("normalized", "released"):
+            raise PruningConfigError(f"sparsevlm raters must be 'normalized' or 'released'; got {raters!r}")
+        self.rater_rule = raters
+        if raters == "released":
+            self.needs = frozenset(self.needs | {"text_after"})
         self.recycle = bool(recycle)
         self.recycle_ratio = float(recycle_ratio)
         self.cluster_ratio = float(cluster_ratio)
@@ -63,11 +95,16 @@ class SparseVLMScorer(AttentionScorer):
         """(S, T) bool: text rows whose relevance to the image is above the mean."""
         tmask = sig.text_mask if sig.text_mask is not None else torch.ones(sig.text_hidden.shape[:2], dtype=torch.bool,
                                                                             device=sig.mask.device)
+        if self.rater_rule == "released" and sig.text_after is not None:
+            tmask = tmask & sig.text_after.to(tmask.device)
         if sig.text_hidden.shape[1] == 0:
             return tmask
-        v = F.rms_normalize(sig.hidden)
-        t = F.rms_normalize(sig.text_hidden)
-        logits = (v @ t.transpose(1, 2)) / math.sqrt(v.shape[-1])  # (S, n, T)
+        if self.rater_rule == "released":
+            logits = sig.hidden.float() @ sig.text_hidden.float().transpose(1, 2)  # (S, n, T)
+        else:
+            v = F.rms_normalize(sig.hidden)
+            t = F.rms_normalize(sig.text_hidden)
+            logits = (v @ t.transpose(1, 2)) / math.sqrt(v.shape[-1])  # (S, n, T)
         logits = logits.masked_fill(~tmask.unsqueeze(1), float("-inf"))
         rel = torch.softmax(logits, dim=2).nan_to_num(0.0)  # (S, n, T)
         vm = sig.mask.float().unsqueeze(-1)
@@ -84,17 +121,39 @@ class SparseVLMScorer(AttentionScorer):
         att = sig.attn_text.float().mean(dim=1)  # (S, T, n)
         return (att * r.unsqueeze(-1)).sum(dim=1) / r.sum(dim=1, keepdim=True).clamp(min=1)
 
+    def rank_counts(self, sig: SegmentSignals) -> torch.Tensor:
+        """(S,) long: the first release's count per segment, min(int(rank * scale + bias),
+        count - 1) (count when the raters' attention matrix has full column rank), capped by the
+        budget, at least 1. The rank is taken on each segment's exact raters x candidates matrix
+        (padding would change the default tolerance), one segment at a time."""
+        r = self.raters(sig)
+        att = sig.attn_text.float().mean(dim=1)  # (S, T, n)
+        out = []
+        for s in range(sig.mask.shape[0]):
+            c, b = int(sig.mask[s].sum()), int(sig.budget[s])
+            if c == 0:
+                out.append(0)
+                continue
+            R = att[s][r[s]][:, sig.mask[s]]
+            rank = int(torch.linalg.matrix_rank(R)) if R.numel() else 0
+            k = c if rank == c else min(int(rank * self.rank_scale + self.rank_bias), c - 1)
+            out.append(max(1, min(k, b)))
+        counts = torch.tensor(out, dtype=torch.long, device=sig.mask.device)
+        sig.diagnostics["rank_count"] = counts.clone()
+        return counts
+
     def select(self, sig: SegmentSignals) -> Selection:
         scores = self.score(sig)
+        budget = self.rank_counts(sig) if self.rank_count else sig.budget
         if not self.recycle:
-            return topk_selection(scores, sig.mask, sig.budget)
+            return topk_selection(scores, sig.mask, budget)
         S, n = sig.mask.shape
         keep = torch.zeros_like(sig.mask)
         merge_into = torch.full((S, n), -1, dtype=torch.long, device=sig.mask.device)
         ms = masked_scores(scores, sig.mask)
         recycled = torch.zeros(S, dtype=torch.long, device=sig.mask.device)
         for s in range(S):
-            count, k = int(sig.mask[s].sum()), int(sig.budget[s])
+            count, k = int(sig.mask[s].sum()), int(budget[s])
             order = torch.sort(ms[s], descending=True, stable=True).indices[:count]
             deleted = count - k
             if deleted <= 0 or k < 2:
@@ -118,9 +177,10 @@ class SparseVLMScorer(AttentionScorer):
 
 
 #: SparseVLM's released budget tables (LLaVA-1.5, 576 visual tokens): visual tokens kept after
-#: each of its three pruning layers, for the nominal budgets 192 / 128 / 64 (the nominal budget
-#: is the layer-averaged count, e.g. (2*576 + 4*300 + 10*200 + 16*110) / 32 = 191).
-SPARSEVLM_TABLES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+#: each of its three pruning layers, for the nominal budgets 192 / 128 / 96 / 64 (the nominal budget
+#: is the layer-averaged count, e.g. (2*576 + 4*300 + 10*200 + 16*110) / 32 = 191); the
+#: ``sparse_token_dict`` of Gumpest/SparseVLMs@26a5f48 ``score.py`` (v1.0), 96 included.
+SPARSEVLM_TABLES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 SPARSEVLM_REFERENCE_TOKENS = 576
 
 
@@ -128,10 +188,12 @@ def sparsevlm_budgets(keep, budget: str = "equivalent") -> tuple:
     """Per-stage budgets of the SparseVLM preset for ``keep``.
 
     ``budget="equivalent"`` (default, the paper's convention): ``keep`` is the nominal,
-    layer-averaged budget; the table of the nearest nominal budget (192 / 128 / 64, as a
+    layer-averaged budget; the table of the nearest nominal budget (192 / 128 / 96 / 64, as a
     fraction of 576 for float budgets) is scaled by keep / nominal. So keep=64 gives the paper's
-    (66, 30, 17) and keep=96 gives (227, 82, 27) (ties go to the larger table).
+    (66, 30, 17), keep=96 the code's (238, 48, 26) and keep=112 gives (265, 96, 32) (ties go to
+    the larger table).
     ``budget="final"``: the table is scaled so that the LAST stage keeps exactly ``keep``.
+    (The preset's ``budget="rank"`` uses no table: see :func:`sparsevlm_plan`.)
     """
     keep = validate_budget(keep)
     if budget not in ("equivalent", "final"):
@@ -159,10 +221,13 @@ def sparsevlm_budgets(keep, budget: str = "equivalent") -> tuple:
 
 
 @register_method(name="sparsevlm", family="attention", paper="Zhang et al., ICML 2025 (arXiv:2410.04417)",
+                 released_code="Gumpest/SparseVLMs@26a5f48 (rank counts: @b72c5d6)",
                  stages="layers 2, 6, 15", needs_attention=True, text_guided=True,
-                 options=("layers", "recycle", "budget", "mode", "recycle_ratio", "cluster_ratio") + MODIFIERS)
+                 options=("layers", "recycle", "budget", "mode", "recycle_ratio", "cluster_ratio", "raters",
+                          "rank_scale", "rank_bias") + MODIFIERS)
 def sparsevlm_plan(keep, layers=(2, 6, 15), recycle: bool = False, budget: str = "equivalent", mode=None,
-                   recycle_ratio: float = 0.3, cluster_ratio: float = 0.1, **modifiers):
+                   recycle_ratio: float = 0.3, cluster_ratio: float = 0.1, raters: str = "normalized",
+                   rank_scale: float = 13.5, rank_bias: float = 0.0, **modifiers):
     """SparseVLM preset: stages at ``layers`` (the paper's pruning layers 2, 6, 15) with the
     budgets of :func:`sparsevlm_budgets`; ``recycle=True`` runs the stages in merge mode.
 
@@ -170,13 +235,19 @@ def sparsevlm_plan(keep, layers=(2, 6, 15), recycle: bool = False, budget: str =
     (entering l+1); vtoken's stage at layer L scores with layer L-1's attention and prunes the
     input of layer L, so ``layers=(3, 7, 16)`` reproduces the code's placement exactly, while
     the default keeps the paper's numbers.
+
+    ``budget="rank"``: the first release's rank-adaptive counts (``SparseVLMScorer(rank_count=
+    True)``, with ``rank_scale`` / ``rank_bias``) at every stage; ``keep`` is then a cap
+    (``keep=1.0`` for the released behaviour).
     """
     layers = layer_indices(layers, "sparsevlm layers")
-    budgets = sparsevlm_budgets(keep, budget)
+    rank = budget == "rank"
+    budgets = (validate_budget(keep),) * len(layers) if rank else sparsevlm_budgets(keep, budget)
     if len(layers) != len(budgets):
         raise PruningConfigError(f"sparsevlm has {len(budgets)} stages; got layers={layers}")
     mode = mode or ("merge" if recycle else "select")
-    scorer = SparseVLMScorer(recycle=recycle, recycle_ratio=recycle_ratio, cluster_ratio=cluster_ratio, **modifiers)
+    scorer = SparseVLMScorer(recycle=recycle, recycle_ratio=recycle_ratio, cluster_ratio=cluster_ratio, raters=raters,
+                             rank_count=rank, rank_scale=rank_scale, rank_bias=rank_bias, **modifiers)
     return [Stage(layer=L, scorer=scorer, keep=b, mode=mode) for L, b in zip(layers, budgets)]
 
 

@@ -230,6 +230,10 @@ def test_methods_table_markdown():
     assert "yes" in row and "2403.06764" in row
     row = next(line for line in lines if line.startswith("| `divprune` |"))
     assert "| no | no |" in row
+    assert lines[0].endswith("| Paper | Checked against released code |")
+    row = next(line for line in lines if line.startswith("| `sparsevlm` |"))
+    assert row.endswith("| Gumpest/SparseVLMs@26a5f48 (rank counts: @b72c5d6) |")
+    assert next(line for line in lines if line.startswith("| `random` |")).endswith("| - | - |")
 
 
 @pytest.mark.parametrize("scorer", SCORERS, ids=IDS)

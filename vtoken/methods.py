@@ -49,8 +49,10 @@ from vtoken.errors import DuplicateRegistrationError, PruningConfigError
 class MethodSpec:
     """name, family (attention / diversity / flow / sink / baseline, or any string for user
     methods), builder(keep, **options) -> list[Stage], the paper it implements, a one-line
-    description of its stages, whether it reads LLM attention rows / the text prompt, and the
-    option names it takes (shown when an unknown option is passed)."""
+    description of its stages, whether it reads LLM attention rows / the text prompt, the
+    option names it takes (shown when an unknown option is passed), and ``released_code``: the
+    authors' repository (``owner/name@commit`` where recorded) whose selection code a fidelity
+    test holds the method's kept sets against ("" = not checked)."""
 
     name: str
     family: str
@@ -60,6 +62,7 @@ class MethodSpec:
     needs_attention: bool = False
     text_guided: bool = False
     options: tuple = field(default_factory=tuple)
+    released_code: str = ""
 
 
 _METHODS: dict = {}
@@ -149,7 +152,7 @@ def _register(spec: MethodSpec, override: bool) -> MethodSpec:
 
 def register_method(spec=None, /, *, name=None, family: str = "custom", paper: str = "", stages: str = "",
                     needs_attention: bool = False, text_guided: bool = False, options=None, builder=None,
-                    override: bool = False):
+                    override: bool = False, released_code: str = ""):
     """Register a preset plan builder ``builder(keep, **options) -> list[Stage]`` under ``name``.
 
     As a decorator on the builder (the builder is returned unchanged)::
@@ -179,7 +182,7 @@ def register_method(spec=None, /, *, name=None, family: str = "custom", paper: s
         opts = _options_of(fn) if options is None else tuple(options)
         _register(MethodSpec(name=fn.__name__ if name is None else name, family=family, builder=fn, paper=paper,
                              stages=stages, needs_attention=needs_attention, text_guided=text_guided,
-                             options=opts), override)
+                             options=opts, released_code=released_code), override)
         return fn
 
     return decorate if builder is None else decorate(builder)
