@@ -47,8 +47,9 @@ def dpp_greedy_map(kernel: torch.Tensor, mask: torch.Tensor, budget: torch.Tenso
     Each step picks the token of largest remaining marginal gain d_j^2 (ties: the lower slot),
     then with e = (L[j, :] - c_j . C) / sqrt(d_j^2) updates C <- [C; e] and d^2 <- d^2 - e^2.
     Guard: where the kernel's rank is exhausted (d_j^2 <= 1e-12), the division uses 1e-12 instead
-    of d_j^2 (the released code would take the square root of a non-positive number and pick NaN
-    tokens); the picks stay distinct real tokens.
+    of d_j^2, and non-finite d^2 ranks lowest among the available tokens (the released code would
+    take the square root of a non-positive number and pick NaN tokens, repeats included); the
+    picks stay distinct real tokens, exactly the budget.
     """
     S, n = mask.shape
     dev = mask.device
@@ -61,7 +62,11 @@ def dpp_greedy_map(kernel: torch.Tensor, mask: torch.Tensor, budget: torch.Tenso
     ar = torch.arange(S, device=dev)
     for i in range(steps):
         active = budget > i
-        j = d2.masked_fill(keep, float("-inf")).argmax(dim=1)  # (S,)
+        # an available token always beats a taken or padding one, even once d^2 has lost all
+        # precision (rank exhausted: -inf or NaN become the lowest finite value)
+        avail = mask & ~keep
+        low = torch.finfo(torch.float32).min
+        j = torch.where(avail, d2.nan_to_num(nan=low, posinf=-low, neginf=low), float("-inf")).argmax(dim=1)
         chosen = torch.zeros_like(keep)
         chosen[ar, j] = active
         num = kernel[ar, j].float() - torch.einsum("ts,tsn->sn", cis[:i, ar, j], cis[:i])
