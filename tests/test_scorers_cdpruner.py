@@ -112,3 +112,34 @@ def test_cdpruner_without_instruction_is_plain_dpp_and_rank_guard():
     sel = CDPrunerScorer().select(sig)
     assert sel.keep.sum(1).tolist() == [6, 2] and not (sel.keep & ~sig.mask).any()
     assert torch.isfinite(sel.scores[sig.mask]).all()
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "qwen3_vl"])
+def test_cdpruner_end_to_end_equals_reference_on_the_models_embeddings(name):
+    """Through ``apply_pruning``: the kept tokens are the released rule's on what enters the
+    language model (projected visual features; the prompt after the image as instruction)."""
+    import vtoken
+    from conftest import get_inputs, get_model
+
+    model = get_model(name)
+    inputs = get_inputs(name, model, variant="single")
+    captured = {}
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: captured.update(kw),
+                                                                  with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    ids = inputs["input_ids"][0]
+    image_id = getattr(model.config, "image_token_id", None)
+    image_id = model.config.image_token_index if image_id is None else image_id
+    vis = (ids == image_id).nonzero().flatten()
+    real = inputs["attention_mask"][0].bool()
+    after = real & (torch.arange(ids.numel()) > vis.max())
+    emb = captured["inputs_embeds"][0].double()
+    k = 6
+    L = reference_kernel(emb[vis].numpy(), emb[after].numpy())
+    picks = reference_fast_map(L, k)
+    with vtoken.apply_pruning(model, method="cdpruner", keep=k) as h, torch.no_grad():
+        model(**inputs)
+        kept = h.stats.stages[0].kept[0].tolist()
+    assert kept == sorted(picks)

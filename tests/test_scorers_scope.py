@@ -81,3 +81,36 @@ def test_scope_rejects_bad_options():
         SCOPEScorer(combine="max")
     with pytest.raises(ValueError):
         SCOPEScorer(alpha=-1.0)
+
+
+def llava_signals(model, inputs):
+    """What SCOPE / VisPruner read on tiny LLaVA, computed here from the model itself: the
+    projected visual embeddings entering the language model (N, D) and the encoder's [CLS]
+    attention to each patch at the layer whose output the projector takes (heads averaged)."""
+    captured = {}
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: captured.update(kw),
+                                                                  with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        enc = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    hook.remove()
+    ids = inputs["input_ids"][0]
+    vis = (ids == model.config.image_token_index).nonzero().flatten()
+    layers = len(enc.attentions)
+    layer = layers + 1 + model.config.vision_feature_layer - 1  # hidden_states[i] leaves layer i - 1
+    attn = enc.attentions[layer][0, :, 0, 1:].mean(dim=0)
+    return captured["inputs_embeds"][0, vis].double().numpy(), attn.double().numpy()
+
+
+def test_scope_end_to_end_equals_reference_on_the_models_signals():
+    import vtoken
+    from conftest import get_inputs, get_model
+
+    model = get_model("llava", attn="eager")  # eager: the encoder returns its attention maps here
+    inputs = get_inputs("llava", model, variant="single")
+    feats, cls = llava_signals(model, inputs)
+    for k in (3, 7):
+        with vtoken.apply_pruning(model, method="scope", keep=k) as h, torch.no_grad():
+            model(**inputs)
+            kept = h.stats.stages[0].kept[0].tolist()
+        assert kept == sorted(reference_scope(feats, cls, k))

@@ -68,3 +68,18 @@ def test_vispruner_rejects_bad_options():
         VisPrunerScorer(important_ratio=1.5)
     with pytest.raises(ValueError):
         VisPrunerScorer(step=0)
+
+
+def test_vispruner_end_to_end_equals_reference_on_the_models_signals():
+    import vtoken
+    from conftest import get_inputs, get_model
+    from test_scorers_scope import llava_signals
+
+    model = get_model("llava", attn="eager")  # eager: the encoder returns its attention maps here
+    inputs = get_inputs("llava", model, variant="single")
+    feats, cls = llava_signals(model, inputs)
+    for k in (3, 7, 12):
+        with vtoken.apply_pruning(model, method="vispruner", keep=k) as h, torch.no_grad():
+            model(**inputs)
+            kept = h.stats.stages[0].kept[0].tolist()
+        assert kept == sorted(reference_vispruner(feats, cls.tolist(), k))
