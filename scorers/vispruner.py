@@ -36,16 +36,17 @@ def vispruner_select(features: torch.Tensor, attention: torch.Tensor, mask: torc
 
     Important: the ``int(budget * important_ratio)`` tokens of largest attention. The others,
     in decreasing attention, form the residual list (R tokens); while R exceeds the diverse
-    budget, one round: r = min(step, R - diverse, ceil(R / 2)); the residual's even positions (a) are matched
-    to its odd positions (b) by cosine similarity, the r tokens of a with the largest best match
-    are removed, and the residual becomes the rest of a in decreasing best-match order followed by
+    budget, one round: r = min(step, R - diverse, ceil(R / 2)); the residual's even positions (a)
+    are matched to its odd positions (b) by cosine similarity, the r tokens of a with the largest
+    best match are removed, and the residual becomes the rest of a in decreasing best-match order followed by
     b in its order. Ties (sorts) break towards the earlier position.
     """
     S, n = mask.shape
     dev = mask.device
     count = mask.sum(dim=1)
     budget = torch.minimum(budget.to(dev).long(), count)  # one host sync below: the round count
-    n_imp = torch.floor(budget.double() * important_ratio).long()
+    exact = torch.float32 if dev.type == "mps" else torch.float64  # int(T * r) as Python computes it
+    n_imp = torch.floor(budget.to(exact) * important_ratio).long()
     diverse = budget - n_imp
     ranked = torch.sort(masked_scores(attention, mask), dim=1, descending=True, stable=True).indices  # (S, n)
     pos = torch.arange(n, device=dev).expand(S, n)
@@ -66,9 +67,11 @@ def vispruner_select(features: torch.Tensor, attention: torch.Tensor, mask: torc
             live = pos < R.unsqueeze(1)
             even = live & (pos % 2 == 0)
             odd = live & (pos % 2 == 1)
-            sub = sim.gather(1, res.unsqueeze(-1).expand(-1, -1, n)).gather(2, res.unsqueeze(1).expand(-1, n, -1))
-            best = sub.masked_fill(~odd.unsqueeze(1), float("-inf")).max(dim=2).values  # (S, n) per position
-            best = best.masked_fill(~even, float("-inf"))
+            # best match of every slot among the slots at odd positions, then read at even positions
+            odd_slot = torch.zeros((S, n + 1), dtype=torch.bool, device=dev)
+            odd_slot = odd_slot.scatter_(1, torch.where(odd, res, n), True)[:, :n]
+            best = sim.masked_fill(~odd_slot.unsqueeze(1), float("-inf")).amax(dim=2)  # (S, n) per slot
+            best = best.gather(1, res).masked_fill(~even, float("-inf"))  # (S, n) per position
             arank = torch.empty_like(pos)  # rank of each even position by decreasing best match
             arank.scatter_(1, torch.sort(best, dim=1, descending=True, stable=True).indices, pos)
             kept_a = even & (arank >= r.unsqueeze(1))

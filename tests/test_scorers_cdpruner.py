@@ -108,7 +108,8 @@ def test_cdpruner_without_instruction_is_plain_dpp_and_rank_guard():
     # rank-deficient kernel (features of rank 2, budget 6): still exactly 6 distinct real tokens
     low = torch.randn(10, 2, generator=g) @ torch.randn(2, 8, generator=g)
     sig = make_signals([10, 3], [6, 2], text_counts=[1, 1], hidden=[low, torch.randn(3, 8, generator=g)],
-                       text_hidden=[torch.randn(1, 8, generator=g)] * 2, text_after=[torch.ones(1, dtype=torch.bool)] * 2)
+                       text_hidden=[torch.randn(1, 8, generator=g)] * 2,
+                       text_after=[torch.ones(1, dtype=torch.bool)] * 2)
     sel = CDPrunerScorer().select(sig)
     assert sel.keep.sum(1).tolist() == [6, 2] and not (sel.keep & ~sig.mask).any()
     assert torch.isfinite(sel.scores[sig.mask]).all()
