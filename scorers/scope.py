@@ -74,8 +74,9 @@ class SCOPEScorer(Scorer):
       projected embeddings that enter the LLM (``hidden`` at layer 0), the features DivPrune and
       CDPruner use.
     - Saliency source. ``vision_attn`` is the penultimate-layer [CLS] attention where the tower has
-      a [CLS] (LLaVA family; heads averaged, which is the released sum over heads divided by H:
-      the same picks); for towers without one (Qwen-VL) the runtime provides the mean attention
+      a [CLS] (LLaVA family; heads averaged, the released sum over heads divided by H: the same
+      picks with ``combine="multi"``, while ``"add"`` weighs saliency H ** -alpha times less than
+      the released branch); for towers without one (Qwen-VL) the runtime provides the mean attention
       each token receives, pooled to LLM tokens. Video segments carry no encoder attention:
       the runtime refuses a budget that prunes them (``PruningConfigError``).
     - Budget. The released code splits the budget evenly over the crops of a LLaVA-NeXT image
