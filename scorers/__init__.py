@@ -16,19 +16,22 @@ else:
     from vtoken.scorers.attention_base import AttentionScorer
     from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
     from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
+    from vtoken.scorers.cdpruner import CDPrunerScorer
     from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
     from vtoken.scorers.flow import AttentionFlowScorer, FlowCutScorer, RolloutScorer, rollout_row
     from vtoken.scorers.functional import attention_entropy, attention_flow, attention_rollout, erank
+    from vtoken.scorers.scope import SCOPEScorer
     from vtoken.scorers.sink import VARScorer
     from vtoken.scorers.sparsevlm import SparseVLMScorer
     from vtoken.scorers.visionzip import VisionZipScorer
+    from vtoken.scorers.vispruner import VisPrunerScorer
 
     __all__ = [
         "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
         "AttentionScorer", "FastVScorer", "SparseVLMScorer", "PyramidDropScorer", "FasterVLMScorer",
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
-        "KeepAllScorer",
+        "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

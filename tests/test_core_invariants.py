@@ -4,7 +4,10 @@ import pytest
 import torch
 
 import vtoken
+import vtoken.hooks
 from conftest import SUPPRESS, get_inputs, get_model, slice_sample
+from vtoken.adapters import get_adapter
+from vtoken.errors import PruningConfigError
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
 
@@ -28,11 +31,22 @@ def pruned_last(handle, inputs):
     return (pos == target.unsqueeze(1)).int().argmax(1)
 
 
-@pytest.mark.parametrize("method,options", [("none", {}), ("fastv", {}), ("attnflow", {}), ("attnflow", {"K": 3})])
+#: methods that read vision-encoder attention (refused where the adapter cannot map it)
+VISION_ATTN_METHODS = ("scope", "vispruner")
+
+
+@pytest.mark.parametrize("method,options", [("none", {}), ("fastv", {}), ("attnflow", {}), ("attnflow", {"K": 3}),
+                                            ("scope", {}), ("cdpruner", {}), ("vispruner", {})])
 def test_keep_all_equals_unpatched(arch, method, options):
     """Invariant 1: nothing dropped -> same logits (at real tokens) and same generated tokens."""
     model = get_model(arch)
     inputs = get_inputs(arch, model)
+    if method in VISION_ATTN_METHODS and get_adapter(model).vision_attention_module() is None:
+        # encoder attention not mapped to LLM tokens on this adapter: a clear error, nothing attached
+        with pytest.raises(PruningConfigError, match="vision-encoder attention"):
+            vtoken.apply_pruning(model, method=method, keep=1.0, **options)
+        assert vtoken.hooks.handle_of(model) is None
+        return
     ref = logits(model, inputs)
     ref_gen = model.generate(**inputs, **GEN)
     with vtoken.apply_pruning(model, method=method, keep=1.0, **options) as h:

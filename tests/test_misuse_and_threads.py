@@ -71,9 +71,10 @@ def test_vision_probe_eager_equals_sdpa(arch):
 @pytest.mark.parametrize("arch", ["llava_next", "qwen2_5_vl"])
 def test_vision_methods_refused_where_unmapped(arch):
     model = get_model(arch)
-    with pytest.raises(PruningConfigError, match="reads vision-encoder attention.*use an LLM-side method"):
-        vtoken.apply_pruning(model, method="fastervlm", keep=8)
-    assert "_vtoken_handle" not in model.__dict__
+    for method in ("fastervlm", "scope", "vispruner"):
+        with pytest.raises(PruningConfigError, match="reads vision-encoder attention.*use an LLM-side method"):
+            vtoken.apply_pruning(model, method=method, keep=8)
+        assert "_vtoken_handle" not in model.__dict__
 
 
 # --- 2. model.set_attn_implementation after apply_pruning -------------------------------------

@@ -27,7 +27,7 @@ from vtoken.plan import Stage, tokens_for
 from vtoken.scorers import FastVScorer, FlowCutScorer, KeepAllScorer, Scorer
 
 BUILTINS = {"fastv", "sparsevlm", "pyramiddrop", "fastervlm", "visionzip", "zipvl", "divprune", "dart", "agile",
-            "flowcut", "rollout", "attnflow", "var", "random", "uniform", "none"}
+            "scope", "cdpruner", "vispruner", "flowcut", "rollout", "attnflow", "var", "random", "uniform", "none"}
 
 
 @pytest.fixture

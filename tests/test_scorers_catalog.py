@@ -10,6 +10,7 @@ from vtoken.plan import Stage
 from vtoken.scorers import (
     AgileScorer,
     AttentionFlowScorer,
+    CDPrunerScorer,
     DARTScorer,
     DivPruneScorer,
     FasterVLMScorer,
@@ -19,10 +20,12 @@ from vtoken.scorers import (
     PyramidDropScorer,
     RandomScorer,
     RolloutScorer,
+    SCOPEScorer,
     SparseVLMScorer,
     UniformScorer,
     VARScorer,
     VisionZipScorer,
+    VisPrunerScorer,
     ZipVLScorer,
     methods_table_markdown,
 )
@@ -30,6 +33,7 @@ from vtoken.scorers.catalog import pyramiddrop_budgets, sparsevlm_budgets
 from vtoken.scorers.testing import make_signals, random_signals
 
 ALL_METHODS = {"fastv", "sparsevlm", "pyramiddrop", "fastervlm", "visionzip", "zipvl", "divprune", "dart", "agile",
+               "scope", "cdpruner", "vispruner",
                "flowcut", "rollout", "attnflow", "var", "random", "uniform", "none"}
 
 SCORERS = [
@@ -42,7 +46,8 @@ SCORERS = [
     RolloutScorer(), RolloutScorer(debias=True), AttentionFlowScorer(), AttentionFlowScorer(residual=0.3),
     FastVScorer(exclude_sinks=True, sink_rule="act"), FastVScorer(exclude_sinks=True, sink_rule="secondary"),
     VARScorer(sink_rule="act"), VARScorer(sink_rule="secondary"), VARScorer(), VARScorer(keep_sinks=True), RandomScorer(seed=3),
-    UniformScorer(), KeepAllScorer(),
+    UniformScorer(), KeepAllScorer(), SCOPEScorer(), SCOPEScorer(alpha=0.5, combine="add"), CDPrunerScorer(),
+    CDPrunerScorer(negate=False), VisPrunerScorer(), VisPrunerScorer(important_ratio=0.25, step=3),
 ]
 IDS = [repr(s)[:60] for s in SCORERS]
 
@@ -268,3 +273,11 @@ def test_depth_scaled_options_for_shallow_models():
     assert depth_scaled_options("sparsevlm", 8) == {"layers": (1, 2, 4)}  # round(.5)=0 -> 1; round(1.5)=2; round(3.75)=4
     assert depth_scaled_options("sparsevlm", 3) == {}  # three stages need layers 1, 2, 3 < 3: impossible
     assert depth_scaled_options("fastv", 4) == {}  # no multi-stage layers option
+
+
+def test_readme_methods_table_is_the_generated_one():
+    """README.md's methods table is :func:`methods_table_markdown`'s output (regenerate it there)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert methods_table_markdown().strip() in readme

@@ -33,6 +33,9 @@ CASES = {
     "divprune": ("divprune", {}),
     "dart": ("dart", {}),
     "agile": ("agile", {}),
+    "scope": ("scope", {}),
+    "cdpruner": ("cdpruner", {}),
+    "vispruner": ("vispruner", {}),
     "flowcut": ("flowcut", {}),
     "flowcut-norelay": ("flowcut", {"relay": False}),
     "flowcut-relay": ("flowcut", {"relay": "require"}),
@@ -110,7 +113,7 @@ def test_exact_budgets_text_kept_deterministic(arch, case):
             else:
                 assert got == want
             prev = got
-    if method in ("divprune", "dart", "agile"):
+    if method in ("divprune", "dart", "agile", "scope", "cdpruner", "vispruner"):
         assert "erank" in stats.stages[-1].diagnostics
     if method == "agile":
         assert "attn_entropy" in stats.stages[-1].diagnostics

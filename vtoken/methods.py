@@ -77,6 +77,9 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.diversity",
     "vtoken.scorers.flow",
     "vtoken.scorers.sink",
+    "vtoken.scorers.scope",
+    "vtoken.scorers.cdpruner",
+    "vtoken.scorers.vispruner",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)
