@@ -42,6 +42,7 @@ from vtoken.hooks.labels import follow_layout, private_labels
 from vtoken.hooks.stage import check_budget, run_stage
 from vtoken.signals import SIGNAL_NAMES, SIGNALS
 
+
 def _reads_vision(scorer, which: str) -> bool:
     return any(SIGNALS[n].vision for n in getattr(scorer, which, frozenset()) if n in SIGNALS)
 

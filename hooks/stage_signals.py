@@ -94,7 +94,7 @@ def _fill_optional_vision(rt, ctx, sig):
     rows = [None] * S
     for v, s in zip(caps, images):
         rows[s] = torch.nn.functional.pad(v[0].float(), (0, n - v[0].numel()))
-    nan = torch.full((n,), float("nan"), device=caps[0][0].device)
+    nan = torch.full((n,), float("nan"), dtype=torch.float32, device=caps[0][0].device)
     attn = torch.stack([nan if r is None else r for r in rows])
     sig.vision_attn = attn.gather(1, sig.index.clamp(min=0).to(attn.device)).to(sig.mask.device)
 
@@ -126,7 +126,7 @@ def _fill_vision(rt, ctx, stage, sig):
         return
     idx = sig.index.clamp(min=0)
     dev = caps[0][0].device if caps else sig.mask.device
-    attn = torch.full((S, n), float("nan"), device=dev)
+    attn = torch.full((S, n), float("nan"), dtype=torch.float32, device=dev)
     for v, s in zip(caps, images):
         attn[s, : v[0].numel()] = v[0].float()
     sig.vision_attn = attn.gather(1, idx.to(dev)).to(sig.mask.device)
