@@ -36,6 +36,7 @@ CASES = {
     "scope": ("scope", {}),
     "cdpruner": ("cdpruner", {}),
     "vispruner": ("vispruner", {}),
+    "dycoke": ("dycoke", {}),
     "flowcut": ("flowcut", {}),
     "flowcut-norelay": ("flowcut", {"relay": False}),
     "flowcut-relay": ("flowcut", {"relay": "require"}),
