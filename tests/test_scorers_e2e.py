@@ -37,6 +37,7 @@ CASES = {
     "cdpruner": ("cdpruner", {}),
     "vispruner": ("vispruner", {}),
     "dycoke": ("dycoke", {}),
+    "fastvid": ("fastvid", {}),
     "flowcut": ("flowcut", {}),
     "flowcut-norelay": ("flowcut", {"relay": False}),
     "flowcut-relay": ("flowcut", {"relay": "require"}),
