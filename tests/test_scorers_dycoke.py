@@ -139,30 +139,13 @@ def test_dycoke_images_keep_uniform_subgrid():
     assert sel.keep.sum(1).tolist() == [5, 4, 9]
 
 
-def video_features(model, inputs):
-    """The hidden states entering the first decoder layer at the video tokens, unpatched."""
-    got = {}
-    layer = model.model.language_model.layers[0]
-
-    def grab(module, args, kwargs):
-        got.setdefault("h", (args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    return got["h"][0][inputs["input_ids"][0] == tm.VIDEO_ID]
-
-
 @pytest.mark.parametrize("frames", [4, 8])
 def test_dycoke_end_to_end_qwen2_vl_video(frames):
     """A one-video prompt on tiny Qwen2-VL: the kept tokens are the released TTM's at its count,
     and at any budget the kept count is the budget."""
     model = get_model("qwen2_vl")
     inputs = tm.qwen_inputs(model, [[("video", (frames, 4, 4))]])
-    feats = video_features(model, inputs)
+    feats = tm.llm_inputs_at(model, inputs)
     t, h, w = frames, 2, 2
     x = feats.reshape(t, h * w, -1)
     for k in (0.5, 0.75):

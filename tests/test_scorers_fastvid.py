@@ -169,26 +169,11 @@ def test_fastvid_image_segment_is_one_frame():
         assert kept == reference_fastvid(x.numpy(), b)
 
 
-def video_features(model, inputs):
-    got = {}
-
-    def grab(module, args, kwargs):
-        got.setdefault("h", (args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    return got["h"][0][inputs["input_ids"][0] == tm.VIDEO_ID]
-
-
 @pytest.mark.parametrize("frames", [4, 8])
 def test_fastvid_end_to_end_qwen2_vl_video(frames):
     model = get_model("qwen2_vl")
     inputs = tm.qwen_inputs(model, [[("video", (frames, 4, 8))]])
-    x = video_features(model, inputs).double().reshape(frames, 8, -1)
+    x = tm.llm_inputs_at(model, inputs).double().reshape(frames, 8, -1)
     for R in (2, 4):
         with vtoken.apply_pruning(model, method="fastvid", keep=frames * R) as hd, torch.no_grad():
             model(**inputs)
