@@ -45,6 +45,10 @@ choices where the released code has no rule):
 * image segments (t == 1), segments whose grid is unknown, and segments already pruned (count !=
   t*h*w) have no frames to compare: they keep a spatially even sub-grid of ``keep`` tokens
   (the ``uniform`` baseline's rule), so images in a mixed prompt still meet the budget.
+
+On Qwen3-VL, whose prompt wraps each temporal patch group of a video in its own timestamped
+span, vtoken's adapter makes each group a segment (t == 1), so the image rule applies there;
+the temporal rule runs where a video is one segment (Qwen2-VL, Qwen2.5-VL).
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ Deviations from the released code:
 * the count is vtoken's budget (above); where the released caps keep fewer, the rest is filled by salience;
 * image segments (t == 1) and segments whose grid is unknown or already pruned are one frame:
   the same salient + context rule on that frame, so images get FastVID's spatial pruning.
+
+On Qwen3-VL, whose prompt wraps each temporal patch group of a video in its own timestamped
+span, vtoken's adapter makes each group a segment (t == 1), so the image rule applies there;
+the temporal rule runs where a video is one segment (Qwen2-VL, Qwen2.5-VL).
 """
 
 from __future__ import annotations

@@ -139,11 +139,12 @@ def test_dycoke_images_keep_uniform_subgrid():
     assert sel.keep.sum(1).tolist() == [5, 4, 9]
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("frames", [4, 8])
-def test_dycoke_end_to_end_qwen2_vl_video(frames):
+def test_dycoke_end_to_end_video(arch, frames):
     """A one-video prompt on tiny Qwen2-VL: the kept tokens are the released TTM's at its count,
     and at any budget the kept count is the budget."""
-    model = get_model("qwen2_vl")
+    model = get_model(arch)
     inputs = tm.qwen_inputs(model, [[("video", (frames, 4, 4))]])
     feats = tm.llm_inputs_at(model, inputs)
     t, h, w = frames, 2, 2

@@ -169,9 +169,10 @@ def test_fastvid_image_segment_is_one_frame():
         assert kept == reference_fastvid(x.numpy(), b)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("frames", [4, 8])
-def test_fastvid_end_to_end_qwen2_vl_video(frames):
-    model = get_model("qwen2_vl")
+def test_fastvid_end_to_end_video(arch, frames):
+    model = get_model(arch)
     inputs = tm.qwen_inputs(model, [[("video", (frames, 4, 8))]])
     x = tm.llm_inputs_at(model, inputs).double().reshape(frames, 8, -1)
     for R in (2, 4):
