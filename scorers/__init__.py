@@ -17,7 +17,9 @@ else:
     from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
     from vtoken.scorers.baselines import KeepAllScorer, RandomScorer, UniformScorer
     from vtoken.scorers.cdpruner import CDPrunerScorer
+    from vtoken.scorers.dycoke import DyCokeScorer
     from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
+    from vtoken.scorers.fastvid import FastVIDScorer
     from vtoken.scorers.flow import AttentionFlowScorer, FlowCutScorer, RolloutScorer, rollout_row
     from vtoken.scorers.functional import attention_entropy, attention_flow, attention_rollout, erank
     from vtoken.scorers.scope import SCOPEScorer
@@ -31,7 +33,7 @@ else:
         "AttentionScorer", "FastVScorer", "SparseVLMScorer", "PyramidDropScorer", "FasterVLMScorer",
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
-        "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer",
+        "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer", "DyCokeScorer", "FastVIDScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

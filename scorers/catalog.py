@@ -5,8 +5,8 @@ Each built-in method is registered beside its scorer, in the scorer's module
 (:mod:`vtoken.scorers.attention`, :mod:`~vtoken.scorers.visionzip`, :mod:`~vtoken.scorers.sparsevlm`,
 :mod:`~vtoken.scorers.baselines`, :mod:`~vtoken.scorers.diversity`, :mod:`~vtoken.scorers.flow`,
 :mod:`~vtoken.scorers.sink`, :mod:`~vtoken.scorers.scope`, :mod:`~vtoken.scorers.cdpruner`,
-:mod:`~vtoken.scorers.vispruner`): a plan builder decorated with
-:func:`vtoken.methods.register_method` right after the scorer class. The registry
+:mod:`~vtoken.scorers.vispruner`, :mod:`~vtoken.scorers.dycoke`, :mod:`~vtoken.scorers.fastvid`): a
+plan builder decorated with :func:`vtoken.methods.register_method` right after the scorer class. The registry
 (:mod:`vtoken.methods`) imports those modules before any lookup.
 
 Defaults are the papers' defaults. ``keep`` is the per-image budget (int tokens or a fraction in

@@ -36,7 +36,8 @@ VISION_ATTN_METHODS = ("scope", "vispruner")
 
 
 @pytest.mark.parametrize("method,options", [("none", {}), ("fastv", {}), ("attnflow", {}), ("attnflow", {"K": 3}),
-                                            ("scope", {}), ("cdpruner", {}), ("vispruner", {})])
+                                            ("scope", {}), ("cdpruner", {}), ("vispruner", {}),
+                                            ("dycoke", {}), ("fastvid", {})])
 def test_keep_all_equals_unpatched(arch, method, options):
     """Invariant 1: nothing dropped -> same logits (at real tokens) and same generated tokens."""
     model = get_model(arch)

@@ -36,6 +36,8 @@ CASES = {
     "scope": ("scope", {}),
     "cdpruner": ("cdpruner", {}),
     "vispruner": ("vispruner", {}),
+    "dycoke": ("dycoke", {}),
+    "fastvid": ("fastvid", {}),
     "flowcut": ("flowcut", {}),
     "flowcut-norelay": ("flowcut", {"relay": False}),
     "flowcut-relay": ("flowcut", {"relay": "require"}),

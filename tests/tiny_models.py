@@ -204,3 +204,20 @@ def llava_next_inputs(model, image_sizes_per_sample, pad_side="left", seed=0):
     if flat:
         out["pixel_values"], out["image_sizes"] = pixel_values, image_sizes
     return out
+
+
+def llm_inputs_at(model, inputs, token_id=VIDEO_ID):
+    """The hidden states entering the first decoder layer at sample 0's ``token_id`` tokens, from
+    one unpatched forward (the features a layer-0 stage scores)."""
+    got = {}
+
+    def grab(module, args, kwargs):
+        got.setdefault("h", (args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return got["h"][0][inputs["input_ids"][0] == token_id]

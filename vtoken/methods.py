@@ -80,6 +80,8 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.scope",
     "vtoken.scorers.cdpruner",
     "vtoken.scorers.vispruner",
+    "vtoken.scorers.dycoke",
+    "vtoken.scorers.fastvid",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)

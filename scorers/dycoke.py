@@ -1,0 +1,185 @@
+"""DyCoke's temporal token merging (TTM) as a video scorer before the LLM.
+
+Tao et al., "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models",
+CVPR 2025 (arXiv:2411.15024); released code github.com/KD-TAO/DyCoke at dd74634
+(``dycole_ttm`` in llava/model/llava_arch.py).
+
+The released rule, on one video's projected features (frames x tokens per frame, the features
+entering the LLM), with ``k`` its merging ratio (``dycoke_k``, 0.7 in the README's evaluation):
+
+* pairs: for every even frame i (i + 1 < T), each token of frame i + 1 gets the cosine
+  similarity to the token at the same position of frame i; frame i + 1 keeps its
+  ``int((1 - k) * N)`` least similar tokens (N tokens per frame); frame i is kept whole;
+* windows of 4: for i = 0, 4, 8, ... with i < T - 4 (so the last window of a multiple-of-4 count
+  is left out), frame i + 2 is pruned the same way against frame i (its pair pass, where it was
+  the kept frame, is overridden); frame i + 3 stays pruned against the *whole* frame i + 2;
+* every other frame (the "anchors": 0, 4, 8, ... and the frame i + 2 of a window the second loop
+  skips) is kept whole.
+
+vtoken's budget is per segment, so the rule becomes a ranking whose top ``keep`` tokens are the
+released set whenever ``keep`` equals the released count (see :func:`dycoke_released_count`):
+anchors first; then the tokens of the pruned frames by their rank within their own frame (0 =
+least similar to its reference token), so every pruned frame keeps the same number of tokens as
+released; equal ranks are ordered by similarity (lower first), then frame, then position.
+
+Deviations from the released code (each needed to give any per-segment budget, or documented
+choices where the released code has no rule):
+
+* the count is vtoken's budget, not ``k``: ``keep = dycoke_released_count(t, h*w, k)`` gives
+  the released set; other budgets keep a prefix of the ranking above;
+* a budget below the anchors' count cuts anchors: the first frame ranks above the other anchors,
+  each later anchor's tokens are ranked like a pruned frame against the previous anchor (a
+  vtoken extension; the released code never prunes an anchor), and a budget below one frame
+  keeps the first frame's tokens in raster order;
+* an odd frame count: the released code drops the last (unpaired) frame altogether; here its
+  tokens rank below every other token (by similarity to the frame before it), so they are kept
+  only when the budget exceeds the rest -- identical at the released count;
+* T <= 4: the released second loop is empty and ``torch.stack`` of an empty list raises; here the
+  pairs alone apply;
+* tie-breaking: the released ``topk(largest=False)`` leaves ties to the backend; here equal
+  similarities break towards the lower position (stable sort); the kept tokens stay in their
+  original order (the released code concatenates a frame's kept tokens in similarity order);
+* similarities in float32 (the released code computes them in the model's dtype);
+* only TTM: DyCoke's second stage (dynamic KV-cache pruning at decode time, layer 3, ``p``) is
+  not implemented -- vtoken's stages prune the prefill, not the cache per decoding step;
+* image segments (t == 1), segments whose grid is unknown, and segments already pruned (count !=
+  t*h*w) have no frames to compare: they keep a spatially even sub-grid of ``keep`` tokens
+  (the ``uniform`` baseline's rule), so images in a mixed prompt still meet the budget.
+
+On Qwen3-VL, whose prompt wraps each temporal patch group of a video in its own timestamped
+span, vtoken's adapter makes each group a segment (t == 1), so the image rule applies there;
+the temporal rule runs where a video is one segment (Qwen2-VL, Qwen2.5-VL).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vtoken.methods import register_method, register_scorer
+from vtoken.plan import Stage, validate_budget
+from vtoken.scorers.base import Scorer, Selection, masked_scores
+from vtoken.scorers.baselines import UniformScorer
+from vtoken.signals import SegmentSignals
+
+#: ranking levels (higher is kept first)
+_FIRST, _ANCHOR, _PRUNED, _DROPPED = 3, 2, 1, 0
+
+
+def ttm_references(t: int) -> list:
+    """Per frame: ``(level, reference frame or None)`` of the released TTM for ``t`` frames
+    (levels: first frame, other anchors, pruned frames, the released code's dropped last frame)."""
+    ref: list = [None] * t
+    level = [_ANCHOR] * t
+    for i in range(0, t - 1, 2):
+        ref[i + 1], level[i + 1] = i, _PRUNED
+    for i in range(0, t - 4, 4):
+        ref[i + 2], level[i + 2] = i, _PRUNED
+    if t % 2 == 1 and t > 1:
+        ref[t - 1], level[t - 1] = t - 2, _DROPPED
+    previous = None
+    for f in range(t):
+        if level[f] == _ANCHOR:
+            if previous is None:
+                level[f] = _FIRST
+            else:
+                ref[f] = previous
+            previous = f
+    return list(zip(level, ref))
+
+
+def dycoke_released_count(t: int, per_frame: int, k: float = 0.7) -> int:
+    """The number of tokens the released TTM keeps of a ``t``-frame video with ``per_frame``
+    tokens a frame at merging ratio ``k`` (pass it as ``keep`` to get the released set)."""
+    m = int((1 - k) * per_frame)
+    out = 0
+    for level, _ in ttm_references(t):
+        out += per_frame if level in (_FIRST, _ANCHOR) else (m if level == _PRUNED else 0)
+    return out
+
+
+def ttm_order(x: torch.Tensor) -> torch.Tensor:
+    """The ranking of one video's tokens, ``x`` (T, N, D) in row-major order: a (T*N,) long
+    tensor of flat token indices, the first to keep first."""
+    T, N = x.shape[0], x.shape[1]
+    refs = ttm_references(T)
+    z = torch.nn.functional.normalize(x.float(), dim=-1)
+    level = torch.empty(T, N, dtype=torch.long)
+    rank = torch.zeros(T, N, dtype=torch.long)
+    sim = torch.zeros(T, N, dtype=torch.float32)
+    pos = torch.arange(N)
+    for f, (lv, r) in enumerate(refs):
+        level[f] = lv
+        if r is None:
+            rank[f] = pos
+            continue
+        s = (z[f] * z[r]).sum(-1).cpu()
+        sim[f] = s
+        order = torch.sort(s, stable=True).indices
+        rank[f, order] = pos
+    # lexicographic: level desc, rank asc, similarity asc, frame asc, position asc (stable sorts
+    # from the least significant key; the flat index already orders frame, then position)
+    idx = torch.arange(T * N)
+    for key, desc in ((sim.flatten(), False), (rank.flatten(), False), (level.flatten(), True)):
+        idx = idx[torch.sort(key[idx], stable=True, descending=desc).indices]
+    return idx
+
+
+def _video_grid(sig: SegmentSignals, s: int, n: int) -> Optional[tuple]:
+    grid = sig.grid[s] if sig.grid is not None else None
+    if grid is None or grid[0] < 2 or n != int(sig.original[s]) or grid[0] * grid[1] * grid[2] != n:
+        return None
+    return tuple(int(g) for g in grid)
+
+
+@register_scorer
+class DyCokeScorer(Scorer):
+    """DyCoke's temporal token merging (Tao et al., CVPR 2025, arXiv:2411.15024; released code
+    KD-TAO/DyCoke@dd74634): in each window of 4 frames, tokens of later frames that repeat the
+    token at the same position of an earlier frame (cosine similarity of the hidden states
+    entering the LLM) are pruned first; the first frame of each window is kept whole. See the
+    module docstring for the rule, the budget mapping and every deviation.
+
+    Signals: ``hidden`` (S, n, D), ``grid`` -> Selection (exactly ``budget`` tokens per segment).
+    Image segments (t == 1) keep an even sub-grid (the ``uniform`` rule).
+    """
+
+    name = "dycoke"
+    needs = frozenset({"hidden"})
+
+    def select(self, sig: SegmentSignals) -> Selection:
+        fallback = None
+        keep = torch.zeros_like(sig.mask)
+        scores = torch.zeros(sig.mask.shape, dtype=torch.float32)
+        for s in range(sig.num_segments):
+            slots = torch.nonzero(sig.mask[s]).flatten().cpu()
+            n = slots.numel()
+            grid = _video_grid(sig, s, n)
+            if grid is None:
+                if fallback is None:
+                    fallback = UniformScorer().select(sig).keep
+                keep[s] = fallback[s]
+                scores[s, slots] = fallback[s, slots.to(fallback.device)].float().cpu()
+                continue
+            t, h, w = grid
+            index = sig.index[s, slots.to(sig.index.device)].cpu()
+            slot_of = torch.empty(n, dtype=torch.long)
+            slot_of[index] = slots
+            x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(t, h * w, -1)
+            order = slot_of[ttm_order(x)]
+            k = min(int(sig.budget[s]), n)
+            keep[s, order[:k].to(keep.device)] = True
+            scores[s, order] = torch.arange(n, 0, -1, dtype=torch.float32)
+        return Selection(keep=keep, scores=masked_scores(scores.to(sig.mask.device), sig.mask))
+
+
+@register_method(name="dycoke", family="diversity", paper="Tao et al., CVPR 2025 (arXiv:2411.15024)",
+                 stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False,
+                 options=("layer", "mode"), released_code="KD-TAO/DyCoke@dd74634")
+def dycoke_plan(keep, layer: int = 0, mode: str = "select"):
+    """DyCoke preset (its first stage, TTM): one stage at ``layer`` (default before the LLM)."""
+    return [Stage(layer=layer, scorer=DyCokeScorer(), keep=validate_budget(keep), mode=mode)]
+
+
+__all__ = ["DyCokeScorer", "dycoke_plan", "dycoke_released_count", "ttm_order", "ttm_references"]
