@@ -35,6 +35,14 @@ def plain(key, fn):
     return _PLAIN[key]
 
 
+def keep_all_generates_as_plain(key, run, model, family):
+    """``run()`` with a keep-all handle of ``family`` gives the plain model's generation."""
+    ref = plain(key, run)
+    with apply(model, family, "keepall"):
+        out = run()
+    assert_same_generation(out, ref, **TIGHT)
+
+
 def generate(model, inputs, seed=0, **kw):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -162,10 +170,7 @@ def test_cache_classes(arch, family, keep, cache):
         return generate(model, inputs, **kw, use_cache=False)
 
     if keep == "keepall":
-        ref = plain((arch, "cache", cache), run)
-        with apply(model, family, keep):
-            out = run()
-        assert_same_generation(out, ref, **TIGHT)
+        keep_all_generates_as_plain((arch, "cache", cache), run, model, family)
         return
     with apply(model, family, keep):
         default = generate(model, inputs, **kw)
@@ -294,10 +299,7 @@ def test_generate_from_inputs_embeds(arch, family, keep, form):
         return generate(model, call, **kw, **more)
 
     if keep == "keepall":
-        ref = plain((arch, "embeds", form), run)
-        with apply(model, family, keep):
-            out = run()
-        assert_same_generation(out, ref, **TIGHT)
+        keep_all_generates_as_plain((arch, "embeds", form), run, model, family)
         return
     with apply(model, family, keep):
         out = works_or_refuses(run)
