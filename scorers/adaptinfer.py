@@ -93,9 +93,12 @@ ADAPTINFER_REFERENCE_TOKENS = 576
 def adaptinfer_budgets(keep) -> tuple:
     """Per-stage budgets of the AdaptInfer preset: the table of the nominal budget nearest ``keep``
     (a float is a fraction of 576; ties go to the larger table) scaled by keep / nominal, each at
-    least 1 token (fraction 1e-6) and never growing from stage to stage. keep=64 gives (133, 27, 3).
+    least 1 token (fraction 1e-6) and never growing from stage to stage. keep=64 gives (133, 27, 3);
+    keep=1.0 keeps every token at every stage (no pruning).
     """
     keep = validate_budget(keep)
+    if isinstance(keep, float) and keep == 1.0:  # keep everything at every stage
+        return (1.0,) * len(next(iter(ADAPTINFER_TABLES.values())))
     ref = ADAPTINFER_REFERENCE_TOKENS
     as_tokens = keep if isinstance(keep, int) else keep * ref
     nominal = min(ADAPTINFER_TABLES, key=lambda k: (abs(k - as_tokens), -k))

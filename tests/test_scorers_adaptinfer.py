@@ -104,6 +104,7 @@ def test_preset_budgets_layers_and_options():
     assert all(st.scorer.name == "adaptinfer" for st in plan)
     assert depth_scaled_options("adaptinfer", 4) == {"layers": (1, 2, 3)}
     assert all(isinstance(b, float) and b <= 1.0 for b in adaptinfer_budgets(0.25))
+    assert adaptinfer_budgets(1.0) == (1.0, 1.0, 1.0)
     with pytest.raises(PruningConfigError):
         build_plan("adaptinfer", 64, layers=(2, 11))
     with pytest.raises(PruningConfigError):
