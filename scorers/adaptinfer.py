@@ -46,6 +46,9 @@ class AdaptInferScorer(Scorer):
     * The code keeps ``min(k, count - 1)`` tokens (at least one dropped) and may keep none (its 32
       table ends with 0); vtoken keeps exactly ``min(budget, count)``, at least 1.
     * Multi-image samples: each image is a segment scored on its own (the code handles one image).
+    * Only the LLaVA-1.5-7B table is a preset: the code's 13B table and its Qwen2-VL schedule
+      (``pruning_loc`` 0, 9, 19 with keep ratios of the current count) are not; pass ``layers`` and
+      a plan of :class:`vtoken.Stage` for them.
 
     Signals: ``attn_text_text`` (S, H, T, T), ``attn_text`` (S, H, T, n), ``text_after`` (S, T).
     """
