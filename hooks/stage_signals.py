@@ -25,7 +25,8 @@ def fill_signals(rt, ctx, stage, sig, hidden, slot_pad, safe_slot) -> None:
     rows_b = sample.unsqueeze(1)
     if "hidden" in needs:
         sig.hidden = hidden[rows_b, safe_slot]
-    if needs & {"text_hidden", "attn_text", "attn_last_text", "text_keys", "text_after", "normed_text_hidden"}:
+    if needs & {"text_hidden", "attn_text", "attn_text_text", "attn_last_text", "text_keys", "text_after",
+                "normed_text_hidden"}:
         text_slot, text_mask = text_slots(ctx)
         sig.text_mask = text_mask[sample]
         tsafe = text_slot.clamp(min=0)[sample]
@@ -54,6 +55,9 @@ def fill_signals(rt, ctx, stage, sig, hidden, slot_pad, safe_slot) -> None:
         text = rec["text"]  # (B, H, T, Nc)
         per = text[sample]  # (S, H, T, Nc)
         sig.attn_text = per.gather(3, safe_slot.view(-1, 1, 1, safe_slot.shape[1]).expand(-1, per.shape[1], per.shape[2], -1))
+    if "attn_text_text" in needs:  # the same text rows, gathered at the text columns
+        per = rec["text"][sample]  # (S, H, T, Nc)
+        sig.attn_text_text = per.gather(3, tsafe.view(-1, 1, 1, tsafe.shape[1]).expand(-1, per.shape[1], per.shape[2], -1))
     if needs & {"keys", "text_keys"}:
         key = rec["keys"]  # (B, Hkv, Nc, D)
         if ctx.pos_emb0 is not None:  # the rotary phase of each sample alone (left padding: see the adapter)

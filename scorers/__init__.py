@@ -12,6 +12,7 @@ if "." not in __name__:  # imported under its bare folder name: the name goes to
     import pathlib, runpy
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py"))["hand_over"](__name__, __file__)
 else:
+    from vtoken.scorers.adaptinfer import AdaptInferScorer
     from vtoken.scorers.attention import FasterVLMScorer, FastVScorer, PyramidDropScorer, ZipVLScorer
     from vtoken.scorers.attention_base import AttentionScorer
     from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask, topk_selection
@@ -34,6 +35,7 @@ else:
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
         "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer", "DyCokeScorer", "FastVIDScorer",
+        "AdaptInferScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

@@ -43,7 +43,7 @@ def make_signals(
 ) -> SegmentSignals:
     """Padded SegmentSignals from per-segment tensors (see the module docstring).
 
-    ``attn_text`` entries are (H, T_s, n_s); every other signal follows the shapes of
+    ``attn_text`` entries are (H, T_s, n_s), ``attn_text_text`` (H, T_s, T_s); every other signal follows the shapes of
     :mod:`vtoken.signals` without the leading S axis. Unknown keyword names are set as extra
     attributes, unpadded (e.g. ``layer_attn_full``, already padded by the caller).
     """
@@ -81,6 +81,11 @@ def make_signals(
             if T is None:
                 raise ValueError("text_after needs text_counts")
             sig.text_after = _pad_axis([torch.as_tensor(t, dtype=torch.bool).long() for t in items], 0, T).bool()
+        elif name == "attn_text_text":  # (H, T_s, T_s) per segment
+            if T is None:
+                raise ValueError("attn_text_text needs text_counts")
+            padded = [_pad_axis([torch.as_tensor(t).float()], 2, T)[0] for t in items]
+            sig.attn_text_text = _pad_axis(padded, 1, T)
         elif name == "attn_text":
             if T is None:
                 raise ValueError("attn_text needs text_counts")

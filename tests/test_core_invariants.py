@@ -37,7 +37,7 @@ VISION_ATTN_METHODS = ("scope", "vispruner")
 
 @pytest.mark.parametrize("method,options", [("none", {}), ("fastv", {}), ("attnflow", {}), ("attnflow", {"K": 3}),
                                             ("scope", {}), ("cdpruner", {}), ("vispruner", {}),
-                                            ("dycoke", {}), ("fastvid", {})])
+                                            ("dycoke", {}), ("fastvid", {}), ("adaptinfer", {"layers": (1, 2, 3)})])
 def test_keep_all_equals_unpatched(arch, method, options):
     """Invariant 1: nothing dropped -> same logits (at real tokens) and same generated tokens."""
     model = get_model(arch)

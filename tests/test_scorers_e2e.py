@@ -27,6 +27,8 @@ CASES = {
     "sparsevlm": ("sparsevlm", {"layers": SMALL}),
     "sparsevlm-recycle": ("sparsevlm", {"layers": SMALL, "recycle": True}),
     "pyramiddrop": ("pyramiddrop", {"layers": SMALL}),
+    "adaptinfer": ("adaptinfer", {"layers": SMALL}),
+    "adaptinfer-all": ("adaptinfer", {"layers": SMALL, "rows": "all"}),
     "fastervlm": ("fastervlm", {}),
     "visionzip": ("visionzip", {}),
     "zipvl": ("zipvl", {"threshold": 0.5}),

@@ -82,6 +82,7 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.vispruner",
     "vtoken.scorers.dycoke",
     "vtoken.scorers.fastvid",
+    "vtoken.scorers.adaptinfer",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)

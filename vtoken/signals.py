@@ -75,6 +75,9 @@ SIGNALS = {s.name: s for s in (
     Signal("attn_last_text", "(S, H, T)", "the same query row, attention to the text tokens", probe=("last",)),
     Signal("attn_text", "(S, H, T, n)", "attention of every text row (query) to each candidate at L-1",
            probe=("text",)),
+    Signal("attn_text_text", "(S, H, T, T)", "attention of every text row (query) to every text column (key) of "
+                                             "the sample at L-1 (softmax over all keys; ``text_mask`` marks both "
+                                             "axes)", probe=("text",)),
     Signal("keys", "(S, n, Dk)", "post-RoPE key states of the candidates at L-1 (each sample's own rotary "
                                  "phase)", probe=("keys",), causal=True),
     Signal("text_keys", "(S, T, Dk)", "post-RoPE key states of the text tokens at L-1", probe=("keys",)),
@@ -119,6 +122,7 @@ class SegmentSignals:
     attn_last: Optional[torch.Tensor] = None
     attn_last_text: Optional[torch.Tensor] = None
     attn_text: Optional[torch.Tensor] = None
+    attn_text_text: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
     text_keys: Optional[torch.Tensor] = None
     vision_attn: Optional[torch.Tensor] = None
