@@ -83,7 +83,7 @@ def decode_step_masks(state, mask2d: Optional[torch.Tensor], q: int, batch: int,
 
 
 def key_validity(mask) -> Optional[torch.Tensor]:
-    """(B, N) bool validity of the keys an attention mask allows: a 2-D padding mask as it is; a
+    """(B, N) validity of the keys an attention mask allows (nonzero / True = valid): a 2-D padding mask as it is; a
     4-D mask (B, 1, q, N) (bool, True = attend, or additive float, 0 = attend) or transformers'
     dict of them (``{"full_attention": ...}``) read from its last query row, which a causal mask
     lets see every valid key. None for anything else."""
@@ -92,7 +92,7 @@ def key_validity(mask) -> Optional[torch.Tensor]:
     if not torch.is_tensor(mask):
         return None
     if mask.dim() == 2:
-        return mask.bool()
+        return mask  # callers convert what they use (a decode step only its new columns)
     if mask.dim() != 4:
         return None
     row = mask[:, 0, -1, :]
