@@ -116,6 +116,9 @@ class CallContext:
     checks: Optional[list] = None  # budget checks deferred to the end of the multimodal forward
     stage_ops: Optional[StageOps] = None  # what the last stage did (see StageOps)
     visual_call: bool = False  # the forward carries visual inputs (pixels, or features encoded by generate)
+    fixed: object = None  # a fixed-slot KV cache (StaticCache) this prefill prunes into
+    fixed_len: int = 0  # its slots per layer before pruning (prompt + tokens to come)
+    in_flight: bool = False  # counted in the runtime's prefills_in_flight until on_multimodal_done
 
 
 class GenerateSession:

@@ -16,7 +16,7 @@ from vtoken.errors import AlreadyPrunedError, HandleRemovedError, PruningConfigE
 from vtoken.hooks.probe import install_probe
 from vtoken.hooks.call_state import GenerateSession
 from vtoken.hooks.checkpointing import checkpointing
-from vtoken.hooks.kv_cache import STATE_ATTR
+from vtoken.hooks.kv_cache import STATE_ATTR, fixed_slots_of
 from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
 from vtoken.kernels import patch_vision_varlen
@@ -144,25 +144,32 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
     undo = []
     try:
         top_params = _param_names(model)
-        h0 = model.register_forward_pre_hook(lambda m, a, kw: runtime.on_model_call(top_params, a, kw),
-                                             with_kwargs=True)
+        # a step after the prefill on a fixed-slot cache (fixed_slots_of: traceable) skips the eager
+        # hook bodies: transformers compiles those steps, and only the layers' masks change
+        h0 = model.register_forward_pre_hook(
+            lambda m, a, kw: None if fixed_slots_of(kw) is not None else runtime.on_model_call(top_params, a, kw),
+            with_kwargs=True)
         undo.append(h0.remove)
         mm = adapter.multimodal_model
         mm_params = _param_names(mm)
         h1 = mm.register_forward_pre_hook(
-            lambda m, a, kw: runtime.on_multimodal_call({**dict(zip(mm_params, a)), **kw}), with_kwargs=True
+            lambda m, a, kw: None if fixed_slots_of(kw) is not None else runtime.on_multimodal_call(
+                {**dict(zip(mm_params, a)), **kw}), with_kwargs=True
         )
-        h2 = mm.register_forward_hook(lambda m, a, out: runtime.on_multimodal_done(), always_call=True)
+        h2 = mm.register_forward_hook(
+            lambda m, a, kw, out: None if fixed_slots_of(kw) is not None else runtime.on_multimodal_done(),
+            with_kwargs=True, always_call=True)
         tm_params = _param_names(adapter.text_model)
         h3 = adapter.text_model.register_forward_pre_hook(
-            lambda m, a, kw: runtime.on_text_call({**dict(zip(tm_params, a)), **kw}), with_kwargs=True
+            lambda m, a, kw: None if fixed_slots_of(kw) is not None else runtime.on_text_call(
+                {**dict(zip(tm_params, a)), **kw}), with_kwargs=True
         )
         undo += [h1.remove, h2.remove, h3.remove]
         for idx in range(runtime.first_layer, runtime.num_layers):
             hook = functools.partial(_layer_hook, runtime, idx)
             undo.append(adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).remove)
         for layer in sorted(runtime.probe_needs):
-            undo.append(install_probe(adapter.layers[layer].self_attn, runtime.probe(layer)))
+            undo.append(install_probe(adapter.layers[layer].self_attn, runtime.probe(layer), runtime))
         if runtime.needs_vision or runtime.wants_vision:
             module = adapter.vision_attention_module()
             if module is None and runtime.needs_vision:
@@ -207,6 +214,9 @@ def _param_names(module) -> list:
 
 
 def _layer_hook(runtime, idx, module, args, kwargs):
+    fixed = fixed_slots_of(kwargs)
+    if fixed is not None:
+        return runtime.on_fixed_slot_step(idx, fixed, args, kwargs)
     return runtime.on_layer(idx, args, kwargs, checkpointing(module))
 
 

@@ -18,6 +18,7 @@ import weakref
 
 import torch
 
+from vtoken.hooks.masks import key_validity
 from vtoken.hooks.prefill_plan import PlanCache, prepare_prefill
 
 _PLAN_CACHES = weakref.WeakKeyDictionary()  # model -> PlanCache, shared by the handles applied to it
@@ -60,9 +61,11 @@ def plan_before_vision(rt, ctx, kwargs: dict) -> None:
     input_ids = kwargs["input_ids"]
     ctx.checks = []
     ctx.ids_host = input_ids.cpu()
-    mask = kwargs.get("attention_mask")
-    if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape == input_ids.shape:
-        ctx.mask_host = mask.cpu().bool()
+    # a 2-D mask, or the 4-D one transformers < 5.2x's generate passes with a static cache (B, 1, q, slots):
+    # the prompt's columns of its last row
+    mask = key_validity(kwargs.get("attention_mask"))
+    if mask is not None and mask.shape[0] == input_ids.shape[0] and mask.shape[1] >= input_ids.shape[1]:
+        ctx.mask_host = mask[:, :input_ids.shape[1]].cpu().bool()
     if rt.adapter.layout_needs_features:
         return
     key = plan_key(rt, ctx.ids_host, ctx.mask_host, kwargs, input_ids.device)

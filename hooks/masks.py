@@ -33,6 +33,38 @@ def prefill_mask(valid: torch.Tensor, attn_impl: str, dtype: torch.dtype,
     return _format(allowed.unsqueeze(1), attn_impl, dtype)
 
 
+def fixed_prefill_mask(valid: torch.Tensor, slots: int, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """The causal mask of a re-laid-out prefill whose layer writes into a fixed-slot cache: the
+    layer attends over all its ``slots`` (the N written now first, then empty ones).
+
+    valid (B, N) bool -> (B, 1, N, slots): :func:`prefill_mask`'s columns, then ``slots - N`` never
+    attended (always explicit: the keys are longer than the queries)."""
+    B, N = valid.shape
+    causal = torch.ones(N, N, dtype=torch.bool, device=valid.device).tril_()
+    allowed = causal.unsqueeze(0) & valid.unsqueeze(1)
+    allowed |= torch.eye(N, dtype=torch.bool, device=valid.device).unsqueeze(0)
+    allowed = torch.cat([allowed, allowed.new_zeros(B, N, slots - N)], dim=2)
+    return _format(allowed.unsqueeze(1), attn_impl, dtype)
+
+
+def fixed_decode_mask(prefix_valid: torch.Tensor, written: torch.Tensor, q_len: int, slots: int, attn_impl: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Mask of ``q_len`` new queries in a pruned layer of a fixed-slot cache (transformers'
+    StaticCache), from tensors only: no host sync, the same graph every step (a compiled or
+    CUDA-graphed decode step traces it).
+
+    prefix_valid (B, N) bool: the pruned prefill's slots; ``written`` 0-d long: slots the layer
+    holds before this step (its ``cumulative_length``: N + tokens since the prefill); the layer
+    has ``slots`` in all. -> (B, 1, q_len, slots): the valid prefill slots, and the new tokens'
+    slots up to each query's own (tokens ``generate`` appends are all valid)."""
+    B, N = prefix_valid.shape
+    new = torch.arange(slots - N, device=prefix_valid.device).view(1, -1)
+    last = (written - N) + torch.arange(q_len, device=prefix_valid.device).view(-1, 1)  # (q, 1) own slot - N
+    allowed = torch.cat([prefix_valid.view(B, 1, 1, N).expand(B, 1, q_len, N),
+                         (new <= last).view(1, 1, q_len, -1).expand(B, 1, q_len, slots - N)], dim=3)
+    return _format(allowed, attn_impl, dtype)
+
+
 def extend_mask(
     prefix_valid: torch.Tensor,
     new_valid: torch.Tensor,
@@ -82,13 +114,20 @@ def decode_step_masks(state, mask2d: Optional[torch.Tensor], q: int, batch: int,
     return [extend_mask(s.valid, new_valid, q, attn_impl, dtype, s.all_valid) for s in state.stages]
 
 
+def unwrap_mask(mask):
+    """transformers' dict of masks per attention type (``{"full_attention": ...}``) -> the full
+    attention's (None where it needs no mask); anything else as it is."""
+    if isinstance(mask, dict):
+        return mask.get("full_attention", next(iter(mask.values()), None))
+    return mask
+
+
 def key_validity(mask) -> Optional[torch.Tensor]:
     """(B, N) validity of the keys an attention mask allows (nonzero / True = valid): a 2-D padding mask as it is; a
     4-D mask (B, 1, q, N) (bool, True = attend, or additive float, 0 = attend) or transformers'
     dict of them (``{"full_attention": ...}``) read from its last query row, which a causal mask
     lets see every valid key. None for anything else."""
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    mask = unwrap_mask(mask)
     if not torch.is_tensor(mask):
         return None
     if mask.dim() == 2:

@@ -50,7 +50,9 @@ def base_attention(module) -> callable:
 def _vtoken_attention(module, query, key, value, attention_mask, **kwargs):
     base = base_attention(module)
     probe = module.__dict__.get("_vtoken_probe")
-    if probe is None:
+    runtime = module.__dict__.get("_vtoken_runtime")
+    # no prefill in flight (a decode step, maybe compiled): the layer's own attention, nothing eager
+    if probe is None or (runtime is not None and runtime.prefills_in_flight == 0):
         return base(module, query, key, value, attention_mask, **kwargs)
     return probe(base, module, query, key, value, attention_mask, **kwargs)
 
@@ -77,8 +79,9 @@ def private_attention_config(config, implementation: str, **attrs):
     return private
 
 
-def install_probe(attn_module, probe) -> callable:
-    """Route ``attn_module`` through ``probe(base, module, q, k, v, mask, **kw)``; returns undo."""
+def install_probe(attn_module, probe, runtime=None) -> callable:
+    """Route ``attn_module`` through ``probe(base, module, q, k, v, mask, **kw)``; returns undo.
+    ``runtime`` (an LLM layer's probe): the probe is skipped while its ``prefills_in_flight`` is 0."""
     register_probe_implementation()
     original_config = attn_module.config
     name = original_config._attn_implementation
@@ -88,10 +91,12 @@ def install_probe(attn_module, probe) -> callable:
     attn_module._vtoken_shared_config = original_config  # the implementation is read from it per call
     attn_module._vtoken_eager_attention = eager_attention_of(attn_module)
     attn_module._vtoken_probe = probe
+    if runtime is not None:
+        attn_module._vtoken_runtime = runtime
 
     def undo():
         attn_module.config = original_config
-        for name in ("_vtoken_shared_config", "_vtoken_eager_attention", "_vtoken_probe"):
+        for name in ("_vtoken_shared_config", "_vtoken_eager_attention", "_vtoken_probe", "_vtoken_runtime"):
             attn_module.__dict__.pop(name, None)
 
     return undo

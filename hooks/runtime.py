@@ -37,7 +37,9 @@ from vtoken.hooks.captures import eager, layer_probe, probe_rows, vision_probe
 from vtoken.hooks.checkpointing import outside_recompute, recall, remember
 from vtoken.hooks.deepstack import prune_deepstack
 from vtoken.hooks.host_plans import may_drop, plan_at_text_call, plan_before_vision, plan_cache_for
-from vtoken.hooks.kv_cache import PASS_ATTR, STATE_ATTR, cache_arg, fixed_slot_cache, record_pruned_prefill
+from vtoken.hooks.kv_cache import (FIXED_ATTR, STATE_ATTR, FixedSlots, cache_arg, fixed_cache_problem,
+                                   fixed_slot_cache, mark_fixed_passthrough, record_pruned_prefill,
+                                   size_fixed_layer)
 from vtoken.hooks.labels import follow_layout, private_labels
 from vtoken.hooks.stage import check_budget, run_stage
 from vtoken.signals import SIGNAL_NAMES, SIGNALS
@@ -90,6 +92,8 @@ class Runtime:
         #: False once the handle is removed: a KV cache this runtime pruned cannot be continued
         #: by the plain model (its pruned layers are shorter), see vtoken.hooks.kv_cache
         self.attached = True
+        #: prefills in flight on any thread: probes record only while one is (a traced decode step reads 0)
+        self.prefills_in_flight = 0
 
     # ---------------------------------------------------------------- contexts
     @property
@@ -180,6 +184,11 @@ class Runtime:
             follow_layout(labels, ctx.cur_pos)
         for name, got, budget in ctx.checks or ():
             check_budget(name, got, budget)
+        if ctx.mode == "prefill" and ctx.fixed is not None and ctx.state is not None:
+            # from now on the cache's steps take the traced path (on_fixed_slot_step)
+            setattr(ctx.fixed, FIXED_ATTR, FixedSlots([st.valid for st in ctx.state.stages]))
+        if ctx.in_flight:
+            self.prefills_in_flight -= 1
         if ctx.mode == "prefill" and ctx.trace:
             self.last_trace = ctx.trace
             self.last_meta = PrefillMeta(ctx.layout, ctx.prepared, ctx.orig_valid)
@@ -196,19 +205,15 @@ class Runtime:
         state = getattr(cache, STATE_ATTR, None) if cache is not None else None
         q = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         B = embeds.shape[0] if embeds is not None else kwargs["input_ids"].shape[0]
-        if getattr(cache, PASS_ATTR, False):  # a later step on a static cache of a keep-all prefill
-            ctx.inputs, ctx.mode = None, "off"
-            return
         # a 2-D padding mask, or the one a 4-D / dict mask implies (None: no mask, or unreadable)
-        raw_mask = kwargs.get("attention_mask")
+        raw_mask = M.unwrap_mask(kwargs.get("attention_mask"))
         mask2d = M.key_validity(raw_mask)
         unreadable = raw_mask is not None and mask2d is None
         if mask2d is not None and state is None and mask2d.shape[1] > q:
             mask2d = mask2d[:, :q]  # a prefill's 4-D mask over a static cache's slots: the prompt's columns
         if unreadable and state is not None:
             _bad_mask(raw_mask)
-        # a pruned prefix (state) is never on a fixed-slot cache (refused or passed through at its
-        # prefill), so decode steps skip the per-layer scan
+        # a fixed-slot cache's later steps never reach here (FixedSlots: see on_fixed_slot_step)
         fixed = state is None and fixed_slot_cache(cache)
         if state is not None:
             ctx.mode = "decode"
@@ -229,22 +234,27 @@ class Runtime:
         prep = ctx.prepared
         if unreadable and may_drop(self.plan, prep):
             _bad_mask(raw_mask)
-        if fixed:  # a static cache: no pruned layout fits its slots; a plan that drops nothing runs unpatched
-            if may_drop(self.plan, prep):
+        if fixed:  # a static cache: the layers after a stage get as many slots as they keep
+            if not may_drop(self.plan, prep):  # nothing dropped: every step runs as the plain model's
+                mark_fixed_passthrough(cache)
+                ctx.mode = "off"
+                return
+            problem = fixed_cache_problem(cache)
+            if problem is not None:
                 from vtoken.errors import UnsupportedCallError
 
                 raise UnsupportedCallError(
-                    f"{type(cache).__name__} (cache_implementation='static') keeps a fixed slot per position in "
-                    "every layer, which cannot hold the shorter cache of pruned layers; use the default dynamic "
-                    "cache (leave cache_implementation unset), or vtoken.engine.StaticDecoder(model).generate(...) "
-                    "for static KV buffers and CUDA graphs with pruning"
+                    f"vtoken cannot prune into this {type(cache).__name__}: {problem}; use "
+                    "cache_implementation='static' (full attention) or the default dynamic cache"
                 )
-            setattr(cache, PASS_ATTR, True)
-            ctx.mode = "off"
-            return
+            ctx.fixed = cache
+            ctx.fixed_len = cache.layers[0].max_cache_len if 0 not in getattr(cache, "_vtoken_slots", {}) \
+                else cache._vtoken_slots[0]
         ctx.n = q
         ctx.cur_pos = prep.arange.expand(B, q)
         ctx.cur_valid = ctx.orig_valid
+        self.prefills_in_flight += 1  # until on_multimodal_done: the probes record
+        ctx.in_flight = True
         if cache is None and session is not None and session.state is not None and q > session.state.n_prefill:
             ctx.mode = "replay"
             ctx.replay = session.state
@@ -303,8 +313,25 @@ class Runtime:
             else:
                 kwargs["hidden_states"] = hidden
         kwargs.update(ctx.span)
+        if ctx.fixed is not None and ctx.relaid:  # this layer's static slots: what it keeps + the tokens to come
+            size_fixed_layer(ctx.fixed, layer, ctx.fixed_len - (ctx.n - ctx.cur_pos.shape[1]))
         if checkpointed:
             remember(hidden_in, ops, ctx.span)
+        return args, kwargs
+
+    def on_fixed_slot_step(self, layer: int, fixed: FixedSlots, args: tuple, kwargs: dict):
+        """Pre-hook body of decoder layer ``layer`` in a step after the prefill on a fixed-slot
+        cache (``fixed`` its :class:`FixedSlots`): a layer after a stage gets the mask of its own
+        slots (:func:`vtoken.hooks.masks.fixed_decode_mask`); every other layer runs as the plain
+        model's. Traced, not eager: transformers compiles and CUDA-graphs these steps, and this
+        reads only tensors and lists fixed at the prefill."""
+        stage = self.layer_stage[layer]
+        if stage < 0 or not fixed.prefix:
+            return None
+        slots = cache_arg(kwargs).layers[layer]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kwargs["attention_mask"] = M.fixed_decode_mask(fixed.prefix[stage], slots.cumulative_length, hidden.shape[1],
+                                                       slots.max_cache_len, self.attn_impl(), hidden.dtype)
         return args, kwargs
 
     @eager

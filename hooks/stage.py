@@ -144,7 +144,11 @@ def relayout(rt, ctx, hidden, new_pos, layer, record, all_valid=None, merged=Non
     if ctx.pos_ids0 is not None:
         span["position_ids"] = gather_seq(ctx.pos_ids0, safe)
     all_valid = bool(valid.all()) if all_valid is None else all_valid
-    span["attention_mask"] = M.prefill_mask(valid, rt.attn_impl(), hidden.dtype, all_valid)
+    if ctx.fixed is not None:  # the layers write into fixed slots: keys longer than queries
+        slots = ctx.fixed_len - (ctx.n - new_pos.shape[1])
+        span["attention_mask"] = M.fixed_prefill_mask(valid, slots, rt.attn_impl(), hidden.dtype)
+    else:
+        span["attention_mask"] = M.prefill_mask(valid, rt.attn_impl(), hidden.dtype, all_valid)
     ctx.span = span
     if record and ctx.state is not None:
         ctx.state.stages.append(StageState(layer=layer, positions=new_pos, valid=valid, all_valid=all_valid,
