@@ -331,7 +331,7 @@ class Runtime:
         slots = cache_arg(kwargs).layers[layer]
         hidden = args[0] if args else kwargs["hidden_states"]
         kwargs["attention_mask"] = M.fixed_decode_mask(fixed.prefix[stage], slots.cumulative_length, hidden.shape[1],
-                                                       slots.max_cache_len, self.attn_impl(), hidden.dtype)
+                                                       slots.keys.shape[2], self.attn_impl(), hidden.dtype)
         return args, kwargs
 
     @eager

@@ -18,6 +18,11 @@ downloaded here), SDPA attention, and measures with CUDA synchronisation, median
 - ``peers``: at 4K visual tokens (LLaVA-1.5, 7 images): vtoken fastv vs FastV's eager
   ``output_attentions`` path (mask and drop modes) vs LLMC's re-run of the scoring layer.
 - ``maxbatch``: the largest batch within 60 GiB, LLaVA-1.5-7B, 64 new tokens, unpruned vs fastv 64.
+- ``users``: what users call: ``model.generate`` with the dynamic cache and with
+  ``cache_implementation="static"`` (transformers' compiled decode), unpruned and pruned (fastv,
+  divprune, visionzip), LLaVA-1.5-7B and Qwen2.5-VL-7B at ``--users-batch``: TTFT, ms/token,
+  end-to-end time of ``--users-new-tokens`` tokens, peak memory, and each row's floor
+  (:mod:`vtoken.bench.user_path`).
 - ``all`` = every suite; ``new`` = llava-next, qwen-long, peers, maxbatch.
 
 Each architecture is built once per run and shared by the suites that need it (LLaVA-1.5 shares
@@ -41,10 +46,11 @@ import sys
 import time
 import traceback
 
-ORDER = ["qwen-long", "qwen-lm", "llava-next", "llava", "peers", "maxbatch"]
+ORDER = ["users", "qwen-long", "qwen-lm", "llava-next", "llava", "peers", "maxbatch"]
 NEW = ["llava-next", "qwen-long", "peers", "maxbatch"]
 NEEDS = {"qwen-long": {"qwen2.5-vl-7b"}, "qwen-lm": {"qwen2.5-vl-7b"}, "llava-next": {"llava-next-7b"},
-         "llava": {"llava-1.5-7b"}, "peers": {"llava-1.5-7b"}, "maxbatch": {"llava-1.5-7b"}}
+         "llava": {"llava-1.5-7b"}, "peers": {"llava-1.5-7b"}, "maxbatch": {"llava-1.5-7b"},
+         "users": {"llava-1.5-7b", "qwen2.5-vl-7b"}}
 
 
 def _ints(s):
@@ -84,6 +90,10 @@ def build_parser():
     p.add_argument("--vision-paths", default="varlen,sdpa", type=lambda s: s.split(","),
                    help="qwen-long vision attention: varlen (patch_vision_varlen), sdpa (transformers)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated for decode ms/token")
+    p.add_argument("--users-batch", default="1,8,32", type=_ints, help="batch sizes of the users suite")
+    p.add_argument("--users-new-tokens", type=int, default=128, help="users suite: tokens generated end to end")
+    p.add_argument("--users-models", default="llava,qwen", type=lambda s: s.split(","), help="users suite: llava, qwen")
+    p.add_argument("--users-qwen-visual", type=int, default=1024, help="users suite: Qwen visual tokens per image")
     p.add_argument("--maxbatch-new-tokens", type=int, default=64)
     p.add_argument("--maxbatch-cap-gib", type=float, default=60.0)
     p.add_argument("--maxbatch-probes", type=int, default=7, help="probes per method (calibration included)")
@@ -227,9 +237,12 @@ def _run(args, argv, suites, device, t_start) -> int:
 
 
 def run_suite(suite, bench, pool, args):
-    from vtoken.bench import image_suites, maxbatch, peers, qwen_suites
+    from vtoken.bench import image_suites, maxbatch, peers, qwen_suites, user_path
 
-    if suite == "llava":
+    if suite == "users":
+        user_path.run_users(bench, pool, batches=args.users_batch, qwen_visual=args.users_qwen_visual,
+                            qwen_keep=args.qwen_keep, new_tokens=args.users_new_tokens, models=args.users_models)
+    elif suite == "llava":
         image_suites.run_llava(bench, pool, batches=args.batch, keeps=args.keep, methods=args.methods)
     elif suite == "llava-next":
         image_suites.run_llava_next(bench, pool, batches=args.next_batch)
