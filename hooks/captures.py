@@ -61,9 +61,9 @@ def layer_probe(rt, layer: int, needs: set):
             return base(module, query, key, value, attention_mask, **kw)
         rec = ctx.attn.setdefault(layer, {})
         valid = ctx.cur_valid
-        base_key = key
+        base_key, base_value = key, value
         if key.shape[2] > query.shape[2]:  # a fixed-slot cache's layer: the prefill's keys, then empty slots
-            key = key[:, :, :query.shape[2]]
+            key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
         parts = []
         if "last" in needs:  # the last valid slot of each row (from the host plan on the original layout)
             last = ctx.prepared.last_valid if ctx.prepared is not None and not ctx.relaid else None
@@ -84,7 +84,7 @@ def layer_probe(rt, layer: int, needs: set):
             out = out.transpose(1, 2).contiguous()
             result = (out, None)
         else:
-            result = base(module, query, base_key, value, attention_mask, **kw)
+            result = base(module, query, base_key, base_value, attention_mask, **kw)
             with outside_recompute():  # a checkpointed layer's recomputation runs no probe
                 probs = attention_rows(query, key, rows, valid, module.scaling) if rows is not None else None
         start = 0

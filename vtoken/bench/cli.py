@@ -94,6 +94,9 @@ def build_parser():
     p.add_argument("--users-new-tokens", type=int, default=128, help="users suite: tokens generated end to end")
     p.add_argument("--users-models", default="llava,qwen", type=lambda s: s.split(","), help="users suite: llava, qwen")
     p.add_argument("--users-qwen-visual", type=int, default=1024, help="users suite: Qwen visual tokens per image")
+    p.add_argument("--users-methods", default="unpruned,fastv,divprune,visionzip", type=lambda s: s.split(","),
+                   help="users suite: methods (unpruned = no handle; Qwen rows skip visionzip)")
+    p.add_argument("--users-caches", default="dynamic,static", type=lambda s: s.split(","))
     p.add_argument("--maxbatch-new-tokens", type=int, default=64)
     p.add_argument("--maxbatch-cap-gib", type=float, default=60.0)
     p.add_argument("--maxbatch-probes", type=int, default=7, help="probes per method (calibration included)")
@@ -241,7 +244,8 @@ def run_suite(suite, bench, pool, args):
 
     if suite == "users":
         user_path.run_users(bench, pool, batches=args.users_batch, qwen_visual=args.users_qwen_visual,
-                            qwen_keep=args.qwen_keep, new_tokens=args.users_new_tokens, models=args.users_models)
+                            qwen_keep=args.qwen_keep, new_tokens=args.users_new_tokens, models=args.users_models,
+                            methods=args.users_methods, caches=args.users_caches)
     elif suite == "llava":
         image_suites.run_llava(bench, pool, batches=args.batch, keeps=args.keep, methods=args.methods)
     elif suite == "llava-next":

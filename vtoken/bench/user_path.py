@@ -134,7 +134,8 @@ def measure(bench, suite, model_name, model, inputs, keep, new_tokens: int, meth
     return rows
 
 
-def run_users(bench, pool, batches, qwen_visual: int, qwen_keep: float, new_tokens: int, models=("llava", "qwen")):
+def run_users(bench, pool, batches, qwen_visual: int, qwen_keep: float, new_tokens: int, models=("llava", "qwen"),
+              methods=("unpruned", "fastv", "divprune", "visionzip"), caches=("dynamic", "static")):
     """The suite: LLaVA-1.5-7B then Qwen2.5-VL-7B at each batch size. Each (batch, method) gives
     the compiled decode step new cache shapes: dynamo recompiles (after the first change with
     symbolic sizes), more often than its default limit of 8 allows, past which transformers'
@@ -143,11 +144,13 @@ def run_users(bench, pool, batches, qwen_visual: int, qwen_keep: float, new_toke
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    methods = tuple(None if m == "unpruned" else m for m in methods)
     if "llava" in models:
         model = pool.get("llava-1.5-7b")
         for B in batches:
             inputs = M.llava_inputs(model, B, device=bench.device, dtype=bench.dtype)
-            measure(bench, "users", "llava-1.5-7b", model, inputs, 64 if not bench.tiny else 8, new_tokens)
+            measure(bench, "users", "llava-1.5-7b", model, inputs, 64 if not bench.tiny else 8, new_tokens, methods,
+                    caches)
         del model
         pool.release("llava-1.5-7b")
     if "qwen" in models:
@@ -156,7 +159,7 @@ def run_users(bench, pool, batches, qwen_visual: int, qwen_keep: float, new_toke
         one = M.qwen_inputs(model, 1, (1, side, side), device=bench.device, dtype=bench.dtype)
         for B in batches:
             measure(bench, "users", "qwen2.5-vl-7b", model, _repeat(one, B), qwen_keep, new_tokens,
-                    methods=(None, "fastv", "divprune"))
+                    tuple(m for m in methods if m != "visionzip"), caches)
     for line in ratio_lines(bench.rows):
         bench.log(line)
 
