@@ -148,7 +148,7 @@ def test_lmms_eval_vtoken_model_matches_vtoken_eval(tmp_path):
         assert pred == ref[sample.id]["prediction"], (i, sample.question, pred, ref[sample.id]["prediction"])
 
     # the kept-token accounting: the JSON file in the output path ...
-    acc = json.loads((out / "vtoken_token_accounting.json").read_text())
+    acc = json.loads(_one(out.glob(f"vtoken_token_accounting_{METHOD}_{KEEP}_*.json"), "accounting file").read_text())
     assert (acc["model"], acc["method"], acc["keep"]) == ("vtoken/tiny-llava", METHOD, KEEP)
     rows = {int(r["doc_id"]): r for r in acc["samples"]}
     assert sorted(rows) == list(range(N_QUESTIONS))

@@ -15,7 +15,8 @@ Modules, one job each:
 * :mod:`vtoken.lmms.answer` — prompts and inputs for a batch (built-in checkpoints through
   ``vtoken.zoo.answer``, other models through their chat template; several images, video);
 * :mod:`vtoken.lmms.accounting` — the kept-token accounting (the handle's stats per question, the
-  ``handle.stats.summary()`` lines), logged and written to ``vtoken_token_accounting.json``.
+  ``handle.stats.summary()`` lines), logged and written to
+  ``vtoken_token_accounting_<method>_<keep>_<date>.json``.
 
 The model, its loading and the pruned ``generate`` are :mod:`vtoken.eval.backend`'s (the same
 :class:`~vtoken.eval.backend.ModelBackend` ``vtoken eval`` uses), so a question answered here and by

@@ -11,9 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["TokenAccounting", "FILE_NAME", "mean"]
+__all__ = ["TokenAccounting", "FILE_PREFIX", "file_name", "mean"]
 
-FILE_NAME = "vtoken_token_accounting.json"
+FILE_PREFIX = "vtoken_token_accounting"
+
+
+def file_name(method: str, keep, stamp: str) -> str:
+    """``vtoken_token_accounting_<method>_<keep>_<stamp>.json`` (one file per run, as lmms-eval's
+    date-stamped results files beside it)."""
+    return f"{FILE_PREFIX}_{method}_{'full' if keep is None else keep}_{stamp}.json"
 
 
 def mean(values) -> Optional[float]:
@@ -24,8 +30,11 @@ def mean(values) -> Optional[float]:
 class TokenAccounting:
     """Collects :class:`~vtoken.eval.backend.BatchOutput` counts per (task, document)."""
 
-    def __init__(self, header: dict):
+    def __init__(self, header: dict, stamp: Optional[str] = None):
+        import time
+
         self.header = dict(header)
+        self.stamp = stamp or time.strftime("%Y%m%d_%H%M%S")
         self.samples: list = []
         self.summaries: list = []
 
@@ -79,10 +88,11 @@ class TokenAccounting:
         return out
 
     def write(self, path) -> Path:
-        """Write the JSON (atomically); ``path`` is a file, or a directory that gets :data:`FILE_NAME`."""
+        """Write the JSON (atomically); ``path`` is a ``.json`` file, or a directory that gets
+        :func:`file_name`."""
         path = Path(path)
         if path.suffix != ".json":
-            path = path / FILE_NAME
+            path = path / file_name(self.header.get("method"), self.header.get("keep"), self.stamp)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -16,13 +16,16 @@ model_args:
   ``--batch_size``), ``max_frames`` (frames sampled per video, default 8), ``max_new_tokens`` (used
   when a task sets none);
 * ``stats_path`` — where the token accounting JSON goes (a ``.json`` file or a directory); default:
-  lmms-eval's ``--output_path`` when run from its command line, else nowhere (it is still logged).
+  lmms-eval's ``--output_path`` when run from its command line (read from ``sys.argv``: lmms-eval
+  does not hand it to models), else nowhere (it is still logged). With several processes each rank
+  writes its own file under ``rank<r>/``.
 
 Only ``generate_until`` is implemented: loglikelihood and multi-round tasks are refused with the
-reason. After every ``generate_until`` call the kept-token accounting is logged per task, written to
-``vtoken_token_accounting.json`` and its batch means are handed to lmms-eval's metrics log, so the
-results file carries ``avg_vtoken_kept_tokens`` / ``avg_vtoken_equivalent_tokens`` /
-``avg_vtoken_visual_tokens`` under ``throughput``, beside the scores.
+reason. After every ``generate_until`` call the kept-token accounting is logged per task and
+written to ``vtoken_token_accounting_<method>_<keep>_<date>.json``; its batch means go to
+lmms-eval's metrics log, so the results file carries ``avg_vtoken_kept_tokens`` /
+``avg_vtoken_equivalent_tokens`` / ``avg_vtoken_visual_tokens`` under ``throughput``, beside the
+scores.
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ class VTokenLMMS(lmms):
             logger.warning(f"vtoken: model_args not used: {sorted(kwargs)}")
         method = str(method or "none").strip().lower()
         if method != "none" and keep in (None, ""):
-            raise ValueError(f"method={method} needs a budget: keep=N (tokens per image) or keep=F (fraction in (0, 1])")
+            raise ValueError(f"method={method} needs a budget: keep=N (tokens per image) or keep=F "
+                             "(fraction in (0, 1])")
         self.method = method
         self.keep = parse_keep(keep) if isinstance(keep, str) else keep
         self.batch_size_per_gpu = _batch_size(batch_size)
@@ -94,7 +98,7 @@ class VTokenLMMS(lmms):
         self.handle = self._config.__enter__()
         self.stats_path = stats_path if stats_path not in (None, "") else cli_output_path()
         if self.stats_path and self._world_size > 1:
-            self.stats_path = os.path.join(str(self.stats_path), f"vtoken_token_accounting.rank{self._rank}.json")
+            self.stats_path = os.path.join(str(self.stats_path), f"rank{self._rank}")
         self.accounting = TokenAccounting({
             "model": str(pretrained), "method": self.method, "keep": self.keep, "budget_count": budget_count,
             "batch_size": self.batch_size_per_gpu, "rank": self._rank, "world_size": self._world_size,
