@@ -211,3 +211,29 @@ def test_loglikelihood_and_video_limits_are_named():
     batches = make_batches(args, 2)
     assert [b.doc_ids for b in batches] == [[0, 1], [2, 3], [4]]
     assert sorted(i for b in batches for i in b.indices) == list(range(5))
+
+
+def test_several_images_per_question_are_pruned_per_image():
+    """The path for real models with several images per question (batch 2, two images each): the
+    pruning plan runs on it and the accounting counts both images of every question."""
+    from vtoken.data.synthetic import make_split
+    from vtoken.eval.backend import load_backend
+    from vtoken.lmms.accounting import TokenAccounting
+    from vtoken.lmms.answer import answer_function, generation_settings
+
+    records = list(make_split("test", 4, 0))
+    backend = load_backend("vtoken/tiny-llava", device="cpu", max_new_tokens=4)
+    visuals = [[records[0]["image"], records[1]["image"]], [records[2]["image"], records[3]["image"]]]
+    contexts = [records[0]["question"], records[2]["question"]]
+    backend.answer_fn = answer_function("transformers", generation_settings({"max_new_tokens": 4}))
+    with backend.configure("fastv", 16) as handle:
+        out = backend.generate(visuals, contexts)
+        summary = handle.stats.summary()
+    backend.close()
+    assert len(out.predictions) == 2 and all(isinstance(p, str) for p in out.predictions)
+    assert out.visual_tokens == [1152, 1152] and out.kept_tokens == [32, 32]
+    assert out.segment_tokens == [[576, 576], [576, 576]]
+    assert summary.count("1152 visual tokens in 2 segment(s); kept L2:32;") == 2, summary
+    acc = TokenAccounting({"method": "fastv", "keep": 16})
+    acc.add("t", [0, 1], out, summary)
+    assert acc.per_task()["t"]["kept_tokens"] == 32 and acc.per_task()["t"]["kept_per_stage"] == [32]

@@ -105,6 +105,20 @@ def _load_frames(path, max_frames: int):
     return video[0] if isinstance(video, tuple) else video
 
 
+def _prompt(processor, content: list) -> str:
+    """The chat-template prompt of one user turn; without a template, LLaVA-1.5's plain format (as
+    :func:`vtoken.eval.backend.hf_answer`) with one placeholder per image / video."""
+    try:
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - no chat template
+        marks = {"image": getattr(processor, "image_token", "<image>"),
+                 "video": getattr(processor, "video_token", "<video>")}
+        visual = "".join(marks[c["type"]] for c in content if c["type"] in marks)
+        text = next(c["text"] for c in content if c["type"] == "text")
+        return f"USER: {visual}\n{text} ASSISTANT:"
+
+
 def _chat_answer(model, processor, visuals, contexts, max_new_tokens: int = 16, max_frames: int = 8,
                  **generate_kwargs) -> list:
     import torch
@@ -134,8 +148,7 @@ def _chat_answer(model, processor, visuals, contexts, max_new_tokens: int = 16, 
                 content.append({"type": "image"})
                 images.append(v.convert("RGB") if getattr(v, "mode", "RGB") != "RGB" else v)
         content.append({"type": "text", "text": text.strip()})
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                     add_generation_prompt=True, tokenize=False))
+        prompts.append(_prompt(processor, content))
     kwargs = {"text": prompts, "padding": True, "return_tensors": "pt"}
     if images:
         kwargs["images"] = images
