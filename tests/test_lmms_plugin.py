@@ -237,3 +237,18 @@ def test_several_images_per_question_are_pruned_per_image():
     acc = TokenAccounting({"method": "fastv", "keep": 16})
     acc.add("t", [0, 1], out, summary)
     assert acc.per_task()["t"]["kept_tokens"] == 32 and acc.per_task()["t"]["kept_per_stage"] == [32]
+
+
+def test_sampling_settings_reach_generate():
+    """A task that samples (temperature > 0) gets do_sample/temperature/top_p on both answer paths."""
+    from vtoken import zoo
+    from vtoken.data.synthetic import make_split
+    from vtoken.lmms.answer import answer_function, generation_settings
+
+    s = generation_settings({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 3})
+    assert s.extra == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    model, processor = zoo.load("vtoken/tiny-llava")
+    r = list(make_split("test", 1, 0))[0]
+    for source in ("vtoken.zoo", "transformers"):
+        out = answer_function(source, s)(model, processor, [[r["image"]]], [r["question"]], max_new_tokens=3)
+        assert len(out) == 1 and isinstance(out[0], str)

@@ -125,7 +125,8 @@ def _chat_answer(model, processor, visuals, contexts, max_new_tokens: int = 16, 
 
     from vtoken.eval.backend import hf_answer
 
-    if all(len(vs) == 1 and not _is_video(vs[0]) for vs in visuals):  # vtoken eval's path, unchanged
+    one_image = all(len(vs) == 1 and not _is_video(vs[0]) for vs in visuals)
+    if one_image and "do_sample" not in generate_kwargs:  # vtoken eval's path (greedy), unchanged
         return hf_answer(model, processor, [vs[0] for vs in visuals], contexts, max_new_tokens=max_new_tokens,
                          **generate_kwargs)
     has_video = any(_is_video(v) for vs in visuals for v in vs)
