@@ -20,7 +20,7 @@ from vtoken.hooks.kv_cache import STATE_ATTR
 from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
 from vtoken.kernels import patch_vision_varlen
-from vtoken.methods import build_plan, method_spec
+from vtoken.methods import build_plan, method_spec, with_model_depth
 from vtoken.plan import validate_budget, validate_plan
 
 HANDLE_ATTR = "_vtoken_handle"
@@ -133,7 +133,7 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
         )
     if plan is None:
         keep = validate_budget(keep)
-        plan = build_plan(method, keep, **options)
+        plan = build_plan(method, keep, **with_model_depth(method, options, len(adapter.layers)))
         method = method_spec(method).name  # the registered name ("FastV" -> "fastv")
     else:
         if options:
