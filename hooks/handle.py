@@ -221,6 +221,10 @@ def _wrap_generate(model, runtime):
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         shape = tuple(ids.shape) if getattr(ids, "ndim", 0) == 2 else (None, None)
         runtime.tls.session = GenerateSession(batch=shape[0], prompt_len=shape[1])
+        # transformers >= 5.2x encodes the pixels before the first forward and drops the encoder's
+        # inputs (Qwen's image_grid_thw): the layout reads them from the session instead
+        runtime.tls.session.layout_inputs = {k: kwargs[k] for k in (runtime.adapter.layout_inputs or ())
+                                             if kwargs.get(k) is not None}
         runtime.discard_vision_captures()  # generate may run the encoders before the first forward
         try:
             return original(*args, **kwargs)
