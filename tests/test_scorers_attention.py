@@ -248,6 +248,68 @@ def test_zipvl_never_below_one_nor_above_budget():
     assert torch.equal(got, sig.diagnostics["zipvl_count"])
 
 
+def ref_zipvl(att, tau, budget):
+    """The paper's rule in plain Python: heads averaged, normalised to sum 1 over the candidates,
+    p = min{p : sum_{j<=p} a_sorted(j) >= tau} (float tolerance 1e-6), capped by the budget and at
+    least 1; the p largest kept (ties: lower index). att (H, n) -> sorted kept indices."""
+    H, n = att.shape
+    a = [sum(float(att[h, v]) for h in range(H)) / H for v in range(n)]
+    total = sum(a)
+    a = [x / total for x in a] if total > 0 else [1.0 / n] * n
+    order = sorted(range(n), key=lambda v: (-a[v], v))
+    acc, p = 0.0, n
+    for i, v in enumerate(order):
+        acc += a[v]
+        if acc >= tau - 1e-6:
+            p = i + 1
+            break
+    return sorted(order[:max(1, min(p, budget))])
+
+
+def test_zipvl_per_layer_chain_matches_reference():
+    """Per-layer ZipVL on hand-built rows: each layer decides its own ratio among the survivors of the
+    previous layer (original indices carried in ``index``)."""
+    g = torch.Generator().manual_seed(5)
+    n, tau = 12, 0.8
+    rows = [torch.softmax(torch.randn(2, n, generator=g) * s, dim=-1) for s in (0.5, 1.5, 3.0)]  # sharpening
+    alive, got_counts = list(range(n)), []
+    ref_alive = list(range(n))
+    for row in rows:
+        sig = make_signals([len(alive)], [n], index=[alive], original=[n], attn_last=[row[:, alive]])
+        sel = ZipVLScorer(threshold=tau).select(sig)
+        alive = [alive[j] for j in kept(sel)]
+        got_counts.append(len(alive))
+        ref_alive = [ref_alive[j] for j in ref_zipvl(row[:, ref_alive], tau, n)]
+        assert alive == ref_alive
+    assert got_counts[0] > got_counts[1] > got_counts[2] >= 1  # sharper rows: fewer important tokens
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_zipvl_random_ragged_segments_match_reference(seed):
+    counts, budget = [9, 4, 15, 1], [9, 2, 6, 1]
+    g = torch.Generator().manual_seed(seed)
+    att = [torch.softmax(torch.randn(3, c, generator=g) * 2, dim=-1) for c in counts]
+    sig = make_signals(counts, budget, attn_last=att)
+    sel = ZipVLScorer(threshold=0.7).select(sig)
+    for s in range(len(counts)):
+        assert kept(sel, s) == ref_zipvl(att[s], 0.7, budget[s])
+
+
+def test_zipvl_per_layer_plan():
+    from vtoken.errors import PruningConfigError
+    from vtoken.methods import build_plan
+
+    plan = build_plan("zipvl", 1.0, per_layer=True, num_layers=32)
+    assert [st.layer for st in plan] == list(range(2, 32))
+    assert all(st.scorer is plan[0].scorer and st.scorer.threshold == 0.975 and st.keep == 1.0 for st in plan)
+    assert [st.layer for st in build_plan("zipvl", 64, per_layer=True, num_layers=8, K=5)] == [5, 6, 7]
+    assert [st.layer for st in build_plan("zipvl", 64)] == [2]  # default: the adaptive count once, at K
+    with pytest.raises(PruningConfigError, match="num_layers"):
+        build_plan("zipvl", 1.0, per_layer=True)
+    with pytest.raises(PruningConfigError):
+        build_plan("zipvl", 1.0, per_layer=True, num_layers=4, K=4)
+
+
 def test_modifier_options_validated():
     with pytest.raises(ValueError):
         FastVScorer(debias_trend="quadratic")
