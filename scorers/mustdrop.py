@@ -149,7 +149,8 @@ class MustDropScorer(Scorer):
       (the released ``dual_attention_filter``); with no row in R nothing is dropped (as the code);
     * the key set is never dropped: the ceil(``key_ratio`` * N) candidates with the highest
       vision-encoder attention (``vision_attn``, [CLS] attention where the tower has one); N is the
-      segment's ORIGINAL token count (see the deviations of :func:`mustdrop_plan`). A segment without
+      segment's ORIGINAL token count (see the deviations of :func:`mustdrop_plan`); ties go to the
+      lower slot (the code's ``torch.topk`` leaves their order unspecified). A segment without
       encoder attention (video: NaN) has no key set.
 
     The count is adaptive: the survivors, capped by the stage budget and at least 1; when the cap
