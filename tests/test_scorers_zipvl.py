@@ -58,8 +58,9 @@ def test_every_layer_from_K_prunes_by_its_own_attention(arch):
 def test_kept_sets_match_reference_on_the_recorded_signals(arch):
     model, inputs = _inputs(arch)
     seen = []
-    scorer = _Recording(seen, threshold=0.6)
-    with vtoken.apply_pruning(model, plan=[vtoken.Stage(L, scorer, 1.0) for L in (1, 2, 3)]) as h:
+    plan = vtoken.build_plan("zipvl", 1.0, num_layers=4, **OPTIONS)  # the per-layer preset's stages, recorded
+    plan = [vtoken.Stage(st.layer, _Recording(seen, threshold=st.scorer.threshold), st.keep) for st in plan]
+    with vtoken.apply_pruning(model, plan=plan) as h:
         with torch.no_grad():
             model(**inputs)
         stats = h.stats
