@@ -130,3 +130,6 @@ class GenerateSession:
         self.state: Optional[PruneState] = None
         self.batch = batch
         self.prompt_len = prompt_len  # a longer prefill carries appended candidates (assisted decoding)
+        #: the adapter's layout inputs ``generate`` was given (e.g. Qwen's ``image_grid_thw``), for the
+        #: forwards that get pre-encoded features without them (transformers >= 5.2x)
+        self.layout_inputs: dict = {}

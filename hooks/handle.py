@@ -20,7 +20,7 @@ from vtoken.hooks.kv_cache import STATE_ATTR, fixed_slots_of
 from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
 from vtoken.kernels import patch_vision_varlen
-from vtoken.methods import build_plan, method_spec
+from vtoken.methods import build_plan, method_spec, with_model_depth
 from vtoken.plan import validate_budget, validate_plan
 
 HANDLE_ATTR = "_vtoken_handle"
@@ -133,7 +133,7 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
         )
     if plan is None:
         keep = validate_budget(keep)
-        plan = build_plan(method, keep, **options)
+        plan = build_plan(method, keep, **with_model_depth(method, options, len(adapter.layers)))
         method = method_spec(method).name  # the registered name ("FastV" -> "fastv")
     else:
         if options:
@@ -231,6 +231,10 @@ def _wrap_generate(model, runtime):
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         shape = tuple(ids.shape) if getattr(ids, "ndim", 0) == 2 else (None, None)
         runtime.tls.session = GenerateSession(batch=shape[0], prompt_len=shape[1])
+        # transformers >= 5.2x encodes the pixels before the first forward and drops the encoder's
+        # inputs (Qwen's image_grid_thw): the layout reads them from the session instead
+        runtime.tls.session.layout_inputs = {k: kwargs[k] for k in (runtime.adapter.layout_inputs or ())
+                                             if kwargs.get(k) is not None}
         runtime.discard_vision_captures()  # generate may run the encoders before the first forward
         try:
             return original(*args, **kwargs)

@@ -159,6 +159,11 @@ class Runtime:
             input_ids = self.adapter.ids_from_embeds(embeds)
             kwargs = {**kwargs, "input_ids": input_ids}
         ctx.visual_call = bool(pixels or encoded)
+        session = getattr(self.tls, "session", None)
+        stash = getattr(session, "layout_inputs", None)
+        if encoded and stash and input_ids is not None and input_ids.dim() == 2 \
+                and session.batch == input_ids.shape[0]:  # rows not expanded (beams): generate's own grids apply
+            kwargs = {**kwargs, **{k: v for k, v in stash.items() if kwargs.get(k) is None}}
         if input_ids is not None and input_ids.dim() == 2:
             ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
             if pixels:

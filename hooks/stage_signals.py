@@ -96,9 +96,10 @@ def _fill_optional_vision(rt, ctx, sig):
             v[0].numel() != counts[s] for v, s in zip(caps, images)):
         return
     rows = [None] * S
+    width = max([n] + [v[0].numel() for v in caps])  # indexed by original token (see _fill_vision)
     for v, s in zip(caps, images):
-        rows[s] = torch.nn.functional.pad(v[0].float(), (0, n - v[0].numel()))
-    nan = torch.full((n,), float("nan"), dtype=torch.float32, device=caps[0][0].device)
+        rows[s] = torch.nn.functional.pad(v[0].float(), (0, width - v[0].numel()))
+    nan = torch.full((width,), float("nan"), dtype=torch.float32, device=caps[0][0].device)
     attn = torch.stack([nan if r is None else r for r in rows])
     sig.vision_attn = attn.gather(1, sig.index.clamp(min=0).to(attn.device)).to(sig.mask.device)
 
@@ -130,14 +131,17 @@ def _fill_vision(rt, ctx, stage, sig):
         return
     idx = sig.index.clamp(min=0)
     dev = caps[0][0].device if caps else sig.mask.device
-    attn = torch.full((S, n), float("nan"), dtype=torch.float32, device=dev)
+    # indexed by ORIGINAL token (sig.index): as wide as the widest image, which a stage after an
+    # earlier one (fewer candidate slots n) exceeds
+    width = max([n] + [v[0].numel() for v in caps])
+    attn = torch.full((S, width), float("nan"), dtype=torch.float32, device=dev)
     for v, s in zip(caps, images):
         attn[s, : v[0].numel()] = v[0].float()
     sig.vision_attn = attn.gather(1, idx.to(dev)).to(sig.mask.device)
     if "vision_keys" in getattr(stage.scorer, "needs", ()):
         if not caps:
             raise PruningConfigError(f"scorer {stage.scorer.name!r} needs vision-encoder keys of an image")
-        keys = torch.zeros(S, n, caps[0][1].shape[-1], dtype=caps[0][1].dtype, device=caps[0][1].device)
+        keys = torch.zeros(S, width, caps[0][1].shape[-1], dtype=caps[0][1].dtype, device=caps[0][1].device)
         for v, s in zip(caps, images):
             keys[s, : v[1].shape[0]] = v[1]
         sig.vision_keys = keys.gather(1, idx.to(keys.device).unsqueeze(-1).expand(-1, -1, keys.shape[-1])).to(

@@ -22,6 +22,7 @@ else:
     from vtoken.scorers.diversity import AgileScorer, DARTScorer, DivPruneScorer
     from vtoken.scorers.fastvid import FastVIDScorer
     from vtoken.scorers.flow import AttentionFlowScorer, FlowCutScorer, RolloutScorer, rollout_row
+    from vtoken.scorers.mustdrop import MustDropMergeScorer, MustDropScorer
     from vtoken.scorers.functional import attention_entropy, attention_flow, attention_rollout, erank
     from vtoken.scorers.scope import SCOPEScorer
     from vtoken.scorers.sink import VARScorer
@@ -35,7 +36,7 @@ else:
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
         "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer", "DyCokeScorer", "FastVIDScorer",
-        "AdaptInferScorer",
+        "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

@@ -155,21 +155,35 @@ def fastervlm_plan(keep, vision_layers=None, mode: str = "select", **modifiers):
 
 @register_scorer
 class ZipVLScorer(AttentionScorer):
-    """ZipVL (He et al., "ZipVL: Efficient Large Vision-Language Models with Dynamic Token
-    Sparsification", arXiv:2410.08584).
+    """ZipVL (He, Chen, Liu, Shao, Zhou, Zhang, Zhuang, "ZipVL: Efficient Large Vision-Language Models
+    with Dynamic Token Sparsification", arXiv:2410.08584, 2024).
 
-    Adaptive budget: the visual tokens are sorted by normalised attention (heads averaged, the
-    segment's scores normalised to sum to 1) and the smallest prefix whose cumulative share
-    reaches ``threshold`` is kept: p = min{p : sum_{j<=p} a_sorted(j) >= threshold}. Concentrated
-    attention keeps few tokens, spread attention keeps many.
+    Adaptive budget from one layer's attention distribution: the visual tokens are sorted by
+    normalised attention (heads averaged, the segment's scores normalised to sum to 1) and the
+    smallest prefix whose cumulative share reaches ``threshold`` is kept:
+    p = min{p : sum_{j<=p} a_sorted(j) >= threshold}. Concentrated attention keeps few tokens,
+    spread attention keeps many. The ratio p / n is therefore decided per layer and per image.
+
+    The preset (:func:`zipvl_plan`) runs it once at layer K (``per_layer=False``, the default) or,
+    as the paper, at every layer from K on (``per_layer=True``): each layer's own attention
+    distribution decides that layer's ratio of important tokens among the tokens still there.
 
     Defaults and deviations:
     * ``threshold`` = 0.975 (the paper's tau for attention-score coverage; configurable).
     * The stage's ``keep`` is a cap: the count chosen never exceeds the stage budget, and is at
       least 1. Use ``keep=1.0`` for the fully adaptive behaviour of the paper.
-    * ZipVL decides a ratio per layer from probe queries and applies it to sparse attention and
-      KV eviction at every layer; vtoken applies it once, as a token-dropping stage at layer K,
-      with the last prompt token's attention row as the probe.
+    * The probe: ZipVL estimates each layer's attention from probe queries (recent and random
+      tokens) and scores keys by accumulated attention normalised by the number of queries that
+      see them, over all tokens; vtoken takes the last prompt token's attention row (one probe
+      query, so the normalisation is a no-op) over the segment's visual candidates, at layer L-1
+      for the stage at L (the last layer that ran on the unpruned set).
+    * ZipVL computes each layer's attention on that layer's important tokens only (the others
+      stay in the residual stream and may be important again at a later layer) and evicts the
+      unimportant ones from that layer's KV cache; vtoken drops them from the layer on (each
+      per-layer stage chooses among the survivors of the previous one), which is what makes its
+      speedup real with ordinary attention kernels.
+    * Mixed-precision KV cache in decode (important tokens high-bit, the rest low-bit) is not
+      implemented: the kept tokens' cache stays in the model's dtype, dropped ones are gone.
     * No selection code has been released (the authors' page, hexy.tech/zipvl, links none), so
       the rule is held to the paper's equation only, not to code.
     The counts chosen go to ``sig.diagnostics["zipvl_count"]`` (S,) (and to handle.stats).
@@ -199,12 +213,36 @@ class ZipVLScorer(AttentionScorer):
         return topk_selection(scores, sig.mask, count)
 
 
+def zipvl_layers(K: int, num_layers: int) -> tuple:
+    """The layers of per-layer ZipVL: every decoder layer from ``K`` to ``num_layers - 1``."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+        raise PruningConfigError(f"zipvl num_layers must be the model's decoder-layer count (an int >= 2); got "
+                                 f"{num_layers!r}")
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K < num_layers:
+        raise PruningConfigError(f"zipvl K must lie in 1..{num_layers - 1} for a {num_layers}-layer model; got {K!r}")
+    return tuple(range(K, num_layers))
+
+
 @register_method(name="zipvl", family="attention", paper="He et al. 2024 (arXiv:2410.08584)",
-                 stages="layer K=2, adaptive count", needs_attention=True, text_guided=True,
-                 options=("K", "threshold", "mode") + MODIFIERS)
-def zipvl_plan(keep=1.0, K: int = 2, threshold: float = 0.975, mode: str = "select", **modifiers):
-    """ZipVL preset: one adaptive stage at layer ``K``; ``keep`` caps the count."""
-    return [Stage(layer=K, scorer=ZipVLScorer(threshold=threshold, **modifiers), keep=validate_budget(keep), mode=mode)]
+                 stages="layer K=2, adaptive count (per_layer=True: every layer from K)", needs_attention=True,
+                 text_guided=True, options=("K", "threshold", "per_layer", "num_layers", "mode") + MODIFIERS)
+def zipvl_plan(keep=1.0, K: int = 2, threshold: float = 0.975, per_layer: bool = False, num_layers=None,
+               mode: str = "select", **modifiers):
+    """ZipVL preset; ``keep`` caps every stage's count.
+
+    ``per_layer=False`` (default): one adaptive stage at layer ``K``. ``per_layer=True`` (the paper's
+    layer-wise ratio): one adaptive stage at every layer K, K+1, ..., ``num_layers - 1``, each with
+    its own layer's attention (:func:`zipvl_layers`). ``num_layers`` is the model's decoder-layer
+    count: :func:`vtoken.apply_pruning` fills it from the model; :func:`vtoken.build_plan` needs it.
+    """
+    scorer = ZipVLScorer(threshold=threshold, **modifiers)
+    keep = validate_budget(keep)
+    if not per_layer:
+        return [Stage(layer=K, scorer=scorer, keep=keep, mode=mode)]
+    if num_layers is None:
+        raise PruningConfigError("zipvl per_layer=True needs num_layers (the model's decoder-layer count); "
+                                 "apply_pruning fills it from the model, build_plan needs it given")
+    return [Stage(layer=L, scorer=scorer, keep=keep, mode=mode) for L in zipvl_layers(K, num_layers)]
 
 
 __all__ = [
@@ -222,6 +260,7 @@ __all__ = [
     "fastervlm_plan",
     "visionzip_plan",
     "zipvl_plan",
+    "zipvl_layers",
     "sparsevlm_plan",
     "sparsevlm_budgets",
     "SPARSEVLM_TABLES",

@@ -5,13 +5,15 @@ Each built-in method is registered beside its scorer, in the scorer's module
 (:mod:`vtoken.scorers.attention`, :mod:`~vtoken.scorers.visionzip`, :mod:`~vtoken.scorers.sparsevlm`,
 :mod:`~vtoken.scorers.baselines`, :mod:`~vtoken.scorers.diversity`, :mod:`~vtoken.scorers.flow`,
 :mod:`~vtoken.scorers.sink`, :mod:`~vtoken.scorers.scope`, :mod:`~vtoken.scorers.cdpruner`,
-:mod:`~vtoken.scorers.vispruner`, :mod:`~vtoken.scorers.dycoke`, :mod:`~vtoken.scorers.fastvid`): a
+:mod:`~vtoken.scorers.vispruner`, :mod:`~vtoken.scorers.dycoke`, :mod:`~vtoken.scorers.fastvid`,
+:mod:`~vtoken.scorers.adaptinfer`, :mod:`~vtoken.scorers.mustdrop`): a
 plan builder decorated with :func:`vtoken.methods.register_method` right after the scorer class. The registry
 (:mod:`vtoken.methods`) imports those modules before any lookup.
 
 Defaults are the papers' defaults. ``keep`` is the per-image budget (int tokens or a fraction in
 (0, 1]); for single-stage methods it is the number of visual tokens kept, for the progressive
-ones (PyramidDrop, SparseVLM) each builder documents how ``keep`` maps onto its stages.
+ones (PyramidDrop, SparseVLM, AdaptInfer) each builder documents how ``keep`` maps onto its stages; for
+the adaptive ones (ZipVL, MustDrop) ``keep`` caps each stage's count (1.0: no cap).
 
 Every attention-ranked method (fastv, sparsevlm, pyramiddrop, fastervlm, visionzip, zipvl,
 flowcut, rollout, attnflow, var) also takes the modifiers ``debias=True`` (Attention Debiasing) and

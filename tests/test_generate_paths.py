@@ -300,3 +300,18 @@ def test_pruned_cache_is_not_continued_without_its_handle():
     with vtoken.apply_pruning(model, method="fastv", keep=8, K=1):
         with pytest.raises(UnsupportedCallError, match="handle attached"):
             continued(first)
+
+
+def test_generate_lays_out_with_the_grid_transformers_drops():
+    """transformers >= 5.2x encodes the images in ``generate`` and drops ``image_grid_thw`` before the
+    first forward; the layout still gets each image's grid (from the generate call), so a grid-reading
+    scorer keeps in ``generate`` what it keeps in a plain forward."""
+    model = get_model("qwen2_vl")
+    inputs = get_inputs("qwen2_vl", model)
+    with vtoken.apply_pruning(model, method="uniform", keep=4) as h:
+        with torch.no_grad():
+            model(**inputs)
+        forward = [k.tolist() for k in h.stats.stages[0].kept]
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, suppress_tokens=SUPPRESS)
+        generated = [k.tolist() for k in h.stats.stages[0].kept]
+    assert generated == forward

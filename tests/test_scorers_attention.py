@@ -248,6 +248,66 @@ def test_zipvl_never_below_one_nor_above_budget():
     assert torch.equal(got, sig.diagnostics["zipvl_count"])
 
 
+def ref_zipvl(att, tau, budget):
+    """The paper's rule in plain Python: heads averaged, normalised to sum 1 over the candidates,
+    p = min{p : sum_{j<=p} a_sorted(j) >= tau} (float tolerance 1e-6), capped by the budget and at
+    least 1; the p largest kept (ties: lower index). att (H, n) -> sorted kept indices."""
+    H, n = att.shape
+    a = [sum(float(att[h, v]) for h in range(H)) / H for v in range(n)]
+    total = sum(a)
+    a = [x / total for x in a] if total > 0 else [1.0 / n] * n
+    order = sorted(range(n), key=lambda v: (-a[v], v))
+    acc, p = 0.0, n
+    for i, v in enumerate(order):
+        acc += a[v]
+        if acc >= tau - 1e-6:
+            p = i + 1
+            break
+    return sorted(order[:max(1, min(p, budget))])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zipvl_per_layer_chain_matches_reference(seed):
+    """Per-layer ZipVL (the preset's stages, in order) on hand-built ragged segments: each layer decides
+    its own ratio among the survivors of the previous layer (original indices carried in ``index``)."""
+    from vtoken.methods import build_plan
+
+    plan = build_plan("zipvl", 1.0, per_layer=True, num_layers=4, K=1, threshold=0.8)
+    assert [st.layer for st in plan] == [1, 2, 3]
+    g = torch.Generator().manual_seed(seed)
+    counts, budget = [12, 5, 9, 1], [12, 3, 9, 1]
+    # per layer and segment, rows that sharpen from layer to layer
+    rows = [[torch.softmax(torch.randn(2, c, generator=g) * sharp, dim=-1) for c in counts] for sharp in (0.5, 1.5, 3.0)]
+    alive = [list(range(c)) for c in counts]
+    ref_alive = [list(range(c)) for c in counts]
+    sizes = []
+    for st, layer_rows in zip(plan, rows):
+        sig = make_signals([len(a) for a in alive], [min(b, len(a)) for b, a in zip(budget, alive)], index=alive,
+                           original=counts, attn_last=[r[:, a] for r, a in zip(layer_rows, alive)])
+        sel = st.scorer.select(sig)
+        alive = [[a[j] for j in kept(sel, s)] for s, a in enumerate(alive)]
+        ref_alive = [[a[j] for j in ref_zipvl(r[:, a], 0.8, min(b, len(a)))]
+                     for r, a, b in zip(layer_rows, ref_alive, budget)]
+        assert alive == ref_alive
+        sizes.append(len(alive[0]))
+    assert sizes[0] > sizes[2] >= 1  # sharper rows: fewer important tokens
+
+
+def test_zipvl_per_layer_plan():
+    from vtoken.errors import PruningConfigError
+    from vtoken.methods import build_plan
+
+    plan = build_plan("zipvl", 1.0, per_layer=True, num_layers=32)
+    assert [st.layer for st in plan] == list(range(2, 32))
+    assert all(st.scorer is plan[0].scorer and st.scorer.threshold == 0.975 and st.keep == 1.0 for st in plan)
+    assert [st.layer for st in build_plan("zipvl", 64, per_layer=True, num_layers=8, K=5)] == [5, 6, 7]
+    assert [st.layer for st in build_plan("zipvl", 64)] == [2]  # default: the adaptive count once, at K
+    with pytest.raises(PruningConfigError, match="num_layers"):
+        build_plan("zipvl", 1.0, per_layer=True)
+    with pytest.raises(PruningConfigError):
+        build_plan("zipvl", 1.0, per_layer=True, num_layers=4, K=4)
+
+
 def test_modifier_options_validated():
     with pytest.raises(ValueError):
         FastVScorer(debias_trend="quadratic")

@@ -32,6 +32,8 @@ CASES = {
     "fastervlm": ("fastervlm", {}),
     "visionzip": ("visionzip", {}),
     "zipvl": ("zipvl", {"threshold": 0.5}),
+    "zipvl-per-layer": ("zipvl", {"threshold": 0.5, "per_layer": True, "K": 1, "num_layers": 4}),
+    "mustdrop": ("mustdrop", {"layers": SMALL, "merge_threshold": 0.03, "global_thr": 0.03, "individual_thr": 0.05}),
     "divprune": ("divprune", {}),
     "dart": ("dart", {}),
     "agile": ("agile", {}),
@@ -123,6 +125,9 @@ def test_exact_budgets_text_kept_deterministic(arch, case):
         assert "attn_entropy" in stats.stages[-1].diagnostics
     if method == "zipvl":
         assert "zipvl_count" in stats.stages[-1].diagnostics
+    if method == "mustdrop":
+        assert "mustdrop_merged_windows" in stats.stages[0].diagnostics
+        assert "mustdrop_count" in stats.stages[-1].diagnostics
     # determinism: the same call again gives the same logits and the same kept tokens
     again, stats2 = run(model, inputs, method, options)
     assert torch.equal(out, again)

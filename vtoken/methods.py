@@ -83,6 +83,7 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.dycoke",
     "vtoken.scorers.fastvid",
     "vtoken.scorers.adaptinfer",
+    "vtoken.scorers.mustdrop",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)
@@ -268,6 +269,19 @@ def build_plan(method: str, keep, **options) -> list:
         raise PruningConfigError(
             f"bad option for method {spec.name!r}: {exc}; options it takes: {', '.join(spec.options) or 'none'}"
         ) from exc
+
+
+def with_model_depth(method: str, options: dict, num_layers: int) -> dict:
+    """``options`` plus ``num_layers`` (the model's decoder-layer count) for a preset whose builder
+    takes a ``num_layers`` parameter (e.g. per-layer ZipVL: a stage at every layer from K on) and
+    was not given one; ``options`` unchanged otherwise. :func:`vtoken.apply_pruning` calls it."""
+    if "num_layers" in options:
+        return options
+    try:
+        params = inspect.signature(method_spec(method).builder).parameters
+    except (TypeError, ValueError):
+        return options
+    return {**options, "num_layers": int(num_layers)} if "num_layers" in params else options
 
 
 def layer_indices(layers, what: str) -> tuple:
