@@ -55,6 +55,7 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
         ordinal=lay.seg_ordinal,
         original=lay.seg_count,
         grid=lay.seg_grid,
+        kind=lay.seg_kind,
         generator=None,
     )
     fill_signals(rt, ctx, stage, sig, hidden, slot_pad, safe_slot)

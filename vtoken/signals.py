@@ -22,6 +22,8 @@ budget                 (S,) long               tokens to keep per segment (<= ca
 index                  (S, n) long             index of each candidate among its segment's
                                                ORIGINAL visual tokens (0..n_orig-1); -1 pad
 grid                   list of (t, h, w)       the segment's original token grid, or None
+kind                   list of str             "image" or "video" per segment (the adapter's
+                                               layout; None where unknown)
 sample                 (S,) long               which batch row each segment belongs to
 ordinal                (S,) long               the segment's number within its sample (0, 1..)
 original               (S,) long               the segment's original visual-token count
@@ -112,6 +114,7 @@ class SegmentSignals:
     ordinal: torch.Tensor
     original: torch.Tensor
     grid: Optional[list] = None
+    kind: Optional[list] = None
     text_mask: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
     hidden: Optional[torch.Tensor] = None
