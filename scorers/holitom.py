@@ -39,8 +39,10 @@ In vtoken: stage 1 (layer 0, :class:`HoliTomScorer`, ``mode="merge"``) keeps a s
 as its centre token in the window's first frame -- every static token of the cluster, in every
 frame of the window, merges into it (``Selection.merge_into``), so the merged token is the mean
 of the cluster's frame-averaged features -- and the dominant / contextual tokens where they are;
-stage 2 (layer k, :class:`~vtoken.scorers.attention.FastVScorer`, ``mode="merge"``: the runtime
-merges every dropped token into its most similar kept one) keeps ``round(keep * (1 - r_llm))``.
+stage 2 (layer k = ``layers[0]``, :class:`~vtoken.scorers.attention.FastVScorer`, ``mode="merge"``:
+the runtime merges every dropped token into its most similar kept one) keeps
+``round(keep * (1 - r_llm))`` (option ``r``); ``layers=()`` leaves it out (the released
+"HoliTom (w/o M)"). Its layer k reads layer k-1's attention, as the released code does.
 
 Budget: vtoken's budget b of a T x N video sets ``r = b / (T N)``; the tokens the rule above
 keeps rank first, the rest after them, each by salience (then position), and the top b are
@@ -84,7 +86,7 @@ from typing import Optional
 import torch
 
 from vtoken.errors import PruningConfigError
-from vtoken.methods import register_method, register_scorer
+from vtoken.methods import layer_indices, register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers.attention import FastVScorer
 from vtoken.scorers.base import Scorer, Selection, masked_scores
@@ -255,23 +257,25 @@ class HoliTomScorer(Scorer):
 
 
 @register_method(name="holitom", family="diversity", paper="Shao et al. 2025 (arXiv:2505.21334)",
-                 stages="layer 0 (before the LLM, merge) and layer k=18 (merge)", needs_attention=True,
-                 text_guided=True, options=("k", "r", "tau", "K", "D", "max_window", "inner"),
+                 stages="layer 0 (before the LLM, merge) and layer 18 (merge)", needs_attention=True,
+                 text_guided=True, options=("layers", "r", "tau", "K", "D", "max_window"),
                  released_code="cokeshao/HoliTom@b1d1412")
-def holitom_plan(keep, k: int = 18, r: float = 0.5, tau: float = 0.8, K: int = 7, D: float = 0.0,
-                 max_window: int = 1024, inner: bool = True):
-    """HoliTom preset: the pre-LLM stage (:class:`HoliTomScorer`, merge) keeping ``keep``, then,
-    with ``inner``, the in-LLM merge at layer ``k`` keeping ``keep * (1 - r)`` (last-token
-    attention, the dropped tokens merged into their most similar kept token)."""
+def holitom_plan(keep, layers=(18,), r: float = 0.5, tau: float = 0.8, K: int = 7, D: float = 0.0,
+                 max_window: int = 1024):
+    """HoliTom preset: the pre-LLM stage (:class:`HoliTomScorer`, merge) keeping ``keep``, then the
+    in-LLM merge at layer ``layers[0]`` (``HOLITOM_k``) keeping ``keep * (1 - r)`` (last-token
+    attention; every dropped token merged into its most similar kept token). ``layers=()``: no
+    in-LLM merge (the released "HoliTom (w/o M)")."""
     keep = validate_budget(keep)
     plan = [Stage(layer=0, scorer=HoliTomScorer(tau=tau, K=K, D=D, max_window=max_window), keep=keep, mode="merge")]
-    if inner:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise PruningConfigError(f"holitom k must be an LLM layer index >= 1; got {k!r}")
+    layers = layer_indices(layers, "holitom layers") if layers else ()
+    if len(layers) > 1 or (layers and layers[0] < 1):
+        raise PruningConfigError(f"holitom layers names at most one LLM layer >= 1 (HOLITOM_k); got {layers!r}")
+    if layers:
         if not 0.0 <= r < 1.0:
             raise PruningConfigError(f"holitom r (share merged inside the LLM) must lie in [0, 1); got {r!r}")
         second = max(1, int(round(keep * (1 - r)))) if isinstance(keep, int) else keep * (1 - r)
-        plan.append(Stage(layer=k, scorer=FastVScorer(), keep=second, mode="merge"))
+        plan.append(Stage(layer=layers[0], scorer=FastVScorer(), keep=second, mode="merge"))
     return plan
 
 

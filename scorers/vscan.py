@@ -52,7 +52,7 @@ Deviations from the released code:
   scans the whole image segment with its budget.
 * The middle stage reads layer L-1's last-token attention (``attn_last``) instead of recomputing
   layer L's own projections on the states entering it (as vtoken's PyramidDrop, whose
-  ``pdrop_rank_drop`` this stage of the released code is); ``layer=17`` ranks with the
+  ``pdrop_rank_drop`` this stage of the released code is); ``layers=(17,)`` ranks with the
   released layer 16's attention.
 * Video: the encoder stage needs vision-encoder attention, which vtoken maps to LLM tokens for
   images only; the runtime refuses a budget that prunes a video (``PruningConfigError``).
@@ -66,7 +66,7 @@ from typing import ClassVar
 import torch
 
 from vtoken.errors import PruningConfigError
-from vtoken.methods import register_method, register_scorer
+from vtoken.methods import layer_indices, register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers import functional as F
 from vtoken.scorers.attention import PyramidDropScorer
@@ -192,18 +192,20 @@ def vscan_budgets(keep, scale=(1.5, 0.5)) -> tuple:
 
 @register_method(name="vscan", family="attention", paper="Zhang et al., TMLR 2026 (arXiv:2505.22654)",
                  stages="layer 0 (global + local scans, merge) and layer 16", needs_attention=True,
-                 text_guided=True, options=("layer", "scale", "local_ratio", "window", "mode"),
+                 text_guided=True, options=("layers", "scale", "local_ratio", "window", "mode"),
                  released_code="Tencent/SelfEvolvingAgent@5fe6480 (VScan/)")
-def vscan_plan(keep, layer: int = 16, scale=(1.5, 0.5), local_ratio: float = 0.5, window: int = 6,
+def vscan_plan(keep, layers=(16,), scale=(1.5, 0.5), local_ratio: float = 0.5, window: int = 6,
                mode: str = "merge"):
     """VScan preset: the encoder stage (:class:`VScanScorer`, ``mode`` merge) keeping
-    ``scale[0] * keep`` tokens, then the last-token-attention stage at ``layer`` keeping
+    ``scale[0] * keep`` tokens, then the last-token-attention stage at ``layers[0]`` (the
+    released ``layer_list``: 16 on LLaVA's 32 layers, 14 on Qwen2.5-VL's 28) keeping
     ``scale[1] * keep`` (see :func:`vscan_budgets`)."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-        raise PruningConfigError(f"vscan layer must be an LLM layer index >= 1; got {layer!r}")
+    layers = layer_indices(layers, "vscan layers")
+    if len(layers) != 1 or layers[0] < 1:
+        raise PruningConfigError(f"vscan layers must name one LLM layer >= 1 (the middle stage); got {layers!r}")
     first, second = vscan_budgets(keep, scale)
     return [Stage(layer=0, scorer=VScanScorer(local_ratio=local_ratio, window=window), keep=first, mode=mode),
-            Stage(layer=layer, scorer=PyramidDropScorer(), keep=second)]
+            Stage(layer=layers[0], scorer=PyramidDropScorer(), keep=second)]
 
 
 __all__ = ["VScanScorer", "vscan_plan", "vscan_keep", "vscan_budgets", "local_scan", "nearest_kept"]
