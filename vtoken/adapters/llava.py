@@ -84,6 +84,8 @@ class LlavaNextAdapter(Adapter):
     computes (``get_image_features`` output), and the image-newline tokens (rows of the
     unpadded grid end with the learned ``image_newline`` vector) are detected in the layer-0
     embeddings and kept as structural tokens: never pruned, never counted in a budget.
+    A LLaVA-OneVision video is one segment with its (frames, side, side) grid (each frame pooled to
+    ``side x side`` tokens, the video's closing newline structural), so video scorers see frames.
     """
 
     vision_tower_graphable = True  # CLIP tower: fixed shapes per pixel input
