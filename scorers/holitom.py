@@ -69,9 +69,14 @@ Deviations from the released code:
   lower index; distances in float64 (released float32).
 * Video layouts: a video that is one segment with its (t, h, w) grid (Qwen2-VL, Qwen2.5-VL,
   LLaVA-OneVision) gets the whole rule. Qwen3-VL's prompt puts each temporal patch group in
-  its own timestamped span, so vtoken's adapter makes each group a segment with its own
-  budget: there every group is a one-frame video (step 3 on its tokens alone, no temporal
-  windows). A video segment without a known grid, or already pruned, is one frame likewise.
+  its own timestamped span, so vtoken's adapter makes each group a segment with its own budget
+  (``sig.video`` says which segments are one video): the rule runs over the whole video
+  (windows and clusters across the groups, ``r`` from the groups' total budget) and each group
+  then keeps exactly its budget -- the rule's tokens of that group first, its others after
+  them, by salience -- so a window's static clusters sit in its first group, while every group
+  keeps as many tokens as the others; merges stay inside a group (a static token of a later
+  group is dropped, not merged into the first group's centre). A video segment without a known
+  grid, or already pruned, is one frame.
 * Images: the released code leaves images whole (it only touches ``modalities == "video"``),
   which cannot meet a vtoken budget; an image segment whose budget prunes it raises
   :class:`~vtoken.errors.PruningConfigError` ("not supported": use a method for images, or
@@ -206,8 +211,8 @@ class HoliTomScorer(Scorer):
     the module docstring for the rule, the budget mapping and every deviation (salience from
     the hidden states; equal-weight merges; images refused).
 
-    Signals: ``hidden`` (S, n, D), ``grid``, ``kind`` -> Selection (exactly ``budget`` tokens per
-    segment; ``merge_into`` (S, n): run the stage with ``mode="merge"``).
+    Signals: ``hidden`` (S, n, D), ``grid``, ``kind``, ``video`` -> Selection (exactly ``budget``
+    tokens per segment; ``merge_into`` (S, n): run the stage with ``mode="merge"``).
     """
 
     name = "holitom"
@@ -221,39 +226,79 @@ class HoliTomScorer(Scorer):
         self.tau, self.K, self.D, self.max_window = float(tau), int(K), float(D), int(max_window)
 
     def select(self, sig: SegmentSignals) -> Selection:
-        keep = torch.zeros(sig.mask.shape, dtype=torch.bool)
-        merge_into = torch.full(sig.mask.shape, -1, dtype=torch.long)
-        scores = torch.zeros(sig.mask.shape, dtype=torch.float32)
-        for s in range(sig.num_segments):
-            slots = torch.nonzero(sig.mask[s].cpu()).flatten()
-            n = slots.numel()
-            b = min(int(sig.budget[s]), n)
-            if n == 0:
+        out = (torch.zeros(sig.mask.shape, dtype=torch.bool), torch.full(sig.mask.shape, -1, dtype=torch.long),
+               torch.zeros(sig.mask.shape, dtype=torch.float32))
+        for members in _video_groups(sig):
+            frames = []  # per segment: (segment, its slots in original order, budget)
+            for s in members:
+                slots = torch.nonzero(sig.mask[s].cpu()).flatten()
+                b = min(int(sig.budget[s]), slots.numel())
+                if sig.kind is not None and sig.kind[s] != "video" and b < slots.numel():
+                    raise PruningConfigError(
+                        "holitom merges video tokens; pruning an image is not supported (HoliTom's released code "
+                        "leaves images whole): use an image method (e.g. visionzip, divprune) for prompts with "
+                        "images, or keep=1.0")
+                index = sig.index[s, slots.to(sig.index.device)].cpu()
+                frames.append((s, slots[torch.argsort(index)], b))  # candidates in original (frame-major) order
+            if len(members) == 1:
+                s, slot_of, b = frames[0]
+                n = slot_of.numel()
+                if n == 0:
+                    continue
+                T = _frames(sig, s, n)
+                x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(T, n // T, -1).cpu()
+                chosen, target, salience = holitom_merge(x, b / n, self.tau, self.K, self.D, self.max_window)
+                _finish(out, s, slot_of, b, chosen.flatten(), target.flatten(), salience.flatten())
                 continue
-            if sig.kind is not None and sig.kind[s] != "video" and b < n:
-                raise PruningConfigError(
-                    "holitom merges video tokens; pruning an image is not supported (HoliTom's released code "
-                    "leaves images whole): use an image method (e.g. visionzip, divprune) for prompts with images, "
-                    "or keep=1.0")
-            index = sig.index[s, slots.to(sig.index.device)].cpu()
-            slot_of = slots[torch.argsort(index)]  # candidates in original (frame-major) order
-            T = _frames(sig, s, n)
-            x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(T, n // T, -1).cpu()
-            chosen, target, salience = holitom_merge(x, b / n, self.tau, self.K, self.D, self.max_window)
-            chosen, target, salience = chosen.flatten(), target.flatten(), salience.flatten()
-            # the rule's tokens first, then the rest; by salience within each, ties to the lower index
-            order = torch.sort(salience, descending=True, stable=True).indices
-            order = order[torch.sort((~chosen[order]).long(), stable=True).indices]
-            final = torch.zeros(n, dtype=torch.bool)
-            final[order[:b]] = True
-            valid = (target >= 0) & ~final
-            valid[valid.clone()] = final[target[valid]]
-            keep[s, slot_of[final]] = True
-            merge_into[s, slot_of[valid]] = slot_of[target[valid]]
-            scores[s, slot_of[order]] = torch.arange(n, 0, -1, dtype=torch.float32)
+            # one video over several segments (Qwen3-VL's temporal groups): the rule on the whole video,
+            # each group keeps its own budget, merges stay inside a group
+            x = torch.stack([sig.hidden[s, slot_of.to(sig.hidden.device)].cpu() for s, slot_of, _ in frames])
+            T, N = x.shape[0], x.shape[1]
+            retain = sum(b for _, _, b in frames) / (T * N)
+            chosen, target, salience = holitom_merge(x, retain, self.tau, self.K, self.D, self.max_window)
+            for f, (s, slot_of, b) in enumerate(frames):
+                own = (target[f] >= f * N) & (target[f] < (f + 1) * N)
+                _finish(out, s, slot_of, b, chosen[f], torch.where(own, target[f] - f * N, -1), salience[f])
+        keep, merge_into, scores = out
         dev = sig.mask.device
         return Selection(keep=keep.to(dev), scores=masked_scores(scores.to(dev), sig.mask),
                          merge_into=merge_into.to(dev))
+
+
+def _video_groups(sig: SegmentSignals) -> list:
+    """Lists of segments to run together: the consecutive temporal-group segments of one video
+    (``sig.video``), each unpruned with the same one-frame grid; every other segment alone."""
+    groups, prev = [], None
+    for s in range(sig.num_segments):
+        v = sig.video[s] if sig.video is not None else None
+        grid = sig.grid[s] if sig.grid is not None else None
+        n = int(sig.mask[s].sum())
+        ok = v is not None and grid is not None and grid[0] == 1 and grid[1] * grid[2] == n == int(sig.original[s])
+        key = (int(sig.sample[s]), v, tuple(grid)) if ok else None
+        if key is not None and key == prev:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+        prev = key
+    return groups
+
+
+def _finish(out, s: int, slot_of: torch.Tensor, b: int, chosen, target, salience) -> None:
+    """Write one segment's selection into ``out`` (keep, merge_into, scores): the rule's tokens
+    (``chosen`` (n,) bool) first, then the rest, by salience within each (ties to the lower
+    index); the top ``b`` kept; ``target`` (n,) (index into the segment, -1: none) kept where it
+    points at a kept token."""
+    keep, merge_into, scores = out
+    n = slot_of.numel()
+    order = torch.sort(salience, descending=True, stable=True).indices
+    order = order[torch.sort((~chosen[order]).long(), stable=True).indices]
+    final = torch.zeros(n, dtype=torch.bool)
+    final[order[:b]] = True
+    valid = (target >= 0) & ~final
+    valid[valid.clone()] = final[target[valid]]
+    keep[s, slot_of[final]] = True
+    merge_into[s, slot_of[valid]] = slot_of[target[valid]]
+    scores[s, slot_of[order]] = torch.arange(n, 0, -1, dtype=torch.float32)
 
 
 @register_method(name="holitom", family="diversity", paper="Shao et al. 2025 (arXiv:2505.21334)",

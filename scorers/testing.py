@@ -40,6 +40,7 @@ def make_signals(
     grid: Optional[list] = None,
     sample: Optional[Sequence[int]] = None,
     kind: Optional[list] = None,
+    video: Optional[list] = None,
     **signals,
 ) -> SegmentSignals:
     """Padded SegmentSignals from per-segment tensors (see the module docstring).
@@ -64,6 +65,7 @@ def make_signals(
         original=torch.as_tensor(list(original) if original is not None else list(counts), dtype=torch.long),
         grid=grid,
         kind=kind,
+        video=video,
     )
     T = None
     if text_counts is not None:

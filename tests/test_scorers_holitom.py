@@ -334,3 +334,32 @@ def test_holitom_refuses_images_end_to_end():
     with pytest.raises(PruningConfigError, match="not supported"):
         with vtoken.apply_pruning(model, method="holitom", keep=KEEP, layers=2), torch.no_grad():
             model(**inputs)
+
+
+def test_holitom_qwen3_vl_groups_are_one_video():
+    """Qwen3-VL makes each temporal group a segment: the rule runs over the whole video (windows
+    across the groups) and each group keeps its budget: the rule's tokens of that group first,
+    then its others, by salience; merges stay inside a group."""
+    model = get_model("qwen3_vl")
+    inputs = tm.qwen_inputs(model, [[("video", (6, 4, 4))]])
+    T, N = 6, 4
+    pix = inputs["pixel_values_videos"].view(T, 16, -1)  # two scenes of 3 identical temporal groups
+    pix[1:3] = pix[0]
+    pix[4:6] = pix[3]
+    x = tm.llm_inputs_at(model, inputs).double().reshape(T, N, -1)
+    sal = {(f, p): float(x[f, p] @ x[f].mean(0)) for f in range(T) for p in range(N)}
+    for budget in (1, 2, 3):
+        with vtoken.apply_pruning(model, method="holitom", keep=budget, layers=()) as h, torch.no_grad():
+            model(**inputs)
+            stats = h.stats
+        assert [seg.grid for seg in stats.segments[0]] == [(1, 2, 2)] * T
+        ref, _ = reference_holitom(x, budget / N)
+        assert reference_windows(x)[0] == [(0, 2), (3, 5)]
+        # the scenes' static clusters sit in their first groups, unlike a per-group top of the salience
+        assert any(sorted(p for f, p in ref if f == g) != sorted(range(N), key=lambda p: (-sal[(g, p)], p))[:budget]
+                   for g in (0, 3)) or budget == N
+        # kept[0]: the sample's kept visual tokens, numbered over its visual tokens (frame-major)
+        got = [sorted(j % N for j in stats.stages[0].kept[0].tolist() if j // N == f) for f in range(T)]
+        for f in range(T):
+            ranked = sorted(range(N), key=lambda p: ((f, p) not in ref, -sal[(f, p)], p))
+            assert got[f] == sorted(ranked[:budget])
