@@ -54,8 +54,10 @@ Deviations from the released code:
   layer L's own projections on the states entering it (as vtoken's PyramidDrop, whose
   ``pdrop_rank_drop`` this stage of the released code is); ``layers=(17,)`` ranks with the
   released layer 16's attention.
-* Video: the encoder stage needs vision-encoder attention, which vtoken maps to LLM tokens for
-  images only; the runtime refuses a budget that prunes a video (``PruningConfigError``).
+* Models: the encoder stage needs vision-encoder attention, which vtoken maps to LLM tokens for
+  images of LLaVA-1.5, Qwen2-VL and Qwen3-VL; LLaVA-NeXT / OneVision and Qwen2.5-VL (windowed
+  encoder) are refused at ``apply_pruning`` (``PruningConfigError``), though the released code
+  covers LLaVA-NeXT and Qwen2.5-VL; a budget that prunes a video is refused likewise.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 
 import tiny_models as tm
 import vtoken
-from conftest import get_model, slice_sample
+from conftest import SUPPRESS, get_model, slice_sample
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import FastVScorer, HoliTomScorer
 from vtoken.scorers.holitom import static_windows
@@ -307,8 +307,8 @@ def test_holitom_generate_cache_on_off_equal(arch):
     model = get_model(arch)
     inputs = video_batch(arch, model)
     with vtoken.apply_pruning(model, method="holitom", keep=KEEP, layers=2):
-        with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        without = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
+        without = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False, suppress_tokens=SUPPRESS)
     assert torch.equal(with_cache, without)
 
 

