@@ -125,8 +125,8 @@ def test_vscan_hand_built_local_and_global():
     top_left = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17]
     for rank, i in enumerate(top_left):
         attn[i] = 1.0 - 0.05 * rank
-    attn[4 * W + 7] = 0.5  # bottom-left window... (row 4, column 7: the bottom-right window)
-    attn[7 * W + 0] = 0.3  # bottom-left window
+    attn[4 * W + 7] = 0.5  # row 4, column 7: the bottom-right window
+    attn[7 * W + 0] = 0.3  # row 7, column 0: the bottom-left window
     # top-right window: all tied at 0.01 -> its lowest index, token 4
     feats = torch.eye(H * W)[:, :16] + 0.0
     kept, _, _ = run_scorer(attn, feats, H, W, 8, 4)
