@@ -55,6 +55,8 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
         ordinal=lay.seg_ordinal,
         original=lay.seg_count,
         grid=lay.seg_grid,
+        kind=lay.seg_kind,
+        video=lay.seg_video,
         generator=None,
     )
     fill_signals(rt, ctx, stage, sig, hidden, slot_pad, safe_slot)

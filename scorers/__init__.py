@@ -29,6 +29,8 @@ else:
     from vtoken.scorers.sparsevlm import SparseVLMScorer
     from vtoken.scorers.visionzip import VisionZipScorer
     from vtoken.scorers.vispruner import VisPrunerScorer
+    from vtoken.scorers.vscan import VScanScorer
+    from vtoken.scorers.holitom import HoliTomScorer
 
     __all__ = [
         "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
@@ -36,7 +38,7 @@ else:
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
         "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer", "DyCokeScorer", "FastVIDScorer",
-        "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer",
+        "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer", "VScanScorer", "HoliTomScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

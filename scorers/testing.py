@@ -39,6 +39,8 @@ def make_signals(
     original: Optional[Sequence[int]] = None,
     grid: Optional[list] = None,
     sample: Optional[Sequence[int]] = None,
+    kind: Optional[list] = None,
+    video: Optional[list] = None,
     **signals,
 ) -> SegmentSignals:
     """Padded SegmentSignals from per-segment tensors (see the module docstring).
@@ -62,6 +64,8 @@ def make_signals(
         ordinal=torch.zeros(S, dtype=torch.long),
         original=torch.as_tensor(list(original) if original is not None else list(counts), dtype=torch.long),
         grid=grid,
+        kind=kind,
+        video=video,
     )
     T = None
     if text_counts is not None:

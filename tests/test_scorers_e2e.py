@@ -42,6 +42,7 @@ CASES = {
     "vispruner": ("vispruner", {}),
     "dycoke": ("dycoke", {}),
     "fastvid": ("fastvid", {}),
+    "vscan": ("vscan", {"layers": 2}),
     "flowcut": ("flowcut", {}),
     "flowcut-norelay": ("flowcut", {"relay": False}),
     "flowcut-relay": ("flowcut", {"relay": "require"}),

@@ -221,3 +221,29 @@ def llm_inputs_at(model, inputs, token_id=VIDEO_ID):
     finally:
         hook.remove()
     return got["h"][0][inputs["input_ids"][0] == token_id]
+
+
+def onevision_video_inputs(model, frames_per_sample, pad_side="left", seed=0):
+    """LLaVA-OneVision prompts with one video each (``frames_per_sample``: frames per sample, 0 =
+    text only): every frame becomes a pooled ``side x side`` grid (half the patch grid, rounded
+    up) and one newline token ends the video, so a video of f frames takes f * side**2 + 1
+    placeholders."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    side = math.ceil(vc.image_size // vc.patch_size / 2)
+    rows = []
+    for f in frames_per_sample:
+        ids = torch.randint(1, 80, (3,), generator=g).tolist()
+        if f:
+            ids += [VIDEO_ID] * (f * side * side + 1) + torch.randint(1, 80, (2,), generator=g).tolist()
+        ids += torch.randint(1, 80, (4,), generator=g).tolist()
+        rows.append(ids)
+    input_ids, attention_mask = pad(rows, pad_side)
+    out = dict(input_ids=input_ids, attention_mask=attention_mask)
+    frames = [f for f in frames_per_sample if f]
+    if frames:
+        assert len(set(frames)) == 1, "one frame count per batch (pixel_values_videos is one tensor)"
+        out["pixel_values_videos"] = torch.randn(len(frames), frames[0], 3, vc.image_size, vc.image_size, generator=g)
+    return out

@@ -84,6 +84,8 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.fastvid",
     "vtoken.scorers.adaptinfer",
     "vtoken.scorers.mustdrop",
+    "vtoken.scorers.vscan",
+    "vtoken.scorers.holitom",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)

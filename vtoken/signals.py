@@ -22,6 +22,12 @@ budget                 (S,) long               tokens to keep per segment (<= ca
 index                  (S, n) long             index of each candidate among its segment's
                                                ORIGINAL visual tokens (0..n_orig-1); -1 pad
 grid                   list of (t, h, w)       the segment's original token grid, or None
+kind                   list of str             "image" or "video" per segment (the adapter's
+                                               layout; None where unknown)
+video                  list of int or None     the video a segment belongs to where a video spans
+                                               several consecutive segments (Qwen3-VL's temporal
+                                               groups, in frame order); None per segment else,
+                                               or None
 sample                 (S,) long               which batch row each segment belongs to
 ordinal                (S,) long               the segment's number within its sample (0, 1..)
 original               (S,) long               the segment's original visual-token count
@@ -112,6 +118,8 @@ class SegmentSignals:
     ordinal: torch.Tensor
     original: torch.Tensor
     grid: Optional[list] = None
+    kind: Optional[list] = None
+    video: Optional[list] = None
     text_mask: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
     hidden: Optional[torch.Tensor] = None

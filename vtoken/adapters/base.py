@@ -27,6 +27,9 @@ class VisualLayout:
     seg_count:   (S,) long, prunable tokens of each segment.
     seg_grid:    list of (t, h, w) or None per segment.
     seg_kind:    list of "image" / "video" per segment.
+    seg_video:   list of int or None per segment, or None: the number of the video (in the batch) a
+                 segment belongs to where a video spans several segments (Qwen3-VL's temporal
+                 patch groups; consecutive segments, in frame order), None for the others.
     """
 
     segment_of: torch.Tensor
@@ -36,6 +39,7 @@ class VisualLayout:
     seg_count: torch.Tensor
     seg_grid: list
     seg_kind: list
+    seg_video: Optional[list] = None
 
     @property
     def num_segments(self) -> int:

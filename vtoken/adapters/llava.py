@@ -84,6 +84,8 @@ class LlavaNextAdapter(Adapter):
     computes (``get_image_features`` output), and the image-newline tokens (rows of the
     unpadded grid end with the learned ``image_newline`` vector) are detected in the layer-0
     embeddings and kept as structural tokens: never pruned, never counted in a budget.
+    A LLaVA-OneVision video is one segment with its (frames, side, side) grid (each frame pooled to
+    ``side x side`` tokens, the video's closing newline structural), so video scorers see frames.
     """
 
     vision_tower_graphable = True  # CLIP tower: fixed shapes per pixel input
@@ -117,7 +119,22 @@ class LlavaNextAdapter(Adapter):
         if vlen:
             sizes[1] = list(vlen)
         grids = {code: [None] * len(v) for code, v in sizes.items()}
-        return layout_from_runs(is_visual, kinds, sizes, grids)
+        layout = layout_from_runs(is_visual, kinds, sizes, grids)
+        if video_id is not None and hasattr(self.model.model, "apply_pooling"):
+            counts = layout.seg_count.tolist()
+            layout.seg_grid = [self._video_grid(c) if kind == "video" else g
+                               for g, kind, c in zip(layout.seg_grid, layout.seg_kind, counts)]
+        return layout
+
+    def _video_grid(self, count: int):
+        """LLaVA-OneVision's video grid (frames, side, side): each frame's features are pooled to
+        ``side x side`` (``apply_pooling``: half the patch grid, rounded up) and one newline token
+        ends the video, so a video segment of ``count`` tokens (the newline counted: it becomes
+        structural once the embeddings are read) has ``(count - 1) / side**2`` frames; None where
+        that does not divide."""
+        side = math.ceil(self.base_view_side / 2)
+        frames, rest = divmod(count - 1, side * side)
+        return (frames, side, side) if frames > 0 and rest == 0 else None
 
     def structural_from_embeds(self, inputs_embeds, layout: VisualLayout):
         newline = getattr(self.model.model, "image_newline", None)

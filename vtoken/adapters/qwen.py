@@ -65,7 +65,24 @@ class QwenVLAdapter(Adapter):
                 rows = [(1, h, w) for t, h, w in rows for _ in range(t)]
             grids[1] = [(t, h // m, w // m) for t, h, w in rows]
             sizes[1] = [t * (h // m) * (w // m) for t, h, w in rows]
-        return layout_from_runs(is_visual, is_video.long(), sizes, grids)
+        layout = layout_from_runs(is_visual, is_video.long(), sizes, grids)
+        if vthw is not None and self.per_frame_video:
+            layout.seg_video = self._video_of_segments(layout, vthw.tolist())
+        return layout
+
+    def _video_of_segments(self, layout, vthw: list):
+        """Qwen3-VL: the video (row of ``video_grid_thw``) each temporal-group segment belongs to, or
+        None everywhere when the video segments do not follow the grids (a fallback layout)."""
+        m = self.merge
+        expected = [(v, (h // m) * (w // m)) for v, (t, h, w) in enumerate(vthw) for _ in range(t)]
+        videos = [s for s, kind in enumerate(layout.seg_kind) if kind == "video"]
+        counts = layout.seg_count.tolist()
+        if len(videos) != len(expected) or any(counts[s] != c for s, (_, c) in zip(videos, expected)):
+            return None
+        out = [None] * len(counts)
+        for s, (v, _) in zip(videos, expected):
+            out[s] = v
+        return out
 
     def varlen_vision_tower(self):
         """Qwen's tower attends within each window / frame: transformers' SDPA and eager paths run
