@@ -242,3 +242,23 @@ def test_static_cache_after_remove_refuses_to_continue():
     handle.remove()
     with pytest.raises(vtoken.VTokenError, match="removed"):
         out.past_key_values.get_seq_length()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ("pre", "select"))
+@pytest.mark.parametrize("arch", ("llava", "qwen2_vl"))
+def test_cuda_compiled_static_decode_equals_dynamic(arch, family):
+    """On CUDA, transformers compiles the static decode step itself (inductor, "reduce-overhead":
+    CUDA graphs): with a pruning handle its tokens are the dynamic cache's, in a second call too
+    (the recorded graphs replayed)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch._dynamo.reset()
+    model = fresh_model(arch).cuda()
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in get_inputs(arch, model).items()}
+    kw = dict(GEN, max_new_tokens=6, min_new_tokens=6)
+    with apply(model, family, "pruned"):
+        dynamic = generate(model, inputs, **kw)
+        for _ in range(2):
+            assert_same_tokens(generate(model, inputs, **kw, cache_implementation="static"), dynamic)
+    torch._dynamo.reset()
