@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 SUITE_COLUMNS = {
+    "users": ["model", "batch", "cache", "method", "keep", "prompt_tokens", "kept_tokens_last_layer", "ttft_ms",
+              "ttft_floor_ms", "decode_ms_per_token", "decode_floor_ms", "e2e_ms", "new_tokens", "peak_gb"],
     "llava": ["batch", "method", "keep", "context", "context_after", "ttft_ms", "vision_ms", "decode_ms_per_token",
               "tokens_per_s", "kv_cache_mb", "peak_mem_gb", "speedup_vs_unpruned", "ratio_to_oracle", "runs"],
     "llava-next": ["batch", "method", "keep", "visual_tokens", "kept_visual", "context", "context_after", "ttft_ms",
@@ -21,6 +23,8 @@ SUITE_COLUMNS = {
 }
 
 SUITE_TITLES = {
+    "users": "model.generate as users call it: dynamic cache vs cache_implementation='static' (transformers' "
+             "compiled decode), unpruned vs pruned",
     "llava": "LLaVA-1.5-7B (576 visual tokens per image; keep = tokens per image)",
     "llava-next": "LLaVA-NeXT-7B (vicuna; one 672x672 image = 5 crops, 2880 prunable + 48 newline tokens; "
                   "keep = k/576 of each image's prunable tokens, i.e. k tokens per 576-token crop equivalent)",
