@@ -127,7 +127,7 @@ def annotate_rows(rows: list, recs_of: list, metric_of: dict) -> dict:
     ``vs_random`` ({data set: :func:`compare`}, or ``None`` for the upper bound, the reference itself
     or a budget without a reference row) to every row; ``recs_of[i]`` maps data-set names to row
     ``i``'s records. Returns ``{"reference", "present", "missing_keeps"}``: whether the reference
-    method ran, and the budgets where its row has no records."""
+    method ran, the budgets where its row has no records, and the test's settings."""
     ref = {row["keep"]: recs for row, recs in zip(rows, recs_of) if row["method"] == REFERENCE}
     missing = []
     for row, recs in zip(rows, recs_of):
@@ -142,7 +142,10 @@ def annotate_rows(rows: list, recs_of: list, metric_of: dict) -> dict:
             missing.append(row["keep"])
             continue
         row["vs_random"] = cells
-    return {"reference": REFERENCE, "present": bool(ref), "missing_keeps": sorted(set(missing))}
+    return {"reference": REFERENCE, "present": bool(ref), "missing_keeps": sorted(set(missing)), "alpha": ALPHA,
+            "test": "exact two-sided McNemar (McNemar 1947)", "level": 0.95,
+            "intervals": f"Wilson 1927 (0/1 scores), else percentile bootstrap ({BOOTSTRAP_SAMPLES} draws, seed "
+                         f"{BOOTSTRAP_SEED})"}
 
 
 def legend(summary: dict, mark: str) -> list:
