@@ -22,7 +22,7 @@ after a barrier rank 0 merges the part files and writes the report.
 What the runner and the report share lives below both: the output files' records, budget keys and
 JSONL reading in :mod:`vtoken.eval.records`, the run's :class:`EvalConfig` in :mod:`vtoken.eval.config`
 and the batch loop in :mod:`vtoken.eval.batches` (imports go cli -> runner -> batches / table ->
-accounting / records / config, never back).
+accounting / records / config / significance -> statistics, never back).
 """
 
 from __future__ import annotations

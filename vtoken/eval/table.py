@@ -5,8 +5,10 @@ resumed run reports exactly what a one-shot run does).
 Table format (docs/DESIGN.md §6): a first row "Upper bound, N tokens (100%)" with the unpruned
 model's raw scores, then one block per budget — "Retain 192 tokens (↓66.7%)" for token budgets,
 "Retain 33.3% tokens (↓66.7%)" for fractions — with one row per method: the raw score per data set
-and Avg = mean over data sets of score ÷ unpruned score, in percent. Efficiency columns are
-medians over the run's batches.
+and Avg = mean over data sets of score ÷ unpruned score, in percent. Every score shows its 95 %
+interval over the questions and a cell not distinguishable from ``random`` at its budget is marked
+(:mod:`vtoken.eval.significance`). Efficiency columns (GPU runs only) are medians over the run's
+batches; on the CPU a note points to ``vtoken bench`` instead.
 
 Token accounting (docs/DESIGN.md §4: the visual tokens a row really keeps, and whether it keeps its
 block's budget) is computed by :mod:`vtoken.eval.accounting`; its names stay importable from here.
@@ -23,10 +25,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from vtoken.eval import metrics
-from vtoken.eval.accounting import (COUNT_FIELD, EQUIV_TOLERANCE, budget_check, budget_message, budget_target,
+from vtoken.eval.accounting import (EQUIV_TOLERANCE, budget_check, budget_message, budget_target,
                                     stages_text, token_accounting, tokens_text)
 from vtoken.eval.config import config_dict
+from vtoken.eval.plot import plot_retained
+from vtoken.eval.scores import dataset_score
+from vtoken.eval.significance import annotate_rows, legend
 from vtoken.eval.records import PRED_FILE, TIMING_FILE, check_timing, keep_key, read_jsonl, read_predictions
 
 __all__ = ["write_report", "dataset_score", "block_label", "budget_target", "budget_check", "token_accounting",
@@ -58,37 +62,6 @@ def block_label(keep, upper_tokens: Optional[float]) -> str:
             return f"Retain {keep} tokens (↓{red:.1f}%)"
         return f"Retain {keep} tokens"
     return f"Retain {keep * 100:.1f}% tokens (↓{(1 - keep) * 100:.1f}%)"
-
-
-def dataset_score(metric: str, recs: list) -> dict:
-    """Headline score (0-100, the table's number) and details of one data set's predictions.
-
-    vqa / exact / mc: mean per-question score x 100. pope: F1 x 100, averaged over the POPE
-    categories present (random / popular / adversarial), as the field reports it. mme: the total
-    MME score (perception + cognition, sums of per-category acc + acc+).
-    """
-    recs = [r for r in recs if r.get("error") is None]
-    n = len(recs)
-    if n == 0:
-        return {"score": None, "n": 0}
-    if metric in ("vqa", "exact", "mc"):
-        return {"score": 100.0 * sum(float(r["score"]) for r in recs) / n, "n": n}
-    if metric == "pope":
-        cats: dict = {}
-        for r in recs:
-            cats.setdefault(r.get("qtype") or "all", []).append(r)
-        per = {c: metrics.pope_metrics([r["prediction"] for r in rs], [r["answers"][0] for r in rs])
-               for c, rs in sorted(cats.items())}
-        overall = metrics.pope_metrics([r["prediction"] for r in recs], [r["answers"][0] for r in recs])
-        f1 = statistics.fmean(m["f1"] for m in per.values()) * 100.0
-        acc = statistics.fmean(m["accuracy"] for m in per.values()) * 100.0
-        return {"score": f1, "n": n, "f1": f1, "accuracy": acc, "overall": overall, "categories": per}
-    if metric == "mme":
-        s = metrics.mme_scores((r.get("qtype", ""), r.get("group", r["id"]), r["prediction"], r["answers"][0])
-                               for r in recs)
-        total = s["perception"] + s["cognition"] + s["other"]
-        return {"score": total, "n": n, **s}
-    raise ValueError(f"unknown metric {metric!r}")
 
 
 def _median(xs):
@@ -123,11 +96,11 @@ def _rows(config, datasets, configs, preds, timings, count: str = "final") -> li
     for t in timings:
         tim.setdefault((t.get("method"), t.get("keep")), []).append(t)
     names = [ds.name for ds in datasets]
-    rows = []
+    rows, recs_of = [], []
     for method, keep in configs:
         kk = keep_key(keep)
         scores, details, errors = {}, {}, {}
-        row_recs = []
+        row_recs, recs_of_ds = [], {}
         for ds in datasets:
             ids = {s.id for s in ds.samples}
             recs = [r for r in by.get((ds.name, method, kk), []) if str(r["id"]) in ids]
@@ -137,6 +110,7 @@ def _rows(config, datasets, configs, preds, timings, count: str = "final") -> li
             scores[ds.name] = d["score"]
             details[ds.name] = d
             row_recs += good
+            recs_of_ds[ds.name] = good
         ts = [t for t in tim.get((method, kk), []) if t.get("dataset") in names]
         eff = {
             "prefill_ms": _median(t.get("prefill_ms") for t in ts),
@@ -149,6 +123,7 @@ def _rows(config, datasets, configs, preds, timings, count: str = "final") -> li
             "method": method, "keep": kk, "label": method_label(method), "scores": scores, "details": details,
             "errors": errors, **token_accounting(method, keep, row_recs, count), "efficiency": eff,
         })
+        recs_of.append(recs_of_ds)
     upper = rows[0]
     for row in rows:
         rel = []
@@ -160,7 +135,7 @@ def _rows(config, datasets, configs, preds, timings, count: str = "final") -> li
                                   if upper["scores"].get(name) and row["scores"].get(name) is not None else None)
                            for name in names}
         row["avg_retained_pct"] = statistics.fmean(rel) if rel else None
-    return rows
+    return rows, annotate_rows(rows, recs_of, {ds.name: ds.metric for ds in datasets})
 
 
 def _num(x, digits=1) -> str:
@@ -173,9 +148,29 @@ def _score_str(metric: str, x) -> str:
     return f"{x:.0f}" if metric == "mme" else f"{x:.1f}"
 
 
+#: the mark of a cell not distinguishable from random at its budget
+SAME_MARK = "≈"
+
+
+def _cell(metric: str, row: dict, name: str) -> str:
+    """``71.9 [68.1, 75.4]``, with `` ≈`` when the cell does not differ from random."""
+    text, ci = _score_str(metric, row["scores"].get(name)), (row.get("intervals") or {}).get(name)
+    if ci is not None:
+        text += f" [{_score_str(metric, ci['low'])}, {_score_str(metric, ci['high'])}]"
+    test = (row.get("vs_random") or {}).get(name)
+    return text + f" {SAME_MARK}" if test and test["same"] else text
+
+
+def _avg_cell(row: dict) -> str:
+    if row["avg_retained_pct"] is None:
+        return "–"
+    ci = row.get("avg_retained_interval")
+    return _fmt_pct(row["avg_retained_pct"]) + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
 def _eff_cols(on_gpu: bool) -> list:
-    wall = "" if on_gpu else " (CPU)"
-    return [f"Prefill ms{wall}", f"Decode ms/tok{wall}", "Peak MiB", "KV MiB/q"]
+    """Timing columns: only for GPU runs (CPU wall times on a shared machine are noise, not speed)."""
+    return ["Prefill ms", "Decode ms/tok", "Peak MiB", "KV MiB/q"] if on_gpu else []
 
 
 def _token_cols(count: str) -> list:
@@ -185,12 +180,24 @@ def _token_cols(count: str) -> list:
     return cols + ["Kept per stage"]
 
 
+def _stat_csv(row: dict, names: list) -> list:
+    """CSV cells: avg interval, then per data set its interval and McNemar p against random."""
+    ci = row.get("avg_retained_interval") or (None, None)
+    out = [_csv(ci[0]), _csv(ci[1])]
+    for n in names:
+        iv, test = (row.get("intervals") or {}).get(n), (row.get("vs_random") or {}).get(n)
+        out += [_csv(iv and iv["low"]), _csv(iv and iv["high"]), _csv(test and test["p"])]
+    return out
+
+
 def _render(rows, datasets, upper_tokens, on_gpu: bool, count: str = "final"):
     names = [ds.name for ds in datasets]
     metric_of = {ds.name: ds.metric for ds in datasets}
     header = ["Method", *names, "Avg", *_token_cols(count), *_eff_cols(on_gpu)]
     md = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    csv_rows = [["block", "method", "keep", *names, "avg_retained_pct", "kept_tokens", "equivalent_tokens",
+    csv_rows = [["block", "method", "keep", *names, "avg_retained_pct", "avg_ci_low", "avg_ci_high",
+                 *[f"{n}_{c}" for n in names for c in ("ci_low", "ci_high", "p_vs_random")],
+                 "kept_tokens", "equivalent_tokens",
                  "kept_per_stage", "stage_layers", "budget_count", "budget_tokens", "budget_ok",
                  "prefill_ms", "decode_ms_per_token", "peak_mem_mib", "kv_cache_mib_per_sample", "device"]]
     ub_label = f"Upper bound, {upper_tokens:.0f} tokens (100%)" if upper_tokens else "Upper bound (100%)"
@@ -202,7 +209,7 @@ def _render(rows, datasets, upper_tokens, on_gpu: bool, count: str = "final"):
         if block != current:
             md.append("| " + " | ".join([f"*{block}*", *blank]) + " |")
             current = block
-        e = row["efficiency"]
+        e = row["efficiency"] if on_gpu else dict.fromkeys(row["efficiency"])  # CPU: no timing numbers
         if row.get("failed"):
             md.append("| " + " | ".join([f"{row['label']} (failed)", *["–"] * (len(header) - 1)]) + " |")
             csv_rows.append([block, row["method"], row["keep"], *[""] * (len(csv_rows[0]) - 4), "failed"])
@@ -215,13 +222,14 @@ def _render(rows, datasets, upper_tokens, on_gpu: bool, count: str = "final"):
             tok_cells[i] = f"{tok_cells[i]} ≠ {tokens_text(chk['target'])}"
         elif chk and chk["ok"] is None:
             label += " (?)"
-        cells = [label, *[_score_str(metric_of[n], row["scores"].get(n)) for n in names],
-                 _fmt_pct(row["avg_retained_pct"]) if row["avg_retained_pct"] is not None else "–",
-                 *tok_cells, stages_text(row), _num(e["prefill_ms"]),
-                 _num(e["decode_ms_per_token"], 2), _num(e["peak_mem_mib"], 0), _num(e["kv_cache_mib_per_sample"], 2)]
+        eff_cells = [_num(e["prefill_ms"]), _num(e["decode_ms_per_token"], 2), _num(e["peak_mem_mib"], 0),
+                     _num(e["kv_cache_mib_per_sample"], 2)] if on_gpu else []
+        cells = [label, *[_cell(metric_of[n], row, n) for n in names], _avg_cell(row),
+                 *tok_cells, stages_text(row), *eff_cells]
         md.append("| " + " | ".join(cells) + " |")
         csv_rows.append([block, row["method"], row["keep"],
                          *[_csv(row["scores"].get(n)) for n in names], _csv(row["avg_retained_pct"]),
+                         *_stat_csv(row, names),
                          _csv(row["kept_tokens"]), _csv(row["equivalent_tokens"]),
                          ";".join(_csv(k) for k in row["kept_per_stage"] or []),
                          ";".join(str(x) for x in row["stage_layers"] or []),
@@ -246,48 +254,13 @@ def _parse(k: str):
         return float(k)
 
 
-def _plot(path: Path, rows, upper_tokens, title: str, count: str = "final") -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install matplotlib); no plot.png"
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    methods = []
-    for r in rows[1:]:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    field_ = COUNT_FIELD[count]
-    for m in methods:
-        pts = sorted((r[field_], r["avg_retained_pct"]) for r in rows
-                     if r["method"] == m and not r.get("failed")
-                     and r[field_] is not None and r["avg_retained_pct"] is not None)
-        if upper_tokens:
-            pts.append((upper_tokens, 100.0))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method_label(m))
-    ax.axhline(100.0, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("visual tokens kept per image" + (" (final)" if count == "final" else " (layer-averaged)"))
-    ax.set_ylabel("retained accuracy (% of unpruned)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    if methods:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return None
-
-
 def write_report(out, config, datasets, configs, backend_info: dict = None, failed_configs: list = ()) -> dict:
     """Write table.md, table.csv, results.json and plot.png in ``out``; return the results."""
     out = Path(out)
     preds = read_predictions(out / PRED_FILE)
     timings = read_jsonl(out / TIMING_FILE, check_timing)
     count = getattr(config, "budget_count", "final")
-    rows = _rows(config, datasets, configs, preds, timings, count)
+    rows, stats = _rows(config, datasets, configs, preds, timings, count)
     fails: dict = {}
     for f in failed_configs or []:
         fails.setdefault((f["method"], f["keep"]), f["error"])
@@ -330,6 +303,7 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
             if msg:
                 mismatches.append(msg)
     notes = [
+        *legend(stats, SAME_MARK),
         f"Model `{config.model}`, dtype {info.get('dtype', config.dtype)}, batch size {config.batch_size}, "
         f"max {config.max_new_tokens} new tokens, greedy; device: {device_desc}.",
         "Scores: " + "; ".join(f"{d['name']} = {_METRIC_DESC[d['metric']]} (n={d['evaluated']})"
@@ -342,8 +316,8 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
         ("Efficiency: medians over batches, synchronised GPU timings; prefill = first forward of generate "
          "(vision encoder + LLM prefill) per batch; peak = max allocated; KV = prefill KV cache per question."
          if on_gpu else
-         "Efficiency: CPU wall times (no GPU: no synchronisation needed, no peak-memory column); medians over "
-         "batches; prefill = first forward of generate per batch; KV = prefill KV cache per question."),
+         "No timing columns: this run is on the CPU, whose wall times (a shared machine, unsynchronised) say "
+         "nothing about speed; speed is measured with `vtoken bench` on a GPU (raw CPU times: timings.jsonl)."),
     ]
     for name, layers in sorted((info.get("scaled_layers") or {}).items()):
         notes.append(f"{name}: the paper's stage layers (for 32-layer LLMs) scaled to this model's depth: "
@@ -359,7 +333,7 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
             f"question(s)" for d in failed) + " (details in results.json).")
     (out / "table.md").write_text(md + "\n" + "\n".join(f"- {n}" for n in notes) + "\n", encoding="utf-8")
     (out / "table.csv").write_text(csv_text, encoding="utf-8")
-    plot_note = _plot(out / "plot.png", rows, upper_tokens,
+    plot_note = plot_retained(out / "plot.png", rows, upper_tokens,
                       f"{config.model}: {', '.join(ds.name for ds in datasets)}", count)
     results = {
         "config": config_dict(config),
@@ -369,6 +343,7 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
         "upper_bound_tokens": upper_tokens,
         "budget_count": count,
         "budget_mismatches": mismatches,
+        "statistics": stats,
         "datasets": data_info,
         "rows": rows,
         "table_notes": notes,
