@@ -9,7 +9,8 @@ visual tokens kept per image; Qwen: ``--qwen-keep`` of them). Per row: TTFT (``g
 token), end-to-end time of ``--users-new-tokens`` tokens, decode ms/token
 ((end-to-end - TTFT) / (tokens - 1)), peak memory, and the row's physical floor:
 
-- decode floor: every step reads the weights once and the keys/values of the tokens in context
+- decode floor: every step reads the language model's weights once (the vision tower and
+  projector only run in the prefill) and the keys/values of the tokens in context
   (on average the prefill's kept tokens per layer plus half the new tokens), at the HBM bandwidth;
 - TTFT floor: the larger of the prefill's FLOPs (2 x parameters x tokens per layer, the vision
   tower's 2 x parameters x patches, attention's 4 x tokens^2 x width per layer) at the dense bf16
@@ -63,9 +64,15 @@ def _floors(model, inputs, text_lm, vision, kept: list, new_tokens: int, bytes_p
     flops += 2 * _params(vision) * patches
     weights = (_params(model) - _params(text_lm.embed_tokens)) * bytes_per
     ttft = max(flops / PEAK_FLOPS, weights / HBM_BYTES_S) * 1e3
+    step_weights = weights - (_params(model) - _params(text_lm) - _lm_head(model)) * bytes_per
     kv_per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * bytes_per
     kv = sum((n + new_tokens / 2) * kv_per_token * B for n in kept)
-    return dict(ttft_floor_ms=round(ttft, 2), decode_floor_ms=round((weights + kv) / HBM_BYTES_S * 1e3, 2))
+    return dict(ttft_floor_ms=round(ttft, 2), decode_floor_ms=round((step_weights + kv) / HBM_BYTES_S * 1e3, 2))
+
+
+def _lm_head(model) -> int:
+    head = model.get_output_embeddings()
+    return 0 if head is None else _params(head)
 
 
 def _kept_per_layer(handle, n_layers: int, prompt: int) -> list:
