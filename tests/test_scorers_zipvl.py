@@ -5,22 +5,16 @@ signals), batch == each sample alone, cache on == cache off."""
 import pytest
 import torch
 
-import tiny_models as tm
 import vtoken
-from conftest import SUPPRESS, get_inputs, get_model, slice_sample
+from conftest import SUPPRESS, slice_sample
 from test_scorers_attention import ref_zipvl
+from test_scorers_e2e import model_and_inputs
 from vtoken.scorers import ZipVLScorer
 
 OPTIONS = dict(per_layer=True, K=1, threshold=0.6)
 
 
-def _inputs(arch):
-    if arch == "qwen2_vl_images":
-        model = get_model("qwen2_vl")
-        items = [[("image", (1, 8, 8))], [("image", (1, 4, 8)), ("image", (1, 4, 4))], []]
-        return model, tm.qwen_inputs(model, items, pad_side="left")
-    model = get_model(arch)
-    return model, get_inputs(arch, model)
+_inputs = model_and_inputs  # the e2e suite's cases (the Qwen2-VL image batch included)
 
 
 class _Recording(ZipVLScorer):
