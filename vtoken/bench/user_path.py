@@ -22,8 +22,6 @@ shape: every row is warmed up with the same call before it is timed.
 
 from __future__ import annotations
 
-import torch
-
 import vtoken
 from vtoken.bench import models as M
 from vtoken.bench.common import timed
