@@ -229,12 +229,16 @@ class Runtime:
             # no visual inputs in this forward (a decode step on a cache vtoken did not prune, a text-only
             # prompt): placeholder ids it may hold were generated as text, and nothing is pruned
             ctx.inputs, ctx.mode = None, "off"
+            if fixed:  # a static cache's text-only prefill: its steps run as the plain model's, traced
+                mark_fixed_passthrough(cache)
             return
         if ctx.inputs is not None:  # a prefill: this forward's vision captures belong to it
             ctx.vision = getattr(self.tls, "vision", None) or []
             self.tls.vision = []
         if not plan_at_text_call(self, ctx, embeds, mask2d, B, q):
             ctx.mode = "off"
+            if fixed:
+                mark_fixed_passthrough(cache)
             return
         prep = ctx.prepared
         if unreadable and may_drop(self.plan, prep):

@@ -262,3 +262,17 @@ def test_cuda_compiled_static_decode_equals_dynamic(arch, family):
         for _ in range(2):
             assert_same_tokens(generate(model, inputs, **kw, cache_implementation="static"), dynamic)
     torch._dynamo.reset()
+
+
+def test_text_only_prompt_compiled_static_decode_has_no_graph_break():
+    """A text-only prompt with a pruning handle attached on the static cache: nothing to prune, and
+    the compiled decode step traces in one graph as the plain model's does."""
+    torch._dynamo.reset()
+    model = fresh_model("llava")
+    ids = torch.randint(1, 80, (2, 12))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    kw = dict(GEN, cache_implementation="static", compile_config=_compiled())
+    plain = generate(model, inputs, **kw)
+    with apply(model, "select", "pruned"):
+        assert_same_tokens(generate(model, inputs, **kw), plain)
+    torch._dynamo.reset()
