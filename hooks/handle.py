@@ -170,6 +170,13 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
             undo.append(adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).remove)
         for layer in sorted(runtime.probe_needs):
             undo.append(install_probe(adapter.layers[layer].self_attn, runtime.probe(layer), runtime))
+        cls_readers = sorted({st.scorer.name for st in plan if getattr(st.scorer, "needs_cls_attention", False)})
+        if cls_readers and not getattr(adapter, "vision_attn_from_cls", False):
+            raise PruningConfigError(
+                f"{', '.join(cls_readers)} reads the vision encoder's [CLS] attention, which vtoken cannot provide "
+                f"on {type(model).__name__} (its tower has no [CLS] token, or vtoken does not map it yet; LLaVA "
+                f"with a CLIP tower has it); use vispruner or an LLM-side method (e.g. fastv) instead"
+            )
         if runtime.needs_vision or runtime.wants_vision:
             module = adapter.vision_attention_module()
             if module is None and runtime.needs_vision:

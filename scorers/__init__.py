@@ -23,6 +23,7 @@ else:
     from vtoken.scorers.fastvid import FastVIDScorer
     from vtoken.scorers.flow import AttentionFlowScorer, FlowCutScorer, RolloutScorer, rollout_row
     from vtoken.scorers.mustdrop import MustDropMergeScorer, MustDropScorer
+    from vtoken.scorers.prunesid import PruneSIDScorer
     from vtoken.scorers.functional import attention_entropy, attention_flow, attention_rollout, erank
     from vtoken.scorers.scope import SCOPEScorer
     from vtoken.scorers.sink import VARScorer
@@ -38,7 +39,7 @@ else:
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
         "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer", "DyCokeScorer", "FastVIDScorer",
-        "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer", "VScanScorer", "HoliTomScorer",
+        "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer", "VScanScorer", "HoliTomScorer", "PruneSIDScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

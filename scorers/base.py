@@ -48,6 +48,10 @@ class Scorer:
     adaptive: ClassVar[bool] = False
     #: True when the scorer can only run before the LLM (layer 0), e.g. on vision-encoder signals.
     pre_llm_only: ClassVar[bool] = False
+    #: True when ``vision_attn`` must be the encoder's [CLS] attention (not the mean attention a
+    #: token receives, the stand-in on towers without [CLS]); ``apply_pruning`` refuses the plan
+    #: on adapters whose ``vision_attn_from_cls`` is False (e.g. PruneSID on Qwen-VL).
+    needs_cls_attention: ClassVar[bool] = False
 
     def score(self, sig: SegmentSignals) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -80,6 +80,7 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.scope",
     "vtoken.scorers.cdpruner",
     "vtoken.scorers.vispruner",
+    "vtoken.scorers.prunesid",
     "vtoken.scorers.dycoke",
     "vtoken.scorers.fastvid",
     "vtoken.scorers.adaptinfer",

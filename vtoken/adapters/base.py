@@ -304,6 +304,10 @@ class Adapter:
         return None
 
     # --- vision-encoder signals (vision_attn / vision_keys) ----------------------------------
+    #: True where ``vision_signals`` gives the encoder's [CLS] attention (not a stand-in such as
+    #: the mean attention received); scorers with ``needs_cls_attention`` run only there.
+    vision_attn_from_cls: bool = False
+
     def vision_attention_module(self):
         """The vision-encoder attention module whose attention pre-LLM scorers read, or None
         when this architecture cannot map encoder patches to LLM tokens."""

@@ -1,0 +1,217 @@
+"""PruneSID: semantic groups from a PCA of the visual features, near-duplicates removed inside each
+group by NMS ranked by vision-encoder [CLS] attention, the budget shared among the groups, before
+the LLM; followed by its method preset (the plan builder registered with
+:func:`vtoken.methods.register_method`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from vtoken.methods import register_method, register_scorer
+from vtoken.plan import Stage, validate_budget
+from vtoken.scorers import functional as F
+from vtoken.scorers.base import Scorer, Selection, masked_scores
+from vtoken.signals import SegmentSignals
+
+
+def _components(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Group of each token: the principal component (of the first ``groups``) on which it loads
+    most in absolute value. x (c, D) -> (c,) long. PCA of sigmoid(x) taken as a (D, c) matrix
+    (feature dimensions are the observations, tokens the variables), each token's column centred;
+    exact SVD in float64 (``torch.linalg.svd``); the absolute loading makes the sign of each
+    singular vector irrelevant; ties go to the lower component."""
+    a = torch.sigmoid(x.double()).T
+    a = a - a.mean(dim=0, keepdim=True)
+    vh = torch.linalg.svd(a, full_matrices=False).Vh  # (min(D, c), c)
+    return vh[:groups].abs().argmax(dim=0)
+
+
+def _nms(sim: torch.Tensor, rank: torch.Tensor, order: torch.Tensor, group: torch.Tensor, alive: torch.Tensor,
+         groups: int, threshold: float) -> torch.Tensor:
+    """Per-group NMS, all groups at once: each round every group keeps its highest-ranked live
+    token and removes the live tokens of that group more similar to it than ``threshold``.
+    Returns the (c,) bool survivors. One host sync per round."""
+    c = rank.shape[0]
+    alive = alive.clone()
+    survivor = torch.zeros(c, dtype=torch.bool, device=rank.device)
+    while bool(alive.any()):
+        key = torch.where(alive, rank, torch.full_like(rank, c))
+        best = torch.full((groups,), c, dtype=rank.dtype, device=rank.device).scatter_reduce(0, group, key, "amin")
+        picks = order[best[best < c]]
+        survivor[picks] = True
+        alive[picks] = False
+        close = (sim[picks] > threshold) & (group.unsqueeze(0) == group[picks].unsqueeze(1))  # (P, c)
+        alive &= ~close.any(dim=0)
+    return survivor
+
+
+def _allocate(size: list, nms: list, T: int, cap: int) -> list:
+    """Tokens per group (Python ints), as the released code shares the budget ``T``: floor
+    min(1, size); cap min(cap * ceil(T / 64), size, survivors), raised by one (up to the size)
+    for every group while the caps sum below T; T - 1 - floors tokens shared in proportion to the
+    survivors by rounded cumulative shares (float32, round half to even), capped; the shortfall
+    filled group by group in decreasing survivor count (ties: the lower group). Sum: T - 1."""
+    G = len(size)
+    lower = [min(1, s) for s in size]
+    upper = [min(cap * math.ceil(T / 64), s, k) for s, k in zip(size, nms)]
+    while sum(upper) < T:
+        upper = [min(u + 1, s) for u, s in zip(upper, size)]
+    other = max(T - sum(lower) - 1, 0)
+    total = sum(nms)
+    if total:
+        share = torch.tensor(nms, dtype=torch.float32) / torch.tensor(float(total), dtype=torch.float32)
+        cum = (torch.cumsum(share, dim=0) * other).round().long().tolist()
+    else:
+        cum = [0] * G
+    alloc = [min(cum[g] - (cum[g - 1] if g else 0) + lower[g], upper[g]) for g in range(G)]
+    target = other + sum(lower)
+    for g in sorted(range(G), key=lambda g: -nms[g]):
+        missing = target - sum(alloc)
+        if missing <= 0:
+            break
+        alloc[g] += min(upper[g] - alloc[g], missing)
+    return alloc
+
+
+def prunesid_segment(x: torch.Tensor, attn: torch.Tensor, T: int, tokens_per_component: int = 4,
+                     nms_scale: float = 32.0, cap: int = 5) -> torch.Tensor:
+    """PruneSID on one segment. x (c, D) features, attn (c,) [CLS] attention, T the budget ->
+    (c,) bool with exactly min(T, c) True. See :class:`PruneSIDScorer` for the rule."""
+    c = x.shape[0]
+    dev = x.device
+    T = max(0, min(int(T), c))
+    keep = torch.zeros(c, dtype=torch.bool, device=dev)
+    if T == 0 or T == c:
+        return keep.fill_(T == c)
+    groups = min(max(1, int(T / tokens_per_component)), min(x.shape[1], c))
+    group = _components(x, groups)
+    a = attn.double()
+    order = torch.sort(a, descending=True, stable=True).indices  # ties: the earlier token
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(c, device=dev)
+    z = F.unit_rows(x.double())
+    sim = z @ z.T
+    iu = torch.triu_indices(c, c, offset=1, device=dev)
+    threshold = float(T / nms_scale * sim[iu[0], iu[1]].mean())
+    survivor = _nms(sim, rank, order, group, a > 0, groups, threshold)
+    size = torch.bincount(group, minlength=groups).tolist()
+    nms = torch.bincount(group[survivor], minlength=groups).tolist()
+    alloc = torch.tensor(_allocate(size, nms, T, cap), device=dev)
+    # inside a group: survivors in NMS order (= decreasing attention), then the others by attention
+    priority = torch.where(survivor, rank, rank + c)
+    by = torch.sort(group * (2 * c) + priority, stable=True).indices
+    start = torch.cumsum(torch.bincount(group, minlength=groups), 0) - torch.bincount(group, minlength=groups)
+    pos = torch.arange(c, device=dev) - start[group[by]]
+    keep[by] = pos < alloc[group[by]]
+    # vtoken keeps exactly T: fill (the released [CLS] slot) or trim by attention
+    k = int(keep.sum())
+    if k < T:
+        keep[order[~keep[order]][: T - k]] = True
+    elif k > T:
+        keep[order[keep[order]][T - k:]] = False
+    return keep
+
+
+@register_scorer
+class PruneSIDScorer(Scorer):
+    """PruneSID (Fang, Lyu et al., "Prune Redundancy, Preserve Essence: Vision Token Compression
+    in VLMs via Synergistic Importance-Diversity", ICLR 2026, arXiv:2603.09480). Released code
+    read: github.com/ZhengyaoFang/PruneSID at commit 390d7606
+    (``prunesid/prunesid_llava/clip_encoder.py``: ``CLIPVisionTower_PruneSID.forward``).
+
+    The released rule, before the LLM, with T = the budget (``need_token_num``), per segment of
+    c visual tokens with features x (c, D) and [CLS] attention a (c,):
+
+    1. Principal Semantic Component Analysis: PCA of sigmoid(x) as a (D, c) matrix (tokens are
+       the variables) with G = int(T / 4) components (``tokens_per_component``); each token joins
+       the component with its largest absolute loading.
+    2. Intra-group NMS: in each group, tokens in decreasing attention; a kept token removes the
+       group's remaining tokens whose cosine similarity (on x) to it exceeds
+       (T / 32) * mean pairwise cosine similarity of all c tokens (``nms_scale`` = 32); tokens
+       with zero attention never survive.
+    3. Budget: floor min(1, group size); cap min(5 * ceil(T / 64), size, survivors) (``cap`` =
+       5), all caps raised by one while they sum below T; T - 1 - floors shared in proportion to
+       the survivor counts (rounded cumulative shares), capped, the shortfall filled in
+       decreasing survivor count. Each group keeps its survivors in NMS order, then (when its
+       share exceeds them) its other tokens by attention.
+
+    Deviations:
+
+    - Features. The released code reads the CLIP penultimate-layer output (before the projector)
+      for both the PCA and the similarities; vtoken uses the projected embeddings entering the
+      LLM (``hidden`` at layer 0), as VisPruner here does: there is no pre-projector feature
+      signal. The attention is the same layer's [CLS] attention (``vision_attn``), heads averaged
+      where the released code sums them (same order, same NMS).
+    - [CLS]. The released tower returns [CLS] plus T - 1 patch tokens; [CLS] is not an LLM token
+      in vtoken (LLaVA drops it), which keeps exactly T visual tokens per segment: the slot left
+      (and any other difference from T) is filled with the most attended unkept tokens, or
+      trimmed from the least attended kept ones.
+    - PCA. The released ``torch.pca_lowrank`` is randomised; vtoken takes the exact SVD (float64,
+      so results do not depend on the device's dtype); the absolute loadings make the singular
+      vectors' signs irrelevant. G is at least 1 (int(T / 4) = 0 for T < 4) and at most min(D, c).
+    - Ties. The released sorts are unstable; vtoken ranks equal attention by the earlier token,
+      ties among groups by the lower group, loadings by the lower component.
+    - Groups. A group whose share exceeds its members with nonzero attention takes its own
+      zero-attention members (the released indexing could reach other groups' tokens there).
+    - Dynamic ratio. The paper's information-aware per-image ratio is not applied: vtoken's
+      budget is the one given per segment. LLaVA-NeXT crops are not pruned separately (the
+      adapter has no [CLS] attention there: ``apply_pruning`` refuses).
+    - Where it runs. It needs [CLS] attention (``needs_cls_attention``): LLaVA with a CLIP tower.
+      Other adapters (Qwen-VL's mean attention received is no [CLS]) get a
+      :class:`~vtoken.errors.PruningConfigError` from ``apply_pruning``.
+
+    Cost: a float64 SVD of a (D, c) matrix and a (c, c) similarity per segment, one host sync
+    per NMS round (the largest group's survivor count).
+
+    Signals: ``vision_attn`` (S, n), ``hidden`` (S, n, D) -> Selection. Scores (heatmaps): the
+    attention. Diagnostics: ``erank`` of the kept tokens.
+    """
+
+    name = "prunesid"
+    needs = frozenset({"vision_attn", "hidden"})
+    pre_llm_only = True
+    needs_cls_attention = True
+    text_guided: ClassVar[bool] = False
+
+    def __init__(self, tokens_per_component: int = 4, nms_scale: float = 32.0, cap: int = 5):
+        if int(tokens_per_component) < 1:
+            raise ValueError(f"tokens_per_component must be >= 1; got {tokens_per_component!r}")
+        if not nms_scale > 0:
+            raise ValueError(f"nms_scale must be > 0; got {nms_scale!r}")
+        if int(cap) < 1:
+            raise ValueError(f"cap must be >= 1; got {cap!r}")
+        self.tokens_per_component = int(tokens_per_component)
+        self.nms_scale = float(nms_scale)
+        self.cap = int(cap)
+
+    def select(self, sig: SegmentSignals) -> Selection:
+        keep = torch.zeros_like(sig.mask)
+        budgets = sig.budget.tolist()
+        for s in range(sig.num_segments):
+            slots = sig.mask[s].nonzero().flatten()
+            if slots.numel() == 0:
+                continue
+            kept = prunesid_segment(sig.hidden[s, slots], sig.vision_attn[s, slots].nan_to_num(0.0), budgets[s],
+                                    self.tokens_per_component, self.nms_scale, self.cap)
+            keep[s, slots[kept]] = True
+        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+        return Selection(keep=keep, scores=masked_scores(sig.vision_attn, sig.mask))
+
+
+@register_method(name="prunesid", family="diversity",
+                 paper="Fang, Lyu et al., ICLR 2026 (arXiv:2603.09480)",
+                 stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False,
+                 options=("tokens_per_component", "nms_scale", "cap", "mode"),
+                 released_code="ZhengyaoFang/PruneSID@390d760")
+def prunesid_plan(keep, tokens_per_component: int = 4, nms_scale: float = 32.0, cap: int = 5,
+                  mode: str = "select"):
+    """PruneSID preset: one stage before the LLM (see :class:`PruneSIDScorer`)."""
+    scorer = PruneSIDScorer(tokens_per_component=tokens_per_component, nms_scale=nms_scale, cap=cap)
+    return [Stage(layer=0, scorer=scorer, keep=validate_budget(keep), mode=mode)]
+
+
+__all__ = ["PruneSIDScorer", "prunesid_segment", "prunesid_plan"]
