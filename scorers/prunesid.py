@@ -7,6 +7,7 @@ the LLM; followed by its method preset (the plan builder registered with
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import ClassVar
 
 import torch
@@ -23,11 +24,14 @@ def _components(x: torch.Tensor, groups: int) -> torch.Tensor:
     most in absolute value. x (c, D) -> (c,) long. PCA of sigmoid(x) taken as a (D, c) matrix
     (feature dimensions are the observations, tokens the variables), each token's column centred;
     exact SVD in float64 (``torch.linalg.svd``); the absolute loading makes the sign of each
-    singular vector irrelevant; ties go to the lower component."""
+    singular vector irrelevant; ties go to the lower component; at most the numerical rank of the
+    centred matrix components (sv > sv_max * max(D, c) * eps, at least one)."""
     a = torch.sigmoid(x.double()).T
     a = a - a.mean(dim=0, keepdim=True)
-    vh = torch.linalg.svd(a, full_matrices=False).Vh  # (min(D, c), c)
-    return vh[:groups].abs().argmax(dim=0)
+    _, sv, vh = torch.linalg.svd(a, full_matrices=False)  # vh (min(D, c), c)
+    # components past the numerical rank (at most D - 1 once centred) are arbitrary: dropped
+    rank = int((sv > sv[0] * max(a.shape) * torch.finfo(sv.dtype).eps).sum()) if sv.numel() else 0
+    return vh[: max(1, min(groups, rank))].abs().argmax(dim=0)
 
 
 def _nms(sim: torch.Tensor, rank: torch.Tensor, order: torch.Tensor, group: torch.Tensor, alive: torch.Tensor,
@@ -53,7 +57,7 @@ def _allocate(size: list, nms: list, T: int, cap: int) -> list:
     """Tokens per group (Python ints), as the released code shares the budget ``T``: floor
     min(1, size); cap min(cap * ceil(T / 64), size, survivors), raised by one (up to the size)
     for every group while the caps sum below T; T - 1 - floors tokens shared in proportion to the
-    survivors by rounded cumulative shares (float32, round half to even), capped; the shortfall
+    survivors by rounded cumulative shares (exact, round half to even), capped; the shortfall
     filled group by group in decreasing survivor count (ties: the lower group). Sum: T - 1."""
     G = len(size)
     lower = [min(1, s) for s in size]
@@ -61,12 +65,10 @@ def _allocate(size: list, nms: list, T: int, cap: int) -> list:
     while sum(upper) < T:
         upper = [min(u + 1, s) for u, s in zip(upper, size)]
     other = max(T - sum(lower) - 1, 0)
-    total = sum(nms)
-    if total:
-        share = torch.tensor(nms, dtype=torch.float32) / torch.tensor(float(total), dtype=torch.float32)
-        cum = (torch.cumsum(share, dim=0) * other).round().long().tolist()
-    else:
-        cum = [0] * G
+    total, run, cum = sum(nms), 0, []
+    for k in nms:  # round(other * cumulative share), exactly (half to even)
+        run += k
+        cum.append(round(Fraction(other * run, total)) if total else 0)
     alloc = [min(cum[g] - (cum[g - 1] if g else 0) + lower[g], upper[g]) for g in range(G)]
     target = other + sum(lower)
     for g in sorted(range(G), key=lambda g: -nms[g]):
@@ -152,7 +154,12 @@ class PruneSIDScorer(Scorer):
       trimmed from the least attended kept ones.
     - PCA. The released ``torch.pca_lowrank`` is randomised; vtoken takes the exact SVD (float64,
       so results do not depend on the device's dtype); the absolute loadings make the singular
-      vectors' signs irrelevant. G is at least 1 (int(T / 4) = 0 for T < 4) and at most min(D, c).
+      vectors' signs irrelevant. G is at least 1 (int(T / 4) = 0 for T < 4) and at most the
+      numerical rank of the centred (D, c) matrix (at most D - 1): components past it are
+      arbitrary (zero singular value) in any solver.
+    - Rounding. The shares are rounded exactly (rational arithmetic, half to even); the released
+      float32 cumulative sum (accumulated differently on CPU and CUDA) can land a share one token
+      off where it is a near-tie.
     - Ties. The released sorts are unstable; vtoken ranks equal attention by the earlier token,
       ties among groups by the lower group, loadings by the lower component.
     - Groups. A group whose share exceeds its members with nonzero attention takes its own
