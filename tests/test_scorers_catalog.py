@@ -17,6 +17,7 @@ from vtoken.scorers import (
     FastVScorer,
     FlowCutScorer,
     KeepAllScorer,
+    PruneSIDScorer,
     PyramidDropScorer,
     RandomScorer,
     RolloutScorer,
@@ -33,7 +34,7 @@ from vtoken.scorers.catalog import pyramiddrop_budgets, sparsevlm_budgets
 from vtoken.scorers.testing import make_signals, random_signals
 
 ALL_METHODS = {"fastv", "sparsevlm", "pyramiddrop", "fastervlm", "visionzip", "zipvl", "divprune", "dart", "agile",
-               "scope", "cdpruner", "vispruner",
+               "scope", "cdpruner", "vispruner", "prunesid",
                "flowcut", "rollout", "attnflow", "var", "random", "uniform", "none"}
 
 SCORERS = [
@@ -48,6 +49,7 @@ SCORERS = [
     VARScorer(sink_rule="act"), VARScorer(sink_rule="secondary"), VARScorer(), VARScorer(keep_sinks=True), RandomScorer(seed=3),
     UniformScorer(), KeepAllScorer(), SCOPEScorer(), SCOPEScorer(alpha=0.5, combine="add"), CDPrunerScorer(),
     CDPrunerScorer(negate=False), VisPrunerScorer(), VisPrunerScorer(important_ratio=0.25, step=3),
+    PruneSIDScorer(), PruneSIDScorer(tokens_per_component=1, nms_scale=8.0, cap=1),
 ]
 IDS = [repr(s)[:60] for s in SCORERS]
 
