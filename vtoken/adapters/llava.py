@@ -119,6 +119,11 @@ class LlavaNextAdapter(Adapter):
             sizes[0] = list(lengths)
         vlen = ctx.feature_lengths.get("video") if ctx is not None else None
         if vlen:
+            if video_id is not None and hasattr(self.model.model, "apply_pooling"):
+                # LLaVA-OneVision: transformers < 5.2x reports a video's pooled frames without the
+                # newline token that closes it in the sequence (frames x side^2 tokens): count it
+                per_frame = math.ceil(self.base_view_side / 2) ** 2
+                vlen = [n + 1 if n % per_frame == 0 else n for n in vlen]
             sizes[1] = list(vlen)
         grids = {code: [None] * len(v) for code, v in sizes.items()}
         layout = layout_from_runs(is_visual, kinds, sizes, grids)
