@@ -117,7 +117,7 @@ class LlavaNextAdapter(Adapter):
             sizes[0] = list(lengths)
         vlen = ctx.feature_lengths.get("video") if ctx is not None else None
         if vlen:
-            sizes[1] = list(vlen)
+            sizes[1] = [self._video_tokens(n) for n in vlen]
         grids = {code: [None] * len(v) for code, v in sizes.items()}
         layout = layout_from_runs(is_visual, kinds, sizes, grids)
         if video_id is not None and hasattr(self.model.model, "apply_pooling"):
@@ -125,6 +125,15 @@ class LlavaNextAdapter(Adapter):
             layout.seg_grid = [self._video_grid(c) if kind == "video" else g
                                for g, kind, c in zip(layout.seg_grid, layout.seg_kind, counts)]
         return layout
+
+    def _video_tokens(self, features: int) -> int:
+        """Placeholder tokens of a video whose ``get_video_features`` gave ``features`` tokens: on
+        LLaVA-OneVision, transformers before 5.2x appends the closing newline in the forward, after
+        ``get_video_features`` (whole frames, ``frames * side**2``), later versions inside it."""
+        side = math.ceil(self.base_view_side / 2)
+        if hasattr(self.model.model, "apply_pooling") and side > 1 and features % (side * side) == 0:
+            return features + 1
+        return features
 
     def _video_grid(self, count: int):
         """LLaVA-OneVision's video grid (frames, side, side): each frame's features are pooled to
