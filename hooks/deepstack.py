@@ -13,7 +13,14 @@ import torch
 
 def prune_deepstack(ctx, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
     """(visual_pos_masks (B, Nn) over the current layout ``ctx.cur_pos`` (B, Nn), visual_embeds
-    (V', D) of the kept visual tokens)."""
+    (V', D) of the kept visual tokens); the inputs unchanged while the sequence keeps its original
+    layout (no call of vtoken's, or no stage has re-laid it out yet).
+
+    Whether the layout changed is ``ctx.relaid``, never the sequence length: a stage that keeps
+    its longest row whole leaves the batch as long as before while moving the other rows' tokens
+    (new padding on the left), and their features must move with them."""
+    if ctx is None or not ctx.relaid:
+        return visual_pos_masks, visual_embeds
     pos = ctx.cur_pos
     B = pos.shape[0]
     kept = torch.zeros(B, ctx.n, dtype=torch.bool, device=pos.device)

@@ -1,4 +1,5 @@
-"""Segment layout from token runs (``vtoken.adapters.base.layout_from_runs``), hand-computed cases."""
+"""Segment layout from token runs (``vtoken.adapters.base.layout_from_runs``), hand-computed cases;
+LLaVA-OneVision's video layout end to end."""
 
 import torch
 
@@ -37,3 +38,23 @@ def test_sizes_in_row_order_are_used():
     vis = torch.tensor([row, row])
     lay = layout_from_runs(vis, torch.zeros_like(vis, dtype=torch.long), {0: [4, 2, 4, 2]}, {0: [None] * 4})
     assert lay.seg_count.tolist() == [4, 2, 4, 2]
+
+
+def test_onevision_video_is_one_segment_with_its_frame_grid():
+    """A LLaVA-OneVision video (4 frames pooled to 2 x 2, one closing newline) is one segment with
+    grid (4, 2, 2), alone and in a batch: transformers 5.17 appends the newline in the forward,
+    after ``get_video_features`` (16 feature tokens for 17 placeholders), later versions inside it."""
+    import tiny_models as tm
+    import vtoken
+    from conftest import get_model
+
+    model = get_model("llava_onevision")
+    batch = tm.onevision_video_inputs(model, [4, 4])
+    alone = dict(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                 pixel_values_videos=batch["pixel_values_videos"][:1])
+    with vtoken.apply_pruning(model, method="uniform", keep=6) as h, torch.no_grad():
+        for inputs in (alone, batch):
+            model(**inputs)
+            segments = h.stats.segments
+            assert [[(s.kind, s.count, s.grid) for s in row] for row in segments] == \
+                [[("video", 16, (4, 2, 2))]] * inputs["input_ids"].shape[0]

@@ -1,4 +1,4 @@
-"""Every method end to end through ``vtoken.apply_pruning`` on tiny LLaVA and tiny Qwen2-VL:
+"""Every method end to end through ``vtoken.apply_pruning`` on tiny LLaVA, Qwen2-VL and Qwen3-VL:
 exact budgets (via handle.stats), text never dropped, determinism, batch == per-sample.
 
 A method whose signals the runtime cannot provide yet (e.g. vision-encoder attention, full
@@ -15,8 +15,8 @@ from conftest import get_inputs, get_model, slice_sample
 from vtoken.errors import PruningConfigError
 from vtoken.plan import tokens_for
 
-# "qwen2_vl_images": the Qwen2-VL batch with images only (vision-encoder signals cover images)
-ARCHS = ["llava", "qwen2_vl", "qwen2_vl_images"]
+# "qwen2_vl_images" / "qwen3_vl_images": a batch with images only (vision-encoder signals cover images)
+ARCHS = ["llava", "qwen2_vl", "qwen2_vl_images", "qwen3_vl_images"]
 SMALL = (1, 2, 3)  # the tiny models have 4 decoder layers
 
 # case id -> (method, options)
@@ -63,8 +63,8 @@ IMAGE_IDS = (90, 91)
 
 
 def model_and_inputs(arch):
-    if arch == "qwen2_vl_images":
-        model = get_model("qwen2_vl")
+    if arch.endswith("_images"):
+        model = get_model(arch[: -len("_images")])
         items = [[("image", (1, 8, 8))], [("image", (1, 4, 8)), ("image", (1, 4, 4))], []]
         return model, tm.qwen_inputs(model, items, pad_side="left")
     model = get_model(arch)
@@ -139,13 +139,28 @@ def test_exact_budgets_text_kept_deterministic(arch, case):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_equals_per_sample(arch, case):
+    check_batch_equals_per_sample(arch, case, KEEP)
+
+
+#: a budget between the image sizes of the Qwen image batches (16 | 8, 4 | none): sample 0 pruned,
+#: sample 1 keeping both images whole, so the first stage leaves the batch as long as it was
+WHOLE = 12
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("arch", ["qwen2_vl_images", "qwen3_vl_images"])
+def test_batch_equals_per_sample_longest_row_kept_whole(arch, case):
+    check_batch_equals_per_sample(arch, case, WHOLE)
+
+
+def check_batch_equals_per_sample(arch, case, keep):
     method, options = CASES[case]
     model, inputs = model_and_inputs(arch)
-    out, stats = run(model, inputs, method, options)
+    out, stats = run(model, inputs, method, options, keep)
     last = last_slot(stats, inputs)
     for b in range(inputs["input_ids"].shape[0]):
         single = slice_sample(inputs, b, model)
-        one, one_stats = run(model, single, method, options)
+        one, one_stats = run(model, single, method, options, keep)
         torch.testing.assert_close(out[b, last[b]], one[0, -1], rtol=1e-4, atol=1e-4)
         if (single["input_ids"] >= IMAGE_IDS[0]).any():
             for st_b, st_1 in zip(stats.stages, one_stats.stages):

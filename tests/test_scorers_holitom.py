@@ -247,9 +247,10 @@ def test_holitom_preset():
 
 
 # ---------------------------------------------------------------- end to end
-# below every video segment of the batches: a Qwen3-VL batch where one sample is pruned and another
-# kept whole differs from the per-sample runs for every layer-0 method (uniform, dycoke too)
-KEEP = 3
+# between the segment sizes: Qwen2/2.5-VL's videos (16 tokens each) and OneVision's (17) are pruned;
+# on Qwen3-VL sample 0 keeps its four 4-token groups whole while sample 1's two 8-token groups are
+# pruned, and the batch keeps its length (the deepstack features follow sample 1's moved tokens)
+KEEP = 6
 
 
 def video_batch(arch, model):

@@ -48,8 +48,6 @@ class LlavaAdapter(Adapter):
         return layout_from_runs(is_visual, kinds, {0: [count] * n_images}, {0: [grid] * n_images})
 
 
-    vision_attn_from_cls = True  # CLIP towers: row 0 of the selected layer is [CLS]
-
     def vision_attention_module(self):
         tower = self.model.model.vision_tower
         layers = getattr(tower, "vision_model", tower).encoder.layers
@@ -119,12 +117,7 @@ class LlavaNextAdapter(Adapter):
             sizes[0] = list(lengths)
         vlen = ctx.feature_lengths.get("video") if ctx is not None else None
         if vlen:
-            if video_id is not None and hasattr(self.model.model, "apply_pooling"):
-                # LLaVA-OneVision: transformers < 5.2x reports a video's pooled frames without the
-                # newline token that closes it in the sequence (frames x side^2 tokens): count it
-                per_frame = math.ceil(self.base_view_side / 2) ** 2
-                vlen = [n + 1 if n % per_frame == 0 else n for n in vlen]
-            sizes[1] = list(vlen)
+            sizes[1] = [self._video_tokens(n) for n in vlen]
         grids = {code: [None] * len(v) for code, v in sizes.items()}
         layout = layout_from_runs(is_visual, kinds, sizes, grids)
         if video_id is not None and hasattr(self.model.model, "apply_pooling"):
@@ -132,6 +125,15 @@ class LlavaNextAdapter(Adapter):
             layout.seg_grid = [self._video_grid(c) if kind == "video" else g
                                for g, kind, c in zip(layout.seg_grid, layout.seg_kind, counts)]
         return layout
+
+    def _video_tokens(self, features: int) -> int:
+        """Placeholder tokens of a video whose ``get_video_features`` gave ``features`` tokens: on
+        LLaVA-OneVision, transformers before 5.2x appends the closing newline in the forward, after
+        ``get_video_features`` (whole frames, ``frames * side**2``), later versions inside it."""
+        side = math.ceil(self.base_view_side / 2)
+        if hasattr(self.model.model, "apply_pooling") and side > 1 and features % (side * side) == 0:
+            return features + 1
+        return features
 
     def _video_grid(self, count: int):
         """LLaVA-OneVision's video grid (frames, side, side): each frame's features are pooled to

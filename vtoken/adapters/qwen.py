@@ -121,7 +121,9 @@ class QwenVLAdapter(Adapter):
         original = tm._deepstack_process
 
         def deepstack(hidden_states, visual_pos_masks, visual_embeds):
-            if visual_pos_masks is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
+            # not a test of the lengths: a stage may re-lay-out rows without shortening the batch
+            # (its longest row kept whole), and those rows' visual tokens have moved all the same
+            if visual_pos_masks is not None:
                 visual_pos_masks, visual_embeds = runtime.prune_deepstack(visual_pos_masks, visual_embeds)
             return original(hidden_states, visual_pos_masks, visual_embeds)
 
