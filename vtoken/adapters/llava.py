@@ -48,6 +48,8 @@ class LlavaAdapter(Adapter):
         return layout_from_runs(is_visual, kinds, {0: [count] * n_images}, {0: [grid] * n_images})
 
 
+    vision_attn_from_cls = True  # CLIP towers: row 0 of the selected layer is [CLS]
+
     def vision_attention_module(self):
         tower = self.model.model.vision_tower
         layers = getattr(tower, "vision_model", tower).encoder.layers
