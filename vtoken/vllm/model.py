@@ -79,8 +79,8 @@ class PruningMixin:
     # the encoder CUDA graph path calls the vision tower without embed_multimodal: it would skip pruning
     supports_encoder_cudagraph = False
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, vllm_config, prefix: str = ""):  # vLLM reads this signature
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vtoken = _config()
         self._vtoken_pending = None  # (is_multimodal mask, (m, 3) offsets) from embed_input_ids to forward
 
