@@ -120,6 +120,17 @@ def _run_vllm(env_extra: dict, image, tmp: Path, check=True):
     return json.loads(out.read_text())["outputs"][0], traced
 
 
+_OFFLINE: dict = {}
+
+
+def _offline(method, keep, image, tmp_path_factory):
+    """vLLM's offline result for (method, keep), run once per session."""
+    if (method, keep) not in _OFFLINE:
+        _OFFLINE[method, keep] = _run_vllm({"VTOKEN_METHOD": method, "VTOKEN_KEEP": str(keep)}, image,
+                                           tmp_path_factory.mktemp(f"vllm-{method}"))
+    return _OFFLINE[method, keep]
+
+
 @pytest.fixture(scope="module")
 def hf_model():
     from vtoken import zoo
@@ -148,11 +159,11 @@ def _hf_pruned(hf_model, image, method, keep):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,keep", [("divprune", 0.25), ("uniform", 0.11)])
-def test_vllm_keeps_what_apply_pruning_keeps(method, keep, image_path, hf_model, tmp_path):
+def test_vllm_keeps_what_apply_pruning_keeps(method, keep, image_path, hf_model, tmp_path_factory):
     _require_vllm()
     from vtoken.plan import tokens_for
 
-    vllm_out, traced = _run_vllm({"VTOKEN_METHOD": method, "VTOKEN_KEEP": str(keep)}, image_path, tmp_path)
+    vllm_out, traced = _offline(method, keep, image_path, tmp_path_factory)
     hf = _hf_pruned(hf_model, image_path, method, keep)
     n = hf["grid"][0] * hf["grid"][1] * hf["grid"][2] // 4
     k = tokens_for(keep, n)
@@ -173,3 +184,49 @@ def test_in_llm_method_stops_the_engine_with_the_reason(image_path, tmp_path):
     proc = _run_vllm({"VTOKEN_METHOD": "fastv", "VTOKEN_KEEP": "64"}, image_path, tmp_path, check=False)
     assert proc.returncode != 0
     assert "cannot run in vLLM" in proc.stderr and "paged KV cache" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_vllm_serve_with_the_plugin_answers_as_the_offline_engine(image_path, tmp_path, tmp_path_factory):
+    """The README's `vllm serve` command (chat template of the tiny checkpoint) and client."""
+    _require_vllm()
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from vtoken import zoo
+
+    env = {**os.environ, "VTOKEN_METHOD": "divprune", "VTOKEN_KEEP": "0.25"}
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "vllm"), "serve", zoo.resolve("vtoken/tiny-qwen2vl"), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "2048", "--gpu-memory-utilization", "0.1", "--port", str(port),
+         "--chat-template", str(ROOT / "benchmarks" / "vllm" / "tiny_chat_template.jinja")],
+        env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, "vllm serve exited:\n" + (tmp_path / "serve.log").read_text()[-6000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm" / "ask_server.py"), "--url",
+                               f"http://127.0.0.1:{port}", "--image", str(image_path), "--question", QUESTION,
+                               "--max-tokens", str(MAX_NEW)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        served = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    offline, _ = _offline("divprune", 0.25, image_path, tmp_path_factory)
+    assert served["prompt_tokens"] == offline["prompt_tokens"]
+    assert served["answer"] == offline["text"]
