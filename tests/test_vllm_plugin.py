@@ -3,11 +3,11 @@
 
 The end-to-end tests run vLLM's offline engine (``benchmarks/vllm/generate.py``, in a subprocess,
 with ``VTOKEN_METHOD`` / ``VTOKEN_KEEP`` set: vLLM loads the plugin from its entry point) on the
-built-in ``vtoken/tiny-qwen2vl`` and one synthetic image, and compare with the transformers model
-pruned by :func:`vtoken.apply_pruning` in this process:
+built-in ``vtoken/tiny-qwen2vl`` (and a random-weight tiny Qwen2.5-VL made here) and one synthetic
+image, and compare with the transformers model pruned by :func:`vtoken.apply_pruning` in this process:
 
 * the kept token indices vLLM's plugin traced (``VTOKEN_VLLM_TRACE``) equal ``handle.stats``' kept
-  indices (divprune at 25 %, uniform at 11 %);
+  indices (Qwen2-VL: divprune at 25 %, uniform at 11 %; Qwen2.5-VL: divprune at 25 %);
 * vLLM's prompt is shorter by exactly the pruned tokens (placeholders sized to what the image keeps);
 * greedy tokens are equal and the first token's top log-probabilities agree to 1e-3 (float32),
   which fails when a kept token's M-RoPE position differs from its unpruned one.
@@ -15,7 +15,8 @@ pruned by :func:`vtoken.apply_pruning` in this process:
 They need the vLLM engine venv (``benchmarks/vllm/build_env.sh DIR``; then
 ``DIR/bin/python -m pytest tests/test_vllm_plugin.py``). Elsewhere they are skipped, unless
 ``VTOKEN_REQUIRE_VLLM=1`` (set by .ci/run, which builds that venv) makes a missing engine a failure.
-The configuration tests at the top run everywhere.
+The configuration tests at the top run everywhere. A last test serves the built-in checkpoint with
+``vllm serve`` (the README's command) and asks it through the OpenAI chat API.
 """
 
 from __future__ import annotations
@@ -105,11 +106,61 @@ def image_path(tmp_path_factory):
     return path
 
 
-def _run_vllm(env_extra: dict, image, tmp: Path, check=True):
+def tiny_qwen2_5_vl(path: Path) -> Path:
+    """A random-weight Qwen2.5-VL checkpoint (window attention in the vision tower, 2 layers) with the
+    built-in tiny-qwen2vl's tokenizer and image processor; the CPU engine needs head_dim 32."""
+    import shutil
+
+    import torch
+    import transformers as T
+
+    from vtoken import zoo
+
+    src = Path(zoo.resolve("vtoken/tiny-qwen2vl"))
+    base = json.loads((src / "config.json").read_text())
+    ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    torch.manual_seed(0)
+    text = dict(vocab_size=base["text_config"]["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=128, intermediate_size=64, num_heads=4, patch_size=7,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=56, fullatt_block_indexes=[1])
+    cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                             tie_word_embeddings=False, **ids)
+    model = T.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger weights than the init's: logits far from uniform
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / f, path / f)
+    proc = json.loads((src / "processor_config.json").read_text())
+    proc["processor_class"] = "Qwen2_5_VLProcessor"
+    (path / "processor_config.json").write_text(json.dumps(proc, indent=2))
+    return path
+
+
+_CHECKPOINTS: dict = {}
+
+
+def _checkpoint(name, tmp_path_factory) -> str:
+    """Folder of ``name``: the built-in tiny Qwen2-VL, or the random tiny Qwen2.5-VL (made once)."""
+    from vtoken import zoo
+
+    if name not in _CHECKPOINTS:
+        _CHECKPOINTS[name] = (zoo.resolve("vtoken/tiny-qwen2vl") if name == "qwen2vl"
+                              else str(tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))))
+    return _CHECKPOINTS[name]
+
+
+def _run_vllm(env_extra: dict, image, tmp: Path, check=True, model="vtoken/tiny-qwen2vl"):
     out, trace = tmp / "out.json", tmp / "trace.jsonl"
     env = {**os.environ, **env_extra, "VTOKEN_VLLM_TRACE": str(trace)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "vllm" / "generate.py"), "--image", str(image), "--question", QUESTION,
+        [sys.executable, str(ROOT / "benchmarks" / "vllm" / "generate.py"), "--model", str(model),
+         "--image", str(image), "--question", QUESTION,
          "--max-tokens", str(MAX_NEW), "--logprobs", "3", "--out", str(out)],
         env=env, cwd=str(tmp), capture_output=True, text=True, timeout=900,
     )
@@ -123,19 +174,24 @@ def _run_vllm(env_extra: dict, image, tmp: Path, check=True):
 _OFFLINE: dict = {}
 
 
-def _offline(method, keep, image, tmp_path_factory):
-    """vLLM's offline result for (method, keep), run once per session."""
-    if (method, keep) not in _OFFLINE:
-        _OFFLINE[method, keep] = _run_vllm({"VTOKEN_METHOD": method, "VTOKEN_KEEP": str(keep)}, image,
-                                           tmp_path_factory.mktemp(f"vllm-{method}"))
-    return _OFFLINE[method, keep]
+def _offline(model, method, keep, image, tmp_path_factory):
+    """vLLM's offline result for (model folder, method, keep), run once per session."""
+    if (model, method, keep) not in _OFFLINE:
+        _OFFLINE[model, method, keep] = _run_vllm({"VTOKEN_METHOD": method, "VTOKEN_KEEP": str(keep)}, image,
+                                                  tmp_path_factory.mktemp(f"vllm-{method}"), model=model)
+    return _OFFLINE[model, method, keep]
 
 
-@pytest.fixture(scope="module")
-def hf_model():
+def _hf_model(name, path):
+    """(model, processor) in float32: the built-in through vtoken.zoo, the random one through Auto*."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     from vtoken import zoo
 
-    return zoo.load("vtoken/tiny-qwen2vl")
+    if name == "qwen2vl":
+        return zoo.load(path)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
 
 
 def _hf_pruned(hf_model, image, method, keep):
@@ -158,13 +214,15 @@ def _hf_pruned(hf_model, image, method, keep):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,keep", [("divprune", 0.25), ("uniform", 0.11)])
-def test_vllm_keeps_what_apply_pruning_keeps(method, keep, image_path, hf_model, tmp_path_factory):
+@pytest.mark.parametrize("name,method,keep", [("qwen2vl", "divprune", 0.25), ("qwen2vl", "uniform", 0.11),
+                                              ("qwen2_5_vl", "divprune", 0.25)])
+def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, tmp_path_factory):
     _require_vllm()
     from vtoken.plan import tokens_for
 
-    vllm_out, traced = _offline(method, keep, image_path, tmp_path_factory)
-    hf = _hf_pruned(hf_model, image_path, method, keep)
+    path = _checkpoint(name, tmp_path_factory)
+    vllm_out, traced = _offline(path, method, keep, image_path, tmp_path_factory)
+    hf = _hf_pruned(_hf_model(name, path), image_path, method, keep)
     n = hf["grid"][0] * hf["grid"][1] * hf["grid"][2] // 4
     k = tokens_for(keep, n)
     # the request's image went through the plugin last (earlier lines: vLLM's start-up profiling)
@@ -227,6 +285,6 @@ def test_vllm_serve_with_the_plugin_answers_as_the_offline_engine(image_path, tm
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-    offline, _ = _offline("divprune", 0.25, image_path, tmp_path_factory)
+    offline, _ = _offline(_checkpoint("qwen2vl", tmp_path_factory), "divprune", 0.25, image_path, tmp_path_factory)
     assert served["prompt_tokens"] == offline["prompt_tokens"]
     assert served["answer"] == offline["text"]
