@@ -7,7 +7,8 @@ built-in ``vtoken/tiny-qwen2vl`` (and a random-weight tiny Qwen2.5-VL made here)
 image, and compare with the transformers model pruned by :func:`vtoken.apply_pruning` in this process:
 
 * the kept token indices vLLM's plugin traced (``VTOKEN_VLLM_TRACE``) equal ``handle.stats``' kept
-  indices (Qwen2-VL: divprune at 25 %, uniform at 11 %; Qwen2.5-VL: divprune at 25 %);
+  indices (Qwen2-VL: divprune at 25 %, uniform at 11 %, random at 64 tokens; Qwen2.5-VL: divprune
+  at 25 %);
 * vLLM's prompt is shorter by exactly the pruned tokens (placeholders sized to what the image keeps);
 * greedy tokens are equal and the first token's top log-probabilities agree to 1e-3 (float32),
   which fails when a kept token's M-RoPE position differs from its unpruned one.
@@ -52,6 +53,15 @@ def test_in_llm_methods_are_refused_with_the_reason(method):
     with pytest.raises(PruningConfigError, match="paged KV cache") as err:
         vconfig.from_env({"VTOKEN_METHOD": method, "VTOKEN_KEEP": "64"})
     assert f"method {method!r} cannot run in vLLM" in str(err.value)
+
+
+def test_method_options_come_from_vtoken_options():
+    cfg = vconfig.from_env({"VTOKEN_METHOD": "random", "VTOKEN_KEEP": "64", "VTOKEN_OPTIONS": '{"seed": 3}'})
+    assert cfg.stage.scorer.seed == 3
+    with pytest.raises(PruningConfigError, match="JSON"):
+        vconfig.from_env({"VTOKEN_METHOD": "random", "VTOKEN_KEEP": "64", "VTOKEN_OPTIONS": "seed=3"})
+    with pytest.raises(PruningConfigError, match="bad option"):
+        vconfig.from_env({"VTOKEN_METHOD": "uniform", "VTOKEN_KEEP": "64", "VTOKEN_OPTIONS": '{"seed": 3}'})
 
 
 def test_bad_settings_are_refused():
@@ -215,7 +225,7 @@ def _hf_pruned(hf_model, image, method, keep):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,method,keep", [("qwen2vl", "divprune", 0.25), ("qwen2vl", "uniform", 0.11),
-                                              ("qwen2_5_vl", "divprune", 0.25)])
+                                              ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25)])
 def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, tmp_path_factory):
     _require_vllm()
     from vtoken.plan import tokens_for
