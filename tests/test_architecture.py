@@ -9,7 +9,7 @@ Layers, bottom up (a module may import its own layer's modules and the layers be
     scorers, adapters  vtoken.scorers.*, vtoken.adapters.*   (not each other)
     hooks              vtoken.hooks.*
     engine             vtoken.engine.*                       (hooks only through ``vtoken.hooks``)
-    tools              vtoken.eval, .bench, .zoo, .data, .demos, .lmms, vtoken.cli, vtoken.demo, vtoken
+    tools              vtoken.eval, .bench, .zoo, .data, .demos, .lmms, .vllm, vtoken.cli, vtoken.demo, vtoken
 
 The registry's one upward edge is declared: ``vtoken.methods`` imports the built-in scorer modules
 lazily so that they register (as a plugin registry loads its entry points).
@@ -35,7 +35,7 @@ LAYERS = [
     ("adapters", ("vtoken.adapters",)),
     ("hooks", ("vtoken.hooks",)),
     ("engine", ("vtoken.engine",)),
-    ("tools", ("vtoken.eval", "vtoken.bench", "vtoken.zoo", "vtoken.data", "vtoken.demos", "vtoken.lmms",
+    ("tools", ("vtoken.eval", "vtoken.bench", "vtoken.zoo", "vtoken.data", "vtoken.demos", "vtoken.lmms", "vtoken.vllm",
                "vtoken.cli", "vtoken.demo", "vtoken.__init__", "vtoken.__main__", "vtoken._folder_guard")),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
@@ -159,7 +159,7 @@ def test_architecture_doc_names_every_layer():
 
 @pytest.mark.parametrize("folder", [
     "hooks", "scorers", "kernels", "vtoken", "vtoken/engine", "vtoken/adapters", "vtoken/eval", "vtoken/bench",
-    "vtoken/data", "demos", "vtoken/zoo", "vtoken/lmms"])
+    "vtoken/data", "demos", "vtoken/zoo", "vtoken/lmms", "vtoken/vllm"])
 def test_modules_stay_small(folder):
     """No module over ~400 lines unless its docstring gives the reason ("Size:" paragraph)."""
     big = []

@@ -1,0 +1,300 @@
+"""vtoken's vLLM plugin (vtoken/vllm/): the same method keeps the same tokens in vLLM as with
+``apply_pruning`` on the transformers model, and the answers agree.
+
+The end-to-end tests run vLLM's offline engine (``benchmarks/vllm/generate.py``, in a subprocess,
+with ``VTOKEN_METHOD`` / ``VTOKEN_KEEP`` set: vLLM loads the plugin from its entry point) on the
+built-in ``vtoken/tiny-qwen2vl`` (and a random-weight tiny Qwen2.5-VL made here) and one synthetic
+image, and compare with the transformers model pruned by :func:`vtoken.apply_pruning` in this process:
+
+* the kept token indices vLLM's plugin traced (``VTOKEN_VLLM_TRACE``) equal ``handle.stats``' kept
+  indices (Qwen2-VL: divprune at 25 %, uniform at 11 %, random at 64 tokens; Qwen2.5-VL: divprune
+  at 25 %);
+* vLLM's prompt is shorter by exactly the pruned tokens (placeholders sized to what the image keeps);
+* greedy tokens are equal and the first token's top log-probabilities agree to 1e-3 (float32),
+  which fails when a kept token's M-RoPE position differs from its unpruned one.
+
+They need the vLLM engine venv (``benchmarks/vllm/build_env.sh DIR``; then
+``DIR/bin/python -m pytest tests/test_vllm_plugin.py``). Elsewhere they are skipped, unless
+``VTOKEN_REQUIRE_VLLM=1`` (set by .ci/run, which builds that venv) makes a missing engine a failure.
+The configuration tests at the top run everywhere. A last test serves the built-in checkpoint with
+``vllm serve`` (the README's command) and asks it through the OpenAI chat API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vtoken.errors import PruningConfigError
+from vtoken.vllm import config as vconfig
+from vtoken.vllm.positions import grid_offsets, pruned_mrope_positions
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "how many objects are there?"
+MAX_NEW = 6
+
+
+# --- configuration and positions (no engine needed) ----------------------------------------------
+
+@pytest.mark.parametrize("method", ["divprune", "random", "uniform"])
+def test_pre_llm_methods_are_accepted(method):
+    cfg = vconfig.from_env({"VTOKEN_METHOD": method, "VTOKEN_KEEP": "0.25"})
+    assert cfg.method == method and cfg.tokens_kept(576) == 144
+    assert vconfig.from_env({"VTOKEN_METHOD": method, "VTOKEN_KEEP": "64"}).tokens_kept(576) == 64
+
+
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "sparsevlm"])
+def test_in_llm_methods_are_refused_with_the_reason(method):
+    with pytest.raises(PruningConfigError, match="paged KV cache") as err:
+        vconfig.from_env({"VTOKEN_METHOD": method, "VTOKEN_KEEP": "64"})
+    assert f"method {method!r} cannot run in vLLM" in str(err.value)
+
+
+def test_method_options_come_from_vtoken_options():
+    cfg = vconfig.from_env({"VTOKEN_METHOD": "random", "VTOKEN_KEEP": "64", "VTOKEN_OPTIONS": '{"seed": 3}'})
+    assert cfg.stage.scorer.seed == 3
+    with pytest.raises(PruningConfigError, match="JSON"):
+        vconfig.from_env({"VTOKEN_METHOD": "random", "VTOKEN_KEEP": "64", "VTOKEN_OPTIONS": "seed=3"})
+    with pytest.raises(PruningConfigError, match="bad option"):
+        vconfig.from_env({"VTOKEN_METHOD": "uniform", "VTOKEN_KEEP": "64", "VTOKEN_OPTIONS": '{"seed": 3}'})
+
+
+def test_bad_settings_are_refused():
+    assert vconfig.from_env({}) is None and vconfig.from_env({"VTOKEN_METHOD": ""}) is None
+    with pytest.raises(PruningConfigError, match="VTOKEN_KEEP is not"):
+        vconfig.from_env({"VTOKEN_METHOD": "divprune"})
+    with pytest.raises(PruningConfigError, match="not a vtoken method"):
+        vconfig.from_env({"VTOKEN_METHOD": "nope", "VTOKEN_KEEP": "0.5"})
+    with pytest.raises(PruningConfigError):
+        vconfig.from_env({"VTOKEN_METHOD": "divprune", "VTOKEN_KEEP": "1.5"})
+    with pytest.raises(PruningConfigError, match="vision-encoder attention|signals"):
+        vconfig.from_env({"VTOKEN_METHOD": "visionzip", "VTOKEN_KEEP": "64"})
+
+
+def test_kept_tokens_get_their_unpruned_positions():
+    """Layout with the kept tokens at the image start, plus their grid offsets, equals the
+    unpruned layout gathered at the kept tokens; text keeps its unpruned positions."""
+    import torch
+
+    t, h, w, before, after = 1, 4, 6, 5, 3
+    n = t * h * w
+    full, full_delta = pruned_mrope_positions(before + n + after, [(before, n, t, h, w, 1.0)])
+    kept = torch.tensor([0, 5, 7, 13, 22])
+    pruned, delta = pruned_mrope_positions(before + len(kept) + after, [(before, len(kept), t, h, w, 1.0)])
+    pruned[:, before:before + len(kept)] += grid_offsets(kept, (t, h, w)).T
+    expect = torch.cat([full[:, :before], full[:, before + kept], full[:, before + n:]], dim=1)
+    assert torch.equal(pruned, expect)
+    # decoding continues where the unpruned prompt would: position = length + delta
+    assert before + len(kept) + after + delta == before + n + after + full_delta
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+def _require_vllm():
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken dependency of it
+        if os.environ.get("VTOKEN_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vllm is required here (VTOKEN_REQUIRE_VLLM=1) but does not import: {exc!r}")
+        pytest.skip(f"vLLM is not importable ({type(exc).__name__}: {exc}); run this file in the engine venv "
+                    "built by benchmarks/vllm/build_env.sh")
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    import numpy as np
+
+    from vtoken.data.synthetic import make_scene, render
+
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    render(make_scene(np.random.default_rng(0), "test")).save(path)
+    return path
+
+
+def tiny_qwen2_5_vl(path: Path) -> Path:
+    """A random-weight Qwen2.5-VL checkpoint (window attention in the vision tower, 2 layers) with the
+    built-in tiny-qwen2vl's tokenizer and image processor; the CPU engine needs head_dim 32."""
+    import shutil
+
+    import torch
+    import transformers as T
+
+    from vtoken import zoo
+
+    src = Path(zoo.resolve("vtoken/tiny-qwen2vl"))
+    base = json.loads((src / "config.json").read_text())
+    ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    torch.manual_seed(0)
+    text = dict(vocab_size=base["text_config"]["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=128, intermediate_size=64, num_heads=4, patch_size=7,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=56, fullatt_block_indexes=[1])
+    cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                             tie_word_embeddings=False, **ids)
+    model = T.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger weights than the init's: logits far from uniform
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / f, path / f)
+    proc = json.loads((src / "processor_config.json").read_text())
+    proc["processor_class"] = "Qwen2_5_VLProcessor"
+    (path / "processor_config.json").write_text(json.dumps(proc, indent=2))
+    return path
+
+
+_CHECKPOINTS: dict = {}
+
+
+def _checkpoint(name, tmp_path_factory) -> str:
+    """Folder of ``name``: the built-in tiny Qwen2-VL, or the random tiny Qwen2.5-VL (made once)."""
+    from vtoken import zoo
+
+    if name not in _CHECKPOINTS:
+        _CHECKPOINTS[name] = (zoo.resolve("vtoken/tiny-qwen2vl") if name == "qwen2vl"
+                              else str(tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))))
+    return _CHECKPOINTS[name]
+
+
+def _run_vllm(env_extra: dict, image, tmp: Path, check=True, model="vtoken/tiny-qwen2vl"):
+    out, trace = tmp / "out.json", tmp / "trace.jsonl"
+    env = {**os.environ, **env_extra, "VTOKEN_VLLM_TRACE": str(trace)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vllm" / "generate.py"), "--model", str(model),
+         "--image", str(image), "--question", QUESTION,
+         "--max-tokens", str(MAX_NEW), "--logprobs", "3", "--out", str(out)],
+        env=env, cwd=str(tmp), capture_output=True, text=True, timeout=900,
+    )
+    if not check:
+        return proc
+    assert proc.returncode == 0, f"vLLM run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    traced = [json.loads(line) for line in trace.read_text().splitlines()] if trace.exists() else []
+    return json.loads(out.read_text())["outputs"][0], traced
+
+
+_OFFLINE: dict = {}
+
+
+def _offline(model, method, keep, image, tmp_path_factory):
+    """vLLM's offline result for (model folder, method, keep), run once per session."""
+    if (model, method, keep) not in _OFFLINE:
+        _OFFLINE[model, method, keep] = _run_vllm({"VTOKEN_METHOD": method, "VTOKEN_KEEP": str(keep)}, image,
+                                                  tmp_path_factory.mktemp(f"vllm-{method}"), model=model)
+    return _OFFLINE[model, method, keep]
+
+
+def _hf_model(name, path):
+    """(model, processor) in float32: the built-in through vtoken.zoo, the random one through Auto*."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtoken import zoo
+
+    if name == "qwen2vl":
+        return zoo.load(path)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
+
+
+def _hf_pruned(hf_model, image, method, keep):
+    import torch
+    from PIL import Image
+
+    from vtoken import apply_pruning, zoo
+
+    model, processor = hf_model
+    inputs = processor(images=[Image.open(image).convert("RGB")], text=[zoo.build_prompt("qwen2vl", QUESTION)],
+                       return_tensors="pt")
+    with apply_pruning(model, method=method, keep=keep) as handle, torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+        kept = handle.stats.stages[0].kept[0].tolist()
+    new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    first = torch.log_softmax(out.scores[0][0].float(), dim=-1)
+    return {"kept": kept, "tokens": new, "first_logprobs": first, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "grid": [int(x) for x in inputs["image_grid_thw"][0]]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method,keep", [("qwen2vl", "divprune", 0.25), ("qwen2vl", "uniform", 0.11),
+                                              ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25)])
+def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, tmp_path_factory):
+    _require_vllm()
+    from vtoken.plan import tokens_for
+
+    path = _checkpoint(name, tmp_path_factory)
+    vllm_out, traced = _offline(path, method, keep, image_path, tmp_path_factory)
+    hf = _hf_pruned(_hf_model(name, path), image_path, method, keep)
+    n = hf["grid"][0] * hf["grid"][1] * hf["grid"][2] // 4
+    k = tokens_for(keep, n)
+    # the request's image went through the plugin last (earlier lines: vLLM's start-up profiling)
+    assert traced and traced[-1]["method"] == method and traced[-1]["grid"] == [1, hf["grid"][1] // 2, hf["grid"][2] // 2]
+    assert len(hf["kept"]) == k
+    assert traced[-1]["kept"] == hf["kept"], "vLLM's plugin kept other tokens than apply_pruning"
+    assert vllm_out["prompt_tokens"] == hf["prompt_tokens"] - (n - k), "placeholders not sized to the kept tokens"
+    got = vllm_out["token_ids"]
+    assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
+    for tok, lp in vllm_out["logprobs"][0].items():
+        assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+
+
+@pytest.mark.slow
+def test_in_llm_method_stops_the_engine_with_the_reason(image_path, tmp_path):
+    _require_vllm()
+    proc = _run_vllm({"VTOKEN_METHOD": "fastv", "VTOKEN_KEEP": "64"}, image_path, tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "cannot run in vLLM" in proc.stderr and "paged KV cache" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_vllm_serve_with_the_plugin_answers_as_the_offline_engine(image_path, tmp_path, tmp_path_factory):
+    """The README's `vllm serve` command (chat template of the tiny checkpoint) and client."""
+    _require_vllm()
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from vtoken import zoo
+
+    env = {**os.environ, "VTOKEN_METHOD": "divprune", "VTOKEN_KEEP": "0.25"}
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "vllm"), "serve", zoo.resolve("vtoken/tiny-qwen2vl"), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "2048", "--gpu-memory-utilization", "0.1", "--port", str(port),
+         "--chat-template", str(ROOT / "benchmarks" / "vllm" / "tiny_chat_template.jinja")],
+        env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, "vllm serve exited:\n" + (tmp_path / "serve.log").read_text()[-6000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm" / "ask_server.py"), "--url",
+                               f"http://127.0.0.1:{port}", "--image", str(image_path), "--question", QUESTION,
+                               "--max-tokens", str(MAX_NEW)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        served = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    offline, _ = _offline(_checkpoint("qwen2vl", tmp_path_factory), "divprune", 0.25, image_path, tmp_path_factory)
+    assert served["prompt_tokens"] == offline["prompt_tokens"]
+    assert served["answer"] == offline["text"]

@@ -1,0 +1,162 @@
+"""vLLM's Qwen2-VL and Qwen2.5-VL with vtoken's pre-LLM pruning (the only module importing vLLM).
+
+Three places change, each in :class:`PruningMixin` or :class:`PruningProcessorMixin`:
+
+* **placeholders** — the multimodal processor replaces each image's placeholder with as many
+  tokens as the image keeps (``tokens_for(keep, t*h*w)``), so the scheduler, the KV cache and the
+  prompt length all see the pruned count;
+* **selection** — after the vision tower and merger, each image's embeddings go through vtoken's
+  scorer (:mod:`vtoken.vllm.selection`) and only the kept rows go on; each row carries its token's
+  (t, h, w) grid offset in 3 extra channels (videos are not pruned: zero offsets);
+* **positions** — the request's M-RoPE positions put every kept placeholder at the image's start
+  and the text after at its unpruned position (:mod:`vtoken.vllm.positions`);
+  ``embed_input_ids`` strips the offset channels and ``forward`` adds them to the positions of
+  those tokens, so each kept token sits where it sat in the unpruned sequence.
+
+``VTOKEN_VLLM_TRACE=<file>`` appends one JSON line per pruned image (grid, kept indices): the
+tests compare it with ``apply_pruning``'s kept set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from vtoken.vllm.config import from_env
+from vtoken.vllm.positions import grid_offsets, pruned_mrope_positions
+from vtoken.vllm.selection import kept_indices
+
+OFFSET_CHANNELS = 3
+ENV_TRACE = "VTOKEN_VLLM_TRACE"
+
+
+def _config():
+    config = from_env()
+    if config is None:  # registered only when set (registration.py); a process without it is a setup error
+        raise RuntimeError("vtoken's vLLM model is registered but VTOKEN_METHOD is not set in this process")
+    return config
+
+
+class PruningProcessorMixin:
+    """Emit ``tokens_for(keep, n)`` image placeholders instead of n."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        config = _config()
+        out = []
+        for update in updates:
+            if update.modality == "image":
+                whole = update.replacement
+
+                def pruned(item_idx, whole=whole):
+                    tokens = whole(item_idx)
+                    return tokens[: config.tokens_kept(len(tokens))]
+
+                update = PromptReplacement(modality=update.modality, target=update.target, replacement=pruned)
+            out.append(update)
+        return out
+
+
+class PruningMixin:
+    """Prune each image's embeddings after the vision tower; kept tokens at their unpruned positions."""
+
+    # the encoder CUDA graph path calls the vision tower without embed_multimodal: it would skip pruning
+    supports_encoder_cudagraph = False
+
+    def __init__(self, *, vllm_config, prefix: str = ""):  # vLLM reads this signature
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vtoken = _config()
+        self._vtoken_pending = None  # (is_multimodal mask, (m, 3) offsets) from embed_input_ids to forward
+
+    def _grids(self, grid_thw):
+        m = self.visual.spatial_merge_size
+        return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+
+    def _process_image_input(self, image_input):
+        embeds = super()._process_image_input(image_input)
+        out, trace = [], os.environ.get(ENV_TRACE)
+        for emb, grid in zip(embeds, self._grids(image_input["image_grid_thw"])):
+            budget = self._vtoken.tokens_kept(int(emb.shape[0]))
+            kept = kept_indices(self._vtoken.stage, emb, grid, budget)
+            offsets = grid_offsets(kept, grid)
+            if emb.dtype == torch.bfloat16 and int(offsets.max()) > 256:
+                raise ValueError(f"image grid {grid} too large to carry offsets in bfloat16; serve in float16/float32")
+            out.append(torch.cat([emb[kept.to(emb.device)], offsets.to(emb.device, emb.dtype)], dim=1))
+            if trace:
+                with open(trace, "a") as fh:
+                    fh.write(json.dumps({"method": self._vtoken.method, "grid": list(grid), "kept": kept.tolist()}) + "\n")
+        return tuple(out)
+
+    def _process_video_input(self, video_input):
+        embeds = super()._process_video_input(video_input)
+        return tuple(torch.cat([e, e.new_zeros(e.shape[0], OFFSET_CHANNELS)], dim=1) for e in embeds)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        media = [(offset, f.mm_position.length, t, h, w, t_factor)
+                 for f, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features))]
+        return pruned_mrope_positions(len(input_tokens), media)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            self._vtoken_pending = None
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+        embeds, offsets = [], []
+        for e in multimodal_embeddings:
+            stripped = e[:, :-OFFSET_CHANNELS]
+            if getattr(e, "modality", None) is not None:
+                stripped.modality = e.modality
+            embeds.append(stripped)
+            offsets.append(e[:, -OFFSET_CHANNELS:].float().round().long())
+        self._vtoken_pending = (is_multimodal, torch.cat(offsets))
+        return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal, **kwargs)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self._vtoken_pending = self._vtoken_pending, None
+        if pending is not None and inputs_embeds is not None and positions.dim() == 2:
+            mask, offsets = pending
+            rows = torch.nonzero(mask.to(positions.device)).flatten()
+            if rows.numel() != offsets.shape[0]:
+                raise RuntimeError(f"{rows.numel()} multimodal tokens but {offsets.shape[0]} position offsets")
+            # the runner's position buffer for this step (rewritten from the request's positions each step)
+            positions[:, rows] += offsets.to(positions.device, positions.dtype).T
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+class PrunedQwen2VLProcessor(PruningProcessorMixin, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class PrunedQwen2_5_VLProcessor(PruningProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwen2VLProcessor, info=Qwen2VLProcessingInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class PrunedQwen2VL(PruningMixin, Qwen2VLForConditionalGeneration):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class PrunedQwen2_5_VL(PruningMixin, Qwen2_5_VLForConditionalGeneration):
+    pass
+
+
+__all__ = ["PrunedQwen2VL", "PrunedQwen2_5_VL", "PruningMixin", "PruningProcessorMixin"]
