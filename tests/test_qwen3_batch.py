@@ -16,6 +16,7 @@ import tiny_models as tm
 import vtoken
 from conftest import SUPPRESS, get_model, slice_sample
 from vtoken.adapters import get_adapter
+from test_scorers_e2e import last_slot as last_slots
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
 
@@ -25,11 +26,6 @@ ITEMS = [[("image", (1, 8, 8))], [("image", (1, 4, 8)), ("image", (1, 4, 4))]]
 KEEP = 12
 
 
-def last_slots(stats, inputs):
-    """(B,) slot of each sample's last prompt token in the pruned layout."""
-    m = inputs["attention_mask"].bool()
-    target = torch.where(m, torch.arange(m.shape[1]).expand_as(m), -1).max(1).values
-    return (stats.positions == target.unsqueeze(1)).int().argmax(1)
 
 
 def check_batch_equals_each_sample(model, inputs, method, keep, **options):

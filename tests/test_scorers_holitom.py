@@ -21,6 +21,7 @@ from vtoken.errors import PruningConfigError
 from vtoken.scorers import FastVScorer, HoliTomScorer
 from vtoken.scorers.holitom import static_windows
 from vtoken.scorers.testing import make_signals
+from test_scorers_e2e import last_slot
 
 TAU, K = 0.8, 7
 
@@ -267,10 +268,6 @@ def one_sample(arch, model, inputs, b):
                 pixel_values_videos=inputs["pixel_values_videos"][b:b + 1])
 
 
-def last_slot(stats, inputs):
-    m = inputs["attention_mask"].bool()
-    target = torch.where(m, torch.arange(m.shape[1]).expand_as(m), -1).max(1).values
-    return (stats.positions == target.unsqueeze(1)).int().argmax(1)
 
 
 def run(model, inputs):

@@ -16,6 +16,7 @@ from vtoken.errors import PruningConfigError
 from vtoken.methods import build_plan
 from vtoken.scorers.mustdrop import MustDropMergeScorer, MustDropScorer, mustdrop_thresholds, window_groups
 from vtoken.scorers.testing import make_signals
+from test_scorers_e2e import last_slot
 
 # ----------------------------------------------------------------------------- references (plain loops)
 
@@ -278,9 +279,7 @@ def test_batch_equals_each_sample_alone(arch):
     model, inputs = _inputs(arch)
     out, stats = _run(model, inputs)
     assert stats.stages[0].diagnostics["mustdrop_merged_windows"].sum() > 0
-    m = inputs["attention_mask"].bool()
-    last = torch.where(m, torch.arange(m.shape[1]), -1).max(1).values
-    slot = (stats.positions == last.unsqueeze(1)).int().argmax(1)
+    slot = last_slot(stats, inputs)
     for b in range(inputs["input_ids"].shape[0]):
         single = slice_sample(inputs, b, model)
         one, one_stats = _run(model, single)

@@ -193,13 +193,11 @@ def _run(model, inputs, keep=0.5):
 
 def test_prunesid_batch_equals_each_sample_alone():
     from conftest import slice_sample
-    from test_scorers_e2e import model_and_inputs
+    from test_scorers_e2e import last_slot, model_and_inputs
 
     model, inputs = model_and_inputs("llava")
     out, stats = _run(model, inputs)
-    m = inputs["attention_mask"].bool()
-    last = torch.where(m, torch.arange(m.shape[1]), -1).max(1).values
-    slot = (stats.positions == last.unsqueeze(1)).int().argmax(1)
+    slot = last_slot(stats, inputs)
     for b in range(inputs["input_ids"].shape[0]):
         one, one_stats = _run(model, slice_sample(inputs, b, model))
         torch.testing.assert_close(out[b, slot[b]], one[0, -1], rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ from vtoken.errors import PruningConfigError
 from vtoken.scorers import PyramidDropScorer, VScanScorer
 from vtoken.scorers.testing import make_signals
 from vtoken.scorers.vscan import vscan_budgets
+from test_scorers_e2e import last_slot
 
 
 def order_desc(values):
@@ -187,12 +188,6 @@ def model_and_inputs(arch):
     return model, (qwen_images(model) if arch.startswith("qwen") else get_inputs(arch, model))
 
 
-def last_slot(stats, inputs):
-    """Slot of each sample's last prompt token in the pruned output (stats.positions: original
-    position per output slot)."""
-    m = inputs["attention_mask"].bool()
-    target = torch.where(m, torch.arange(m.shape[1]).expand_as(m), -1).max(1).values
-    return (stats.positions == target.unsqueeze(1)).int().argmax(1)
 
 
 def run(model, inputs, **options):

@@ -8,7 +8,7 @@ import torch
 import vtoken
 from conftest import SUPPRESS, slice_sample
 from test_scorers_attention import ref_zipvl
-from test_scorers_e2e import model_and_inputs
+from test_scorers_e2e import last_slot, model_and_inputs
 from vtoken.scorers import ZipVLScorer
 
 OPTIONS = dict(per_layer=True, K=1, threshold=0.6)
@@ -76,9 +76,7 @@ def _run(model, inputs):
 def test_batch_equals_each_sample_alone(arch):
     model, inputs = _inputs(arch)
     out, stats = _run(model, inputs)
-    m = inputs["attention_mask"].bool()
-    last = torch.where(m, torch.arange(m.shape[1]), -1).max(1).values
-    slot = (stats.positions == last.unsqueeze(1)).int().argmax(1)
+    slot = last_slot(stats, inputs)
     for b in range(inputs["input_ids"].shape[0]):
         one, one_stats = _run(model, slice_sample(inputs, b, model))
         torch.testing.assert_close(out[b, slot[b]], one[0, -1], rtol=1e-4, atol=1e-4)
