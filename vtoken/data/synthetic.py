@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -56,6 +57,10 @@ __all__ = [
     "SIZES",
     "QTYPES",
     "AUX_QTYPES",
+    "DETAIL_QTYPES",
+    "CANVASES",
+    "canvas_style",
+    "detail_objects",
     "ANSWER_VOCAB",
     "AUX_WORDS",
     "QUESTION_WORDS",
@@ -97,9 +102,24 @@ BACKGROUND = (255, 255, 255)  # top-left corner of the canvas
 # learnable by the tiny checkpoints, whose Qwen2-VL vision tower has only relative (rotary)
 # positions.
 GRADIENT = 80
+# The canvas style. "gradient": the smooth ramps above. "bands": the red channel steps down in
+# POS_BINS vertical bands of equal width (255, 255 - BAND_STEP, ...), so every background pixel
+# names its column bin outright (a ramp of GRADIENT levels moves only ~3 levels per patch, which
+# the tiny checkpoints never learned to read: their "left of" answers sat at chance, while "above"
+# was read from the language model's positions); the green ramp stays. The environment variable
+# VTOKEN_SYNTH_CANVAS overrides the default (training runs pass ``--canvas`` through it, so data
+# workers in any start method render alike).
+CANVASES = ("gradient", "bands")
+CANVAS = "gradient"
+BAND_STEP = 17
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
 
 QTYPES = ("shape", "size", "color", "exist", "count_shape", "count_all", "left", "above")
+# evaluation-only "detail" types: the questions of shape / color / exist, asked only about a SMALL
+# object (one patch) whose centre lies off-centre (Chebyshev distance >= DETAIL_OFF_CENTRE from the
+# image centre, the outer ring): the regime where which tokens a method keeps matters most
+DETAIL_QTYPES = ("detail_shape", "detail_color", "detail_exist")
+DETAIL_OFF_CENTRE = 0.3
 AUX_QTYPES = ("column", "row")  # training-only: position of a named object, digit 0 .. POS_BINS-1
 POS_BINS = 8
 DIGITS = tuple(str(d) for d in range(10))
@@ -175,19 +195,32 @@ def make_scene(rng: np.random.Generator, split: str = "train") -> Scene:
             return scene
 
 
+def canvas_style(canvas: str | None = None) -> str:
+    """The canvas style in force: ``canvas``, else ``$VTOKEN_SYNTH_CANVAS``, else :data:`CANVAS`."""
+    style = canvas or os.environ.get("VTOKEN_SYNTH_CANVAS") or CANVAS
+    if style not in CANVASES:
+        raise ValueError(f"canvas must be one of {CANVASES}, got {style!r}")
+    return style
+
+
 @functools.lru_cache(maxsize=8)
-def _canvas(image_size: int, gradient: int) -> Image.Image:
+def _canvas(image_size: int, gradient: int, style: str = "gradient") -> Image.Image:
     ramp = np.round(gradient * (np.arange(image_size) + 0.5) / image_size).astype(np.int16)
     canvas = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    canvas[..., 0] = 255 - ramp[None, :]
+    if style == "bands":
+        band = np.minimum(POS_BINS - 1, (np.arange(image_size) * POS_BINS) // image_size)
+        canvas[..., 0] = (255 - BAND_STEP * band)[None, :]
+    else:
+        canvas[..., 0] = 255 - ramp[None, :]
     canvas[..., 1] = 255 - ramp[:, None]
     canvas[..., 2] = 255
     return Image.fromarray(canvas, "RGB")
 
 
-def render(scene: Scene, image_size: int = 336) -> Image.Image:
-    """Draw ``scene`` on an ``image_size`` x ``image_size`` RGB canvas (faint white-to-lavender gradient)."""
-    img = _canvas(image_size, GRADIENT).copy()
+def render(scene: Scene, image_size: int = 336, canvas: str | None = None) -> Image.Image:
+    """Draw ``scene`` on an ``image_size`` x ``image_size`` RGB canvas (faint white-to-lavender
+    background; ``canvas``: see :data:`CANVASES`, default :func:`canvas_style`)."""
+    img = _canvas(image_size, GRADIENT, canvas_style(canvas)).copy()
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         side = SIZE_FRAC[o.size] * image_size
@@ -210,9 +243,38 @@ def _by_color(scene: Scene) -> dict[str, Obj]:
     return {o.color: o for o in scene.objects}
 
 
+def detail_objects(scene: Scene) -> list[Obj]:
+    """The scene's small objects whose centre is at least :data:`DETAIL_OFF_CENTRE` from the
+    image centre along x or y."""
+    return [o for o in scene.objects
+            if o.size == "small" and max(abs(o.x - 0.5), abs(o.y - 0.5)) >= DETAIL_OFF_CENTRE]
+
+
+def _detail_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str, tuple] | None:
+    """A shape / color / exist question whose answer is decided by one small off-centre object."""
+    objs = list(scene.objects)
+    targets = detail_objects(scene)
+    if qtype == "detail_color":  # named by its shape, which must be unique in the scene
+        targets = [o for o in targets if sum(p.shape == o.shape for p in objs) == 1]
+    if not targets:
+        return None
+    o = targets[int(rng.integers(len(targets)))]
+    if qtype == "detail_shape":
+        return f"what shape is the {o.color} object?", o.shape, (qtype, o.color)
+    if qtype == "detail_color":
+        return f"what color is the {o.shape}?", o.color, (qtype, o.shape)
+    # exist: yes = the object itself; no = its colour with a shape no object of that colour has
+    if rng.random() < 0.5:
+        return f"is there a {o.color} {o.shape}?", "yes", (qtype, o.color, o.shape)
+    s = [x for x in SHAPES if x != o.shape][int(rng.integers(len(SHAPES) - 1))]
+    return f"is there a {o.color} {s}?", "no", (qtype, o.color, s)
+
+
 def _question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str, tuple] | None:
     """(question, answer, fact) of type ``qtype`` or None; ``fact`` identifies what is asked
     (a relation pair in either order is one fact)."""
+    if qtype in DETAIL_QTYPES:
+        return _detail_question(scene, qtype, rng)
     objs = list(scene.objects)
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     if qtype == "shape":
@@ -265,7 +327,7 @@ def _question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, 
         o = pick(objs)
         v = o.x if qtype == "column" else o.y
         return f"what {qtype} is the {o.color} object in?", str(min(POS_BINS - 1, int(v * POS_BINS))), (qtype, o.color)
-    raise ValueError(f"qtype must be one of {QTYPES + AUX_QTYPES}, got {qtype!r}")
+    raise ValueError(f"qtype must be one of {QTYPES + AUX_QTYPES + DETAIL_QTYPES}, got {qtype!r}")
 
 
 def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
@@ -341,7 +403,8 @@ def make_split(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     qtypes = tuple(qtypes)
-    bad = [t for t in qtypes if t not in QTYPES + AUX_QTYPES]
+    bad = [t for t in qtypes if t not in QTYPES + AUX_QTYPES + DETAIL_QTYPES]
     if bad or not qtypes:
-        raise ValueError(f"qtypes must be a non-empty subset of {QTYPES + AUX_QTYPES}, got {qtypes!r}")
+        raise ValueError(f"qtypes must be a non-empty subset of {QTYPES + AUX_QTYPES + DETAIL_QTYPES}, "
+                         f"got {qtypes!r}")
     return [make_record(split, seed, i, image_size, qtypes) for i in range(n)]

@@ -10,7 +10,7 @@ from typing import Optional
 from vtoken.errors import DataError
 from vtoken.eval.samples import MC_INSTRUCTION, METRICS, DataSpec, EvalDataset, Sample
 
-__all__ = ["from_records", "load_synthetic", "load_easy_vqa", "load_hf"]
+__all__ = ["from_records", "load_synthetic", "load_synthetic_detail", "load_easy_vqa", "load_hf"]
 
 
 def from_records(records, name: str, kind: str, source: str, total: Optional[int] = None) -> EvalDataset:
@@ -34,13 +34,19 @@ def from_records(records, name: str, kind: str, source: str, total: Optional[int
     return ds
 
 
-def load_synthetic(spec: DataSpec, limit, seed) -> EvalDataset:
-    from vtoken.data.synthetic import make_split
+def load_synthetic(spec: DataSpec, limit, seed, detail: bool = False) -> EvalDataset:
+    from vtoken.data.synthetic import DETAIL_QTYPES, QTYPES, make_split
 
     n = int(spec.options.get("n", limit or 200))
     split = spec.options.get("split", "test")
-    records = make_split(split, n, int(spec.options.get("seed", seed)))
-    return from_records(list(records)[: limit or None], "Synthetic", "synthetic", f"vtoken.data.synthetic:{split}")
+    records = make_split(split, n, int(spec.options.get("seed", seed)), qtypes=DETAIL_QTYPES if detail else QTYPES)
+    name, kind = ("Detail", "synthetic-detail") if detail else ("Synthetic", "synthetic")
+    return from_records(list(records)[: limit or None], name, kind, f"vtoken.data.synthetic:{split}")
+
+
+def load_synthetic_detail(spec: DataSpec, limit, seed) -> EvalDataset:
+    """Questions decided by one small off-centre object (``vtoken.data.synthetic.DETAIL_QTYPES``)."""
+    return load_synthetic(spec, limit, seed, detail=True)
 
 
 def load_easy_vqa(spec: DataSpec, limit, seed) -> EvalDataset:

@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl
 
 from vtoken.errors import DataError, DataFormatError
 from vtoken.eval.files import open_image
-from vtoken.eval.formats_builtin import load_easy_vqa, load_hf, load_synthetic
+from vtoken.eval.formats_builtin import load_easy_vqa, load_hf, load_synthetic, load_synthetic_detail
 from vtoken.eval.formats_json import load_gqa, load_scienceqa, load_textvqa, load_vqav2
 from vtoken.eval.formats_yesno import load_mme, load_pope
 from vtoken.eval.samples import SHORT_ANSWER, DataSpec, EvalDataset, Sample
@@ -76,12 +76,14 @@ __all__ = [
 ]
 
 
-KINDS = ("synthetic", "easy-vqa", "vqav2", "gqa", "textvqa", "pope", "scienceqa", "mme", "hf")
+KINDS = ("synthetic", "synthetic-detail", "easy-vqa", "vqav2", "gqa", "textvqa", "pope", "scienceqa", "mme", "hf")
 _ALIASES = {"easyvqa": "easy-vqa", "easy_vqa": "easy-vqa", "vqa2": "vqav2", "vqav2": "vqav2", "sqa": "scienceqa",
             "scienceqa-img": "scienceqa", "datasets": "hf"}
 
 
-_DEFAULT_NAMES = {"synthetic": "Synthetic", "easy-vqa": "EasyVQA", "vqav2": "VQAv2", "gqa": "GQA",
+# built-in data sets: no path needed
+BUILTIN_KINDS = ("synthetic", "synthetic-detail", "easy-vqa")
+_DEFAULT_NAMES = {"synthetic": "Synthetic", "synthetic-detail": "Detail", "easy-vqa": "EasyVQA", "vqav2": "VQAv2", "gqa": "GQA",
                   "textvqa": "TextVQA", "pope": "POPE", "scienceqa": "SQA-IMG", "mme": "MME"}
 
 
@@ -99,13 +101,13 @@ def parse_data_spec(text: str) -> DataSpec:
     if sep and k in KINDS:
         return DataSpec(k, path or None, options, raw)
     if not sep and k in KINDS:
-        if k not in ("synthetic", "easy-vqa"):
+        if k not in BUILTIN_KINDS:
             raise DataError(f"data set {raw!r} needs a path: {k}:PATH")
         return DataSpec(k, None, options, raw)
     if os.path.isdir(body):
         return DataSpec("hf", body, options, raw)
     raise DataError(
-        f"unknown data set {raw!r}: expected one of synthetic, easy-vqa, vqav2:PATH, gqa:PATH, textvqa:PATH, "
+        f"unknown data set {raw!r}: expected one of synthetic, synthetic-detail, easy-vqa, vqav2:PATH, gqa:PATH, textvqa:PATH, "
         "pope:PATH, scienceqa:PATH, mme:PATH, hf:PATH or a local `datasets` directory"
     )
 
@@ -132,6 +134,7 @@ def split_data_args(values) -> list:
 
 _LOADERS: dict = {
     "synthetic": load_synthetic,
+    "synthetic-detail": load_synthetic_detail,
     "easy-vqa": load_easy_vqa,
     "vqav2": load_vqav2,
     "gqa": load_gqa,
@@ -148,7 +151,7 @@ def load_dataset(spec, limit: Optional[int] = None, seed: int = 0) -> EvalDatase
     (per POPE file / per MME category)."""
     if isinstance(spec, str):
         spec = parse_data_spec(spec)
-    if spec.path is not None and spec.kind not in ("synthetic", "easy-vqa"):
+    if spec.path is not None and spec.kind not in BUILTIN_KINDS:
         if not Path(spec.path).expanduser().exists():
             raise DataError(f"{spec.text}: {spec.path} does not exist")
     ds = _LOADERS[spec.kind](spec, limit, seed)

@@ -53,6 +53,7 @@ import argparse
 import os
 import sys
 
+from vtoken.data import synthetic
 from vtoken.zoo import build
 from vtoken.zoo.train_checks import check_packed_turns, check_pipeline
 from vtoken.zoo.train_data import DEFAULT_QTYPE_MIX, packed_attention_mask, parse_qtype_mix
@@ -90,6 +91,10 @@ def parse_args(argv=None):
     ap.add_argument("--qtype-mix", default=DEFAULT_QTYPE_MIX, help="training question types and their weights")
     ap.add_argument("--no-packed", dest="packed", action="store_false",
                     help="causal multi-turn sequences instead of independent packed turns")
+    ap.add_argument("--canvas", choices=synthetic.CANVASES, default=None,
+                    help="synthetic canvas style for training and evaluation (default: vtoken.data.synthetic's)")
+    ap.add_argument("--detail-test-n", type=int, default=1000,
+                    help="held-out small-object, off-centre questions in the final evaluation")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -127,6 +132,9 @@ def main(argv=None):
         except ImportError:
             print("easy-vqa not installed: training on synthetic data only", file=sys.stderr)
             args.easy_vqa_frac = 0.0
+    if args.canvas:  # through the environment, so data and evaluation workers render alike
+        os.environ["VTOKEN_SYNTH_CANVAS"] = args.canvas
+    args.canvas = synthetic.canvas_style()
     res = train(args)
     save_and_evaluate(args, res, argv)
 

@@ -111,8 +111,8 @@ def _identity(x):
     return x
 
 
-def _synthetic_records(split: str, seed: int, start: int, stop: int) -> list[dict]:
-    return [synthetic.make_record(split, seed, i) for i in range(start, stop)]
+def _synthetic_records(split: str, seed: int, start: int, stop: int, qtypes=synthetic.QTYPES) -> list[dict]:
+    return [synthetic.make_record(split, seed, i, qtypes=qtypes) for i in range(start, stop)]
 
 
 class _ListRecords:

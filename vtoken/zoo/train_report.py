@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from vtoken.data import synthetic
 from vtoken.zoo.train_eval import _ListRecords, _synthetic_records, evaluate_records, subset_accuracy
 
 
@@ -63,7 +64,8 @@ def save_and_evaluate(args, res, argv=None) -> dict:
             "batch_size": args.batch_size, "qa_per_image": args.qa_per_image, "lr": args.lr,
             "warmup": args.warmup, "weight_decay": args.weight_decay, "easy_vqa_frac": args.easy_vqa_frac,
             "qtype_mix": args.qtype_mix, "time_budget_s": args.time_budget, "seed": args.seed,
-            "packed_turns": res["packed"],
+            "packed_turns": res["packed"], "canvas": getattr(args, "canvas", None) or "gradient",
+            "init": args.init or None,
         },
         "eval_dtype": "float32",
         "visual_tokens_per_image": 576,
@@ -90,10 +92,20 @@ def save_and_evaluate(args, res, argv=None) -> dict:
     metrics["synthetic_random_keep"] = ev["random_keep"]
     drop = ev["first_token"]["accuracy"] - ev["random_keep"]["accuracy"]
     metrics["synthetic_random_keep"]["drop_points"] = round(drop, 2)
+    detail_n = getattr(args, "detail_test_n", 0)
+    if detail_n:
+        get_detail = functools.partial(_synthetic_records, "test", 0, qtypes=synthetic.DETAIL_QTYPES)
+        dv = evaluate_records(m, p, arch, get_detail, detail_n, keep=keep, seed=0, generate=False,
+                              workers=args.eval_workers)
+        metrics["synthetic_detail_test"] = {"split": "test", "seed": 0, "n": detail_n, **dv["first_token"],
+                                            "random_keep": dv["random_keep"]}
+    per_qtype = ev["first_token"]["per_qtype"]
     metrics["targets"] = {
-        "unpruned_accuracy_ge_90": ev["first_token"]["accuracy"] >= 90.0,
+        "unpruned_accuracy_ge_97": ev["first_token"]["accuracy"] >= 97.0,
+        "every_qtype_ge_90": min(per_qtype.values()) >= 90.0,
+        "detail_accuracy_ge_97": detail_n > 0 and metrics["synthetic_detail_test"]["accuracy"] >= 97.0,
         "random_keep_drop_ge_15_points": drop >= 15.0,
-        "checkpoint_le_15MB": metrics["checkpoint_bytes"] <= 15e6,
+        "checkpoint_le_16MiB": metrics["checkpoint_bytes"] <= 16 * 2**20,
     }
     _write_metrics(args.out, metrics)
     subset_n = args.subset_n if args.subset_n is not None else (100 if arch == "llava" else 50)
@@ -148,16 +160,21 @@ def _write_training_md(out: str, m: dict) -> None:
     ev = m.get("easy_vqa_test", {})
     easy = f"{ev['accuracy']:.2f} % (first token), {ev['accuracy_generate']:.2f} % (generate), n = {ev['n']}" if "accuracy" in ev else ev.get("error", "n/a")
     r = m["recipe"]
+    dt = m.get("synthetic_detail_test")
+    detail = (f"Detail questions (one small off-centre object decides the answer; test split, seed 0, n = {dt['n']}): "
+              f"{dt['accuracy']:.2f} % unpruned, {dt['random_keep']['accuracy']:.2f} % random keep {dt['random_keep']['keep']}."
+              if dt else "Detail questions: not evaluated.")
+    start = f"continued from `{r['init']}`" if r.get("init") else "from scratch"
     text = f"""# {name}: training record
 
-Trained from scratch by `vtoken.zoo.train` (written by the training run itself).
+Trained {start} by `vtoken.zoo.train` (written by the training run itself).
 
 - command: `{m['command'] or m['train_command']}`
 - training process: `{m['train_command']}`
 - trained: {m['trained_at']}, {m['train_time_s']} s of training, {m['steps']} steps; saved weights: step {m['best_step']} (best validation accuracy, {m['best_val_acc']:.2f} %)
 - device: {m['device']}; torch {m['torch']}, transformers {m['transformers']}
 - model: `{m['model_class']}`, {m['params'] / 1e6:.2f} M parameters, {m['checkpoint_bytes'] / 1e6:.1f} MB (float16), {m['visual_tokens_per_image']} visual tokens per 336 px image
-- data: `vtoken.data.synthetic` train split (+ easy-vqa train images, share {r['easy_vqa_frac']}), {r['batch_size']} images x {r['qa_per_image']} questions per step, question mix `{r['qtype_mix']}`
+- data: `vtoken.data.synthetic` train split, canvas `{r.get('canvas', 'gradient')}` (+ easy-vqa train images, share {r['easy_vqa_frac']}), {r['batch_size']} images x {r['qa_per_image']} questions per step, question mix `{r['qtype_mix']}`
 - optimiser: AdamW, peak learning rate {r['lr']}, {r['warmup']} warm-up steps, cosine to 5 % over the time budget, weight decay {r['weight_decay']}, bf16 autocast
 - validation: {m['log'][-1].get('val_acc', 'n/a') if m['log'] else 'n/a'} % at the last step (test split, seed 1; the metrics below use seed 0)
 
@@ -167,6 +184,8 @@ Synthetic test split (seed 0, n = {ft['n']}), greedy first answer token, float32
 {chr(10).join(rows)}
 
 Random pruning loses {rk['drop_points']:.1f} points. easy-VQA test: {easy}.
+{detail}
+Targets: {', '.join(f"{k} {'met' if v else 'NOT met'}" for k, v in m.get('targets', {}).items())}.
 Fixed CPU-test subset ({m['cpu_test_subset']['n']} questions): {m['cpu_test_subset']['accuracy_device']:.1f} % on the device.
 Everything measured is in `metrics.json` (per-step validation log included).
 """
