@@ -139,3 +139,40 @@ def test_training_questions_ask_each_fact_once_and_aux_positions_are_right():
     assert _sig(S.make_record("test", 2, 3)) == _sig(S.make_split("test", 4, seed=2)[3])
     with pytest.raises(ValueError):
         S.make_split("test", 1, qtypes=("nope",))
+
+
+def test_detail_questions_are_decided_by_one_small_off_centre_object():
+    recs = S.make_split("test", 90, seed=3, qtypes=S.DETAIL_QTYPES)
+    assert {r["qtype"] for r in recs} == set(S.DETAIL_QTYPES)
+    answers = {t: set() for t in S.DETAIL_QTYPES}
+    for r in recs:
+        objs, q, a, t = r["scene"].objects, r["question"], r["answer"], r["qtype"]
+        words = q.rstrip("?").split()
+        if t == "detail_shape":  # "what shape is the C object"
+            target = [o for o in objs if o.color == words[4]]
+            assert [o.shape for o in target] == [a]
+        elif t == "detail_color":  # "what color is the S": S unique in the scene
+            target = [o for o in objs if o.shape == words[-1]]
+            assert [o.color for o in target] == [a]
+        else:  # "is there a C S": the colour belongs to the target, the shape may not
+            target = [o for o in objs if o.color == words[3]]
+            assert (a == "yes") == (target[0].shape == words[4])
+        (o,) = target
+        assert o.size == "small"
+        # off-centre by hand: the centre's distance to the image centre along x or y
+        assert abs(o.x - 0.5) >= 0.3 or abs(o.y - 0.5) >= 0.3
+        answers[t].add(a)
+    assert answers["detail_exist"] == {"yes", "no"} and len(answers["detail_shape"]) == 3
+
+
+def test_band_canvas_names_the_column_bin_and_keeps_the_row_ramp(monkeypatch):
+    scene = S.Scene(())
+    bands = np.asarray(S.render(scene, 336, canvas="bands")).astype(int)
+    for x in range(0, 336, 7):
+        assert bands[100, x, 0] == 255 - S.BAND_STEP * (x * S.POS_BINS // 336)  # the bin, by hand
+    assert (bands[..., 1] == np.asarray(S.render(scene, 336, canvas="gradient"))[..., 1]).all()
+    monkeypatch.setenv("VTOKEN_SYNTH_CANVAS", "bands")
+    assert (np.asarray(S.render(scene, 336)) == bands).all()
+    monkeypatch.setenv("VTOKEN_SYNTH_CANVAS", "stripes")
+    with pytest.raises(ValueError, match="canvas must be one of"):
+        S.render(scene, 336)

@@ -203,3 +203,8 @@ def test_open_image_errors(tmp_path):
         open_image(str(bad))
     with pytest.raises(OSError):
         open_image(str(tmp_path / "missing.png"))
+
+
+def test_builtin_detail_set_loads_without_a_path():
+    ds = load_dataset("synthetic-detail", limit=6)
+    assert ds.name == "Detail" and ds.kind == "synthetic-detail" and len(ds.samples) == 6

@@ -283,3 +283,15 @@ def test_cli_interrupt_keeps_predictions_and_resumes(tmp_path, monkeypatch, caps
     assert not ({q for q in resumed.calls} & {q for q in killed.calls})  # nothing computed twice
     assert len(resumed.calls) + len(killed.calls) == 3 * 22  # 23 questions a config, one unreadable image
     assert len(read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 3 * 23
+
+
+def test_cli_shard_runs_one_shard_without_a_launcher(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_available_methods", lambda: ["fastv"])
+    monkeypatch.setattr(cli, "run_eval", lambda config, rank, world: seen.append((rank, world)))
+    base = ["--model", "fake", "--data", "synthetic", "--methods", "fastv", "--keep", "64", "--out", str(tmp_path)]
+    assert cli.main(base + ["--shard", "2/3"]) == 0
+    assert seen == [(2, 3)]
+    for bad in ("3/3", "x/2", "1"):
+        with pytest.raises(SystemExit, match="--shard"):
+            cli.main(base + ["--shard", bad])

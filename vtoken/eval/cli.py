@@ -70,7 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with an error (after writing the report) if a row does not keep its block's budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    p.add_argument("--shard", default=None, metavar="RANK/WORLD",
+                   help="run shard RANK of WORLD without a launcher: start WORLD such processes with the same "
+                        "--out (e.g. several on one GPU, where tiny models leave it idle); they meet through marker "
+                        "files there and shard 0 writes the report")
     return p
+
+
+def parse_shard(text: str) -> tuple:
+    """``"R/W"`` -> (R, W) with 0 <= R < W; a clear error otherwise."""
+    try:
+        rank, world = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard expects RANK/WORLD (e.g. 0/4), got {text!r}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise SystemExit(f"--shard {text}: RANK must be in [0, WORLD) and WORLD >= 1")
+    return rank, world
 
 
 def _available_methods():
@@ -194,7 +209,7 @@ def main(argv=None) -> int:
         print("\n".join(_available_methods() or []))
         return 0
     config = config_from_args(args)
-    rank, world, device = distributed_context()
+    rank, world, device = distributed_context() if args.shard is None else (*parse_shard(args.shard), None)
     if world > 1:
         if config.device_map:
             raise SystemExit("--device-map shards one model over GPUs; it cannot be combined with data-parallel "
