@@ -295,3 +295,14 @@ def test_cli_shard_runs_one_shard_without_a_launcher(tmp_path, monkeypatch):
     for bad in ("3/3", "x/2", "1"):
         with pytest.raises(SystemExit, match="--shard"):
             cli.main(base + ["--shard", bad])
+
+
+def test_run_token_follows_the_run_id_of_a_launch(monkeypatch):
+    monkeypatch.delenv("VTOKEN_EVAL_RUN_ID", raising=False)
+    plain = runner_mod.run_token()
+    monkeypatch.setenv("VTOKEN_EVAL_RUN_ID", "launch-1")
+    one = runner_mod.run_token()
+    monkeypatch.setattr(runner_mod.os, "getppid", lambda: 1)  # another parent (e.g. a `timeout` wrapper)
+    assert runner_mod.run_token() == one != plain
+    monkeypatch.setenv("VTOKEN_EVAL_RUN_ID", "launch-2")
+    assert runner_mod.run_token() != one

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     p.add_argument("--shard", default=None, metavar="RANK/WORLD",
                    help="run shard RANK of WORLD without a launcher: start WORLD such processes with the same "
-                        "--out (e.g. several on one GPU, where tiny models leave it idle); they meet through marker "
-                        "files there and shard 0 writes the report")
+                        "--out (e.g. several on one GPU, where tiny models leave it idle) from one shell, or with "
+                        "one $VTOKEN_EVAL_RUN_ID; they meet through marker files there and shard 0 writes the report")
     return p
 
 

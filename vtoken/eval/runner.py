@@ -176,9 +176,13 @@ def run_eval(
 
 def run_token() -> str:
     """An id shared by the processes of one launch (``accelerate launch`` / ``torchrun`` start
-    every local rank from the same agent process) and different between launches."""
+    every local rank from the same agent process; ``vtoken eval --shard`` processes started by
+    one shell) and different between launches. ``$VTOKEN_EVAL_RUN_ID``, when set, is the id (for
+    shards started through wrappers such as ``timeout``, whose parents differ)."""
     import hashlib
 
+    if os.environ.get("VTOKEN_EVAL_RUN_ID"):
+        return hashlib.sha1(os.environ["VTOKEN_EVAL_RUN_ID"].encode()).hexdigest()[:12]
     parts = [str(os.getppid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
              os.environ.get("TORCHELASTIC_RUN_ID", "")]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
