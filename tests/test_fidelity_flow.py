@@ -76,6 +76,21 @@ def test_rollout_matches_released_joint_attention_on_ragged_batches(seed, layers
         assert kept(sel, s) == want, s
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_rollout_renormalises_rows_that_do_not_sum_to_one(seed):
+    """Rows scaled below 1 (attention restricted to part of a sequence): the released code
+    renormalises A + I row by row, which is not 0.5 (A + I)."""
+    counts, budget = [9, 12], [3, 5]
+    x = random_signals(counts, budget, layers=2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x["layer_attn_full"] = x["layer_attn_full"] * (0.05 + 0.95 * torch.rand(x["layer_attn_full"].shape[:-1], generator=g)).unsqueeze(-1)
+    sel = RolloutScorer().select(make_signals(**x))
+    for s, c in enumerate(counts):
+        want = ref_rollout_kept(x["layer_attn_full"][s].numpy(), x["full_pos"][s].numpy(), int(x["full_query"][s]),
+                                c, budget[s])
+        assert kept(sel, s) == want, s
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_rollout_without_residual_is_add_residual_false(seed):
     counts, budget = [7, 10], [2, 6]
