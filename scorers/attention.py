@@ -224,6 +224,7 @@ def zipvl_layers(K: int, num_layers: int) -> tuple:
 
 
 @register_method(name="zipvl", family="attention", paper="He et al. 2024 (arXiv:2410.08584)",
+                 released_code="none released (paper's equation)",
                  stages="layer K=2, adaptive count (per_layer=True: every layer from K)", needs_attention=True,
                  text_guided=True, options=("K", "threshold", "per_layer", "num_layers", "mode") + MODIFIERS)
 def zipvl_plan(keep=1.0, K: int = 2, threshold: float = 0.975, per_layer: bool = False, num_layers=None,

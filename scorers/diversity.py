@@ -273,6 +273,7 @@ class AgileScorer(Scorer):
 
 
 @register_method(name="agile", family="diversity", paper="Baek et al., ICLR 2026 (arXiv:2603.01236)",
+                 released_code="none released (vtoken's reading; see docs/FIDELITY.md)",
                  stages="layer K=2", needs_attention=True, text_guided=True,
                  options=("K", "min_attention_share", "max_attention_share", "mode"))
 def agile_plan(keep, K: int = 2, min_attention_share: float = 0.0, max_attention_share: float = 1.0,
