@@ -56,7 +56,7 @@ class DivPruneScorer(Scorer):
 
 
 @register_method(name="divprune", family="diversity", paper="Alvar et al., CVPR 2025 (arXiv:2503.02175)",
-                 released_code="vbdi/divprune",
+                 released_code="vbdi/divprune@799e2d9",
                  stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False, options=("layer", "mode"))
 def divprune_plan(keep, layer: int = 0, mode: str = "select"):
     """DivPrune preset: one stage at ``layer`` (default before the LLM)."""
