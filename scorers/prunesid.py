@@ -151,6 +151,10 @@ def prunesid_segment(x: torch.Tensor, attn: torch.Tensor, T: int, tokens_per_com
     return prunesid_batch(x.unsqueeze(0), attn.unsqueeze(0), [T], tokens_per_component, nms_scale, cap)[0]
 
 
+#: float64 working memory of one batched PruneSID call (segments beyond it go to further calls)
+_CHUNK_BYTES = 1 << 30
+
+
 @register_scorer
 class PruneSIDScorer(Scorer):
     """PruneSID (Fang, Lyu et al., "Prune Redundancy, Preserve Essence: Vision Token Compression
@@ -205,9 +209,10 @@ class PruneSIDScorer(Scorer):
       :class:`~vtoken.errors.PruningConfigError` from ``apply_pruning``.
 
     Cost: a float64 SVD of a (D, c) matrix and a (c, c) similarity per segment, batched over the
-    segments of equal size (:func:`prunesid_batch`); the NMS runs a fixed number of rounds (the
-    largest group's size) as tensor ops, without a host sync per round: two host syncs per
-    batch of equal-size segments (group sizes, survivor counts) for the integer budget sharing.
+    segments of equal size (:func:`prunesid_batch`, in chunks of about 1 GiB of float64 work);
+    the NMS runs a fixed number of rounds (the largest group's size) as tensor ops, without a
+    host sync per round: two host syncs per batched call (group sizes, survivor counts) for the
+    integer budget sharing.
 
     Signals: ``vision_attn`` (S, n), ``hidden`` (S, n, D) -> Selection. Scores (heatmaps): the
     attention. Diagnostics: ``erank`` of the kept tokens.
@@ -240,7 +245,14 @@ class PruneSIDScorer(Scorer):
         for s, c in enumerate(counts.tolist()):
             if c:
                 by_count.setdefault(c, []).append(s)
-        for c, segs in by_count.items():  # one batched call per segment size
+        D = sig.hidden.shape[-1]
+        # one batched call per segment size, in chunks of about _CHUNK_BYTES of float64 work
+        # (the (D, c) matrix of the SVD and the (c, c) similarities of each segment)
+        chunks = []
+        for c, segs in by_count.items():
+            per = max(1, _CHUNK_BYTES // (8 * c * (D + c)))
+            chunks += [(c, segs[i:i + per]) for i in range(0, len(segs), per)]
+        for c, segs in chunks:
             rows = torch.tensor(segs, device=sig.mask.device)
             idx = slots[rows, :c]  # (B, c)
             x = sig.hidden[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, sig.hidden.shape[-1]))

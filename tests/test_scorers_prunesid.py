@@ -277,9 +277,13 @@ def test_prunesid_syncs_do_not_grow_with_nms_rounds_or_segments():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_prunesid_batched_equal_sizes_and_scattered_padding_equal_released_rule(seed):
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_prunesid_batched_equal_sizes_and_scattered_padding_equal_released_rule(seed, chunk, monkeypatch):
     """Segments of equal size are solved in one batched call, each with its own budget (so its
-    own number of groups and NMS threshold); real slots need not come first in a row."""
+    own number of groups and NMS threshold), in chunks (``chunk=1``: one segment per call); real
+    slots need not come first in a row."""
+    if chunk is not None:
+        monkeypatch.setattr("vtoken.scorers.prunesid._CHUNK_BYTES", chunk)
     counts, budgets = [30, 30, 17, 30, 17, 30], [4, 30, 5, 12, 16, 0]
     data = [clustered(c, 16, seed * 50 + s, offset=0.3 * (s % 3)) for s, c in enumerate(counts)]
     sig = make_signals(counts, budgets, hidden=[d[0] for d in data], vision_attn=[d[1] for d in data])
