@@ -21,7 +21,8 @@ def _rows():
 
 
 def _tests_named(cell):
-    """(file, test) pairs of a cell like ``tests/a.py::t1, ::t2; tests/b.py::t3``."""
+    """(file, test) pairs of a cell: ``FILE::t1, ::t2; OTHER_FILE::t3`` (a bare ``::t`` is in the
+    file named last)."""
     out, current = [], None
     for part in re.split(r"[;,]\s*", cell):
         m = re.match(r"(tests/[\w/]+\.py)?::(\w+)", part.strip())
