@@ -49,7 +49,7 @@ class FastVScorer(AttentionScorer):
 
 
 @register_method(name="fastv", family="attention", paper="Chen et al., ECCV 2024 (arXiv:2403.06764)",
-                 released_code="pkunlp-icler/FastV",
+                 released_code="pkunlp-icler/FastV@d165972",
                  stages="layer K=2", needs_attention=True, text_guided=True, options=("K", "mode") + MODIFIERS)
 def fastv_plan(keep, K: int = 2, mode: str = "select", **modifiers):
     """FastV preset: one stage at layer ``K`` keeping ``keep`` visual tokens per image."""
@@ -144,7 +144,7 @@ class FasterVLMScorer(AttentionScorer):
 
 
 @register_method(name="fastervlm", family="attention",
-                 released_code="Theia-4869/FasterVLM",
+                 released_code="Theia-4869/FasterVLM@f5d5f12",
                  paper="Zhang et al. 2024 (arXiv:2412.01818); VTC-CLS (arXiv:2412.05819)",
                  stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False,
                  options=("vision_layers", "mode") + MODIFIERS)
@@ -224,6 +224,7 @@ def zipvl_layers(K: int, num_layers: int) -> tuple:
 
 
 @register_method(name="zipvl", family="attention", paper="He et al. 2024 (arXiv:2410.08584)",
+                 released_code="none released (paper's equation)",
                  stages="layer K=2, adaptive count (per_layer=True: every layer from K)", needs_attention=True,
                  text_guided=True, options=("K", "threshold", "per_layer", "num_layers", "mode") + MODIFIERS)
 def zipvl_plan(keep=1.0, K: int = 2, threshold: float = 0.975, per_layer: bool = False, num_layers=None,

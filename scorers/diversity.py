@@ -56,7 +56,7 @@ class DivPruneScorer(Scorer):
 
 
 @register_method(name="divprune", family="diversity", paper="Alvar et al., CVPR 2025 (arXiv:2503.02175)",
-                 released_code="vbdi/divprune",
+                 released_code="vbdi/divprune@799e2d9",
                  stages="layer 0 (before the LLM)", needs_attention=False, text_guided=False, options=("layer", "mode"))
 def divprune_plan(keep, layer: int = 0, mode: str = "select"):
     """DivPrune preset: one stage at ``layer`` (default before the LLM)."""
@@ -273,6 +273,7 @@ class AgileScorer(Scorer):
 
 
 @register_method(name="agile", family="diversity", paper="Baek et al., ICLR 2026 (arXiv:2603.01236)",
+                 released_code="none released (vtoken's reading; see docs/FIDELITY.md)",
                  stages="layer K=2", needs_attention=True, text_guided=True,
                  options=("K", "min_attention_share", "max_attention_share", "mode"))
 def agile_plan(keep, K: int = 2, min_attention_share: float = 0.0, max_attention_share: float = 1.0,

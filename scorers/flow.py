@@ -60,8 +60,10 @@ class FlowCutScorer(AttentionScorer):
     (Qwen2-VL) it is the adapter's stand-in, the mean attention each patch receives (the
     authors' Qwen2-VL port uses the attention of the mean query for the same role).
 
-    Deviations (not checked against the released code, which needs signals a scorer does not
-    get): the released rule (TungChintao/FlowCut@a2ecd24, ``flowcut/modeling_clip_flowcut.py``
+    Fidelity: the accumulation (the first scored layer's score, then cumulative = 0.5 *
+    cumulative + 0.5 * score) is the released one and tests/test_fidelity_flow.py holds the kept
+    sets to it; the per-layer score is not. Deviations (the released score needs signals a
+    scorer does not get): the released rule (TungChintao/FlowCut@a2ecd24, ``flowcut/modeling_clip_flowcut.py``
     and ``utils_flowcut.py``) runs inside the CLIP encoder, at every layer before the feature
     layer: score = (a_cls / sum a_cls + s / sum s) * ||v||_1, with a_cls the head-mean [CLS]
     attention row, s the head-mean softmax of the [CLS] value against every value, v the
@@ -124,6 +126,7 @@ class FlowCutScorer(AttentionScorer):
 
 
 @register_method(name="flowcut", family="flow", paper="Tong et al. 2025 (arXiv:2505.19536)",
+                 released_code="TungChintao/FlowCut@a2ecd24 (accumulation only; per-layer score deviates)",
                  stages="layer K=2", needs_attention=True, text_guided=True,
                  options=("K", "relay", "momentum", "mode") + MODIFIERS)
 def flowcut_plan(keep, K: int = 2, relay=True, momentum: float = 0.5, mode: str = "select", **modifiers):
@@ -152,6 +155,10 @@ class RolloutScorer(AttentionScorer):
     (A' = 0.5 A + 0.5 I, rows renormalised) and multiplied through the layers; a visual token's
     score is its entry in the last prompt token's row of the rollout, i.e. how much of that
     token's input reaches the prediction through all attention paths, not only the direct one.
+    The default (``residual`` = 0.5) is the authors' released ``compute_joint_attention``
+    (samiraabnar/attention_flow@8044f53, ``attention_graph_util.py``, ``add_residual=True``:
+    (A + I) / row sum, later layers multiplied from the left); ``residual=0`` is its
+    ``add_residual=False``. tests/test_fidelity_flow.py holds the kept sets to it.
 
     Signals (full attention, not in the base signal set; the runtime provides them where it can):
     ``layer_attn_full`` (S, Lyr, m, m) head-averaged attention at layers 0..K-1 among the m
@@ -177,6 +184,7 @@ class RolloutScorer(AttentionScorer):
 
 
 @register_method(name="rollout", family="flow", paper="Abnar & Zuidema, ACL 2020 (arXiv:2005.00928)",
+                 released_code="samiraabnar/attention_flow@8044f53",
                  stages="layer K=2", needs_attention=True, text_guided=True,
                  options=("K", "residual", "mode") + MODIFIERS)
 def rollout_plan(keep, K: int = 2, residual: float = 0.5, mode: str = "select", **modifiers):
@@ -197,7 +205,7 @@ class AttentionFlowScorer(AttentionScorer):
     the top-budget tokens are kept. Unlike rollout, which sums the products of the weights along
     all paths, a path carries at most its weakest edge and paths share edge capacities.
 
-    Graph as in the authors' released code (samiraabnar/attention_flow, ``get_adjmat`` and
+    Graph as in the authors' released code (samiraabnar/attention_flow@8044f53, ``get_adjmat`` and
     ``compute_flows``: the same nodes, edges and capacities, residual added and rows
     renormalised). Deviations: (1) the flow runs from the input token up to the query, where
     the released code asks networkx for the flow from the top-layer node down to the input
@@ -251,6 +259,7 @@ class AttentionFlowScorer(AttentionScorer):
 
 
 @register_method(name="attnflow", family="flow", paper="Abnar & Zuidema, ACL 2020 (arXiv:2005.00928)",
+                 released_code="samiraabnar/attention_flow@8044f53",
                  stages="layer K=2", needs_attention=True, text_guided=True,
                  options=("K", "residual", "max_tokens", "mode") + MODIFIERS)
 def attnflow_plan(keep, K: int = 2, residual: float = 0.5, max_tokens=256, mode: str = "select", **modifiers):

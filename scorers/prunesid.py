@@ -19,37 +19,49 @@ from vtoken.scorers.base import Scorer, Selection, masked_scores
 from vtoken.signals import SegmentSignals
 
 
-def _components(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Group of each token: the principal component (of the first ``groups``) on which it loads
-    most in absolute value. x (c, D) -> (c,) long. PCA of sigmoid(x) taken as a (D, c) matrix
-    (feature dimensions are the observations, tokens the variables), each token's column centred;
-    exact SVD in float64 (``torch.linalg.svd``); the absolute loading makes the sign of each
-    singular vector irrelevant; ties go to the lower component; at most the numerical rank of the
-    centred matrix components (sv > sv_max * max(D, c) * eps, at least one)."""
-    a = torch.sigmoid(x.double()).T
-    a = a - a.mean(dim=0, keepdim=True)
-    _, sv, vh = torch.linalg.svd(a, full_matrices=False)  # vh (min(D, c), c)
+def _components(x: torch.Tensor, groups: torch.Tensor, width: int) -> torch.Tensor:
+    """Group of each token: the principal component (of the first ``groups[b]``) on which it
+    loads most in absolute value. x (B, c, D), groups (B,) long, width = max(groups) (a host int)
+    -> (B, c) long. PCA of sigmoid(x_b) taken as a (D, c) matrix (feature dimensions are the
+    observations, tokens the variables), each token's column centred; exact batched SVD in
+    float64 (``torch.linalg.svd``); the absolute loading makes the sign of each singular vector
+    irrelevant; ties go to the lower component; at most the numerical rank of the centred matrix
+    components (sv > sv_max * max(D, c) * eps, at least one)."""
+    a = torch.sigmoid(x.double()).transpose(1, 2)  # (B, D, c)
+    a = a - a.mean(dim=1, keepdim=True)
+    _, sv, vh = torch.linalg.svd(a, full_matrices=False)  # sv (B, k), vh (B, k, c)
     # components past the numerical rank (at most D - 1 once centred) are arbitrary: dropped
-    rank = int((sv > sv[0] * max(a.shape) * torch.finfo(sv.dtype).eps).sum()) if sv.numel() else 0
-    return vh[: max(1, min(groups, rank))].abs().argmax(dim=0)
+    rank = (sv > sv[:, :1] * max(a.shape[1:]) * torch.finfo(sv.dtype).eps).sum(dim=1)
+    used = torch.minimum(groups.to(rank.device), rank).clamp(min=1)  # (B,)
+    load = vh[:, :width].abs()
+    live = torch.arange(load.shape[1], device=load.device).view(1, -1, 1) < used.view(-1, 1, 1)
+    return load.masked_fill(~live, -1.0).argmax(dim=1)  # first maximum: the lower component
 
 
 def _nms(sim: torch.Tensor, rank: torch.Tensor, order: torch.Tensor, group: torch.Tensor, alive: torch.Tensor,
-         groups: int, threshold: float) -> torch.Tensor:
-    """Per-group NMS, all groups at once: each round every group keeps its highest-ranked live
-    token and removes the live tokens of that group more similar to it than ``threshold``.
-    Returns the (c,) bool survivors. One host sync per round."""
-    c = rank.shape[0]
+         groups: int, threshold: torch.Tensor, rounds: int) -> torch.Tensor:
+    """Per-group NMS, all groups of all segments at once: each round every group keeps its
+    highest-ranked live token and removes the live tokens of that group more similar to it than
+    the segment's ``threshold``. sim (B, c, c), rank / order / group (B, c) long, alive (B, c)
+    bool, threshold (B,) -> (B, c) bool survivors. A fixed number of rounds (``rounds``, at least
+    the largest group's size: a group loses at least one live token per round), each a few
+    tensor ops; a round after every group is empty changes nothing. No host sync."""
+    B, c = rank.shape
+    dev = rank.device
     alive = alive.clone()
-    survivor = torch.zeros(c, dtype=torch.bool, device=rank.device)
-    while bool(alive.any()):
+    survivor = torch.zeros((B, c), dtype=torch.bool, device=dev)
+    thr = threshold.view(B, 1, 1)
+    for _ in range(rounds):
         key = torch.where(alive, rank, torch.full_like(rank, c))
-        best = torch.full((groups,), c, dtype=rank.dtype, device=rank.device).scatter_reduce(0, group, key, "amin")
-        picks = order[best[best < c]]
-        survivor[picks] = True
-        alive[picks] = False
-        close = (sim[picks] > threshold) & (group.unsqueeze(0) == group[picks].unsqueeze(1))  # (P, c)
-        alive &= ~close.any(dim=0)
+        best = torch.full((B, groups), c, dtype=rank.dtype, device=dev).scatter_reduce(1, group, key, "amin")
+        valid = best < c  # (B, G): the group still has a live token
+        picks = order.gather(1, best.clamp(max=c - 1))  # (B, G) token of each group's best
+        new = torch.zeros((B, c), dtype=torch.long, device=dev).scatter_add_(1, picks, valid.long()) > 0
+        survivor |= new
+        alive &= ~new
+        rows = sim.gather(1, picks.unsqueeze(-1).expand(B, groups, c))  # (B, G, c)
+        same = group.unsqueeze(1) == group.gather(1, picks).unsqueeze(2)  # (B, G, c)
+        alive &= ~((rows > thr) & same & valid.unsqueeze(2)).any(dim=1)
     return survivor
 
 
@@ -79,43 +91,68 @@ def _allocate(size: list, nms: list, T: int, cap: int) -> list:
     return alloc
 
 
+def prunesid_batch(x: torch.Tensor, attn: torch.Tensor, budgets, tokens_per_component: int = 4,
+                   nms_scale: float = 32.0, cap: int = 5) -> torch.Tensor:
+    """PruneSID on B segments of the same size c. x (B, c, D) features, attn (B, c) [CLS]
+    attention, budgets B ints -> (B, c) bool with exactly min(T_b, c) True per row. See
+    :class:`PruneSIDScorer` for the rule. Two host syncs for the whole batch (group sizes and
+    survivor counts, for the integer budget sharing), none per NMS round."""
+    B, c, D = x.shape
+    dev = x.device
+    T = [max(0, min(int(t), c)) for t in budgets]
+    keep = torch.zeros((B, c), dtype=torch.bool, device=dev)
+    if B == 0 or c == 0:
+        return keep
+    ng = [min(max(1, int(t / tokens_per_component)), min(D, c)) for t in T]
+    G = max(ng)
+    group = _components(x, torch.tensor(ng, device=dev), G)  # (B, c)
+    a = attn.double()
+    order = torch.sort(a, dim=1, descending=True, stable=True).indices  # ties: the earlier token
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(c, device=dev).expand(B, c))
+    z = F.unit_rows(x.double())
+    sim = z @ z.transpose(1, 2)  # (B, c, c)
+    iu = torch.triu_indices(c, c, offset=1, device=dev)
+    mean = sim[:, iu[0], iu[1]].mean(dim=1) if c > 1 else torch.zeros(B, dtype=sim.dtype, device=dev)
+    threshold = torch.tensor(T, dtype=sim.dtype, device=dev) / nms_scale * mean
+    ones = torch.ones((B, c), dtype=torch.long, device=dev)
+    counts = torch.zeros((B, G), dtype=torch.long, device=dev).scatter_add_(1, group, ones)
+    size = counts.tolist()  # host sync 1
+    rounds = max(max(row) for row in size)
+    survivor = _nms(sim, rank, order, group, a > 0, G, threshold, rounds)
+    nms = torch.zeros((B, G), dtype=torch.long, device=dev).scatter_add_(1, group, survivor.long()).tolist()  # sync 2
+    alloc = torch.tensor([_allocate(size[b][: ng[b]], nms[b][: ng[b]], T[b], cap) + [0] * (G - ng[b])
+                          for b in range(B)], dtype=torch.long, device=dev)
+    # inside a group: survivors in NMS order (= decreasing attention), then the others by attention
+    priority = torch.where(survivor, rank, rank + c)
+    by = torch.sort(group * (2 * c) + priority, dim=1, stable=True).indices  # (B, c) grouped, in priority
+    start = counts.cumsum(dim=1) - counts  # (B, G) first sorted position of each group
+    g_by = group.gather(1, by)
+    pos = torch.arange(c, device=dev).expand(B, c) - start.gather(1, g_by)
+    keep.scatter_(1, by, pos < alloc.gather(1, g_by))
+    # vtoken keeps exactly T: fill (the released [CLS] slot) with the most attended unkept
+    # tokens, or trim the least attended kept ones
+    Tt = torch.tensor(T, dtype=torch.long, device=dev)
+    k = keep.sum(dim=1)
+    in_order = keep.gather(1, order)  # (B, c) kept flags in decreasing attention
+    fill = ~in_order & ((~in_order).long().cumsum(dim=1) <= (Tt - k).clamp(min=0).unsqueeze(1))
+    from_end = in_order.long().flip(1).cumsum(dim=1).flip(1)  # kept tokens at or after each position
+    trim = in_order & (from_end <= (k - Tt).clamp(min=0).unsqueeze(1))
+    in_order = (in_order | fill) & ~trim
+    keep = torch.zeros_like(keep).scatter_(1, order, in_order)
+    keep |= (Tt == c).unsqueeze(1)
+    keep &= (Tt > 0).unsqueeze(1)
+    return keep
+
+
 def prunesid_segment(x: torch.Tensor, attn: torch.Tensor, T: int, tokens_per_component: int = 4,
                      nms_scale: float = 32.0, cap: int = 5) -> torch.Tensor:
     """PruneSID on one segment. x (c, D) features, attn (c,) [CLS] attention, T the budget ->
-    (c,) bool with exactly min(T, c) True. See :class:`PruneSIDScorer` for the rule."""
-    c = x.shape[0]
-    dev = x.device
-    T = max(0, min(int(T), c))
-    keep = torch.zeros(c, dtype=torch.bool, device=dev)
-    if T == 0 or T == c:
-        return keep.fill_(T == c)
-    groups = min(max(1, int(T / tokens_per_component)), min(x.shape[1], c))
-    group = _components(x, groups)
-    a = attn.double()
-    order = torch.sort(a, descending=True, stable=True).indices  # ties: the earlier token
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(c, device=dev)
-    z = F.unit_rows(x.double())
-    sim = z @ z.T
-    iu = torch.triu_indices(c, c, offset=1, device=dev)
-    threshold = float(T / nms_scale * sim[iu[0], iu[1]].mean())
-    survivor = _nms(sim, rank, order, group, a > 0, groups, threshold)
-    size = torch.bincount(group, minlength=groups).tolist()
-    nms = torch.bincount(group[survivor], minlength=groups).tolist()
-    alloc = torch.tensor(_allocate(size, nms, T, cap), device=dev)
-    # inside a group: survivors in NMS order (= decreasing attention), then the others by attention
-    priority = torch.where(survivor, rank, rank + c)
-    by = torch.sort(group * (2 * c) + priority, stable=True).indices
-    start = torch.cumsum(torch.bincount(group, minlength=groups), 0) - torch.bincount(group, minlength=groups)
-    pos = torch.arange(c, device=dev) - start[group[by]]
-    keep[by] = pos < alloc[group[by]]
-    # vtoken keeps exactly T: fill (the released [CLS] slot) or trim by attention
-    k = int(keep.sum())
-    if k < T:
-        keep[order[~keep[order]][: T - k]] = True
-    elif k > T:
-        keep[order[keep[order]][T - k:]] = False
-    return keep
+    (c,) bool with exactly min(T, c) True (:func:`prunesid_batch` with B = 1)."""
+    return prunesid_batch(x.unsqueeze(0), attn.unsqueeze(0), [T], tokens_per_component, nms_scale, cap)[0]
+
+
+#: float64 working memory of one batched PruneSID call (segments beyond it go to further calls)
+_CHUNK_BYTES = 1 << 30
 
 
 @register_scorer
@@ -171,8 +208,11 @@ class PruneSIDScorer(Scorer):
       Other adapters (Qwen-VL's mean attention received is no [CLS]) get a
       :class:`~vtoken.errors.PruningConfigError` from ``apply_pruning``.
 
-    Cost: a float64 SVD of a (D, c) matrix and a (c, c) similarity per segment, one host sync
-    per NMS round (the largest group's survivor count).
+    Cost: a float64 SVD of a (D, c) matrix and a (c, c) similarity per segment, batched over the
+    segments of equal size (:func:`prunesid_batch`, in chunks of about 1 GiB of float64 work);
+    the NMS runs a fixed number of rounds (the largest group's size) as tensor ops, without a
+    host sync per round: two host syncs per batched call (group sizes, survivor counts) for the
+    integer budget sharing.
 
     Signals: ``vision_attn`` (S, n), ``hidden`` (S, n, D) -> Selection. Scores (heatmaps): the
     attention. Diagnostics: ``erank`` of the kept tokens.
@@ -198,13 +238,28 @@ class PruneSIDScorer(Scorer):
     def select(self, sig: SegmentSignals) -> Selection:
         keep = torch.zeros_like(sig.mask)
         budgets = sig.budget.tolist()
-        for s in range(sig.num_segments):
-            slots = sig.mask[s].nonzero().flatten()
-            if slots.numel() == 0:
-                continue
-            kept = prunesid_segment(sig.hidden[s, slots], sig.vision_attn[s, slots].nan_to_num(0.0), budgets[s],
-                                    self.tokens_per_component, self.nms_scale, self.cap)
-            keep[s, slots[kept]] = True
+        counts = sig.mask.sum(dim=1)
+        # real slots of every segment first, in slot order (padding may sit anywhere)
+        slots = torch.sort((~sig.mask).to(torch.uint8), dim=1, stable=True).indices
+        by_count = {}
+        for s, c in enumerate(counts.tolist()):
+            if c:
+                by_count.setdefault(c, []).append(s)
+        D = sig.hidden.shape[-1]
+        # one batched call per segment size, in chunks of about _CHUNK_BYTES of float64 work
+        # (the (D, c) matrix of the SVD and the (c, c) similarities of each segment)
+        chunks = []
+        for c, segs in by_count.items():
+            per = max(1, _CHUNK_BYTES // (8 * c * (D + c)))
+            chunks += [(c, segs[i:i + per]) for i in range(0, len(segs), per)]
+        for c, segs in chunks:
+            rows = torch.tensor(segs, device=sig.mask.device)
+            idx = slots[rows, :c]  # (B, c)
+            x = sig.hidden[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, sig.hidden.shape[-1]))
+            a = sig.vision_attn[rows].gather(1, idx).nan_to_num(0.0)
+            kept = prunesid_batch(x, a, [budgets[s] for s in segs], self.tokens_per_component, self.nms_scale,
+                                  self.cap)
+            keep[rows.unsqueeze(1), idx] = kept
         sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
         return Selection(keep=keep, scores=masked_scores(sig.vision_attn, sig.mask))
 
@@ -221,4 +276,4 @@ def prunesid_plan(keep, tokens_per_component: int = 4, nms_scale: float = 32.0, 
     return [Stage(layer=0, scorer=scorer, keep=validate_budget(keep), mode=mode)]
 
 
-__all__ = ["PruneSIDScorer", "prunesid_segment", "prunesid_plan"]
+__all__ = ["PruneSIDScorer", "prunesid_batch", "prunesid_segment", "prunesid_plan"]

@@ -85,7 +85,7 @@ class VisionZipScorer(AttentionScorer):
 
 
 @register_method(name="visionzip", family="attention", paper="Yang et al., CVPR 2025 (arXiv:2412.04467)",
-                 released_code="dvlab-research/VisionZip (dominant set)",
+                 released_code="dvlab-research/VisionZip@3151f6d (kept set, assignment)",
                  stages="layer 0 (before the LLM), merge", needs_attention=False, text_guided=False,
                  options=("dominant", "contextual", "contextual_ratio") + MODIFIERS)
 def visionzip_plan(keep, dominant=None, contextual=None, contextual_ratio: float = 10.0 / 64.0, **modifiers):

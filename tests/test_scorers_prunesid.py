@@ -228,3 +228,72 @@ def test_prunesid_refused_without_cls_attention(arch):
         vtoken.apply_pruning(model, method="prunesid", keep=0.5)
     # the model is left unpruned: a plain method applies afterwards
     vtoken.apply_pruning(model, method="fastv", keep=0.5).remove()
+
+
+def _sync_ops(fn) -> int:
+    """Number of host-sync ATen ops (item / nonzero / bool of a tensor) while ``fn`` runs."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+                             "aten.equal.default"):
+                self.n[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        fn()
+    return sum(c.n.values())
+
+
+def test_prunesid_syncs_do_not_grow_with_nms_rounds_or_segments():
+    """The NMS runs as tensor ops over a fixed number of rounds, batched over the segments of
+    equal size: the host syncs of a call are the same whatever the number of NMS rounds (one
+    group: many rounds; many groups: few) or of segments in the batch, and the kept sets still
+    equal the released rule."""
+    from vtoken.scorers.prunesid import prunesid_batch
+
+    data = [clustered(40, 12, seed=s, centres=3, offset=0.4) for s in range(3)]
+    counts = []
+    for budgets in ([4, 4, 4], [24, 24, 24]):
+        sig = make_signals([40] * 3, budgets, hidden=[d[0] for d in data], vision_attn=[d[1] for d in data])
+        sel = {}
+        counts.append(_sync_ops(lambda: sel.setdefault("s", PruneSIDScorer().select(sig))))
+        for s in range(3):
+            ref = reference_prunesid(data[s][0].numpy(), data[s][1].tolist(), budgets[s])
+            assert sel["s"].keep[s].nonzero().flatten().tolist() == ref
+    assert counts[0] == counts[1], counts
+    x = torch.stack([d[0] for d in data])
+    a = torch.stack([d[1] for d in data])
+    alone = _sync_ops(lambda: prunesid_batch(x[:1], a[:1], [4]))
+    together = _sync_ops(lambda: prunesid_batch(x, a, [4, 24, 9]))
+    assert alone == together <= 2, (alone, together)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_prunesid_batched_equal_sizes_and_scattered_padding_equal_released_rule(seed, chunk, monkeypatch):
+    """Segments of equal size are solved in one batched call, each with its own budget (so its
+    own number of groups and NMS threshold), in chunks (``chunk=1``: one segment per call); real
+    slots need not come first in a row."""
+    if chunk is not None:
+        monkeypatch.setattr("vtoken.scorers.prunesid._CHUNK_BYTES", chunk)
+    counts, budgets = [30, 30, 17, 30, 17, 30], [4, 30, 5, 12, 16, 0]
+    data = [clustered(c, 16, seed * 50 + s, offset=0.3 * (s % 3)) for s, c in enumerate(counts)]
+    sig = make_signals(counts, budgets, hidden=[d[0] for d in data], vision_attn=[d[1] for d in data])
+    perm = torch.randperm(sig.mask.shape[1], generator=torch.Generator().manual_seed(seed))
+    for name in ("mask", "index", "hidden", "vision_attn"):
+        setattr(sig, name, getattr(sig, name)[:, perm])
+    sel = PruneSIDScorer().select(sig)
+    for s, (x, a) in enumerate(data):
+        slots = sig.mask[s].nonzero().flatten()  # slot of token j: ordered by sig.index
+        by_token = slots[torch.argsort(sig.index[s, slots])]
+        got = sorted(int(sig.index[s, j]) for j in by_token if sel.keep[s, j])
+        assert got == reference_prunesid(x.numpy(), a.tolist(), budgets[s]), s
+    assert not (sel.keep & ~sig.mask).any()
