@@ -1,0 +1,382 @@
+"""FlashVID (Fan et al., ICLR 2026, arXiv:2602.08024): the pre-LLM stage's kept set and merge
+assignment equal a plain-loop reference written from the authors' released code
+(github.com/Fanziyang-v/FlashVID at 038101a: flashvid/utils.py ``flashvid_compression``,
+``segment_compression``, ``segment`` / ``additional_segment``, ``spatiotemporal_compression``,
+``dpc_knn``; flashvid/token_selection.py ``attn_div_based_token_selection`` and
+``attn_div_v2_based_token_selection``), with the scorer's documented attention stand-in (the
+softmax over the frame of each token's dot product with the frame's mean / sqrt(D)), on
+hand-built videos and random ones; images refused; the preset; end to end on tiny Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision with videos: exact budgets per stage, batch == each
+sample alone, cache on / off equal.
+
+FlashVID's ``dpc_knn`` is the same rule as HoliTom's ``cluster_dpc_knn`` (k nearest including the
+token itself, density ``exp(-mean squared distance)``, distance to the nearest denser token, the
+top ``delta * density`` as centres, each token to its nearest centre), so its plain-loop
+reference is shared with tests/test_scorers_holitom.py."""
+
+import math
+
+import pytest
+import torch
+
+import tiny_models as tm
+import vtoken
+from conftest import SUPPRESS, get_model, slice_sample
+from vtoken.errors import PruningConfigError
+from vtoken.scorers import FastVScorer, FlashVIDScorer
+from test_scorers_e2e import last_slot
+from test_scorers_holitom import reference_dpc, scenes
+from vtoken.scorers.testing import make_signals
+
+
+def dot(a, b):
+    return sum(p * q for p, q in zip(a, b))
+
+
+def cos(a, b):
+    return dot(a, b) / (math.sqrt(dot(a, a)) * math.sqrt(dot(b, b)))
+
+
+def mean(rows):
+    return [sum(col) / len(rows) for col in zip(*rows)]
+
+
+def argmax(values):
+    """First index of the largest value (torch.argmax's rule)."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def attention(X):
+    """The documented stand-in for the encoder attention, per frame."""
+    out = []
+    for frame in X:
+        m = mean(frame)
+        logits = [dot(t, m) / math.sqrt(len(m)) for t in frame]
+        top = max(logits)
+        e = [math.exp(v - top) for v in logits]
+        out.append([v / sum(e) for v in e])
+    return out
+
+
+def reference_segments(X, threshold, min_segments):
+    """``segment`` + ``additional_segment``: segment lengths (zero-length ones dropped)."""
+    T = len(X)
+    g = [mean(frame) for frame in X]
+    sims = [cos(g[f], g[f + 1]) for f in range(T - 1)]
+    cuts = [f for f in range(T - 1) if sims[f] < threshold]
+    if len(cuts) + 1 < min_segments:
+        filled = [1.0 if s < threshold else s for s in sims]
+        cuts += sorted(range(T - 1), key=lambda f: (filled[f], f))[:min(min_segments - len(cuts) - 1, T - 1)]
+    edges = [-1] + sorted(cuts) + [T - 1]
+    return [b - a for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def reference_adts(frame, att, k, relevance, exclude):
+    """One frame of the released calibrated max-min diversity selection: the chosen positions."""
+    N = len(frame)
+    w = [att[j] * 1e6 * (relevance[j] if relevance is not None else 1.0) for j in range(N)]
+    dist = [[(1.0 - cos(frame[i], frame[j])) * w[j] for j in range(N)] for i in range(N)]
+    chosen = [argmax([sorted(dist[i][j] for i in range(N))[1] for j in range(N)])]
+    for _ in range(1, k):
+        md = [min(dist[s][j] for s in chosen) for j in range(N)]
+        if exclude:
+            for s in chosen:
+                md[s] = -1
+        chosen.append(argmax(md))
+    return set(chosen)
+
+
+def reference_flashvid(x, K, alpha=0.7, tau=0.8, segment_tau=0.9, min_segments=8, selection="attn_div_v2"):
+    """The released pre-LLM rule on x (T, N, D) with K tokens a frame: (kept (frame, pos) set,
+    merge map {(frame, pos): (frame, pos)} -- each token folded into a kept token)."""
+    X = x.double().tolist()
+    T, N = len(X), len(X[0])
+    att = attention(X)
+    A = math.ceil(K * alpha)
+    S = K - A
+    kept, merge = set(), {}
+    start = 0
+    for L in reference_segments(X, segment_tau, min_segments):
+        frames = range(start, start + L)
+        pooled = [mean(X[f]) for f in frames]
+        adts = {}
+        for f in frames:
+            rel = [sum(dot(X[f][j], p) for p in pooled) / L for j in range(N)] if selection == "attn_div_v2" else None
+            adts[f] = reference_adts(X[f], att[f], A, rel, selection == "attn_div")
+            kept |= {(f, p) for p in adts[f]}
+        if S > 0 and tau < 1.0:
+            parent = {}  # merged token -> its parent in the previous frame
+            if L > 1:
+                best = {(start, n): -1.0 for n in range(N)}
+                for f in frames[1:]:
+                    for n in range(N):
+                        sims = [-1.0 if (n in adts[f] or m in adts[f - 1]) else cos(X[f][n], X[f - 1][m])
+                                for m in range(N)]
+                        best[(f, n)] = max(sims)
+                        parent[(f, n)] = (f - 1, argmax(sims))
+                merged = {q for q in best if best[q] > tau}
+                if L * N - len(merged) < K * L:
+                    soft = max(sorted(best.values(), reverse=True)[L * N - K * L - 1], -1.0 + 1e-6)
+                    merged = {q for q in best if best[q] > soft}
+                feats = {(f, n): list(X[f][n]) for f in frames for n in range(N)}
+                count = {q: 1 for q in feats}
+                for f in reversed(frames):
+                    for n in range(N):
+                        if (f, n) not in merged:
+                            feats[(f, n)] = [v / count[(f, n)] for v in feats[(f, n)]]
+                            count[(f, n)] = 1
+                    for n in range(N):
+                        if (f, n) in merged:
+                            p = parent[(f, n)]
+                            feats[p] = [u + v for u, v in zip(feats[p], feats[(f, n)])]
+                            count[p] += 1
+                roots = {f: [n for n in range(N) if (f, n) not in merged and n not in adts[f]] for f in frames}
+            else:
+                merged, feats = set(), {(start, n): X[start][n] for n in range(N)}
+                roots = {start: list(range(N))}
+            ratio = S * L / sum(len(r) for r in roots.values())
+            centre = {}
+            for f in frames:
+                c = math.ceil(len(roots[f]) * ratio)
+                if c > 0 and ratio < 1.0:
+                    cent, assign = reference_dpc([feats[(f, n)] for n in roots[f]], c, min(c, 7))
+                    for a, n in enumerate(roots[f]):
+                        centre[(f, n)] = (f, roots[f][cent[assign[a]]])
+                    kept |= {(f, roots[f][i]) for i in cent}
+                else:
+                    centre.update({(f, n): (f, n) for n in roots[f]})
+                    kept |= {(f, n) for n in roots[f]}
+            for f in frames:
+                for n in range(N):
+                    q = (f, n)
+                    if q in kept:
+                        continue
+                    while q in merged:
+                        q = parent[q]
+                    if q in centre:
+                        merge[(f, n)] = centre[q]
+        start += L
+    return kept, merge, {(f, p): att[f][p] for f in range(T) for p in range(N)}
+
+
+def run_scorer(x, budget, **kw):
+    T, N, Dm = x.shape
+    sig = make_signals([T * N], [budget], grid=[(T, 1, N)], hidden=[x.reshape(T * N, Dm).float()], kind=["video"])
+    sel = FlashVIDScorer(**kw).select(sig)
+    kept = {(j // N, j % N) for j in torch.nonzero(sel.keep[0]).flatten().tolist()}
+    merge = {(j // N, j % N): (int(t) // N, int(t) % N) for j, t in enumerate(sel.merge_into[0].tolist()) if t >= 0}
+    return kept, merge, sel
+
+
+def check_against_reference(x, budget, **kw):
+    """Exact equality where the released count is the budget; otherwise the documented fill / trim
+    by attention. Returns whether the case was exact."""
+    T, N, _ = x.shape
+    x = x.float().double()  # what the scorer sees
+    ref_kept, ref_merge, att = reference_flashvid(x, min(math.ceil(budget / T), N), **kw)
+    kept, merge, _ = run_scorer(x, budget, **kw)
+    assert len(kept) == budget
+    if len(ref_kept) == budget:
+        assert kept == ref_kept
+        assert merge == ref_merge
+        return True
+    if len(ref_kept) < budget:
+        assert ref_kept <= kept
+        others = sorted((q for q in att if q not in ref_kept), key=lambda q: (-att[q], q[0] * N + q[1]))
+        assert kept == ref_kept | set(others[:budget - len(ref_kept)])
+    else:
+        ranked = sorted(ref_kept, key=lambda q: (-att[q], q[0] * N + q[1]))
+        assert kept == set(ranked[:budget])
+    assert merge == {a: b for a, b in ref_merge.items() if b in kept and a not in kept}
+    return False
+
+
+def test_flashvid_hand_built_static_scene():
+    """Four frames of one scene (small noise), 8 tokens a frame, token 7 moving; one segment
+    (``segment_tau`` = 0.5). alpha = 0.5, K = 4: two ADTS tokens a frame, and every static token of
+    a later frame joins the tree of its own copy in frame 0 (cosine ~1 > 0.8), so every later
+    static token that is not an ADTS token merges into a frame-0 token; the scorer at budget 16
+    is the released set trimmed by attention (the released count rounds the clusters up)."""
+    T, N = 4, 8
+    x = scenes(T, N, 6, changes={0}, moving={7}, noise=0.01, seed=3)
+    kw = dict(alpha=0.5, min_segments=1, segment_tau=0.5)
+    assert reference_segments(x.tolist(), 0.5, 1) == [T]
+    ref_kept, ref_merge, _ = reference_flashvid(x, 4, **kw)
+    for f in range(1, T):
+        assert len({p for g, p in ref_kept if g == f and p != 7}) == 2  # its ADTS tokens
+        for p in range(7):
+            if (f, p) not in ref_kept:
+                assert ref_merge[(f, p)][0] == 0  # the static trees' roots are in frame 0
+    check_against_reference(x, 16, **kw)
+    check_against_reference(x, len(ref_kept) // T * T, **kw)
+
+
+CASES = [  # (T, N, changes, moving, noise)
+    (6, 8, {3}, {0, 5}, 0.05),
+    (8, 9, {2, 5}, {1, 4, 7}, 0.02),
+    (4, 12, set(), {3}, 0.1),
+    (5, 6, set(range(5)), set(), 0.5),
+    (8, 6, {4}, set(), 0.01),
+]
+OPTIONS = [
+    dict(),  # released defaults: attn_div_v2, min 8 segments (every frame its own segment here)
+    dict(min_segments=1),
+    dict(min_segments=2, selection="attn_div"),
+    dict(min_segments=4, selection="attn_div", alpha=0.4),
+    dict(min_segments=1, alpha=0.3, tau=0.6),
+]
+
+
+@pytest.mark.parametrize("T,N,changes,moving,noise", CASES)
+@pytest.mark.parametrize("opt", range(len(OPTIONS)))
+def test_flashvid_equals_released_rule(T, N, changes, moving, noise, opt):
+    x = scenes(T, N, 5, changes, moving, noise, seed=opt)
+    # K = ceil(b / T) < N: at K = N (nothing to compress) the released lower bound leaves no token to merge
+    # and its ``topk(k=0)`` raises
+    exact = [check_against_reference(x, b, **OPTIONS[opt]) for b in range(T, T * (N - 1) + 1, max(1, T // 2))]
+    assert any(exact), "no budget hit the released count exactly"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flashvid_random_features(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 10, 4, generator=g, dtype=torch.float64)
+    for opt in (dict(min_segments=1, segment_tau=-1.0), dict(min_segments=3, selection="attn_div")):
+        for b in (6, 12, 24, 36):
+            check_against_reference(x, b, **opt)
+
+
+def test_flashvid_images_refused_and_video_kinds():
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randn(16, 6, generator=g), torch.randn(16, 6, generator=g)]
+    sig = make_signals([16, 16], [4, 16], grid=[(1, 4, 4), (1, 4, 4)], hidden=h, kind=["video", "image"])
+    assert FlashVIDScorer().select(sig).keep.sum(1).tolist() == [4, 16]
+    sig = make_signals([16], [4], grid=[(1, 4, 4)], hidden=h[:1], kind=["image"])
+    with pytest.raises(PruningConfigError, match="not supported"):
+        FlashVIDScorer().select(sig)
+    sig = make_signals([16], [4], grid=[(1, 4, 4)], kind=["video"])
+    with pytest.raises(PruningConfigError, match="hidden"):
+        FlashVIDScorer().select(sig)
+
+
+def test_flashvid_preset():
+    plan = vtoken.build_plan("flashvid", 0.3)
+    assert [(st.layer, st.mode) for st in plan] == [(0, "merge"), (20, "select")]
+    assert plan[0].keep == 0.3 and plan[1].keep == pytest.approx(0.09)
+    assert isinstance(plan[0].scorer, FlashVIDScorer) and isinstance(plan[1].scorer, FastVScorer)
+    assert [st.keep for st in vtoken.build_plan("flashvid", 64, r=0.1, layers=28)] == [64, 7]
+    assert len(vtoken.build_plan("flashvid", 64, layers=())) == 1
+    for bad in (dict(alpha=2.0), dict(selection="div"), dict(r=0.0), dict(min_segments=0)):
+        with pytest.raises(PruningConfigError):
+            vtoken.build_plan("flashvid", 64, **bad)
+
+
+# ---------------------------------------------------------------- end to end
+KEEP = 6
+SECOND = math.ceil(KEEP * 0.3)
+
+
+def video_batch(arch, model):
+    if arch == "llava_onevision":
+        return tm.onevision_video_inputs(model, [4, 4], pad_side="left")
+    return tm.qwen_inputs(model, [[("video", (4, 4, 4))], [("video", (2, 4, 8))], []], pad_side="left")
+
+
+def one_sample(arch, model, inputs, b):
+    if arch != "llava_onevision":
+        return slice_sample(inputs, b, model)
+    m = inputs["attention_mask"][b].bool()
+    return dict(input_ids=inputs["input_ids"][b][m][None], attention_mask=torch.ones(1, int(m.sum()), dtype=torch.long),
+                pixel_values_videos=inputs["pixel_values_videos"][b:b + 1])
+
+
+def run(model, inputs):
+    with vtoken.apply_pruning(model, method="flashvid", keep=KEEP, layers=2, min_segments=2) as h, torch.no_grad():
+        return model(**inputs).logits, h.stats
+
+
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flashvid_end_to_end_budgets_and_batch(arch):
+    model = get_model(arch)
+    inputs = video_batch(arch, model)
+    out, stats = run(model, inputs)
+    assert [st.layer for st in stats.stages] == [0, 2]
+    for b in range(inputs["input_ids"].shape[0]):
+        for seg, c0, c1 in zip(stats.segments[b], stats.stages[0].counts[b], stats.stages[1].counts[b]):
+            assert seg.kind == "video"
+            assert c0 == min(KEEP, seg.count) and c1 == min(SECOND, c0)
+            if arch != "qwen3_vl":
+                assert seg.grid is not None and seg.grid[0] > 1  # the whole video is one segment
+    last = last_slot(stats, inputs)
+    for b in range(inputs["input_ids"].shape[0]):
+        one, one_stats = run(model, one_sample(arch, model, inputs, b))
+        torch.testing.assert_close(out[b, last[b]], one[0, -1], rtol=1e-4, atol=1e-4)
+        if stats.segments[b]:
+            for st_b, st_1 in zip(stats.stages, one_stats.stages):
+                assert torch.equal(st_b.kept[b], st_1.kept[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flashvid_generate_cache_on_off_equal(arch):
+    model = get_model(arch)
+    inputs = video_batch(arch, model)
+    with vtoken.apply_pruning(model, method="flashvid", keep=KEEP, layers=2, min_segments=2):
+        with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
+        without = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False, suppress_tokens=SUPPRESS)
+    assert torch.equal(with_cache, without)
+
+
+def test_flashvid_end_to_end_kept_set_is_the_released_rule_on_the_llm_inputs():
+    """Qwen2-VL, one 8-frame video: the first stage keeps what the scorer keeps on the features
+    entering the LLM (grid (8, 2, 2)), and where the released count is the budget, the released set."""
+    model = get_model("qwen2_vl")
+    inputs = tm.qwen_inputs(model, [[("video", (8, 4, 4))]])
+    x = tm.llm_inputs_at(model, inputs).double().reshape(8, 4, -1)
+    exact = 0
+    for budget in (8, 16, 24):
+        with vtoken.apply_pruning(model, method="flashvid", keep=budget, layers=(), min_segments=2) as h, \
+                torch.no_grad():
+            model(**inputs)
+            kept = {(j // 4, j % 4) for j in h.stats.stages[0].kept[0].tolist()}
+        assert kept == run_scorer(x, budget, min_segments=2)[0]
+        ref, _, _ = reference_flashvid(x.float().double(), budget // 8, min_segments=2)
+        if len(ref) == budget:
+            assert kept == ref
+            exact += 1
+    assert exact
+
+
+def test_flashvid_refuses_images_end_to_end():
+    model = get_model("qwen2_vl")
+    inputs = tm.qwen_inputs(model, [[("image", (1, 8, 8))]])
+    with pytest.raises(PruningConfigError, match="not supported"):
+        with vtoken.apply_pruning(model, method="flashvid", keep=KEEP, layers=2), torch.no_grad():
+            model(**inputs)
+
+
+def test_flashvid_qwen3_vl_groups_are_one_video():
+    """Qwen3-VL makes each temporal group a segment: the rule runs over the whole video (one frame
+    per group) and each group keeps its budget: the rule's tokens of that group first, then its
+    others, by attention."""
+    model = get_model("qwen3_vl")
+    inputs = tm.qwen_inputs(model, [[("video", (6, 4, 4))]])
+    T, N = 6, 4
+    x = tm.llm_inputs_at(model, inputs).double().reshape(T, N, -1).float().double()
+    for budget in (1, 2, 3):
+        with vtoken.apply_pruning(model, method="flashvid", keep=budget, layers=(), min_segments=2) as h, \
+                torch.no_grad():
+            model(**inputs)
+            stats = h.stats
+        assert [seg.grid for seg in stats.segments[0]] == [(1, 2, 2)] * T
+        ref, _, att = reference_flashvid(x, budget, min_segments=2)
+        got = [sorted(j % N for j in stats.stages[0].kept[0].tolist() if j // N == f) for f in range(T)]
+        for f in range(T):
+            ranked = sorted(range(N), key=lambda p: ((f, p) not in ref, -att[(f, p)], p))
+            assert got[f] == sorted(ranked[:budget])
