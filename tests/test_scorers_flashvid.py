@@ -26,6 +26,7 @@ from vtoken.errors import PruningConfigError
 from vtoken.scorers import FastVScorer, FlashVIDScorer
 from test_scorers_e2e import last_slot
 from test_scorers_holitom import reference_dpc, scenes
+from vtoken.scorers.flashvid import adts
 from vtoken.scorers.testing import make_signals
 
 
@@ -213,6 +214,35 @@ def test_flashvid_hand_built_static_scene():
                 assert ref_merge[(f, p)][0] == 0  # the static trees' roots are in frame 0
     check_against_reference(x, 16, **kw)
     check_against_reference(x, len(ref_kept) // T * T, **kw)
+
+
+def test_flashvid_adts_hand_built():
+    """One frame e1, e1, e2, e3 (unit vectors), uniform attention. The first token maximises the
+    second smallest distance of its column: tokens 0 and 1 have a twin (0), tokens 2 and 3 do not (1
+    each), so token 2 (the first maximum); then token 0 (distance 1, the first of 0, 1, 3), then 3;
+    the last step sees distance 0 everywhere: ``attn_div`` excludes the chosen tokens and takes token
+    1, ``attn_div_v2`` does not and takes token 0 again, keeping 3 tokens."""
+    e = torch.eye(3, dtype=torch.float64)
+    frame = torch.stack([e[0], e[0], e[1], e[2]])[None]
+    att = torch.full((1, 4), 0.25, dtype=torch.float64)
+    assert adts(frame, att, 4, exclude=True)[0].tolist() == [True, True, True, True]
+    assert adts(frame, att, 4, exclude=False)[0].tolist() == [True, False, True, True]
+    assert adts(frame, att, 3, exclude=True)[0].tolist() == [True, False, True, True]
+    assert adts(frame, att, 1, exclude=True)[0].tolist() == [False, False, True, False]
+    rows = frame[0].tolist()
+    assert reference_adts(rows, [0.25] * 4, 4, None, True) == {0, 1, 2, 3}
+    assert reference_adts(rows, [0.25] * 4, 4, None, False) == {0, 2, 3}
+    # attention calibrates the diversity: with a strong token 3 the first pick is 3, not 2
+    att = torch.tensor([[0.1, 0.1, 0.1, 0.7]], dtype=torch.float64)
+    assert adts(frame, att, 2, exclude=True)[0].tolist() == [True, False, False, True]
+    assert reference_adts(rows, att[0].tolist(), 2, None, True) == {0, 3}
+    # the scorer: frame e1, e1, 2 e2, 2 e2, e3 at alpha = 1, K = 4: e3 first, then 2 e2 (more attention),
+    # then e1; the fourth pick sees distance 0 everywhere: ``attn_div`` takes the first unchosen token (1),
+    # ``attn_div_v2`` re-picks token 0 and the budget is filled by attention (token 3, a 2 e2)
+    frame = torch.stack([e[0], e[0], 2 * e[1], 2 * e[1], e[2]])
+    sig = make_signals([5], [4], grid=[(1, 1, 5)], hidden=[frame.float()], kind=["video"])
+    assert FlashVIDScorer(alpha=1.0, selection="attn_div").select(sig).keep[0].tolist() == [True, True, True, False, True]
+    assert FlashVIDScorer(alpha=1.0).select(sig).keep[0].tolist() == [True, False, True, True, True]
 
 
 CASES = [  # (T, N, changes, moving, noise)
