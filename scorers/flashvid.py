@@ -98,8 +98,8 @@ from vtoken.errors import PruningConfigError
 from vtoken.methods import layer_indices, register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers.attention import FastVScorer
-from vtoken.scorers.base import Scorer, Selection, masked_scores
-from vtoken.scorers.holitom import _finish, _frames, _video_groups, dpc_knn
+from vtoken.scorers.base import Scorer, Selection
+from vtoken.scorers.holitom import dpc_knn, select_videos
 from vtoken.signals import SegmentSignals
 
 SELECTIONS = ("attn_div", "attn_div_v2")
@@ -266,48 +266,16 @@ class FlashVIDScorer(Scorer):
         self.alpha, self.tau, self.segment_tau = float(alpha), float(tau), float(segment_tau)
         self.min_segments, self.selection = int(min_segments), selection
 
-    def _rule(self, x: torch.Tensor, K: int) -> tuple:
-        return flashvid_merge(x, K, self.alpha, self.tau, self.segment_tau, self.min_segments, self.selection)
-
     def select(self, sig: SegmentSignals) -> Selection:
         if sig.hidden is None:
             raise PruningConfigError("flashvid needs the 'hidden' signal (the features entering the LLM)")
-        out = (torch.zeros(sig.mask.shape, dtype=torch.bool), torch.full(sig.mask.shape, -1, dtype=torch.long),
-               torch.zeros(sig.mask.shape, dtype=torch.float32))
-        for members in _video_groups(sig):
-            frames = []  # per segment: (segment, its slots in original order, budget)
-            for s in members:
-                slots = torch.nonzero(sig.mask[s].cpu()).flatten()
-                b = min(int(sig.budget[s]), slots.numel())
-                if sig.kind is not None and sig.kind[s] != "video" and b < slots.numel():
-                    raise PruningConfigError(
-                        "flashvid compresses video tokens; pruning an image is not supported (FlashVID's released "
-                        "code compresses videos only): use an image method (e.g. visionzip, divprune) for prompts "
-                        "with images, or keep=1.0")
-                index = sig.index[s, slots.to(sig.index.device)].cpu()
-                frames.append((s, slots[torch.argsort(index)], b))
-            if len(members) == 1:
-                s, slot_of, b = frames[0]
-                n = slot_of.numel()
-                if n == 0:
-                    continue
-                T = _frames(sig, s, n)
-                x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(T, n // T, -1).cpu()
-                chosen, target, attn = self._rule(x, math.ceil(b / T))
-                _finish(out, s, slot_of, b, chosen.flatten(), target.flatten(), attn.flatten())
-                continue
-            # one video over several segments (Qwen3-VL's temporal groups): the rule on the whole video,
-            # each group keeps its own budget, merges stay inside a group
-            x = torch.stack([sig.hidden[s, slot_of.to(sig.hidden.device)].cpu() for s, slot_of, _ in frames])
-            T, N = x.shape[0], x.shape[1]
-            chosen, target, attn = self._rule(x, math.ceil(sum(b for _, _, b in frames) / T))
-            for f, (s, slot_of, b) in enumerate(frames):
-                own = (target[f] >= f * N) & (target[f] < (f + 1) * N)
-                _finish(out, s, slot_of, b, chosen[f], torch.where(own, target[f] - f * N, -1), attn[f])
-        keep, merge_into, scores = out
-        dev = sig.mask.device
-        return Selection(keep=keep.to(dev), scores=masked_scores(scores.to(dev), sig.mask),
-                         merge_into=merge_into.to(dev))
+
+        def rule(x: torch.Tensor, budget: int) -> tuple:  # K = ceil(budget / T) tokens a frame
+            return flashvid_merge(x, math.ceil(budget / x.shape[0]), self.alpha, self.tau, self.segment_tau,
+                                  self.min_segments, self.selection)
+
+        return select_videos(sig, rule, "flashvid compresses video tokens; pruning an image is not supported "
+                                        "(FlashVID's released code compresses videos only)")
 
 
 @register_method(name="flashvid", family="diversity", paper="Fan et al. 2026 (arXiv:2602.08024)",
