@@ -5,7 +5,8 @@ assignment equal a plain-loop reference written from the authors' released code
 ``dpc_knn``; flashvid/token_selection.py ``attn_div_based_token_selection`` and
 ``attn_div_v2_based_token_selection``), with the scorer's documented attention stand-in (the
 softmax over the frame of each token's dot product with the frame's mean / sqrt(D)), on
-hand-built videos and random ones; images refused; the preset; end to end on tiny Qwen2-VL,
+hand-built videos (test_scorers_holitom's scenes) and random ones; images refused (end to end:
+test_scorers_holitom.py); the preset; end to end on tiny Qwen2-VL,
 Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision with videos: exact budgets per stage, batch == each
 sample alone, cache on / off equal.
 
@@ -21,11 +22,11 @@ import torch
 
 import tiny_models as tm
 import vtoken
-from conftest import SUPPRESS, get_model, slice_sample
+from conftest import get_model
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import FastVScorer, FlashVIDScorer
-from test_scorers_e2e import last_slot
-from test_scorers_holitom import reference_dpc, scenes
+from test_scorers_holitom import (CASES, KEEP, check_fill_trim, check_video_budgets_and_batch, check_video_cache_on_off,
+                                  reference_dpc, run_scorer as holitom_run_scorer, scenes)
 from vtoken.scorers.flashvid import adts
 from vtoken.scorers.testing import make_signals
 
@@ -165,12 +166,7 @@ def reference_flashvid(x, K, alpha=0.7, tau=0.8, segment_tau=0.9, min_segments=8
 
 
 def run_scorer(x, budget, **kw):
-    T, N, Dm = x.shape
-    sig = make_signals([T * N], [budget], grid=[(T, 1, N)], hidden=[x.reshape(T * N, Dm).float()], kind=["video"])
-    sel = FlashVIDScorer(**kw).select(sig)
-    kept = {(j // N, j % N) for j in torch.nonzero(sel.keep[0]).flatten().tolist()}
-    merge = {(j // N, j % N): (int(t) // N, int(t) % N) for j, t in enumerate(sel.merge_into[0].tolist()) if t >= 0}
-    return kept, merge, sel
+    return holitom_run_scorer(x, budget, scorer=FlashVIDScorer, **kw)
 
 
 def check_against_reference(x, budget, **kw):
@@ -180,20 +176,7 @@ def check_against_reference(x, budget, **kw):
     x = x.float().double()  # what the scorer sees
     ref_kept, ref_merge, att = reference_flashvid(x, min(math.ceil(budget / T), N), **kw)
     kept, merge, _ = run_scorer(x, budget, **kw)
-    assert len(kept) == budget
-    if len(ref_kept) == budget:
-        assert kept == ref_kept
-        assert merge == ref_merge
-        return True
-    if len(ref_kept) < budget:
-        assert ref_kept <= kept
-        others = sorted((q for q in att if q not in ref_kept), key=lambda q: (-att[q], q[0] * N + q[1]))
-        assert kept == ref_kept | set(others[:budget - len(ref_kept)])
-    else:
-        ranked = sorted(ref_kept, key=lambda q: (-att[q], q[0] * N + q[1]))
-        assert kept == set(ranked[:budget])
-    assert merge == {a: b for a, b in ref_merge.items() if b in kept and a not in kept}
-    return False
+    return check_fill_trim(kept, merge, ref_kept, ref_merge, att, budget, N)
 
 
 def test_flashvid_hand_built_static_scene():
@@ -245,13 +228,6 @@ def test_flashvid_adts_hand_built():
     assert FlashVIDScorer(alpha=1.0).select(sig).keep[0].tolist() == [True, False, True, True, True]
 
 
-CASES = [  # (T, N, changes, moving, noise)
-    (6, 8, {3}, {0, 5}, 0.05),
-    (8, 9, {2, 5}, {1, 4, 7}, 0.02),
-    (4, 12, set(), {3}, 0.1),
-    (5, 6, set(range(5)), set(), 0.5),
-    (8, 6, {4}, set(), 0.01),
-]
 OPTIONS = [
     dict(),  # released defaults: attn_div_v2, min 8 segments (every frame its own segment here)
     dict(min_segments=1),
@@ -306,22 +282,7 @@ def test_flashvid_preset():
 
 
 # ---------------------------------------------------------------- end to end
-KEEP = 6
-SECOND = math.ceil(KEEP * 0.3)
-
-
-def video_batch(arch, model):
-    if arch == "llava_onevision":
-        return tm.onevision_video_inputs(model, [4, 4], pad_side="left")
-    return tm.qwen_inputs(model, [[("video", (4, 4, 4))], [("video", (2, 4, 8))], []], pad_side="left")
-
-
-def one_sample(arch, model, inputs, b):
-    if arch != "llava_onevision":
-        return slice_sample(inputs, b, model)
-    m = inputs["attention_mask"][b].bool()
-    return dict(input_ids=inputs["input_ids"][b][m][None], attention_mask=torch.ones(1, int(m.sum()), dtype=torch.long),
-                pixel_values_videos=inputs["pixel_values_videos"][b:b + 1])
+SECOND = math.ceil(KEEP * 0.3)  # KEEP: test_scorers_holitom's budget for its video batch
 
 
 def run(model, inputs):
@@ -334,33 +295,12 @@ ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_flashvid_end_to_end_budgets_and_batch(arch):
-    model = get_model(arch)
-    inputs = video_batch(arch, model)
-    out, stats = run(model, inputs)
-    assert [st.layer for st in stats.stages] == [0, 2]
-    for b in range(inputs["input_ids"].shape[0]):
-        for seg, c0, c1 in zip(stats.segments[b], stats.stages[0].counts[b], stats.stages[1].counts[b]):
-            assert seg.kind == "video"
-            assert c0 == min(KEEP, seg.count) and c1 == min(SECOND, c0)
-            if arch != "qwen3_vl":
-                assert seg.grid is not None and seg.grid[0] > 1  # the whole video is one segment
-    last = last_slot(stats, inputs)
-    for b in range(inputs["input_ids"].shape[0]):
-        one, one_stats = run(model, one_sample(arch, model, inputs, b))
-        torch.testing.assert_close(out[b, last[b]], one[0, -1], rtol=1e-4, atol=1e-4)
-        if stats.segments[b]:
-            for st_b, st_1 in zip(stats.stages, one_stats.stages):
-                assert torch.equal(st_b.kept[b], st_1.kept[0])
+    check_video_budgets_and_batch(arch, run, KEEP, SECOND)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_flashvid_generate_cache_on_off_equal(arch):
-    model = get_model(arch)
-    inputs = video_batch(arch, model)
-    with vtoken.apply_pruning(model, method="flashvid", keep=KEEP, layers=2, min_segments=2):
-        with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
-        without = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False, suppress_tokens=SUPPRESS)
-    assert torch.equal(with_cache, without)
+    check_video_cache_on_off(arch, "flashvid", min_segments=2)
 
 
 def test_flashvid_end_to_end_kept_set_is_the_released_rule_on_the_llm_inputs():
@@ -381,14 +321,6 @@ def test_flashvid_end_to_end_kept_set_is_the_released_rule_on_the_llm_inputs():
             assert kept == ref
             exact += 1
     assert exact
-
-
-def test_flashvid_refuses_images_end_to_end():
-    model = get_model("qwen2_vl")
-    inputs = tm.qwen_inputs(model, [[("image", (1, 8, 8))]])
-    with pytest.raises(PruningConfigError, match="not supported"):
-        with vtoken.apply_pruning(model, method="flashvid", keep=KEEP, layers=2), torch.no_grad():
-            model(**inputs)
 
 
 def test_flashvid_qwen3_vl_groups_are_one_video():
