@@ -75,6 +75,11 @@ Deviations from the released code:
   ties break towards the earlier frame pair (released ``topk``: unspecified); distances and
   similarities in float64 (released float32).
 * ``do_segment`` / ``complementary_segment`` are always on (as in every released script).
+* ``K = N`` (a budget above ``T (N - 1)``): the released lower bound leaves no token to merge and its
+  ``topk(k=0)`` raises; here no token is merged across frames (the clustering still runs).
+* Host work: the greedy ADTS loop is batched over all frames of a video and has no host sync;
+  DySeg, the trees and the clustering have data-dependent sizes and run per video on the CPU (as
+  HoliTom's scorer).
 * Video layouts: a video that is one segment with its (t, h, w) grid (Qwen2-VL, Qwen2.5-VL,
   LLaVA-OneVision) gets the whole rule. Qwen3-VL's prompt puts each temporal patch group in its
   own timestamped span, so vtoken's adapter makes each group a segment with its own budget
