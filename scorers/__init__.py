@@ -32,6 +32,7 @@ else:
     from vtoken.scorers.vispruner import VisPrunerScorer
     from vtoken.scorers.vscan import VScanScorer
     from vtoken.scorers.holitom import HoliTomScorer
+    from vtoken.scorers.flashvid import FlashVIDScorer
 
     __all__ = [
         "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
@@ -39,7 +40,7 @@ else:
         "VisionZipScorer", "ZipVLScorer", "DivPruneScorer", "DARTScorer", "AgileScorer",
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
         "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer", "DyCokeScorer", "FastVIDScorer",
-        "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer", "VScanScorer", "HoliTomScorer", "PruneSIDScorer",
+        "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer", "VScanScorer", "HoliTomScorer", "PruneSIDScorer", "FlashVIDScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

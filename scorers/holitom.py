@@ -226,43 +226,56 @@ class HoliTomScorer(Scorer):
         self.tau, self.K, self.D, self.max_window = float(tau), int(K), float(D), int(max_window)
 
     def select(self, sig: SegmentSignals) -> Selection:
-        out = (torch.zeros(sig.mask.shape, dtype=torch.bool), torch.full(sig.mask.shape, -1, dtype=torch.long),
-               torch.zeros(sig.mask.shape, dtype=torch.float32))
-        for members in _video_groups(sig):
-            frames = []  # per segment: (segment, its slots in original order, budget)
-            for s in members:
-                slots = torch.nonzero(sig.mask[s].cpu()).flatten()
-                b = min(int(sig.budget[s]), slots.numel())
-                if sig.kind is not None and sig.kind[s] != "video" and b < slots.numel():
-                    raise PruningConfigError(
-                        "holitom merges video tokens; pruning an image is not supported (HoliTom's released code "
-                        "leaves images whole): use an image method (e.g. visionzip, divprune) for prompts with "
-                        "images, or keep=1.0")
-                index = sig.index[s, slots.to(sig.index.device)].cpu()
-                frames.append((s, slots[torch.argsort(index)], b))  # candidates in original (frame-major) order
-            if len(members) == 1:
-                s, slot_of, b = frames[0]
-                n = slot_of.numel()
-                if n == 0:
-                    continue
-                T = _frames(sig, s, n)
-                x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(T, n // T, -1).cpu()
-                chosen, target, salience = holitom_merge(x, b / n, self.tau, self.K, self.D, self.max_window)
-                _finish(out, s, slot_of, b, chosen.flatten(), target.flatten(), salience.flatten())
+        def rule(x: torch.Tensor, budget: int) -> tuple:
+            return holitom_merge(x, budget / (x.shape[0] * x.shape[1]), self.tau, self.K, self.D, self.max_window)
+
+        return select_videos(sig, rule, "holitom merges video tokens; pruning an image is not supported (HoliTom's "
+                                        "released code leaves images whole)")
+
+
+def select_videos(sig: SegmentSignals, rule, refusal: str) -> Selection:
+    """Run a video rule on every video of ``sig`` and keep exactly each segment's budget.
+
+    ``rule(x (T, N, D), budget) -> (chosen (T, N) bool, target (T, N) long flat index or -1,
+    salience (T, N))`` sees one whole video: a segment with its (t, h, w) grid, or the
+    consecutive temporal-group segments of one video (Qwen3-VL, one frame each; ``budget`` their
+    total), after which each group keeps its own budget and merges stay inside a group. An image
+    segment whose budget prunes it raises :class:`PruningConfigError` (``refusal`` + a hint).
+    Returns the Selection (``merge_into`` set)."""
+    out = (torch.zeros(sig.mask.shape, dtype=torch.bool), torch.full(sig.mask.shape, -1, dtype=torch.long),
+           torch.zeros(sig.mask.shape, dtype=torch.float32))
+    for members in _video_groups(sig):
+        frames = []  # per segment: (segment, its slots in original order, budget)
+        for s in members:
+            slots = torch.nonzero(sig.mask[s].cpu()).flatten()
+            b = min(int(sig.budget[s]), slots.numel())
+            if sig.kind is not None and sig.kind[s] != "video" and b < slots.numel():
+                raise PruningConfigError(
+                    f"{refusal}: use an image method (e.g. visionzip, divprune) for prompts with images, or keep=1.0")
+            index = sig.index[s, slots.to(sig.index.device)].cpu()
+            frames.append((s, slots[torch.argsort(index)], b))  # candidates in original (frame-major) order
+        if len(members) == 1:
+            s, slot_of, b = frames[0]
+            n = slot_of.numel()
+            if n == 0:
                 continue
-            # one video over several segments (Qwen3-VL's temporal groups): the rule on the whole video,
-            # each group keeps its own budget, merges stay inside a group
-            x = torch.stack([sig.hidden[s, slot_of.to(sig.hidden.device)].cpu() for s, slot_of, _ in frames])
-            T, N = x.shape[0], x.shape[1]
-            retain = sum(b for _, _, b in frames) / (T * N)
-            chosen, target, salience = holitom_merge(x, retain, self.tau, self.K, self.D, self.max_window)
-            for f, (s, slot_of, b) in enumerate(frames):
-                own = (target[f] >= f * N) & (target[f] < (f + 1) * N)
-                _finish(out, s, slot_of, b, chosen[f], torch.where(own, target[f] - f * N, -1), salience[f])
-        keep, merge_into, scores = out
-        dev = sig.mask.device
-        return Selection(keep=keep.to(dev), scores=masked_scores(scores.to(dev), sig.mask),
-                         merge_into=merge_into.to(dev))
+            T = _frames(sig, s, n)
+            x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(T, n // T, -1).cpu()
+            chosen, target, salience = rule(x, b)
+            _finish(out, s, slot_of, b, chosen.flatten(), target.flatten(), salience.flatten())
+            continue
+        # one video over several segments (Qwen3-VL's temporal groups): the rule on the whole video,
+        # each group keeps its own budget, merges stay inside a group
+        x = torch.stack([sig.hidden[s, slot_of.to(sig.hidden.device)].cpu() for s, slot_of, _ in frames])
+        N = x.shape[1]
+        chosen, target, salience = rule(x, sum(b for _, _, b in frames))
+        for f, (s, slot_of, b) in enumerate(frames):
+            own = (target[f] >= f * N) & (target[f] < (f + 1) * N)
+            _finish(out, s, slot_of, b, chosen[f], torch.where(own, target[f] - f * N, -1), salience[f])
+    keep, merge_into, scores = out
+    dev = sig.mask.device
+    return Selection(keep=keep.to(dev), scores=masked_scores(scores.to(dev), sig.mask),
+                     merge_into=merge_into.to(dev))
 
 
 def _video_groups(sig: SegmentSignals) -> list:
@@ -324,4 +337,4 @@ def holitom_plan(keep, layers=(18,), r: float = 0.5, tau: float = 0.8, K: int = 
     return plan
 
 
-__all__ = ["HoliTomScorer", "holitom_plan", "holitom_merge", "static_windows", "dpc_knn"]
+__all__ = ["HoliTomScorer", "holitom_plan", "holitom_merge", "static_windows", "dpc_knn", "select_videos"]

@@ -17,7 +17,7 @@ METHODS = [m for m in vtoken.available_methods() if m not in ("none",)]
 #: cannot place them); they take any number of stages, so they run at layers 1..depth-1
 DEEPER_THAN_TINY = ("mustdrop",)
 #: methods that prune videos only (they refuse images): checked on a tiny Qwen2-VL with a video
-VIDEO_ONLY = {"holitom"}
+VIDEO_ONLY = {"holitom", "flashvid"}
 
 
 @pytest.fixture(scope="module")

@@ -115,10 +115,11 @@ def reference_holitom(x, retain, tau=TAU, k=K, D=0.0):
     return kept, merge
 
 
-def run_scorer(x, budget, **kw):
+def run_scorer(x, budget, scorer=HoliTomScorer, **kw):
+    """``scorer(**kw)`` on one video x (T, N, D): (kept (frame, pos) set, merge map, Selection)."""
     T, N, Dm = x.shape
     sig = make_signals([T * N], [budget], grid=[(T, 1, N)], hidden=[x.reshape(T * N, Dm).float()], kind=["video"])
-    sel = HoliTomScorer(**kw).select(sig)
+    sel = scorer(**kw).select(sig)
     kept = {(j // N, j % N) for j in torch.nonzero(sel.keep[0]).flatten().tolist()}
     merge = {(j // N, j % N): (int(t) // N, int(t) % N) for j, t in enumerate(sel.merge_into[0].tolist()) if t >= 0}
     return kept, merge, sel
@@ -145,8 +146,16 @@ def check_against_reference(x, budget, D=0.0):
     T, N, _ = x.shape
     ref_kept, ref_merge = reference_holitom(x, budget / (T * N), D=D)
     kept, merge, _ = run_scorer(x, budget, D=D)
-    assert len(kept) == budget
     sal = {(f, p): float(x[f, p] @ x[f].mean(0)) for f in range(T) for p in range(N)}
+    return check_fill_trim(kept, merge, ref_kept, ref_merge, sal, budget, N)
+
+
+def check_fill_trim(kept, merge, ref_kept, ref_merge, sal, budget, N):
+    """The scorer's (kept, merge) against the released (ref_kept, ref_merge): equal where the released
+    count is the budget; else the released set filled with the most salient others / trimmed to its
+    most salient (ties to the lower flat index), merges kept where their target is. Returns whether
+    the case was exact."""
+    assert len(kept) == budget
     if len(ref_kept) == budget:
         assert kept == ref_kept
         assert merge == ref_merge
@@ -278,17 +287,18 @@ def run(model, inputs):
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_holitom_end_to_end_budgets_and_batch(arch):
+def check_video_budgets_and_batch(arch, run, keep, second):
+    """``run(model, inputs) -> (logits, stats)`` of a two-stage video method on ``video_batch``:
+    exact counts per stage (``keep``, then ``second``), every video one segment (Qwen3-VL: one per
+    temporal group), batch == each sample alone (logits and kept sets)."""
     model = get_model(arch)
     inputs = video_batch(arch, model)
     out, stats = run(model, inputs)
     assert [st.layer for st in stats.stages] == [0, 2]
-    second = max(1, round(KEEP * 0.5))
     for b in range(inputs["input_ids"].shape[0]):
         for seg, c0, c1 in zip(stats.segments[b], stats.stages[0].counts[b], stats.stages[1].counts[b]):
             assert seg.kind == "video"
-            assert c0 == min(KEEP, seg.count) and c1 == min(second, c0)
+            assert c0 == min(keep, seg.count) and c1 == min(second, c0)
             if arch != "qwen3_vl":
                 assert seg.grid is not None and seg.grid[0] > 1  # the whole video is one segment
     last = last_slot(stats, inputs)
@@ -301,13 +311,23 @@ def test_holitom_end_to_end_budgets_and_batch(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_holitom_generate_cache_on_off_equal(arch):
+def test_holitom_end_to_end_budgets_and_batch(arch):
+    check_video_budgets_and_batch(arch, run, KEEP, max(1, round(KEEP * 0.5)))
+
+
+def check_video_cache_on_off(arch, method, **options):
+    """Greedy generation on ``video_batch`` under ``method``: the same tokens with and without cache."""
     model = get_model(arch)
     inputs = video_batch(arch, model)
-    with vtoken.apply_pruning(model, method="holitom", keep=KEEP, layers=2):
+    with vtoken.apply_pruning(model, method=method, keep=KEEP, layers=2, **options):
         with_cache = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS)
         without = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False, suppress_tokens=SUPPRESS)
     assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_holitom_generate_cache_on_off_equal(arch):
+    check_video_cache_on_off(arch, "holitom")
 
 
 def test_holitom_end_to_end_kept_set_is_the_scorer_on_the_llm_inputs():
@@ -326,11 +346,12 @@ def test_holitom_end_to_end_kept_set_is_the_scorer_on_the_llm_inputs():
             assert kept == ref
 
 
-def test_holitom_refuses_images_end_to_end():
+@pytest.mark.parametrize("method", ["holitom", "flashvid"])
+def test_video_methods_refuse_images_end_to_end(method):
     model = get_model("qwen2_vl")
     inputs = tm.qwen_inputs(model, [[("image", (1, 8, 8))]])
     with pytest.raises(PruningConfigError, match="not supported"):
-        with vtoken.apply_pruning(model, method="holitom", keep=KEEP, layers=2), torch.no_grad():
+        with vtoken.apply_pruning(model, method=method, keep=KEEP, layers=2), torch.no_grad():
             model(**inputs)
 
 

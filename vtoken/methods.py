@@ -87,6 +87,7 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.mustdrop",
     "vtoken.scorers.vscan",
     "vtoken.scorers.holitom",
+    "vtoken.scorers.flashvid",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)
