@@ -87,9 +87,10 @@ def test_objects_are_small_and_drawn():
         assert side <= 2 * 14  # at most about two 14 px patches wide
         cx, cy = int(o.x * 336), int(o.y * 336)
         assert tuple(img[cy + 2, cx]) == S.COLORS[o.color]  # just below the centre: inside every shape
-    # most of the canvas is background (blue channel 255, red/green >= 255 - GRADIENT): objects are small
-    floor = 255 - S.GRADIENT
-    bg = ((img[..., 2] == 255) & (img[..., 0] >= floor) & (img[..., 1] >= floor)).mean()
+    # most of the canvas is background (blue channel 255, red >= the last band, green >= 255 - GRADIENT):
+    # objects are small
+    red_floor, green_floor = 255 - S.BAND_STEP * (S.POS_BINS - 1), 255 - S.GRADIENT
+    bg = ((img[..., 2] == 255) & (img[..., 0] >= red_floor) & (img[..., 1] >= green_floor)).mean()
     assert bg > 0.9
     assert tuple(img[0, 0]) == S.BACKGROUND
 

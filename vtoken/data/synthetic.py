@@ -97,20 +97,19 @@ GRID = 24
 SIZE_FRAC = {"small": 12 / 336, "large": 26 / 336}
 _CELLS = {"small": 1, "large": 2}
 BACKGROUND = (255, 255, 255)  # top-left corner of the canvas
-# The canvas is a faint gradient (red fades left to right, green top to bottom, from 255 down to
-# 255 - GRADIENT), so every patch carries its absolute position: "left of" / "above" are then
-# learnable by the tiny checkpoints, whose Qwen2-VL vision tower has only relative (rotary)
-# positions.
+# The canvas is faintly tinted so that every patch carries its absolute position (the tiny
+# Qwen2-VL's vision tower has only relative, rotary positions): green fades top to bottom from 255
+# to 255 - GRADIENT; red fades left to right (see CANVAS below for how).
 GRADIENT = 80
-# The canvas style. "gradient": the smooth ramps above. "bands": the red channel steps down in
-# POS_BINS vertical bands of equal width (255, 255 - BAND_STEP, ...), so every background pixel
-# names its column bin outright (a ramp of GRADIENT levels moves only ~3 levels per patch, which
-# the tiny checkpoints never learned to read: their "left of" answers sat at chance, while "above"
-# was read from the language model's positions); the green ramp stays. The environment variable
-# VTOKEN_SYNTH_CANVAS overrides the default (training runs pass ``--canvas`` through it, so data
-# workers in any start method render alike).
+# The canvas style. "bands" (the default): the red channel steps down in POS_BINS vertical bands
+# of equal width (255, 255 - BAND_STEP, ...), so every background pixel names its column bin
+# outright; the green ramp stays. "gradient": the red channel is a smooth ramp too (the first
+# checkpoints' canvas: a ramp of GRADIENT levels moves only ~3 levels per patch, which they never
+# learned to read -- their "left of" answers sat at chance, while "above" was read from the
+# language model's positions). The environment variable VTOKEN_SYNTH_CANVAS overrides the default
+# (training runs pass ``--canvas`` through it, so data workers in any start method render alike).
 CANVASES = ("gradient", "bands")
-CANVAS = "gradient"
+CANVAS = "bands"
 BAND_STEP = 17
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
 

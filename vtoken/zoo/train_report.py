@@ -164,7 +164,7 @@ def _write_training_md(out: str, m: dict) -> None:
     detail = (f"Detail questions (one small off-centre object decides the answer; test split, seed 0, n = {dt['n']}): "
               f"{dt['accuracy']:.2f} % unpruned, {dt['random_keep']['accuracy']:.2f} % random keep {dt['random_keep']['keep']}."
               if dt else "Detail questions: not evaluated.")
-    start = f"continued from `{r['init']}`" if r.get("init") else "from scratch"
+    start = f"continuing from `{r['init']}`," if r.get("init") else "from scratch"
     text = f"""# {name}: training record
 
 Trained {start} by `vtoken.zoo.train` (written by the training run itself).
