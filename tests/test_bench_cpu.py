@@ -12,7 +12,7 @@ from vtoken.bench import cli
 from vtoken.bench.common import Bench, OracleFeed
 from vtoken.bench.maxbatch import is_oom, search_max_batch
 
-SUITES = ["users", "qwen-long", "qwen-lm", "llava-next", "llava", "peers", "maxbatch"]
+SUITES = ["users", "qwen-long", "video", "qwen-lm", "llava-next", "llava", "peers", "maxbatch"]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,8 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--suite", "all", "--tiny", "--device", "cpu", "--out", str(out), "--repeats", "1", "--batch", "1,2",
             "--next-batch", "1,2", "--qwen-visual", "4096,8192", "--new-tokens", "3", "--maxbatch-new-tokens", "3",
-            "--users-batch", "1", "--users-new-tokens", "3", "--users-methods", "unpruned,fastv"]
+            "--users-batch", "1", "--users-new-tokens", "3", "--users-methods", "unpruned,fastv",
+            "--video-batch", "1", "--video-frames", "4", "--video-methods", "uniform"]
     rc = cli.main(argv)
     with open(out / "results.json") as f:
         data = json.load(f)

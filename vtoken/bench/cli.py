@@ -14,6 +14,11 @@ downloaded here), SDPA attention, and measures with CUDA synchronisation, median
 - ``qwen-long``: the full Qwen2.5-VL-7B at 4K/8K/16K visual tokens (1/2/4 images), batch 1:
   unpruned vs fastv keep 0.111 vs oracle, vision-tower time inside TTFT, with transformers' SDPA
   vision path and with ``patch_vision_varlen``.
+- ``video``: the full Qwen2.5-VL-7B on one video per sample (``--video-frames`` 16 frames of
+  ``--video-side`` 448 px = 2048 visual tokens) at batch ``--video-batch`` 1/8/32: unpruned, each
+  method of ``--video-methods`` (the video methods and image methods that run on video) at
+  ``--video-keep`` 0.25 of the video's tokens, the oracle, decode; refused methods are rows with a
+  ``skipped`` reason (:mod:`vtoken.bench.video_suite`).
 - ``qwen-lm``: the Qwen2.5-VL-7B language model alone (the earlier long-context suite).
 - ``peers``: at 4K visual tokens (LLaVA-1.5, 7 images): vtoken fastv vs FastV's eager
   ``output_attentions`` path (mask and drop modes) vs LLMC's re-run of the scoring layer.
@@ -46,15 +51,23 @@ import sys
 import time
 import traceback
 
-ORDER = ["users", "qwen-long", "qwen-lm", "llava-next", "llava", "peers", "maxbatch"]
+ORDER = ["users", "qwen-long", "video", "qwen-lm", "llava-next", "llava", "peers", "maxbatch"]
 NEW = ["llava-next", "qwen-long", "peers", "maxbatch"]
-NEEDS = {"qwen-long": {"qwen2.5-vl-7b"}, "qwen-lm": {"qwen2.5-vl-7b"}, "llava-next": {"llava-next-7b"},
+NEEDS = {"qwen-long": {"qwen2.5-vl-7b"}, "video": {"qwen2.5-vl-7b"}, "qwen-lm": {"qwen2.5-vl-7b"}, "llava-next": {"llava-next-7b"},
          "llava": {"llava-1.5-7b"}, "peers": {"llava-1.5-7b"}, "maxbatch": {"llava-1.5-7b"},
          "users": {"llava-1.5-7b", "qwen2.5-vl-7b"}}
 
 
 def _ints(s):
     return [int(x) for x in s.split(",") if x]
+
+
+def _keep(s):
+    """A budget: an integer is a token count, anything else a fraction."""
+    try:
+        return int(s)
+    except ValueError:
+        return float(s)
 
 
 def parse_suites(text: str) -> list:
@@ -89,6 +102,13 @@ def build_parser():
     p.add_argument("--qwen-keep", default=0.111, type=float)
     p.add_argument("--vision-paths", default="varlen,sdpa", type=lambda s: s.split(","),
                    help="qwen-long vision attention: varlen (patch_vision_varlen), sdpa (transformers)")
+    p.add_argument("--video-batch", default="1,8,32", type=_ints, help="batch sizes of the video suite")
+    p.add_argument("--video-frames", type=int, default=16, help="video suite: frames per video (2 per temporal group)")
+    p.add_argument("--video-side", type=int, default=448, help="video suite: frame side in px (multiple of 28)")
+    p.add_argument("--video-methods", default="fastv,divprune,uniform,dycoke,fastvid,holitom,flashvid",
+                   type=lambda s: s.split(","), help="video suite: methods")
+    p.add_argument("--video-keep", type=_keep, default=0.25,
+                   help="video suite: fraction of each video's tokens kept (an integer: tokens per video)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated for decode ms/token")
     p.add_argument("--users-batch", default="1,8,32", type=_ints, help="batch sizes of the users suite")
     p.add_argument("--users-new-tokens", type=int, default=128, help="users suite: tokens generated end to end")
@@ -240,7 +260,7 @@ def _run(args, argv, suites, device, t_start) -> int:
 
 
 def run_suite(suite, bench, pool, args):
-    from vtoken.bench import image_suites, maxbatch, peers, qwen_suites, user_path
+    from vtoken.bench import image_suites, maxbatch, peers, qwen_suites, user_path, video_suite
 
     if suite == "users":
         user_path.run_users(bench, pool, batches=args.users_batch, qwen_visual=args.users_qwen_visual,
@@ -253,6 +273,9 @@ def run_suite(suite, bench, pool, args):
     elif suite == "qwen-long":
         qwen_suites.run_qwen_long(bench, pool, visual=args.qwen_visual, keep=args.qwen_keep, paths=args.vision_paths,
                                   one_image=args.qwen_one_image)
+    elif suite == "video":
+        video_suite.run_video(bench, pool, batches=args.video_batch, frames=args.video_frames, side=args.video_side,
+                              methods=args.video_methods, keep=args.video_keep)
     elif suite == "qwen-lm":
         qwen_suites.run_qwen_lm(bench, pool, visual=args.qwen_visual, methods=args.methods, profile=args.profile)
     elif suite == "peers":

@@ -345,9 +345,11 @@ def kept_positions(handle) -> torch.Tensor:
 
 def token_counts(handle) -> dict:
     """Token accounting of the last pruned prefill, sample 0 (all samples of a bench batch have the
-    same counts): visual tokens, kept prunable visual tokens, context before / after."""
+    same counts): visual tokens, kept prunable visual tokens (after the last stage, and after each
+    stage: ``kept_per_stage``), context before / after."""
     st = handle.stats
-    kept = sum(st.stages[-1].counts[0]) if st.stages else None
+    per_stage = [sum(s.counts[0]) for s in st.stages]
     before, after = st.context_tokens[0]
-    return dict(visual_tokens=st.visual_tokens[0], kept_visual=kept, context=before, context_after=after,
+    return dict(visual_tokens=st.visual_tokens[0], kept_visual=per_stage[-1] if per_stage else None,
+                kept_per_stage=per_stage, context=before, context_after=after,
                 equivalent_tokens=round(st.equivalent_tokens[0], 1))

@@ -34,16 +34,21 @@ def vision_module(model):
 
 
 def measure_family(bench, suite, model_name, model, inputs, budgets, *, methods=("fastv",), decode_keeps=(),
-                   decode_unpruned=True, extra=None):
+                   decode_unpruned=True, extra=None, visual_token_id=None, refusals_skipped=False):
     """Unpruned (once), then for each method of ``methods`` the pruned + oracle rows of each
     ``(label, keep)`` of ``budgets``; decode ms/token for the budgets in ``decode_keeps``. A method
-    that raises is logged in ``bench.errors`` and the other methods still run. Multi-stage presets
-    whose stage layers do not fit a shallow (tiny) model get
-    :func:`vtoken.methods.depth_scaled_options`.
+    that raises is logged in ``bench.errors`` and the other methods still run; with
+    ``refusals_skipped``, a :class:`~vtoken.errors.VTokenError` (vtoken refusing the method on
+    these inputs, e.g. a signal the model does not give for a video) is instead one row
+    ``{"method": method, "skipped": reason}``. Multi-stage presets whose stage layers do not fit a
+    shallow (tiny) model get :func:`vtoken.methods.depth_scaled_options`. ``visual_token_id``: the
+    placeholder counted as visual (default the model's ``image_token_id``).
 
-    Returns {"unpruned": row, method: {label: {"pruned": row, "oracle": row}}}.
+    Returns {"unpruned": row, method: {label: {"pruned": row, "oracle": row}} or the skipped row}.
     """
-    run = _FamilyRun(bench, suite, model_name, model, inputs, extra)
+    from vtoken.errors import VTokenError
+
+    run = _FamilyRun(bench, suite, model_name, model, inputs, extra, visual_token_id)
     with ModuleTimer(bench, vision_module(model)) as run.vt:
         out_rows = {"unpruned": run.unpruned(decode_unpruned)}
         for method in methods:
@@ -51,9 +56,14 @@ def measure_family(bench, suite, model_name, model, inputs, budgets, *, methods=
                 out_rows[method] = {label: run.pruned_and_oracle(method, label, keep, label in decode_keeps)
                                     for label, keep in run.within_budget(budgets, method)}
             except Exception as exc:  # one failing method must not cost the other methods' rows
-                msg = f"{suite}: {model_name} batch {run.B} {method}: {type(exc).__name__}: {exc}"
-                bench.errors.append(msg.replace("\n", " ")[:800])
-                bench.log("ERROR " + msg)
+                msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+                if refusals_skipped and isinstance(exc, VTokenError):
+                    out_rows[method] = bench.add(suite=suite, model=model_name, batch=run.B, method=method,
+                                                 keep=budgets[0][0] if len(budgets) == 1 else None,
+                                                 skipped=msg[:400], **run.extra)
+                else:
+                    bench.errors.append(f"{suite}: {model_name} batch {run.B} {method}: {msg}"[:800])
+                    bench.log(f"ERROR {suite}: {model_name} batch {run.B} {method}: {msg}")
                 bench.empty_cache(collect=True)
     return out_rows
 
@@ -61,11 +71,12 @@ def measure_family(bench, suite, model_name, model, inputs, budgets, *, methods=
 class _FamilyRun:
     """The measurements of :func:`measure_family` on one (model, inputs)."""
 
-    def __init__(self, bench, suite, model_name, model, inputs, extra):
+    def __init__(self, bench, suite, model_name, model, inputs, extra, visual_token_id=None):
         self.bench, self.suite, self.model_name, self.model, self.inputs = bench, suite, model_name, model, inputs
         self.extra = dict(extra or {})
         self.B, self.N = inputs["input_ids"].shape
-        self.visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+        token = model.config.image_token_id if visual_token_id is None else visual_token_id
+        self.visual = int((inputs["input_ids"][0] == token).sum())
         self.lm = model.model.language_model
         self.T = bench.new_tokens
         self.vt = None  # ModuleTimer of the vision module, set by measure_family

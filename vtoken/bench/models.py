@@ -291,3 +291,47 @@ def qwen_inputs(model, n_images: int, grid: tuple, text_tokens: int = 32, device
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pix,
                 image_grid_thw=torch.tensor([list(grid)] * n_images, device=device),
                 mm_token_type_ids=torch.tensor([tt], device=device))
+
+
+QWEN_VIDEO = 151656  # Qwen2.5-VL video placeholder id (``video_token_id``)
+
+
+def qwen_video_grid(model, frames: int, side: int, tiny: bool) -> tuple:
+    """(t, h, w) patch grid of one benchmark video: ``frames`` frames of ``side`` x ``side`` px cut
+    into patches of 14 px (the full-size tower's) and temporal groups of ``temporal_patch_size``
+    frames: 16 frames of 448 px = 8 x 32 x 32 patches = 2048 visual tokens after the 2 x 2 merge.
+    Tiny configs keep the temporal groups and take a quarter of the side in patches (448 px: 8 x 8
+    patches, 128 tokens for 16 frames)."""
+    vc = model.config.vision_config
+    merge, tp, patch = vc.spatial_merge_size, vc.temporal_patch_size, QWEN25_VL_7B_VISION["patch_size"]
+    if frames < tp or frames % tp:
+        raise ValueError(f"--video-frames must be a positive multiple of the temporal patch size {tp}; got {frames}")
+    if side < patch * merge or side % (patch * merge):
+        raise ValueError(f"--video-side must be a positive multiple of {patch * merge} px (patch {patch} x merge "
+                         f"{merge}); got {side}")
+    h = side // patch
+    if tiny:
+        h = max(merge, h // 4 // merge * merge)
+    return (frames // tp, h, h)
+
+
+def qwen_video_inputs(model, batch: int, grid: tuple, text_tokens: int = 32, device="cpu", dtype=torch.float32):
+    """Qwen2.5-VL prompt per sample: 3 text tokens, <vision_start> one video's tokens <vision_end>,
+    ``text_tokens`` text tokens; ``batch`` samples, each with its own random video of patch grid
+    ``grid`` (t, h, w) (``pixel_values_videos`` (batch * t * h * w, 3 * 2 * 14 * 14),
+    ``video_grid_thw`` (batch, 3); no ``second_per_grid_ts``: transformers' default of 1 s per
+    temporal group, the processor's at 2 fps)."""
+    g = torch.Generator().manual_seed(0)
+    vc = model.config.vision_config
+    t, h, w = grid
+    per = t * h * w // (vc.spatial_merge_size ** 2)
+    video = getattr(model.config, "video_token_id", None) or QWEN_VIDEO
+    head, tail = [151644] + _rand_ids(g, 2), _rand_ids(g, text_tokens)
+    ids = head + [QWEN_VSTART] + [video] * per + [QWEN_VEND] + tail
+    tt = [0] * (len(head) + 1) + [2] * per + [0] * (1 + len(tail))
+    input_ids = torch.tensor([ids] * batch, device=device)
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    pix = _pixels((batch * t * h * w, patch_dim), device, dtype)
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values_videos=pix,
+                video_grid_thw=torch.tensor([list(grid)] * batch, device=device),
+                mm_token_type_ids=torch.tensor([tt] * batch, device=device))

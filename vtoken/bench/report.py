@@ -13,6 +13,9 @@ SUITE_COLUMNS = {
     "qwen-long": ["vision_path", "images", "visual_tokens", "method", "keep", "kept_visual", "context",
                   "context_after", "ttft_ms", "vision_ms", "vision_share", "lm_ms", "kv_cache_mb", "peak_mem_gb",
                   "speedup_vs_unpruned", "lm_speedup_vs_unpruned", "ratio_to_oracle", "runs"],
+    "video": ["batch", "method", "keep", "visual_tokens", "kept_per_stage", "context", "context_after", "ttft_ms",
+              "vision_ms", "decode_ms_per_token", "tokens_per_s", "kv_cache_mb", "peak_mem_gb", "speedup_vs_unpruned",
+              "ratio_to_oracle", "runs", "skipped"],
     "qwen-lm": ["visual_tokens", "method", "keep", "kept_visual", "context", "context_after", "ttft_ms",
                 "peak_mem_gb", "speedup_vs_unpruned", "ratio_to_oracle", "runs"],
     "peers": ["method", "attn", "keep", "visual_tokens", "kept_visual", "context", "context_after", "ttft_ms",
@@ -30,6 +33,9 @@ SUITE_TITLES = {
                   "keep = k/576 of each image's prunable tokens, i.e. k tokens per 576-token crop equivalent)",
     "qwen-long": "Qwen2.5-VL-7B, full model (vision tower included), batch 1; images of 1792x1792 px (4096 tokens each); "
                  "vision_ms = vision tower inside the same TTFT runs, lm_ms = TTFT - vision_ms",
+    "video": "Qwen2.5-VL-7B, full model, one video per sample (video_grid_thw = temporal groups x patches; "
+             "keep = fraction of the video's tokens); the oracle is fed the tokens kept after the last stage; "
+             "skipped = vtoken refused the method on video",
     "qwen-lm": "Qwen2.5-VL-7B language model alone (random image embeddings), batch 1",
     "peers": "Peer styles of attention scoring, LLaVA-1.5-7B, 7 images (4032 visual tokens), batch 1",
     "maxbatch": "Largest batch within the memory cap, LLaVA-1.5-7B, generate with 64 new tokens (min = max = 64)",
@@ -172,6 +178,18 @@ def summarize(rows: list) -> list:
             val = (f"TTFT unpruned {base['ttft_ms']} ms; fastv " +
                    ", ".join(f"{r.get('keep')}: {r['ttft_ms']} ms (x{r.get('ratio_to_oracle')} oracle)" for r in pruned))
             out.append((suite, f"batch {batch}", val, "keep 64 <= 1.10x oracle" if suite == "llava" else ""))
+    # video: one line per batch, every method
+    groups = {}
+    for r in by.get("video", []):
+        groups.setdefault(r.get("batch"), []).append(r)
+    for batch, rs in groups.items():
+        base = next((r for r in rs if r.get("method") == "unpruned"), None)
+        pruned = [r for r in rs if r.get("method") not in ("unpruned", "oracle") and "ttft_ms" in r]
+        if not base or not pruned:
+            continue
+        val = (f"TTFT unpruned {base['ttft_ms']} ms; " +
+               ", ".join(f"{r['method']} {r['ttft_ms']} ms (x{r.get('ratio_to_oracle')} oracle)" for r in pruned))
+        out.append(("video", f"batch {batch}, {base.get('visual_tokens')} visual, keep {pruned[0].get('keep')}", val, ""))
     # peers
     for r in by.get("peers", []):
         m = str(r.get("method", ""))
