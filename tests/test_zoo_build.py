@@ -84,3 +84,25 @@ def test_random_models_have_the_promised_shapes(arch, n_visual):
     model = build.build_model(arch)
     n = sum(p.numel() for p in model.parameters())
     assert n * 2 < 15e6  # float16 checkpoint under 15 MB
+
+
+def test_set_mrope_section_moves_image_rotations_and_keeps_text_ones():
+    import torch
+
+    from vtoken.zoo import build
+
+    model = build.build_model("qwen2vl", seed=0).eval()
+    rot = model.model.language_model.rotary_emb
+    x = torch.zeros(1, 1, 4)
+    text_pos = torch.arange(5).view(1, 1, 5).expand(3, 1, 5)  # t = h = w
+    img_pos = torch.stack([torch.zeros(5), torch.zeros(5), torch.arange(5.0)]).view(3, 1, 5).long()  # w moves
+    before_text, before_img = rot(x, text_pos)[0], rot(x, img_pos)[0]
+    build.set_mrope_section(model, [2, 2, 12])
+    assert model.config.get_text_config().rope_parameters["mrope_section"] == [2, 2, 12]
+    after_text, after_img = rot(x, text_pos)[0], rot(x, img_pos)[0]
+    assert torch.equal(before_text, after_text)
+    # column 4 vs column 0: the largest rotation angle moved by w grows (by hand: index 4 of 16, theta 1e4)
+    angle = lambda c: torch.acos(c[0, 4].clamp(-1, 1)).max()  # noqa: E731
+    assert angle(before_img) < 0.02 < 0.3 < angle(after_img)
+    with pytest.raises(ValueError, match="summing to 16"):
+        build.set_mrope_section(model, [4, 4, 4])

@@ -234,6 +234,27 @@ def build_config(arch: str, tokenizer=None):
     return cfg
 
 
+def set_mrope_section(model, section) -> None:
+    """Give a Qwen2-VL ``model`` another M-RoPE split (``(t, h, w)`` rotary frequency counts, summing
+    to half the head dim), in its config and its rotary embedding. Text tokens have t = h = w, so
+    their rotation does not change; image tokens' h / w positions drive other frequencies (the
+    highest go to t, the lowest to w: with the default [4, 6, 6] and theta 1e4, w rotates by at
+    most 0.003 rad per position, too little for the language model to tell columns apart)."""
+    section = [int(x) for x in section]
+    text_cfg = model.config.get_text_config()
+    half = (getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads) // 2
+    if len(section) != 3 or sum(section) != half or min(section) < 1:
+        raise ValueError(f"mrope_section must be three positive ints summing to {half}, got {section}")
+    text_cfg.rope_parameters["mrope_section"] = section
+    hits = 0
+    for module in model.modules():
+        if hasattr(module, "mrope_section") and hasattr(module, "inv_freq"):
+            module.mrope_section = list(section)
+            hits += 1
+    if not hits:
+        raise ValueError(f"{type(model).__name__} has no M-RoPE rotary embedding")
+
+
 def build_model(arch: str, tokenizer=None, seed: int = 0):
     """A randomly initialised model of ``arch`` (SDPA attention)."""
     import torch

@@ -95,6 +95,8 @@ def parse_args(argv=None):
                     help="synthetic canvas style for training and evaluation (default: vtoken.data.synthetic's)")
     ap.add_argument("--detail-test-n", type=int, default=1000,
                     help="held-out small-object, off-centre questions in the final evaluation")
+    ap.add_argument("--mrope-section", default=None, metavar="T,H,W",
+                    help="qwen2vl: another M-RoPE split of the rotary frequencies (see build.set_mrope_section)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--weight-decay", type=float, default=0.05)

@@ -53,6 +53,9 @@ def train(args) -> dict:
         model = model.to(dev)
     else:
         model = build.build_model(arch, tok, seed=args.seed).to(dev)
+    if getattr(args, "mrope_section", None):
+        build.set_mrope_section(model, args.mrope_section.split(","))
+        print(f"[{arch}] mrope_section {args.mrope_section}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{arch}] params {n_params / 1e6:.2f} M on {dev}", flush=True)
     pixels = PixelPipeline(processor, arch)

@@ -65,7 +65,7 @@ def save_and_evaluate(args, res, argv=None) -> dict:
             "warmup": args.warmup, "weight_decay": args.weight_decay, "easy_vqa_frac": args.easy_vqa_frac,
             "qtype_mix": args.qtype_mix, "time_budget_s": args.time_budget, "seed": args.seed,
             "packed_turns": res["packed"], "canvas": getattr(args, "canvas", None) or "gradient",
-            "init": args.init or None,
+            "init": args.init or None, "mrope_section": getattr(args, "mrope_section", None),
         },
         "eval_dtype": "float32",
         "visual_tokens_per_image": 576,
