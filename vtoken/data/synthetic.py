@@ -63,6 +63,7 @@ __all__ = [
     "Scene",
     "make_scene",
     "render",
+    "draw_shape",
     "make_question",
     "make_questions",
     "make_split",
@@ -191,15 +192,18 @@ def render(scene: Scene, image_size: int = 336) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         side = SIZE_FRAC[o.size] * image_size
-        cx, cy, h = o.x * image_size, o.y * image_size, side / 2
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
-        elif o.shape == "rectangle":
-            draw.rectangle([cx - h, cy - h * 0.8, cx + h, cy + h * 0.8], fill=fill)
-        else:  # triangle, apex up
-            draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
+        draw_shape(draw, o.shape, o.x * image_size, o.y * image_size, side / 2, COLORS[o.color])
     return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, h: float, fill) -> None:
+    """Draw one object of half-side ``h`` pixels centred at (``cx``, ``cy``)."""
+    if shape == "circle":
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "rectangle":
+        draw.rectangle([cx - h, cy - h * 0.8, cx + h, cy + h * 0.8], fill=fill)
+    else:  # triangle, apex up
+        draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
 
 
 # --------------------------------------------------------------------------------------- questions

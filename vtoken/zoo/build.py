@@ -20,7 +20,7 @@ Sizes (both checkpoints share the language-model shape):
 
 from __future__ import annotations
 
-from vtoken.data import synthetic
+from vtoken.data import synthetic, synthetic_video
 
 ARCHS = ("llava", "qwen2vl")
 
@@ -56,6 +56,7 @@ def vocabulary() -> list[str]:
         # a few extra digits/words so counting answers and near-vocabulary questions never hit <unk>
         "10", "and", "right", "below", "how", "many", "objects",
         *synthetic.AUX_WORDS,  # training-only position questions (last: earlier ids unchanged)
+        *synthetic_video.WORDS,  # the video set's words not already there (appended: ids unchanged)
     ):
         if w not in words:
             words.append(w)
