@@ -108,3 +108,31 @@ def check_packed_turns(arch: str, processor, n_images: int = 2, turns: int = 2) 
             err = max(err, (out[b, :P] - ref[k, :P]).abs().max().item())
             k += 1
     return err
+
+
+def check_video_pipeline(processor, n: int = 2) -> float:
+    """Max |difference| between the training pixels of ``n`` synthetic clips and the processor's
+    ``videos=`` path (the stock ``Qwen2VLVideoProcessor`` where torchvision is installed, else
+    :class:`vtoken.zoo.processing.Qwen2VLImageOnlyProcessor`'s); also asserts that the grids and
+    the first training turn's token ids (and ``mm_token_type_ids``) are the processor's."""
+    from vtoken.data import synthetic_video
+
+    recs = synthetic_video.make_split("test", n, seed=123)
+    arr = torch.from_numpy(np.stack([np.stack([np.asarray(f, dtype=np.uint8) for f in r["video"]]) for r in recs]))
+    mine = PixelPipeline(processor, "qwen2vl")(arr)
+    stream = _Stream("qwen2vl", 0, 1, 0.0, video=True)
+    stream._setup()
+    err = 0.0
+    for i, r in enumerate(recs):
+        ref = processor(videos=[r["video"]], text=[build.prompt("qwen2vl", r["question"], video=True)],
+                        return_tensors="pt")
+        rows = slice(i * len(ref["pixel_values_videos"]), (i + 1) * len(ref["pixel_values_videos"]))
+        err = max(err, (mine["pixel_values_videos"][rows] - ref["pixel_values_videos"]).abs().max().item())
+        assert torch.equal(mine["video_grid_thw"][i : i + 1].cpu(), ref["video_grid_thw"]), "video grids differ"
+        ref_ids = ref["input_ids"][0].tolist()
+        ids = stream.encode([(r["question"], r["answer"], r["qtype"])])[0]
+        assert ids[: len(ref_ids)] == ref_ids, "training tokenisation of a video prompt differs from the processor's"
+        assert ids.count(processor.tokenizer.unk_token_id) == 0, "video question words missing from the vocabulary"
+        mm = (torch.tensor([ref_ids]) == stream.image_token_id).long() * 2
+        assert torch.equal(mm, ref["mm_token_type_ids"].long()), "video mm_token_type_ids differ"
+    return err

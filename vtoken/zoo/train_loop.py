@@ -15,7 +15,7 @@ import torch
 
 from vtoken.data import synthetic, synthetic_video
 from vtoken.zoo import build
-from vtoken.zoo.train_checks import check_packed_turns, check_pipeline
+from vtoken.zoo.train_checks import check_packed_turns, check_pipeline, check_video_pipeline
 from vtoken.zoo.train_data import _collate, _MixedStream, _Stream, parse_qtype_mix
 from vtoken.zoo.train_eval import TrainingVal
 from vtoken.zoo.train_inputs import PixelPipeline, fast_patch_embed, model_inputs, qwen_position_template
@@ -34,6 +34,12 @@ def train(args) -> dict:
     print(f"[{arch}] pixel pipeline max|diff| vs processor = {err:.2e}", flush=True)
     if err > 1e-4:
         raise RuntimeError(f"training pixel pipeline differs from the processor by {err}")
+    if getattr(args, "data", "image") == "video":
+        verr = check_video_pipeline(processor)
+        print(f"[{arch}] video pixel pipeline max|diff| vs processor = {verr:.2e}", flush=True)
+        if verr > 1e-4:  # recorded in metrics.json; the clips are at the processor's size, so this is not expected
+            print(f"[{arch}] WARNING: training video pixels differ from the processor's by {verr}", flush=True)
+        args.video_pipeline_max_diff = verr
     packed = args.packed
     if packed:
         try:

@@ -146,6 +146,7 @@ def _evaluate_video(args, model, processor, metrics: dict) -> None:
     metrics["recipe"].update(video_frac=args.video_frac, video_qtype_mix=args.video_qtype_mix,
                              video_qtypes=sorted(set(parse_qtype_mix(args.video_qtype_mix, video=True))))
     metrics["visual_tokens_per_video"] = synthetic_video.visual_tokens()
+    metrics["video_pipeline_max_diff"] = getattr(args, "video_pipeline_max_diff", None)
     metrics["synthetic_video_test"] = {"split": "test", "seed": 0, "n": args.video_test_n,
                                        "frames": synthetic_video.FRAMES, "frame_size": synthetic_video.FRAME_SIZE}
     metrics["synthetic_video_unpruned_first_token"] = ev["first_token"]
