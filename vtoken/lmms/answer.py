@@ -76,7 +76,9 @@ def doc_visuals(doc_to_visual, doc) -> list:
 
 
 def _is_video(v) -> bool:
-    return isinstance(v, str) or hasattr(v, "__fspath__")
+    """A video file path, or a video given as its frames (a list / tuple, as ``vtoken eval``'s
+    synthetic-video samples)."""
+    return isinstance(v, (str, list, tuple)) or hasattr(v, "__fspath__")
 
 
 def _zoo_answer(model, processor, visuals, contexts, max_new_tokens: int = 16, **generate_kwargs) -> list:
@@ -99,6 +101,9 @@ def _video_token(model):
 
 
 def _load_frames(path, max_frames: int):
+    if isinstance(path, (list, tuple)):  # frames already: sampled uniformly down to max_frames
+        step = max(1, -(-len(path) // max_frames))
+        return list(path)[::step]
     from transformers.video_utils import load_video
 
     video = load_video(str(path), num_frames=max_frames)
