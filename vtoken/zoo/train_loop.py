@@ -44,6 +44,8 @@ def train(args) -> dict:
     if packed:
         try:
             perr = check_packed_turns(arch, processor)
+            if getattr(args, "data", "image") == "video":
+                perr = max(perr, check_packed_turns(arch, processor, video=True))
         except Exception as e:  # pragma: no cover - a transformers version without custom 4-D masks
             perr = float("inf")
             print(f"[{arch}] packed-turn check failed: {type(e).__name__}: {e}", flush=True)
