@@ -66,6 +66,7 @@ __all__ = [
     "draw_shape",
     "make_question",
     "make_questions",
+    "question_rounds",
     "make_split",
     "make_record",
     "scene_split",
@@ -291,6 +292,12 @@ def make_questions(
     often. Every fact is asked at most once: in particular a relation pair is never asked in both
     orders (in a multi-turn training sequence the second answer would follow from the first).
     """
+    return question_rounds(lambda qt: _question(scene, qt, rng), rng, k, qtypes)
+
+
+def question_rounds(ask, rng: np.random.Generator, k: int, qtypes: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Up to ``k`` (question, answer, qtype) triples from ``ask(qtype) -> (question, answer, fact) | None``:
+    rounds of fresh permutations of ``qtypes``, every ``fact`` at most once (see :func:`make_questions`)."""
     qtypes = list(qtypes)
     out: list[tuple[str, str, str]] = []
     seen: set = set()
@@ -298,7 +305,7 @@ def make_questions(
         for qt in rng.permutation(qtypes):
             if len(out) >= k:
                 return out
-            qa = _question(scene, str(qt), rng)
+            qa = ask(str(qt))
             if qa is not None and qa[2] not in seen:
                 seen.add(qa[2])
                 out.append((qa[0], qa[1], str(qt)))

@@ -56,7 +56,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vtoken.data.synthetic import COLORS, GRADIENT, SHAPES, draw_shape
+from vtoken.data.synthetic import COLORS, GRADIENT, SHAPES, draw_shape, question_rounds
 
 __all__ = [
     "FRAMES",
@@ -273,18 +273,7 @@ def make_questions(clip: Clip, rng: np.random.Generator, k: int,
                    qtypes: Iterable[str] = QTYPES) -> list[tuple[str, str, str]]:
     """Up to ``k`` distinct (question, answer, qtype) triples about ``clip``, types in rounds
     (as :func:`vtoken.data.synthetic.make_questions`); every fact is asked at most once."""
-    qtypes = list(qtypes)
-    out: list[tuple[str, str, str]] = []
-    seen: set = set()
-    for _ in range(3 * k):
-        for qt in rng.permutation(qtypes):
-            if len(out) >= k:
-                return out
-            qa = _question(clip, str(qt), rng)
-            if qa is not None and qa[2] not in seen:
-                seen.add(qa[2])
-                out.append((qa[0], qa[1], str(qt)))
-    return out
+    return question_rounds(lambda qt: _question(clip, qt, rng), rng, k, qtypes)
 
 
 def _check(split: str, qtypes) -> tuple[str, ...]:

@@ -160,15 +160,7 @@ def _video_section(m: dict) -> str:
         return ""
     ft, rk = m["synthetic_video_unpruned_first_token"], m["synthetic_video_random_keep"]
     gen = m["synthetic_video_unpruned_generate"]
-    qt = sorted(ft["per_qtype"])
-    rows = [
-        "| | all | " + " | ".join(qt) + " |",
-        "|---|---|" + "---|" * len(qt),
-        f"| unpruned ({m['visual_tokens_per_video']} tokens) | {ft['accuracy']:.2f} | "
-        + " | ".join(f"{ft['per_qtype'][q]:.1f}" for q in qt) + " |",
-        f"| random, keep {rk['keep']} | {rk['accuracy']:.2f} | "
-        + " | ".join(f"{rk['per_qtype'].get(q, float('nan')):.1f}" for q in qt) + " |",
-    ]
+    rows = _accuracy_rows(ft, rk, m["visual_tokens_per_video"])
     v = m["synthetic_video_test"]
     return f"""
 Video: `vtoken.data.synthetic_video` test split (seed 0, n = {v['n']}; {v['frames']} frames of {v['frame_size']} px,
@@ -191,17 +183,22 @@ def _write_metrics(out: str, metrics: dict) -> None:
     os.replace(tmp, os.path.join(out, "metrics.json"))
 
 
-def _write_training_md(out: str, m: dict) -> None:
-    name = os.path.basename(os.path.normpath(out))
-    ft, rk, gen = m["synthetic_unpruned_first_token"], m["synthetic_random_keep"], m["synthetic_unpruned_generate"]
+def _accuracy_rows(ft: dict, rk: dict, tokens: int) -> list[str]:
+    """Markdown rows: overall and per-question-type accuracy, unpruned and randomly pruned."""
     qt = sorted(ft["per_qtype"])
-    rows = [
+    return [
         "| | all | " + " | ".join(qt) + " |",
         "|---|---|" + "---|" * len(qt),
-        f"| unpruned (576 tokens) | {ft['accuracy']:.2f} | " + " | ".join(f"{ft['per_qtype'][q]:.1f}" for q in qt) + " |",
+        f"| unpruned ({tokens} tokens) | {ft['accuracy']:.2f} | " + " | ".join(f"{ft['per_qtype'][q]:.1f}" for q in qt) + " |",
         f"| random, keep {rk['keep']} | {rk['accuracy']:.2f} | "
         + " | ".join(f"{rk['per_qtype'].get(q, float('nan')):.1f}" for q in qt) + " |",
     ]
+
+
+def _write_training_md(out: str, m: dict) -> None:
+    name = os.path.basename(os.path.normpath(out))
+    ft, rk, gen = m["synthetic_unpruned_first_token"], m["synthetic_random_keep"], m["synthetic_unpruned_generate"]
+    rows = _accuracy_rows(ft, rk, 576)
     ev = m.get("easy_vqa_test", {})
     easy = f"{ev['accuracy']:.2f} % (first token), {ev['accuracy_generate']:.2f} % (generate), n = {ev['n']}" if "accuracy" in ev else ev.get("error", "n/a")
     r = m["recipe"]
