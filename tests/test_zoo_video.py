@@ -127,6 +127,7 @@ def test_train_video_smoke_writes_a_loadable_checkpoint(tmp_path):
     rk = m["synthetic_video_random_keep"]
     assert rk["keep"] == 0.111 and rk["drop_points"] == pytest.approx(ft["accuracy"] - rk["accuracy"], abs=0.01)
     assert m["video_pipeline_max_diff"] <= 1e-5
+    assert m["cpu_video_subset"]["n"] == 40 and 0 <= m["cpu_video_subset"]["accuracy_device"] <= 100
     assert "val_video_acc" in m["log"][-1]
     assert "Video:" in (out / "TRAINING.md").read_text()
     assert os.path.getsize(out / "model.safetensors") < 16 * 2**20

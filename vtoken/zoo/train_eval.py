@@ -237,13 +237,20 @@ def generate_accuracy(model, processor, records, batch_size=64) -> dict:
     """Accuracy of :func:`vtoken.zoo.answer` (batched greedy generation) on ``records``."""
     from vtoken.zoo import answer
 
-    preds = answer(model, processor, [r["image"] for r in records], [r["question"] for r in records], batch_size=batch_size)
+    visuals = [r["video"] if "video" in r else r["image"] for r in records]
+    preds = answer(model, processor, visuals, [r["question"] for r in records], batch_size=batch_size)
     ok = [p == r["answer"] for p, r in zip(preds, records)]
     return {"accuracy": 100.0 * sum(ok) / max(1, len(ok)), "n": len(ok)}
 
 
-def subset_accuracy(model, processor, split="test", seed=0, n=100) -> float:
+def subset_accuracy(model, processor, split="test", seed=0, n=100, video=False) -> float:
     """What ``tests/test_zoo_checkpoints.py`` recomputes on the CPU: :func:`vtoken.zoo.answer` in
-    batches of 25 on the first ``n`` records of ``split`` with ``seed``."""
-    recs = synthetic.make_split(split, n, seed=seed)
+    batches of 25 on the first ``n`` records of ``split`` with ``seed`` (``video``: of
+    :mod:`vtoken.data.synthetic_video`)."""
+    if video:
+        from vtoken.data import synthetic_video
+
+        recs = synthetic_video.make_split(split, n, seed=seed)
+    else:
+        recs = synthetic.make_split(split, n, seed=seed)
     return generate_accuracy(model, processor, recs, batch_size=25)["accuracy"]
