@@ -10,9 +10,9 @@
 # OUT receives: tiny-qwen2vl-video.tar (the checkpoint folder with metrics.json and TRAINING.md),
 # qwen2vl-video.log and summary.txt. Unpack the tar into vtoken/zoo/checkpoints/ and
 # `vtoken eval --data synthetic-video` picks it up.
-# Time: BUDGET seconds of training (default 330); the whole command, evaluation included, ends
+# Time: BUDGET seconds of training (default 360); the whole command, evaluation included, ends
 # within TOTAL seconds (default 470, under 8 minutes): train.py stops training early enough to keep
-# its evaluation (--eval-reserve 120) before that deadline, and a hard `timeout` guards the rest.
+# its evaluation (--eval-reserve 100) before that deadline, and a hard `timeout` guards the rest.
 # Other settings: CKPT_DIR (default /tmp/vtoken-ckpt), WORKERS (data workers, default 4),
 # VIDEO_FRAC (share of video batches, default 0.5), INIT (continue from a checkpoint folder), PYTHON.
 set -u
@@ -21,7 +21,7 @@ if [ -z "${OUT:-}" ]; then
     OUT=${1:?usage: OUT=outdir bash vtoken/zoo/train_video.sh [train.py args...]}
     shift
 fi
-BUDGET=${BUDGET:-330}
+BUDGET=${BUDGET:-360}
 TOTAL=${TOTAL:-470}
 CKPT_DIR=${CKPT_DIR:-/tmp/vtoken-ckpt}
 WORKERS=${WORKERS:-4}
@@ -38,7 +38,7 @@ LEFT=$((DEADLINE - $(date +%s) - 2))
 
 timeout -k 3 "$LEFT" $PY -m vtoken.zoo.train --arch qwen2vl --data video --video-frac "$VIDEO_FRAC" \
     --out "$CKPT_DIR/tiny-qwen2vl-video" --tar "$OUT/tiny-qwen2vl-video.tar" \
-    --time-budget "$BUDGET" --deadline "$DEADLINE" --eval-reserve 120 --workers "$WORKERS" --eval-workers 4 \
+    --time-budget "$BUDGET" --deadline "$DEADLINE" --eval-reserve 100 --workers "$WORKERS" --eval-workers 4 \
     --test-n 1000 --video-test-n 1000 ${INIT:+--init "$INIT"} "$@" >"$OUT/qwen2vl-video.log" 2>&1
 R=$?
 
