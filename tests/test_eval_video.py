@@ -87,3 +87,15 @@ def test_hf_answer_takes_videos_through_the_chat_path(random_ckpt):
     vids, qs = [r["video"] for r in recs], [r["question"] for r in recs]
     batch = hf_answer(model, p, vids, qs, max_new_tokens=2)
     assert batch == [hf_answer(model, p, [v], [q], max_new_tokens=2)[0] for v, q in zip(vids, qs)]
+
+
+def test_lmms_zoo_answer_takes_one_video_on_qwen2vl(random_ckpt):
+    """The lmms plugin's built-in-checkpoint path answers a video (frames) as vtoken.zoo.answer does."""
+    from vtoken import zoo
+    from vtoken.lmms.answer import GenerationSettings, answer_function
+
+    model, p = zoo.load(random_ckpt)
+    r = sv.make_split("test", 1)[0]
+    fn = answer_function("vtoken.zoo", GenerationSettings(2))
+    got = fn(model, p, [[r["video"]]], [r["question"]], max_new_tokens=2)
+    assert got == zoo.answer(model, p, [r["video"]], [r["question"]], max_new_tokens=2)
