@@ -57,6 +57,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vtoken.data.synthetic import COLORS, GRADIENT, SHAPES, draw_shape, question_rounds
+from vtoken.data.synthetic import _canvas as synthetic_canvas
 
 __all__ = [
     "FRAMES",
@@ -202,10 +203,8 @@ def make_clip(rng: np.random.Generator, split: str = "train") -> Clip:
 
 @functools.lru_cache(maxsize=16)
 def _canvas(size: int, frame: int) -> Image.Image:
-    ramp = np.round(GRADIENT * (np.arange(size) + 0.5) / size).astype(np.int16)
-    canvas = np.empty((size, size, 3), dtype=np.uint8)
-    canvas[..., 0] = 255 - ramp[None, :]
-    canvas[..., 1] = 255 - ramp[:, None]
+    """The image set's position gradient (red: x, green: y), blue fading with the frame pair."""
+    canvas = np.array(synthetic_canvas(size, GRADIENT))
     canvas[..., 2] = 255 - int(round(TIME_GRADIENT * (frame // 2 + 0.5) / PAIRS))
     return Image.fromarray(canvas, "RGB")
 
