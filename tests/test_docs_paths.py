@@ -25,8 +25,10 @@ def _tracked_text_files():
     return [f for f in files if (f.endswith(TEXT) or f == ".ci/run") and f != this]
 
 
-#: built-in checkpoint names ("vtoken/tiny-llava") are model ids, like a hub's, not paths
+#: built-in checkpoint names ("vtoken/tiny-llava") are model ids, like a hub's, not paths (including
+#: those named before their folder is installed, e.g. vtoken/tiny-qwen2vl-video until its GPU run)
 CHECKPOINT_IDS = {f"vtoken/{p.name}" for p in (ROOT / "vtoken" / "zoo" / "checkpoints").iterdir()}
+CHECKPOINT_IDS |= {name for name in __import__("vtoken.zoo", fromlist=["BUILTIN"]).BUILTIN}
 
 
 def _named_paths(text):

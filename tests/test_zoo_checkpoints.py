@@ -25,7 +25,7 @@ def test_resolve_builtin_names_and_paths(tmp_path):
         assert os.path.getsize(os.path.join(path, "model.safetensors")) < 15e6
         assert zoo.resolve(path) == path
     assert zoo.resolve("tiny-llava") == zoo.resolve("vtoken/tiny-llava")
-    assert sorted(zoo.available()) == sorted(NAMES)
+    assert set(NAMES) <= set(zoo.available()) <= set(zoo.BUILTIN)  # + the video one once trained
     with pytest.raises(FileNotFoundError):
         zoo.resolve("llava-hf/llava-1.5-7b-hf")
 
@@ -89,3 +89,22 @@ def test_recorded_metrics_meet_the_issue_targets(name):
     rk = m["synthetic_random_keep"]
     assert rk["keep"] == (64 if "llava" in name else 0.111)
     assert unpruned["accuracy"] - rk["accuracy"] >= 15.0, (name, rk)
+
+
+VIDEO = "vtoken/tiny-qwen2vl-video"
+
+
+@pytest.mark.skipif(VIDEO not in zoo.available(), reason="vtoken/tiny-qwen2vl-video is trained by train_video.sh")
+def test_video_checkpoint_reproduces_its_recorded_video_subset():
+    from vtoken.data import synthetic_video
+
+    m = zoo.metrics(VIDEO)
+    assert m["data"] == "video" and m["visual_tokens_per_video"] == 256
+    assert set(m["synthetic_video_unpruned_first_token"]["per_qtype"]) == set(synthetic_video.QTYPES)
+    assert "drop_points" in m["synthetic_video_random_keep"]
+    rec = m["cpu_video_subset"]
+    model, processor = zoo.load(VIDEO)
+    subset = synthetic_video.make_split(rec["split"], rec["n"], seed=rec["seed"])
+    preds = zoo.answer(model, processor, [r["video"] for r in subset], [r["question"] for r in subset], batch_size=20)
+    acc = 100.0 * sum(p == r["answer"] for p, r in zip(preds, subset)) / len(subset)
+    assert abs(acc - rec["accuracy_device"]) <= 2.5, (acc, rec)

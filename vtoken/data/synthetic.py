@@ -68,8 +68,10 @@ __all__ = [
     "Scene",
     "make_scene",
     "render",
+    "draw_shape",
     "make_question",
     "make_questions",
+    "question_rounds",
     "make_split",
     "make_record",
     "scene_split",
@@ -223,15 +225,18 @@ def render(scene: Scene, image_size: int = 336, canvas: str | None = None) -> Im
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         side = SIZE_FRAC[o.size] * image_size
-        cx, cy, h = o.x * image_size, o.y * image_size, side / 2
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
-        elif o.shape == "rectangle":
-            draw.rectangle([cx - h, cy - h * 0.8, cx + h, cy + h * 0.8], fill=fill)
-        else:  # triangle, apex up
-            draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
+        draw_shape(draw, o.shape, o.x * image_size, o.y * image_size, side / 2, COLORS[o.color])
     return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, h: float, fill) -> None:
+    """Draw one object of half-side ``h`` pixels centred at (``cx``, ``cy``)."""
+    if shape == "circle":
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "rectangle":
+        draw.rectangle([cx - h, cy - h * 0.8, cx + h, cy + h * 0.8], fill=fill)
+    else:  # triangle, apex up
+        draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
 
 
 # --------------------------------------------------------------------------------------- questions
@@ -348,6 +353,12 @@ def make_questions(
     often. Every fact is asked at most once: in particular a relation pair is never asked in both
     orders (in a multi-turn training sequence the second answer would follow from the first).
     """
+    return question_rounds(lambda qt: _question(scene, qt, rng), rng, k, qtypes)
+
+
+def question_rounds(ask, rng: np.random.Generator, k: int, qtypes: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Up to ``k`` (question, answer, qtype) triples from ``ask(qtype) -> (question, answer, fact) | None``:
+    rounds of fresh permutations of ``qtypes``, every ``fact`` at most once (see :func:`make_questions`)."""
     qtypes = list(qtypes)
     out: list[tuple[str, str, str]] = []
     seen: set = set()
@@ -355,7 +366,7 @@ def make_questions(
         for qt in rng.permutation(qtypes):
             if len(out) >= k:
                 return out
-            qa = _question(scene, str(qt), rng)
+            qa = ask(str(qt))
             if qa is not None and qa[2] not in seen:
                 seen.add(qa[2])
                 out.append((qa[0], qa[1], str(qt)))

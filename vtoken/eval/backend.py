@@ -266,9 +266,15 @@ def _last_prefill(handle):
 
 def hf_answer(model, processor, images, questions, max_new_tokens: int = 16, **generate_kwargs) -> list:
     """Batched greedy answers from any ``transformers`` image-text-to-text model: prompts come
-    from the processor's chat template (one image, then the question), left padding."""
+    from the processor's chat template (one image, then the question), left padding. An item of
+    ``images`` that is a list of frames is a video (answered by the lmms plugin's chat path)."""
     import torch
 
+    if any(isinstance(im, (list, tuple)) for im in images):  # a video (its frames): the lmms plugin's
+        from vtoken.lmms.answer import _chat_answer  # chat-template path, one {"type": "video"} entry
+
+        return _chat_answer(model, processor, [[im] for im in images], list(questions),
+                            max_new_tokens=max_new_tokens, **generate_kwargs)
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
     prompts = []

@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from vtoken.eval.config import VIDEO_METHODS, VIDEO_MODEL
 from vtoken.eval.runner import DEFAULT_METHODS, QUICK_METHODS, EvalConfig, parse_keep, run_eval
 
 DEFAULT_DATA = ["synthetic", "easy-vqa"]
@@ -35,19 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate visual-token pruning methods on VQA sets and write the field's retained-accuracy "
                     "table (table.md / table.csv), results.json, predictions.jsonl and plot.png.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Data sets: synthetic, easy-vqa, vqav2:PATH, gqa:PATH, textvqa:PATH, pope:PATH, scienceqa:PATH, "
+        epilog="Data sets: synthetic, synthetic-video, easy-vqa, vqav2:PATH, gqa:PATH, textvqa:PATH, pope:PATH, scienceqa:PATH, "
                "mme:PATH, hf:PATH (or a bare `datasets` directory saved with save_to_disk); options after '?', "
                "e.g. 'pope:/data/pope?images=/data/coco/val2014', 'vqav2:/data/vqa?split=val2014'. "
                "See vtoken/eval/loaders.py for the layouts.",
     )
-    p.add_argument("--model", default="vtoken/tiny-llava",
-                   help="built-in name (vtoken/tiny-llava, vtoken/tiny-qwen2vl) or a local Hugging Face model "
-                        "directory (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="built-in name (vtoken/tiny-llava, vtoken/tiny-qwen2vl, vtoken/tiny-qwen2vl-video) or a local "
+                        f"Hugging Face model directory (default: vtoken/tiny-llava; {VIDEO_MODEL} when a data set is "
+                        "synthetic-video)")
     p.add_argument("--data", nargs="+", action="extend", default=None, metavar="SPEC",
                    help="data sets (space- or comma-separated; default: synthetic easy-vqa)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method names (default: fastv,sparsevlm,pyramiddrop,visionzip,divprune,dart,"
-                        "random; fastv,visionzip,divprune,random in the no-argument quick run); the unpruned upper bound "
+                        "random; fastv,visionzip,divprune,random in the no-argument quick run; "
+                        f"{','.join(VIDEO_METHODS)} when a data set is synthetic-video); the unpruned upper bound "
                         "always runs")
     p.add_argument("--keep", default=None,
                    help="budgets: ints = visual tokens kept per image (e.g. 192,128,64), fractions in (0,1] "
@@ -118,6 +121,20 @@ def _default_keeps(model: str) -> list:
     return list(LLAVA_KEEPS) if model_type == "llava" else list(RATIO_KEEPS)
 
 
+def _check_builtin(model: str) -> None:
+    """Stop with the zoo's how-to-train message when ``model`` is a built-in name not installed."""
+    try:
+        from vtoken import zoo
+    except ImportError:  # pragma: no cover
+        return
+    name = zoo._ALIASES.get(model, model)
+    if name in zoo.BUILTIN and name not in zoo.available():
+        try:
+            zoo.resolve(name)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--model: {exc}")
+
+
 def parse_keeps(text: str) -> list:
     from vtoken.plan import validate_budget
 
@@ -141,15 +158,19 @@ def parse_keeps(text: str) -> list:
 
 
 def config_from_args(args) -> EvalConfig:
-    from vtoken.eval.loaders import DataError, parse_data_spec, split_data_args
+    from vtoken.eval.loaders import VIDEO_KINDS, DataError, parse_data_spec, split_data_args
 
     default_run = args.data is None
     data = DEFAULT_DATA if default_run else split_data_args(args.data)
+    video = False
     for d in data:
         try:
-            parse_data_spec(d)
+            video |= parse_data_spec(d).kind in VIDEO_KINDS
         except DataError as exc:
             raise SystemExit(f"--data: {exc}")
+    if args.model is None:
+        args.model = VIDEO_MODEL if video else "vtoken/tiny-llava"
+    _check_builtin(args.model)
     available = _available_methods()
     if args.methods:
         methods = [m.strip().lower() for m in args.methods.replace(" ", ",").split(",") if m.strip()]
@@ -158,7 +179,7 @@ def config_from_args(args) -> EvalConfig:
             if unknown:
                 raise SystemExit(f"--methods: unknown {', '.join(unknown)}; registered: {', '.join(available)}")
     else:
-        preset = QUICK_METHODS if default_run else DEFAULT_METHODS
+        preset = QUICK_METHODS if default_run else (VIDEO_METHODS if video else DEFAULT_METHODS)
         methods = [m for m in preset if available is None or m in available]
     methods = [m for m in dict.fromkeys(methods)]
     keeps = parse_keeps(args.keep) if args.keep else _default_keeps(args.model)

@@ -9,13 +9,20 @@ from typing import Optional
 
 from vtoken.eval.records import keep_key
 
-__all__ = ["EvalConfig", "config_dict", "DEFAULT_METHODS", "QUICK_METHODS", "BUDGET_COUNTS"]
+__all__ = ["EvalConfig", "config_dict", "DEFAULT_METHODS", "QUICK_METHODS", "VIDEO_METHODS", "VIDEO_MODEL",
+           "BUDGET_COUNTS"]
 
 
 #: methods when --methods is not given, in table order (those registered are used)
 DEFAULT_METHODS = ("fastv", "sparsevlm", "pyramiddrop", "visionzip", "divprune", "dart", "random")
 #: methods of the no-argument quick run: one per family that runs on any adapter, plus the baseline
 QUICK_METHODS = ("fastv", "visionzip", "divprune", "random")
+#: methods when a data set is a video one (synthetic-video) and --methods is not given: the video
+#: methods (DyCoke, FastVID, HoliTom) and the LLM-side / vision-side-free ones that also run on a
+#: Qwen2-VL video (methods reading the vision tower's attention refuse video)
+VIDEO_METHODS = ("fastv", "dycoke", "fastvid", "holitom", "divprune", "uniform", "random")
+#: the model when --model is not given and a data set is a video one
+VIDEO_MODEL = "vtoken/tiny-qwen2vl-video"
 #: the token counts a table's budget blocks can use (:attr:`EvalConfig.budget_count`)
 BUDGET_COUNTS = ("final", "equivalent")
 

@@ -13,12 +13,17 @@ __all__ = ["open_image", "find_file", "image_dir"]
 
 
 def open_image(image):
-    """A PIL RGB image from a PIL image, path, bytes dict (``datasets``) or callable; raises
+    """A PIL RGB image from a PIL image, path, bytes dict (``datasets``) or callable (a video, a list
+    of such frames: the list of RGB frames); raises
     ``OSError`` / ``ValueError`` when it cannot be read."""
     from PIL import Image
 
     if callable(image) and not isinstance(image, Image.Image):
         image = image()
+    if isinstance(image, (list, tuple)):  # a video: its frames, each opened as an image
+        if not image:
+            raise ValueError("a video needs at least one frame")
+        return [open_image(f) for f in image]
     if isinstance(image, dict):  # datasets Image feature, decode=False
         if image.get("bytes"):
             import io

@@ -10,7 +10,7 @@ from typing import Optional
 from vtoken.errors import DataError
 from vtoken.eval.samples import MC_INSTRUCTION, METRICS, DataSpec, EvalDataset, Sample
 
-__all__ = ["from_records", "load_synthetic", "load_synthetic_detail", "load_easy_vqa", "load_hf"]
+__all__ = ["from_records", "load_synthetic", "load_synthetic_detail", "load_synthetic_video", "load_easy_vqa", "load_hf"]
 
 
 def from_records(records, name: str, kind: str, source: str, total: Optional[int] = None) -> EvalDataset:
@@ -18,7 +18,7 @@ def from_records(records, name: str, kind: str, source: str, total: Optional[int
     seen = set()
     for i, r in enumerate(records):
         try:
-            q, img = r["question"], r["image"]
+            q, img = r["question"], (r["video"] if "video" in r else r["image"])
             answers = r.get("answers") or ([r["answer"]] if r.get("answer") is not None else [])
             if not q or not answers or img is None:
                 raise KeyError("question/answers/image")
@@ -47,6 +47,18 @@ def load_synthetic(spec: DataSpec, limit, seed, detail: bool = False) -> EvalDat
 def load_synthetic_detail(spec: DataSpec, limit, seed) -> EvalDataset:
     """Questions decided by one small off-centre object (``vtoken.data.synthetic.DETAIL_QTYPES``)."""
     return load_synthetic(spec, limit, seed, detail=True)
+
+
+def load_synthetic_video(spec: DataSpec, limit, seed) -> EvalDataset:
+    """vtoken's synthetic video QA (:mod:`vtoken.data.synthetic_video`): each sample's ``image`` is
+    the clip, a list of 8 PIL frames; options ``n=``, ``split=``, ``seed=``."""
+    from vtoken.data.synthetic_video import make_split
+
+    n = int(spec.options.get("n", limit or 200))
+    split = spec.options.get("split", "test")
+    records = make_split(split, n, int(spec.options.get("seed", seed)))
+    return from_records(list(records)[: limit or None], "SyntheticVideo", "synthetic-video",
+                        f"vtoken.data.synthetic_video:{split}")
 
 
 def load_easy_vqa(spec: DataSpec, limit, seed) -> EvalDataset:

@@ -8,6 +8,9 @@ spec            layout read (PATH is a directory unless said otherwise)         
 ==============  =====================================================================  ===========
 ``synthetic``   vtoken's synthetic multi-object scenes (``vtoken.data.synthetic``)      exact match
 ``easy-vqa``    the ``easy-vqa`` PyPI data set, test split (``vtoken.data.easy_vqa``)   exact match
+``synthetic-video`` vtoken's synthetic video QA (``vtoken.data.synthetic_video``: 8     exact match
+                frames of 112 px; order, motion, count, flash questions); default model
+                ``vtoken/tiny-qwen2vl-video``, default methods :data:`VIDEO_METHODS`
 ``vqav2:PATH``  ``v2_OpenEnded_mscoco_<split>_questions.json`` +                        VQA acc.
                 ``v2_mscoco_<split>_annotations.json``; images ``<split>/COCO_<split>_
                 <image_id:012d>.jpg`` (split default ``val2014``)
@@ -27,7 +30,7 @@ spec            layout read (PATH is a directory unless said otherwise)         
 ==============  =====================================================================  ===========
 
 Options: ``split=``, ``images=DIR`` (image folder), ``metric=`` (vqa, exact, pope, mc, mme;
-for ``hf``), ``name=`` (column title in the table), ``seed=`` (synthetic).
+for ``hf``), ``name=`` (column title in the table), ``seed=`` (synthetic, synthetic-video).
 
 Questions of the official benchmarks get the instruction LLaVA's evaluation appends
 ("Answer the question using a single word or phrase.", or the ScienceQA / MME wording).
@@ -52,7 +55,8 @@ from urllib.parse import parse_qsl
 
 from vtoken.errors import DataError, DataFormatError
 from vtoken.eval.files import open_image
-from vtoken.eval.formats_builtin import load_easy_vqa, load_hf, load_synthetic, load_synthetic_detail
+from vtoken.eval.formats_builtin import (load_easy_vqa, load_hf, load_synthetic, load_synthetic_detail,
+                                        load_synthetic_video)
 from vtoken.eval.formats_json import load_gqa, load_scienceqa, load_textvqa, load_vqav2
 from vtoken.eval.formats_yesno import load_mme, load_pope
 from vtoken.eval.samples import SHORT_ANSWER, DataSpec, EvalDataset, Sample
@@ -70,20 +74,28 @@ __all__ = [
     "load_dataset",
     "open_image",
     "KINDS",
+    "BUILTIN_KINDS",
+    "VIDEO_KINDS",
     "SHORT_ANSWER",
     "DataError",
     "DataFormatError",
 ]
 
 
-KINDS = ("synthetic", "synthetic-detail", "easy-vqa", "vqav2", "gqa", "textvqa", "pope", "scienceqa", "mme", "hf")
-_ALIASES = {"easyvqa": "easy-vqa", "easy_vqa": "easy-vqa", "vqa2": "vqav2", "vqav2": "vqav2", "sqa": "scienceqa",
+KINDS = ("synthetic", "synthetic-detail", "synthetic-video", "easy-vqa", "vqav2", "gqa", "textvqa", "pope", "scienceqa",
+         "mme", "hf")
+_ALIASES = {"synthetic_video": "synthetic-video", "video": "synthetic-video", "synthetic_detail": "synthetic-detail",
+            "detail": "synthetic-detail",
+            "easyvqa": "easy-vqa", "easy_vqa": "easy-vqa", "vqa2": "vqav2", "vqav2": "vqav2", "sqa": "scienceqa",
             "scienceqa-img": "scienceqa", "datasets": "hf"}
 
 
-# built-in data sets: no path needed
-BUILTIN_KINDS = ("synthetic", "synthetic-detail", "easy-vqa")
-_DEFAULT_NAMES = {"synthetic": "Synthetic", "synthetic-detail": "Detail", "easy-vqa": "EasyVQA", "vqav2": "VQAv2", "gqa": "GQA",
+#: data sets generated or installed in Python (no PATH)
+BUILTIN_KINDS = ("synthetic", "synthetic-detail", "synthetic-video", "easy-vqa")
+#: data sets whose questions are about videos (a sample's ``image`` is a list of frames)
+VIDEO_KINDS = ("synthetic-video",)
+_DEFAULT_NAMES = {"synthetic": "Synthetic", "synthetic-detail": "Detail", "synthetic-video": "SyntheticVideo",
+                  "easy-vqa": "EasyVQA", "vqav2": "VQAv2", "gqa": "GQA",
                   "textvqa": "TextVQA", "pope": "POPE", "scienceqa": "SQA-IMG", "mme": "MME"}
 
 
@@ -107,7 +119,8 @@ def parse_data_spec(text: str) -> DataSpec:
     if os.path.isdir(body):
         return DataSpec("hf", body, options, raw)
     raise DataError(
-        f"unknown data set {raw!r}: expected one of synthetic, synthetic-detail, easy-vqa, vqav2:PATH, gqa:PATH, textvqa:PATH, "
+        f"unknown data set {raw!r}: expected one of synthetic, synthetic-detail, synthetic-video, easy-vqa, vqav2:PATH, "
+        "gqa:PATH, textvqa:PATH, "
         "pope:PATH, scienceqa:PATH, mme:PATH, hf:PATH or a local `datasets` directory"
     )
 
@@ -135,6 +148,7 @@ def split_data_args(values) -> list:
 _LOADERS: dict = {
     "synthetic": load_synthetic,
     "synthetic-detail": load_synthetic_detail,
+    "synthetic-video": load_synthetic_video,
     "easy-vqa": load_easy_vqa,
     "vqav2": load_vqav2,
     "gqa": load_gqa,

@@ -2,7 +2,8 @@
 of each document, and the answer function :class:`~vtoken.eval.backend.ModelBackend` calls.
 
 * Built-in checkpoints (``vtoken.zoo``): :func:`vtoken.zoo.answer`, the function ``vtoken eval``
-  uses (their training prompt, one image per question).
+  uses (their training prompt, one image per question; the Qwen2-VL ones also one video, as
+  ``vtoken/tiny-qwen2vl-video`` is trained).
 * Any other ``transformers`` VLM: one image per question goes through
   :func:`vtoken.eval.backend.hf_answer` (``vtoken eval``'s path: the processor's chat template, the
   image, then the text); several images, a video or no visual use the same chat-template layout with
@@ -76,20 +77,25 @@ def doc_visuals(doc_to_visual, doc) -> list:
 
 
 def _is_video(v) -> bool:
-    return isinstance(v, str) or hasattr(v, "__fspath__")
+    """A video file path, or a video given as its frames (a list / tuple, as ``vtoken eval``'s
+    synthetic-video samples)."""
+    return isinstance(v, (str, list, tuple)) or hasattr(v, "__fspath__")
 
 
-def _zoo_answer(model, processor, visuals, contexts, max_new_tokens: int = 16, **generate_kwargs) -> list:
+def _zoo_answer(model, processor, visuals, contexts, max_new_tokens: int = 16, max_frames: int = 8,
+                **generate_kwargs) -> list:
     from vtoken import zoo
 
+    takes_video = getattr(getattr(model, "config", None), "video_token_id", None) is not None
     images = []
     for i, vs in enumerate(visuals):
-        if len(vs) != 1 or _is_video(vs[0]):
+        if len(vs) != 1 or (_is_video(vs[0]) and not takes_video):
             kinds = ", ".join("video" if _is_video(v) else "image" for v in vs) or "nothing"
             raise UnsupportedCallError(
-                f"vtoken's built-in checkpoints answer one image per question; request {i} gives {kinds}. "
-                "Evaluate multi-image or video tasks with a Hugging Face VLM (pretrained=PATH)")
-        images.append(vs[0])
+                f"vtoken's built-in checkpoints answer one image per question (the Qwen2-VL ones: or one video); "
+                f"request {i} gives {kinds}. Evaluate multi-image or other video tasks with a Hugging Face VLM "
+                "(pretrained=PATH)")
+        images.append(_load_frames(vs[0], max_frames) if _is_video(vs[0]) else vs[0])
     return zoo.answer(model, processor, images, contexts, max_new_tokens=max_new_tokens, **generate_kwargs)
 
 
@@ -99,6 +105,9 @@ def _video_token(model):
 
 
 def _load_frames(path, max_frames: int):
+    if isinstance(path, (list, tuple)):  # frames already: sampled uniformly down to max_frames
+        step = max(1, -(-len(path) // max_frames))
+        return list(path)[::step]
     from transformers.video_utils import load_video
 
     video = load_video(str(path), num_frames=max_frames)
@@ -171,5 +180,5 @@ def answer_function(source: str, settings: GenerationSettings, max_frames: int =
     """The ``answer_fn`` for :class:`~vtoken.eval.backend.ModelBackend`: called with
     ``(model, processor, visuals, contexts, max_new_tokens=...)``, ``visuals`` one list per request."""
     if source == "vtoken.zoo":
-        return functools.partial(_zoo_answer, **settings.extra)
+        return functools.partial(_zoo_answer, max_frames=max_frames, **settings.extra)
     return functools.partial(_chat_answer, max_frames=max_frames, **settings.extra)

@@ -1,4 +1,5 @@
-"""Reference checkpoints trained here: ``vtoken/tiny-llava`` and ``vtoken/tiny-qwen2vl``.
+"""Reference checkpoints trained here: ``vtoken/tiny-llava``, ``vtoken/tiny-qwen2vl`` and, once trained,
+``vtoken/tiny-qwen2vl-video``.
 
 No model can be downloaded on these machines, so vtoken ships two small vision-language models of
 the stock ``transformers`` classes, trained from scratch on :mod:`vtoken.data.synthetic` (plus the
@@ -9,6 +10,10 @@ the stock ``transformers`` classes, trained from scratch on :mod:`vtoken.data.sy
 * ``vtoken/tiny-qwen2vl``: ``Qwen2VLForConditionalGeneration``, dynamic resolution and M-RoPE,
   patch 7 with 2 x 2 merge (one visual token per 14 x 14 pixels); images are kept between 336 and
   672 pixels a side, so at least 576 visual tokens (576 at the default 336 px).
+* ``vtoken/tiny-qwen2vl-video``: the same Qwen2-VL shape trained on :mod:`vtoken.data.synthetic_video`
+  clips (8 frames of 112 px, 256 visual tokens) and the images above, by
+  ``OUT=dir bash vtoken/zoo/train_video.sh`` on a GPU (not shipped until that run is unpacked into
+  ``vtoken/zoo/checkpoints/``). :func:`answer` takes a video as a list of frames.
 
     from vtoken import zoo
     model, processor = zoo.load("vtoken/tiny-llava")
@@ -40,8 +45,15 @@ _CKPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint
 BUILTIN: dict[str, str] = {
     "vtoken/tiny-llava": os.path.join(_CKPT_DIR, "tiny-llava"),
     "vtoken/tiny-qwen2vl": os.path.join(_CKPT_DIR, "tiny-qwen2vl"),
+    "vtoken/tiny-qwen2vl-video": os.path.join(_CKPT_DIR, "tiny-qwen2vl-video"),
 }
-_ALIASES = {"tiny-llava": "vtoken/tiny-llava", "tiny-qwen2vl": "vtoken/tiny-qwen2vl"}
+_ALIASES = {"tiny-llava": "vtoken/tiny-llava", "tiny-qwen2vl": "vtoken/tiny-qwen2vl",
+            "tiny-qwen2vl-video": "vtoken/tiny-qwen2vl-video"}
+#: how to make a built-in checkpoint that is not installed
+_HOW_TO_TRAIN = {
+    "vtoken/tiny-qwen2vl-video": "train it on a GPU with `OUT=dir bash vtoken/zoo/train_video.sh` (about 8 minutes) "
+                                 "and unpack dir/tiny-qwen2vl-video.tar into vtoken/zoo/checkpoints/",
+}
 
 
 def available() -> list[str]:
@@ -55,10 +67,8 @@ def resolve(name_or_path: str) -> str:
     if name in BUILTIN:
         path = BUILTIN[name]
         if not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(
-                f"built-in checkpoint {name!r} is not installed: expected {path}/config.json "
-                "(train it with `python -m vtoken.zoo.train`)"
-            )
+            how = _HOW_TO_TRAIN.get(name, "train it with `python -m vtoken.zoo.train`")
+            raise FileNotFoundError(f"built-in checkpoint {name!r} is not installed: expected {path}/config.json ({how})")
         return path
     if os.path.isdir(name_or_path):
         return name_or_path
@@ -126,11 +136,16 @@ def arch_of(obj) -> str:
     raise ValueError(f"cannot tell the architecture of a {name}: expected a LLaVA or Qwen2-VL processor/model")
 
 
-def build_prompt(processor_or_arch, question: str) -> str:
-    """The exact training prompt for ``question``, with the architecture's image placeholder."""
+def build_prompt(processor_or_arch, question: str, video: bool = False) -> str:
+    """The exact training prompt for ``question``, with the architecture's image (or video) placeholder."""
     from vtoken.zoo.build import prompt
 
-    return prompt(arch_of(processor_or_arch), question)
+    return prompt(arch_of(processor_or_arch), question, video=video)
+
+
+def _is_video(item) -> bool:
+    """A video: a list / tuple of frames (PIL images or arrays), or a (T, H, W, 3) array."""
+    return isinstance(item, (list, tuple)) or getattr(item, "ndim", 0) == 4
 
 
 def _as_rgb(image):
@@ -152,6 +167,10 @@ def answer(
 ) -> list[str]:
     """Greedy answers to ``questions`` about ``images`` (one image per question), batched.
 
+    An item of ``images`` may be a video instead (a list of frames, or a (T, H, W, 3) uint8 array;
+    Qwen2-VL checkpoints only): it goes through the processor's ``videos=`` path with the video
+    placeholder in the prompt.
+
     Prompts are left-padded so every row's next token follows its own prompt. Returns the decoded
     new text of each row (special tokens removed, stripped), e.g. ``["red", "3"]``.
     ``batch_size`` splits long lists into chunks (default: all at once).
@@ -163,6 +182,17 @@ def answer(
         raise ValueError(f"expected one image per question, got {len(images)} images and {len(questions)} questions")
     if not questions:
         return []
+    is_video = [_is_video(v) for v in images]
+    if any(is_video) and not all(is_video):  # one call per kind, answers in the given order
+        out: list = [None] * len(questions)
+        for kind in (True, False):
+            idx = [i for i, v in enumerate(is_video) if v == kind]
+            got = answer(model, processor, [images[i] for i in idx], [questions[i] for i in idx],
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, **generate_kwargs)
+            for i, a in zip(idx, got):
+                out[i] = a
+        return out
+    video = bool(is_video[0])
     if batch_size is not None and len(questions) > batch_size:
         out: list[str] = []
         for i in range(0, len(questions), batch_size):
@@ -175,15 +205,20 @@ def answer(
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        texts = [build_prompt(processor, q) for q in questions]
-        inputs = processor(images=[_as_rgb(im) for im in images], text=texts, return_tensors="pt", padding=True)
+        texts = [build_prompt(processor, q, video=video) for q in questions]
+        if video:
+            visual = {"videos": [[_as_rgb(f) for f in v] for v in images]}
+        else:
+            visual = {"images": [_as_rgb(im) for im in images]}
+        inputs = processor(**visual, text=texts, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old_side
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in inputs.items()}
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    for px in ("pixel_values", "pixel_values_videos"):
+        if px in inputs and inputs[px].is_floating_point():
+            inputs[px] = inputs[px].to(dtype)
     kwargs = dict(
         max_new_tokens=max_new_tokens,
         do_sample=False,

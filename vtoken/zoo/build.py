@@ -20,7 +20,7 @@ Sizes (both checkpoints share the language-model shape):
 
 from __future__ import annotations
 
-from vtoken.data import synthetic
+from vtoken.data import synthetic, synthetic_video
 
 ARCHS = ("llava", "qwen2vl")
 
@@ -43,6 +43,9 @@ QWEN_PATCH = 7
 LLAVA_ROPE_THETA = 1e6
 QWEN_MIN_PIXELS = 336 * 336
 QWEN_MAX_PIXELS = 672 * 672
+# video frames may be smaller than images: the synthetic clips' 112 px frames stay 112 px, so a clip
+# of 8 frames is 4 x 8 x 8 = 256 visual tokens (vtoken.data.synthetic_video)
+QWEN_VIDEO_MIN_PIXELS = 112 * 112
 
 
 def vocabulary() -> list[str]:
@@ -56,6 +59,7 @@ def vocabulary() -> list[str]:
         # a few extra digits/words so counting answers and near-vocabulary questions never hit <unk>
         "10", "and", "right", "below", "how", "many", "objects",
         *synthetic.AUX_WORDS,  # training-only position questions (last: earlier ids unchanged)
+        *synthetic_video.WORDS,  # the video set's words not already there (appended: ids unchanged)
     ):
         if w not in words:
             words.append(w)
@@ -71,9 +75,17 @@ def image_placeholder(arch: str) -> str:
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
-def prompt(arch: str, question: str) -> str:
+def video_placeholder(arch: str) -> str:
+    """The text that stands for one video in a prompt of ``arch`` (Qwen2-VL only)."""
+    if arch == "qwen2vl":
+        return QWEN_VISION_START + QWEN_VIDEO_PAD + QWEN_VISION_END
+    raise ValueError(f"only the qwen2vl checkpoints take videos, got arch {arch!r}")
+
+
+def prompt(arch: str, question: str, video: bool = False) -> str:
     """The exact training prompt; the model answers with one word and then EOS."""
-    return f"USER: {image_placeholder(arch)}\n{question} ASSISTANT:"
+    visual = video_placeholder(arch) if video else image_placeholder(arch)
+    return f"USER: {visual}\n{question} ASSISTANT:"
 
 
 def build_tokenizer():
@@ -141,12 +153,13 @@ def build_processor(arch: str, tokenizer=None):
                 from transformers import Qwen2VLVideoProcessor
 
                 vp = Qwen2VLVideoProcessor(
-                    min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS, patch_size=QWEN_PATCH, merge_size=2
+                    min_pixels=QWEN_VIDEO_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS, patch_size=QWEN_PATCH, merge_size=2
                 )
                 return Qwen2VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp)
             except Exception:  # pragma: no cover - a torchvision that does not import
                 pass
-        return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tokenizer)
+        return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tokenizer,
+                                         video_pixels=(QWEN_VIDEO_MIN_PIXELS, QWEN_MAX_PIXELS))
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 

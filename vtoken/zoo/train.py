@@ -2,6 +2,8 @@
 
     python -m vtoken.zoo.train --arch llava   --out ckpt/tiny-llava
     python -m vtoken.zoo.train --arch qwen2vl --out ckpt/tiny-qwen2vl
+    python -m vtoken.zoo.train --arch qwen2vl --data video --out ckpt/tiny-qwen2vl-video
+    OUT=dir bash vtoken/zoo/train_video.sh         # the video checkpoint on one GPU, as shipped
     OUT=dir bash vtoken/zoo/train_both.sh          # both at once on one GPU, as shipped
     python -m vtoken.zoo.train --record-cpu-subset vtoken/zoo/checkpoints/tiny-llava   # on the CPU
 
@@ -20,6 +22,14 @@ falls back to a causal multi-turn conversation if the installed ``transformers``
 loss is on the answer word and its EOS only. Pixels are normalised (and, for Qwen2-VL,
 patchified) on the device in exactly the processor's arithmetic, which :func:`check_pipeline`
 verifies against the saved processor.
+
+``--data video`` (Qwen2-VL only) makes the video checkpoint ``vtoken/tiny-qwen2vl-video``: each
+batch is, with probability ``--video-frac``, a batch of :mod:`vtoken.data.synthetic_video` clips
+(8 frames of 112 px, 256 visual tokens, fed as ``pixel_values_videos``; question mix
+``--video-qtype-mix``, with the training-only "when does the red object appear?"), otherwise a
+batch of the image recipe below. Validation and the saved weights use the mean of the image and
+video validation accuracies, and ``metrics.json`` adds the held-out video test split's accuracy per
+video question type, unpruned and with random pruning (``synthetic_video_*``).
 
 Question mix (``--qtype-mix``): the relation types ``left`` / ``above`` are drawn twice as often as
 the others, and the training-only ``column`` / ``row`` questions (:data:`synthetic.AUX_QTYPES`:
@@ -56,7 +66,7 @@ import sys
 from vtoken.data import synthetic
 from vtoken.zoo import build
 from vtoken.zoo.train_checks import check_packed_turns, check_pipeline
-from vtoken.zoo.train_data import DEFAULT_QTYPE_MIX, packed_attention_mask, parse_qtype_mix
+from vtoken.zoo.train_data import DEFAULT_QTYPE_MIX, DEFAULT_VIDEO_QTYPE_MIX, packed_attention_mask, parse_qtype_mix
 from vtoken.zoo.train_eval import (
     TrainingVal,
     evaluate_records,
@@ -69,7 +79,7 @@ from vtoken.zoo.train_loop import train
 from vtoken.zoo.train_report import record_cpu_subset, save_and_evaluate
 
 __all__ = [
-    "DEFAULT_QTYPE_MIX", "PixelPipeline", "TrainingVal", "check_packed_turns", "check_pipeline",
+    "DEFAULT_QTYPE_MIX", "DEFAULT_VIDEO_QTYPE_MIX", "PixelPipeline", "TrainingVal", "check_packed_turns", "check_pipeline",
     "evaluate_records", "fast_patch_embed", "first_token_accuracy", "generate_accuracy", "main",
     "model_inputs", "packed_attention_mask", "parse_args", "parse_qtype_mix", "qwen_position_template",
     "record_cpu_subset", "save_and_evaluate", "subset_accuracy", "train",
@@ -114,9 +124,21 @@ def parse_args(argv=None):
                     help="fixed test subset the CPU tests re-check (default 100 for llava, 50 for qwen2vl)")
     ap.add_argument("--easy-test-n", type=int, default=1000)
     ap.add_argument("--tar", default="", help="also pack the checkpoint folder into this tar file")
+    ap.add_argument("--data", choices=("image", "video"), default="image",
+                    help="video: also train on vtoken.data.synthetic_video clips (qwen2vl only; see train_video.sh)")
+    ap.add_argument("--video-frac", type=float, default=0.5, help="share of video batches (--data video)")
+    ap.add_argument("--video-qtype-mix", default=DEFAULT_VIDEO_QTYPE_MIX, help="video question types and weights")
+    ap.add_argument("--video-test-n", type=int, default=1000, help="video test questions in the final evaluation")
     args = ap.parse_args(argv)
     if args.record_cpu_subset is None and (not args.arch or not args.out):
         ap.error("--arch and --out are required (unless --record-cpu-subset)")
+    if args.data == "video" and args.arch != "qwen2vl":
+        ap.error("--data video needs --arch qwen2vl (the LLaVA checkpoint takes no video)")
+    if args.data == "video":
+        try:
+            parse_qtype_mix(args.video_qtype_mix, video=True)
+        except ValueError as e:
+            ap.error(f"--video-qtype-mix: {e}")
     return args
 
 

@@ -31,18 +31,8 @@ OUT=$(cd "$OUT" && pwd)
 rm -rf "$CKPT_DIR/tiny-llava" "$CKPT_DIR/tiny-qwen2vl"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export VTOKEN_TRAIN_COMMAND="OUT=<out> bash vtoken/zoo/train_both.sh${*:+ $*} (BUDGET=$BUDGET TOTAL=$TOTAL)"
-# Run from a folder that holds only the vtoken package (with scorers/, hooks/, kernels/ linked in
-# as vtoken.scorers etc., as the installed package maps them): from the repository root, the
-# top-level kernels/ folder would shadow the PyPI package `kernels` that transformers probes.
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-SHIM=$(mktemp -d)
-mkdir "$SHIM/vtoken"
-for f in "$REPO"/vtoken/*; do ln -s "$f" "$SHIM/vtoken/$(basename "$f")"; done
-for d in scorers hooks kernels; do [ -d "$REPO/$d" ] && ln -sfn "$REPO/$d" "$SHIM/vtoken/$d"; done
-cd "$SHIM"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-[ -d "$REPO/.whl/site/easy_vqa" ] && export PYTHONPATH="$PYTHONPATH:$REPO/.whl/site"
-PY=${PYTHON:-python3}
+# the vtoken-only folder to run from (REPO, SHIM, PY, PYTHONPATH; see train_env.sh)
+source "$(dirname "$0")/train_env.sh"
 DEADLINE=$((START + TOTAL))
 LEFT=$((DEADLINE - $(date +%s) - 2))
 

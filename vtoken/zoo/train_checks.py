@@ -60,7 +60,7 @@ def check_pipeline(arch: str, processor, n: int = 3) -> float:
 
 
 @torch.no_grad()
-def check_packed_turns(arch: str, processor, n_images: int = 2, turns: int = 2) -> float:
+def check_packed_turns(arch: str, processor, n_images: int = 2, turns: int = 2, video: bool = False) -> float:
     """Max |logit difference| between packed training turns and the same turns run one by one.
 
     A random model of ``arch`` runs ``n_images`` packed sequences of ``turns`` turns through the
@@ -68,22 +68,33 @@ def check_packed_turns(arch: str, processor, n_images: int = 2, turns: int = 2) 
     M-RoPE template) and every turn as its own right-padded sequence through the model's default
     path (processor pixels, 2-D attention mask, positions computed by the model). Exercises the
     installed ``transformers``' handling of custom 4-D masks and explicit positions.
+    ``video=True`` (Qwen2-VL): the same with :mod:`vtoken.data.synthetic_video` clips (the video
+    M-RoPE template of :func:`qwen_position_template` against the model's own video positions).
     """
-    recs = synthetic.make_split("test", n_images, seed=321)
+    from vtoken.data import synthetic_video
+
+    data = synthetic_video if video else synthetic
+    recs = data.make_split("test", n_images, seed=321)
     tok = processor.tokenizer
     model = build.build_model(arch, tok).eval()
-    stream = _Stream(arch, 0, turns, 0.0)
+    stream = _Stream(arch, 0, turns, 0.0, video=video)
     stream._setup()
     pixels = PixelPipeline(processor, arch)
-    image_token_id = model.config.image_token_id
+    image_token_id = model.config.video_token_id if video else model.config.image_token_id
     tpl = qwen_position_template(model, stream) if arch == "qwen2vl" else None
     rng = np.random.default_rng(0)
     packed_items, singles = [], []
     for r in recs:
-        img = np.asarray(_resize_like_processor(r["image"], arch), dtype=np.uint8)
-        qas = synthetic.make_questions(r["scene"], rng, turns)
+        if video:
+            img = np.stack([np.asarray(f, dtype=np.uint8) for f in r["video"]])
+            qas = synthetic_video.make_questions(r["clip"], rng, turns)
+            visual = r["video"]
+        else:
+            img = np.asarray(_resize_like_processor(r["image"], arch), dtype=np.uint8)
+            qas = synthetic.make_questions(r["scene"], rng, turns)
+            visual = r["image"]
         packed_items.append((img,) + tuple(np.asarray(x, np.int64) for x in stream.encode(qas)))
-        singles += [(r["image"], stream.encode([qa])[0]) for qa in qas]
+        singles += [(visual, stream.encode([qa])[0]) for qa in qas]
     imgs, ids, _, seg, pos = _collate(packed_items, pad_id=tok.pad_token_id)
     out = model(**model_inputs(arch, pixels, imgs, ids, seg, pos, image_token_id, tpl, packed=True), use_cache=False).logits
     L = max(len(x) for _, x in singles)
@@ -92,10 +103,14 @@ def check_packed_turns(arch: str, processor, n_images: int = 2, turns: int = 2) 
     for i, (_, x) in enumerate(singles):
         s_ids[i, : len(x)] = torch.tensor(x)
         s_mask[i, : len(x)] = 1
-    ref_in = dict(processor.image_processor(images=[im for im, _ in singles], return_tensors="pt"))
+    if video:
+        ref_in = dict(PixelPipeline(processor, arch)(torch.from_numpy(np.stack(
+            [np.stack([np.asarray(f, dtype=np.uint8) for f in v]) for v, _ in singles]))))
+    else:
+        ref_in = dict(processor.image_processor(images=[im for im, _ in singles], return_tensors="pt"))
     ref_in.update(input_ids=s_ids, attention_mask=s_mask)
     if arch == "qwen2vl":
-        ref_in["mm_token_type_ids"] = (s_ids == image_token_id).long()
+        ref_in["mm_token_type_ids"] = (s_ids == image_token_id).long() * (2 if video else 1)
     ref = model(**ref_in, use_cache=False).logits
     P = len(stream.prefix)
     err, k = 0.0, 0
@@ -107,4 +122,32 @@ def check_packed_turns(arch: str, processor, n_images: int = 2, turns: int = 2) 
             err = max(err, (out[b, cols] - ref[k, P : P + n_tok]).abs().max().item())
             err = max(err, (out[b, :P] - ref[k, :P]).abs().max().item())
             k += 1
+    return err
+
+
+def check_video_pipeline(processor, n: int = 2) -> float:
+    """Max |difference| between the training pixels of ``n`` synthetic clips and the processor's
+    ``videos=`` path (the stock ``Qwen2VLVideoProcessor`` where torchvision is installed, else
+    :class:`vtoken.zoo.processing.Qwen2VLImageOnlyProcessor`'s); also asserts that the grids and
+    the first training turn's token ids (and ``mm_token_type_ids``) are the processor's."""
+    from vtoken.data import synthetic_video
+
+    recs = synthetic_video.make_split("test", n, seed=123)
+    arr = torch.from_numpy(np.stack([np.stack([np.asarray(f, dtype=np.uint8) for f in r["video"]]) for r in recs]))
+    mine = PixelPipeline(processor, "qwen2vl")(arr)
+    stream = _Stream("qwen2vl", 0, 1, 0.0, video=True)
+    stream._setup()
+    err = 0.0
+    for i, r in enumerate(recs):
+        ref = processor(videos=[r["video"]], text=[build.prompt("qwen2vl", r["question"], video=True)],
+                        return_tensors="pt")
+        rows = slice(i * len(ref["pixel_values_videos"]), (i + 1) * len(ref["pixel_values_videos"]))
+        err = max(err, (mine["pixel_values_videos"][rows] - ref["pixel_values_videos"]).abs().max().item())
+        assert torch.equal(mine["video_grid_thw"][i : i + 1].cpu(), ref["video_grid_thw"]), "video grids differ"
+        ref_ids = ref["input_ids"][0].tolist()
+        ids = stream.encode([(r["question"], r["answer"], r["qtype"])])[0]
+        assert ids[: len(ref_ids)] == ref_ids, "training tokenisation of a video prompt differs from the processor's"
+        assert ids.count(processor.tokenizer.unk_token_id) == 0, "video question words missing from the vocabulary"
+        mm = (torch.tensor([ref_ids]) == stream.image_token_id).long() * 2
+        assert torch.equal(mm, ref["mm_token_type_ids"].long()), "video mm_token_type_ids differ"
     return err

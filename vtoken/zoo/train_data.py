@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vtoken.data import synthetic
+from vtoken.data import synthetic, synthetic_video
 from vtoken.zoo import build
 
 
@@ -33,10 +33,14 @@ def _resize_like_processor(img: Image.Image, arch: str) -> Image.Image:
 DEFAULT_QTYPE_MIX = "shape=1,size=1,color=1,exist=1,count_shape=1,count_all=1,left=2,above=2,column=1,row=1"
 
 
-def parse_qtype_mix(spec: str) -> tuple[str, ...]:
+DEFAULT_VIDEO_QTYPE_MIX = "order=2,motion=1,count_video=1,flash=1,when=1"
+
+
+def parse_qtype_mix(spec: str, video: bool = False) -> tuple[str, ...]:
     """``"shape=1,left=2,..."`` -> the round of question types (a type listed w times), for
-    :func:`vtoken.data.synthetic.make_questions`."""
-    known = synthetic.QTYPES + synthetic.AUX_QTYPES
+    :func:`vtoken.data.synthetic.make_questions` (``video``: of :mod:`vtoken.data.synthetic_video`)."""
+    mod = synthetic_video if video else synthetic
+    known = mod.QTYPES + mod.AUX_QTYPES
     out: list[str] = []
     for part in spec.split(","):
         part = part.strip()
@@ -68,18 +72,25 @@ class _Stream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, arch: str, seed: int, qa_per_image: int, easy_frac: float, qtypes=synthetic.QTYPES,
-                 packed: bool = True):
+                 packed: bool = True, video: bool = False):
         self.arch, self.seed, self.k, self.easy_frac = arch, seed, qa_per_image, easy_frac
         self.qtypes = tuple(qtypes)
         self.packed = packed
+        #: video=True: synthetic_video clips, (T, H, W, 3) uint8 frames (Qwen2-VL only)
+        self.video = video
 
     def _setup(self):
         self.tok = build.build_tokenizer()
         self._ids_cache: dict[str, list[int]] = {}
-        self.n_image_tokens = 576  # both: 336 px images, 14 px per visual token
-        image_token = build.LLAVA_IMAGE if self.arch == "llava" else build.QWEN_IMAGE_PAD
+        if self.video:  # the stream's "image token" is then the video token
+            self.n_image_tokens = synthetic_video.visual_tokens(patch=build.QWEN_PATCH)
+            image_token, placeholder = build.QWEN_VIDEO_PAD, build.video_placeholder(self.arch)
+        else:
+            self.n_image_tokens = 576  # both: 336 px images, 14 px per visual token
+            image_token = build.LLAVA_IMAGE if self.arch == "llava" else build.QWEN_IMAGE_PAD
+            placeholder = build.image_placeholder(self.arch)
         self.image_token_id = self.tok.convert_tokens_to_ids(image_token)
-        pre = [self.tok.bos_token_id] + self._ids(f"USER: {build.image_placeholder(self.arch)}")
+        pre = [self.tok.bos_token_id] + self._ids(f"USER: {placeholder}")
         j = pre.index(self.image_token_id)
         self.prefix = pre[:j] + [self.image_token_id] * self.n_image_tokens + pre[j + 1 :]
         self.easy = None
@@ -125,8 +136,14 @@ class _Stream(torch.utils.data.IterableDataset):
         self._setup()
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
-        rng = np.random.default_rng([7, self.seed, wid])
+        rng = np.random.default_rng([7 + 10 * self.video, self.seed, wid])
         while True:
+            if self.video:
+                clip = synthetic_video.make_clip(rng, "train")
+                qas = synthetic_video.make_questions(clip, rng, self.k, self.qtypes)
+                frames = np.stack([np.asarray(f, dtype=np.uint8) for f in synthetic_video.render_clip(clip)])
+                yield (frames,) + tuple(np.asarray(x, np.int64) for x in self.encode(qas))
+                continue
             if self.easy is not None and rng.random() < self.easy_frac:
                 mod, items = self.easy
                 image_id, qas = items[int(rng.integers(len(items)))]
@@ -169,3 +186,22 @@ def packed_attention_mask(seg: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
     key = seg[:, None, :]
     return (((seg[:, :, None] == key) | (key == 0)) & (key >= 0) & causal)[:, None]
+
+
+class _MixedStream(torch.utils.data.IterableDataset):
+    """Whole collated batches, each all images (``image_stream``) or, with probability
+    ``video_frac``, all videos (``video_stream``): a batch's pixels must share one shape.
+    Yields what :func:`_collate` returns; the videos' ``imgs`` are (B, T, H, W, 3)."""
+
+    def __init__(self, image_stream: _Stream, video_stream: _Stream, batch_size: int, video_frac: float,
+                 pad_id: int, seed: int = 0):
+        self.image_stream, self.video_stream = image_stream, video_stream
+        self.bs, self.video_frac, self.pad_id, self.seed = batch_size, video_frac, pad_id, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([11, self.seed, info.id if info is not None else 0])
+        streams = (iter(self.image_stream), iter(self.video_stream))
+        while True:
+            it = streams[int(rng.random() < self.video_frac)]
+            yield _collate([next(it) for _ in range(self.bs)], self.pad_id)

@@ -39,7 +39,10 @@ class TrainingVal:
             chunk = records[i : i + batch_size]
             items = []
             for r in chunk:
-                img = np.asarray(_resize_like_processor(r["image"], arch), dtype=np.uint8)
+                if "video" in r:  # synthetic_video frames are already at the processor's size
+                    img = np.stack([np.asarray(f, dtype=np.uint8) for f in r["video"]])
+                else:
+                    img = np.asarray(_resize_like_processor(r["image"], arch), dtype=np.uint8)
                 enc = stream.encode([(r["question"], r["answer"], r["qtype"])])
                 items.append((img,) + tuple(np.asarray(x, np.int64) for x in enc))
             imgs, ids, labels, seg, pos = _collate(items, pad_id=pad)
@@ -115,6 +118,12 @@ def _synthetic_records(split: str, seed: int, start: int, stop: int, qtypes=synt
     return [synthetic.make_record(split, seed, i, qtypes=qtypes) for i in range(start, stop)]
 
 
+def _synthetic_video_records(split: str, seed: int, start: int, stop: int) -> list[dict]:
+    from vtoken.data import synthetic_video
+
+    return [synthetic_video.make_record(split, seed, i) for i in range(start, stop)]
+
+
 class _ListRecords:
     def __init__(self, records: list[dict]):
         self.records = records
@@ -135,9 +144,11 @@ class _ProcessedChunks(torch.utils.data.Dataset):
     def __getitem__(self, c: int):
         recs = self.get(c * self.bs, min(self.n, (c + 1) * self.bs))
         self.processor.tokenizer.padding_side = "left"
+        video = "video" in recs[0]
+        visual = {"videos": [r["video"] for r in recs]} if video else {"images": [r["image"] for r in recs]}
         inp = self.processor(
-            images=[r["image"] for r in recs],
-            text=[build.prompt(self.arch, r["question"]) for r in recs],
+            **visual,
+            text=[build.prompt(self.arch, r["question"], video=video) for r in recs],
             return_tensors="pt",
             padding=True,
         )
@@ -158,7 +169,6 @@ def evaluate_records(model, processor, arch, get_records, n, keep=None, seed=0, 
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     tok = processor.tokenizer
-    image_token_id = model.config.image_token_id
     lm = model.model.language_model
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
@@ -174,7 +184,10 @@ def evaluate_records(model, processor, arch, get_records, n, keep=None, seed=0, 
 
     for inp, meta in loader:
         inp = {k: v.to(dev) for k, v in inp.items()}
-        inp["pixel_values"] = inp["pixel_values"].to(dtype)
+        video = "pixel_values_videos" in inp
+        px = "pixel_values_videos" if video else "pixel_values"
+        inp[px] = inp[px].to(dtype)
+        image_token_id = model.config.video_token_id if video else model.config.image_token_id
         logits = model(**inp, use_cache=False).logits[:, -1]
         for (a, q), p in zip(meta, tok.convert_ids_to_tokens(logits.argmax(-1).tolist())):
             add("first", q, p == a)
@@ -224,13 +237,20 @@ def generate_accuracy(model, processor, records, batch_size=64) -> dict:
     """Accuracy of :func:`vtoken.zoo.answer` (batched greedy generation) on ``records``."""
     from vtoken.zoo import answer
 
-    preds = answer(model, processor, [r["image"] for r in records], [r["question"] for r in records], batch_size=batch_size)
+    visuals = [r["video"] if "video" in r else r["image"] for r in records]
+    preds = answer(model, processor, visuals, [r["question"] for r in records], batch_size=batch_size)
     ok = [p == r["answer"] for p, r in zip(preds, records)]
     return {"accuracy": 100.0 * sum(ok) / max(1, len(ok)), "n": len(ok)}
 
 
-def subset_accuracy(model, processor, split="test", seed=0, n=100) -> float:
+def subset_accuracy(model, processor, split="test", seed=0, n=100, video=False) -> float:
     """What ``tests/test_zoo_checkpoints.py`` recomputes on the CPU: :func:`vtoken.zoo.answer` in
-    batches of 25 on the first ``n`` records of ``split`` with ``seed``."""
-    recs = synthetic.make_split(split, n, seed=seed)
+    batches of 25 on the first ``n`` records of ``split`` with ``seed`` (``video``: of
+    :mod:`vtoken.data.synthetic_video`)."""
+    if video:
+        from vtoken.data import synthetic_video
+
+        recs = synthetic_video.make_split(split, n, seed=seed)
+    else:
+        recs = synthetic.make_split(split, n, seed=seed)
     return generate_accuracy(model, processor, recs, batch_size=25)["accuracy"]

@@ -33,21 +33,24 @@ class PixelPipeline:
             self.patch, self.tp, self.merge = ip.patch_size, ip.temporal_patch_size, ip.merge_size
 
     def __call__(self, imgs: torch.Tensor) -> dict:
+        """imgs: (B, H, W, 3) images, or (B, T, H, W, 3) videos (Qwen2-VL: ``pixel_values_videos``)."""
+        from vtoken.zoo.processing import patchify
+
         dev = imgs.device
+        video = imgs.dim() == 5
         x = imgs.float() * self.scale
-        x = (x - self.mean.to(dev)) / self.std.to(dev)  # (B, H, W, C)
-        x = x.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        x = (x - self.mean.to(dev)) / self.std.to(dev)  # (B, [T,] H, W, C)
         if self.arch == "llava":
-            return {"pixel_values": x}
-        B, C, H, W = x.shape
-        p, tp, m = self.patch, self.tp, self.merge
-        gh, gw = H // p, W // p
-        x = x.unsqueeze(1).expand(B, tp, C, H, W)  # one frame repeated to the temporal patch
-        x = x.reshape(B, 1, tp, C, gh // m, m, p, gw // m, m, p)
-        x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-        x = x.reshape(B * gh * gw, C * tp * p * p)
-        grid = torch.tensor([[1, gh, gw]] * B, dtype=torch.long, device=dev)
-        return {"pixel_values": x, "image_grid_thw": grid}
+            return {"pixel_values": x.permute(0, 3, 1, 2).contiguous()}
+        if video:
+            x = x.permute(0, 1, 4, 2, 3)  # (B, T, C, H, W)
+            x = torch.cat([x, x[:, -1:].expand(-1, -x.shape[1] % self.tp, -1, -1, -1)], 1)
+        else:  # one frame repeated to the temporal patch
+            x = x.permute(0, 3, 1, 2).unsqueeze(1).expand(-1, self.tp, -1, -1, -1)
+        flat, grid = patchify(x.contiguous(), self.patch, self.tp, self.merge)
+        if video:
+            return {"pixel_values_videos": flat, "video_grid_thw": grid}
+        return {"pixel_values": flat, "image_grid_thw": grid}
 
 
 def model_inputs(arch, pixels: PixelPipeline, imgs, ids, seg, pos, image_token_id, pos_template=None, packed=True):
@@ -65,7 +68,8 @@ def model_inputs(arch, pixels: PixelPipeline, imgs, ids, seg, pos, image_token_i
     else:
         inp["attention_mask"] = (seg >= 0).long()
     if arch == "qwen2vl":
-        inp["mm_token_type_ids"] = (ids == image_token_id).long()
+        # 1 on image tokens, 2 on video tokens (image_token_id: the visual token of this batch)
+        inp["mm_token_type_ids"] = (ids == image_token_id).long() * (2 if imgs.dim() == 5 else 1)
         if packed:
             inp["position_ids"] = pos_template[:, 0][:, pos]  # (3, B, L)
         else:
@@ -87,12 +91,22 @@ def qwen_position_template(model, stream: "_Stream", length: int = 2048) -> torc
     ids = ids + [stream.tok.pad_token_id] * (length - len(ids))  # text tokens: 1-D continuation
     ids_t = torch.tensor([ids])
     mm = (ids_t == stream.image_token_id).long()
-    side = int(round(math.sqrt(stream.n_image_tokens))) * 2
-    grid = torch.tensor([[1, side, side]])
-    pos, _ = model.model.get_rope_index(
-        input_ids=ids_t, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids_t)
-    )
+    if getattr(stream, "video", False):  # a synthetic_video clip: (pairs, side, side) patches
+        from vtoken.data import synthetic_video
+
+        side = synthetic_video.FRAME_SIZE // stream_patch(model)
+        grid = torch.tensor([[synthetic_video.PAIRS, side, side]])
+        kw = dict(video_grid_thw=grid, mm_token_type_ids=mm * 2)
+    else:
+        side = int(round(math.sqrt(stream.n_image_tokens))) * 2
+        kw = dict(image_grid_thw=torch.tensor([[1, side, side]]), mm_token_type_ids=mm)
+    pos, _ = model.model.get_rope_index(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), **kw)
     return pos
+
+
+def stream_patch(model) -> int:
+    """The vision tower's patch size in pixels."""
+    return int(model.config.vision_config.patch_size)
 
 
 def fast_patch_embed(model) -> None:

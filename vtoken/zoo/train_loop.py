@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from vtoken.data import synthetic
+from vtoken.data import synthetic, synthetic_video
 from vtoken.zoo import build
-from vtoken.zoo.train_checks import check_packed_turns, check_pipeline
-from vtoken.zoo.train_data import _collate, _Stream, parse_qtype_mix
+from vtoken.zoo.train_checks import check_packed_turns, check_pipeline, check_video_pipeline
+from vtoken.zoo.train_data import _collate, _MixedStream, _Stream, parse_qtype_mix
 from vtoken.zoo.train_eval import TrainingVal
 from vtoken.zoo.train_inputs import PixelPipeline, fast_patch_embed, model_inputs, qwen_position_template
 
@@ -34,10 +34,18 @@ def train(args) -> dict:
     print(f"[{arch}] pixel pipeline max|diff| vs processor = {err:.2e}", flush=True)
     if err > 1e-4:
         raise RuntimeError(f"training pixel pipeline differs from the processor by {err}")
+    if getattr(args, "data", "image") == "video":
+        verr = check_video_pipeline(processor)
+        print(f"[{arch}] video pixel pipeline max|diff| vs processor = {verr:.2e}", flush=True)
+        if verr > 1e-4:  # recorded in metrics.json; the clips are at the processor's size, so this is not expected
+            print(f"[{arch}] WARNING: training video pixels differ from the processor's by {verr}", flush=True)
+        args.video_pipeline_max_diff = verr
     packed = args.packed
     if packed:
         try:
             perr = check_packed_turns(arch, processor)
+            if getattr(args, "data", "image") == "video":
+                perr = max(perr, check_packed_turns(arch, processor, video=True))
         except Exception as e:  # pragma: no cover - a transformers version without custom 4-D masks
             perr = float("inf")
             print(f"[{arch}] packed-turn check failed: {type(e).__name__}: {e}", flush=True)
@@ -63,10 +71,14 @@ def train(args) -> dict:
 
     qtypes = parse_qtype_mix(args.qtype_mix)
     stream = _Stream(arch, args.seed, args.qa_per_image, args.easy_vqa_frac, qtypes, packed=packed)
-    pos_template = None
+    video = getattr(args, "data", "image") == "video"
+    pos_template = video_template = None
     if arch == "qwen2vl":
         fast_patch_embed(model)
         pos_template = qwen_position_template(model, _Stream(arch, 0, 1, 0.0)).to(dev)
+        if video:
+            video_template = qwen_position_template(model, _Stream(arch, 0, 1, 0.0, video=True)).to(dev)
+    video_token_id = getattr(model.config, "video_token_id", None)
     val_stream = _Stream(arch, 0, 1, 0.0)
     val = TrainingVal(val_stream, arch, synthetic.make_split("test", args.val_n, seed=1), dev) if args.val_n else None
     aux_types = tuple(t for t in synthetic.AUX_QTYPES if t in qtypes)
@@ -74,14 +86,26 @@ def train(args) -> dict:
         TrainingVal(val_stream, arch, synthetic.make_split("test", args.val_aux_n, seed=1, qtypes=aux_types), dev)
         if aux_types and args.val_aux_n else None
     )
+    val_video = None
+    if video:
+        vq = parse_qtype_mix(args.video_qtype_mix, video=True)
+        vstream = _Stream(arch, args.seed, args.qa_per_image, 0.0, vq, packed=packed, video=True)
+        vtypes = synthetic_video.QTYPES + tuple(t for t in synthetic_video.AUX_QTYPES if t in vq)
+        if args.val_n:
+            val_video = TrainingVal(_Stream(arch, 0, 1, 0.0, video=True), arch,
+                                    synthetic_video.make_split("test", args.val_n, seed=1, qtypes=vtypes), dev)
+        data = _MixedStream(stream, vstream, args.batch_size, args.video_frac, tok.pad_token_id, args.seed)
+        batch_kw = dict(batch_size=None)
+    else:
+        data = stream
+        batch_kw = dict(batch_size=args.batch_size, collate_fn=functools.partial(_collate, pad_id=tok.pad_token_id))
     loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=args.batch_size,
+        data,
         num_workers=args.workers,
-        collate_fn=functools.partial(_collate, pad_id=tok.pad_token_id),
         pin_memory=dev.type == "cuda",
         prefetch_factor=4 if args.workers > 0 else None,
         persistent_workers=False,
+        **batch_kw,
     )
     decay, no_decay = [], []
     for n_, p in model.named_parameters():
@@ -103,8 +127,13 @@ def train(args) -> dict:
         if val is not None:
             v = val.score(model, arch, pixels, image_token_id, pos_template, amp)
             rec.update(val_acc=round(v["accuracy"], 2), val_per_qtype=v["per_qtype"])
-            if v["accuracy"] >= best["val_acc"]:  # ties: the later (lower learning rate) weights
-                best.update(val_acc=v["accuracy"], step=step,
+            score = v["accuracy"]
+            if val_video is not None:  # a video checkpoint: the mean of image and video validation
+                vv = val_video.score(model, arch, pixels, video_token_id, video_template, amp)
+                rec.update(val_video_acc=round(vv["accuracy"], 2), val_video_per_qtype=vv["per_qtype"])
+                score = (score + vv["accuracy"]) / 2
+            if score >= best["val_acc"]:  # ties: the later (lower learning rate) weights
+                best.update(val_acc=score, step=step,
                             state={k: t.detach().clone() for k, t in model.state_dict().items()})
         if val_aux is not None:
             rec["val_aux_per_qtype"] = val_aux.score(model, arch, pixels, image_token_id, pos_template, amp)["per_qtype"]
@@ -131,7 +160,10 @@ def train(args) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         imgs, ids, labels, seg, pos = (t.to(dev, non_blocking=True) for t in (imgs, ids, labels, seg, pos))
-        inp = model_inputs(arch, pixels, imgs, ids, seg, pos, image_token_id, pos_template, packed=packed)
+        if imgs.dim() == 5:  # a batch of videos
+            inp = model_inputs(arch, pixels, imgs, ids, seg, pos, video_token_id, video_template, packed=packed)
+        else:
+            inp = model_inputs(arch, pixels, imgs, ids, seg, pos, image_token_id, pos_template, packed=packed)
         with amp:
             logits = model(**inp, use_cache=False).logits
         # next-token loss on answer tokens only (labels already -100 elsewhere)

@@ -18,7 +18,9 @@ import time
 import torch
 
 from vtoken.data import synthetic
-from vtoken.zoo.train_eval import _ListRecords, _synthetic_records, evaluate_records, subset_accuracy
+from vtoken.zoo.train_eval import (
+    _ListRecords, _synthetic_records, _synthetic_video_records, evaluate_records, subset_accuracy,
+)
 
 
 def _now_iso() -> str:
@@ -67,6 +69,7 @@ def save_and_evaluate(args, res, argv=None) -> dict:
             "packed_turns": res["packed"], "canvas": getattr(args, "canvas", None) or "gradient",
             "init": args.init or None, "mrope_section": getattr(args, "mrope_section", None),
         },
+        "data": getattr(args, "data", "image"),
         "eval_dtype": "float32",
         "visual_tokens_per_image": 576,
         "synthetic_test": {"split": "test", "seed": 0, "n": args.test_n},
@@ -108,6 +111,9 @@ def save_and_evaluate(args, res, argv=None) -> dict:
         "checkpoint_le_16MiB": metrics["checkpoint_bytes"] <= 16 * 2**20,
     }
     _write_metrics(args.out, metrics)
+    if getattr(args, "data", "image") == "video":
+        _evaluate_video(args, m, p, metrics)
+        _write_metrics(args.out, metrics)
     subset_n = args.subset_n if args.subset_n is not None else (100 if arch == "llava" else 50)
     metrics["cpu_test_subset"] = {
         "split": "test", "seed": 0, "n": subset_n,
@@ -136,6 +142,54 @@ def save_and_evaluate(args, res, argv=None) -> dict:
     return metrics
 
 
+VIDEO_KEEP = 0.111  # the random-pruning budget of the video metrics (28 of a clip's 256 tokens)
+
+
+def _evaluate_video(args, model, processor, metrics: dict) -> None:
+    """The held-out video test split (seed 0): per-question-type accuracy, unpruned (first token and
+    generation) and with random pre-LLM pruning at :data:`VIDEO_KEEP`, into ``metrics``."""
+    from vtoken.data import synthetic_video
+
+    from vtoken.zoo.train_data import parse_qtype_mix
+
+    ev = evaluate_records(model, processor, args.arch, functools.partial(_synthetic_video_records, "test", 0),
+                          args.video_test_n, keep=VIDEO_KEEP, seed=0, generate=True, workers=args.eval_workers)
+    drop = ev["first_token"]["accuracy"] - ev["random_keep"]["accuracy"]
+    metrics["recipe"].update(video_frac=args.video_frac, video_qtype_mix=args.video_qtype_mix,
+                             video_qtypes=sorted(set(parse_qtype_mix(args.video_qtype_mix, video=True))))
+    metrics["visual_tokens_per_video"] = synthetic_video.visual_tokens()
+    metrics["video_pipeline_max_diff"] = getattr(args, "video_pipeline_max_diff", None)
+    metrics["synthetic_video_test"] = {"split": "test", "seed": 0, "n": args.video_test_n,
+                                       "frames": synthetic_video.FRAMES, "frame_size": synthetic_video.FRAME_SIZE}
+    metrics["synthetic_video_unpruned_first_token"] = ev["first_token"]
+    metrics["synthetic_video_unpruned_generate"] = ev["generate"]
+    metrics["synthetic_video_random_keep"] = dict(ev["random_keep"], drop_points=round(drop, 2))
+    metrics.setdefault("targets", {})["video_random_keep_drop_ge_15_points"] = drop >= 15.0
+    metrics["cpu_video_subset"] = {
+        "split": "test", "seed": 0, "n": 40,
+        "accuracy_device": subset_accuracy(model, processor, "test", 0, 40, video=True),
+        "note": "tests/test_zoo_checkpoints.py recomputes this on the CPU (+-2.5 points, one question)",
+    }
+
+
+def _video_section(m: dict) -> str:
+    if "synthetic_video_unpruned_first_token" not in m:
+        return ""
+    ft, rk = m["synthetic_video_unpruned_first_token"], m["synthetic_video_random_keep"]
+    gen = m["synthetic_video_unpruned_generate"]
+    rows = _accuracy_rows(ft, rk, m["visual_tokens_per_video"])
+    v = m["synthetic_video_test"]
+    return f"""
+Video: `vtoken.data.synthetic_video` test split (seed 0, n = {v['n']}; {v['frames']} frames of {v['frame_size']} px,
+video batches {m['recipe']['video_frac']} of the steps, video question mix `{m['recipe']['video_qtype_mix']}`),
+greedy first answer token (generation: {gen['accuracy']:.2f} %):
+
+{chr(10).join(rows)}
+
+Random pruning loses {rk['drop_points']:.1f} points on the video questions.
+"""
+
+
 def _write_metrics(out: str, metrics: dict) -> None:
     # the log goes last, so the file reads top-down
     ordered = {k: v for k, v in metrics.items() if k != "log"}
@@ -146,17 +200,22 @@ def _write_metrics(out: str, metrics: dict) -> None:
     os.replace(tmp, os.path.join(out, "metrics.json"))
 
 
-def _write_training_md(out: str, m: dict) -> None:
-    name = os.path.basename(os.path.normpath(out))
-    ft, rk, gen = m["synthetic_unpruned_first_token"], m["synthetic_random_keep"], m["synthetic_unpruned_generate"]
+def _accuracy_rows(ft: dict, rk: dict, tokens: int) -> list[str]:
+    """Markdown rows: overall and per-question-type accuracy, unpruned and randomly pruned."""
     qt = sorted(ft["per_qtype"])
-    rows = [
+    return [
         "| | all | " + " | ".join(qt) + " |",
         "|---|---|" + "---|" * len(qt),
-        f"| unpruned (576 tokens) | {ft['accuracy']:.2f} | " + " | ".join(f"{ft['per_qtype'][q]:.1f}" for q in qt) + " |",
+        f"| unpruned ({tokens} tokens) | {ft['accuracy']:.2f} | " + " | ".join(f"{ft['per_qtype'][q]:.1f}" for q in qt) + " |",
         f"| random, keep {rk['keep']} | {rk['accuracy']:.2f} | "
         + " | ".join(f"{rk['per_qtype'].get(q, float('nan')):.1f}" for q in qt) + " |",
     ]
+
+
+def _write_training_md(out: str, m: dict) -> None:
+    name = os.path.basename(os.path.normpath(out))
+    ft, rk, gen = m["synthetic_unpruned_first_token"], m["synthetic_random_keep"], m["synthetic_unpruned_generate"]
+    rows = _accuracy_rows(ft, rk, 576)
     ev = m.get("easy_vqa_test", {})
     easy = f"{ev['accuracy']:.2f} % (first token), {ev['accuracy_generate']:.2f} % (generate), n = {ev['n']}" if "accuracy" in ev else ev.get("error", "n/a")
     r = m["recipe"]
@@ -186,6 +245,7 @@ Synthetic test split (seed 0, n = {ft['n']}), greedy first answer token, float32
 Random pruning loses {rk['drop_points']:.1f} points. easy-VQA test: {easy}.
 {detail}
 Targets: {', '.join(f"{k} {'met' if v else 'NOT met'}" for k, v in m.get('targets', {}).items())}.
+{_video_section(m)}
 Fixed CPU-test subset ({m['cpu_test_subset']['n']} questions): {m['cpu_test_subset']['accuracy_device']:.1f} % on the device.
 Everything measured is in `metrics.json` (per-step validation log included).
 """
