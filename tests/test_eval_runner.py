@@ -269,7 +269,7 @@ def test_merge_prefers_success_over_error(tmp_path):
 def test_cli_parsing(monkeypatch):
     monkeypatch.setattr(cli, "_available_methods", lambda: ["dart", "divprune", "fastv", "none", "random", "uniform"])
     cfg = cli.config_from_args(cli.build_parser().parse_args([]))
-    assert cfg.data == ["synthetic", "easy-vqa"] and cfg.limit == cli.DEFAULT_LIMIT
+    assert cfg.data == ["synthetic", "synthetic-detail", "easy-vqa"] and cfg.limit == cli.DEFAULT_LIMIT
     assert cfg.methods == ["fastv", "divprune", "random"] and cfg.model == "vtoken/tiny-llava"
     assert cfg.keeps == [192, 128, 64]  # LLaVA-1.5-style model: the field's token budgets
     args = cli.build_parser().parse_args(

@@ -30,7 +30,7 @@ BUDGET_COUNTS = ("final", "equivalent")
 @dataclass
 class EvalConfig:
     model: str = "vtoken/tiny-llava"
-    data: list = field(default_factory=lambda: ["synthetic", "easy-vqa"])
+    data: list = field(default_factory=lambda: ["synthetic", "synthetic-detail", "easy-vqa"])
     methods: list = field(default_factory=list)
     keeps: list = field(default_factory=lambda: [0.333, 0.222, 0.111])
     limit: Optional[int] = None
