@@ -58,6 +58,10 @@ def train(args) -> dict:
 
         model = AutoModelForImageTextToText.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa")
         print(f"[{arch}] initialised from {args.init}", flush=True)
+        if model.get_input_embeddings().num_embeddings < len(tok):  # e.g. an image checkpoint -> the video words
+            grown = (model.get_input_embeddings().num_embeddings, len(tok))
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
+            print(f"[{arch}] vocabulary {grown[0]} -> {grown[1]} (new words' embeddings initialised at random)", flush=True)
         model = model.to(dev)
     else:
         model = build.build_model(arch, tok, seed=args.seed).to(dev)
