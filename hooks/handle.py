@@ -21,7 +21,7 @@ from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
 from vtoken.kernels import patch_vision_varlen
 from vtoken.methods import build_plan, method_spec, with_model_depth
-from vtoken.plan import validate_budget, validate_plan
+from vtoken.plan import is_decode_plan, validate_budget, validate_plan
 
 HANDLE_ATTR = "_vtoken_handle"
 BACKENDS = ("auto", "torch", "triton")
@@ -140,6 +140,8 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
             raise PruningConfigError(f"options {sorted(options)} apply to method presets, not to an explicit plan")
         method = None  # an explicit plan: no preset name (see PruningHandle.method)
     plan = validate_plan(plan, num_layers=len(adapter.layers))
+    if is_decode_plan(plan):
+        return _attach_decode(model, adapter, plan, method, backend)
     runtime = Runtime(adapter, plan, backend=backend)
     undo = []
     try:
@@ -195,6 +197,42 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
                 undo.append(patch_vision_varlen(tower, backend=backend, triton_only=True, skip=(probed,)))
             except ValueError:  # the user patched it already, or this version's tower has no such attention
                 pass
+        undo.append(_wrap_generate(model, runtime))
+    except Exception:
+        for u in reversed(undo):
+            u()
+        raise
+    handle = PruningHandle(model, runtime, method, undo)
+    model.__dict__[HANDLE_ATTR] = handle
+    return handle
+
+
+def _attach_decode(model, adapter, plan, method, backend) -> PruningHandle:
+    """``attach`` for a plan of decode-time stages (:mod:`vtoken.hooks.decode_runtime`): pre-hooks on
+    the multimodal model, the language model and every decoder layer, probes on the layers whose
+    scores a stage reads, the adapter's patches and the ``generate`` wrapper."""
+    from vtoken.hooks.decode_runtime import DecodeRuntime
+
+    runtime = DecodeRuntime(adapter, plan, backend=backend)
+    undo = []
+    try:
+        mm = adapter.multimodal_model
+        mm_params, tm_params = _param_names(mm), _param_names(adapter.text_model)
+        hooks = [
+            mm.register_forward_pre_hook(
+                lambda m, a, kw: runtime.on_multimodal_call({**dict(zip(mm_params, a)), **kw}), with_kwargs=True),
+            mm.register_forward_hook(lambda m, a, kw, out: runtime.on_multimodal_done(), with_kwargs=True,
+                                     always_call=True),
+            adapter.text_model.register_forward_pre_hook(
+                lambda m, a, kw: runtime.on_text_call({**dict(zip(tm_params, a)), **kw}), with_kwargs=True),
+        ]
+        hooks += [adapter.layers[idx].register_forward_pre_hook(
+            functools.partial(lambda i, m, a, kw: runtime.on_layer(i, a, kw), idx), with_kwargs=True)
+            for idx in range(runtime.num_layers)]
+        undo += [h.remove for h in hooks]
+        for layer in runtime.probed_layers:
+            undo.append(install_probe(adapter.layers[layer].self_attn, runtime.probe(layer)))
+        undo += adapter.install(runtime)
         undo.append(_wrap_generate(model, runtime))
     except Exception:
         for u in reversed(undo):
