@@ -91,6 +91,8 @@ class DecodeScorer:
     name: ClassVar[str] = "decode"
     #: reads the attention rows of every query (prompt rows at the prefill, then each decode step)
     reads_attention: ClassVar[bool] = True
+    #: has a merge rule (``mode="merge"`` allowed)
+    merges: ClassVar[bool] = False
     forgetting: float = 1.0
 
     def accumulate(self, prev: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -149,6 +151,7 @@ class LookMScorer(DecodeScorer):
     image's entries and every text entry, with one kept set per layer (scores summed over heads)."""
 
     name = "lookm"
+    merges = True
     forgetting = 1.0
 
     def merge(self, keys, values, kept, evicted):

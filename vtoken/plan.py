@@ -134,6 +134,8 @@ class DecodeStage:
             raise PruningConfigError(
                 f"DecodeStage.scorer must be a decode scorer (vtoken.scorers.decode.DecodeScorer, e.g. 'a2sf'); "
                 f"got {type(self.scorer).__name__} {self.scorer!r}")
+        if self.mode == "merge" and not getattr(self.scorer, "merges", False):
+            raise PruningConfigError(f"decode scorer {self.scorer.name!r} has no merge rule; use mode='evict'")
 
     @property
     def layer(self) -> str:
