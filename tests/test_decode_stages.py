@@ -362,3 +362,16 @@ def test_unsupported_calls_are_refused():
             model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
         plain = model(**inputs).logits  # a forward without a cache: nothing to decode, the model's own
     torch.testing.assert_close(plain, model(**inputs).logits)
+
+
+def test_static_decoder_and_vllm_refuse_decode_time_plans():
+    from vtoken.engine import StaticDecoder
+    from vtoken.vllm.config import make_config
+
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model, variant="single")
+    with vtoken.apply_pruning(model, method="lookm", keep=4):
+        with pytest.raises(UnsupportedCallError, match="dynamic cache"):
+            StaticDecoder(model).generate(max_new_tokens=2, **inputs)
+    with pytest.raises(PruningConfigError, match="paged cache"):
+        make_config("a2sf", 4)
