@@ -69,6 +69,7 @@ class DecodeState:
 
     n_prefill: int
     orig_valid: torch.Tensor
+    orig_all_valid: bool
     segment: torch.Tensor
     budgets: list
     appended: torch.Tensor
@@ -196,7 +197,8 @@ class DecodeRuntime:
         counts = torch.bincount(segment[segment >= 0], minlength=len(layout.seg_count)).tolist()
         budgets = [torch.tensor([tokens_for(st.keep, c) for c in counts], dtype=torch.long, device=dev)
                    for st in self.plan]
-        state = DecodeState(n_prefill=q, orig_valid=orig_valid, segment=segment, budgets=budgets,
+        state = DecodeState(n_prefill=q, orig_valid=orig_valid, orig_all_valid=bool(orig_valid.all()),
+                            segment=segment, budgets=budgets,
                             appended=torch.zeros(B, 0, dtype=torch.bool, device=dev))
         setattr(cache, DECODE_ATTR, state)
         _patch_cache(cache, state, self)
@@ -224,7 +226,7 @@ class DecodeRuntime:
             if key not in memo:
                 prefix = state.orig_valid if rec is None else rec.valid
                 since = state.appended[:, (0 if rec is None else rec.extra):]
-                all_valid = bool(state.orig_valid.all()) if rec is None else rec.all_valid
+                all_valid = state.orig_all_valid if rec is None else rec.all_valid
                 mask = M.extend_mask(prefix, since, q, impl, dtype, all_valid) if state.layers else None
                 memo[key] = (mask, torch.cat([prefix, since], dim=1))
             masks[layer] = memo[key][0]

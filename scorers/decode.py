@@ -12,6 +12,9 @@ Shared deviations from the papers (both evict among all cached tokens, per KV he
 recent window): vtoken evicts only VISUAL entries, text and generated tokens stay; one kept set per
 layer and sample (scores summed over the heads), so every head keeps the same slots and the cache
 stays one tensor per layer; budgets count per image like every vtoken budget.
+
+Cache on / off: neither method defines a no-cache equivalent (both act on the KV cache itself; a
+forward without a cache is the model's own), so ``generate(use_cache=False)`` is refused.
 """
 
 from __future__ import annotations
