@@ -375,3 +375,18 @@ def test_static_decoder_and_vllm_refuse_decode_time_plans():
             StaticDecoder(model).generate(max_new_tokens=2, **inputs)
     with pytest.raises(PruningConfigError, match="paged cache"):
         make_config("a2sf", 4)
+
+
+def test_bench_hook_reports_the_evicted_kv_bytes():
+    """``vtoken.bench.decode_kv`` (the GPU measurement's hook) on the CPU: its KV column is the
+    cache generate returns, shrunk by exactly the evicted entries."""
+    from vtoken.bench.decode_kv import measure
+
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model, variant="single")
+    rows = measure(model, inputs, methods=("a2sf", "lookm"), keep=5, new_tokens=3, repeats=1)
+    assert [r["method"] for r in rows] == ["none", "a2sf", "lookm"]
+    evicted = sum(len(r) - 5 for r in visual_runs(inputs["input_ids"][0]))
+    per_slot = rows[0]["kv_bytes"] // (inputs["input_ids"].shape[1] + 2)
+    assert rows[1]["kv_bytes"] == rows[2]["kv_bytes"] == rows[0]["kv_bytes"] - evicted * per_slot
+    assert vtoken.hooks.handle_of(model) is None
