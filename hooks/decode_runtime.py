@@ -12,7 +12,9 @@ Life of a call:
    (:meth:`DecodeRuntime.evict`): per image the scorer keeps ``keep`` visual entries, the others are
    merged (merge mode) and removed from the layer's key / value tensors, each sample's kept slots
    re-laid-out with new padding on the left (a batch's samples keep different counts); the layer's
-   layout (original position and validity per slot) is recorded. While a stage is still to come,
+   layout (original position and validity per slot) is recorded. In ``"quantize"`` mode the
+   evicted entries move to a low-bit store on the layer (:class:`LowBitKV`), dequantised in front
+   of the layer's own keys / values each time its attention reads them. While a stage is still to come,
    the probes add the step's attention rows to the scores.
 3. every decode step after an eviction: each layer gets a mask built from its own layout plus the
    tokens appended since (:func:`vtoken.hooks.masks.extend_mask`); ``cache.get_seq_length(layer)``
@@ -27,7 +29,6 @@ rows are reordered), assisted decoding (the cache is cropped), new images into a
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,14 +37,13 @@ import torch
 from vtoken.errors import UnsupportedCallError
 from vtoken.hooks import masks as M
 from vtoken.hooks.call_state import CallContext
+from vtoken.hooks.decode_cache import DECODE_ATTR, LowBitKV, attach_low_bits, compact, patch_cache, take_slots
 from vtoken.hooks.captures import eager
 from vtoken.hooks.kv_cache import cache_arg, fixed_slot_cache
 from vtoken.hooks.probe import attention_rows
 from vtoken.hooks.runtime import open_multimodal_call
 from vtoken.plan import tokens_for
 
-DECODE_ATTR = "_vtoken_decode"
-_PATCHED = ("get_seq_length", "crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices")
 
 
 @dataclass
@@ -201,7 +201,7 @@ class DecodeRuntime:
                             segment=segment, budgets=budgets,
                             appended=torch.zeros(B, 0, dtype=torch.bool, device=dev))
         setattr(cache, DECODE_ATTR, state)
-        _patch_cache(cache, state, self)
+        patch_cache(cache, state, self)
         ctx.mode, ctx.state = "prefill", state
         ctx.key_valid = {layer: orig_valid for layer in self.probed_layers}
 
@@ -311,14 +311,18 @@ class DecodeRuntime:
             keys, values = kv.keys, kv.values
             if stage.mode == "merge":
                 keys, values = stage.scorer.merge(keys, values, kept, evicted)
+            if stage.mode == "quantize":  # the evicted entries live on at stage.bits bits, read first
+                low, low_valid = compact(evicted)
+                store = LowBitKV(take_slots(keys, low, low_valid), take_slots(values, low, low_valid), stage.bits)
+                attach_low_bits(kv, store)
             take, new_valid = compact(kept)
             P = take.shape[1]
-            index4 = take.view(B, 1, P, 1)
-            pad = ~new_valid.view(B, 1, P, 1)
-            kv.keys = keys.gather(2, index4.expand(B, keys.shape[1], P, keys.shape[3])).masked_fill(pad, 0)
-            kv.values = values.gather(2, index4.expand(B, values.shape[1], P, values.shape[3])).masked_fill(pad, 0)
-            state.layers[layer] = LayerLayout(pos.gather(1, take).masked_fill(~new_valid, -1), new_valid,
-                                              state.extra, bool(new_valid.all()))
+            kv.keys, kv.values = take_slots(keys, take, new_valid), take_slots(values, take, new_valid)
+            positions, valid_slots = pos.gather(1, take).masked_fill(~new_valid, -1), new_valid
+            if stage.mode == "quantize":
+                positions = torch.cat([pos.gather(1, low).masked_fill(~low_valid, -1), positions], 1)
+                valid_slots = torch.cat([low_valid, new_valid], 1)
+            state.layers[layer] = LayerLayout(positions, valid_slots, state.extra, bool(valid_slots.all()))
             state.offsets[layer] = state.n_prefill + state.extra - P
             if layer in state.scores:
                 state.scores[layer] = scores.gather(1, take).masked_fill(~new_valid, 0)
@@ -348,19 +352,6 @@ def segment_selection(scorer, seg: torch.Tensor, scores: torch.Tensor, budget: t
     return evicted.view(B, L)
 
 
-def compact(kept: torch.Tensor) -> tuple:
-    """Each row's kept slots in order, new padding on the left: kept (B, L) bool -> (take (B, P)
-    long slot per new slot (0 on padding), valid (B, P) bool), P = the most any row keeps."""
-    B, L = kept.shape
-    count = kept.sum(1)
-    P = int(count.max())
-    b, j = kept.nonzero(as_tuple=True)
-    dest = (P - count)[b] + (kept.long().cumsum(1) - 1)[b, j]
-    take = torch.zeros(B, P, dtype=torch.long, device=kept.device)
-    take[b, dest] = j
-    return take, torch.arange(P, device=kept.device).view(1, P) >= (P - count).view(B, 1)
-
-
 def step_rows(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
     """Head-summed softmax rows of a decode call's q queries (the last q of the layer's L slots)
     over its keys. query (B, H, q, D), key (B, Hkv, L, D) post-RoPE, key_valid (B, L) ->
@@ -374,35 +365,3 @@ def step_rows(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, s
     allowed = ((j <= own).unsqueeze(0) & key_valid.view(B, 1, L)) | (j == own).unsqueeze(0)  # (B, q, L)
     probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1).sum(dim=1)
     return probs * key_valid[:, L - q:].unsqueeze(-1)
-
-
-def _patch_cache(cache, state: DecodeState, runtime) -> None:
-    """``get_seq_length(layer)`` in original positions; crop, beam reordering and batch
-    re-selection refused (they would desynchronise the recorded layouts); ``reset`` forgets the
-    record."""
-    cache_ref, runtime_ref = weakref.ref(cache), weakref.ref(runtime)
-    cls = type(cache)
-
-    def get_seq_length(layer_idx: int = 0):
-        if state.layers and not getattr(runtime_ref(), "attached", False):
-            raise UnsupportedCallError(
-                "this KV cache holds a prompt whose visual entries a since-removed vtoken handle evicted; continue "
-                "generating with that handle attached, or start again without past_key_values")
-        physical = cls.get_seq_length(cache_ref(), layer_idx)
-        return physical + state.offsets.get(layer_idx, 0) if physical else physical
-
-    def refuse(*_a, **_k):
-        raise UnsupportedCallError(
-            "a KV cache pruned by a decode-time vtoken plan cannot be cropped or have its rows reordered (assisted "
-            "decoding, beam search, contrastive search): use greedy or sampling without an assistant")
-
-    def reset():
-        c = cache_ref()
-        for name in _PATCHED + (DECODE_ATTR,):
-            c.__dict__.pop(name, None)
-        cls.reset(c)
-
-    cache.get_seq_length = get_seq_length
-    for name in _PATCHED[1:]:
-        if callable(getattr(cls, name, None)):
-            setattr(cache, name, reset if name == "reset" else refuse)

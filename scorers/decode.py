@@ -86,6 +86,33 @@ def pivot_merge(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, ev
     return out[0], out[1]
 
 
+def quantize_tokens(x: torch.Tensor, bits: int) -> tuple:
+    """Per-token asymmetric min-max quantisation over the last dim (each head's key or value vector
+    of each token on its own grid): ``q = round((x - lo) / scale)``, ``scale = (hi - lo) / (2**bits - 1)``.
+
+    x (..., L, D) float -> (packed (..., L, D * bits / 8) uint8, ``8 // bits`` codes a byte, the
+    first in the lowest bits; scale (..., L, 1) and lo (..., L, 1) in x's dtype). D * bits must be
+    a multiple of 8."""
+    per = 8 // bits
+    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    scale = (hi - lo).float() / (2 ** bits - 1)
+    codes = torch.where(scale > 0, ((x.float() - lo.float()) / scale.clamp_min(1e-30)).round(), torch.zeros_like(scale))
+    codes = codes.clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = (torch.arange(per, device=x.device, dtype=torch.uint8) * bits)
+    packed = (codes << shifts).sum(dim=-1, dtype=torch.uint8)  # disjoint bit fields: the sum is an OR
+    return packed, scale.to(x.dtype), lo
+
+
+def dequantize_tokens(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_tokens`: -> (..., L, D) in ``scale``'s dtype, ``lo + code * scale``."""
+    per = 8 // bits
+    shifts = (torch.arange(per, device=packed.device, dtype=torch.uint8) * bits)
+    codes = (packed.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    return (lo.float() + codes.float() * scale.float()).to(scale.dtype)
+
+
 class DecodeScorer:
     """Base of the decode-time scorers. ``accumulate`` folds a call's attention rows into a
     layer's running scores, ``select`` keeps the top ``budget`` visual entries per image,
@@ -161,6 +188,44 @@ class LookMScorer(DecodeScorer):
         return pivot_merge(keys, values, kept, evicted)
 
 
+@register_scorer
+class ZipVLKVScorer(DecodeScorer):
+    """ZipVL's mixed-precision KV cache (He et al., arXiv:2410.08584, section on decoding): the
+    important tokens' KV stays in high precision, the others are kept at a low bit width. Which
+    tokens are important follows ZipVL's adaptive ratio: each image's visual entries sorted by
+    attention (normalised to sum to 1 over the image), the smallest prefix whose share reaches
+    ``threshold`` (0.975, the paper's tau), capped by the stage's budget, at least one.
+
+    Signals: rows (B, q, L) head-summed attention rows, summed over every prompt row (no
+    forgetting). Deviations: ZipVL normalises each key's accumulated attention by the number of
+    probe queries that see it and picks important tokens among all tokens per layer; vtoken ranks
+    visual entries by their summed attention and keeps text in full precision; high precision is
+    the model's dtype (ZipVL quantises important tokens too, at a higher bit width); the low-bit
+    grid is per token and head, asymmetric min-max (:func:`quantize_tokens`), vtoken's choice (no
+    code was released)."""
+
+    name = "zipvl_kv"
+    forgetting = 1.0
+
+    def __init__(self, threshold: float = 0.975):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise PruningConfigError(f"zipvl_kv threshold must be in (0, 1]; got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def select(self, scores, mask, budget):
+        s = scores.float().clamp_min(0).masked_fill(~mask, 0.0)
+        share = s / s.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        order = share.masked_fill(~mask, -1.0).argsort(dim=1, descending=True, stable=True)
+        before = share.gather(1, order).cumsum(dim=1) - share.gather(1, order)  # share of the higher-ranked ones
+        count = ((before < self.threshold) & mask.gather(1, order)).sum(dim=1)
+        count = torch.minimum(count.clamp_min(1), budget).clamp_max(mask.sum(dim=1))
+        keep_sorted = torch.arange(mask.shape[1], device=mask.device).view(1, -1) < count.view(-1, 1)
+        return torch.zeros_like(mask).scatter(1, order, keep_sorted) & mask
+
+    def __repr__(self) -> str:
+        return f"ZipVLKVScorer(threshold={self.threshold!r})"
+
+
 @register_method(name="a2sf", family="decode", paper="Jo & Shin 2024 (arXiv:2407.20485)",
                  stages="decode, before step `step` (0: after the prefill), every layer", needs_attention=True, text_guided=True,
                  options=("forgetting", "step", "layers", "mode"))
@@ -182,4 +247,15 @@ def lookm_plan(keep, step: int = 0, layers=None, mode: str = "merge"):
     return [DecodeStage(scorer=LookMScorer(), keep=validate_budget(keep), step=step, layers=layers, mode=mode)]
 
 
-__all__ = ["accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]
+@register_method(name="zipvl_kv", family="decode", paper="He et al. 2024 (arXiv:2410.08584)",
+                 stages="decode, after the prefill, every layer (mixed-precision KV)", needs_attention=True,
+                 text_guided=True, options=("threshold", "bits", "step", "layers"))
+def zipvl_kv_plan(keep=1.0, threshold: float = 0.975, bits: int = 2, step: int = 0, layers=None):
+    """ZipVL's KV cache compression (arXiv:2410.08584): one :class:`DecodeStage` in ``"quantize"``
+    mode; each image's important visual entries (adaptive count, capped by ``keep``) stay in the
+    model's dtype, the rest are stored at ``bits`` bits and dequantised when attention reads them."""
+    return [DecodeStage(scorer=ZipVLKVScorer(threshold), keep=validate_budget(keep), step=step, layers=layers,
+                        mode="quantize", bits=bits)]
+
+
+__all__ = ["quantize_tokens", "dequantize_tokens", "ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]

@@ -16,8 +16,9 @@ from conftest import SUPPRESS, get_inputs, slice_sample
 import tiny_models as tm
 from vtoken import DecodeStage
 from vtoken.errors import PruningConfigError, UnsupportedCallError
-from vtoken.hooks.decode_runtime import DECODE_ATTR, compact, segment_selection
-from vtoken.scorers.decode import A2SFScorer, DecodeScorer, LookMScorer, accumulate_scores, pivot_merge
+from vtoken.hooks.decode_cache import DECODE_ATTR, compact
+from vtoken.hooks.decode_runtime import segment_selection
+from vtoken.scorers.decode import A2SFScorer, DecodeScorer, accumulate_scores, pivot_merge
 
 GEN = dict(do_sample=False, suppress_tokens=SUPPRESS, return_dict_in_generate=True, output_scores=True,
            output_logits=True)
@@ -390,3 +391,132 @@ def test_bench_hook_reports_the_evicted_kv_bytes():
     per_slot = rows[0]["kv_bytes"] // (inputs["input_ids"].shape[1] + 2)
     assert rows[1]["kv_bytes"] == rows[2]["kv_bytes"] == rows[0]["kv_bytes"] - evicted * per_slot
     assert vtoken.hooks.handle_of(model) is None
+
+
+# ---------------------------------------------------------------- ZipVL's mixed-precision KV ("quantize" mode)
+def ref_quant_dequant(vec, bits):
+    """One key / value vector on its own asymmetric min-max grid of 2**bits levels (loop, in
+    float32 like the cache: a value on a rounding boundary goes the same way)."""
+    f32 = torch.float32
+    lo, hi = vec.min().to(f32), vec.max().to(f32)
+    scale = (hi - lo) / (2 ** bits - 1)
+    out = []
+    for x in vec.to(f32):
+        code = 0 if scale == 0 else min(max(int(torch.round((x - lo) / scale)), 0), 2 ** bits - 1)
+        out.append(float(lo + code * scale))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_zipvl_count(scores, threshold, budget):
+    """ZipVL's adaptive count: the smallest p whose top-p share of the image's attention reaches
+    tau, capped by the budget, at least one."""
+    share = sorted((s / sum(scores) for s in scores), reverse=True)
+    total, p = 0.0, 0
+    for s in share:
+        if total >= threshold:
+            break
+        total, p = total + s, p + 1
+    return max(1, min(p, budget))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_low_bit_round_trip_matches_the_reference_grid(bits):
+    from vtoken.scorers.decode import dequantize_tokens, quantize_tokens
+
+    x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(bits))
+    x[0, 0, 0] = 0.5  # a constant vector: scale 0
+    packed, scale, lo = quantize_tokens(x, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 5, 8 * bits // 8)
+    y = dequantize_tokens(packed, scale, lo, bits)
+    for idx in [(0, 0, 0), (0, 1, 2), (1, 2, 4), (1, 0, 3)]:
+        torch.testing.assert_close(y[idx].double(), ref_quant_dequant(x[idx], bits), rtol=1e-5, atol=1e-6)
+
+
+def test_zipvl_count_matches_the_reference():
+    from vtoken.scorers.decode import ZipVLKVScorer
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.rand(6, 9, generator=g) ** 4
+    mask = torch.rand(6, 9, generator=g) > 0.2
+    mask[:, 0] = True
+    budget = torch.tensor([9, 3, 9, 1, 5, 9])
+    for tau in (0.5, 0.9, 0.975):
+        keep = ZipVLKVScorer(tau).select(scores, mask, budget)
+        for s in range(6):
+            real = [float(scores[s, j]) for j in range(9) if mask[s, j]]
+            want = ref_zipvl_count(real, tau, int(budget[s]))
+            assert int(keep[s].sum()) == want and not (keep[s] & ~mask[s]).any()
+            kept = scores[s][keep[s]]
+            assert kept.min() >= scores[s][mask[s] & ~keep[s]].max() if (mask[s] & ~keep[s]).any() else True
+
+
+class FirstKLowBits(FirstK):
+    name = "first_k_low_bits"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_mode_logits_equal_the_plain_model_on_dequantised_entries(bits):
+    """Decode logits with a ``"quantize"`` stage equal the plain model's after the same entries of
+    its prefill cache are replaced by the reference grid's values (every layer); KV bytes: the
+    full-precision entries are gone, the packed ones and their scales / offsets are counted."""
+    from vtoken.bench.common import kv_bytes as bench_kv_bytes
+
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model)
+    steps, keep = 4, 7
+    ids, orig = inputs["input_ids"], inputs["attention_mask"]
+    n = ids.shape[1]
+    low = [[p for run in visual_runs(ids[b] * orig[b]) for p in run[keep:]] for b in range(ids.shape[0])]
+    with torch.no_grad():
+        plain_out = model.generate(**inputs, max_new_tokens=steps, **GEN)
+        with vtoken.apply_pruning(model, plan=[DecodeStage(FirstKLowBits(), keep=keep, mode="quantize", bits=bits)]):
+            out = model.generate(**inputs, max_new_tokens=steps, **GEN)
+        # generate's prefill cache (its rotary positions follow the padding mask; a plain forward's do not, and
+        # a rotated key quantises differently)
+        cache = model.generate(**inputs, max_new_tokens=1, **GEN).past_key_values
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):
+                for b in range(ids.shape[0]):
+                    for p in low[b]:
+                        for h in range(t.shape[1]):
+                            t[b, h, p] = ref_quant_dequant(t[b, h, p], bits).to(t.dtype)
+        for t in range(1, steps):
+            mask = torch.cat([orig, torch.ones(ids.shape[0], t, dtype=orig.dtype)], 1)
+            cur = model(input_ids=out.sequences[:, n + t - 1:n + t], attention_mask=mask, past_key_values=cache,
+                        position_ids=(mask.cumsum(-1) - 1)[:, -1:], use_cache=True)
+            cache = cur.past_key_values
+            torch.testing.assert_close(cur.logits[:, -1], out.logits[t], rtol=1e-4, atol=1e-5)
+    H, D = plain_out.past_key_values.layers[0].keys.shape[1], plain_out.past_key_values.layers[0].keys.shape[3]
+    Q = max(len(x) for x in low)
+    full = [int(orig[b].sum()) + steps - 1 - len(low[b]) for b in range(ids.shape[0])]
+    per_layer = 2 * ids.shape[0] * H * (max(full) * D * 4 + Q * (D * bits // 8 + 2 * 4))
+    assert bench_kv_bytes(out.past_key_values) == per_layer * len(model.model.language_model.layers)
+    assert bench_kv_bytes(out.past_key_values) < bench_kv_bytes(plain_out.past_key_values)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_zipvl_kv_batch_equals_each_sample_alone_and_keep_all_is_plain(name):
+    model = _model(name, attn="sdpa")
+    inputs = get_inputs(name, model)
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=4, **GEN)
+        with vtoken.apply_pruning(model, method="zipvl_kv", keep=1.0, threshold=1.0):
+            out = model.generate(**inputs, max_new_tokens=4, **GEN)
+        assert torch.equal(out.sequences, plain.sequences)
+        with vtoken.apply_pruning(model, method="zipvl_kv", keep=5, threshold=0.9):
+            batch = model.generate(**inputs, max_new_tokens=4, **GEN)
+            n = inputs["input_ids"].shape[1]
+            for b in range(inputs["input_ids"].shape[0]):
+                alone = model.generate(**slice_sample(inputs, b, model), max_new_tokens=4, **GEN)
+                m = alone.sequences.shape[1] - 4
+                assert torch.equal(batch.sequences[b, n:], alone.sequences[0, m:]), b
+                for t in range(4):
+                    torch.testing.assert_close(batch.logits[t][b], alone.logits[t][0], rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_stage_must_be_the_last_of_its_layers():
+    model = tm.tiny_llava()
+    with pytest.raises(PruningConfigError, match="last stage"):
+        vtoken.apply_pruning(model, plan=[DecodeStage("zipvl_kv", 8, mode="quantize"), DecodeStage("a2sf", 4, step=2)])
+    with pytest.raises(PruningConfigError):
+        DecodeStage("a2sf", 4, mode="quantize", bits=3)

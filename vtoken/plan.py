@@ -95,7 +95,8 @@ class DecodeStage:
     step ``step`` (0 = right after the prefill, before the first generated token's forward), the
     scorer ranks each chosen layer's VISUAL KV entries and the lowest are removed from the cache
     (``mode="evict"``), or first averaged into the kept entries (``mode="merge"``, the scorer's
-    merge rule). The prefill itself is the plain model's.
+    merge rule), or kept in ``bits``-bit precision instead (``mode="quantize"``: mixed-precision KV,
+    ZipVL's; dequantised when read). The prefill itself is the plain model's.
 
     scorer:  a decode scorer (:class:`vtoken.scorers.decode.DecodeScorer`) or its registered name.
     keep:    budget (see :data:`Budget`) of each image's ORIGINAL visual tokens kept in every
@@ -103,7 +104,8 @@ class DecodeStage:
     step:    decode step before which the stage runs (int >= 0); stages of a plan have increasing
              steps.
     layers:  decoder layers whose cache it prunes (None: all).
-    mode:    ``"evict"`` or ``"merge"``.
+    mode:    ``"evict"``, ``"merge"`` or ``"quantize"``.
+    bits:    bit width of the low-precision entries in ``"quantize"`` mode (2, 4 or 8).
     """
 
     scorer: Any
@@ -111,15 +113,18 @@ class DecodeStage:
     step: int = 0
     layers: Any = None
     mode: str = "evict"
+    bits: int = 2
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8) or isinstance(self.bits, bool):
+            raise PruningConfigError(f"DecodeStage.bits must be 2, 4 or 8; got {self.bits!r}")
         if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral) or self.step < 0:
             raise PruningConfigError(f"DecodeStage.step must be an int >= 0 (0 = right after the prefill); got {self.step!r}")
         self.step = int(self.step)
         self.keep = validate_budget(self.keep, what=f"keep of the decode stage at step {self.step}")
-        if self.mode not in ("evict", "merge"):
-            raise PruningConfigError(f"DecodeStage.mode must be 'evict' or 'merge'; got {self.mode!r}")
+        if self.mode not in ("evict", "merge", "quantize"):
+            raise PruningConfigError(f"DecodeStage.mode must be 'evict', 'merge' or 'quantize'; got {self.mode!r}")
         if self.layers is not None:
             layers = tuple(self.layers) if isinstance(self.layers, (list, tuple, range)) else None
             if not layers or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in layers):
@@ -177,10 +182,14 @@ def _validate_decode_plan(plan: list, num_layers: int) -> list:
     steps = [st.step for st in plan]
     if steps != sorted(steps) or len(set(steps)) != len(steps):
         raise PruningConfigError(f"decode stage steps must be strictly increasing; got {steps}")
-    for st in plan:
+    for i, st in enumerate(plan):
         if st.layers is not None and st.layers[-1] >= num_layers:
             raise PruningConfigError(
                 f"decode stage layers {list(st.layers)} reach outside the model's {num_layers} decoder layers")
+        mine = set(range(num_layers) if st.layers is None else st.layers)
+        if st.mode == "quantize" and any(mine & set(range(num_layers) if s.layers is None else s.layers)
+                                         for s in plan[i + 1:]):
+            raise PruningConfigError("a decode stage in 'quantize' mode must be the last stage of its layers")
     return list(plan)
 
 
