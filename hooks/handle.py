@@ -199,12 +199,9 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
                 pass
         undo.append(_wrap_generate(model, runtime))
     except Exception:
-        for u in reversed(undo):
-            u()
+        _undo_all(undo)
         raise
-    handle = PruningHandle(model, runtime, method, undo)
-    model.__dict__[HANDLE_ATTR] = handle
-    return handle
+    return _handle_on(model, runtime, method, undo)
 
 
 def _attach_decode(model, adapter, plan, method, backend) -> PruningHandle:
@@ -235,9 +232,18 @@ def _attach_decode(model, adapter, plan, method, backend) -> PruningHandle:
         undo += adapter.install(runtime)
         undo.append(_wrap_generate(model, runtime))
     except Exception:
-        for u in reversed(undo):
-            u()
+        _undo_all(undo)
         raise
+    return _handle_on(model, runtime, method, undo)
+
+
+def _undo_all(undo: list) -> None:
+    for u in reversed(undo):
+        u()
+
+
+def _handle_on(model, runtime, method, undo: list) -> PruningHandle:
+    """The handle of an attached ``runtime``, recorded on ``model``."""
     handle = PruningHandle(model, runtime, method, undo)
     model.__dict__[HANDLE_ATTR] = handle
     return handle
