@@ -95,7 +95,7 @@ def quantize_tokens(x: torch.Tensor, bits: int) -> tuple:
     a multiple of 8."""
     per = 8 // bits
     lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-    scale = (hi - lo).float() / (2 ** bits - 1)
+    scale = ((hi - lo).float() / (2 ** bits - 1)).to(x.dtype).float()  # the grid stored: codes on the same one
     codes = torch.where(scale > 0, ((x.float() - lo.float()) / scale.clamp_min(1e-30)).round(), torch.zeros_like(scale))
     codes = codes.clamp_(0, 2 ** bits - 1).to(torch.uint8)
     codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)

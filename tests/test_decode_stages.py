@@ -106,6 +106,8 @@ def kv_bytes(cache):
 
 
 def _model(name, attn="eager", seed=3):
+    if name == "llava_next":
+        return tm.tiny_llava_next("llava_next", attn=attn, seed=seed)
     return tm.tiny_llava(attn=attn, seed=seed) if name == "llava" else tm.tiny_qwen(name, attn=attn, seed=seed)
 
 
@@ -286,7 +288,7 @@ def test_decode_logits_equal_the_plain_model_with_evicted_keys_masked(step):
             torch.testing.assert_close(cur.logits[:, -1], out.logits[t], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llava_next", "qwen3_vl"])
 @pytest.mark.parametrize("method, options", [("a2sf", {}), ("lookm", {}), ("zipvl_kv", {"threshold": 0.9})])
 def test_batch_equals_each_sample_alone(name, method, options):
     model = _model(name, attn="sdpa")
@@ -302,7 +304,7 @@ def test_batch_equals_each_sample_alone(name, method, options):
                 torch.testing.assert_close(batch.scores[t][b], alone.scores[t][0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llava_next", "qwen3_vl"])
 def test_keep_everything_equals_plain_generation(name):
     model = _model(name, attn="sdpa")
     inputs = get_inputs(name, model)
