@@ -222,7 +222,7 @@ class DecodeRuntime:
         impl, dtype = self.attn_impl(), next(self.adapter.text_model.parameters()).dtype
         for layer in range(self.num_layers):
             rec = state.layers.get(layer)
-            key = None if rec is None else id(rec.valid)
+            key = None if rec is None else (id(rec.valid), rec.extra)
             if key not in memo:
                 prefix = state.orig_valid if rec is None else rec.valid
                 since = state.appended[:, (0 if rec is None else rec.extra):]
@@ -291,7 +291,7 @@ class DecodeRuntime:
     def evict(self, cache, state: DecodeState, index: int) -> None:
         """Run stage ``index`` on every layer it prunes (see the module docstring)."""
         stage, budget = self.plan[index], state.budgets[index]
-        record = {}
+        record, shared = {}, []
         for layer in self.stage_layer_sets[index]:
             kv = cache.layers[layer]
             pos, valid = self.layer_layout(state, layer)
@@ -322,6 +322,12 @@ class DecodeRuntime:
             if stage.mode == "quantize":
                 positions = torch.cat([pos.gather(1, low).masked_fill(~low_valid, -1), positions], 1)
                 valid_slots = torch.cat([low_valid, new_valid], 1)
+            # layers whose slots have the same validity share one tensor: a decode step builds one mask for them
+            same = next((v for v in shared if v.shape == valid_slots.shape and torch.equal(v, valid_slots)), None)
+            if same is None:
+                shared.append(valid_slots)
+            else:
+                valid_slots = same
             state.layers[layer] = LayerLayout(positions, valid_slots, state.extra, bool(valid_slots.all()))
             state.offsets[layer] = state.n_prefill + state.extra - P
             if layer in state.scores:

@@ -87,6 +87,19 @@ class PruningHandle:
             raise RuntimeError(f"the pruned prefill recorded {len(state.stages)} stages of {len(self.plan)}")
         return [s.valid for s in state.stages]
 
+    def decode_layouts(self, cache) -> Optional[dict]:
+        """What a decode-time plan (:class:`vtoken.plan.DecodeStage`) did to ``cache`` (the KV cache a
+        ``generate`` call filled, e.g. ``out.past_key_values``): per pruned layer, ``(positions,
+        valid)``, both (B, P): the original position of each slot the stage left (-1 padding; in
+        ``"quantize"`` mode the low-bit slots first), before the tokens appended after it. None
+        when ``cache`` holds no decode-time record."""
+        from vtoken.hooks.decode_cache import DECODE_ATTR
+
+        state = getattr(cache, DECODE_ATTR, None)
+        if state is None:
+            return None
+        return {layer: (rec.positions, rec.valid) for layer, rec in sorted(state.layers.items())}
+
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``. Calling it again
         does nothing (``stats`` still describes the last pruned prefill)."""

@@ -190,13 +190,15 @@ def test_cache_holds_the_reference_kept_set(name, method):
     with torch.no_grad():
         attn = model(**inputs, output_attentions=True).attentions
         plain = model.generate(**inputs, max_new_tokens=1, **GEN).past_key_values
-        with vtoken.apply_pruning(model, method=method, keep=keep):
+        with vtoken.apply_pruning(model, method=method, keep=keep) as handle:
             out = model.generate(**inputs, max_new_tokens=3, **GEN)
-    state = getattr(out.past_key_values, DECODE_ATTR)
+            layouts = handle.decode_layouts(out.past_key_values)
+            assert handle.decode_layouts(plain) is None
+    assert len({id(v) for _, v in layouts.values()}) == 1  # one validity for all layers: one mask per step
     n = ids.shape[1]
     for layer, scores in enumerate(prompt_scores(attn, valid, lam)):
         want = ref_kept_positions(ids, valid, scores, keep)
-        rec = state.layers[layer]
+        positions = layouts[layer][0]
         cache = out.past_key_values.layers[layer]
         ref_k, ref_v = plain.layers[layer].keys, plain.layers[layer].values
         if method == "lookm":
@@ -207,7 +209,7 @@ def test_cache_holds_the_reference_kept_set(name, method):
                 kept[b, [p for p in vis if p not in want[b]]] = False
             ref_k, ref_v = ref_pivot_merge(ref_k, ref_v, kept, valid & ~kept)
         for b in range(ids.shape[0]):
-            pos = rec.positions[b]
+            pos = positions[b]
             got = {p for p in pos.tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
             assert got == want[b], (layer, b)
             text = {p for p in range(n) if valid[b, p] and int(ids[b, p]) not in VISUAL}
