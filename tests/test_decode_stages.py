@@ -504,3 +504,34 @@ def test_quantize_stage_must_be_the_last_of_its_layers():
         vtoken.apply_pruning(model, plan=[DecodeStage("zipvl_kv", 8, mode="quantize"), DecodeStage("a2sf", 4, step=2)])
     with pytest.raises(PruningConfigError):
         DecodeStage("a2sf", 4, mode="quantize", bits=3)
+
+
+def test_continuing_a_pruned_cache_with_more_text_equals_the_masked_plain_model():
+    """A second ``generate`` on the returned cache (multi-turn: the first answer plus new text, no
+    new image): its multi-token forward and the steps after it see the pruned layers through
+    masks of q > 1 queries, as the plain model does with the evicted positions masked."""
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model, variant="single")
+    ids, orig = inputs["input_ids"], inputs["attention_mask"]
+    n, keep = ids.shape[1], 6
+    hide = orig.clone()
+    for run in visual_runs(ids[0]):
+        hide[0, run[keep:]] = 0
+    more = torch.tensor([[11, 12, 13]])
+    with torch.no_grad():
+        with vtoken.apply_pruning(model, plan=[DecodeStage(FirstK(), keep=keep)]):
+            out = model.generate(**inputs, max_new_tokens=4, **GEN)
+            seq = torch.cat([out.sequences, more], 1)
+            out2 = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq), past_key_values=out.past_key_values,
+                                  max_new_tokens=2, **GEN)
+        cache = model(**inputs, use_cache=True).past_key_values
+        chunks = [out.sequences[:, n + t:n + t + 1] for t in range(3)] + [torch.cat([out.sequences[:, n + 3:], more], 1),
+                                                                          out2.sequences[:, -2:-1]]
+        seen = 0
+        for i, chunk in enumerate(chunks):
+            seen += chunk.shape[1]
+            mask = torch.cat([hide, torch.ones(1, seen, dtype=hide.dtype)], 1)
+            cur = model(input_ids=chunk, attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache = cur.past_key_values
+            want = out.logits[i + 1] if i < 3 else out2.logits[i - 3]
+            torch.testing.assert_close(cur.logits[:, -1], want, rtol=1e-4, atol=1e-5)
