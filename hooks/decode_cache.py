@@ -84,13 +84,15 @@ def patch_cache(cache, state, runtime) -> None:
     record."""
     cache_ref, runtime_ref = weakref.ref(cache), weakref.ref(runtime)
     cls = type(cache)
+    # a prefill runtime of the same plan patched these first (its pruned layers' lengths, its record)
+    prev_length, prev_reset = cache.__dict__.get("get_seq_length"), cache.__dict__.get("reset")
 
     def get_seq_length(layer_idx: int = 0):
         if state.layers and not getattr(runtime_ref(), "attached", False):
             raise UnsupportedCallError(
                 "this KV cache holds a prompt whose visual entries a since-removed vtoken handle evicted; continue "
                 "generating with that handle attached, or start again without past_key_values")
-        physical = cls.get_seq_length(cache_ref(), layer_idx)
+        physical = prev_length(layer_idx) if prev_length is not None else cls.get_seq_length(cache_ref(), layer_idx)
         return physical + state.offsets.get(layer_idx, 0) if physical else physical
 
     def refuse(*_a, **_k):
@@ -105,7 +107,10 @@ def patch_cache(cache, state, runtime) -> None:
         for kv in c.layers:
             for name in (LOW_BITS_ATTR, "update"):
                 kv.__dict__.pop(name, None)
-        cls.reset(c)
+        if prev_reset is not None:
+            prev_reset()
+        else:
+            cls.reset(c)
 
     cache.get_seq_length = get_seq_length
     for name in _PATCHED[1:]:

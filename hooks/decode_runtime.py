@@ -20,6 +20,13 @@ Life of a call:
    tokens appended since (:func:`vtoken.hooks.masks.extend_mask`); ``cache.get_seq_length(layer)``
    reports the original (unpruned) length, so positions keep counting as without pruning.
 
+A plan that also holds prefill stages (:class:`vtoken.plan.Stage`) attaches a
+:class:`vtoken.hooks.runtime.Runtime` for them first: the layers after its stages start decoding
+from its pruned layouts (the :class:`vtoken.hooks.call_state.PruneState` on the cache), their
+prompt scores come from their pruned attention (the prefill runtime's layout), probes on a layer
+both runtimes read chain (:func:`chain_probe`), and this runtime's masks, which cover every layer,
+come last.
+
 Not supported (refused with :class:`vtoken.errors.UnsupportedCallError`): ``use_cache=False``
 (eviction is defined on a cache only: nothing to replay), fixed-slot caches (``StaticCache``,
 ``cache_implementation="static"``, :class:`vtoken.engine.StaticDecoder`), beam search (the cache's
@@ -39,7 +46,7 @@ from vtoken.hooks import masks as M
 from vtoken.hooks.call_state import CallContext
 from vtoken.hooks.decode_cache import DECODE_ATTR, LowBitKV, attach_low_bits, compact, patch_cache, take_slots
 from vtoken.hooks.captures import eager
-from vtoken.hooks.kv_cache import cache_arg, fixed_slot_cache
+from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
 from vtoken.hooks.probe import attention_rows
 from vtoken.hooks.runtime import open_multimodal_call
 from vtoken.plan import tokens_for
@@ -92,7 +99,10 @@ class DecodeRuntime:
     #: prompt rows per probe computation at the prefill
     chunk: int = 256
 
-    def __init__(self, adapter, plan, backend: str = "auto"):
+    def __init__(self, adapter, plan, backend: str = "auto", prefill_runtime=None):
+        #: the :class:`vtoken.hooks.runtime.Runtime` of the plan's prefill stages, if any: the layers
+        #: after its stages start decoding from its pruned layouts
+        self.prefill_runtime = prefill_runtime
         self.adapter = adapter
         self.plan = plan
         self.backend = backend
@@ -182,6 +192,9 @@ class DecodeRuntime:
             raise UnsupportedCallError(
                 "assisted decoding (assistant_model / prompt_lookup_num_tokens) crops the KV cache, which a "
                 "decode-time plan re-lays out: generate without an assistant")
+        prefill_ctx = None if self.prefill_runtime is None else self.prefill_runtime.ctx
+        if prefill_ctx is not None:  # the adapter's patches report visual feature lengths to that runtime
+            ctx.feature_lengths = {**prefill_ctx.feature_lengths, **ctx.feature_lengths}
         layout = self.adapter.layout(ctx.inputs["input_ids"].cpu(), ctx.inputs, ctx)
         ctx.inputs = None
         if layout is None:
@@ -206,6 +219,8 @@ class DecodeRuntime:
         ctx.key_valid = {layer: orig_valid for layer in self.probed_layers}
 
     def _decode_step(self, ctx, cache, state: DecodeState, mask2d, B: int, q: int, device) -> None:
+        if state.extra == 0 and not state.layers:
+            self._start_from_prefill_layouts(cache, state)
         while state.next < len(self.plan) and self.plan[state.next].step <= state.extra:
             self.evict(cache, state, state.next)
             state.next += 1
@@ -234,6 +249,18 @@ class DecodeRuntime:
                 ctx.key_valid[layer] = memo[key][1]
         ctx.span_masks = masks if state.layers else None
 
+    def _start_from_prefill_layouts(self, cache, state: DecodeState) -> None:
+        """The layers after a prefill stage of the same plan hold that stage's pruned layout
+        (:class:`vtoken.hooks.call_state.PruneState` on the cache): decoding starts from it."""
+        prune = getattr(cache, STATE_ATTR, None)
+        if self.prefill_runtime is None or prune is None:
+            return
+        for layer in range(self.num_layers):
+            i = self.prefill_runtime.layer_stage[layer]
+            if 0 <= i < len(prune.stages):
+                st = prune.stages[i]
+                state.layers[layer] = LayerLayout(st.positions, st.valid, 0, st.all_valid)
+
     @eager
     def on_layer(self, layer: int, args: tuple, kwargs: dict):
         ctx = self.ctx
@@ -256,6 +283,8 @@ class DecodeRuntime:
             scaling = kw.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
             with torch.no_grad():
                 key_valid = ctx.key_valid[layer]
+                if ctx.mode == "prefill" and query.shape[2] != state.n_prefill:  # after a prefill stage
+                    key_valid = self.prefill_runtime.ctx.cur_valid
                 if ctx.mode == "prefill":
                     acc = state.scores.get(layer)
                     n = query.shape[2]
@@ -329,10 +358,34 @@ class DecodeRuntime:
             else:
                 valid_slots = same
             state.layers[layer] = LayerLayout(positions, valid_slots, state.extra, bool(valid_slots.all()))
-            state.offsets[layer] = state.n_prefill + state.extra - P
+            state.offsets[layer] = state.offsets.get(layer, 0) + L - P  # slots gone from the layer
             if layer in state.scores:
                 state.scores[layer] = scores.gather(1, take).masked_fill(~new_valid, 0)
         state.evicted.append(record)
+
+
+def chain_probe(module, probe) -> callable:
+    """Route an attention module the prefill runtime already probes through ``probe`` as well:
+    ``probe``'s ``base`` is the prefill runtime's probe (skipped, as it skips itself, while no
+    prefill is in flight). Returns undo."""
+    prev = module.__dict__["_vtoken_probe"]
+    prev_rt = module.__dict__.pop("_vtoken_runtime", None)
+
+    def inner(base):
+        def run(mod, query, key, value, attention_mask, **kw):
+            if prev_rt is not None and prev_rt.prefills_in_flight == 0:
+                return base(mod, query, key, value, attention_mask, **kw)
+            return prev(base, mod, query, key, value, attention_mask, **kw)
+        return run
+
+    module._vtoken_probe = lambda base, mod, *a, **kw: probe(inner(base), mod, *a, **kw)
+
+    def undo():
+        module._vtoken_probe = prev
+        if prev_rt is not None:
+            module._vtoken_runtime = prev_rt
+
+    return undo
 
 
 def segment_selection(scorer, seg: torch.Tensor, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:

@@ -535,3 +535,71 @@ def test_continuing_a_pruned_cache_with_more_text_equals_the_masked_plain_model(
             cache = cur.past_key_values
             want = out.logits[i + 1] if i < 3 else out2.logits[i - 3]
             torch.testing.assert_close(cur.logits[:, -1], want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a plan with prefill and decode-time stages
+MIXED_PREFILL = 12
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_mixed_plan_keep_all_decode_stage_equals_the_prefill_plan(name):
+    model = _model(name, attn="sdpa")
+    inputs = get_inputs(name, model)
+    with torch.no_grad():
+        with vtoken.apply_pruning(model, plan=[vtoken.Stage(2, "fastv", MIXED_PREFILL)]):
+            ref = model.generate(**inputs, max_new_tokens=5, **GEN)
+        with vtoken.apply_pruning(model, plan=[vtoken.Stage(2, "fastv", MIXED_PREFILL), DecodeStage("a2sf", 1.0)]) as h:
+            out = model.generate(**inputs, max_new_tokens=5, **GEN)
+            assert [type(st).__name__ for st in h.decode_plan] == ["DecodeStage"] and len(h.plan) == 1
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_mixed_plan_batch_equals_each_sample_alone(name):
+    model = _model(name, attn="sdpa")
+    inputs = get_inputs(name, model)
+    plan = [vtoken.Stage(2, "fastv", MIXED_PREFILL), DecodeStage("lookm", 5, mode="merge")]
+    with torch.no_grad(), vtoken.apply_pruning(model, plan=plan):
+        batch = model.generate(**inputs, max_new_tokens=4, **GEN)
+        n = inputs["input_ids"].shape[1]
+        for b in range(inputs["input_ids"].shape[0]):
+            alone = model.generate(**slice_sample(inputs, b, model), max_new_tokens=4, **GEN)
+            m = alone.sequences.shape[1] - 4
+            assert torch.equal(batch.sequences[b, n:], alone.sequences[0, m:]), b
+            for t in range(4):
+                torch.testing.assert_close(batch.logits[t][b], alone.logits[t][0], rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_plan_ranks_the_prefill_layout_by_its_own_attention():
+    """After a prefill stage at layer 2, the decode stage ranks the layers 2.. by their attention
+    over the pruned layout (the prefill runtime's own eager maps) and keeps the reference's set
+    among the tokens the prefill kept; layers 0-1 rank the full prompt."""
+    model = _model("llava")
+    inputs = get_inputs("llava", model)
+    ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+    keep, lam, n = 5, 0.1, inputs["input_ids"].shape[1]
+    prefill = vtoken.Stage(2, "fastv", MIXED_PREFILL)
+    with torch.no_grad():
+        with vtoken.apply_pruning(model, plan=[prefill]) as h:
+            attn = model(**inputs, output_attentions=True).attentions
+            layout = h.stats.positions.clone()  # (B, N_s) original position per slot after the stage, -1 padding
+        with vtoken.apply_pruning(model, plan=[prefill, DecodeStage("a2sf", keep)]) as h:
+            out = model.generate(**inputs, max_new_tokens=3, **GEN)
+            layouts = h.decode_layouts(out.past_key_values)
+            lengths = [l.keys.shape[2] for l in out.past_key_values.layers]
+    for layer, A in enumerate(attn):
+        if layer < 2:
+            pos_of = torch.arange(n).expand(ids.shape[0], -1).masked_fill(~valid, -1)
+        else:
+            pos_of = layout
+        slot_valid = pos_of >= 0
+        scores = prompt_scores([A], slot_valid, lam)[0]
+        slot_ids = torch.where(slot_valid, ids.gather(1, pos_of.clamp(min=0)), torch.zeros_like(pos_of))
+        want = ref_kept_positions(slot_ids, slot_valid.long(), scores, keep)  # kept slots
+        for b in range(ids.shape[0]):
+            want_pos = {int(pos_of[b, j]) for j in want[b]}
+            got = {p for p in layouts[layer][0][b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
+            assert got == want_pos, (layer, b)
+    assert len(set(lengths)) == 1  # every layer keeps the text and `keep` per image now

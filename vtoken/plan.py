@@ -91,7 +91,8 @@ class Stage:
 
 @dataclass
 class DecodeStage:
-    """One decode-time pruning point: during ``generate`` on the dynamic KV cache, before decode
+    """One decode-time pruning point (a plan may hold these after its prefill :class:`Stage` s):
+    during ``generate`` on the dynamic KV cache, before decode
     step ``step`` (0 = right after the prefill, before the first generated token's forward), the
     scorer ranks each chosen layer's VISUAL KV entries and the lowest are removed from the cache
     (``mode="evict"``), or first averaged into the kept entries (``mode="merge"``, the scorer's
@@ -157,8 +158,10 @@ def validate_plan(plan: list, num_layers: int) -> list:
     """Check an ordered plan against a model with ``num_layers`` decoder layers."""
     if not isinstance(plan, (list, tuple)) or not plan:
         raise PruningConfigError(f"a plan is a non-empty list of vtoken.Stage; got {plan!r}")
-    if is_decode_plan(plan):
-        return _validate_decode_plan(plan, num_layers)
+    if is_decode_plan(plan):  # prefill stages (if any) first, then the decode-time ones
+        prefill = [st for st in plan if not isinstance(st, DecodeStage)]
+        decode = _validate_decode_plan([st for st in plan if isinstance(st, DecodeStage)], num_layers)
+        return (validate_plan(prefill, num_layers) if prefill else []) + decode
     for st in plan:
         if not isinstance(st, Stage):
             raise PruningConfigError(f"every plan entry must be a vtoken.Stage; got {type(st).__name__}")
@@ -174,11 +177,12 @@ def validate_plan(plan: list, num_layers: int) -> list:
     return list(plan)
 
 
+def split_plan(plan: list) -> tuple:
+    """(prefill stages, decode-time stages) of a plan."""
+    return [st for st in plan if not isinstance(st, DecodeStage)], [st for st in plan if isinstance(st, DecodeStage)]
+
+
 def _validate_decode_plan(plan: list, num_layers: int) -> list:
-    if not all(isinstance(st, DecodeStage) for st in plan):
-        raise PruningConfigError(
-            "a plan holds either prefill stages (vtoken.Stage) or decode-time stages (vtoken.DecodeStage), not both "
-            "(not supported yet)")
     steps = [st.step for st in plan]
     if steps != sorted(steps) or len(set(steps)) != len(steps):
         raise PruningConfigError(f"decode stage steps must be strictly increasing; got {steps}")

@@ -51,7 +51,6 @@ from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_in
 from vtoken.engine.static_kv import _KVBuffers, LayoutGroup, StaticKV
 from vtoken.engine.static_kv import _kept_index  # noqa: F401 - importable from here as before the split
 from vtoken.errors import PruningConfigError, UnsupportedCallError
-from vtoken.plan import is_decode_plan
 from vtoken.hooks import private_attention_config, register_attention_implementation
 
 __all__ = ["STATIC_IMPL", "LayoutGroup", "StaticDecoder", "StaticKV"]
@@ -205,7 +204,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
-        if self._handle is not None and is_decode_plan(self._handle.plan):
+        if self._handle is not None and getattr(self._handle, "decode_plan", None):
             raise UnsupportedCallError(
                 "StaticDecoder's static per-layer buffers cannot evict KV entries: decode-time stages (a plan of "
                 "vtoken.DecodeStage, e.g. a2sf, lookm) run through model.generate on the dynamic cache")
