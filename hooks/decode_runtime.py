@@ -24,7 +24,7 @@ A plan that also holds prefill stages (:class:`vtoken.plan.Stage`) attaches a
 :class:`vtoken.hooks.runtime.Runtime` for them first: the layers after its stages start decoding
 from its pruned layouts (the :class:`vtoken.hooks.call_state.PruneState` on the cache), their
 prompt scores come from their pruned attention (the prefill runtime's layout), probes on a layer
-both runtimes read chain (:func:`chain_probe`), and this runtime's masks, which cover every layer,
+both runtimes read chain (:func:`vtoken.hooks.probe.chain_probe`), and this runtime's masks, which cover every layer,
 come last.
 
 Not supported (refused with :class:`vtoken.errors.UnsupportedCallError`): ``use_cache=False``
@@ -47,7 +47,7 @@ from vtoken.hooks.call_state import CallContext
 from vtoken.hooks.decode_cache import DECODE_ATTR, LowBitKV, attach_low_bits, compact, patch_cache, take_slots
 from vtoken.hooks.captures import eager
 from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
-from vtoken.hooks.probe import attention_rows
+from vtoken.hooks.probe import attention_rows, step_rows
 from vtoken.hooks.runtime import open_multimodal_call
 from vtoken.plan import tokens_for
 
@@ -364,30 +364,6 @@ class DecodeRuntime:
         state.evicted.append(record)
 
 
-def chain_probe(module, probe) -> callable:
-    """Route an attention module the prefill runtime already probes through ``probe`` as well:
-    ``probe``'s ``base`` is the prefill runtime's probe (skipped, as it skips itself, while no
-    prefill is in flight). Returns undo."""
-    prev = module.__dict__["_vtoken_probe"]
-    prev_rt = module.__dict__.pop("_vtoken_runtime", None)
-
-    def inner(base):
-        def run(mod, query, key, value, attention_mask, **kw):
-            if prev_rt is not None and prev_rt.prefills_in_flight == 0:
-                return base(mod, query, key, value, attention_mask, **kw)
-            return prev(base, mod, query, key, value, attention_mask, **kw)
-        return run
-
-    module._vtoken_probe = lambda base, mod, *a, **kw: probe(inner(base), mod, *a, **kw)
-
-    def undo():
-        module._vtoken_probe = prev
-        if prev_rt is not None:
-            module._vtoken_runtime = prev_rt
-
-    return undo
-
-
 def segment_selection(scorer, seg: torch.Tensor, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """The slots a decode scorer evicts: seg (B, L) segment of each prunable visual slot (-1
     other slots), scores (B, L), budget (S,) kept per segment -> (B, L) bool evicted."""
@@ -409,18 +385,3 @@ def segment_selection(scorer, seg: torch.Tensor, scores: torch.Tensor, budget: t
     keep = scorer.select(scores.reshape(-1)[idx.clamp(min=0)], mask, torch.minimum(budget, counts))
     evicted[ids] = ~keep[segs, rank]
     return evicted.view(B, L)
-
-
-def step_rows(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Head-summed softmax rows of a decode call's q queries (the last q of the layer's L slots)
-    over its keys. query (B, H, q, D), key (B, Hkv, L, D) post-RoPE, key_valid (B, L) ->
-    (B, q, L) float32 (rows of padding queries zero)."""
-    B, H, q, _ = query.shape
-    L = key.shape[2]
-    k = key.float().repeat_interleave(H // key.shape[1], dim=1)
-    logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # (B, H, q, L)
-    j = torch.arange(L, device=query.device).view(1, L)
-    own = (L - q + torch.arange(q, device=query.device)).view(q, 1)
-    allowed = ((j <= own).unsqueeze(0) & key_valid.view(B, 1, L)) | (j == own).unsqueeze(0)  # (B, q, L)
-    probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1).sum(dim=1)
-    return probs * key_valid[:, L - q:].unsqueeze(-1)

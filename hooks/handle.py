@@ -13,7 +13,7 @@ from typing import Optional
 
 from vtoken.adapters import get_adapter
 from vtoken.errors import AlreadyPrunedError, HandleRemovedError, PruningConfigError
-from vtoken.hooks.probe import install_probe
+from vtoken.hooks.probe import chain_probe, install_probe
 from vtoken.hooks.call_state import GenerateSession
 from vtoken.hooks.checkpointing import checkpointing
 from vtoken.hooks.kv_cache import STATE_ATTR, fixed_slots_of
@@ -247,7 +247,7 @@ def _install_decode(model, adapter, plan, backend, undo: list, prefill_runtime=N
     """Install a :class:`~vtoken.hooks.decode_runtime.DecodeRuntime` for the decode-time stages
     ``plan`` (after ``prefill_runtime``'s hooks where the plan also has prefill stages: a probed
     layer's probes chain); its undo callables go to ``undo``. Returns the runtime."""
-    from vtoken.hooks.decode_runtime import DecodeRuntime, chain_probe
+    from vtoken.hooks.decode_runtime import DecodeRuntime
 
     runtime = DecodeRuntime(adapter, plan, backend=backend, prefill_runtime=prefill_runtime)
     mm = adapter.multimodal_model

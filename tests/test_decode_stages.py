@@ -168,8 +168,8 @@ def test_decode_stage_validation():
         vtoken.apply_pruning(model, plan=[DecodeStage("a2sf", 4, step=2), DecodeStage("a2sf", 2, step=1)])
     with pytest.raises(PruningConfigError):
         vtoken.apply_pruning(model, plan=[DecodeStage("a2sf", 4, layers=[9])])
-    with pytest.raises(PruningConfigError):
-        vtoken.apply_pruning(model, plan=[vtoken.Stage(1, "fastv", 4), DecodeStage("a2sf", 4)])
+    with pytest.raises(PruningConfigError):  # the prefill stages are checked as in any plan
+        vtoken.apply_pruning(model, plan=[vtoken.Stage(2, "fastv", 4), vtoken.Stage(1, "fastv", 4), DecodeStage("a2sf", 4)])
     with pytest.raises(PruningConfigError, match="no merge rule"):
         vtoken.apply_pruning(model, method="a2sf", keep=4, mode="merge")  # A2SF has no merge rule
     assert vtoken.hooks.handle_of(model) is None
@@ -296,14 +296,18 @@ def test_batch_equals_each_sample_alone(name, method, options):
     model = _model(name, attn="sdpa")
     inputs = get_inputs(name, model)
     with torch.no_grad(), vtoken.apply_pruning(model, method=method, keep=5, **options):
-        batch = model.generate(**inputs, max_new_tokens=5, **GEN)
-        n = inputs["input_ids"].shape[1]
-        for b in range(inputs["input_ids"].shape[0]):
-            alone = model.generate(**slice_sample(inputs, b, model), max_new_tokens=5, **GEN)
-            m = alone.sequences.shape[1] - 5
-            assert torch.equal(batch.sequences[b, n:], alone.sequences[0, m:]), b
-            for t in range(5):
-                torch.testing.assert_close(batch.scores[t][b], alone.scores[t][0], rtol=1e-4, atol=1e-4)
+        assert_batch_equals_each_sample_alone(model, inputs, steps=5)
+
+
+def assert_batch_equals_each_sample_alone(model, inputs, steps):
+    batch = model.generate(**inputs, max_new_tokens=steps, **GEN)
+    n = inputs["input_ids"].shape[1]
+    for b in range(inputs["input_ids"].shape[0]):
+        alone = model.generate(**slice_sample(inputs, b, model), max_new_tokens=steps, **GEN)
+        m = alone.sequences.shape[1] - steps
+        assert torch.equal(batch.sequences[b, n:], alone.sequences[0, m:]), b
+        for t in range(steps):
+            torch.testing.assert_close(batch.logits[t][b], alone.logits[t][0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llava_next", "qwen3_vl"])
@@ -562,14 +566,7 @@ def test_mixed_plan_batch_equals_each_sample_alone(name):
     inputs = get_inputs(name, model)
     plan = [vtoken.Stage(2, "fastv", MIXED_PREFILL), DecodeStage("lookm", 5, mode="merge")]
     with torch.no_grad(), vtoken.apply_pruning(model, plan=plan):
-        batch = model.generate(**inputs, max_new_tokens=4, **GEN)
-        n = inputs["input_ids"].shape[1]
-        for b in range(inputs["input_ids"].shape[0]):
-            alone = model.generate(**slice_sample(inputs, b, model), max_new_tokens=4, **GEN)
-            m = alone.sequences.shape[1] - 4
-            assert torch.equal(batch.sequences[b, n:], alone.sequences[0, m:]), b
-            for t in range(4):
-                torch.testing.assert_close(batch.logits[t][b], alone.logits[t][0], rtol=1e-4, atol=1e-4)
+        assert_batch_equals_each_sample_alone(model, inputs, steps=4)
 
 
 def test_mixed_plan_ranks_the_prefill_layout_by_its_own_attention():
