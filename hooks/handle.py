@@ -13,7 +13,7 @@ from typing import Optional
 
 from vtoken.adapters import get_adapter
 from vtoken.errors import AlreadyPrunedError, HandleRemovedError, PruningConfigError
-from vtoken.hooks.probe import install_probe
+from vtoken.hooks.probe import chain_probe, install_probe
 from vtoken.hooks.call_state import GenerateSession
 from vtoken.hooks.checkpointing import checkpointing
 from vtoken.hooks.kv_cache import STATE_ATTR, fixed_slots_of
@@ -21,7 +21,7 @@ from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
 from vtoken.kernels import patch_vision_varlen
 from vtoken.methods import build_plan, method_spec, with_model_depth
-from vtoken.plan import validate_budget, validate_plan
+from vtoken.plan import split_plan, validate_budget, validate_plan
 
 HANDLE_ATTR = "_vtoken_handle"
 BACKENDS = ("auto", "torch", "triton")
@@ -43,6 +43,13 @@ class PruningHandle:
         self.method = method
         self._undo = undo
         self.active = True
+        #: the runtime of the plan's decode-time stages (:mod:`vtoken.hooks.decode_runtime`), or None
+        self.decode_runtime = None
+
+    @property
+    def decode_plan(self) -> list:
+        """The plan's decode-time stages (:class:`vtoken.plan.DecodeStage`); empty when it has none."""
+        return [] if self.decode_runtime is None else list(self.decode_runtime.plan)
 
     @property
     def stats(self):
@@ -87,6 +94,19 @@ class PruningHandle:
             raise RuntimeError(f"the pruned prefill recorded {len(state.stages)} stages of {len(self.plan)}")
         return [s.valid for s in state.stages]
 
+    def decode_layouts(self, cache) -> Optional[dict]:
+        """What a decode-time plan (:class:`vtoken.plan.DecodeStage`) did to ``cache`` (the KV cache a
+        ``generate`` call filled, e.g. ``out.past_key_values``): per pruned layer, ``(positions,
+        valid)``, both (B, P): the original position of each slot the stage left (-1 padding; in
+        ``"quantize"`` mode the low-bit slots first), before the tokens appended after it. None
+        when ``cache`` holds no decode-time record."""
+        from vtoken.hooks.decode_cache import DECODE_ATTR
+
+        state = getattr(cache, DECODE_ATTR, None)
+        if state is None:
+            return None
+        return {layer: (rec.positions, rec.valid) for layer, rec in sorted(state.layers.items())}
+
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``. Calling it again
         does nothing (``stats`` still describes the last pruned prefill)."""
@@ -97,6 +117,8 @@ class PruningHandle:
         self._undo = []
         self.model.__dict__.pop(HANDLE_ATTR, None)
         self.runtime.attached = False  # caches it pruned refuse to be continued without it
+        if self.decode_runtime is not None:
+            self.decode_runtime.attached = False
         self.active = False
 
     def __enter__(self):
@@ -140,7 +162,11 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
             raise PruningConfigError(f"options {sorted(options)} apply to method presets, not to an explicit plan")
         method = None  # an explicit plan: no preset name (see PruningHandle.method)
     plan = validate_plan(plan, num_layers=len(adapter.layers))
+    plan, decode = split_plan(plan)
+    if not plan:  # decode-time stages only
+        return _attach_decode(model, adapter, decode, method, backend)
     runtime = Runtime(adapter, plan, backend=backend)
+    decode_runtime = None
     undo = []
     try:
         top_params = _param_names(model)
@@ -196,11 +222,69 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
             except ValueError:  # the user patched it already, or this version's tower has no such attention
                 pass
         undo.append(_wrap_generate(model, runtime))
+        if decode:  # after the prefill runtime's hooks: the decode runtime's masks and probes come last
+            decode_runtime = _install_decode(model, adapter, decode, backend, undo, prefill_runtime=runtime)
     except Exception:
-        for u in reversed(undo):
-            u()
+        _undo_all(undo)
         raise
+    return _handle_on(model, runtime, method, undo, decode_runtime)
+
+
+def _attach_decode(model, adapter, plan, method, backend) -> PruningHandle:
+    """``attach`` for a plan of decode-time stages (:mod:`vtoken.hooks.decode_runtime`): pre-hooks on
+    the multimodal model, the language model and every decoder layer, probes on the layers whose
+    scores a stage reads, the adapter's patches and the ``generate`` wrapper."""
+    undo = []
+    try:
+        runtime = _install_decode(model, adapter, plan, backend, undo)
+    except Exception:
+        _undo_all(undo)
+        raise
+    return _handle_on(model, runtime, method, undo, runtime)
+
+
+def _install_decode(model, adapter, plan, backend, undo: list, prefill_runtime=None):
+    """Install a :class:`~vtoken.hooks.decode_runtime.DecodeRuntime` for the decode-time stages
+    ``plan`` (after ``prefill_runtime``'s hooks where the plan also has prefill stages: a probed
+    layer's probes chain); its undo callables go to ``undo``. Returns the runtime."""
+    from vtoken.hooks.decode_runtime import DecodeRuntime
+
+    runtime = DecodeRuntime(adapter, plan, backend=backend, prefill_runtime=prefill_runtime)
+    mm = adapter.multimodal_model
+    mm_params, tm_params = _param_names(mm), _param_names(adapter.text_model)
+    hooks = [
+        mm.register_forward_pre_hook(
+            lambda m, a, kw: runtime.on_multimodal_call({**dict(zip(mm_params, a)), **kw}), with_kwargs=True),
+        mm.register_forward_hook(lambda m, a, kw, out: runtime.on_multimodal_done(), with_kwargs=True,
+                                 always_call=True),
+        adapter.text_model.register_forward_pre_hook(
+            lambda m, a, kw: runtime.on_text_call({**dict(zip(tm_params, a)), **kw}), with_kwargs=True),
+    ]
+    hooks += [adapter.layers[idx].register_forward_pre_hook(
+        functools.partial(lambda i, m, a, kw: runtime.on_layer(i, a, kw), idx), with_kwargs=True)
+        for idx in range(runtime.num_layers)]
+    undo += [h.remove for h in hooks]
+    for layer in runtime.probed_layers:
+        module = adapter.layers[layer].self_attn
+        if "_vtoken_probe" in module.__dict__:  # the prefill runtime probes this layer too
+            undo.append(chain_probe(module, runtime.probe(layer)))
+        else:
+            undo.append(install_probe(module, runtime.probe(layer)))
+    if prefill_runtime is None:  # the prefill runtime installed the adapter's patches
+        undo += adapter.install(runtime)
+    undo.append(_wrap_generate(model, runtime))
+    return runtime
+
+
+def _undo_all(undo: list) -> None:
+    for u in reversed(undo):
+        u()
+
+
+def _handle_on(model, runtime, method, undo: list, decode_runtime=None) -> PruningHandle:
+    """The handle of an attached ``runtime`` (and ``decode_runtime``), recorded on ``model``."""
     handle = PruningHandle(model, runtime, method, undo)
+    handle.decode_runtime = decode_runtime
     model.__dict__[HANDLE_ATTR] = handle
     return handle
 

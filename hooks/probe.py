@@ -124,3 +124,42 @@ def attention_rows(
     logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return probs.masked_fill((rows < 0).view(B, 1, -1, 1), 0.0)
+
+
+def step_rows(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Head-summed softmax rows of a decode call's q queries (the last q of the layer's L slots)
+    over its keys. query (B, H, q, D), key (B, Hkv, L, D) post-RoPE, key_valid (B, L) ->
+    (B, q, L) float32 (rows of padding queries zero)."""
+    B, H, q, _ = query.shape
+    L = key.shape[2]
+    k = key.float().repeat_interleave(H // key.shape[1], dim=1)
+    logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # (B, H, q, L)
+    j = torch.arange(L, device=query.device).view(1, L)
+    own = (L - q + torch.arange(q, device=query.device)).view(q, 1)
+    allowed = ((j <= own).unsqueeze(0) & key_valid.view(B, 1, L)) | (j == own).unsqueeze(0)  # (B, q, L)
+    probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1).sum(dim=1)
+    return probs * key_valid[:, L - q:].unsqueeze(-1)
+
+
+def chain_probe(module, probe) -> callable:
+    """Route an attention module the prefill runtime already probes through ``probe`` as well:
+    ``probe``'s ``base`` is the prefill runtime's probe (skipped, as it skips itself, while no
+    prefill is in flight). Returns undo."""
+    prev = module.__dict__["_vtoken_probe"]
+    prev_rt = module.__dict__.pop("_vtoken_runtime", None)
+
+    def inner(base):
+        def run(mod, query, key, value, attention_mask, **kw):
+            if prev_rt is not None and prev_rt.prefills_in_flight == 0:
+                return base(mod, query, key, value, attention_mask, **kw)
+            return prev(base, mod, query, key, value, attention_mask, **kw)
+        return run
+
+    module._vtoken_probe = lambda base, mod, *a, **kw: probe(inner(base), mod, *a, **kw)
+
+    def undo():
+        module._vtoken_probe = prev
+        if prev_rt is not None:
+            module._vtoken_runtime = prev_rt
+
+    return undo

@@ -139,35 +139,9 @@ class Runtime:
 
     @eager
     def on_multimodal_call(self, kwargs: dict) -> None:
-        pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-        if pixels:
-            self.discard_vision_captures()  # this forward runs the vision tower: only its captures count
-        ctx = CallContext()
-        mm_out = kwargs.get("mm_encoder_outputs") or {}
-        for kind in ("image", "video"):
-            out = mm_out.get(kind) if isinstance(mm_out, dict) else None
-            feats = getattr(out, "pooler_output", None)
-            if isinstance(feats, (list, tuple)):
-                ctx.feature_lengths[kind] = [int(f.shape[0]) for f in feats]
-        input_ids = kwargs.get("input_ids")
-        # transformers >= 5.2x encodes the pixels in generate, before the first forward: the forward
-        # then gets the features (mm_encoder_outputs) instead of pixel inputs
-        encoded = isinstance(mm_out, dict) and any(mm_out.get(kind) is not None for kind in ("image", "video"))
-        embeds = kwargs.get("inputs_embeds")
-        if (input_ids is None or input_ids.dim() != 2) and (pixels or encoded) and torch.is_tensor(embeds) \
-                and embeds.dim() == 3:  # locate the placeholders in the embeddings, as transformers does
-            input_ids = self.adapter.ids_from_embeds(embeds)
-            kwargs = {**kwargs, "input_ids": input_ids}
-        ctx.visual_call = bool(pixels or encoded)
-        session = getattr(self.tls, "session", None)
-        stash = getattr(session, "layout_inputs", None)
-        if encoded and stash and input_ids is not None and input_ids.dim() == 2 \
-                and session.batch == input_ids.shape[0]:  # rows not expanded (beams): generate's own grids apply
-            kwargs = {**kwargs, **{k: v for k, v in stash.items() if kwargs.get(k) is None}}
-        if input_ids is not None and input_ids.dim() == 2:
-            ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
-            if pixels:
-                plan_before_vision(self, ctx, kwargs)
+        ctx, kwargs, pixels = open_multimodal_call(self, kwargs)
+        if ctx.inputs is not None and pixels:
+            plan_before_vision(self, ctx, kwargs)
         self.tls.ctx = ctx
 
     @eager
@@ -347,6 +321,41 @@ class Runtime:
     def prune_deepstack(self, visual_pos_masks, visual_embeds):
         """Qwen3-VL's deepstack features for the current layout (:mod:`vtoken.hooks.deepstack`)."""
         return prune_deepstack(self.ctx, visual_pos_masks, visual_embeds)
+
+
+def open_multimodal_call(rt, kwargs: dict) -> tuple:
+    """The start of a multimodal forward (the body of a runtime's pre-hook on the multimodal
+    model): a new :class:`CallContext` with the visual features' lengths, whether the call carries
+    visual inputs, and (with 2-D ``input_ids``, located in the embeddings where only those are
+    given) the inputs the layout is read from. -> (ctx, kwargs as completed, pixels given)."""
+    pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+    if pixels:
+        rt.discard_vision_captures()  # this forward runs the vision tower: only its captures count
+    ctx = CallContext()
+    mm_out = kwargs.get("mm_encoder_outputs") or {}
+    for kind in ("image", "video"):
+        out = mm_out.get(kind) if isinstance(mm_out, dict) else None
+        feats = getattr(out, "pooler_output", None)
+        if isinstance(feats, (list, tuple)):
+            ctx.feature_lengths[kind] = [int(f.shape[0]) for f in feats]
+    input_ids = kwargs.get("input_ids")
+    # transformers >= 5.2x encodes the pixels in generate, before the first forward: the forward
+    # then gets the features (mm_encoder_outputs) instead of pixel inputs
+    encoded = isinstance(mm_out, dict) and any(mm_out.get(kind) is not None for kind in ("image", "video"))
+    embeds = kwargs.get("inputs_embeds")
+    if (input_ids is None or input_ids.dim() != 2) and (pixels or encoded) and torch.is_tensor(embeds) \
+            and embeds.dim() == 3:  # locate the placeholders in the embeddings, as transformers does
+        input_ids = rt.adapter.ids_from_embeds(embeds)
+        kwargs = {**kwargs, "input_ids": input_ids}
+    ctx.visual_call = bool(pixels or encoded)
+    session = getattr(rt.tls, "session", None)
+    stash = getattr(session, "layout_inputs", None)
+    if encoded and stash and input_ids is not None and input_ids.dim() == 2 \
+            and session.batch == input_ids.shape[0]:  # rows not expanded (beams): generate's own grids apply
+        kwargs = {**kwargs, **{k: v for k, v in stash.items() if kwargs.get(k) is None}}
+    if input_ids is not None and input_ids.dim() == 2:
+        ctx.inputs = kwargs  # the layout is read in on_text_call, once visual features exist
+    return ctx, kwargs, pixels
 
 
 def _bad_mask(mask):

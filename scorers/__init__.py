@@ -33,6 +33,7 @@ else:
     from vtoken.scorers.vscan import VScanScorer
     from vtoken.scorers.holitom import HoliTomScorer
     from vtoken.scorers.flashvid import FlashVIDScorer
+    from vtoken.scorers.decode import A2SFScorer, DecodeScorer, LookMScorer, ZipVLKVScorer
 
     __all__ = [
         "Scorer", "Selection", "topk_mask", "topk_selection", "masked_scores", "demote", "promote",
@@ -41,6 +42,7 @@ else:
         "FlowCutScorer", "RolloutScorer", "AttentionFlowScorer", "VARScorer", "RandomScorer", "UniformScorer",
         "KeepAllScorer", "SCOPEScorer", "CDPrunerScorer", "VisPrunerScorer", "DyCokeScorer", "FastVIDScorer",
         "AdaptInferScorer", "MustDropMergeScorer", "MustDropScorer", "VScanScorer", "HoliTomScorer", "PruneSIDScorer", "FlashVIDScorer",
+        "DecodeScorer", "A2SFScorer", "LookMScorer", "ZipVLKVScorer",
         "erank", "attention_rollout", "attention_flow", "rollout_row", "attention_entropy", "methods_table_markdown",
     ]
 

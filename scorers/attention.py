@@ -182,8 +182,9 @@ class ZipVLScorer(AttentionScorer):
       unimportant ones from that layer's KV cache; vtoken drops them from the layer on (each
       per-layer stage chooses among the survivors of the previous one), which is what makes its
       speedup real with ordinary attention kernels.
-    * Mixed-precision KV cache in decode (important tokens high-bit, the rest low-bit) is not
-      implemented: the kept tokens' cache stays in the model's dtype, dropped ones are gone.
+    * Mixed-precision KV cache in decode (important tokens high-bit, the rest low-bit) is the
+      separate decode-time method ``zipvl_kv`` (:class:`vtoken.scorers.decode.ZipVLKVScorer`); in
+      this prefill method the kept tokens' cache stays in the model's dtype, dropped ones are gone.
     * No selection code has been released (the authors' page, hexy.tech/zipvl, links none), so
       the rule is held to the paper's equation only, not to code.
     The counts chosen go to ``sig.diagnostics["zipvl_count"]`` (S,) (and to handle.stats).

@@ -35,7 +35,7 @@ from vtoken.signals import SIGNALS
 
 #: how the methods table names the attention captures a signal takes (vtoken.signals.SIGNALS)
 _CAPTURE_LABELS = {"last": "last token", "text": "text rows", "full": "full matrices"}
-_FAMILY_ORDER = ("attention", "diversity", "flow", "sink", "baseline")
+_FAMILY_ORDER = ("attention", "diversity", "flow", "sink", "decode", "baseline")
 
 
 def _attention_column(spec) -> str:
@@ -47,6 +47,8 @@ def _attention_column(spec) -> str:
     for st in plan:
         needs |= set(getattr(st.scorer, "needs", ())) | set(getattr(st.scorer, "optional_needs", ()))
     rows, vision = set(), False
+    if any(getattr(st.scorer, "reads_attention", False) for st in plan):  # decode-time scorers
+        rows.add("every query row, prefill and decode steps, accumulated")
     for signal in (SIGNALS[n] for n in needs if n in SIGNALS):
         vision |= signal.vision and signal.name.endswith("attn")
         for capture in signal.probe:

@@ -9,7 +9,7 @@
 from vtoken.errors import (AlreadyPrunedError, PruningConfigError, UnsupportedCallError, UnsupportedModelError,
                            VTokenError)
 from vtoken.methods import available_methods, build_plan
-from vtoken.plan import Stage
+from vtoken.plan import DecodeStage, Stage
 from vtoken.scorers.functional import erank
 
 __version__ = "0.1.0"
@@ -22,7 +22,8 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
     method:  a name from :func:`available_methods`, case-insensitive (ignored when ``plan`` is
              given; ``handle.method`` is then None).
     keep:    int = visual tokens kept per image; float in (0, 1] = fraction of each image's tokens.
-    plan:    an explicit list of :class:`Stage` instead of a method preset.
+    plan:    an explicit list of :class:`Stage` (prefill) or of :class:`DecodeStage` (decode-time KV
+             eviction / merging) instead of a method preset.
     options: method options (e.g. ``K=3`` for FastV); ``backend="auto"|"torch"|"triton"`` picks
              the attention-scoring implementation; ``vision_varlen=False`` keeps Qwen's vision tower
              as transformers runs it (by default its per-window attention runs as one varlen kernel
@@ -41,6 +42,7 @@ __all__ = [
     "available_methods",
     "build_plan",
     "Stage",
+    "DecodeStage",
     "erank",
     "VTokenError",
     "PruningConfigError",

@@ -88,6 +88,7 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.vscan",
     "vtoken.scorers.holitom",
     "vtoken.scorers.flashvid",
+    "vtoken.scorers.decode",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)

@@ -89,10 +89,79 @@ class Stage:
             )
 
 
+@dataclass
+class DecodeStage:
+    """One decode-time pruning point (a plan may hold these after its prefill :class:`Stage` s):
+    during ``generate`` on the dynamic KV cache, before decode
+    step ``step`` (0 = right after the prefill, before the first generated token's forward), the
+    scorer ranks each chosen layer's VISUAL KV entries and the lowest are removed from the cache
+    (``mode="evict"``), or first averaged into the kept entries (``mode="merge"``, the scorer's
+    merge rule), or kept in ``bits``-bit precision instead (``mode="quantize"``: mixed-precision KV,
+    ZipVL's; dequantised when read). The prefill itself is the plain model's.
+
+    scorer:  a decode scorer (:class:`vtoken.scorers.decode.DecodeScorer`) or its registered name.
+    keep:    budget (see :data:`Budget`) of each image's ORIGINAL visual tokens kept in every
+             chosen layer; a later stage's ``keep`` should be smaller.
+    step:    decode step before which the stage runs (int >= 0); stages of a plan have increasing
+             steps.
+    layers:  decoder layers whose cache it prunes (None: all).
+    mode:    ``"evict"``, ``"merge"`` or ``"quantize"``.
+    bits:    bit width of the low-precision entries in ``"quantize"`` mode (2, 4 or 8).
+    """
+
+    scorer: Any
+    keep: Budget
+    step: int = 0
+    layers: Any = None
+    mode: str = "evict"
+    bits: int = 2
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8) or isinstance(self.bits, bool):
+            raise PruningConfigError(f"DecodeStage.bits must be 2, 4 or 8; got {self.bits!r}")
+        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral) or self.step < 0:
+            raise PruningConfigError(f"DecodeStage.step must be an int >= 0 (0 = right after the prefill); got {self.step!r}")
+        self.step = int(self.step)
+        self.keep = validate_budget(self.keep, what=f"keep of the decode stage at step {self.step}")
+        if self.mode not in ("evict", "merge", "quantize"):
+            raise PruningConfigError(f"DecodeStage.mode must be 'evict', 'merge' or 'quantize'; got {self.mode!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers) if isinstance(self.layers, (list, tuple, range)) else None
+            if not layers or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in layers):
+                raise PruningConfigError(f"DecodeStage.layers must be None (all) or a non-empty list of layer indices; "
+                                         f"got {self.layers!r}")
+            self.layers = tuple(sorted(set(int(x) for x in layers)))
+        if isinstance(self.scorer, str):
+            from vtoken.methods import make_scorer
+
+            self.scorer = make_scorer(self.scorer)
+        if not callable(getattr(self.scorer, "accumulate", None)) or not callable(getattr(self.scorer, "select", None)):
+            raise PruningConfigError(
+                f"DecodeStage.scorer must be a decode scorer (vtoken.scorers.decode.DecodeScorer, e.g. 'a2sf'); "
+                f"got {type(self.scorer).__name__} {self.scorer!r}")
+        if self.mode == "merge" and not getattr(self.scorer, "merges", False):
+            raise PruningConfigError(f"decode scorer {self.scorer.name!r} has no merge rule; use mode='evict'")
+
+    @property
+    def layer(self) -> str:
+        """Where it acts, for reprs and stats: ``"decode@<step>"``."""
+        return f"decode@{self.step}"
+
+
+def is_decode_plan(plan) -> bool:
+    """Whether ``plan`` (a list of stages) holds decode-time stages."""
+    return any(isinstance(st, DecodeStage) for st in plan)
+
+
 def validate_plan(plan: list, num_layers: int) -> list:
     """Check an ordered plan against a model with ``num_layers`` decoder layers."""
     if not isinstance(plan, (list, tuple)) or not plan:
         raise PruningConfigError(f"a plan is a non-empty list of vtoken.Stage; got {plan!r}")
+    if is_decode_plan(plan):  # prefill stages (if any) first, then the decode-time ones
+        prefill = [st for st in plan if not isinstance(st, DecodeStage)]
+        decode = _validate_decode_plan([st for st in plan if isinstance(st, DecodeStage)], num_layers)
+        return (validate_plan(prefill, num_layers) if prefill else []) + decode
     for st in plan:
         if not isinstance(st, Stage):
             raise PruningConfigError(f"every plan entry must be a vtoken.Stage; got {type(st).__name__}")
@@ -105,6 +174,26 @@ def validate_plan(plan: list, num_layers: int) -> list:
     layers = [st.layer for st in plan]
     if layers != sorted(layers) or len(set(layers)) != len(layers):
         raise PruningConfigError(f"stage layers must be strictly increasing; got {layers}")
+    return list(plan)
+
+
+def split_plan(plan: list) -> tuple:
+    """(prefill stages, decode-time stages) of a plan."""
+    return [st for st in plan if not isinstance(st, DecodeStage)], [st for st in plan if isinstance(st, DecodeStage)]
+
+
+def _validate_decode_plan(plan: list, num_layers: int) -> list:
+    steps = [st.step for st in plan]
+    if steps != sorted(steps) or len(set(steps)) != len(steps):
+        raise PruningConfigError(f"decode stage steps must be strictly increasing; got {steps}")
+    for i, st in enumerate(plan):
+        if st.layers is not None and st.layers[-1] >= num_layers:
+            raise PruningConfigError(
+                f"decode stage layers {list(st.layers)} reach outside the model's {num_layers} decoder layers")
+        mine = set(range(num_layers) if st.layers is None else st.layers)
+        if st.mode == "quantize" and any(mine & set(range(num_layers) if s.layers is None else s.layers)
+                                         for s in plan[i + 1:]):
+            raise PruningConfigError("a decode stage in 'quantize' mode must be the last stage of its layers")
     return list(plan)
 
 

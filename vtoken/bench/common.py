@@ -209,6 +209,7 @@ def kv_bytes(cache) -> Optional[int]:
             t = getattr(layer, name, None)
             if torch.is_tensor(t):
                 total += t.numel() * t.element_size()
+        total += getattr(layer.__dict__.get("_vtoken_low_bits"), "nbytes", 0)  # a decode stage's low-bit entries
     return total
 
 

@@ -50,7 +50,7 @@ from vtoken.engine.graphs import _capture, _GraphedForward, _Session
 from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_inputs
 from vtoken.engine.static_kv import _KVBuffers, LayoutGroup, StaticKV
 from vtoken.engine.static_kv import _kept_index  # noqa: F401 - importable from here as before the split
-from vtoken.errors import PruningConfigError
+from vtoken.errors import PruningConfigError, UnsupportedCallError
 from vtoken.hooks import private_attention_config, register_attention_implementation
 
 __all__ = ["STATIC_IMPL", "LayoutGroup", "StaticDecoder", "StaticKV"]
@@ -204,6 +204,10 @@ class StaticDecoder(_Prefill, _KVBuffers):
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
+        if self._handle is not None and getattr(self._handle, "decode_plan", None):
+            raise UnsupportedCallError(
+                "StaticDecoder's static per-layer buffers cannot evict KV entries: decode-time stages (a plan of "
+                "vtoken.DecodeStage, e.g. a2sf, lookm) run through model.generate on the dynamic cache")
         if max_new_tokens < 1:
             raise PruningConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from vtoken.errors import PruningConfigError
 from vtoken.methods import available_methods, build_plan, normalize_name
-from vtoken.plan import Budget, Stage, tokens_for, validate_budget
+from vtoken.plan import Budget, Stage, is_decode_plan, tokens_for, validate_budget
 
 ENV_METHOD, ENV_KEEP, ENV_OPTIONS = "VTOKEN_METHOD", "VTOKEN_KEEP", "VTOKEN_OPTIONS"
 #: signals the vLLM plugin can give a scorer: the image's embeddings after the vision tower and
@@ -58,6 +58,8 @@ def parse_keep(text: str) -> Budget:
 
 def unsupported_reason(stages) -> str | None:
     """Why a plan cannot run in vLLM's plugin, or None when it can."""
+    if is_decode_plan(stages):
+        return "its stages act during decoding on transformers' dynamic KV cache, which vLLM's paged cache is not"
     if len(stages) != 1:
         layers = ", ".join(str(s.layer) for s in stages)
         return f"it has {len(stages)} stages (layers {layers}); " + IN_LLM_HELP.format(layer=stages[-1].layer)

@@ -1,0 +1,118 @@
+"""The cache side of decode-time stages (:mod:`vtoken.hooks.decode_runtime`): re-laying out a
+layer's kept slots, the low-bit store of ``"quantize"`` mode and the patches that keep a pruned
+dynamic cache consistent (its length in original positions; crop, beam reordering and batch
+re-selection refused; ``reset`` undoing everything).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from vtoken.errors import UnsupportedCallError
+
+DECODE_ATTR = "_vtoken_decode"
+LOW_BITS_ATTR = "_vtoken_low_bits"
+_PATCHED = ("get_seq_length", "crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices")
+
+
+def compact(kept: torch.Tensor) -> tuple:
+    """Each row's kept slots in order, new padding on the left: kept (B, L) bool -> (take (B, P)
+    long slot per new slot (0 on padding), valid (B, P) bool), P = the most any row keeps."""
+    B, L = kept.shape
+    count = kept.sum(1)
+    P = int(count.max())
+    b, j = kept.nonzero(as_tuple=True)
+    dest = (P - count)[b] + (kept.long().cumsum(1) - 1)[b, j]
+    take = torch.zeros(B, P, dtype=torch.long, device=kept.device)
+    take[b, dest] = j
+    return take, torch.arange(P, device=kept.device).view(1, P) >= (P - count).view(B, 1)
+
+
+def take_slots(t: torch.Tensor, take: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """t (B, H, L, D) gathered at the slots ``take`` (B, P); padding slots (``~valid``) zeroed."""
+    B, P = take.shape
+    out = t.gather(2, take.view(B, 1, P, 1).expand(B, t.shape[1], P, t.shape[3]))
+    return out.masked_fill(~valid.view(B, 1, P, 1), 0)
+
+
+class LowBitKV:
+    """A layer's low-precision entries (``mode="quantize"``): keys and values (B, H, Q, D) stored
+    by :func:`vtoken.scorers.decode.quantize_tokens` at ``bits`` bits; ``read()`` dequantises them
+    (the slots before the layer's full-precision ones)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int):
+        from vtoken.scorers.decode import quantize_tokens
+
+        self.bits = bits
+        self.k = quantize_tokens(keys, bits)
+        self.v = quantize_tokens(values, bits)
+
+    def read(self) -> tuple:
+        from vtoken.scorers.decode import dequantize_tokens
+
+        return dequantize_tokens(*self.k, self.bits), dequantize_tokens(*self.v, self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+
+def attach_low_bits(kv, store: LowBitKV) -> None:
+    """Give cache layer ``kv`` the low-bit ``store``: its ``update`` returns the dequantised
+    entries, then its own (what the layer's attention reads)."""
+    if LOW_BITS_ATTR in kv.__dict__:
+        raise RuntimeError("a cache layer got a second low-bit store")
+    kv.__dict__[LOW_BITS_ATTR] = store
+    bound = type(kv).update
+    kv_ref = weakref.ref(kv)  # no reference cycle through the layer's own attribute
+
+    def update(key_states, value_states, *args, **kwargs):
+        layer = kv_ref()
+        keys, values = bound(layer, key_states, value_states, *args, **kwargs)
+        low_k, low_v = layer.__dict__[LOW_BITS_ATTR].read()
+        return torch.cat([low_k, keys], dim=2), torch.cat([low_v, values], dim=2)
+
+    kv.update = update
+
+
+def patch_cache(cache, state, runtime) -> None:
+    """``get_seq_length(layer)`` in original positions; crop, beam reordering and batch
+    re-selection refused (they would desynchronise the recorded layouts); ``reset`` forgets the
+    record."""
+    cache_ref, runtime_ref = weakref.ref(cache), weakref.ref(runtime)
+    cls = type(cache)
+    # a prefill runtime of the same plan patched these first (its pruned layers' lengths, its record)
+    prev_length, prev_reset = cache.__dict__.get("get_seq_length"), cache.__dict__.get("reset")
+
+    def get_seq_length(layer_idx: int = 0):
+        if state.layers and not getattr(runtime_ref(), "attached", False):
+            raise UnsupportedCallError(
+                "this KV cache holds a prompt whose visual entries a since-removed vtoken handle evicted; continue "
+                "generating with that handle attached, or start again without past_key_values")
+        physical = prev_length(layer_idx) if prev_length is not None else cls.get_seq_length(cache_ref(), layer_idx)
+        return physical + state.offsets.get(layer_idx, 0) if physical else physical
+
+    def refuse(*_a, **_k):
+        raise UnsupportedCallError(
+            "a KV cache pruned by a decode-time vtoken plan cannot be cropped or have its rows reordered (assisted "
+            "decoding, beam search, contrastive search): use greedy or sampling without an assistant")
+
+    def reset():
+        c = cache_ref()
+        for name in _PATCHED + (DECODE_ATTR,):
+            c.__dict__.pop(name, None)
+        for kv in c.layers:
+            for name in (LOW_BITS_ATTR, "update"):
+                kv.__dict__.pop(name, None)
+        if prev_reset is not None:
+            prev_reset()
+        else:
+            cls.reset(c)
+
+    cache.get_seq_length = get_seq_length
+    for name in _PATCHED[1:]:
+        if callable(getattr(cls, name, None)):
+            setattr(cache, name, reset if name == "reset" else refuse)

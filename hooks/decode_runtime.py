@@ -1,0 +1,387 @@
+"""The runtime of a decode-time plan (:class:`vtoken.plan.DecodeStage`): evict or merge visual KV
+entries of the dynamic cache during ``generate``.
+
+Life of a call:
+
+1. prefill (the forward with the images, on a dynamic cache): the model runs as without vtoken;
+   the text-model pre-hook reads the visual layout (the adapter) and leaves a
+   :class:`DecodeState` on the cache (``DECODE_ATTR``); the attention probes of the layers a stage
+   prunes fold every prompt query's attention row into per-layer running scores
+   (:meth:`vtoken.scorers.decode.DecodeScorer.accumulate`, ``chunk`` rows at a time, never N x N).
+2. each decode step: before the layers run, every stage whose ``step`` has come prunes its layers
+   (:meth:`DecodeRuntime.evict`): per image the scorer keeps ``keep`` visual entries, the others are
+   merged (merge mode) and removed from the layer's key / value tensors, each sample's kept slots
+   re-laid-out with new padding on the left (a batch's samples keep different counts); the layer's
+   layout (original position and validity per slot) is recorded. In ``"quantize"`` mode the
+   evicted entries move to a low-bit store on the layer (:class:`LowBitKV`), dequantised in front
+   of the layer's own keys / values each time its attention reads them. While a stage is still to come,
+   the probes add the step's attention rows to the scores.
+3. every decode step after an eviction: each layer gets a mask built from its own layout plus the
+   tokens appended since (:func:`vtoken.hooks.masks.extend_mask`); ``cache.get_seq_length(layer)``
+   reports the original (unpruned) length, so positions keep counting as without pruning.
+
+A plan that also holds prefill stages (:class:`vtoken.plan.Stage`) attaches a
+:class:`vtoken.hooks.runtime.Runtime` for them first: the layers after its stages start decoding
+from its pruned layouts (the :class:`vtoken.hooks.call_state.PruneState` on the cache), their
+prompt scores come from their pruned attention (the prefill runtime's layout), probes on a layer
+both runtimes read chain (:func:`vtoken.hooks.probe.chain_probe`), and this runtime's masks, which cover every layer,
+come last.
+
+Not supported (refused with :class:`vtoken.errors.UnsupportedCallError`): ``use_cache=False``
+(eviction is defined on a cache only: nothing to replay), fixed-slot caches (``StaticCache``,
+``cache_implementation="static"``, :class:`vtoken.engine.StaticDecoder`), beam search (the cache's
+rows are reordered), assisted decoding (the cache is cropped), new images into a pruned cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from vtoken.errors import UnsupportedCallError
+from vtoken.hooks import masks as M
+from vtoken.hooks.call_state import CallContext
+from vtoken.hooks.decode_cache import DECODE_ATTR, LowBitKV, attach_low_bits, compact, patch_cache, take_slots
+from vtoken.hooks.captures import eager
+from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
+from vtoken.hooks.probe import attention_rows, step_rows
+from vtoken.hooks.runtime import open_multimodal_call
+from vtoken.plan import tokens_for
+
+
+
+@dataclass
+class LayerLayout:
+    """A layer's slots after its last eviction: ``positions`` (B, P) original position of each slot
+    (-1 padding), ``valid`` (B, P); ``extra``: tokens appended after the prefill at that time (the
+    slots after P hold the tokens appended since)."""
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    extra: int
+    all_valid: bool
+
+
+@dataclass
+class DecodeState:
+    """What a decode-time plan records on the KV cache at the prefill. ``n_prefill`` prompt length;
+    ``orig_valid`` (B, n) its padding mask; ``segment`` (B, n) the image (segment id) of each
+    prunable visual token, -1 elsewhere; ``budgets`` per stage, (S,) long kept per segment;
+    ``appended`` (B, extra) validity of the tokens appended since; ``layers`` pruned layer ->
+    :class:`LayerLayout`; ``scores`` layer -> (B, L) running scores over its slots; ``offsets`` layer
+    -> original length minus physical length; ``next`` index of the next stage to run."""
+
+    n_prefill: int
+    orig_valid: torch.Tensor
+    orig_all_valid: bool
+    segment: torch.Tensor
+    budgets: list
+    appended: torch.Tensor
+    layers: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    offsets: dict = field(default_factory=dict)
+    next: int = 0
+    evicted: list = field(default_factory=list)  # per stage run: layer -> (B, L) bool evicted slots (stats, tests)
+
+    @property
+    def extra(self) -> int:
+        return self.appended.shape[1]
+
+
+class DecodeRuntime:
+    """Executes a plan of :class:`vtoken.plan.DecodeStage` on one model; one per handle. Offers the
+    surface :class:`vtoken.hooks.handle.PruningHandle` and the adapters use (``plan``, ``tls``,
+    ``layer_stage``, ``record_feature_lengths``, ``prune_deepstack``)."""
+
+    #: prompt rows per probe computation at the prefill
+    chunk: int = 256
+
+    def __init__(self, adapter, plan, backend: str = "auto", prefill_runtime=None):
+        #: the :class:`vtoken.hooks.runtime.Runtime` of the plan's prefill stages, if any: the layers
+        #: after its stages start decoding from its pruned layouts
+        self.prefill_runtime = prefill_runtime
+        self.adapter = adapter
+        self.plan = plan
+        self.backend = backend
+        self.num_layers = len(adapter.layers)
+        self.layer_stage = [-1] * self.num_layers  # no prefill stage: every layer sees the prompt's layout
+        self.stage_layers = []
+        self.tls = threading.local()
+        self.last_trace = self.last_meta = None
+        self.attached = True
+        self.needs_vision = self.wants_vision = self.vision_probed = False
+        self.prefills_in_flight = 0
+        self.stage_layer_sets = [tuple(range(self.num_layers)) if st.layers is None else st.layers for st in plan]
+        self.probed_layers = sorted({l for st, ls in zip(plan, self.stage_layer_sets)
+                                     if st.scorer.reads_attention for l in ls})
+
+    # ---------------------------------------------------------------- the surface others use
+    @property
+    def ctx(self) -> Optional[CallContext]:
+        return getattr(self.tls, "ctx", None)
+
+    @property
+    def session(self):
+        return getattr(self.tls, "session", None)
+
+    def discard_vision_captures(self) -> None:
+        self.tls.vision = []
+
+    @eager
+    def record_feature_lengths(self, kind: str, lengths: list) -> None:
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.feature_lengths[kind] = lengths
+
+    def prune_deepstack(self, visual_pos_masks, visual_embeds):
+        return visual_pos_masks, visual_embeds  # the prefill is the plain model's
+
+    def attn_impl(self) -> str:
+        return self.adapter.text_config._attn_implementation or "eager"
+
+    # ---------------------------------------------------------------- hook bodies
+    @eager
+    def on_multimodal_call(self, kwargs: dict) -> None:
+        self.tls.ctx = open_multimodal_call(self, kwargs)[0]
+
+    @eager
+    def on_multimodal_done(self) -> None:
+        self.tls.ctx = None
+
+    @eager
+    def on_text_call(self, kwargs: dict) -> None:
+        ctx = self.ctx
+        if ctx is None:  # language model called directly
+            ctx = self.tls.ctx = CallContext()
+        ctx.mode, ctx.span_masks, ctx.state = "off", None, None
+        cache = cache_arg(kwargs)
+        state = getattr(cache, DECODE_ATTR, None) if cache is not None else None
+        embeds = kwargs.get("inputs_embeds")
+        ref = embeds if embeds is not None else kwargs["input_ids"]
+        B, q = ref.shape[:2]
+        raw_mask = M.unwrap_mask(kwargs.get("attention_mask"))
+        mask2d = M.key_validity(raw_mask)
+        if raw_mask is not None and mask2d is None and (state is not None or ctx.visual_call):
+            raise UnsupportedCallError(
+                f"vtoken cannot read which tokens are padding from this attention_mask ({type(raw_mask).__name__}); "
+                "pass a 2-D mask (batch, seq) or None")
+        if state is not None:
+            if ctx.visual_call:
+                raise UnsupportedCallError(
+                    "this KV cache holds a prompt whose visual entries a decode-time vtoken plan prunes; continuing it "
+                    "with new images is not supported: start again without past_key_values")
+            self._decode_step(ctx, cache, state, mask2d, B, q, ref.device)
+            return
+        if not ctx.visual_call or ctx.inputs is None:
+            return  # no images in this forward (text only, or a cache vtoken did not prune)
+        if cache is None:
+            if self.session is not None:
+                raise UnsupportedCallError(
+                    "decode-time pruning (a plan of vtoken.DecodeStage, e.g. a2sf, lookm) evicts KV cache entries and "
+                    "has no meaning without a cache: generate with use_cache=True (the default)")
+            return  # a plain forward (no cache, no decoding): the model's own
+        if fixed_slot_cache(cache):
+            raise UnsupportedCallError(
+                f"decode-time pruning evicts entries from the dynamic KV cache; a {type(cache).__name__} (fixed slots, "
+                "cache_implementation='static', compiled decoding) cannot shrink: use the default dynamic cache")
+        session = self.session
+        if session is not None and session.prompt_len is not None and q > session.prompt_len:
+            raise UnsupportedCallError(
+                "assisted decoding (assistant_model / prompt_lookup_num_tokens) crops the KV cache, which a "
+                "decode-time plan re-lays out: generate without an assistant")
+        prefill_ctx = None if self.prefill_runtime is None else self.prefill_runtime.ctx
+        if prefill_ctx is not None:  # the adapter's patches report visual feature lengths to that runtime
+            ctx.feature_lengths = {**prefill_ctx.feature_lengths, **ctx.feature_lengths}
+        layout = self.adapter.layout(ctx.inputs["input_ids"].cpu(), ctx.inputs, ctx)
+        ctx.inputs = None
+        if layout is None:
+            return
+        dev = ref.device
+        orig_valid = mask2d[:, :q].bool().to(dev) if mask2d is not None else torch.ones(B, q, dtype=torch.bool,
+                                                                                         device=dev)
+        structural = layout.structural
+        if embeds is not None:
+            refined = self.adapter.structural_from_embeds(embeds, layout)
+            structural = refined if refined is not None else structural
+        segment = layout.segment_of.to(dev).masked_fill(structural.to(dev) | ~orig_valid, -1)
+        counts = torch.bincount(segment[segment >= 0], minlength=len(layout.seg_count)).tolist()
+        budgets = [torch.tensor([tokens_for(st.keep, c) for c in counts], dtype=torch.long, device=dev)
+                   for st in self.plan]
+        state = DecodeState(n_prefill=q, orig_valid=orig_valid, orig_all_valid=bool(orig_valid.all()),
+                            segment=segment, budgets=budgets,
+                            appended=torch.zeros(B, 0, dtype=torch.bool, device=dev))
+        setattr(cache, DECODE_ATTR, state)
+        patch_cache(cache, state, self)
+        ctx.mode, ctx.state = "prefill", state
+        ctx.key_valid = {layer: orig_valid for layer in self.probed_layers}
+
+    def _decode_step(self, ctx, cache, state: DecodeState, mask2d, B: int, q: int, device) -> None:
+        if state.extra == 0 and not state.layers:
+            self._start_from_prefill_layouts(cache, state)
+        while state.next < len(self.plan) and self.plan[state.next].step <= state.extra:
+            self.evict(cache, state, state.next)
+            state.next += 1
+        if state.next >= len(self.plan):
+            state.scores.clear()  # nothing left to rank
+        new = mask2d[:, -q:].bool().to(device) if mask2d is not None else torch.ones(B, q, dtype=torch.bool,
+                                                                                   device=device)
+        state.appended = torch.cat([state.appended, new], dim=1)
+        ctx.mode, ctx.state = "decode", state
+        accumulating = state.next < len(self.plan)
+        if not state.layers and not accumulating:
+            return  # nothing pruned, nothing to rank: the model's own masks
+        masks, ctx.key_valid, memo = {}, {}, {}
+        impl, dtype = self.attn_impl(), next(self.adapter.text_model.parameters()).dtype
+        for layer in range(self.num_layers):
+            rec = state.layers.get(layer)
+            key = None if rec is None else (id(rec.valid), rec.extra)
+            if key not in memo:
+                prefix = state.orig_valid if rec is None else rec.valid
+                since = state.appended[:, (0 if rec is None else rec.extra):]
+                all_valid = state.orig_all_valid if rec is None else rec.all_valid
+                mask = M.extend_mask(prefix, since, q, impl, dtype, all_valid) if state.layers else None
+                memo[key] = (mask, torch.cat([prefix, since], dim=1))
+            masks[layer] = memo[key][0]
+            if accumulating:
+                ctx.key_valid[layer] = memo[key][1]
+        ctx.span_masks = masks if state.layers else None
+
+    def _start_from_prefill_layouts(self, cache, state: DecodeState) -> None:
+        """The layers after a prefill stage of the same plan hold that stage's pruned layout
+        (:class:`vtoken.hooks.call_state.PruneState` on the cache): decoding starts from it."""
+        prune = getattr(cache, STATE_ATTR, None)
+        if self.prefill_runtime is None or prune is None:
+            return
+        for layer in range(self.num_layers):
+            i = self.prefill_runtime.layer_stage[layer]
+            if 0 <= i < len(prune.stages):
+                st = prune.stages[i]
+                state.layers[layer] = LayerLayout(st.positions, st.valid, 0, st.all_valid)
+
+    @eager
+    def on_layer(self, layer: int, args: tuple, kwargs: dict):
+        ctx = self.ctx
+        if ctx is None or ctx.mode != "decode" or ctx.span_masks is None:
+            return None
+        kwargs["attention_mask"] = ctx.span_masks[layer]
+        return args, kwargs
+
+    def probe(self, layer: int):
+        """The attention function of LLM layer ``layer``: the layer's own attention, and, while a
+        stage that prunes this layer is still to come, its rows folded into the layer's scores."""
+
+        def run(base, module, query, key, value, attention_mask, **kw):
+            out = base(module, query, key, value, attention_mask, **kw)
+            ctx = self.ctx
+            state = None if ctx is None or ctx.mode == "off" else ctx.state
+            if state is None or state.next >= len(self.plan) or layer not in self.stage_layer_sets[state.next]:
+                return out
+            scorer = self.plan[state.next].scorer
+            scaling = kw.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            with torch.no_grad():
+                key_valid = ctx.key_valid[layer]
+                if ctx.mode == "prefill" and query.shape[2] != state.n_prefill:  # after a prefill stage
+                    key_valid = self.prefill_runtime.ctx.cur_valid
+                if ctx.mode == "prefill":
+                    acc = state.scores.get(layer)
+                    n = query.shape[2]
+                    for start in range(0, n, self.chunk):
+                        rows = torch.arange(start, min(start + self.chunk, n), device=query.device).expand(
+                            query.shape[0], -1)
+                        rows = rows.masked_fill(~key_valid.gather(1, rows), -1)
+                        probs = attention_rows(query, key[:, :, :n], rows, key_valid, scaling).sum(dim=1)
+                        acc = scorer.accumulate(acc, probs)
+                    state.scores[layer] = acc
+                else:
+                    state.scores[layer] = scorer.accumulate(state.scores.get(layer),
+                                                            step_rows(query, key, key_valid, scaling))
+            return out
+
+        return run
+
+    # ---------------------------------------------------------------- eviction
+    def layer_layout(self, state: DecodeState, layer: int) -> tuple:
+        """(positions (B, L), valid (B, L)) of the slots ``layer`` holds now (original position,
+        -1 padding)."""
+        rec = state.layers.get(layer)
+        n, e = state.n_prefill, state.extra
+        if rec is None:
+            base = torch.arange(n, device=state.orig_valid.device).expand(state.orig_valid.shape[0], -1)
+            pos, valid, since = base.masked_fill(~state.orig_valid, -1), state.orig_valid, 0
+        else:
+            pos, valid, since = rec.positions, rec.valid, rec.extra
+        tail_valid = state.appended[:, since:e]
+        tail = (n + since + torch.arange(e - since, device=pos.device)).expand(pos.shape[0], -1)
+        return torch.cat([pos, tail.masked_fill(~tail_valid, -1)], 1), torch.cat([valid, tail_valid], 1)
+
+    def evict(self, cache, state: DecodeState, index: int) -> None:
+        """Run stage ``index`` on every layer it prunes (see the module docstring)."""
+        stage, budget = self.plan[index], state.budgets[index]
+        record, shared = {}, []
+        for layer in self.stage_layer_sets[index]:
+            kv = cache.layers[layer]
+            pos, valid = self.layer_layout(state, layer)
+            B, L = pos.shape
+            if kv.keys.shape[2] != L:
+                raise RuntimeError(f"layer {layer} caches {kv.keys.shape[2]} slots, its layout {L}")
+            in_prompt = (pos >= 0) & (pos < state.n_prefill)
+            seg = torch.where(in_prompt, state.segment.gather(1, pos.clamp(0, state.n_prefill - 1)), -1)
+            scores = state.scores.get(layer)
+            if scores is None:
+                scores = torch.zeros(B, L, device=pos.device)
+            evicted = segment_selection(stage.scorer, seg, scores, budget)
+            record[layer] = evicted
+            if not bool(evicted.any()):
+                continue
+            kept = valid & ~evicted
+            keys, values = kv.keys, kv.values
+            if stage.mode == "merge":
+                keys, values = stage.scorer.merge(keys, values, kept, evicted)
+            if stage.mode == "quantize":  # the evicted entries live on at stage.bits bits, read first
+                low, low_valid = compact(evicted)
+                store = LowBitKV(take_slots(keys, low, low_valid), take_slots(values, low, low_valid), stage.bits)
+                attach_low_bits(kv, store)
+            take, new_valid = compact(kept)
+            P = take.shape[1]
+            kv.keys, kv.values = take_slots(keys, take, new_valid), take_slots(values, take, new_valid)
+            positions, valid_slots = pos.gather(1, take).masked_fill(~new_valid, -1), new_valid
+            if stage.mode == "quantize":
+                positions = torch.cat([pos.gather(1, low).masked_fill(~low_valid, -1), positions], 1)
+                valid_slots = torch.cat([low_valid, new_valid], 1)
+            # layers whose slots have the same validity share one tensor: a decode step builds one mask for them
+            same = next((v for v in shared if v.shape == valid_slots.shape and torch.equal(v, valid_slots)), None)
+            if same is None:
+                shared.append(valid_slots)
+            else:
+                valid_slots = same
+            state.layers[layer] = LayerLayout(positions, valid_slots, state.extra, bool(valid_slots.all()))
+            state.offsets[layer] = state.offsets.get(layer, 0) + L - P  # slots gone from the layer
+            if layer in state.scores:
+                state.scores[layer] = scores.gather(1, take).masked_fill(~new_valid, 0)
+        state.evicted.append(record)
+
+
+def segment_selection(scorer, seg: torch.Tensor, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """The slots a decode scorer evicts: seg (B, L) segment of each prunable visual slot (-1
+    other slots), scores (B, L), budget (S,) kept per segment -> (B, L) bool evicted."""
+    B, L = seg.shape
+    flat = seg.reshape(-1)
+    ids = (flat >= 0).nonzero().squeeze(1)
+    evicted = torch.zeros(B * L, dtype=torch.bool, device=seg.device)
+    if ids.numel() == 0:
+        return evicted.view(B, L)
+    segs = flat[ids]
+    order = torch.argsort(segs, stable=True)
+    ids, segs = ids[order], segs[order]
+    S = budget.shape[0]
+    counts = torch.bincount(segs, minlength=S)
+    rank = torch.arange(ids.numel(), device=seg.device) - (counts.cumsum(0) - counts)[segs]
+    idx = torch.full((S, int(counts.max())), -1, dtype=torch.long, device=seg.device)
+    idx[segs, rank] = ids
+    mask = idx >= 0
+    keep = scorer.select(scores.reshape(-1)[idx.clamp(min=0)], mask, torch.minimum(budget, counts))
+    evicted[ids] = ~keep[segs, rank]
+    return evicted.view(B, L)

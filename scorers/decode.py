@@ -1,0 +1,261 @@
+"""Decode-time scorers: rank the VISUAL entries of a layer's KV cache during ``generate`` from the
+attention they have received, accumulated over the prompt's rows and the decode steps, and the
+merge rule of a merging method; followed by their method presets (plans of
+:class:`vtoken.plan.DecodeStage`, registered with :func:`vtoken.methods.register_method`).
+
+Every function here is pure: the runtime (:mod:`vtoken.hooks.decode_runtime`) feeds them the
+attention rows its probes compute (B, q, L) — head-summed softmax rows of the q queries of a call
+over the layer's L cached slots, never an N x N matrix at once — and the layer's keys / values, and
+applies what they return to the cache.
+
+Shared deviations from the papers (both evict among all cached tokens, per KV head, keeping a
+recent window): vtoken evicts only VISUAL entries, text and generated tokens stay; one kept set per
+layer and sample (scores summed over the heads), so every head keeps the same slots and the cache
+stays one tensor per layer; budgets count per image like every vtoken budget.
+
+Cache on / off: neither method defines a no-cache equivalent (both act on the KV cache itself; a
+forward without a cache is the model's own), so ``generate(use_cache=False)`` is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Optional
+
+import torch
+
+from vtoken.errors import PruningConfigError
+from vtoken.methods import register_method, register_scorer
+from vtoken.plan import DecodeStage, validate_budget
+from vtoken.scorers.base import topk_selection
+
+_A2SF = 'A2SF (Jo & Shin, "A2SF: Accumulative Attention Scoring with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv:2407.20485, 2024)'
+_LOOKM = ('LOOK-M (Wan, Wu, Zhang, Li, Zhang, Zhang, Wang, "LOOK-M: Look-Once Optimization in KV Cache for Efficient '
+          'Multimodal Long-Context Inference", Findings of EMNLP 2024, arXiv:2406.18139). Released code: '
+          "SUSTechBruce/LOOK-M@ecf0f51")
+
+
+def accumulate_scores(prev: Optional[torch.Tensor], rows: torch.Tensor, forgetting: float) -> torch.Tensor:
+    """Accumulated attention with a forgetting factor: ``score_t = forgetting * score_{t-1} + attn_t``
+    for the q query rows of one call, oldest first.
+
+    prev (B, L0) float or None (nothing accumulated yet), L0 <= L: the slots cached before this call
+    (the new ones start at 0); rows (B, q, L) attention of the call's queries over the layer's L
+    slots (zero rows for padding queries). -> (B, L) float32:
+    ``forgetting**q * prev + sum_i forgetting**(q-1-i) * rows[:, i]``. ``forgetting=1`` is H2O's /
+    LOOK-M's plain sum."""
+    B, q, L = rows.shape
+    weights = forgetting ** torch.arange(q - 1, -1, -1, device=rows.device, dtype=torch.float64)
+    current = (rows.float() * weights.to(torch.float32).view(1, q, 1)).sum(dim=1)
+    if prev is None:
+        return current
+    if prev.shape[1] < L:
+        prev = torch.cat([prev.float(), prev.new_zeros(B, L - prev.shape[1])], dim=1)
+    return prev.float() * (forgetting ** q) + current
+
+
+def pivot_merge(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, evicted: torch.Tensor,
+                chunk: int = 256) -> tuple:
+    """LOOK-M's pivot merge (released code, ``TextPivotMerge_LayerWise``): every evicted entry is
+    averaged with the kept entry whose key is most cosine-similar to its own (per KV head), and each
+    kept entry becomes the mean of itself and those averages (``scatter_reduce(mean,
+    include_self=True)``): ``k_t' = (k_t + sum_{e -> t} (k_e + k_t) / 2) / (1 + #{e -> t})``; values
+    follow the keys' assignment.
+
+    keys, values (B, H, L, D); kept, evicted (B, L) bool (disjoint; other slots: padding). ->
+    (keys, values) of the same shape, only kept slots changed. Similarities are computed for
+    ``chunk`` rows at a time (never L x L at once)."""
+    B, H, L, D = keys.shape
+    kf = keys.float()
+    unit = kf / kf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    target = torch.zeros(B, H, L, dtype=torch.long, device=keys.device)
+    allowed = kept.view(B, 1, 1, L)
+    for start in range(0, L, chunk):
+        sim = unit[:, :, start:start + chunk] @ unit.transpose(-1, -2)  # (B, H, c, L)
+        target[:, :, start:start + chunk] = sim.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
+    ev = evicted.view(B, 1, L).expand(B, H, L)
+    out = []
+    for t in (keys, values):
+        tf = t.float()
+        pivot = tf.gather(2, target.unsqueeze(-1).expand(B, H, L, D))
+        merged = ((tf + pivot) / 2) * ev.unsqueeze(-1)
+        total = tf.scatter_add(2, target.unsqueeze(-1).expand(B, H, L, D), merged)
+        count = torch.ones(B, H, L, device=t.device).scatter_add(2, target, ev.float())
+        new = torch.where(kept.view(B, 1, L, 1), total / count.unsqueeze(-1), tf)
+        out.append(new.to(t.dtype))
+    return out[0], out[1]
+
+
+def quantize_tokens(x: torch.Tensor, bits: int) -> tuple:
+    """Per-token asymmetric min-max quantisation over the last dim (each head's key or value vector
+    of each token on its own grid): ``q = round((x - lo) / scale)``, ``scale = (hi - lo) / (2**bits - 1)``.
+
+    x (..., L, D) float -> (packed (..., L, D * bits / 8) uint8, ``8 // bits`` codes a byte, the
+    first in the lowest bits; scale (..., L, 1) and lo (..., L, 1) in x's dtype). D * bits must be
+    a multiple of 8."""
+    per = 8 // bits
+    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo).float() / (2 ** bits - 1)).to(x.dtype).float()  # the grid stored: codes on the same one
+    codes = torch.where(scale > 0, ((x.float() - lo.float()) / scale.clamp_min(1e-30)).round(), torch.zeros_like(scale))
+    codes = codes.clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = (torch.arange(per, device=x.device, dtype=torch.uint8) * bits)
+    packed = (codes << shifts).sum(dim=-1, dtype=torch.uint8)  # disjoint bit fields: the sum is an OR
+    return packed, scale.to(x.dtype), lo
+
+
+def dequantize_tokens(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_tokens`: -> (..., L, D) in ``scale``'s dtype, ``lo + code * scale``."""
+    per = 8 // bits
+    shifts = (torch.arange(per, device=packed.device, dtype=torch.uint8) * bits)
+    codes = (packed.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    return (lo.float() + codes.float() * scale.float()).to(scale.dtype)
+
+
+class DecodeScorer:
+    """Base of the decode-time scorers. ``accumulate`` folds a call's attention rows into a
+    layer's running scores, ``select`` keeps the top ``budget`` visual entries per image,
+    ``merge`` (merge mode) folds the evicted entries into the kept ones."""
+
+    name: ClassVar[str] = "decode"
+    #: reads the attention rows of every query (prompt rows at the prefill, then each decode step)
+    reads_attention: ClassVar[bool] = True
+    #: has a merge rule (``mode="merge"`` allowed)
+    merges: ClassVar[bool] = False
+    forgetting: float = 1.0
+
+    def accumulate(self, prev: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        return accumulate_scores(prev, rows, self.forgetting)
+
+    def select(self, scores: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """scores (S, n) accumulated scores of each image's remaining visual entries, mask (S, n)
+        real entries, budget (S,) long -> keep (S, n) bool: the ``min(budget, real)`` highest."""
+        return topk_selection(scores, mask, budget).keep
+
+    def merge(self, keys, values, kept, evicted):
+        raise PruningConfigError(f"decode scorer {self.name!r} has no merge rule; use mode='evict'")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(forgetting={self.forgetting!r})"
+
+
+def _check_forgetting(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 < value <= 1.0:
+        raise PruningConfigError(f"forgetting factor must be a number in (0, 1]; got {value!r}")
+    return float(value)
+
+
+@register_scorer
+class A2SFScorer(DecodeScorer):
+    """A2SF (Jo & Shin, arXiv:2407.20485): a key's score is its accumulated attention with a
+    forgetting factor, ``score_t = forgetting * score_{t-1} + attn_t`` over every query row of the
+    prompt and then each decode step, so attention from old queries fades (H2O's plain sum favours
+    the earliest tokens); the lowest-scoring visual entries are evicted.
+
+    Signals: rows (B, q, L) head-summed attention of each call's queries (the released code sums
+    the query heads of each KV head). ``forgetting`` 0.1 is vtoken's default: the paper tunes the
+    factor per model and task (the released configs give one per layer).
+    Deviations: see the module docstring (visual entries only, one kept set per layer and sample,
+    no recent window)."""
+
+    name = "a2sf"
+
+    def __init__(self, forgetting: float = 0.1):
+        self.forgetting = _check_forgetting(forgetting)
+
+
+@register_scorer
+class LookMScorer(DecodeScorer):
+    """LOOK-M (Wan et al., Findings of EMNLP 2024, arXiv:2406.18139; released code
+    SUSTechBruce/LOOK-M, its default ``text_prior_pivot_merge``): after the prefill, image KV
+    entries are evicted first (a text prior: text entries are never evicted), ranked by the
+    attention they received summed over every query row and head (H2O's accumulation, no
+    forgetting); in merge mode each evicted entry is merged into its most similar kept entry by
+    :func:`pivot_merge` (keys' cosine similarity per KV head).
+
+    Signals: rows (B, q, L) head-summed attention rows; keys / values (B, H, L, D) at the merge.
+    Deviations: the released code keeps ``hh_ratio`` + ``recent_ratio`` (0.1 + 0.1) of the whole
+    prompt per head and, as text has priority, drops images then text; vtoken keeps ``keep`` of each
+    image's entries and every text entry, with one kept set per layer (scores summed over heads)."""
+
+    name = "lookm"
+    merges = True
+    forgetting = 1.0
+
+    def merge(self, keys, values, kept, evicted):
+        return pivot_merge(keys, values, kept, evicted)
+
+
+@register_scorer
+class ZipVLKVScorer(DecodeScorer):
+    """ZipVL's mixed-precision KV cache (He et al., arXiv:2410.08584, section on decoding): the
+    important tokens' KV stays in high precision, the others are kept at a low bit width. Which
+    tokens are important follows ZipVL's adaptive ratio: each image's visual entries sorted by
+    attention (normalised to sum to 1 over the image), the smallest prefix whose share reaches
+    ``threshold`` (0.975, the paper's tau), capped by the stage's budget, at least one.
+
+    Signals: rows (B, q, L) head-summed attention rows, summed over every prompt row (no
+    forgetting). Deviations: ZipVL normalises each key's accumulated attention by the number of
+    probe queries that see it and picks important tokens among all tokens per layer; vtoken ranks
+    visual entries by their summed attention and keeps text in full precision; high precision is
+    the model's dtype (ZipVL quantises important tokens too, at a higher bit width); the low-bit
+    grid is per token and head, asymmetric min-max (:func:`quantize_tokens`), vtoken's choice (no
+    code was released)."""
+
+    name = "zipvl_kv"
+    forgetting = 1.0
+
+    def __init__(self, threshold: float = 0.975):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise PruningConfigError(f"zipvl_kv threshold must be in (0, 1]; got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def select(self, scores, mask, budget):
+        s = scores.float().clamp_min(0).masked_fill(~mask, 0.0)
+        share = s / s.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        order = share.masked_fill(~mask, -1.0).argsort(dim=1, descending=True, stable=True)
+        before = share.gather(1, order).cumsum(dim=1) - share.gather(1, order)  # share of the higher-ranked ones
+        count = ((before < self.threshold) & mask.gather(1, order)).sum(dim=1)
+        count = torch.minimum(count.clamp_min(1), budget).clamp_max(mask.sum(dim=1))
+        keep_sorted = torch.arange(mask.shape[1], device=mask.device).view(1, -1) < count.view(-1, 1)
+        return torch.zeros_like(mask).scatter(1, order, keep_sorted) & mask
+
+    def __repr__(self) -> str:
+        return f"ZipVLKVScorer(threshold={self.threshold!r})"
+
+
+@register_method(name="a2sf", family="decode", paper="Jo & Shin 2024 (arXiv:2407.20485)",
+                 stages="decode, before step `step` (0: after the prefill), every layer", needs_attention=True, text_guided=True,
+                 options=("forgetting", "step", "layers", "mode"))
+def a2sf_plan(keep, forgetting: float = 0.1, step: int = 0, layers=None, mode: str = "evict"):
+    """A2SF preset (arXiv:2407.20485): one :class:`DecodeStage` that evicts each layer's visual KV
+    entries down to ``keep`` before decode step ``step``, by attention accumulated with forgetting
+    factor ``forgetting`` over the prompt and the steps before it."""
+    return [DecodeStage(scorer=A2SFScorer(forgetting), keep=validate_budget(keep), step=step, layers=layers,
+                        mode=mode)]
+
+
+@register_method(name="lookm", family="decode", paper="Wan et al. 2024 (arXiv:2406.18139)",
+                 stages="decode, after the prefill, every layer (merge)", needs_attention=True, text_guided=True,
+                 released_code="SUSTechBruce/LOOK-M@ecf0f51", options=("step", "layers", "mode"))
+def lookm_plan(keep, step: int = 0, layers=None, mode: str = "merge"):
+    """LOOK-M preset (arXiv:2406.18139; released default ``text_prior_pivot_merge``): one
+    :class:`DecodeStage` that, after the prefill, evicts each layer's lowest-attention visual KV
+    entries down to ``keep`` and pivot-merges them into the kept ones (``mode="evict"``: drop only)."""
+    return [DecodeStage(scorer=LookMScorer(), keep=validate_budget(keep), step=step, layers=layers, mode=mode)]
+
+
+@register_method(name="zipvl_kv", family="decode", paper="He et al. 2024 (arXiv:2410.08584)",
+                 stages="decode, after the prefill, every layer (mixed-precision KV)", needs_attention=True,
+                 text_guided=True, options=("threshold", "bits", "step", "layers"))
+def zipvl_kv_plan(keep=1.0, threshold: float = 0.975, bits: int = 2, step: int = 0, layers=None):
+    """ZipVL's KV cache compression (arXiv:2410.08584): one :class:`DecodeStage` in ``"quantize"``
+    mode; each image's important visual entries (adaptive count, capped by ``keep``) stay in the
+    model's dtype, the rest are stored at ``bits`` bits and dequantised when attention reads them."""
+    return [DecodeStage(scorer=ZipVLKVScorer(threshold), keep=validate_budget(keep), step=step, layers=layers,
+                        mode="quantize", bits=bits)]
+
+
+__all__ = ["quantize_tokens", "dequantize_tokens", "ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]

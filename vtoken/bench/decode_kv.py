@@ -1,0 +1,102 @@
+"""Decode-time stages on the GPU: KV bytes, decode ms/token and peak memory of ``model.generate``
+plain and with each decode-time method (``a2sf``, ``lookm``), on random-weight LLaVA-1.5-7B
+(``--tiny``: a tiny one, runs on the CPU).
+
+    python -m vtoken.bench.decode_kv --batch 1,8 --keep 64 --new-tokens 32 --out decode_kv.json
+
+KV bytes are measured on the cache ``generate`` returns (keys + values of every layer, after the
+last step: prompt + new tokens, minus what the stage evicted); decode ms/token is ``generate`` of
+T tokens minus ``generate`` of 1 token over T - 1 steps (the eviction runs in the first decode
+step, so it is inside that difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import vtoken
+from vtoken.bench.common import cache_of, kv_bytes
+from vtoken.bench.models import build_llava, llava_inputs
+
+
+def _generate(model, inputs, n):
+    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          return_dict_in_generate=True)
+
+
+def _timed(model, inputs, n, sync, repeats):
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = _generate(model, inputs, n)
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2], out
+
+
+def measure(model, inputs, methods=("a2sf", "lookm"), keep=64, new_tokens=32, repeats=3) -> list:
+    """One row per variant (``none`` = plain generate, then each method): kv_bytes of the final
+    cache, decode_ms_per_token, peak_mem_gb (CUDA), visual tokens kept per image."""
+    dev = inputs["input_ids"].device
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    rows = []
+    for method in ("none",) + tuple(methods):
+        handle = None if method == "none" else vtoken.apply_pruning(model, method=method, keep=keep)
+        try:
+            with torch.no_grad():
+                _generate(model, inputs, 2)  # warm-up
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                long_ms, out = _timed(model, inputs, new_tokens, sync, repeats)
+                kv = kv_bytes(cache_of(out))
+                del out
+                short_ms, out = _timed(model, inputs, 1, sync, repeats)
+                del out
+        finally:
+            if handle is not None:
+                handle.remove()
+        rows.append(dict(method=method, keep=None if method == "none" else keep, batch=int(inputs["input_ids"].shape[0]),
+                         prompt=int(inputs["input_ids"].shape[1]), new_tokens=new_tokens, kv_bytes=kv,
+                         kv_mb=round(kv / 2**20, 2),
+                         decode_ms_per_token=round((long_ms - short_ms) / max(1, new_tokens - 1), 3),
+                         peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if cuda else None))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (CPU)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--keep", type=float, default=64, help="visual tokens kept per image (a float < 1: a fraction)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--methods", default="a2sf,lookm")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_llava(args.tiny, device, dtype)
+    keep = int(args.keep) if args.keep >= 1 else args.keep
+    rows = []
+    for b in (int(x) for x in args.batch.split(",")):
+        inputs = llava_inputs(model, b, device=device, dtype=dtype)
+        rows += measure(model, inputs, tuple(m for m in args.methods.split(",") if m), keep, args.new_tokens,
+                        args.repeats)
+    print("| batch | method | keep | KV MB | decode ms/token | peak GB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['method']} | {r['keep'] or '-'} | {r['kv_mb']} | {r['decode_ms_per_token']} | "
+              f"{r['peak_mem_gb'] if r['peak_mem_gb'] is not None else '-'} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
