@@ -1,4 +1,4 @@
-# Sourced by train_both.sh and train_video.sh (from the repo's vtoken/zoo/): run from a folder that
+# Sourced by train_both.sh, train_video.sh and train_jobs.sh (from the repo's vtoken/zoo/): run from a folder that
 # holds only the vtoken package (with scorers/, hooks/, kernels/ linked in as vtoken.scorers etc., as
 # the installed package maps them): from the repository root, the top-level kernels/ folder would
 # shadow the PyPI package `kernels` that transformers probes. Sets REPO, SHIM, PY and PYTHONPATH and

@@ -9,9 +9,8 @@
 # BUDGET seconds per job (default 420) and the whole command, evaluation included, ends within
 # TOTAL seconds (default 560): train.py stops early enough to keep its evaluation before that
 # deadline and a hard `timeout` guards the rest. WORKERS: data workers per job (default
-# 12 / number of jobs, at least 2). CKPT_DIR (default /tmp/vtoken-ckpt), PYTHON.
-# easy-vqa: used if importable, or from a git-ignored copy of the installed package in
-# .whl/site/easy_vqa (carry .whl to the GPU machine).
+# 12 / number of jobs, at least 2). CKPT_DIR (default /tmp/vtoken-ckpt), PYTHON. easy-vqa and the
+# folder the jobs run from: train_env.sh (carry .whl to the GPU machine).
 set -u
 START=$(date +%s)
 OUT=${OUT:?set OUT=outdir}
@@ -24,18 +23,7 @@ WORKERS=${WORKERS:-$(( 12 / NJOBS > 2 ? 12 / NJOBS : 2 ))}
 mkdir -p "$OUT" "$CKPT_DIR"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# Run from a folder that holds only the vtoken package (scorers/, hooks/, kernels/ linked in as
-# vtoken.scorers etc., as the installed package maps them): from the repository root, the top-level
-# kernels/ folder would shadow the PyPI package `kernels` that transformers probes.
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-SHIM=$(mktemp -d)
-mkdir "$SHIM/vtoken"
-for f in "$REPO"/vtoken/*; do ln -s "$f" "$SHIM/vtoken/$(basename "$f")"; done
-for d in scorers hooks kernels; do [ -d "$REPO/$d" ] && ln -sfn "$REPO/$d" "$SHIM/vtoken/$d"; done
-cd "$SHIM"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-[ -d "$REPO/.whl/site/easy_vqa" ] && export PYTHONPATH="$PYTHONPATH:$REPO/.whl/site"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/train_env.sh"  # REPO, SHIM (cd there), PY, PYTHONPATH
 DEADLINE=$((START + TOTAL))
 LEFT=$((DEADLINE - $(date +%s) - 2))
 PIDS=() NAMES=()
