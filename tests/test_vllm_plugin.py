@@ -7,8 +7,9 @@ built-in ``vtoken/tiny-qwen2vl`` (and a random-weight tiny Qwen2.5-VL made here)
 image, and compare with the transformers model pruned by :func:`vtoken.apply_pruning` in this process:
 
 * the kept token indices vLLM's plugin traced (``VTOKEN_VLLM_TRACE``) equal ``handle.stats``' kept
-  indices (Qwen2-VL: divprune at 25 %, uniform at 11 %, random at 64 tokens; Qwen2.5-VL: divprune
-  at 25 %);
+  indices (Qwen2-VL: divprune at 25 %, uniform at 11 %, random at 64 tokens, fastervlm at 25 % and
+  visionzip at 11 %, both ranked by the vision probe's encoder attention, visionzip's contextual
+  tokens merged; Qwen2.5-VL: divprune at 25 %);
 * vLLM's prompt is shorter by exactly the pruned tokens (placeholders sized to what the image keeps);
 * greedy tokens are equal and the first token's top log-probabilities agree to 1e-3 (float32),
   which fails when a kept token's M-RoPE position differs from its unpruned one.
@@ -41,7 +42,7 @@ MAX_NEW = 6
 
 # --- configuration and positions (no engine needed) ----------------------------------------------
 
-@pytest.mark.parametrize("method", ["divprune", "random", "uniform"])
+@pytest.mark.parametrize("method", ["divprune", "random", "uniform", "fastervlm", "visionzip"])
 def test_pre_llm_methods_are_accepted(method):
     cfg = vconfig.from_env({"VTOKEN_METHOD": method, "VTOKEN_KEEP": "0.25"})
     assert cfg.method == method and cfg.tokens_kept(576) == 144
@@ -72,8 +73,20 @@ def test_bad_settings_are_refused():
         vconfig.from_env({"VTOKEN_METHOD": "nope", "VTOKEN_KEEP": "0.5"})
     with pytest.raises(PruningConfigError):
         vconfig.from_env({"VTOKEN_METHOD": "divprune", "VTOKEN_KEEP": "1.5"})
-    with pytest.raises(PruningConfigError, match="vision-encoder attention|signals"):
-        vconfig.from_env({"VTOKEN_METHOD": "visionzip", "VTOKEN_KEEP": "64"})
+    with pytest.raises(PruningConfigError, match="signals the vLLM plugin does not capture"):
+        vconfig.from_env({"VTOKEN_METHOD": "cdpruner", "VTOKEN_KEEP": "64"})  # text-guided
+
+
+def test_model_specific_refusals_match_apply_pruning():
+    """Encoder attention only where the model has the probe (Qwen2-VL; not Qwen2.5-VL's windowed
+    tower), [CLS] attention only where the tower has [CLS]; hidden-state methods everywhere."""
+    stage = lambda m: vconfig.make_config(m, 64).stage  # noqa: E731
+    why = vconfig.model_unsupported_reason
+    assert why(stage("visionzip"), "Qwen2VL", vision_probe=True, cls_attention=False) is None
+    assert why(stage("fastervlm"), "Qwen2VL", vision_probe=True, cls_attention=False) is None
+    assert "vision-encoder attention" in why(stage("visionzip"), "Qwen2_5_VL", vision_probe=False, cls_attention=False)
+    assert "[CLS]" in why(stage("prunesid"), "Qwen2VL", vision_probe=True, cls_attention=False)
+    assert why(stage("divprune"), "Qwen2_5_VL", vision_probe=False, cls_attention=False) is None
 
 
 def test_kept_tokens_get_their_unpruned_positions():
@@ -225,7 +238,8 @@ def _hf_pruned(hf_model, image, method, keep):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,method,keep", [("qwen2vl", "divprune", 0.25), ("qwen2vl", "uniform", 0.11),
-                                              ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25)])
+                                              ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25),
+                                              ("qwen2vl", "fastervlm", 0.25), ("qwen2vl", "visionzip", 0.11)])
 def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, tmp_path_factory):
     _require_vllm()
     from vtoken.plan import tokens_for

@@ -6,8 +6,14 @@ Three places change, each in :class:`PruningMixin` or :class:`PruningProcessorMi
   tokens as the image keeps (``tokens_for(keep, t*h*w)``), so the scheduler, the KV cache and the
   prompt length all see the pruned count;
 * **selection** — after the vision tower and merger, each image's embeddings go through vtoken's
-  scorer (:mod:`vtoken.vllm.selection`) and only the kept rows go on; each row carries its token's
-  (t, h, w) grid offset in 3 extra channels (videos are not pruned: zero offsets);
+  scorer (:mod:`vtoken.vllm.selection`) and only the kept rows go on (a merging stage, VisionZip:
+  averaged with the rows merged into them); each row carries its token's (t, h, w) grid offset in
+  3 extra channels (videos are not pruned: zero offsets);
+* **vision probe** — for scorers reading the vision encoder's attention (FasterVLM, VisionZip), a
+  forward pre-hook on the attention op of the tower's last block records each image's query and
+  keys and turns them into the signal the transformers adapter gives
+  (:func:`vtoken.adapters.qwen.received_attention`: mean attention each patch receives, pooled
+  per merge group; Qwen2-VL only, as with ``apply_pruning``);
 * **positions** — the request's M-RoPE positions put every kept placeholder at the image's start
   and the text after at its unpruned position (:mod:`vtoken.vllm.positions`);
   ``embed_input_ids`` strips the offset channels and ``forward`` adds them to the positions of
@@ -38,9 +44,11 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from vtoken.vllm.config import from_env
+from vtoken.adapters.qwen import received_attention
+from vtoken.errors import PruningConfigError
+from vtoken.vllm.config import from_env, model_unsupported_reason, needs_vision
 from vtoken.vllm.positions import grid_offsets, pruned_mrope_positions
-from vtoken.vllm.selection import kept_indices
+from vtoken.vllm.selection import select_image
 
 OFFSET_CHANNELS = 3
 ENV_TRACE = "VTOKEN_VLLM_TRACE"
@@ -78,26 +86,72 @@ class PruningMixin:
 
     # the encoder CUDA graph path calls the vision tower without embed_multimodal: it would skip pruning
     supports_encoder_cudagraph = False
+    #: whether vtoken maps this tower's encoder attention to LLM tokens (as the transformers adapter)
+    vision_probe_supported = False
 
     def __init__(self, *, vllm_config, prefix: str = ""):  # vLLM reads this signature
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vtoken = _config()
         self._vtoken_pending = None  # (is_multimodal mask, (m, 3) offsets) from embed_input_ids to forward
+        why = model_unsupported_reason(self._vtoken.stage, type(self).__name__.replace("Pruned", ""),
+                                       vision_probe=self.vision_probe_supported, cls_attention=False)
+        if why is not None:
+            raise PruningConfigError(f"method {self._vtoken.method!r} cannot run in vLLM: {why}")
+        self._vtoken_vision = None  # list of per-image (attn, keys) while an image batch is encoded
+        if needs_vision(self._vtoken.stage):
+            self._install_vision_probe()
+
+    def _install_vision_probe(self):
+        """Pre-hook on the attention op of the tower's last block (``MMEncoderAttention``, called
+        with ``query`` / ``key`` (1, s, H, D) after the rotary embedding and ``cu_seqlens``, one
+        sequence per image frame): each image's :func:`received_attention`."""
+        attn = self.visual.blocks[-1].attn
+        if getattr(attn, "tp_size", 1) > 1 or getattr(self, "use_data_parallel", False):
+            raise PruningConfigError(
+                f"method {self._vtoken.method!r} reads the vision encoder's attention, which the vLLM plugin "
+                "records on one unsharded tower only (tensor-parallel size 1, no data-parallel encoder)")
+        merge = self.visual.spatial_merge_size
+        op = attn.attn
+
+        def probe(module, args, kwargs):
+            if self._vtoken_vision is None:  # not an image batch (videos, or no probe wanted)
+                return None
+            q, k, cu = kwargs["query"], kwargs["key"], kwargs["cu_seqlens"]
+            scale = getattr(module, "scale", None) or q.shape[-1] ** -0.5
+            bounds = [0, int(q.shape[1])] if cu is None else [int(x) for x in cu.tolist()]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                self._vtoken_vision.append(received_attention(
+                    q[:1, a:b].transpose(1, 2), k[:1, a:b].transpose(1, 2), scale, merge))
+            return None
+
+        op.register_forward_pre_hook(probe, with_kwargs=True)
 
     def _grids(self, grid_thw):
         m = self.visual.spatial_merge_size
         return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
 
     def _process_image_input(self, image_input):
-        embeds = super()._process_image_input(image_input)
+        probing = needs_vision(self._vtoken.stage)
+        if probing and image_input["type"] == "image_embeds":
+            raise PruningConfigError(f"method {self._vtoken.method!r} reads the vision encoder's attention, "
+                                     "which precomputed image embeddings do not come with; send images")
+        self._vtoken_vision = [] if probing else None
+        try:
+            embeds = super()._process_image_input(image_input)
+            vision = self._vtoken_vision
+        finally:
+            self._vtoken_vision = None
+        grids = self._grids(image_input["image_grid_thw"])
+        if probing and len(vision) != len(grids):
+            raise RuntimeError(f"the vision probe saw {len(vision)} sequences for {len(grids)} images")
         out, trace = [], os.environ.get(ENV_TRACE)
-        for emb, grid in zip(embeds, self._grids(image_input["image_grid_thw"])):
+        for i, (emb, grid) in enumerate(zip(embeds, grids)):
             budget = self._vtoken.tokens_kept(int(emb.shape[0]))
-            kept = kept_indices(self._vtoken.stage, emb, grid, budget)
+            kept, rows = select_image(self._vtoken.stage, emb, grid, budget, vision=vision[i] if probing else None)
             offsets = grid_offsets(kept, grid)
             if emb.dtype == torch.bfloat16 and int(offsets.max()) > 256:
                 raise ValueError(f"image grid {grid} too large to carry offsets in bfloat16; serve in float16/float32")
-            out.append(torch.cat([emb[kept.to(emb.device)], offsets.to(emb.device, emb.dtype)], dim=1))
+            out.append(torch.cat([rows, offsets.to(emb.device, emb.dtype)], dim=1))
             if trace:
                 with open(trace, "a") as fh:
                     fh.write(json.dumps({"method": self._vtoken.method, "grid": list(grid), "kept": kept.tolist()}) + "\n")
@@ -150,7 +204,7 @@ class PrunedQwen2_5_VLProcessor(PruningProcessorMixin, Qwen2_5_VLMultiModalProce
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2VLProcessor, info=Qwen2VLProcessingInfo,
                                         dummy_inputs=Qwen2VLDummyInputsBuilder)
 class PrunedQwen2VL(PruningMixin, Qwen2VLForConditionalGeneration):
-    pass
+    vision_probe_supported = True
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
