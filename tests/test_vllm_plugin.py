@@ -226,13 +226,23 @@ def _hf_pruned(hf_model, image, method, keep):
     model, processor = hf_model
     inputs = processor(images=[Image.open(image).convert("RGB")], text=[zoo.build_prompt("qwen2vl", QUESTION)],
                        return_tensors="pt")
+    seen = []  # the first decoder layer's input after vtoken's own pre-hook (registered first) pruned it
     with apply_pruning(model, method=method, keep=keep) as handle, torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+        undo = handle.runtime.adapter.layers[0].register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+        try:
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+        finally:
+            undo.remove()
         kept = handle.stats.stages[0].kept[0].tolist()
+    ids = inputs["input_ids"][0]
+    start = int((ids == model.config.image_token_id).nonzero()[0])
+    rows = seen[0][0, start:start + len(kept)]  # the prompt's visual rows entering the LLM (batch of one)
     new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     first = torch.log_softmax(out.scores[0][0].float(), dim=-1)
     return {"kept": kept, "tokens": new, "first_logprobs": first, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "norms": rows.float().norm(dim=1),
             "grid": [int(x) for x in inputs["image_grid_thw"][0]]}
 
 
@@ -242,6 +252,8 @@ def _hf_pruned(hf_model, image, method, keep):
                                               ("qwen2vl", "fastervlm", 0.25), ("qwen2vl", "visionzip", 0.11)])
 def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, tmp_path_factory):
     _require_vllm()
+    import torch
+
     from vtoken.plan import tokens_for
 
     path = _checkpoint(name, tmp_path_factory)
@@ -253,6 +265,9 @@ def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, tmp
     assert traced and traced[-1]["method"] == method and traced[-1]["grid"] == [1, hf["grid"][1] // 2, hf["grid"][2] // 2]
     assert len(hf["kept"]) == k
     assert traced[-1]["kept"] == hf["kept"], "vLLM's plugin kept other tokens than apply_pruning"
+    # the rows entering the LLM: the kept embeddings (VisionZip: its contextual tokens merged) as
+    # apply_pruning's layer-0 input; a missing merge moves the merged rows' norms by far more
+    assert torch.allclose(torch.tensor(traced[-1]["norms"]), hf["norms"], rtol=1e-4, atol=1e-5), "rows entering the LLM differ"
     assert vllm_out["prompt_tokens"] == hf["prompt_tokens"] - (n - k), "placeholders not sized to the kept tokens"
     got = vllm_out["token_ids"]
     assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"

@@ -19,8 +19,9 @@ Three places change, each in :class:`PruningMixin` or :class:`PruningProcessorMi
   ``embed_input_ids`` strips the offset channels and ``forward`` adds them to the positions of
   those tokens, so each kept token sits where it sat in the unpruned sequence.
 
-``VTOKEN_VLLM_TRACE=<file>`` appends one JSON line per pruned image (grid, kept indices): the
-tests compare it with ``apply_pruning``'s kept set.
+``VTOKEN_VLLM_TRACE=<file>`` appends one JSON line per pruned image (grid, kept indices, the L2
+norm of each row entering the LLM): the tests compare it with ``apply_pruning``'s kept set and
+layer-0 input.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class PruningMixin:
             out.append(torch.cat([rows, offsets.to(emb.device, emb.dtype)], dim=1))
             if trace:
                 with open(trace, "a") as fh:
-                    fh.write(json.dumps({"method": self._vtoken.method, "grid": list(grid), "kept": kept.tolist()}) + "\n")
+                    fh.write(json.dumps({"method": self._vtoken.method, "grid": list(grid), "kept": kept.tolist(),
+                                         "norms": rows.float().norm(dim=1).tolist()}) + "\n")
         return tuple(out)
 
     def _process_video_input(self, video_input):
