@@ -42,7 +42,9 @@ def main(argv=None) -> dict:
     llm = LLM(model=path, dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=0, gpu_memory_utilization=args.memory,
               limit_mm_per_prompt={"image": 1, "video": 0})
     load_s = time.perf_counter() - t0
-    requests = [{"prompt": zoo.build_prompt("qwen2vl", q), "multi_modal_data": {"image": Image.open(im).convert("RGB")}}
+    with open(f"{path}/config.json") as fh:  # the checkpoint's prompt format: llava or qwen2vl
+        arch = "llava" if json.load(fh).get("model_type") == "llava" else "qwen2vl"
+    requests = [{"prompt": zoo.build_prompt(arch, q), "multi_modal_data": {"image": Image.open(im).convert("RGB")}}
                 for im, q in zip(args.image, args.question)]
     t0 = time.perf_counter()
     outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
