@@ -94,8 +94,9 @@ def model_unsupported_reason(stage, model: str, vision_probe: bool, cls_attentio
     token (``cls_attention``) for a scorer that needs [CLS] attention (as ``apply_pruning`` refuses)."""
     name = stage.scorer.name
     if needs_vision(stage) and not vision_probe:
-        return (f"{name!r} reads vision-encoder attention, which vtoken cannot map to LLM tokens on {model} yet "
-                "(as with apply_pruning); use divprune, random or uniform")
+        return (f"{name!r} reads vision-encoder attention, which vtoken's vLLM plugin records on Qwen2-VL only "
+                f"so far, not on {model} (Qwen2.5-VL: apply_pruning does not map its windowed tower either); "
+                "use divprune, random or uniform")
     if getattr(stage.scorer, "needs_cls_attention", False) and not cls_attention:
         return (f"{name!r} reads the vision encoder's [CLS] attention, which {model}'s tower does not have "
                 "(as with apply_pruning); use fastervlm, visionzip or divprune")

@@ -42,13 +42,26 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from vtoken.adapters.qwen import received_attention
 from vtoken.errors import PruningConfigError
 from vtoken.vllm.config import from_env, model_unsupported_reason, needs_vision
-from vtoken.vllm.positions import grid_offsets, pruned_mrope_positions
+from vtoken.vllm.positions import (
+    grid_offsets,
+    index_offsets,
+    llava_mrope_override,
+    pruned_1d_positions,
+    pruned_mrope_positions,
+)
 from vtoken.vllm.selection import select_image
 
 OFFSET_CHANNELS = 3
@@ -102,6 +115,52 @@ class PruningMixin:
         if needs_vision(self._vtoken.stage):
             self._install_vision_probe()
 
+    def _vtoken_prune(self, embeds, grids, vision, offsets_of):
+        """Each image's kept rows (merged where the stage merges) with the kept tokens' position
+        offsets (``offsets_of(kept, grid)`` -> (k, 3)) in 3 extra channels."""
+        out, trace = [], os.environ.get(ENV_TRACE)
+        for i, (emb, grid) in enumerate(zip(embeds, grids)):
+            budget = self._vtoken.tokens_kept(int(emb.shape[0]))
+            kept, rows = select_image(self._vtoken.stage, emb, grid, budget, vision=vision[i] if vision else None)
+            offsets = offsets_of(kept, grid)
+            if emb.dtype == torch.bfloat16 and int(offsets.max()) > 256:
+                raise ValueError(f"image grid {grid} too large to carry offsets in bfloat16; serve in float16/float32")
+            out.append(torch.cat([rows, offsets.to(emb.device, emb.dtype)], dim=1))
+            if trace:
+                with open(trace, "a") as fh:
+                    fh.write(json.dumps({"method": self._vtoken.method, "grid": list(grid), "kept": kept.tolist(),
+                                         "norms": rows.float().norm(dim=1).tolist()}) + "\n")
+        return tuple(out)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            self._vtoken_pending = None
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+        embeds, offsets = [], []
+        for e in multimodal_embeddings:
+            stripped = e[:, :-OFFSET_CHANNELS]
+            if getattr(e, "modality", None) is not None:
+                stripped.modality = e.modality
+            embeds.append(stripped)
+            offsets.append(e[:, -OFFSET_CHANNELS:].float().round().long())
+        self._vtoken_pending = (is_multimodal, torch.cat(offsets))
+        return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal, **kwargs)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self._vtoken_pending = self._vtoken_pending, None
+        if pending is not None and inputs_embeds is not None and positions.dim() == 2:
+            mask, offsets = pending
+            rows = torch.nonzero(mask.to(positions.device)).flatten()
+            if rows.numel() != offsets.shape[0]:
+                raise RuntimeError(f"{rows.numel()} multimodal tokens but {offsets.shape[0]} position offsets")
+            # the runner's position buffer for this step (rewritten from the request's positions each step)
+            positions[:, rows] += offsets.to(positions.device, positions.dtype).T
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+class QwenPruningMixin(PruningMixin):
+    """Qwen2-VL / Qwen2.5-VL: images by ``image_grid_thw``, the vision probe, M-RoPE grid positions."""
+
     def _install_vision_probe(self):
         """Pre-hook on the attention op of the tower's last block (``MMEncoderAttention``, called
         with ``query`` / ``key`` (1, s, H, D) after the rotary embedding and ``cu_seqlens``, one
@@ -145,19 +204,7 @@ class PruningMixin:
         grids = self._grids(image_input["image_grid_thw"])
         if probing and len(vision) != len(grids):
             raise RuntimeError(f"the vision probe saw {len(vision)} sequences for {len(grids)} images")
-        out, trace = [], os.environ.get(ENV_TRACE)
-        for i, (emb, grid) in enumerate(zip(embeds, grids)):
-            budget = self._vtoken.tokens_kept(int(emb.shape[0]))
-            kept, rows = select_image(self._vtoken.stage, emb, grid, budget, vision=vision[i] if probing else None)
-            offsets = grid_offsets(kept, grid)
-            if emb.dtype == torch.bfloat16 and int(offsets.max()) > 256:
-                raise ValueError(f"image grid {grid} too large to carry offsets in bfloat16; serve in float16/float32")
-            out.append(torch.cat([rows, offsets.to(emb.device, emb.dtype)], dim=1))
-            if trace:
-                with open(trace, "a") as fh:
-                    fh.write(json.dumps({"method": self._vtoken.method, "grid": list(grid), "kept": kept.tolist(),
-                                         "norms": rows.float().norm(dim=1).tolist()}) + "\n")
-        return tuple(out)
+        return self._vtoken_prune(embeds, grids, vision, grid_offsets)
 
     def _process_video_input(self, video_input):
         embeds = super()._process_video_input(video_input)
@@ -168,31 +215,6 @@ class PruningMixin:
         media = [(offset, f.mm_position.length, t, h, w, t_factor)
                  for f, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features))]
         return pruned_mrope_positions(len(input_tokens), media)
-
-    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
-        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
-            self._vtoken_pending = None
-            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
-        embeds, offsets = [], []
-        for e in multimodal_embeddings:
-            stripped = e[:, :-OFFSET_CHANNELS]
-            if getattr(e, "modality", None) is not None:
-                stripped.modality = e.modality
-            embeds.append(stripped)
-            offsets.append(e[:, -OFFSET_CHANNELS:].float().round().long())
-        self._vtoken_pending = (is_multimodal, torch.cat(offsets))
-        return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal, **kwargs)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        pending, self._vtoken_pending = self._vtoken_pending, None
-        if pending is not None and inputs_embeds is not None and positions.dim() == 2:
-            mask, offsets = pending
-            rows = torch.nonzero(mask.to(positions.device)).flatten()
-            if rows.numel() != offsets.shape[0]:
-                raise RuntimeError(f"{rows.numel()} multimodal tokens but {offsets.shape[0]} position offsets")
-            # the runner's position buffer for this step (rewritten from the request's positions each step)
-            positions[:, rows] += offsets.to(positions.device, positions.dtype).T
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
 
 class PrunedQwen2VLProcessor(PruningProcessorMixin, Qwen2VLMultiModalProcessor):
@@ -205,14 +227,60 @@ class PrunedQwen2_5_VLProcessor(PruningProcessorMixin, Qwen2_5_VLMultiModalProce
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2VLProcessor, info=Qwen2VLProcessingInfo,
                                         dummy_inputs=Qwen2VLDummyInputsBuilder)
-class PrunedQwen2VL(PruningMixin, Qwen2VLForConditionalGeneration):
+class PrunedQwen2VL(QwenPruningMixin, Qwen2VLForConditionalGeneration):
     vision_probe_supported = True
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class PrunedQwen2_5_VL(PruningMixin, Qwen2_5_VLForConditionalGeneration):
+class PrunedQwen2_5_VL(QwenPruningMixin, Qwen2_5_VLForConditionalGeneration):
     pass
 
 
-__all__ = ["PrunedQwen2VL", "PrunedQwen2_5_VL", "PruningMixin", "PruningProcessorMixin"]
+class PrunedLlavaProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedLlavaProcessor, info=LlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class PrunedLlava(PruningMixin, LlavaForConditionalGeneration, SupportsMRoPE):
+    """LLaVA-1.5 (CLIP tower, one fixed grid of ``side x side`` tokens per image).
+
+    Its LLM uses 1-D RoPE, and vLLM derives a plain model's positions from token indices, so the
+    text after a pruned image (and every decode step) would sit ``n - k`` positions early. The
+    plugin runs it on vLLM's M-RoPE path instead, with three equal position rows (the same rotary
+    embedding): :func:`vtoken.vllm.positions.pruned_1d_positions` lays out the prompt and its
+    delta carries decoding on from the unpruned length. That path needs ``mrope_section`` in the
+    checkpoint's rope parameters, given by ``--hf-overrides`` (:func:`llava_mrope_override`; the
+    model refuses to start without it and prints the value).
+    """
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        text = vllm_config.model_config.hf_config.get_text_config()
+        if not vllm_config.model_config.uses_mrope:
+            raise PruningConfigError(
+                "vtoken prunes LLaVA in vLLM on the M-RoPE path (equal position rows keep each kept token at its "
+                "unpruned position); start vLLM with --hf-overrides '" + json.dumps(llava_mrope_override(text)) + "'")
+        vc = vllm_config.model_config.hf_config.vision_config
+        if getattr(vc, "model_type", None) != "clip_vision_model":
+            raise PruningConfigError(f"vtoken's vLLM plugin prunes LLaVA with a CLIP tower only, not {vc.model_type!r}")
+        side = int(vc.image_size) // int(vc.patch_size)
+        if getattr(vllm_config.model_config.hf_config, "vision_feature_select_strategy", "default") != "default":
+            raise PruningConfigError("vtoken's vLLM plugin prunes LLaVA with vision_feature_select_strategy='default' only")
+        self._vtoken_side = side
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def _process_image_input(self, image_input):
+        embeds = super()._process_image_input(image_input)
+        side = self._vtoken_side
+        return self._vtoken_prune(list(embeds), [(1, side, side)] * len(embeds), None, index_offsets)
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        n = self._vtoken_side ** 2
+        media = [(f.mm_position.offset, f.mm_position.length, n)
+                 for f in sorted(mm_features, key=lambda f: f.mm_position.offset)]
+        return pruned_1d_positions(len(input_tokens), media)
+
+
+__all__ = ["PrunedLlava", "PrunedQwen2VL", "PrunedQwen2_5_VL", "PruningMixin", "PruningProcessorMixin",
+           "QwenPruningMixin"]
