@@ -164,6 +164,19 @@ def image_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def noise_image_path(tmp_path_factory):
+    """A random-pixel image: on the tiny LLaVA the synthetic scene's flat background gives DivPrune
+    near-ties that 1e-5 relative noise in the features flips (2 of 5 draws, measured), so the kept
+    sets of two float32 engines need an image without them (0 of 5 flips here)."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("noise") / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (336, 336, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 def tiny_qwen2_5_vl(path: Path) -> Path:
     """A random-weight Qwen2.5-VL checkpoint (window attention in the vision tower, 2 layers) with the
     built-in tiny-qwen2vl's tokenizer and image processor; the CPU engine needs head_dim 32."""
@@ -314,8 +327,10 @@ def _merged_grid(model, inputs) -> list:
                                               ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25),
                                               ("qwen2vl", "fastervlm", 0.25), ("qwen2vl", "visionzip", 0.11),
                                               ("llava", "divprune", 0.25), ("llava", "uniform", 0.11)])
-def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, tmp_path_factory):
+def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, noise_image_path, tmp_path_factory):
     _require_vllm()
+    if name == "llava":
+        image_path = noise_image_path
     import torch
 
     from vtoken.plan import tokens_for
