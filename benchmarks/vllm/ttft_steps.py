@@ -23,6 +23,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--size", type=int, default=448)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="vLLM's per-step token budget (also its encoder budget); default: vLLM's")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -32,7 +34,8 @@ def main(argv=None):
     from vtoken import zoo
 
     llm = LLM(model=zoo.resolve("vtoken/tiny-qwen2vl"), dtype="float32", enforce_eager=True, max_model_len=2048,
-              seed=0, gpu_memory_utilization=0.1, limit_mm_per_prompt={"image": 1, "video": 0})
+              seed=0, gpu_memory_utilization=0.1, limit_mm_per_prompt={"image": 1, "video": 0},
+              **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
     engine = llm.llm_engine
     sched = engine.vllm_config.scheduler_config
     rng = np.random.default_rng(0)
