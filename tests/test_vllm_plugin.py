@@ -84,8 +84,9 @@ def test_bad_settings_are_refused():
 
 
 def test_model_specific_refusals_match_apply_pruning():
-    """Encoder attention only where the model has the probe (Qwen2-VL; not Qwen2.5-VL's windowed
-    tower), [CLS] attention only where the tower has [CLS]; hidden-state methods everywhere."""
+    """Encoder attention only where the model has the probe (Qwen2-VL, LLaVA; not Qwen2.5-VL's
+    windowed tower), [CLS] attention only where the tower has [CLS] (LLaVA's CLIP); hidden-state
+    methods everywhere."""
     stage = lambda m: vconfig.make_config(m, 64).stage  # noqa: E731
     why = vconfig.model_unsupported_reason
     assert why(stage("visionzip"), "Qwen2VL", vision_probe=True, cls_attention=False) is None
@@ -93,6 +94,7 @@ def test_model_specific_refusals_match_apply_pruning():
     assert "vision-encoder attention" in why(stage("visionzip"), "Qwen2_5_VL", vision_probe=False, cls_attention=False)
     assert "[CLS]" in why(stage("prunesid"), "Qwen2VL", vision_probe=True, cls_attention=False)
     assert why(stage("divprune"), "Qwen2_5_VL", vision_probe=False, cls_attention=False) is None
+    assert why(stage("prunesid"), "Llava", vision_probe=True, cls_attention=True) is None
 
 
 def test_kept_tokens_get_their_unpruned_positions():
@@ -326,7 +328,8 @@ def _merged_grid(model, inputs) -> list:
 @pytest.mark.parametrize("name,method,keep", [("qwen2vl", "divprune", 0.25), ("qwen2vl", "uniform", 0.11),
                                               ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25),
                                               ("qwen2vl", "fastervlm", 0.25), ("qwen2vl", "visionzip", 0.11),
-                                              ("llava", "divprune", 0.25), ("llava", "uniform", 0.11)])
+                                              ("llava", "divprune", 0.25), ("llava", "uniform", 0.11),
+                                              ("llava", "fastervlm", 0.25), ("llava", "visionzip", 0.11)])
 def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, noise_image_path, tmp_path_factory):
     _require_vllm()
     if name == "llava":

@@ -7,8 +7,8 @@ inherit the environment, so one setting covers the API server and every worker.
 
 Only methods that prune once, before the LLM, from the visual embeddings, the vision encoder's
 attention (or from nothing but the image grid) run in vLLM: ``divprune``, ``random``, ``uniform``,
-``fastervlm``, ``visionzip`` (merge mode included) and other layer-0 scorers reading only those
-signals. Anything else is refused with the reason (:func:`unsupported_reason`); what a given model
+``fastervlm``, ``visionzip`` (merge mode included; encoder attention on Qwen2-VL and LLaVA) and
+other layer-0 scorers reading only those signals. Anything else is refused with the reason (:func:`unsupported_reason`); what a given model
 cannot provide (e.g. encoder attention on Qwen2.5-VL) is refused when vLLM builds the model
 (:func:`model_unsupported_reason`).
 """
@@ -94,8 +94,9 @@ def model_unsupported_reason(stage, model: str, vision_probe: bool, cls_attentio
     token (``cls_attention``) for a scorer that needs [CLS] attention (as ``apply_pruning`` refuses)."""
     name = stage.scorer.name
     if needs_vision(stage) and not vision_probe:
-        return (f"{name!r} reads vision-encoder attention, which vtoken's vLLM plugin records on Qwen2-VL only "
-                f"so far, not on {model} (Qwen2.5-VL: apply_pruning does not map its windowed tower either); "
+        return (f"{name!r} reads vision-encoder attention, which vtoken's vLLM plugin records on Qwen2-VL and "
+                f"LLaVA (one vision_feature_layer) only, not on {model} (Qwen2.5-VL: apply_pruning does not map "
+                "its windowed tower either); "
                 "use divprune, random or uniform")
     if getattr(stage.scorer, "needs_cls_attention", False) and not cls_attention:
         return (f"{name!r} reads the vision encoder's [CLS] attention, which {model}'s tower does not have "

@@ -1,4 +1,4 @@
-"""vLLM's Qwen2-VL and Qwen2.5-VL with vtoken's pre-LLM pruning (the only module importing vLLM).
+"""vLLM's Qwen2-VL, Qwen2.5-VL and LLaVA with vtoken's pre-LLM pruning (the only module importing vLLM).
 
 Three places change, each in :class:`PruningMixin` or :class:`PruningProcessorMixin`:
 
@@ -13,7 +13,8 @@ Three places change, each in :class:`PruningMixin` or :class:`PruningProcessorMi
   forward pre-hook on the attention op of the tower's last block records each image's query and
   keys and turns them into the signal the transformers adapter gives
   (:func:`vtoken.adapters.qwen.received_attention`: mean attention each patch receives, pooled
-  per merge group; Qwen2-VL only, as with ``apply_pruning``);
+  per merge group; Qwen2-VL only, as with ``apply_pruning``), and on LLaVA the [CLS] row of the
+  last CLIP layer vLLM builds (:func:`vtoken.adapters.llava.cls_attention`, :class:`PrunedLlava`);
 * **positions** — the request's M-RoPE positions put every kept placeholder at the image's start
   and the text after at its unpruned position (:mod:`vtoken.vllm.positions`);
   ``embed_input_ids`` strips the offset channels and ``forward`` adds them to the positions of
@@ -52,6 +53,7 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
+from vtoken.adapters.llava import cls_attention
 from vtoken.adapters.qwen import received_attention
 from vtoken.errors import PruningConfigError
 from vtoken.vllm.config import from_env, model_unsupported_reason, needs_vision
@@ -102,13 +104,16 @@ class PruningMixin:
     supports_encoder_cudagraph = False
     #: whether vtoken maps this tower's encoder attention to LLM tokens (as the transformers adapter)
     vision_probe_supported = False
+    #: whether that attention comes from a [CLS] token (CLIP), which some scorers need
+    cls_attention_supported = False
 
     def __init__(self, *, vllm_config, prefix: str = ""):  # vLLM reads this signature
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vtoken = _config()
         self._vtoken_pending = None  # (is_multimodal mask, (m, 3) offsets) from embed_input_ids to forward
         why = model_unsupported_reason(self._vtoken.stage, type(self).__name__.replace("Pruned", ""),
-                                       vision_probe=self.vision_probe_supported, cls_attention=False)
+                                       vision_probe=self.vision_probe_supported,
+                                       cls_attention=self.cls_attention_supported)
         if why is not None:
             raise PruningConfigError(f"method {self._vtoken.method!r} cannot run in vLLM: {why}")
         self._vtoken_vision = None  # list of per-image (attn, keys) while an image batch is encoded
@@ -255,6 +260,9 @@ class PrunedLlava(PruningMixin, LlavaForConditionalGeneration, SupportsMRoPE):
     model refuses to start without it and prints the value).
     """
 
+    vision_probe_supported = True
+    cls_attention_supported = True
+
     def __init__(self, *, vllm_config, prefix: str = ""):
         text = vllm_config.model_config.hf_config.get_text_config()
         if not vllm_config.model_config.uses_mrope:
@@ -268,12 +276,50 @@ class PrunedLlava(PruningMixin, LlavaForConditionalGeneration, SupportsMRoPE):
         if getattr(vllm_config.model_config.hf_config, "vision_feature_select_strategy", "default") != "default":
             raise PruningConfigError("vtoken's vLLM plugin prunes LLaVA with vision_feature_select_strategy='default' only")
         self._vtoken_side = side
+        if not isinstance(vllm_config.model_config.hf_config.vision_feature_layer, int):
+            self.vision_probe_supported = self.cls_attention_supported = False  # several layers: not mapped
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
+    def _install_vision_probe(self):
+        """Pre-hook on the attention op of the last CLIP layer vLLM builds (it stops at
+        ``vision_feature_layer``: the layer ``apply_pruning`` probes), called with query / key
+        (B, 1+P, H*D): each image's :func:`cls_attention`."""
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        if get_tensor_model_parallel_world_size() > 1:
+            raise PruningConfigError(
+                f"method {self._vtoken.method!r} reads the vision encoder's attention, which the vLLM plugin "
+                "records on one unsharded tower only (tensor-parallel size 1)")
+        drop_cls = self.config.vision_feature_select_strategy == "default"
+
+        def probe(module, args, kwargs):
+            if self._vtoken_vision is None:
+                return None
+            q, k = (kwargs[name] if name in kwargs else args[i] for i, name in enumerate(("query", "key")))
+            B, S, _ = q.shape
+            H = module.num_heads
+            q, k = (x.reshape(B, S, H, -1).transpose(1, 2) for x in (q, k))
+            scale = getattr(module, "scale", None) or q.shape[-1] ** -0.5
+            self._vtoken_vision.extend(cls_attention(q, k, scale, drop_cls))
+            return None
+
+        self.vision_tower.vision_model.encoder.layers[-1].self_attn.attn.register_forward_pre_hook(probe, with_kwargs=True)
+
     def _process_image_input(self, image_input):
-        embeds = super()._process_image_input(image_input)
+        probing = needs_vision(self._vtoken.stage)
+        if probing and image_input["type"] != "pixel_values":
+            raise PruningConfigError(f"method {self._vtoken.method!r} reads the vision encoder's attention, "
+                                     "which precomputed image embeddings do not come with; send images")
+        self._vtoken_vision = [] if probing else None
+        try:
+            embeds = super()._process_image_input(image_input)
+            vision = self._vtoken_vision
+        finally:
+            self._vtoken_vision = None
+        if probing and len(vision) != len(embeds):
+            raise RuntimeError(f"the vision probe saw {len(vision)} images, the tower gave {len(embeds)}")
         side = self._vtoken_side
-        return self._vtoken_prune(list(embeds), [(1, side, side)] * len(embeds), None, index_offsets)
+        return self._vtoken_prune(list(embeds), [(1, side, side)] * len(embeds), vision, index_offsets)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         n = self._vtoken_side ** 2
