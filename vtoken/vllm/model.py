@@ -120,6 +120,23 @@ class PruningMixin:
         if needs_vision(self._vtoken.stage):
             self._install_vision_probe()
 
+    def _vtoken_encode(self, image_input):
+        """``(embeds, vision)``: the model's own image embeddings, and when the stage reads encoder
+        attention the probe's per-image ``(attn, keys)`` recorded while the tower ran (else None)."""
+        probing = needs_vision(self._vtoken.stage)
+        if probing and image_input["type"] != "pixel_values":
+            raise PruningConfigError(f"method {self._vtoken.method!r} reads the vision encoder's attention, "
+                                     "which precomputed image embeddings do not come with; send images")
+        self._vtoken_vision = [] if probing else None
+        try:
+            embeds = super()._process_image_input(image_input)
+            vision = self._vtoken_vision
+        finally:
+            self._vtoken_vision = None
+        if probing and len(vision) != len(embeds):
+            raise RuntimeError(f"the vision probe saw {len(vision)} images, the tower gave {len(embeds)}")
+        return embeds, vision
+
     def _vtoken_prune(self, embeds, grids, vision, offsets_of):
         """Each image's kept rows (merged where the stage merges) with the kept tokens' position
         offsets (``offsets_of(kept, grid)`` -> (k, 3)) in 3 extra channels."""
@@ -196,20 +213,8 @@ class QwenPruningMixin(PruningMixin):
         return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
 
     def _process_image_input(self, image_input):
-        probing = needs_vision(self._vtoken.stage)
-        if probing and image_input["type"] == "image_embeds":
-            raise PruningConfigError(f"method {self._vtoken.method!r} reads the vision encoder's attention, "
-                                     "which precomputed image embeddings do not come with; send images")
-        self._vtoken_vision = [] if probing else None
-        try:
-            embeds = super()._process_image_input(image_input)
-            vision = self._vtoken_vision
-        finally:
-            self._vtoken_vision = None
-        grids = self._grids(image_input["image_grid_thw"])
-        if probing and len(vision) != len(grids):
-            raise RuntimeError(f"the vision probe saw {len(vision)} sequences for {len(grids)} images")
-        return self._vtoken_prune(embeds, grids, vision, grid_offsets)
+        embeds, vision = self._vtoken_encode(image_input)
+        return self._vtoken_prune(embeds, self._grids(image_input["image_grid_thw"]), vision, grid_offsets)
 
     def _process_video_input(self, video_input):
         embeds = super()._process_video_input(video_input)
@@ -306,18 +311,7 @@ class PrunedLlava(PruningMixin, LlavaForConditionalGeneration, SupportsMRoPE):
         self.vision_tower.vision_model.encoder.layers[-1].self_attn.attn.register_forward_pre_hook(probe, with_kwargs=True)
 
     def _process_image_input(self, image_input):
-        probing = needs_vision(self._vtoken.stage)
-        if probing and image_input["type"] != "pixel_values":
-            raise PruningConfigError(f"method {self._vtoken.method!r} reads the vision encoder's attention, "
-                                     "which precomputed image embeddings do not come with; send images")
-        self._vtoken_vision = [] if probing else None
-        try:
-            embeds = super()._process_image_input(image_input)
-            vision = self._vtoken_vision
-        finally:
-            self._vtoken_vision = None
-        if probing and len(vision) != len(embeds):
-            raise RuntimeError(f"the vision probe saw {len(vision)} images, the tower gave {len(embeds)}")
+        embeds, vision = self._vtoken_encode(image_input)
         side = self._vtoken_side
         return self._vtoken_prune(list(embeds), [(1, side, side)] * len(embeds), vision, index_offsets)
 
