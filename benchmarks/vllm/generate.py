@@ -27,6 +27,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory", type=float, default=0.1,
                     help="fraction of memory vLLM reserves (on the CPU: of RAM, weights and KV cache)")
     ap.add_argument("--logprobs", type=int, default=0, help="also report the top-N log-probabilities of each generated token")
+    ap.add_argument("--hf-overrides", default=None, help="JSON, as vllm serve's --hf-overrides (LLaVA with the plugin)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if len(args.image) != len(args.question):
@@ -38,11 +39,14 @@ def main(argv=None) -> dict:
     from vtoken import zoo
 
     path = zoo.resolve(args.model)
+    with open(f"{path}/config.json") as fh:  # the checkpoint's prompt format: llava or qwen2vl
+        arch = "llava" if json.load(fh).get("model_type") == "llava" else "qwen2vl"
     t0 = time.perf_counter()
     llm = LLM(model=path, dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=0, gpu_memory_utilization=args.memory,
-              limit_mm_per_prompt={"image": 1, "video": 0})
+              limit_mm_per_prompt={"image": 1} if arch == "llava" else {"image": 1, "video": 0},
+              **({"hf_overrides": json.loads(args.hf_overrides)} if args.hf_overrides else {}))
     load_s = time.perf_counter() - t0
-    requests = [{"prompt": zoo.build_prompt("qwen2vl", q), "multi_modal_data": {"image": Image.open(im).convert("RGB")}}
+    requests = [{"prompt": zoo.build_prompt(arch, q), "multi_modal_data": {"image": Image.open(im).convert("RGB")}}
                 for im, q in zip(args.image, args.question)]
     t0 = time.perf_counter()
     outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,

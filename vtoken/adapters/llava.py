@@ -61,14 +61,25 @@ class LlavaAdapter(Adapter):
         return layers[max(idx - 1, 0)].self_attn
 
     def vision_signals(self, query, key, scaling):
-        """[CLS] attention to each patch (FasterVLM / VisionZip), head-averaged; keys of patches."""
-        n = query.shape[0]
-        rows = torch.zeros(n, 1, dtype=torch.long, device=query.device)
-        probs = _noncausal_rows(query, key, rows, scaling).mean(dim=1)[:, 0]  # (n, 1+P)
-        keys = key.permute(0, 2, 1, 3).reshape(n, key.shape[2], -1).float()
+        """[CLS] attention to each patch (FasterVLM / VisionZip), head-averaged; keys of patches
+        (:func:`cls_attention`)."""
         drop_cls = getattr(self.model.config, "vision_feature_select_strategy", "default") == "default"
-        start = 1 if drop_cls else 0
-        return [(probs[i, start:], keys[i, start:]) for i in range(n)]
+        return cls_attention(query, key, scaling, drop_cls)
+
+
+def cls_attention(query, key, scaling, drop_cls: bool = True) -> list:
+    """A CLIP tower's [CLS] signal, per image: ``query`` / ``key`` (B, H, 1+P, D) of the probed
+    encoder layer (row 0 is [CLS]), ``scaling`` the attention scale. Returns B pairs
+    ``(attn (P,), keys (P, H*D))`` float32: the softmax row of [CLS] over all tokens averaged over
+    heads, and every token's key (heads concatenated), without the [CLS] column when
+    ``drop_cls`` (LLaVA's "default" feature strategy). Shared by the transformers adapter and
+    vtoken's vLLM plugin, so both rank the same signal."""
+    n = query.shape[0]
+    rows = torch.zeros(n, 1, dtype=torch.long, device=query.device)
+    probs = _noncausal_rows(query, key, rows, scaling).mean(dim=1)[:, 0]  # (n, 1+P)
+    keys = key.permute(0, 2, 1, 3).reshape(n, key.shape[2], -1).float()
+    start = 1 if drop_cls else 0
+    return [(probs[i, start:], keys[i, start:]) for i in range(n)]
 
 
 def _noncausal_rows(query, key, rows, scaling):

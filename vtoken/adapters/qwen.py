@@ -99,20 +99,9 @@ class QwenVLAdapter(Adapter):
         return visual.blocks[-1].attn
 
     def vision_signals(self, query, key, scaling):
-        """No [CLS] in Qwen's encoder: mean attention each patch receives within its image
-        (computed in row chunks), pooled over each merge group of patches -> one value per LLM
-        token; keys pooled likewise."""
-        _, H, P, D = query.shape
-        g = self.merge * self.merge
-        received = torch.zeros(P, dtype=torch.float32, device=query.device)
-        k = key[0].float()
-        for start in range(0, P, 1024):
-            q = query[0, :, start:start + 1024].float()
-            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scaling, dim=-1)  # (H, r, P)
-            received += probs.sum(dim=(0, 1))
-        received /= H * P
-        keys = key[0].permute(1, 0, 2).reshape(P, -1)
-        return [(received.view(-1, g).mean(1), keys.view(P // g, g, -1).float().mean(1))]
+        """No [CLS] in Qwen's encoder: mean attention each patch receives within its image, pooled
+        over each merge group of patches -> one value per LLM token (:func:`received_attention`)."""
+        return [received_attention(query, key, scaling, self.merge)]
 
     def install(self, runtime):
         tm = self.text_model
@@ -129,3 +118,26 @@ class QwenVLAdapter(Adapter):
 
         tm._deepstack_process = deepstack
         return [lambda: tm.__dict__.pop("_deepstack_process", None)]
+
+
+def received_attention(query, key, scaling, merge: int):
+    """Qwen-VL's stand-in for [CLS] attention, for one image's patches in the encoder's order.
+
+    ``query`` / ``key`` (1, H, P, D) of one image (after the tower's rotary embedding), ``scaling``
+    the attention scale, ``merge`` the spatial merge size (g = merge^2 consecutive patches form one
+    LLM token). Returns ``(attn (P/g,), keys (P/g, H*D))`` float32: the attention each patch
+    receives, averaged over heads and the P queries (softmax rows computed in chunks of 1024
+    queries), and the patch keys (heads concatenated), both averaged over each merge group.
+    Shared by the transformers adapter and vtoken's vLLM plugin, so both rank the same signal.
+    """
+    _, H, P, D = query.shape
+    g = merge * merge
+    received = torch.zeros(P, dtype=torch.float32, device=query.device)
+    k = key[0].float()
+    for start in range(0, P, 1024):
+        q = query[0, :, start:start + 1024].float()
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scaling, dim=-1)  # (H, r, P)
+        received += probs.sum(dim=(0, 1))
+    received /= H * P
+    keys = key[0].permute(1, 0, 2).reshape(P, -1)
+    return received.view(-1, g).mean(1), keys.view(P // g, g, -1).float().mean(1)

@@ -1,4 +1,4 @@
-"""vtoken inside vLLM: visual tokens pruned after the vision tower of vLLM's Qwen2-VL / Qwen2.5-VL.
+"""vtoken inside vLLM: visual tokens pruned after the vision tower of vLLM's Qwen2-VL / Qwen2.5-VL / LLaVA.
 
 Installed with ``pip install -e '.[vllm]'`` into a vLLM environment (``benchmarks/vllm/build_env.sh``
 builds one); vLLM loads :func:`vtoken.vllm.registration.register` from its ``vllm.general_plugins``
@@ -12,7 +12,7 @@ One job per module:
 | --- | --- |
 | ``config.py`` | the server's method and budget from the environment; refuses methods that need the LLM's attention |
 | ``selection.py`` | the kept token indices of one image from its embeddings and grid (vtoken's own scorer) |
-| ``positions.py`` | M-RoPE positions of a prompt whose images keep fewer tokens (kept tokens at their unpruned positions) |
-| ``model.py`` | the vLLM model classes and multimodal processor (the only module that imports vLLM) |
+| ``positions.py`` | M-RoPE positions (Qwen's grid; LLaVA's 1-D positions as equal rows) of a prompt whose images keep fewer tokens (kept tokens at their unpruned positions) |
+| ``model.py`` | the vLLM model classes and multimodal processors, and the vision-tower probe (the only module that imports vLLM) |
 | ``registration.py`` | the entry point: registers the model classes over vLLM's own |
 """

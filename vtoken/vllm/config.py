@@ -5,9 +5,12 @@ in (0, 1]: fraction of each image's tokens) and optionally ``VTOKEN_OPTIONS`` (a
 the method's options, e.g. ``{"seed": 1}``). vLLM starts its engine in child processes, which
 inherit the environment, so one setting covers the API server and every worker.
 
-Only methods that prune once, before the LLM, from the visual embeddings (or from nothing but the
-image grid) run in vLLM: ``divprune``, ``random``, ``uniform``. Anything else is refused with the
-reason (:func:`unsupported_reason`).
+Only methods that prune once, before the LLM, from the visual embeddings, the vision encoder's
+attention (or from nothing but the image grid) run in vLLM: ``divprune``, ``random``, ``uniform``,
+``fastervlm``, ``visionzip`` (merge mode included; encoder attention on Qwen2-VL and LLaVA) and
+other layer-0 scorers reading only those signals. Anything else is refused with the reason (:func:`unsupported_reason`); what a given model
+cannot provide (e.g. encoder attention on Qwen2.5-VL) is refused when vLLM builds the model
+(:func:`model_unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from vtoken.plan import Budget, Stage, is_decode_plan, tokens_for, validate_budg
 
 ENV_METHOD, ENV_KEEP, ENV_OPTIONS = "VTOKEN_METHOD", "VTOKEN_KEEP", "VTOKEN_OPTIONS"
 #: signals the vLLM plugin can give a scorer: the image's embeddings after the vision tower and
-#: merger (what enters the LLM), plus the layout fields every SegmentSignals has (grid, ordinal)
-SUPPORTED_SIGNALS = frozenset({"hidden"})
+#: merger (what enters the LLM), the vision encoder's attention and keys (a probe in the tower's
+#: last block, :mod:`vtoken.vllm.model`), plus the layout fields every SegmentSignals has
+VISION_SIGNALS = frozenset({"vision_attn", "vision_keys"})
+SUPPORTED_SIGNALS = frozenset({"hidden"}) | VISION_SIGNALS
 
 IN_LLM_HELP = (
     "it prunes inside the LLM (a stage at decoder layer {layer}), which vLLM cannot do from a plugin: "
@@ -70,13 +75,34 @@ def unsupported_reason(stages) -> str | None:
     if not needs <= SUPPORTED_SIGNALS:
         missing = ", ".join(sorted(needs - SUPPORTED_SIGNALS))
         return (f"its scorer needs signals the vLLM plugin does not capture ({missing}); it gives only the "
-                "visual embeddings entering the LLM ('hidden'). Vision-encoder attention (VisionZip, "
-                "FasterVLM) would need a probe in vLLM's vision tower; text signals would need the prompt's "
-                "text embeddings at encoder time.")
+                "visual embeddings entering the LLM ('hidden') and the vision encoder's attention and keys "
+                "('vision_attn', 'vision_keys'). Text signals would need the prompt's text embeddings at "
+                "encoder time.")
     if getattr(stage.scorer, "adaptive", False):
         return "its scorer chooses its own token count, but vLLM must size each image's placeholders before the encoder runs"
-    if stage.mode != "select":
-        return f"mode {stage.mode!r} is not supported in vLLM (only 'select')"
+    if stage.mode not in ("select", "merge"):
+        return f"mode {stage.mode!r} is not supported in vLLM (only 'select' and 'merge')"
+    return None
+
+
+def needs_vision(stage) -> bool:
+    """True when the stage's scorer reads the vision encoder's attention or keys."""
+    return bool(frozenset(getattr(stage.scorer, "needs", frozenset())) & VISION_SIGNALS)
+
+
+def model_unsupported_reason(stage, model: str, vision_probe: bool, cls_attention: bool) -> str | None:
+    """Why ``stage`` cannot run on vLLM's ``model``, or None when it can: the model has no
+    vision-encoder probe (``vision_probe``) for a scorer reading encoder attention, or no [CLS]
+    token (``cls_attention``) for a scorer that needs [CLS] attention (as ``apply_pruning`` refuses)."""
+    name = stage.scorer.name
+    if needs_vision(stage) and not vision_probe:
+        return (f"{name!r} reads vision-encoder attention, which vtoken's vLLM plugin records on Qwen2-VL and "
+                f"LLaVA (one vision_feature_layer) only, not on {model} (Qwen2.5-VL: apply_pruning does not map "
+                "its windowed tower either); "
+                "use divprune, random or uniform")
+    if getattr(stage.scorer, "needs_cls_attention", False) and not cls_attention:
+        return (f"{name!r} reads the vision encoder's [CLS] attention, which {model}'s tower does not have "
+                "(as with apply_pruning); use fastervlm, visionzip or divprune")
     return None
 
 
@@ -113,5 +139,6 @@ def from_env(environ=None) -> PruneConfig | None:
     return make_config(method, parse_keep(keep_text), options)
 
 
-__all__ = ["PruneConfig", "from_env", "make_config", "parse_keep", "unsupported_reason", "SUPPORTED_SIGNALS",
+__all__ = ["PruneConfig", "from_env", "make_config", "parse_keep", "unsupported_reason", "model_unsupported_reason",
+           "needs_vision", "SUPPORTED_SIGNALS", "VISION_SIGNALS",
            "ENV_METHOD", "ENV_KEEP", "ENV_OPTIONS"]

@@ -58,4 +58,41 @@ def pruned_mrope_positions(num_tokens: int, media) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)), int(next_pos - num_tokens)
 
 
-__all__ = ["grid_offsets", "pruned_mrope_positions"]
+def pruned_1d_positions(num_tokens: int, media) -> tuple[torch.Tensor, int]:
+    """A 1-D RoPE model's (LLaVA's) positions in M-RoPE form: ``(positions (3, num_tokens) long,
+    delta)`` with three equal rows (M-RoPE on equal rows is the model's own rotary embedding).
+
+    ``media``: ``(offset, length, n)`` per image in prompt order: a run of ``length`` placeholders
+    out of the image's ``n`` tokens. A whole run counts up as usual; a pruned run puts every
+    placeholder at the image's start (each kept token's index is added later, on all three rows)
+    and the text after continues from start + n, as in the unpruned prompt.
+    """
+    pos, st, next_pos = [], 0, 0
+    for offset, length, n in media:
+        pos.append(np.arange(offset - st) + next_pos)
+        start = next_pos + offset - st
+        pos.append(np.arange(length) + start if length == n else np.full(length, start, dtype=np.int64))
+        next_pos, st = start + n, offset + length
+    pos.append(np.arange(num_tokens - st) + next_pos)
+    next_pos += num_tokens - st
+    flat = np.concatenate(pos).astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(flat, (3, flat.size)))), int(next_pos - num_tokens)
+
+
+def index_offsets(kept: torch.Tensor, grid=None) -> torch.Tensor:
+    """(k, 3) long: a 1-D model's kept token indices as offsets on all three position rows
+    (``grid`` unused: the signature of :func:`grid_offsets`)."""
+    return kept.long().cpu().unsqueeze(1).expand(-1, 3).contiguous()
+
+
+def llava_mrope_override(text_config) -> dict:
+    """The ``--hf-overrides`` that turn on vLLM's M-RoPE path for a LLaVA checkpoint: its own
+    rotary parameters plus an ``mrope_section`` (three equal position rows make it the 1-D rope)."""
+    params = dict(getattr(text_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    half = int(head_dim * params.get("partial_rotary_factor", 1.0)) // 2
+    params["mrope_section"] = [half - 2 * (half // 4), half // 4, half // 4]
+    return {"text_config": {"rope_parameters": params}}
+
+
+__all__ = ["grid_offsets", "index_offsets", "llava_mrope_override", "pruned_1d_positions", "pruned_mrope_positions"]

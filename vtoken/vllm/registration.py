@@ -2,7 +2,7 @@
 every process it starts (API server, engine core, workers).
 
 With ``VTOKEN_METHOD`` set it checks the configuration (an unknown method, or one that prunes inside
-the LLM, stops the server here with the reason) and registers vtoken's Qwen2-VL and Qwen2.5-VL
+the LLM, stops the server here with the reason) and registers vtoken's Qwen2-VL, Qwen2.5-VL and LLaVA
 classes over vLLM's own under the same architecture names, so that checkpoints load unchanged.
 Without ``VTOKEN_METHOD`` it does nothing.
 """
@@ -15,6 +15,7 @@ from vtoken.vllm.config import from_env
 MODELS = {
     "Qwen2VLForConditionalGeneration": "vtoken.vllm.model:PrunedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "vtoken.vllm.model:PrunedQwen2_5_VL",
+    "LlavaForConditionalGeneration": "vtoken.vllm.model:PrunedLlava",
 }
 
 

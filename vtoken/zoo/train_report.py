@@ -39,12 +39,14 @@ def _command(argv) -> str:
 
 def save_and_evaluate(args, res, argv=None) -> dict:
     from vtoken import zoo
+    from vtoken.zoo.layout import portable_llava_layout
     from vtoken.zoo.processing import save_processor
 
     arch, model, processor = args.arch, res["model"], res["processor"]
     os.makedirs(args.out, exist_ok=True)
     model.eval()
     model.to(torch.float16).save_pretrained(args.out)
+    portable_llava_layout(args.out)  # a LLaVA's CLIP tower under vision_model: vLLM loads it too
     save_processor(processor, args.out)
     dev = res["device"]
     metrics = {
