@@ -118,7 +118,7 @@ def test_train_video_smoke_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "tiny-qwen2vl-video"
     train.main(["--arch", "qwen2vl", "--data", "video", "--out", str(out), "--steps", "2", "--batch-size", "2",
                 "--qa-per-image", "2", "--workers", "0", "--eval-workers", "0", "--val-n", "4", "--val-aux-n", "0",
-                "--log-every", "100", "--test-n", "2", "--video-test-n", "4", "--subset-n", "2",
+                "--log-every", "100", "--test-n", "2", "--detail-test-n", "2", "--video-test-n", "4", "--subset-n", "2",
                 "--easy-vqa-frac", "0", "--easy-test-n", "2", "--warmup", "1", "--device", "cpu"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"] == "video" and m["steps"] == 2 and m["visual_tokens_per_video"] == 256
