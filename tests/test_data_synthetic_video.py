@@ -153,11 +153,11 @@ def test_vocabulary_covers_every_word_and_keeps_old_ids(test_records):
         assert unk not in tok(t, add_special_tokens=False)["input_ids"], t
     vocab = build.vocabulary()
     here = os.path.join(os.path.dirname(build.__file__), "checkpoints")
-    for name in ("tiny-llava", "tiny-qwen2vl"):
+    for name in ("tiny-llava", "tiny-qwen2vl", "tiny-qwen2vl-video"):
         with open(os.path.join(here, name, "tokenizer.json")) as fh:
             old = json.load(fh)["model"]["vocab"]
         assert all(vocab[i] == w for w, i in old.items()), name  # appended, earlier ids unchanged
-        assert len(vocab) > len(old)
+        assert len(vocab) >= len(old)  # the image checkpoints trained since the video words came have them all
 
 
 def test_visual_tokens_per_clip_through_the_processor():
