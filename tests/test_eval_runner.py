@@ -286,3 +286,18 @@ def test_cli_parsing(monkeypatch):
         cli.config_from_args(cli.build_parser().parse_args(["--keep", "1.5"]))
     with pytest.raises(SystemExit, match="--data"):
         cli.config_from_args(cli.build_parser().parse_args(["--data", "imagenet:/x"]))
+
+
+def test_a_failed_shard_stops_rank_0_instead_of_leaving_it_waiting(tmp_path, monkeypatch):
+    from vtoken.eval.runner import ShardFailed
+
+    monkeypatch.setenv("VTOKEN_EVAL_RUN_ID", "failed-shard-test")
+    def oom():
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # e.g. the model does not fit beside the others
+        run_eval(config(tmp_path, "dp"), backend_factory=oom, rank=1, world=2, datasets=make_datasets(tmp_path))
+    assert list((tmp_path / "dp").glob(".rank-1-of-2.*.failed"))
+    with pytest.raises(ShardFailed, match="rank 1: RuntimeError: CUDA out of memory"):
+        run_eval(config(tmp_path, "dp"), backend=FakeBackend(), rank=0, world=2, datasets=make_datasets(tmp_path))
+    assert not list((tmp_path / "dp").glob(".rank-*.failed"))  # read once, then gone

@@ -9,9 +9,11 @@
 # intervals and the paired test against `random` (vtoken eval's table). The tiny models leave the
 # GPU idle, so each checkpoint runs as SHARDS processes (`vtoken eval --shard r/w`, default 6),
 # all checkpoints at once. Methods that cannot run on a model are skipped and reported by the
-# table. HARD_TIMEOUT (default 540 s) bounds the whole command; a killed run resumes from the same
-# folder. $OUT gets, per checkpoint, NAME.tar.gz (table.md, table.csv, results.json,
-# predictions.jsonl, run log) and NAME.md (the table), plus env.txt.
+# table. HARD_TIMEOUT (default 540 s) bounds the whole command. The runs live in RUNS (default: a
+# temporary folder, removed at the end); with RUNS=dir kept between calls, the same command resumes
+# a killed run. $OUT gets, per checkpoint, NAME.tar.gz (table.md, table.csv, results.json,
+# predictions.jsonl, run logs; the part files of an unfinished run) and NAME.md (the table), plus
+# env.txt.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -25,6 +27,7 @@ for f in "$REPO"/vtoken/*; do ln -s "$f" "$SHIM/vtoken/$(basename "$f")"; done
 for d in scorers hooks kernels demos; do [ -d "$REPO/$d" ] && ln -sfn "$REPO/$d" "$SHIM/vtoken/$d"; done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$REPO/.whl/site/easy_vqa" ] && export PYTHONPATH="$PYTHONPATH:$REPO/.whl/site"
+RUNS=${RUNS:-$SHIM/runs}; mkdir -p "$RUNS"; RUNS=$(cd "$RUNS" && pwd)
 cd "$SHIM" || exit 1
 {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -39,12 +42,12 @@ export VTOKEN_EVAL_RUN_ID="run_gpu-$$-$T0"  # the shards' parents (timeout) diff
 PIDS=()
 for ck in "${CKPTS[@]}"; do
   data=$DATA; case "$ck" in *video*) data=${VIDEO_DATA:-synthetic-video};; esac
-  mkdir -p "$SHIM/runs/$ck"
+  mkdir -p "$RUNS/$ck"
   for ((r = 0; r < SHARDS; r++)); do
     # shellcheck disable=SC2086
     timeout -k 10 "${HARD_TIMEOUT:-540}" python3 -m vtoken.eval --model "vtoken/$ck" --data $data --limit "$N" \
-      --methods "$METHODS" --batch-size "${BATCH:-32}" --max-new-tokens 4 --out "$SHIM/runs/$ck" --no-progress \
-      --shard "$r/$SHARDS" > "$SHIM/runs/$ck/log-$r.txt" 2>&1 &
+      --methods "$METHODS" --batch-size "${BATCH:-32}" --max-new-tokens 4 --out "$RUNS/$ck" --no-progress \
+      --shard "$r/$SHARDS" > "$RUNS/$ck/log-$r.txt" 2>&1 &
     PIDS+=($!)
   done
 done
@@ -52,7 +55,7 @@ RC=0
 for p in "${PIDS[@]}"; do wait "$p" || RC=1; done
 echo "== all shards done after $(( $(date +%s) - T0 )) s (exit status $RC)"
 for ck in "${CKPTS[@]}"; do
-  d="$SHIM/runs/$ck"
+  d="$RUNS/$ck"
   [ -f "$d/table.md" ] && cp "$d/table.md" "$OUT/$ck.md" || { echo "== $ck: no table"; tail -20 "$d/log-0.txt"; }
   tar -czf "$OUT/$ck.tar.gz" -C "$d" .
   echo "== $ck"; [ -f "$d/table.md" ] && cat "$d/table.md"

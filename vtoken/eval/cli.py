@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from vtoken.eval.config import VIDEO_METHODS, VIDEO_MODEL
-from vtoken.eval.runner import DEFAULT_METHODS, QUICK_METHODS, EvalConfig, parse_keep, run_eval
+from vtoken.eval.runner import DEFAULT_METHODS, QUICK_METHODS, EvalConfig, ShardFailed, parse_keep, run_eval
 
 #: data sets of the no-argument run: the synthetic scenes, their small off-centre details (where
 #: which tokens a method keeps matters most) and easy-VQA
@@ -246,6 +246,9 @@ def main(argv=None) -> int:
     except DataError as exc:  # DataFormatError included: a file (and line) it cannot use; nothing was changed
         print(f"vtoken eval: {exc}", file=sys.stderr)
         return 2
+    except ShardFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nvtoken eval: interrupted; every finished batch is kept in {config.out} "
               f"(predictions.part-{rank}.jsonl); run the same command again to resume", file=sys.stderr)

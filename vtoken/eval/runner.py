@@ -108,6 +108,32 @@ def run_eval(
     datasets: already loaded :class:`EvalDataset` objects instead of ``config.data``.
     """
     out = Path(config.out)
+    try:
+        datasets, configs, backend = _compute_shard(config, backend, backend_factory, rank, world, datasets, out)
+    except BaseException as exc:  # a shard that stops tells rank 0, which would otherwise wait for it
+        if world > 1 and barrier is None and rank != 0:
+            _mark_failed(out, rank, world, exc)
+        raise
+
+    if barrier is not None:
+        barrier()
+    elif world > 1:
+        _file_barrier(out, rank, world)
+    if rank != 0 or not report:
+        return None
+    merge_outputs(out)
+    info = dict(getattr(backend, "info", {}) or {}) if backend is not None else {}
+    failures = []
+    for r in range(world):
+        failures += read_jsonl(out / f"failed_configs.part-{r}.jsonl", check_failure)
+    for part in out.glob("failed_configs.part-*.jsonl"):
+        part.unlink()
+    return write_report(out, config, datasets, configs, backend_info=info, failed_configs=failures)
+
+
+def _compute_shard(config, backend, backend_factory, rank, world, datasets, out):
+    """Everything of :func:`run_eval` before the barrier: this rank's predictions and failures
+    written to its part files; returns (datasets, configs, backend)."""
     if config.budget_count not in BUDGET_COUNTS:
         raise ValueError(f"budget_count must be one of {BUDGET_COUNTS}; got {config.budget_count!r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -158,20 +184,18 @@ def run_eval(
     atomic_jsonl(out / f"failed_configs.part-{rank}.jsonl",
                  [{"method": m, "keep": k, "error": e, "rank": rank} for (m, k), e in sorted(failed.items())])
 
-    if barrier is not None:
-        barrier()
-    elif world > 1:
-        _file_barrier(out, rank, world)
-    if rank != 0 or not report:
-        return None
-    merge_outputs(out)
-    info = dict(getattr(backend, "info", {}) or {}) if backend is not None else {}
-    failures = []
-    for r in range(world):
-        failures += read_jsonl(out / f"failed_configs.part-{r}.jsonl", check_failure)
-    for part in out.glob("failed_configs.part-*.jsonl"):
-        part.unlink()
-    return write_report(out, config, datasets, configs, backend_info=info, failed_configs=failures)
+    return datasets, configs, backend
+
+
+class ShardFailed(RuntimeError):
+    """Another shard of this launch stopped with an error (its message is in this one's)."""
+
+
+def _mark_failed(out: Path, rank: int, world: int, exc: BaseException) -> None:
+    try:
+        (out / f".rank-{rank}-of-{world}.{run_token()}.failed").write_text(f"{type(exc).__name__}: {exc}\n")
+    except OSError:
+        pass
 
 
 def run_token() -> str:
@@ -199,8 +223,16 @@ def _file_barrier(out: Path, rank: int, world: int, poll_s: float = 1.0) -> None
         mine.write_text("done\n")
         return
     others = [out / f".rank-{r}-of-{world}.{token}.done" for r in range(1, world)]
+    failed = [out / f".rank-{r}-of-{world}.{token}.failed" for r in range(1, world)]
     t0, last = time.time(), time.time()
     while not all(p.exists() for p in others):
+        stopped = [(r, p) for r, p in zip(range(1, world), failed) if p.exists()]
+        if stopped:
+            why = "; ".join(f"rank {r}: {p.read_text().strip()}" for r, p in stopped)
+            for _, p in stopped:
+                p.unlink()
+            raise ShardFailed(f"vtoken eval: shard(s) of this launch stopped, so no report is written ({why}); "
+                              f"every finished batch is kept in {out}: run the same command again to resume")
         if time.time() - last > 60:
             waiting = [r for r, p in zip(range(1, world), others) if not p.exists()]
             log_message(f"vtoken eval: rank 0 waiting for rank(s) {waiting} to finish ({time.time() - t0:.0f} s)")

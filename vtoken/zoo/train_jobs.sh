@@ -22,6 +22,7 @@ NJOBS=$#
 WORKERS=${WORKERS:-$(( 12 / NJOBS > 2 ? 12 / NJOBS : 2 ))}
 mkdir -p "$OUT" "$CKPT_DIR"
 OUT=$(cd "$OUT" && pwd)
+CKPT_DIR=$(cd "$CKPT_DIR" && pwd)  # absolute: the jobs run from train_env.sh's folder
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source "$(dirname "$0")/train_env.sh"  # REPO, SHIM (cd there), PY, PYTHONPATH
 DEADLINE=$((START + TOTAL))
