@@ -277,9 +277,10 @@ class DecodeRuntime:
             out = base(module, query, key, value, attention_mask, **kw)
             ctx = self.ctx
             state = None if ctx is None or ctx.mode == "off" else ctx.state
-            if state is None or state.next >= len(self.plan) or layer not in self.stage_layer_sets[state.next]:
+            stage = None if state is None else self.next_stage_of(state, layer)
+            if stage is None:
                 return out
-            scorer = self.plan[state.next].scorer
+            scorer = self.plan[stage].scorer
             scaling = kw.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
             with torch.no_grad():
                 key_valid = ctx.key_valid[layer]
@@ -301,6 +302,14 @@ class DecodeRuntime:
             return out
 
         return run
+
+    def next_stage_of(self, state: DecodeState, layer: int) -> Optional[int]:
+        """Index of the next stage still to run (``>= state.next``) that prunes ``layer``, or None:
+        the layer's scores accumulate for that stage, with its scorer."""
+        for i in range(state.next, len(self.plan)):
+            if layer in self.stage_layer_sets[i]:
+                return i if self.plan[i].scorer.reads_attention else None
+        return None
 
     # ---------------------------------------------------------------- eviction
     def layer_layout(self, state: DecodeState, layer: int) -> tuple:

@@ -600,3 +600,29 @@ def test_mixed_plan_ranks_the_prefill_layout_by_its_own_attention():
             got = {p for p in layouts[layer][0][b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
             assert got == want_pos, (layer, b)
     assert len(set(lengths)) == 1  # every layer keeps the text and `keep` per image now
+
+
+# ---------------------------------------------------------------- review fixes (D1-D4)
+def test_a_later_stage_on_other_layers_ranks_the_prompt_and_the_steps_before_it():
+    """D1: a stage whose layers no earlier stage prunes still folds the prompt's rows and the
+    decode steps' rows before its step into its layers' scores, with its own scorer (not the next
+    stage's): layers 2-3's kept sets are the reference's over the model's own attention maps."""
+    model = _model("llava")
+    inputs = get_inputs("llava", model)
+    ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+    lam, keep, n = 0.5, 4, inputs["input_ids"].shape[1]
+    plan = [DecodeStage(A2SFScorer(forgetting=0.1), keep=6, step=0, layers=[1]),
+            DecodeStage(A2SFScorer(forgetting=0.9), keep=5, step=1, layers=[1]),
+            DecodeStage(A2SFScorer(forgetting=lam), keep=keep, step=2, layers=[3, 2])]
+    with torch.no_grad(), vtoken.apply_pruning(model, plan=plan):
+        out = model.generate(**inputs, max_new_tokens=4, output_attentions=True, **GEN)
+    state = getattr(out.past_key_values, DECODE_ATTR)
+    for layer in (2, 3):
+        A = out.attentions[0][layer].double().sum(1)  # prompt (B, n, n): the plain prefill's
+        for b in range(ids.shape[0]):
+            rows = [A[b, i] * valid[b, i] for i in range(n)]
+            rows += [out.attentions[t][layer][b, :, 0].double().sum(0) for t in (1, 2)]  # full slots until step 2
+            score = ref_a2sf_scores(rows, lam)[:n]
+            want = ref_kept_positions(ids[b:b + 1], valid[b:b + 1], score[None], keep)[0]
+            got = {p for p in state.layers[layer].positions[b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
+            assert got == want, (layer, b)
