@@ -284,8 +284,9 @@ class DecodeRuntime:
             scaling = kw.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
             with torch.no_grad():
                 key_valid = ctx.key_valid[layer]
-                if ctx.mode == "prefill" and query.shape[2] != state.n_prefill:  # after a prefill stage
-                    key_valid = self.prefill_runtime.ctx.cur_valid
+                prefill_ctx = None if self.prefill_runtime is None else self.prefill_runtime.ctx
+                if ctx.mode == "prefill" and prefill_ctx is not None and prefill_ctx.relaid:
+                    key_valid = prefill_ctx.cur_valid  # at / after a prefill stage that re-laid out this call
                 if ctx.mode == "prefill":
                     acc = state.scores.get(layer)
                     n = query.shape[2]

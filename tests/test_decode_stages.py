@@ -626,3 +626,69 @@ def test_a_later_stage_on_other_layers_ranks_the_prompt_and_the_steps_before_it(
             want = ref_kept_positions(ids[b:b + 1], valid[b:b + 1], score[None], keep)[0]
             got = {p for p in state.layers[layer].positions[b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
             assert got == want, (layer, b)
+
+
+def test_mixed_plan_batch_with_a_row_that_keeps_everything_equals_each_sample_alone():
+    """D2: the longest row has no image (the prefill stage keeps all of it, so the pruned layout is
+    as long as the prompt) while the other row is re-padded on the left: the decode stage's
+    scores must use the re-laid-out validity, batch = each sample alone (scores, kept sets)."""
+    model = _model("llava", attn="eager")
+    per = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    inputs = tm.llava_inputs(model, [per + 20, 3], [0, 1], [4, 4])
+
+    def run(plan, **kw):
+        with vtoken.apply_pruning(model, plan=plan) as h:
+            cache = model.generate(**kw, max_new_tokens=2, **GEN).past_key_values
+            return getattr(cache, DECODE_ATTR), h.decode_layouts(cache)
+
+    with torch.no_grad():
+        later = [vtoken.Stage(2, "fastv", MIXED_PREFILL), DecodeStage("a2sf", 5, step=10)]  # scores still held
+        (batch, _), (alone, _) = run(later, **inputs), run(later, **slice_sample(inputs, 1, model))
+        for layer in range(model.config.text_config.num_hidden_layers):
+            rows = []
+            for st, b in ((batch, 1), (alone, 0)):
+                rec = st.layers.get(layer)
+                valid = torch.cat([st.orig_valid if rec is None else rec.valid, st.appended[:, 0 if rec is None else
+                                   rec.extra:]], 1)[b]
+                rows.append(st.scores[layer][b][valid])
+            torch.testing.assert_close(rows[0], rows[1], rtol=1e-4, atol=1e-5)
+        now = [vtoken.Stage(2, "fastv", MIXED_PREFILL), DecodeStage("a2sf", 5)]
+        (_, batch), (_, alone) = run(now, **inputs), run(now, **slice_sample(inputs, 1, model))
+    shift = inputs["input_ids"].shape[1] - int(inputs["attention_mask"][1].sum())
+    for layer in batch:
+        got = {p - shift for p in batch[layer][0][1].tolist() if p >= 0}
+        assert got == {p for p in alone[layer][0][0].tolist() if p >= 0}, layer
+    with torch.no_grad(), vtoken.apply_pruning(model, plan=now):
+        assert_batch_equals_each_sample_alone(model, inputs, steps=4)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2, top_k=0)])
+def test_a_plan_with_nothing_to_evict_leaves_the_cache_plain(options):
+    """D3: keep=1.0 evicts nothing: beam search (cache rows reordered) and several sequences per
+    prompt (rows repeated) run as without vtoken."""
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model)
+    kw = dict(max_new_tokens=4, suppress_tokens=SUPPRESS, return_dict_in_generate=True, output_scores=True, **options)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = model.generate(**inputs, **kw)
+        for method in ("a2sf", "lookm"):
+            with vtoken.apply_pruning(model, method=method, keep=1.0):
+                torch.manual_seed(0)
+                out = model.generate(**inputs, **kw)
+            assert torch.equal(out.sequences, plain.sequences), method
+            for a, b in zip(out.scores, plain.scores):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_images_after_cached_tokens_are_refused():
+    """D4: a visual prefill on a cache that already holds tokens (a cached text prefix, chunked
+    prefill) is refused with a clear error, not a bare RuntimeError at the first eviction."""
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model, variant="single")
+    ids, k = inputs["input_ids"], 2
+    with torch.no_grad(), vtoken.apply_pruning(model, method="a2sf", keep=4):
+        cache = model(input_ids=ids[:, :k], use_cache=True).past_key_values
+        with pytest.raises(UnsupportedCallError, match="already holds"):
+            model(input_ids=ids[:, k:], pixel_values=inputs["pixel_values"], past_key_values=cache, use_cache=True,
+                  attention_mask=torch.ones_like(ids))
