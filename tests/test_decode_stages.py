@@ -369,6 +369,8 @@ def test_unsupported_calls_are_refused():
             model.generate(**inputs, max_new_tokens=3, cache_implementation="static")
         with pytest.raises(UnsupportedCallError, match="reordered"):
             model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+        with pytest.raises(UnsupportedCallError, match="assist"):  # something is evicted: the cache cannot be cropped
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
         plain = model(**inputs).logits  # a forward without a cache: nothing to decode, the model's own
     torch.testing.assert_close(plain, model(**inputs).logits)
 
@@ -662,12 +664,13 @@ def test_mixed_plan_batch_with_a_row_that_keeps_everything_equals_each_sample_al
         assert_batch_equals_each_sample_alone(model, inputs, steps=4)
 
 
-@pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2, top_k=0)])
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2, top_k=0),
+                                     dict(do_sample=False, prompt_lookup_num_tokens=2)])
 def test_a_plan_with_nothing_to_evict_leaves_the_cache_plain(options):
-    """D3: keep=1.0 evicts nothing: beam search (cache rows reordered) and several sequences per
-    prompt (rows repeated) run as without vtoken."""
+    """D3: keep=1.0 evicts nothing: beam search (cache rows reordered), several sequences per
+    prompt (rows repeated) and assisted decoding (cache cropped) run as without vtoken."""
     model = _model("llava", attn="sdpa")
-    inputs = get_inputs("llava", model)
+    inputs = get_inputs("llava", model, variant="single" if "prompt_lookup_num_tokens" in options else "batch")
     kw = dict(max_new_tokens=4, suppress_tokens=SUPPRESS, return_dict_in_generate=True, output_scores=True, **options)
     with torch.no_grad():
         torch.manual_seed(0)
