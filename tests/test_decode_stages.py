@@ -630,6 +630,40 @@ def test_a_later_stage_on_other_layers_ranks_the_prompt_and_the_steps_before_it(
             assert got == want, (layer, b)
 
 
+def test_a_layer_skipped_by_the_next_stage_keeps_accumulating_for_its_own():
+    """D1: layer 1 is pruned by stages 0 and 2, not by stage 1: while stage 1 is next, its scores
+    still take every decode step's row, with stage 2's forgetting factor; stage 2's kept set is the
+    reference's (prompt rows at stage 0's factor, stage 0's kept slots, then the steps' rows)."""
+    model = _model("llava")
+    inputs = get_inputs("llava", model)
+    ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+    n, lam0, lam2, keep = inputs["input_ids"].shape[1], 0.1, 0.5, 4
+    plan = [DecodeStage(A2SFScorer(forgetting=lam0), keep=8, step=0, layers=[1]),
+            DecodeStage(A2SFScorer(forgetting=0.9), keep=6, step=1, layers=[2]),
+            DecodeStage(A2SFScorer(forgetting=lam2), keep=keep, step=2, layers=[1])]
+    with torch.no_grad(), vtoken.apply_pruning(model, plan=plan):
+        out = model.generate(**inputs, max_new_tokens=4, output_attentions=True, **GEN)
+    state = getattr(out.past_key_values, DECODE_ATTR)
+    A = out.attentions[0][1].double().sum(1)  # layer 1's prompt maps (B, n, n)
+    kept0 = valid & ~state.evicted[0][1]  # (B, n) stage 0's kept positions
+    P = int(kept0.sum(1).max())  # layer 1's slots after stage 0 (left padded)
+    for b in range(ids.shape[0]):
+        prompt = ref_a2sf_scores([A[b, i] * valid[b, i] for i in range(n)], lam0)
+        pos = kept0[b].nonzero().squeeze(1).tolist()
+        score = prompt[pos]
+        for t in (1, 2):  # forwards before stage 2: rows over the kept slots, then the appended tokens
+            row = out.attentions[t][1][b, :, 0].double().sum(0)
+            row = torch.cat([row[P - len(pos):P], row[P:]])
+            score = lam2 * torch.cat([score, torch.zeros(row.shape[0] - score.shape[0], dtype=torch.float64)]) + row
+        want = set()
+        for run in visual_runs(ids[b] * valid[b]):
+            cand = [j for j, p in enumerate(pos) if p in run]
+            top = torch.topk(score[cand], min(keep, len(cand))).indices.tolist()
+            want |= {pos[cand[i]] for i in top}
+        got = {p for p in state.layers[1].positions[b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
+        assert got == want, b
+
+
 def test_mixed_plan_batch_with_a_row_that_keeps_everything_equals_each_sample_alone():
     """D2: the longest row has no image (the prefill stage keeps all of it, so the pruned layout is
     as long as the prompt) while the other row is re-padded on the left: the decode stage's
