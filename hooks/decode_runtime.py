@@ -30,7 +30,10 @@ come last.
 Not supported (refused with :class:`vtoken.errors.UnsupportedCallError`): ``use_cache=False``
 (eviction is defined on a cache only: nothing to replay), fixed-slot caches (``StaticCache``,
 ``cache_implementation="static"``, :class:`vtoken.engine.StaticDecoder`), beam search (the cache's
-rows are reordered), assisted decoding (the cache is cropped), new images into a pruned cache.
+rows are reordered), assisted decoding (the cache is cropped), new images into a pruned cache, a
+visual prefill on a cache that already holds tokens (a cached prefix, chunked prefill). A prefill
+whose evict / merge stages can evict nothing (every budget >= every image's count) records
+nothing: the cache stays plain, and beam search or assisted decoding run as without vtoken.
 """
 
 from __future__ import annotations
@@ -187,11 +190,11 @@ class DecodeRuntime:
             raise UnsupportedCallError(
                 f"decode-time pruning evicts entries from the dynamic KV cache; a {type(cache).__name__} (fixed slots, "
                 "cache_implementation='static', compiled decoding) cannot shrink: use the default dynamic cache")
-        session = self.session
-        if session is not None and session.prompt_len is not None and q > session.prompt_len:
+        if cache.get_seq_length() > 0:
             raise UnsupportedCallError(
-                "assisted decoding (assistant_model / prompt_lookup_num_tokens) crops the KV cache, which a "
-                "decode-time plan re-lays out: generate without an assistant")
+                "a decode-time vtoken plan records the visual layout of the whole prompt at its prefill; this KV cache "
+                "already holds tokens before the images (a cached text prefix, chunked prefill): run the prompt with "
+                "its images in one forward on an empty cache (no past_key_values)")
         prefill_ctx = None if self.prefill_runtime is None else self.prefill_runtime.ctx
         if prefill_ctx is not None:  # the adapter's patches report visual feature lengths to that runtime
             ctx.feature_lengths = {**prefill_ctx.feature_lengths, **ctx.feature_lengths}
@@ -210,6 +213,14 @@ class DecodeRuntime:
         counts = torch.bincount(segment[segment >= 0], minlength=len(layout.seg_count)).tolist()
         budgets = [torch.tensor([tokens_for(st.keep, c) for c in counts], dtype=torch.long, device=dev)
                    for st in self.plan]
+        seg_counts = torch.tensor(counts, dtype=torch.long, device=dev)
+        if all(st.mode in ("evict", "merge") for st in self.plan) and all(bool((b >= seg_counts).all()) for b in budgets):
+            return  # no stage can evict anything: the cache stays plain (beam search, crop, re-selection work)
+        session = self.session
+        if session is not None and session.prompt_len is not None and q > session.prompt_len:
+            raise UnsupportedCallError(
+                "assisted decoding (assistant_model / prompt_lookup_num_tokens) crops the KV cache, which a "
+                "decode-time plan re-lays out: generate without an assistant")
         state = DecodeState(n_prefill=q, orig_valid=orig_valid, orig_all_valid=bool(orig_valid.all()),
                             segment=segment, budgets=budgets,
                             appended=torch.zeros(B, 0, dtype=torch.bool, device=dev))
@@ -277,14 +288,16 @@ class DecodeRuntime:
             out = base(module, query, key, value, attention_mask, **kw)
             ctx = self.ctx
             state = None if ctx is None or ctx.mode == "off" else ctx.state
-            if state is None or state.next >= len(self.plan) or layer not in self.stage_layer_sets[state.next]:
+            stage = None if state is None else self.next_stage_of(state, layer)
+            if stage is None:
                 return out
-            scorer = self.plan[state.next].scorer
+            scorer = self.plan[stage].scorer
             scaling = kw.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
             with torch.no_grad():
                 key_valid = ctx.key_valid[layer]
-                if ctx.mode == "prefill" and query.shape[2] != state.n_prefill:  # after a prefill stage
-                    key_valid = self.prefill_runtime.ctx.cur_valid
+                prefill_ctx = None if self.prefill_runtime is None else self.prefill_runtime.ctx
+                if ctx.mode == "prefill" and prefill_ctx is not None and prefill_ctx.relaid:
+                    key_valid = prefill_ctx.cur_valid  # at / after a prefill stage that re-laid out this call
                 if ctx.mode == "prefill":
                     acc = state.scores.get(layer)
                     n = query.shape[2]
@@ -301,6 +314,14 @@ class DecodeRuntime:
             return out
 
         return run
+
+    def next_stage_of(self, state: DecodeState, layer: int) -> Optional[int]:
+        """Index of the next stage still to run (``>= state.next``) that prunes ``layer``, or None:
+        the layer's scores accumulate for that stage, with its scorer."""
+        for i in range(state.next, len(self.plan)):
+            if layer in self.stage_layer_sets[i]:
+                return i if self.plan[i].scorer.reads_attention else None
+        return None
 
     # ---------------------------------------------------------------- eviction
     def layer_layout(self, state: DecodeState, layer: int) -> tuple:

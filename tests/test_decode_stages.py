@@ -369,6 +369,8 @@ def test_unsupported_calls_are_refused():
             model.generate(**inputs, max_new_tokens=3, cache_implementation="static")
         with pytest.raises(UnsupportedCallError, match="reordered"):
             model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+        with pytest.raises(UnsupportedCallError, match="assist"):  # something is evicted: the cache cannot be cropped
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
         plain = model(**inputs).logits  # a forward without a cache: nothing to decode, the model's own
     torch.testing.assert_close(plain, model(**inputs).logits)
 
@@ -600,3 +602,130 @@ def test_mixed_plan_ranks_the_prefill_layout_by_its_own_attention():
             got = {p for p in layouts[layer][0][b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
             assert got == want_pos, (layer, b)
     assert len(set(lengths)) == 1  # every layer keeps the text and `keep` per image now
+
+
+# ---------------------------------------------------------------- review fixes (D1-D4)
+def test_a_later_stage_on_other_layers_ranks_the_prompt_and_the_steps_before_it():
+    """D1: a stage whose layers no earlier stage prunes still folds the prompt's rows and the
+    decode steps' rows before its step into its layers' scores, with its own scorer (not the next
+    stage's): layers 2-3's kept sets are the reference's over the model's own attention maps."""
+    model = _model("llava")
+    inputs = get_inputs("llava", model)
+    ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+    lam, keep, n = 0.5, 4, inputs["input_ids"].shape[1]
+    plan = [DecodeStage(A2SFScorer(forgetting=0.1), keep=6, step=0, layers=[1]),
+            DecodeStage(A2SFScorer(forgetting=0.9), keep=5, step=1, layers=[1]),
+            DecodeStage(A2SFScorer(forgetting=lam), keep=keep, step=2, layers=[3, 2])]
+    with torch.no_grad(), vtoken.apply_pruning(model, plan=plan):
+        out = model.generate(**inputs, max_new_tokens=4, output_attentions=True, **GEN)
+    state = getattr(out.past_key_values, DECODE_ATTR)
+    for layer in (2, 3):
+        A = out.attentions[0][layer].double().sum(1)  # prompt (B, n, n): the plain prefill's
+        for b in range(ids.shape[0]):
+            rows = [A[b, i] * valid[b, i] for i in range(n)]
+            rows += [out.attentions[t][layer][b, :, 0].double().sum(0) for t in (1, 2)]  # full slots until step 2
+            score = ref_a2sf_scores(rows, lam)[:n]
+            want = ref_kept_positions(ids[b:b + 1], valid[b:b + 1], score[None], keep)[0]
+            got = {p for p in state.layers[layer].positions[b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
+            assert got == want, (layer, b)
+
+
+def test_a_layer_skipped_by_the_next_stage_keeps_accumulating_for_its_own():
+    """D1: layer 1 is pruned by stages 0 and 2, not by stage 1: while stage 1 is next, its scores
+    still take every decode step's row, with stage 2's forgetting factor; stage 2's kept set is the
+    reference's (prompt rows at stage 0's factor, stage 0's kept slots, then the steps' rows)."""
+    model = _model("llava")
+    inputs = get_inputs("llava", model)
+    ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+    n, lam0, lam2, keep = inputs["input_ids"].shape[1], 0.1, 0.5, 4
+    plan = [DecodeStage(A2SFScorer(forgetting=lam0), keep=8, step=0, layers=[1]),
+            DecodeStage(A2SFScorer(forgetting=0.9), keep=6, step=1, layers=[2]),
+            DecodeStage(A2SFScorer(forgetting=lam2), keep=keep, step=2, layers=[1])]
+    with torch.no_grad(), vtoken.apply_pruning(model, plan=plan):
+        out = model.generate(**inputs, max_new_tokens=4, output_attentions=True, **GEN)
+    state = getattr(out.past_key_values, DECODE_ATTR)
+    A = out.attentions[0][1].double().sum(1)  # layer 1's prompt maps (B, n, n)
+    kept0 = valid & ~state.evicted[0][1]  # (B, n) stage 0's kept positions
+    P = int(kept0.sum(1).max())  # layer 1's slots after stage 0 (left padded)
+    for b in range(ids.shape[0]):
+        prompt = ref_a2sf_scores([A[b, i] * valid[b, i] for i in range(n)], lam0)
+        pos = kept0[b].nonzero().squeeze(1).tolist()
+        score = prompt[pos]
+        for t in (1, 2):  # forwards before stage 2: rows over the kept slots, then the appended tokens
+            row = out.attentions[t][1][b, :, 0].double().sum(0)
+            row = torch.cat([row[P - len(pos):P], row[P:]])
+            score = lam2 * torch.cat([score, torch.zeros(row.shape[0] - score.shape[0], dtype=torch.float64)]) + row
+        want = set()
+        for run in visual_runs(ids[b] * valid[b]):
+            cand = [j for j, p in enumerate(pos) if p in run]
+            top = torch.topk(score[cand], min(keep, len(cand))).indices.tolist()
+            want |= {pos[cand[i]] for i in top}
+        got = {p for p in state.layers[1].positions[b].tolist() if 0 <= p < n and int(ids[b, p]) in VISUAL}
+        assert got == want, b
+
+
+def test_mixed_plan_batch_with_a_row_that_keeps_everything_equals_each_sample_alone():
+    """D2: the longest row has no image (the prefill stage keeps all of it, so the pruned layout is
+    as long as the prompt) while the other row is re-padded on the left: the decode stage's
+    scores must use the re-laid-out validity, batch = each sample alone (scores, kept sets)."""
+    model = _model("llava", attn="eager")
+    per = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    inputs = tm.llava_inputs(model, [per + 20, 3], [0, 1], [4, 4])
+
+    def run(plan, **kw):
+        with vtoken.apply_pruning(model, plan=plan) as h:
+            cache = model.generate(**kw, max_new_tokens=2, **GEN).past_key_values
+            return getattr(cache, DECODE_ATTR), h.decode_layouts(cache)
+
+    with torch.no_grad():
+        later = [vtoken.Stage(2, "fastv", MIXED_PREFILL), DecodeStage("a2sf", 5, step=10)]  # scores still held
+        (batch, _), (alone, _) = run(later, **inputs), run(later, **slice_sample(inputs, 1, model))
+        for layer in range(model.config.text_config.num_hidden_layers):
+            rows = []
+            for st, b in ((batch, 1), (alone, 0)):
+                rec = st.layers.get(layer)
+                valid = torch.cat([st.orig_valid if rec is None else rec.valid, st.appended[:, 0 if rec is None else
+                                   rec.extra:]], 1)[b]
+                rows.append(st.scores[layer][b][valid])
+            torch.testing.assert_close(rows[0], rows[1], rtol=1e-4, atol=1e-5)
+        now = [vtoken.Stage(2, "fastv", MIXED_PREFILL), DecodeStage("a2sf", 5)]
+        (_, batch), (_, alone) = run(now, **inputs), run(now, **slice_sample(inputs, 1, model))
+    shift = inputs["input_ids"].shape[1] - int(inputs["attention_mask"][1].sum())
+    for layer in batch:
+        got = {p - shift for p in batch[layer][0][1].tolist() if p >= 0}
+        assert got == {p for p in alone[layer][0][0].tolist() if p >= 0}, layer
+    with torch.no_grad(), vtoken.apply_pruning(model, plan=now):
+        assert_batch_equals_each_sample_alone(model, inputs, steps=4)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2, top_k=0),
+                                     dict(do_sample=False, prompt_lookup_num_tokens=2)])
+def test_a_plan_with_nothing_to_evict_leaves_the_cache_plain(options):
+    """D3: keep=1.0 evicts nothing: beam search (cache rows reordered), several sequences per
+    prompt (rows repeated) and assisted decoding (cache cropped) run as without vtoken."""
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model, variant="single" if "prompt_lookup_num_tokens" in options else "batch")
+    kw = dict(max_new_tokens=4, suppress_tokens=SUPPRESS, return_dict_in_generate=True, output_scores=True, **options)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = model.generate(**inputs, **kw)
+        for method in ("a2sf", "lookm"):
+            with vtoken.apply_pruning(model, method=method, keep=1.0):
+                torch.manual_seed(0)
+                out = model.generate(**inputs, **kw)
+            assert torch.equal(out.sequences, plain.sequences), method
+            for a, b in zip(out.scores, plain.scores):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_images_after_cached_tokens_are_refused():
+    """D4: a visual prefill on a cache that already holds tokens (a cached text prefix, chunked
+    prefill) is refused with a clear error, not a bare RuntimeError at the first eviction."""
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model, variant="single")
+    ids, k = inputs["input_ids"], 2
+    with torch.no_grad(), vtoken.apply_pruning(model, method="a2sf", keep=4):
+        cache = model(input_ids=ids[:, :k], use_cache=True).past_key_values
+        with pytest.raises(UnsupportedCallError, match="already holds"):
+            model(input_ids=ids[:, k:], pixel_values=inputs["pixel_values"], past_key_values=cache, use_cache=True,
+                  attention_mask=torch.ones_like(ids))
