@@ -180,6 +180,8 @@ class DecodeRuntime:
             return
         if not ctx.visual_call or ctx.inputs is None:
             return  # no images in this forward (text only, or a cache vtoken did not prune)
+        if all(st.mode in ("evict", "merge") and isinstance(st.keep, float) and st.keep >= 1.0 for st in self.plan):
+            return  # keep=1.0 everywhere: nothing can be evicted, the model's own on every path
         if cache is None:
             if self.session is not None:
                 raise UnsupportedCallError(

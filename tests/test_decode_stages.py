@@ -729,3 +729,23 @@ def test_images_after_cached_tokens_are_refused():
         with pytest.raises(UnsupportedCallError, match="already holds"):
             model(input_ids=ids[:, k:], pixel_values=inputs["pixel_values"], past_key_values=cache, use_cache=True,
                   attention_mask=torch.ones_like(ids))
+
+
+def test_a_keep_all_plan_is_plain_on_a_static_cache_and_after_cached_text():
+    """keep=1.0 evicts nothing, so no path may be refused: a static cache and images after a cached
+    text prefix both run as the plain model does (the refusals are for plans that evict)."""
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model, variant="single")
+    ids, k = inputs["input_ids"], 2
+    kw = dict(max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS, cache_implementation="static")
+    with torch.no_grad():
+        plain = model.generate(**inputs, **kw)
+        prefix = model(input_ids=ids[:, :k], use_cache=True).past_key_values
+        rest = {key: v for key, v in inputs.items() if key not in ("input_ids", "attention_mask")}
+        plain_logits = model(input_ids=ids[:, k:], past_key_values=prefix, **rest).logits
+        with vtoken.apply_pruning(model, method="a2sf", keep=1.0):
+            ours = model.generate(**inputs, **kw)
+            prefix = model(input_ids=ids[:, :k], use_cache=True).past_key_values
+            our_logits = model(input_ids=ids[:, k:], past_key_values=prefix, **rest).logits
+    assert torch.equal(plain, ours)
+    assert torch.equal(plain_logits, our_logits)
