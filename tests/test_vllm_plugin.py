@@ -39,6 +39,7 @@ from vtoken.vllm.positions import (
     llava_mrope_override,
     pruned_1d_positions,
     pruned_mrope_positions,
+    run_offsets,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,51 @@ def test_llava_kept_tokens_get_their_unpruned_1d_positions():
     # two images, the second whole: each run keeps its own start
     two, _ = pruned_1d_positions(2 + 2 + 1 + n + 1, [(2, 2, n), (5, n, n)])
     assert two[0].tolist() == [0, 1, 2, 2, 2 + n] + list(range(3 + n, 3 + 2 * n)) + [3 + 2 * n]
+
+
+def _forward_positions(layout, media, runs):
+    """The positions the plugin's forward sees: the request's layout plus, on each image's run of
+    placeholders, :func:`run_offsets` (what ``_vtoken_prune`` attaches and ``forward`` adds)."""
+    num_tokens, offsets_of = layout
+    fn = pruned_mrope_positions if offsets_of is grid_offsets else pruned_1d_positions
+    pos, delta = fn(num_tokens, media)
+    for start, kept, n, grid in runs:
+        pos[:, start:start + len(kept)] += run_offsets(kept, n, grid, offsets_of).T
+    return pos, delta
+
+
+def test_an_image_keeping_every_token_gets_the_unpruned_positions():
+    """keep=1.0, an int keep >= the image's tokens (LLaVA's 576, a small Qwen image under an int
+    budget): the run is laid out whole, and no offset is added on top (it used to be added again,
+    doubling each token's position within its image)."""
+    import torch
+
+    from vtoken.plan import tokens_for
+
+    # LLaVA, n = 4 tokens, 2 text tokens before and 1 after: positions 0..6 exactly as unpruned
+    n = 4
+    for keep in (1.0, 576, 10_000):
+        k = tokens_for(keep, n)
+        assert k == n
+        pos, delta = _forward_positions((2 + k + 1, index_offsets), [(2, k, n)], [(2, torch.arange(k), n, (1, 2, 2))])
+        assert pos[0].tolist() == list(range(7)) and delta == 0
+        assert torch.equal(pos, torch.arange(7).expand(3, -1))
+    # Qwen2-VL, a 1x2x2 grid under an int budget of 64: Qwen2-VL's own (t, h, w) rows
+    t, h, w, before, after = 1, 2, 2, 2, 2
+    n = t * h * w
+    k = tokens_for(64, n)
+    pos, delta = _forward_positions((before + k + after, grid_offsets), [(before, k, t, h, w, 1.0)],
+                                    [(before, torch.arange(k), n, (t, h, w))])
+    img = pos[:, before:before + k]
+    assert img[0].tolist() == [2, 2, 2, 2] and img[1].tolist() == [2, 2, 3, 3] and img[2].tolist() == [2, 3, 2, 3]
+    assert pos[:, before + k:].tolist() == [[4, 5]] * 3 and delta == -2
+    # a pruned image beside a whole one: each run follows its own layout
+    kept = torch.tensor([1, 3])
+    media = [(1, 2, 1, 2, 2, 1.0), (4, 4, 1, 2, 2, 1.0)]
+    pos, _ = _forward_positions((9, grid_offsets), media, [(1, kept, 4, (1, 2, 2)), (4, torch.arange(4), 4, (1, 2, 2))])
+    full, _ = pruned_mrope_positions(11, [(1, 4, 1, 2, 2, 1.0), (6, 4, 1, 2, 2, 1.0)])
+    expect = torch.cat([full[:, :1], full[:, 1 + kept], full[:, 5:]], dim=1)
+    assert torch.equal(pos, expect)
 
 
 def test_llava_mrope_override_covers_the_rotary_half():

@@ -8,7 +8,8 @@ Three places change, each in :class:`PruningMixin` or :class:`PruningProcessorMi
 * **selection** — after the vision tower and merger, each image's embeddings go through vtoken's
   scorer (:mod:`vtoken.vllm.selection`) and only the kept rows go on (a merging stage, VisionZip:
   averaged with the rows merged into them); each row carries its token's (t, h, w) grid offset in
-  3 extra channels (videos are not pruned: zero offsets);
+  3 extra channels (zero for a run that keeps every token, laid out whole; videos are not
+  pruned: zero offsets);
 * **vision probe** — for scorers reading the vision encoder's attention (FasterVLM, VisionZip), a
   forward pre-hook on the attention op of the tower's last block records each image's query and
   keys and turns them into the signal the transformers adapter gives
@@ -63,6 +64,7 @@ from vtoken.vllm.positions import (
     llava_mrope_override,
     pruned_1d_positions,
     pruned_mrope_positions,
+    run_offsets,
 )
 from vtoken.vllm.selection import select_image
 
@@ -144,7 +146,7 @@ class PruningMixin:
         for i, (emb, grid) in enumerate(zip(embeds, grids)):
             budget = self._vtoken.tokens_kept(int(emb.shape[0]))
             kept, rows = select_image(self._vtoken.stage, emb, grid, budget, vision=vision[i] if vision else None)
-            offsets = offsets_of(kept, grid)
+            offsets = run_offsets(kept, int(emb.shape[0]), grid, offsets_of)
             if emb.dtype == torch.bfloat16 and int(offsets.max()) > 256:
                 raise ValueError(f"image grid {grid} too large to carry offsets in bfloat16; serve in float16/float32")
             out.append(torch.cat([rows, offsets.to(emb.device, emb.dtype)], dim=1))

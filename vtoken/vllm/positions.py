@@ -85,6 +85,21 @@ def index_offsets(kept: torch.Tensor, grid=None) -> torch.Tensor:
     return kept.long().cpu().unsqueeze(1).expand(-1, 3).contiguous()
 
 
+def run_offsets(kept: torch.Tensor, n: int, grid, offsets_of) -> torch.Tensor:
+    """(k, 3) long: what the forward adds to the positions of an image's ``k`` kept placeholders
+    (``kept`` the sorted kept indices out of the image's ``n`` tokens, ``offsets_of`` ->
+    :func:`grid_offsets` or :func:`index_offsets`).
+
+    One rule with the layouts above (:func:`pruned_mrope_positions`, :func:`pruned_1d_positions`):
+    a run that keeps all ``n`` tokens is laid out whole, each token at its own unpruned position
+    already, so its offsets are zero (as a video's); a pruned run sits at the image's start and
+    each kept token gets its offset within the grid.
+    """
+    if int(kept.numel()) == int(n):
+        return torch.zeros((int(n), 3), dtype=torch.long)
+    return offsets_of(kept, grid)
+
+
 def llava_mrope_override(text_config) -> dict:
     """The ``--hf-overrides`` that turn on vLLM's M-RoPE path for a LLaVA checkpoint: its own
     rotary parameters plus an ``mrope_section`` (three equal position rows make it the 1-D rope)."""
@@ -95,4 +110,5 @@ def llava_mrope_override(text_config) -> dict:
     return {"text_config": {"rope_parameters": params}}
 
 
-__all__ = ["grid_offsets", "index_offsets", "llava_mrope_override", "pruned_1d_positions", "pruned_mrope_positions"]
+__all__ = ["grid_offsets", "index_offsets", "llava_mrope_override", "pruned_1d_positions", "pruned_mrope_positions",
+           "run_offsets"]
