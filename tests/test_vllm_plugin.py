@@ -404,6 +404,25 @@ def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, noi
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name,keep", [("qwen2vl", 4096), ("llava", 1.0)])
+def test_vllm_keeping_every_token_answers_as_the_unpruned_model(name, keep, image_path, tmp_path_factory):
+    """An image that keeps all its tokens (an int budget above its token count, keep=1.0) goes
+    through the plugin at its unpruned positions: vLLM's greedy tokens and first-token log-probs
+    equal the unpruned transformers model's (float32). Positions added twice (the run laid out
+    whole plus the grid offsets) move the first log-probs far past 1e-3."""
+    _require_vllm()
+    path = _checkpoint(name, tmp_path_factory)
+    vllm_out, traced = _offline(path, "divprune", keep, image_path, tmp_path_factory)
+    hf = _hf_pruned(_hf_model(name, path), image_path, None, None)
+    assert traced and len(traced[-1]["kept"]) == traced[-1]["grid"][0] * traced[-1]["grid"][1] * traced[-1]["grid"][2]
+    assert vllm_out["prompt_tokens"] == hf["prompt_tokens"]
+    got = vllm_out["token_ids"]
+    assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
+    for tok, lp in vllm_out["logprobs"][0].items():
+        assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+
+
+@pytest.mark.slow
 def test_shipped_tiny_llava_serves_in_stock_vllm(image_path, tmp_path):
     """Without the plugin: vLLM's own LlavaForConditionalGeneration loads the shipped checkpoint (its
     CLIP tower in the portable layout) and answers as transformers does."""
