@@ -37,9 +37,11 @@ from vtoken.vllm.positions import (
     grid_offsets,
     index_offsets,
     llava_mrope_override,
+    pack_offsets,
     pruned_1d_positions,
     pruned_mrope_positions,
     run_offsets,
+    unpack_offsets,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +179,22 @@ def test_an_image_keeping_every_token_gets_the_unpruned_positions():
     full, _ = pruned_mrope_positions(11, [(1, 4, 1, 2, 2, 1.0), (6, 4, 1, 2, 2, 1.0)])
     expect = torch.cat([full[:, :1], full[:, 1 + kept], full[:, 5:]], dim=1)
     assert torch.equal(pos, expect)
+
+
+def test_offsets_survive_bfloat16_in_two_channels():
+    """LLaVA's offsets reach 575, past bfloat16's exact integers (256): 575 itself rounds to 576
+    there. Packed as high and low base-256 digits they come back exact from any float dtype."""
+    import torch
+
+    kept = torch.tensor([0, 255, 256, 257, 300, 511, 574, 575])
+    assert int(index_offsets(kept).to(torch.bfloat16).long()[-1, 0]) == 576  # one channel: off by one
+    for offsets in (index_offsets(kept), grid_offsets(kept, (1, 24, 24)), torch.tensor([[65535, 0, 1]])):
+        packed = pack_offsets(offsets)
+        assert packed.shape == (offsets.shape[0], 6) and int(packed.max()) < 256 and int(packed.min()) >= 0
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert torch.equal(unpack_offsets(packed.to(dtype)), offsets)
+    with pytest.raises(PruningConfigError):
+        pack_offsets(torch.tensor([[65536, 0, 0]]))
 
 
 def test_llava_mrope_override_covers_the_rotary_half():
@@ -420,6 +438,23 @@ def test_vllm_keeping_every_token_answers_as_the_unpruned_model(name, keep, imag
     assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
     for tok, lp in vllm_out["logprobs"][0].items():
         assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+
+
+@pytest.mark.slow
+def test_llava_serves_in_bfloat16(noise_image_path, tmp_path, tmp_path_factory):
+    """LLaVA's offsets (up to 575) are not exact in bfloat16; carried as two base-256 digits
+    (pack_offsets) they are, and the plugin serves a bfloat16 LLaVA (it used to refuse every image)."""
+    _require_vllm()
+    from vtoken.plan import tokens_for
+
+    path = _checkpoint("llava", tmp_path_factory)
+    out, traced = _run_vllm({"VTOKEN_METHOD": "uniform", "VTOKEN_KEEP": "0.25"}, noise_image_path, tmp_path, model=path,
+                            extra=[*_llava_overrides(path), "--dtype", "bfloat16"])
+    grid = traced[-1]["grid"]
+    n = grid[0] * grid[1] * grid[2]
+    assert len(traced[-1]["kept"]) == tokens_for(0.25, n) and max(traced[-1]["kept"]) > 256
+    hf = _hf_pruned(_hf_model("llava", path), noise_image_path, None, None)
+    assert out["prompt_tokens"] == hf["prompt_tokens"] - (n - tokens_for(0.25, n)) and out["token_ids"]
 
 
 @pytest.mark.slow
