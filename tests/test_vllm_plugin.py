@@ -388,6 +388,14 @@ def _merged_grid(model, inputs) -> list:
     return [1, side, side]
 
 
+def _assert_same_answer(vllm_out, hf):
+    """vLLM's greedy tokens equal transformers' and its first token's top log-probs agree to 1e-3."""
+    got = vllm_out["token_ids"]
+    assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
+    for tok, lp in vllm_out["logprobs"][0].items():
+        assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,method,keep", [("qwen2vl", "divprune", 0.25), ("qwen2vl", "uniform", 0.11),
                                               ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25),
@@ -415,10 +423,7 @@ def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, noi
     # apply_pruning's layer-0 input; a missing merge moves the merged rows' norms by far more
     assert torch.allclose(torch.tensor(traced[-1]["norms"]), hf["norms"], rtol=1e-4, atol=1e-5), "rows entering the LLM differ"
     assert vllm_out["prompt_tokens"] == hf["prompt_tokens"] - (n - k), "placeholders not sized to the kept tokens"
-    got = vllm_out["token_ids"]
-    assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
-    for tok, lp in vllm_out["logprobs"][0].items():
-        assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+    _assert_same_answer(vllm_out, hf)
 
 
 @pytest.mark.slow
@@ -434,10 +439,7 @@ def test_vllm_keeping_every_token_answers_as_the_unpruned_model(name, keep, imag
     hf = _hf_pruned(_hf_model(name, path), image_path, None, None)
     assert traced and len(traced[-1]["kept"]) == traced[-1]["grid"][0] * traced[-1]["grid"][1] * traced[-1]["grid"][2]
     assert vllm_out["prompt_tokens"] == hf["prompt_tokens"]
-    got = vllm_out["token_ids"]
-    assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
-    for tok, lp in vllm_out["logprobs"][0].items():
-        assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+    _assert_same_answer(vllm_out, hf)
 
 
 @pytest.mark.slow
