@@ -37,8 +37,11 @@ from vtoken.vllm.positions import (
     grid_offsets,
     index_offsets,
     llava_mrope_override,
+    pack_offsets,
     pruned_1d_positions,
     pruned_mrope_positions,
+    run_offsets,
+    unpack_offsets,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +134,67 @@ def test_llava_kept_tokens_get_their_unpruned_1d_positions():
     # two images, the second whole: each run keeps its own start
     two, _ = pruned_1d_positions(2 + 2 + 1 + n + 1, [(2, 2, n), (5, n, n)])
     assert two[0].tolist() == [0, 1, 2, 2, 2 + n] + list(range(3 + n, 3 + 2 * n)) + [3 + 2 * n]
+
+
+def _forward_positions(layout, media, runs):
+    """The positions the plugin's forward sees: the request's layout plus, on each image's run of
+    placeholders, :func:`run_offsets` (what ``_vtoken_prune`` attaches and ``forward`` adds)."""
+    num_tokens, offsets_of = layout
+    fn = pruned_mrope_positions if offsets_of is grid_offsets else pruned_1d_positions
+    pos, delta = fn(num_tokens, media)
+    for start, kept, n, grid in runs:
+        pos[:, start:start + len(kept)] += run_offsets(kept, n, grid, offsets_of).T
+    return pos, delta
+
+
+def test_an_image_keeping_every_token_gets_the_unpruned_positions():
+    """keep=1.0, an int keep >= the image's tokens (LLaVA's 576, a small Qwen image under an int
+    budget): the run is laid out whole, and no offset is added on top (it used to be added again,
+    doubling each token's position within its image)."""
+    import torch
+
+    from vtoken.plan import tokens_for
+
+    # LLaVA, n = 4 tokens, 2 text tokens before and 1 after: positions 0..6 exactly as unpruned
+    n = 4
+    for keep in (1.0, 576, 10_000):
+        k = tokens_for(keep, n)
+        assert k == n
+        pos, delta = _forward_positions((2 + k + 1, index_offsets), [(2, k, n)], [(2, torch.arange(k), n, (1, 2, 2))])
+        assert pos[0].tolist() == list(range(7)) and delta == 0
+        assert torch.equal(pos, torch.arange(7).expand(3, -1))
+    # Qwen2-VL, a 1x2x2 grid under an int budget of 64: Qwen2-VL's own (t, h, w) rows
+    t, h, w, before, after = 1, 2, 2, 2, 2
+    n = t * h * w
+    k = tokens_for(64, n)
+    pos, delta = _forward_positions((before + k + after, grid_offsets), [(before, k, t, h, w, 1.0)],
+                                    [(before, torch.arange(k), n, (t, h, w))])
+    img = pos[:, before:before + k]
+    assert img[0].tolist() == [2, 2, 2, 2] and img[1].tolist() == [2, 2, 3, 3] and img[2].tolist() == [2, 3, 2, 3]
+    assert pos[:, before + k:].tolist() == [[4, 5]] * 3 and delta == -2
+    # a pruned image beside a whole one: each run follows its own layout
+    kept = torch.tensor([1, 3])
+    media = [(1, 2, 1, 2, 2, 1.0), (4, 4, 1, 2, 2, 1.0)]
+    pos, _ = _forward_positions((9, grid_offsets), media, [(1, kept, 4, (1, 2, 2)), (4, torch.arange(4), 4, (1, 2, 2))])
+    full, _ = pruned_mrope_positions(11, [(1, 4, 1, 2, 2, 1.0), (6, 4, 1, 2, 2, 1.0)])
+    expect = torch.cat([full[:, :1], full[:, 1 + kept], full[:, 5:]], dim=1)
+    assert torch.equal(pos, expect)
+
+
+def test_offsets_survive_bfloat16_in_two_channels():
+    """LLaVA's offsets reach 575, past bfloat16's exact integers (256): 575 itself rounds to 576
+    there. Packed as high and low base-256 digits they come back exact from any float dtype."""
+    import torch
+
+    kept = torch.tensor([0, 255, 256, 257, 300, 511, 574, 575])
+    assert int(index_offsets(kept).to(torch.bfloat16).long()[-1, 0]) == 576  # one channel: off by one
+    for offsets in (index_offsets(kept), grid_offsets(kept, (1, 24, 24)), torch.tensor([[65535, 0, 1]])):
+        packed = pack_offsets(offsets)
+        assert packed.shape == (offsets.shape[0], 6) and int(packed.max()) < 256 and int(packed.min()) >= 0
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert torch.equal(unpack_offsets(packed.to(dtype)), offsets)
+    with pytest.raises(PruningConfigError):
+        pack_offsets(torch.tensor([[65536, 0, 0]]))
 
 
 def test_llava_mrope_override_covers_the_rotary_half():
@@ -324,6 +388,14 @@ def _merged_grid(model, inputs) -> list:
     return [1, side, side]
 
 
+def _assert_same_answer(vllm_out, hf):
+    """vLLM's greedy tokens equal transformers' and its first token's top log-probs agree to 1e-3."""
+    got = vllm_out["token_ids"]
+    assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
+    for tok, lp in vllm_out["logprobs"][0].items():
+        assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,method,keep", [("qwen2vl", "divprune", 0.25), ("qwen2vl", "uniform", 0.11),
                                               ("qwen2vl", "random", 64), ("qwen2_5_vl", "divprune", 0.25),
@@ -351,10 +423,40 @@ def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, noi
     # apply_pruning's layer-0 input; a missing merge moves the merged rows' norms by far more
     assert torch.allclose(torch.tensor(traced[-1]["norms"]), hf["norms"], rtol=1e-4, atol=1e-5), "rows entering the LLM differ"
     assert vllm_out["prompt_tokens"] == hf["prompt_tokens"] - (n - k), "placeholders not sized to the kept tokens"
-    got = vllm_out["token_ids"]
-    assert got == hf["tokens"][: len(got)], f"greedy outputs differ: vLLM {got}, transformers {hf['tokens']}"
-    for tok, lp in vllm_out["logprobs"][0].items():
-        assert abs(lp - float(hf["first_logprobs"][int(tok)])) < 1e-3, (tok, lp, float(hf["first_logprobs"][int(tok)]))
+    _assert_same_answer(vllm_out, hf)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,keep", [("qwen2vl", 4096), ("llava", 1.0)])
+def test_vllm_keeping_every_token_answers_as_the_unpruned_model(name, keep, image_path, tmp_path_factory):
+    """An image that keeps all its tokens (an int budget above its token count, keep=1.0) goes
+    through the plugin at its unpruned positions: vLLM's greedy tokens and first-token log-probs
+    equal the unpruned transformers model's (float32). Positions added twice (the run laid out
+    whole plus the grid offsets) move the first log-probs far past 1e-3."""
+    _require_vllm()
+    path = _checkpoint(name, tmp_path_factory)
+    vllm_out, traced = _offline(path, "divprune", keep, image_path, tmp_path_factory)
+    hf = _hf_pruned(_hf_model(name, path), image_path, None, None)
+    assert traced and len(traced[-1]["kept"]) == traced[-1]["grid"][0] * traced[-1]["grid"][1] * traced[-1]["grid"][2]
+    assert vllm_out["prompt_tokens"] == hf["prompt_tokens"]
+    _assert_same_answer(vllm_out, hf)
+
+
+@pytest.mark.slow
+def test_llava_serves_in_bfloat16(noise_image_path, tmp_path, tmp_path_factory):
+    """LLaVA's offsets (up to 575) are not exact in bfloat16; carried as two base-256 digits
+    (pack_offsets) they are, and the plugin serves a bfloat16 LLaVA (it used to refuse every image)."""
+    _require_vllm()
+    from vtoken.plan import tokens_for
+
+    path = _checkpoint("llava", tmp_path_factory)
+    out, traced = _run_vllm({"VTOKEN_METHOD": "uniform", "VTOKEN_KEEP": "0.25"}, noise_image_path, tmp_path, model=path,
+                            extra=[*_llava_overrides(path), "--dtype", "bfloat16"])
+    grid = traced[-1]["grid"]
+    n = grid[0] * grid[1] * grid[2]
+    assert len(traced[-1]["kept"]) == tokens_for(0.25, n) and max(traced[-1]["kept"]) > 256
+    hf = _hf_pruned(_hf_model("llava", path), noise_image_path, None, None)
+    assert out["prompt_tokens"] == hf["prompt_tokens"] - (n - tokens_for(0.25, n)) and out["token_ids"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ Three places change, each in :class:`PruningMixin` or :class:`PruningProcessorMi
 * **selection** — after the vision tower and merger, each image's embeddings go through vtoken's
   scorer (:mod:`vtoken.vllm.selection`) and only the kept rows go on (a merging stage, VisionZip:
   averaged with the rows merged into them); each row carries its token's (t, h, w) grid offset in
-  3 extra channels (videos are not pruned: zero offsets);
+  6 extra channels, high and low base-256 digits (:func:`vtoken.vllm.positions.pack_offsets`:
+  exact in bfloat16 too); zero for a run that keeps every token, laid out whole (videos are not
+  pruned: zero offsets);
 * **vision probe** — for scorers reading the vision encoder's attention (FasterVLM, VisionZip), a
   forward pre-hook on the attention op of the tower's last block records each image's query and
   keys and turns them into the signal the transformers adapter gives
@@ -61,12 +63,15 @@ from vtoken.vllm.positions import (
     grid_offsets,
     index_offsets,
     llava_mrope_override,
+    pack_offsets,
     pruned_1d_positions,
     pruned_mrope_positions,
+    run_offsets,
+    unpack_offsets,
 )
 from vtoken.vllm.selection import select_image
 
-OFFSET_CHANNELS = 3
+OFFSET_CHANNELS = 6  # pack_offsets: (t, h, w) offsets as high and low base-256 digits
 ENV_TRACE = "VTOKEN_VLLM_TRACE"
 
 
@@ -139,15 +144,14 @@ class PruningMixin:
 
     def _vtoken_prune(self, embeds, grids, vision, offsets_of):
         """Each image's kept rows (merged where the stage merges) with the kept tokens' position
-        offsets (``offsets_of(kept, grid)`` -> (k, 3)) in 3 extra channels."""
+        offsets (:func:`run_offsets`, ``offsets_of(kept, grid)`` -> (k, 3)) packed in
+        ``OFFSET_CHANNELS`` extra channels (:func:`pack_offsets`)."""
         out, trace = [], os.environ.get(ENV_TRACE)
         for i, (emb, grid) in enumerate(zip(embeds, grids)):
             budget = self._vtoken.tokens_kept(int(emb.shape[0]))
             kept, rows = select_image(self._vtoken.stage, emb, grid, budget, vision=vision[i] if vision else None)
-            offsets = offsets_of(kept, grid)
-            if emb.dtype == torch.bfloat16 and int(offsets.max()) > 256:
-                raise ValueError(f"image grid {grid} too large to carry offsets in bfloat16; serve in float16/float32")
-            out.append(torch.cat([rows, offsets.to(emb.device, emb.dtype)], dim=1))
+            offsets = run_offsets(kept, int(emb.shape[0]), grid, offsets_of)
+            out.append(torch.cat([rows, pack_offsets(offsets).to(emb.device, emb.dtype)], dim=1))
             if trace:
                 with open(trace, "a") as fh:
                     fh.write(json.dumps({"method": self._vtoken.method, "grid": list(grid), "kept": kept.tolist(),
@@ -164,7 +168,7 @@ class PruningMixin:
             if getattr(e, "modality", None) is not None:
                 stripped.modality = e.modality
             embeds.append(stripped)
-            offsets.append(e[:, -OFFSET_CHANNELS:].float().round().long())
+            offsets.append(unpack_offsets(e[:, -OFFSET_CHANNELS:]))
         self._vtoken_pending = (is_multimodal, torch.cat(offsets))
         return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal, **kwargs)
 

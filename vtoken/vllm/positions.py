@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vtoken.errors import PruningConfigError
+
 
 def grid_offsets(kept: torch.Tensor, grid: tuple, t_factor: float = 1.0) -> torch.Tensor:
     """(k, 3) long: the (t, h, w) offset of each kept token index (row-major over the (t, h, w)
@@ -85,6 +87,41 @@ def index_offsets(kept: torch.Tensor, grid=None) -> torch.Tensor:
     return kept.long().cpu().unsqueeze(1).expand(-1, 3).contiguous()
 
 
+def run_offsets(kept: torch.Tensor, n: int, grid, offsets_of) -> torch.Tensor:
+    """(k, 3) long: what the forward adds to the positions of an image's ``k`` kept placeholders
+    (``kept`` the sorted kept indices out of the image's ``n`` tokens, ``offsets_of`` ->
+    :func:`grid_offsets` or :func:`index_offsets`).
+
+    One rule with the layouts above (:func:`pruned_mrope_positions`, :func:`pruned_1d_positions`):
+    a run that keeps all ``n`` tokens is laid out whole, each token at its own unpruned position
+    already, so its offsets are zero (as a video's); a pruned run sits at the image's start and
+    each kept token gets its offset within the grid.
+    """
+    if int(kept.numel()) == int(n):
+        return torch.zeros((int(n), 3), dtype=torch.long)
+    return offsets_of(kept, grid)
+
+
+#: an offset rides in two embedding channels, ``offset // BASE`` and ``offset % BASE``: each below
+#: 256, exact in bfloat16 (8 significant bits), where LLaVA's offsets (up to 575) are not
+OFFSET_BASE = 256
+
+
+def pack_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """(k, 3) long offsets -> (k, 6) long channels ``[high (3), low (3)]``, each in [0, 256), so
+    they survive a cast to the model's dtype (bfloat16 included). Offsets must be below 65536."""
+    offsets = offsets.long()
+    if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= OFFSET_BASE ** 2):
+        raise PruningConfigError(f"position offsets must lie in [0, {OFFSET_BASE ** 2}); got up to {int(offsets.max())}")
+    return torch.cat([offsets // OFFSET_BASE, offsets % OFFSET_BASE], dim=1)
+
+
+def unpack_offsets(channels: torch.Tensor) -> torch.Tensor:
+    """(k, 6) channels of :func:`pack_offsets` (any float dtype) -> (k, 3) long offsets."""
+    c = channels.float().round().long()
+    return c[:, :3] * OFFSET_BASE + c[:, 3:]
+
+
 def llava_mrope_override(text_config) -> dict:
     """The ``--hf-overrides`` that turn on vLLM's M-RoPE path for a LLaVA checkpoint: its own
     rotary parameters plus an ``mrope_section`` (three equal position rows make it the 1-D rope)."""
@@ -95,4 +132,5 @@ def llava_mrope_override(text_config) -> dict:
     return {"text_config": {"rope_parameters": params}}
 
 
-__all__ = ["grid_offsets", "index_offsets", "llava_mrope_override", "pruned_1d_positions", "pruned_mrope_positions"]
+__all__ = ["grid_offsets", "index_offsets", "llava_mrope_override", "pack_offsets", "pruned_1d_positions",
+           "pruned_mrope_positions", "run_offsets", "unpack_offsets"]
