@@ -62,7 +62,7 @@ def test_generic_hf_model_end_to_end(small_llava, tmp_path, monkeypatch):
     from vtoken.data import synthetic
 
     records = synthetic.make_split("test", 3, 0, image_size=112)
-    monkeypatch.setattr(synthetic, "make_split", lambda split, n, seed=0, image_size=336: records[:n])
+    monkeypatch.setattr(synthetic, "make_split", lambda split, n, seed=0, image_size=336, qtypes=None: records[:n])
     out = tmp_path / "out"
     rc = cli.main(["--model", str(small_llava), "--data", "synthetic", "--limit", "3", "--methods", "fastv",
                    "--keep", "16", "--batch-size", "2", "--max-new-tokens", "2", "--out", str(out), "--no-progress"])

@@ -287,7 +287,8 @@ def _checkpoint(name, tmp_path_factory) -> str:
     from vtoken import zoo
 
     if name not in _CHECKPOINTS:
-        _CHECKPOINTS[name] = (zoo.resolve(f"vtoken/tiny-{name}") if name in ("qwen2vl", "llava")
+        _CHECKPOINTS[name] = (zoo.resolve({"qwen2vl": "vtoken/tiny-qwen2vl", "llava": "vtoken/tiny-llava"}[name])
+                              if name in ("qwen2vl", "llava")
                               else str(tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))))
     return _CHECKPOINTS[name]
 
@@ -404,7 +405,9 @@ def _assert_same_answer(vllm_out, hf):
                                               ("llava", "fastervlm", 0.25), ("llava", "visionzip", 0.11)])
 def test_vllm_keeps_what_apply_pruning_keeps(name, method, keep, image_path, noise_image_path, tmp_path_factory):
     _require_vllm()
-    if name == "llava":
+    if name in ("llava", "qwen2_5_vl"):
+        # the random-weight tiny Qwen2.5-VL and the tiny LLaVA: DivPrune meets near-ties on the flat
+        # synthetic scene, which two float32 engines may break differently; a noise image has none
         image_path = noise_image_path
     import torch
 
