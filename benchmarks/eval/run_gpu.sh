@@ -11,7 +11,8 @@
 # all checkpoints at once. Methods that cannot run on a model are skipped and reported by the
 # table. HARD_TIMEOUT (default 540 s) bounds the whole command. The runs live in RUNS (default: a
 # temporary folder, removed at the end); with RUNS=dir kept between calls, the same command resumes
-# a killed run. $OUT gets, per checkpoint, NAME.tar.gz (table.md, table.csv, results.json,
+# a killed run; RESUME=dir (a previous call's $OUT) unpacks each NAME.tar.gz found there into the run
+# folder first, so a run cut by one device call's limit goes on in the next (same SHARDS). $OUT gets, per checkpoint, NAME.tar.gz (table.md, table.csv, results.json,
 # predictions.jsonl, run logs; the part files of an unfinished run) and NAME.md (the table), plus
 # env.txt.
 set -u
@@ -43,6 +44,9 @@ PIDS=()
 for ck in "${CKPTS[@]}"; do
   data=$DATA; case "$ck" in *video*) data=${VIDEO_DATA:-synthetic-video};; esac
   mkdir -p "$RUNS/$ck"
+  if [ -n "${RESUME:-}" ] && [ -f "$RESUME/$ck.tar.gz" ] && [ ! -f "$RUNS/$ck/run_config.json" ]; then
+    tar -xzf "$RESUME/$ck.tar.gz" -C "$RUNS/$ck" && echo "== $ck: resumed from $RESUME/$ck.tar.gz ($(cat "$RUNS/$ck"/predictions*.jsonl 2>/dev/null | wc -l) answers)"
+  fi
   for ((r = 0; r < SHARDS; r++)); do
     # shellcheck disable=SC2086
     timeout -k 10 "${HARD_TIMEOUT:-540}" python3 -m vtoken.eval --model "vtoken/$ck" --data $data --limit "$N" \
