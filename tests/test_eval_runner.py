@@ -301,3 +301,36 @@ def test_a_failed_shard_stops_rank_0_instead_of_leaving_it_waiting(tmp_path, mon
     with pytest.raises(ShardFailed, match="rank 1: RuntimeError: CUDA out of memory"):
         run_eval(config(tmp_path, "dp"), backend=FakeBackend(), rank=0, world=2, datasets=make_datasets(tmp_path))
     assert not list((tmp_path / "dp").glob(".rank-*.failed"))  # read once, then gone
+
+
+def test_a_stale_done_marker_does_not_let_rank_0_merge_an_unfinished_shard(tmp_path, monkeypatch):
+    """`--shard` launched by hand without $VTOKEN_EVAL_RUN_ID takes the shell's pid as run id, so a
+    killed earlier launch from that shell leaves `.done` markers with this launch's name. Rank 0
+    must wait until rank 1's records are really there, then report every question."""
+    import threading
+    import time
+
+    from vtoken.eval.runner import run_token
+
+    monkeypatch.setenv("VTOKEN_EVAL_RUN_ID", "same-shell")
+    out = tmp_path / "stale"
+    out.mkdir()
+    (out / f".rank-1-of-2.{run_token()}.done").write_text("done\n")  # left by the killed launch
+    result = {}
+
+    def rank0():
+        result["report"] = run_eval(config(tmp_path, "stale"), backend=FakeBackend(), rank=0, world=2,
+                                    datasets=make_datasets(tmp_path))
+        result["t"] = time.time()
+
+    t = threading.Thread(target=rank0)
+    t.start()
+    time.sleep(3.0)
+    assert t.is_alive(), "rank 0 merged while rank 1 had written nothing"
+    t1 = time.time()
+    run_eval(config(tmp_path, "stale"), backend=FakeBackend(), rank=1, world=2, datasets=make_datasets(tmp_path))
+    t.join(timeout=60)
+    assert not t.is_alive() and result["t"] >= t1
+    preds = read_jsonl(out / "predictions.jsonl")
+    n_questions = sum(len(ds.samples) for ds in make_datasets(tmp_path))
+    assert len(preds) == n_questions * (1 + 2 * 2)  # unpruned + 2 methods x 2 budgets, both shards

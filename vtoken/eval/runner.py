@@ -118,7 +118,7 @@ def run_eval(
     if barrier is not None:
         barrier()
     elif world > 1:
-        _file_barrier(out, rank, world)
+        _file_barrier(out, rank, world, shard_done=lambda r: _shard_complete(out, r, world, datasets, configs))
     if rank != 0 or not report:
         return None
     merge_outputs(out)
@@ -212,9 +212,29 @@ def run_token() -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def _file_barrier(out: Path, rank: int, world: int, poll_s: float = 1.0) -> None:
+def _shard_complete(out: Path, rank: int, world: int, datasets: list, configs: list) -> bool:
+    """Whether rank ``rank``'s questions all have a record (an answer or an error) in the output
+    folder, or belong to a (method, budget) that rank reported as unable to run."""
+    skipped = {(f["method"], f["keep"]) for f in read_jsonl(out / f"failed_configs.part-{rank}.jsonl", check_failure)}
+    have = {record_key(r) for r in existing_predictions(out)}
+    for method, keep in configs:
+        kk = keep_key(keep)
+        if (method, kk) in skipped:
+            continue
+        for ds in datasets:
+            if any((ds.name, str(ds.samples[i].id), method, kk) not in have
+                   for i in range(rank, len(ds.samples), world)):
+                return False
+    return True
+
+
+def _file_barrier(out: Path, rank: int, world: int, poll_s: float = 1.0,
+                  shard_done: Optional[Callable] = None) -> None:
     """Ranks > 0 leave a marker once their part files are complete; rank 0 waits for all of them
-    (no collective call, so no communication timeout however long a shard takes)."""
+    (no collective call, so no communication timeout however long a shard takes). With
+    ``shard_done(r)``, a rank's marker counts only once its records are all there: a marker left
+    by a killed earlier launch with the same run id (``--shard`` started by hand from one shell
+    without ``$VTOKEN_EVAL_RUN_ID``) does not let rank 0 merge an unfinished shard."""
     import time
 
     token = run_token()
@@ -222,10 +242,11 @@ def _file_barrier(out: Path, rank: int, world: int, poll_s: float = 1.0) -> None
     if rank != 0:
         mine.write_text("done\n")
         return
-    others = [out / f".rank-{r}-of-{world}.{token}.done" for r in range(1, world)]
+    others = {r: out / f".rank-{r}-of-{world}.{token}.done" for r in range(1, world)}
     failed = [out / f".rank-{r}-of-{world}.{token}.failed" for r in range(1, world)]
-    t0, last = time.time(), time.time()
-    while not all(p.exists() for p in others):
+    finished: set = set()
+    t0, last, last_check = time.time(), time.time(), 0.0
+    while len(finished) < len(others):
         stopped = [(r, p) for r, p in zip(range(1, world), failed) if p.exists()]
         if stopped:
             why = "; ".join(f"rank {r}: {p.read_text().strip()}" for r, p in stopped)
@@ -233,13 +254,18 @@ def _file_barrier(out: Path, rank: int, world: int, poll_s: float = 1.0) -> None
                 p.unlink()
             raise ShardFailed(f"vtoken eval: shard(s) of this launch stopped, so no report is written ({why}); "
                               f"every finished batch is kept in {out}: run the same command again to resume")
+        marked = [r for r, p in others.items() if r not in finished and p.exists()]
+        if marked and (shard_done is None or time.time() - last_check >= 10 * poll_s):
+            last_check = time.time()  # reading the part files is not free: at most every 10 polls
+            finished.update(r for r in marked if shard_done is None or shard_done(r))
         if time.time() - last > 60:
-            waiting = [r for r, p in zip(range(1, world), others) if not p.exists()]
+            waiting = sorted(set(others) - finished)
             log_message(f"vtoken eval: rank 0 waiting for rank(s) {waiting} to finish ({time.time() - t0:.0f} s)")
             last = time.time()
-        time.sleep(poll_s)
-    for p in others:
-        p.unlink()
+        if len(finished) < len(others):
+            time.sleep(poll_s)
+    for p in others.values():
+        p.unlink(missing_ok=True)
 
 
 def _dedupe_names(datasets: list) -> None:
