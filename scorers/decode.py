@@ -27,6 +27,7 @@ import torch
 from vtoken.errors import PruningConfigError
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import DecodeStage, validate_budget
+from vtoken.kernels.lowbit import dequantize_tokens, quantize_tokens  # noqa: F401 - part of this module's API
 from vtoken.scorers.base import topk_selection
 
 _A2SF = 'A2SF (Jo & Shin, "A2SF: Accumulative Attention Scoring with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv:2407.20485, 2024)'
@@ -84,33 +85,6 @@ def pivot_merge(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, ev
         new = torch.where(kept.view(B, 1, L, 1), total / count.unsqueeze(-1), tf)
         out.append(new.to(t.dtype))
     return out[0], out[1]
-
-
-def quantize_tokens(x: torch.Tensor, bits: int) -> tuple:
-    """Per-token asymmetric min-max quantisation over the last dim (each head's key or value vector
-    of each token on its own grid): ``q = round((x - lo) / scale)``, ``scale = (hi - lo) / (2**bits - 1)``.
-
-    x (..., L, D) float -> (packed (..., L, D * bits / 8) uint8, ``8 // bits`` codes a byte, the
-    first in the lowest bits; scale (..., L, 1) and lo (..., L, 1) in x's dtype). D * bits must be
-    a multiple of 8."""
-    per = 8 // bits
-    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo).float() / (2 ** bits - 1)).to(x.dtype).float()  # the grid stored: codes on the same one
-    codes = torch.where(scale > 0, ((x.float() - lo.float()) / scale.clamp_min(1e-30)).round(), torch.zeros_like(scale))
-    codes = codes.clamp_(0, 2 ** bits - 1).to(torch.uint8)
-    codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
-    shifts = (torch.arange(per, device=x.device, dtype=torch.uint8) * bits)
-    packed = (codes << shifts).sum(dim=-1, dtype=torch.uint8)  # disjoint bit fields: the sum is an OR
-    return packed, scale.to(x.dtype), lo
-
-
-def dequantize_tokens(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`quantize_tokens`: -> (..., L, D) in ``scale``'s dtype, ``lo + code * scale``."""
-    per = 8 // bits
-    shifts = (torch.arange(per, device=packed.device, dtype=torch.uint8) * bits)
-    codes = (packed.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
-    return (lo.float() + codes.float() * scale.float()).to(scale.dtype)
 
 
 class DecodeScorer:
