@@ -117,6 +117,22 @@ def test_quantised_read_equals_the_dynamic_dequantised_values():
                 assert torch.equal(read[b, :, :m], dyn[b, :, dyn.shape[2] - m:]), (i, b)
 
 
+def test_two_stages_on_chosen_layers_and_modes_per_stage():
+    """Layer 0 pruned at steps 1 and 3 (scores accumulated over the steps before each), layer 1 at
+    step 3 only; then a merge stage on one layer and a quantize stage on another."""
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    plans = ([DecodeStage("a2sf", 4, step=1, layers=[0]), DecodeStage("a2sf", 2, step=3, layers=[0, 1])],
+             [DecodeStage("lookm", 5, layers=[1], mode="merge"), DecodeStage("zipvl_kv", 2, step=2, layers=[0],
+                                                                             mode="quantize", bits=4)])
+    for plan in plans:
+        with torch.no_grad(), vtoken.apply_pruning(model, plan=plan):
+            ref = model.generate(**inputs, max_new_tokens=T, do_sample=False, suppress_tokens=SUPPRESS)
+            dec = StaticDecoder(model)
+            assert torch.equal(dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS), ref)
+        assert dec.last["decode_stages_run"] == 2
+
+
 def test_refusals_are_clear():
     model = get_model("llava")
     inputs = get_inputs("llava", model)

@@ -159,14 +159,15 @@ def decode_loop(step, steps: int, stages: StaticStages, capture=None, keep=()) -
     """Run ``steps`` decode steps, the plan's stages before the steps they name. With ``capture``
     (a function ``fn -> graph``), each phase between stages is captured once and replayed; the
     tensors in ``keep`` (the step's inputs it advances) and the scores are restored after a
-    capture's warm-up runs. Returns the milliseconds spent capturing."""
+    capture's warm-up runs (a phase with fewer than 3 steps left runs eagerly: the warm-ups would
+    write past the buffers' last slot). Returns the milliseconds spent capturing."""
     graphs, capture_ms = {}, 0.0
     for t in range(steps):
         stages.before_step(t)
-        if capture is None:
-            step()
-            continue
         graph = graphs.get(stages.done)
+        if graph is None and (capture is None or steps - t < 3):
+            step()  # eager: no graphs, or too few steps left for a capture's two warm-up steps to stay in bounds
+            continue
         if graph is None:
             c0 = time.perf_counter()
             saved = [x.clone() for x in keep] + [s.clone() for s in stages.scores.values()]
