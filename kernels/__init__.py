@@ -8,7 +8,7 @@ modules; ``import kernels`` never runs this folder (``vtoken/_folder_guard.py``)
 - :func:`gather_attend`: split-K attention of a few queries over kept entries of a static KV buffer
   read through index lists (ragged kept counts, static shapes, CUDA-graph safe). For pruned decode.
   :func:`gather_attend_lowbit` adds low-bit entries read through a dequantising path (mixed-precision
-  KV; PyTorch reference only so far).
+  KV, :mod:`vtoken.kernels.lowbit`'s grid).
 - :func:`varlen_attention`: block-diagonal attention over packed segments in one launch, and
   :func:`patch_vision_varlen` to route a Qwen2/2.5-VL vision tower's windowed attention through it.
 

@@ -49,7 +49,7 @@ def test_static_decoder_equals_generate_and_evicts_the_same_slots(name, method, 
 
 @pytest.mark.parametrize("method, options, decoder", [("a2sf", {"step": 2}, dict(backend="triton")),
                                                      ("lookm", {}, dict(fused_ops=True)),
-                                                     ("zipvl_kv", {"threshold": 0.9}, dict(fused_ops=True))])
+                                                     ("zipvl_kv", {"threshold": 0.9}, dict(backend="triton"))])
 def test_triton_gather_attend_and_fused_ops_through_the_interpreter(method, options, decoder):
     model = get_model("llava")
     inputs = get_inputs("llava", model)

@@ -15,7 +15,7 @@ a stage edits what :func:`vtoken.kernels.gather_attend` reads instead:
   buffer in place first;
 - ``"quantize"``: the evicted entries are stored quantised (:mod:`vtoken.kernels.lowbit`) with their
   own index list, and the layer's attention becomes :func:`vtoken.kernels.gather_attend_lowbit`
-  (kept entries at full precision, low-bit entries dequantised on read);
+  (kept entries at full precision, low-bit entries dequantised on read; Triton on CUDA);
 - score accumulation (a stage still to come, e.g. A2SF at ``step > 0``): inside the decode step the
   layer's attention also computes its query's head-summed softmax row over the kept entries
   (:func:`kept_rows`, device ops only, no host sync) and folds it into the layer's running scores
@@ -145,8 +145,8 @@ class StaticStages:
         low = self.low.get(layer)
         if low is None:
             out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=scale, backend=backend)
-        else:  # the reference read (no Triton kernel yet): picked whatever the decoder's backend
-            out = gather_attend_lowbit(q, k_buf, v_buf, group.idx, group.count, low, scale=scale)
+        else:
+            out = gather_attend_lowbit(q, k_buf, v_buf, group.idx, group.count, low, scale=scale, backend=backend)
         scorer = self.accumulating.get(layer)
         if scorer is not None:
             scores = self.scores[layer]
