@@ -156,3 +156,16 @@ def test_kept_rows_equal_the_dynamic_step_rows():
     idx = torch.argsort((~held).to(torch.int8), dim=1, stable=True).to(torch.int32)
     got = kept_rows(q, k, idx, held.sum(1), 0.3)
     torch.testing.assert_close(got, step_rows(q, k, held, 0.3)[:, 0])
+
+
+def test_bench_static_rows_read_fewer_kv_bytes():
+    """``python -m vtoken.bench.decode_kv --engine static`` (the GPU measurement) on the CPU: the
+    static buffers keep their size, the bytes the last step reads shrink by the evicted entries."""
+    from vtoken.bench.decode_kv import measure_static
+
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    rows = {r["method"]: r for r in measure_static(model, inputs, ("a2sf", "zipvl_kv"), keep=2, new_tokens=3,
+                                                   repeats=1)}
+    assert rows["a2sf"]["kv_bytes"] == rows["none"]["kv_bytes"]
+    assert rows["a2sf"]["kv_read_mb"] < rows["zipvl_kv"]["kv_read_mb"] < rows["none"]["kv_read_mb"]
