@@ -47,6 +47,7 @@ import torch
 from vtoken.errors import UnsupportedCallError
 from vtoken.hooks import masks as M
 from vtoken.hooks.call_state import CallContext
+from vtoken.hooks.decode_record import DecodePrefill
 from vtoken.hooks.decode_cache import DECODE_ATTR, LowBitKV, attach_low_bits, compact, patch_cache, take_slots
 from vtoken.hooks.captures import eager
 from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
@@ -93,23 +94,6 @@ class DecodeState:
     @property
     def extra(self) -> int:
         return self.appended.shape[1]
-
-
-@dataclass(frozen=True)
-class DecodePrefill:
-    """What a decode-time plan recorded at a prefill, for engines that run its stages on their own
-    KV storage (:class:`vtoken.engine.StaticDecoder`): ``plan`` the stages, ``stage_layers`` per
-    stage the layers it prunes, ``n_prefill`` the prompt length, ``segment`` (B, n) image of each
-    prunable visual token (-1 elsewhere), ``budgets`` per stage (S,) long kept per image,
-    ``scores`` layer -> (B, n) float32 accumulated prompt scores (only layers a stage ranks by
-    attention)."""
-
-    plan: tuple
-    stage_layers: tuple
-    n_prefill: int
-    segment: torch.Tensor
-    budgets: tuple
-    scores: dict
 
 
 class DecodeRuntime:

@@ -109,7 +109,7 @@ class PruningHandle:
 
     def decode_prefill(self, cache):
         """What a decode-time plan recorded at the prefill that filled ``cache`` (a
-        :class:`vtoken.hooks.decode_runtime.DecodePrefill`: the prompt's visual segments, the
+        :class:`vtoken.hooks.decode_record.DecodePrefill`: the prompt's visual segments, the
         per-stage budgets, each ranked layer's accumulated prompt scores), for an engine that runs
         the plan's :class:`vtoken.plan.DecodeStage` s on its own KV storage; None when the plan has
         no decode stages or the prefill recorded nothing (nothing can be evicted)."""

@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 
 from vtoken.kernels.checks import check_gather_args, check_kernel_dtypes, index_tensor, softmax_scale
-from vtoken.kernels.dispatch import cdiv, interpreter_enabled, lazy_jit, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.dispatch import cdiv, lazy_jit, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.gather_attend import _launch_shapes
 from vtoken.kernels.reference import gather_attend_lowbit_torch
 from vtoken.kernels.triton_helpers import LOG2E, accumulate_pv, attend_block, dot_qk, normalize_rows, softmax_step
 
@@ -150,14 +151,9 @@ def _lowbit_kernel(
 
 def _gather_attend_lowbit_triton(q, k_buf, v_buf, kept_idx, kept_len, low, scale):
     # Host side: shapes, strides and dtypes only; no host sync (CUDA-graph safe).
-    B, H, Q, D = q.shape
-    Hkv, K = k_buf.shape[1], kept_idx.shape[-1]
-    G = H // Hkv
-    M_TOT = G * Q
-    out = torch.empty((B, H, Q, D), dtype=q.dtype, device=q.device)
-    if B == 0 or H == 0 or Q == 0:
+    (B, H, Hkv, G, Q, D, K, M_TOT, interp), out, empty = _launch_shapes(q, k_buf, kept_idx)
+    if empty:
         return out
-    interp = interpreter_enabled() and not q.is_cuda
     block_m = min(64, max(16, next_pow2(M_TOT)))
     # one set of strides for both packed tensors and for the four scale / offset tensors (no-ops when
     # contiguous, as quantize_tokens makes them)

@@ -1,6 +1,7 @@
 """Low-bit KV storage: per-token asymmetric min-max quantisation of key / value vectors and its
 inverse (the mixed-precision KV of ZipVL's decode-time stage, ``DecodeStage(mode="quantize")``).
-Pure PyTorch; both the dynamic cache's low-bit store (:mod:`vtoken.hooks.decode_cache`) and the
+Pure PyTorch (here, not in ``vtoken.scorers``, because kernels import no other layer); both the
+dynamic cache's low-bit store (:mod:`vtoken.hooks.decode_cache`) and the
 dequantising read of :func:`vtoken.kernels.gather_attend_lowbit` use these two functions, so the
 values either path attends to are the same.
 """

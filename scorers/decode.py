@@ -27,7 +27,6 @@ import torch
 from vtoken.errors import PruningConfigError
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import DecodeStage, validate_budget
-from vtoken.kernels.lowbit import dequantize_tokens, quantize_tokens  # noqa: F401 - part of this module's API
 from vtoken.scorers.base import topk_selection
 
 _A2SF = 'A2SF (Jo & Shin, "A2SF: Accumulative Attention Scoring with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv:2407.20485, 2024)'
@@ -175,7 +174,7 @@ class ZipVLKVScorer(DecodeScorer):
     probe queries that see it and picks important tokens among all tokens per layer; vtoken ranks
     visual entries by their summed attention and keeps text in full precision; high precision is
     the model's dtype (ZipVL quantises important tokens too, at a higher bit width); the low-bit
-    grid is per token and head, asymmetric min-max (:func:`quantize_tokens`), vtoken's choice (no
+    grid is per token and head, asymmetric min-max (:func:`vtoken.kernels.lowbit.quantize_tokens`), vtoken's choice (no
     code was released)."""
 
     name = "zipvl_kv"
@@ -232,4 +231,4 @@ def zipvl_kv_plan(keep=1.0, threshold: float = 0.975, bits: int = 2, step: int =
                         mode="quantize", bits=bits)]
 
 
-__all__ = ["quantize_tokens", "dequantize_tokens", "ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]
+__all__ = ["ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]

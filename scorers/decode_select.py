@@ -1,6 +1,6 @@
 """Which visual KV entries a decode-time stage evicts: one pure function shared by the dynamic
 cache's runtime (:mod:`vtoken.hooks.decode_runtime`) and the static-buffer engine
-(:mod:`vtoken.engine.static_stages`), so both evict exactly the same slots from the same scores.
+(:mod:`vtoken.engine.static_stages`, through :class:`vtoken.hooks.decode_record.DecodePrefill`), so both evict exactly the same slots from the same scores.
 """
 
 from __future__ import annotations

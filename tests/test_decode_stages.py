@@ -433,7 +433,7 @@ def ref_zipvl_count(scores, threshold, budget):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_low_bit_round_trip_matches_the_reference_grid(bits):
-    from vtoken.scorers.decode import dequantize_tokens, quantize_tokens
+    from vtoken.kernels.lowbit import dequantize_tokens, quantize_tokens
 
     x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(bits))
     x[0, 0, 0] = 0.5  # a constant vector: scale 0

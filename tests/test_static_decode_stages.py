@@ -47,6 +47,15 @@ def test_static_decoder_equals_generate_and_evicts_the_same_slots(name, method, 
         assert bool(evicted.any())
 
 
+@pytest.mark.parametrize("name, method, options", [("llava_next", "a2sf", {"step": 2}),
+                                                   ("qwen3_vl", "zipvl_kv", {"threshold": 0.9})])
+def test_other_adapters(name, method, options):
+    model = get_model(name)
+    inputs = get_inputs(name, model)
+    ref, got, dec = both(model, inputs, method, 3, options)
+    assert torch.equal(got, ref.sequences) and dec.last["decode_stages_run"] == 1
+
+
 @pytest.mark.parametrize("method, options, decoder", [("a2sf", {"step": 2}, dict(backend="triton")),
                                                      ("lookm", {}, dict(fused_ops=True)),
                                                      ("zipvl_kv", {"threshold": 0.9}, dict(backend="triton"))])

@@ -7,8 +7,9 @@ a stage edits what :func:`vtoken.kernels.gather_attend` reads instead:
 
 - every layer a stage prunes has its own kept-index list (``StaticDecoder`` gives each layer its
   own :class:`~vtoken.engine.static_kv.LayoutGroup`); at the stage's step (on the host, between two
-  decode steps) the stage's selection — :func:`vtoken.scorers.decode_select.stage_eviction`, the
-  function the dynamic runtime calls, on the same scores — drops the evicted slots from the list
+  decode steps) the stage's selection — the handle's record
+  (:meth:`vtoken.hooks.decode_record.DecodePrefill.eviction`) calls the function the dynamic
+  runtime calls, on the same scores — drops the evicted slots from the list
   (rebuilt in place by ``_kept_index``, the same padded ``[B, N + T]`` list and count as the
   prefill's, so a captured graph reads the new list);
 - ``"merge"``: the scorer's merge rule (LOOK-M's pivot merge) rewrites the kept slots of the
@@ -35,7 +36,6 @@ import torch
 from vtoken.engine.static_kv import _kept_index
 from vtoken.kernels import LowBitEntries, gather_attend, gather_attend_lowbit
 from vtoken.kernels.lowbit import quantize_tokens
-from vtoken.scorers.decode_select import stage_eviction
 
 
 def kept_rows(q: torch.Tensor, k_buf: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float) -> torch.Tensor:
@@ -112,14 +112,14 @@ class StaticStages:
         return ran
 
     def _run(self, index: int, t: int) -> None:
-        stage, budget = self.plan[index], self.record.budgets[index]
+        stage = self.plan[index]
         record = {}
         for layer in self.record.stage_layers[index]:
             group, valid = self._group(layer), self.valid[layer]
             n, L = group.n_prefill, group.n_prefill + t
             held = torch.cat([valid, valid.new_ones(valid.shape[0], t)], dim=1)
             positions = torch.arange(L, device=valid.device)[None, :].masked_fill(~held, -1)
-            evicted = stage_eviction(stage.scorer, self.record.segment, positions, self.scores[layer][:, :L], budget)
+            evicted = self.record.eviction(index, positions, self.scores[layer][:, :L])
             record[layer] = evicted
             if not bool(evicted.any()):
                 continue
