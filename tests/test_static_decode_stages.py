@@ -178,3 +178,31 @@ def test_bench_static_rows_read_fewer_kv_bytes():
                                                    repeats=1)}
     assert rows["a2sf"]["kv_bytes"] == rows["none"]["kv_bytes"]
     assert rows["a2sf"]["kv_read_mb"] < rows["zipvl_kv"]["kv_read_mb"] < rows["none"]["kv_read_mb"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_ops", [False, True])
+def test_cuda_graphs_per_phase_equal_generate_on_gpu(fused_ops):
+    """On CUDA the decode step is captured once per phase between stages (after each stage's
+    eviction, with the accumulation of the next one) and replayed; a phase with fewer than 3 steps
+    left runs eagerly. A stage at step 2 of 8 steps: a captured phase before it, one after it;
+    zipvl_kv: the low-bit Triton read inside the captured step."""
+    import tiny_models as tm
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tm.tiny_qwen("qwen2_vl").cuda()
+    inputs = {k: v.cuda() for k, v in get_inputs("qwen2_vl", model).items()}
+    steps = 8
+    for method, options in (("a2sf", {"step": 2}), ("lookm", {}), ("zipvl_kv", {"threshold": 0.9, "step": 5})):
+        with torch.no_grad(), vtoken.apply_pruning(model, method=method, keep=2, **options):
+            ref = model.generate(**inputs, max_new_tokens=steps, **GEN)
+            eager = StaticDecoder(model, cuda_graph=False, fused_ops=fused_ops).generate(
+                **inputs, max_new_tokens=steps, suppress_tokens=SUPPRESS)
+            dec = StaticDecoder(model, fused_ops=fused_ops)
+            got = dec.generate(**inputs, max_new_tokens=steps, suppress_tokens=SUPPRESS)
+            assert dec.last["cuda_graph"] and dec.last["capture_ms"] > 0 and dec.last["decode_stages_run"] == 1
+            dynamic = getattr(ref.past_key_values, DECODE_ATTR).evicted[0]
+            for layer, evicted in dynamic.items():
+                assert torch.equal(dec.stages.evicted[0][layer], evicted), (method, layer)
+        assert torch.equal(eager, ref.sequences) and torch.equal(got, ref.sequences), method
