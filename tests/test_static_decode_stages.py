@@ -206,3 +206,32 @@ def test_cuda_graphs_per_phase_equal_generate_on_gpu(fused_ops):
             for layer, evicted in dynamic.items():
                 assert torch.equal(dec.stages.evicted[0][layer], evicted), (method, layer)
         assert torch.equal(eager, ref.sequences) and torch.equal(got, ref.sequences), method
+
+
+@pytest.mark.parametrize("method, options", [("a2sf", {"step": 3}), ("lookm", {}), ("zipvl_kv", {"threshold": 0.9})])
+def test_decode_steps_make_no_host_syncs(method, options, monkeypatch):
+    """Inside a decode step (what a CUDA graph captures) no op waits for the device: the score
+    accumulation of a stage to come, the edited lists and the low-bit read included (the sync ops
+    counted on the CPU with a dispatch mode, as tests/test_host_syncs.py does); the stage itself
+    runs between steps."""
+    import vtoken.engine.static_decode as static_decode
+    from test_host_syncs import _SyncCounter
+
+    counter, loop = _SyncCounter(), static_decode.decode_loop
+
+    def counted(step, *args, **kwargs):
+        def wrapped():
+            counter.on = True
+            try:
+                step()
+            finally:
+                counter.on = False
+        return loop(wrapped, *args, **kwargs)
+
+    monkeypatch.setattr(static_decode, "decode_loop", counted)
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    with counter:
+        ref, got, dec = both(model, inputs, method, 2, options)
+    assert torch.equal(got, ref.sequences) and dec.last["decode_stages_run"] == 1
+    assert not counter.found, dict(counter.found)

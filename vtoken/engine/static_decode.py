@@ -32,9 +32,17 @@ does with a default generation config; finished rows are padded after their EOS 
 does, and the output stops when every row has finished. Sampling, beams, and multi-turn
 continuation stay on ``model.generate``.
 
+Decode-time stages (a handle whose plan holds :class:`vtoken.plan.DecodeStage` s: ``a2sf``,
+``lookm``, ``zipvl_kv``): the prefill runs eagerly in full (its attention is scored by the
+handle's probes), every layer gets its own kept-index list, and :mod:`vtoken.engine.static_stages`
+edits the lists (merges into the buffers, stores low-bit entries) at each stage's step, between
+two decode steps; graphs are captured once per phase between stages. Plans that also prune in the
+prefill, and ``prefill_batch``, are refused there.
+
 Modules: :mod:`vtoken.engine.static_kv` (the buffers and kept-index lists),
 :mod:`vtoken.engine.graphs` (capture / replay, the per-shape session), :mod:`vtoken.engine.prefill`
-(the prefill and its captured tail), this module (the decode step, the attention swap, ``generate``).
+(the prefill and its captured tail), :mod:`vtoken.engine.static_stages` (decode-time stages), this
+module (the decode step, the attention swap, ``generate``).
 """
 
 from __future__ import annotations
@@ -87,7 +95,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
     by the new tokens, ``[B, N + T']``), with or without a :func:`vtoken.apply_pruning` handle on
     the model. After a call, :attr:`last` holds ``prefill_ms``, ``setup_ms``, ``capture_ms``,
     ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``kv_bytes`` (the static
-    buffers), ``prefill_lengths`` (each layer group's prefill KV length) and whether graphs ran.
+    buffers), ``prefill_lengths`` (each layer group's prefill KV length), whether graphs ran and
+    ``decode_stages_run`` (decode-time stages applied; :attr:`stages` holds them after the call).
 
     Graph prefill (``graph_prefill``, default on with ``cuda_graph``): the prefill runs eagerly up
     to the last pruning stage (vision tower, the full-length layers, scoring and the gather; with
