@@ -124,7 +124,7 @@ def _lowbit_kernel(
         codes = ((tl.load(VP + rows, mask=tile, other=0) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
         v = (tl.load(VL + srow, mask=n_ok, other=0.0).to(tl.float32)[:, None]
              + codes * tl.load(VS + srow, mask=n_ok, other=0.0).to(tl.float32)[:, None])
-        v = tl.where(tile, v.to(VS.dtype.element_ty).to(VB.dtype.element_ty), 0.0)
+        v = v.to(VS.dtype.element_ty).to(VB.dtype.element_ty)  # rows past the list loaded as 0 (code, scale, lo)
         m_i, alpha, p, l_i = softmax_step(m_i, l_i, s)
         acc = accumulate_pv(acc, alpha, p, v, IEEE)
 
