@@ -235,3 +235,37 @@ def test_decode_steps_make_no_host_syncs(method, options, monkeypatch):
         ref, got, dec = both(model, inputs, method, 2, options)
     assert torch.equal(got, ref.sequences) and dec.last["decode_stages_run"] == 1
     assert not counter.found, dict(counter.found)
+
+
+class _ReplayByRunning:
+    """A stand-in for a captured CUDA graph on the CPU: ``replay`` runs the step."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+@pytest.mark.parametrize("method, options", [("a2sf", {"step": 2}), ("zipvl_kv", {"threshold": 0.9, "step": 4})])
+def test_per_phase_capture_restores_what_its_warm_ups_advanced(method, options, monkeypatch):
+    """The decode loop's graph bookkeeping on the CPU: a stand-in capture runs the step three times
+    (as ``_capture``'s two warm-ups and more: the step counter, the next token and the scores
+    advance) and replays by running it; the tokens still equal generate's, so the loop restores
+    what the warm-ups advanced, captures one graph per phase and runs the short last phase eagerly."""
+    import vtoken.engine.static_decode as static_decode
+
+    loop, captured = static_decode.decode_loop, []
+
+    def capture(fn):
+        for _ in range(3):
+            fn()
+        captured.append(fn)
+        return _ReplayByRunning(fn)
+
+    monkeypatch.setattr(static_decode, "decode_loop", lambda step, steps, stages, _capture, keep: loop(
+        step, steps, stages, capture, keep))
+    model = get_model("qwen2_vl")
+    inputs = get_inputs("qwen2_vl", model)
+    with torch.no_grad(), vtoken.apply_pruning(model, method=method, keep=2, **options):
+        ref = model.generate(**inputs, max_new_tokens=8, **GEN)
+        got = StaticDecoder(model).generate(**inputs, max_new_tokens=8, suppress_tokens=SUPPRESS)
+    assert torch.equal(got, ref.sequences)
+    assert len(captured) == 2  # before the stage, after it (7 steps: the phase after step 4 has 3 left, captured)
