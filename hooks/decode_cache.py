@@ -11,6 +11,7 @@ import weakref
 import torch
 
 from vtoken.errors import UnsupportedCallError
+from vtoken.kernels.lowbit import dequantize_tokens, quantize_tokens
 
 DECODE_ATTR = "_vtoken_decode"
 LOW_BITS_ATTR = "_vtoken_low_bits"
@@ -39,19 +40,15 @@ def take_slots(t: torch.Tensor, take: torch.Tensor, valid: torch.Tensor) -> torc
 
 class LowBitKV:
     """A layer's low-precision entries (``mode="quantize"``): keys and values (B, H, Q, D) stored
-    by :func:`vtoken.scorers.decode.quantize_tokens` at ``bits`` bits; ``read()`` dequantises them
+    by :func:`vtoken.kernels.lowbit.quantize_tokens` at ``bits`` bits; ``read()`` dequantises them
     (the slots before the layer's full-precision ones)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, bits: int):
-        from vtoken.scorers.decode import quantize_tokens
-
         self.bits = bits
         self.k = quantize_tokens(keys, bits)
         self.v = quantize_tokens(values, bits)
 
     def read(self) -> tuple:
-        from vtoken.scorers.decode import dequantize_tokens
-
         return dequantize_tokens(*self.k, self.bits), dequantize_tokens(*self.v, self.bits)
 
     @property

@@ -47,12 +47,14 @@ import torch
 from vtoken.errors import UnsupportedCallError
 from vtoken.hooks import masks as M
 from vtoken.hooks.call_state import CallContext
+from vtoken.hooks.decode_record import DecodePrefill
 from vtoken.hooks.decode_cache import DECODE_ATTR, LowBitKV, attach_low_bits, compact, patch_cache, take_slots
 from vtoken.hooks.captures import eager
 from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
 from vtoken.hooks.probe import attention_rows, step_rows
 from vtoken.hooks.runtime import open_multimodal_call
 from vtoken.plan import tokens_for
+from vtoken.scorers.decode_select import segment_selection, stage_eviction  # noqa: F401 - importable here as before
 
 
 
@@ -320,10 +322,31 @@ class DecodeRuntime:
     def next_stage_of(self, state: DecodeState, layer: int) -> Optional[int]:
         """Index of the next stage still to run (``>= state.next``) that prunes ``layer``, or None:
         the layer's scores accumulate for that stage, with its scorer."""
-        for i in range(state.next, len(self.plan)):
+        return self.pending_stage(state.next, layer)
+
+    def pending_stage(self, done: int, layer: int) -> Optional[int]:
+        """:meth:`next_stage_of` once the first ``done`` stages have run."""
+        for i in range(done, len(self.plan)):
             if layer in self.stage_layer_sets[i]:
                 return i if self.plan[i].scorer.reads_attention else None
         return None
+
+    def prefill_record(self, cache) -> Optional[DecodePrefill]:
+        """The :class:`DecodePrefill` of the prefill that filled ``cache`` (None: nothing recorded,
+        i.e. nothing can be evicted, or no visual prefill), before any decode step ran."""
+        state = getattr(cache, DECODE_ATTR, None)
+        if state is None:
+            return None
+        if state.extra or state.next or state.layers:
+            raise RuntimeError("this cache has already been decoded from: its prefill record is gone")
+        return DecodePrefill(tuple(self.plan), tuple(self.stage_layer_sets), state.n_prefill, state.segment,
+                             tuple(state.budgets), dict(state.scores))
+
+    def accumulating_layers(self, done: int) -> dict:
+        """layer -> the scorer whose scores the layer accumulates once the first ``done`` stages
+        have run (a stage still to come prunes it and ranks by attention), as :meth:`probe` does."""
+        stages = {layer: self.pending_stage(done, layer) for layer in range(self.num_layers)}
+        return {layer: self.plan[i].scorer for layer, i in stages.items() if i is not None}
 
     # ---------------------------------------------------------------- eviction
     def layer_layout(self, state: DecodeState, layer: int) -> tuple:
@@ -350,12 +373,8 @@ class DecodeRuntime:
             B, L = pos.shape
             if kv.keys.shape[2] != L:
                 raise RuntimeError(f"layer {layer} caches {kv.keys.shape[2]} slots, its layout {L}")
-            in_prompt = (pos >= 0) & (pos < state.n_prefill)
-            seg = torch.where(in_prompt, state.segment.gather(1, pos.clamp(0, state.n_prefill - 1)), -1)
             scores = state.scores.get(layer)
-            if scores is None:
-                scores = torch.zeros(B, L, device=pos.device)
-            evicted = segment_selection(stage.scorer, seg, scores, budget)
+            evicted = stage_eviction(stage.scorer, state.segment, pos, scores, budget)
             record[layer] = evicted
             if not bool(evicted.any()):
                 continue
@@ -385,26 +404,3 @@ class DecodeRuntime:
             if layer in state.scores:
                 state.scores[layer] = scores.gather(1, take).masked_fill(~new_valid, 0)
         state.evicted.append(record)
-
-
-def segment_selection(scorer, seg: torch.Tensor, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """The slots a decode scorer evicts: seg (B, L) segment of each prunable visual slot (-1
-    other slots), scores (B, L), budget (S,) kept per segment -> (B, L) bool evicted."""
-    B, L = seg.shape
-    flat = seg.reshape(-1)
-    ids = (flat >= 0).nonzero().squeeze(1)
-    evicted = torch.zeros(B * L, dtype=torch.bool, device=seg.device)
-    if ids.numel() == 0:
-        return evicted.view(B, L)
-    segs = flat[ids]
-    order = torch.argsort(segs, stable=True)
-    ids, segs = ids[order], segs[order]
-    S = budget.shape[0]
-    counts = torch.bincount(segs, minlength=S)
-    rank = torch.arange(ids.numel(), device=seg.device) - (counts.cumsum(0) - counts)[segs]
-    idx = torch.full((S, int(counts.max())), -1, dtype=torch.long, device=seg.device)
-    idx[segs, rank] = ids
-    mask = idx >= 0
-    keep = scorer.select(scores.reshape(-1)[idx.clamp(min=0)], mask, torch.minimum(budget, counts))
-    evicted[ids] = ~keep[segs, rank]
-    return evicted.view(B, L)

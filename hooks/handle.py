@@ -107,6 +107,19 @@ class PruningHandle:
             return None
         return {layer: (rec.positions, rec.valid) for layer, rec in sorted(state.layers.items())}
 
+    def decode_prefill(self, cache):
+        """What a decode-time plan recorded at the prefill that filled ``cache`` (a
+        :class:`vtoken.hooks.decode_record.DecodePrefill`: the prompt's visual segments, the
+        per-stage budgets, each ranked layer's accumulated prompt scores), for an engine that runs
+        the plan's :class:`vtoken.plan.DecodeStage` s on its own KV storage; None when the plan has
+        no decode stages or the prefill recorded nothing (nothing can be evicted)."""
+        return None if self.decode_runtime is None else self.decode_runtime.prefill_record(cache)
+
+    def decode_accumulating(self, done: int) -> dict:
+        """layer -> decode scorer: the layers whose attention scores keep accumulating (and with which
+        scorer's rule) during decode steps once the first ``done`` decode stages have run."""
+        return {} if self.decode_runtime is None else self.decode_runtime.accumulating_layers(done)
+
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``. Calling it again
         does nothing (``stats`` still describes the last pruned prefill)."""

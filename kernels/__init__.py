@@ -7,6 +7,8 @@ modules; ``import kernels`` never runs this folder (``vtoken/_folder_guard.py``)
   forward's log-sum-exp; never materialises N x N. For scoring layers of attention-based pruning.
 - :func:`gather_attend`: split-K attention of a few queries over kept entries of a static KV buffer
   read through index lists (ragged kept counts, static shapes, CUDA-graph safe). For pruned decode.
+  :func:`gather_attend_lowbit` adds low-bit entries read through a dequantising path (mixed-precision
+  KV, :mod:`vtoken.kernels.lowbit`'s grid).
 - :func:`varlen_attention`: block-diagonal attention over packed segments in one launch, and
   :func:`patch_vision_varlen` to route a Qwen2/2.5-VL vision tower's windowed attention through it.
 
@@ -24,6 +26,7 @@ else:
     from vtoken.kernels.attend_and_score import attend_and_score, attend_and_score_reference
     from vtoken.kernels.dispatch import HAS_TRITON, resolve_backend
     from vtoken.kernels.gather_attend import gather_attend, gather_attend_reference
+    from vtoken.kernels.gather_attend_lowbit import LowBitEntries, gather_attend_lowbit, gather_attend_lowbit_reference
     from vtoken.kernels.varlen import varlen_attention, varlen_attention_reference
     from vtoken.kernels.vision_patch import patch_vision_varlen
 
@@ -33,6 +36,9 @@ else:
         "attend_and_score_reference",
         "gather_attend",
         "gather_attend_reference",
+        "gather_attend_lowbit",
+        "gather_attend_lowbit_reference",
+        "LowBitEntries",
         "patch_vision_varlen",
         "resolve_backend",
         "varlen_attention",

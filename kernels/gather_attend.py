@@ -203,16 +203,37 @@ def _launch_plan(B, Hkv, M_TOT, D, K, num_splits, sms, interp) -> _LaunchPlan:
     return _LaunchPlan(block_m, block_n, max(16, next_pow2(D)), m_blocks, num_splits, chunk)
 
 
+class _Launch(NamedTuple):
+    """Static shapes of a gather-attend launch: G query heads per KV head, ``M_TOT = G * Q`` tile
+    rows per (sample, KV head); ``interp``: running in Triton's interpreter."""
+
+    B: int
+    H: int
+    Hkv: int
+    G: int
+    Q: int
+    D: int
+    K: int
+    M_TOT: int
+    interp: bool
+
+
+def _launch_shapes(q, k_buf, kept_idx) -> tuple:
+    """(:class:`_Launch`, the output ``[B, H, Q, D]`` to fill, whether there is nothing to compute).
+    Shapes only: no host sync, a static-size allocation."""
+    B, H, Q, D = q.shape
+    Hkv = k_buf.shape[1]
+    out = torch.empty((B, H, Q, D), dtype=q.dtype, device=q.device)
+    shapes = _Launch(B, H, Hkv, H // max(Hkv, 1), Q, D, kept_idx.shape[-1], (H // max(Hkv, 1)) * Q,
+                     interpreter_enabled() and not q.is_cuda)
+    return shapes, out, B == 0 or H == 0 or Q == 0
+
+
 def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits):
     # Host side: shapes, strides and dtypes only; every allocation has a static size; no host sync.
-    B, H, Q, D = q.shape
-    Hkv, K = k_buf.shape[1], kept_idx.shape[-1]
-    G = H // Hkv
-    M_TOT = G * Q
-    out = torch.empty((B, H, Q, D), dtype=q.dtype, device=q.device)
-    if B == 0 or H == 0 or Q == 0:
+    (B, H, Hkv, G, Q, D, K, M_TOT, interp), out, empty = _launch_shapes(q, k_buf, kept_idx)
+    if empty:
         return out
-    interp = interpreter_enabled() and not q.is_cuda
     splits = None if num_splits is None else int(num_splits)
     plan = _launch_plan(B, Hkv, M_TOT, D, K, splits, device_sms(q), interp)
     BLOCK_D, S = plan.block_d, plan.num_splits

@@ -159,3 +159,37 @@ def varlen_attention_torch(q, k, v, cu_seqlens, scale):
         seg = [x[s0:s1].transpose(0, 1)[None] for x in (q, k, v)]  # [1, H, n, D]
         out[s0:s1] = _sdpa(*seg, scale=scale)[0].transpose(0, 1)
     return out
+
+
+def gather_attend_lowbit_torch(q, k_buf, v_buf, kept_idx, kept_len, low, scale):
+    """:func:`gather_attend_torch` over the kept entries plus low-bit entries read first.
+
+    ``low`` is a :class:`vtoken.kernels.gather_attend_lowbit.LowBitEntries`: quantised keys / values
+    ``[B, Hkv, P, D * bits / 8]`` uint8 with per-token ``scale`` / ``lo`` ``[B, Hkv, P, 1]`` (the grid
+    of :func:`vtoken.kernels.lowbit.quantize_tokens`), an index list ``idx [B, n_low]`` into P and a
+    count ``length [B]``. Sample b attends to the dequantised entries ``idx[b, :length[b]]``
+    (``lo + code * scale`` in ``scale``'s dtype, then k_buf's dtype), which precede every kept entry
+    (every query sees them), then to ``kept_idx[b, :kept_len[b]]`` as in :func:`gather_attend_torch`.
+    kept_idx ``[B, K]`` only (one list for all KV heads). Returns ``[B, H, Q, D]``.
+    """
+    from vtoken.kernels.lowbit import dequantize_tokens
+
+    B, Hkv, K = k_buf.shape[0], k_buf.shape[1], kept_idx.shape[-1]
+    n_low, P = low.idx.shape[-1], low.k_packed.shape[2]
+    li = low.idx.to(torch.long).clamp(0, max(P - 1, 0))[:, None, :, None]
+
+    def entries(packed, sc, lo, buf):
+        g = lambda t: t.gather(2, li.expand(B, Hkv, n_low, t.shape[-1]))  # noqa: E731
+        deq = dequantize_tokens(g(packed), g(sc), g(lo), low.bits).to(buf.dtype)
+        full = buf.gather(2, kept_idx.to(torch.long).clamp(0, max(buf.shape[2] - 1, 0))[:, None, :, None]
+                          .expand(B, Hkv, K, buf.shape[3]))
+        return torch.cat([deq, full], dim=2)  # [B, Hkv, n_low + K, D]
+
+    kg = entries(low.k_packed, low.k_scale, low.k_lo, k_buf)
+    vg = entries(low.v_packed, low.v_scale, low.v_lo, v_buf)
+    # one list over [low entries | kept entries]: the first length[b] low ones, then the kept ones
+    n_first = low.length.to(device=q.device, dtype=torch.long).clamp(0, n_low)[:, None]  # [B, 1]
+    p = torch.arange(n_low + K, device=q.device)[None, :]
+    idx = torch.where(p < n_first, p, n_low + (p - n_first).clamp(0, max(K - 1, 0)))
+    total = n_first[:, 0] + kept_len.to(device=q.device, dtype=torch.long).clamp(0, K)
+    return gather_attend_torch(q, kg, vg, idx, total, scale)

@@ -86,33 +86,6 @@ def pivot_merge(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, ev
     return out[0], out[1]
 
 
-def quantize_tokens(x: torch.Tensor, bits: int) -> tuple:
-    """Per-token asymmetric min-max quantisation over the last dim (each head's key or value vector
-    of each token on its own grid): ``q = round((x - lo) / scale)``, ``scale = (hi - lo) / (2**bits - 1)``.
-
-    x (..., L, D) float -> (packed (..., L, D * bits / 8) uint8, ``8 // bits`` codes a byte, the
-    first in the lowest bits; scale (..., L, 1) and lo (..., L, 1) in x's dtype). D * bits must be
-    a multiple of 8."""
-    per = 8 // bits
-    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo).float() / (2 ** bits - 1)).to(x.dtype).float()  # the grid stored: codes on the same one
-    codes = torch.where(scale > 0, ((x.float() - lo.float()) / scale.clamp_min(1e-30)).round(), torch.zeros_like(scale))
-    codes = codes.clamp_(0, 2 ** bits - 1).to(torch.uint8)
-    codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
-    shifts = (torch.arange(per, device=x.device, dtype=torch.uint8) * bits)
-    packed = (codes << shifts).sum(dim=-1, dtype=torch.uint8)  # disjoint bit fields: the sum is an OR
-    return packed, scale.to(x.dtype), lo
-
-
-def dequantize_tokens(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`quantize_tokens`: -> (..., L, D) in ``scale``'s dtype, ``lo + code * scale``."""
-    per = 8 // bits
-    shifts = (torch.arange(per, device=packed.device, dtype=torch.uint8) * bits)
-    codes = (packed.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
-    return (lo.float() + codes.float() * scale.float()).to(scale.dtype)
-
-
 class DecodeScorer:
     """Base of the decode-time scorers. ``accumulate`` folds a call's attention rows into a
     layer's running scores, ``select`` keeps the top ``budget`` visual entries per image,
@@ -201,7 +174,7 @@ class ZipVLKVScorer(DecodeScorer):
     probe queries that see it and picks important tokens among all tokens per layer; vtoken ranks
     visual entries by their summed attention and keeps text in full precision; high precision is
     the model's dtype (ZipVL quantises important tokens too, at a higher bit width); the low-bit
-    grid is per token and head, asymmetric min-max (:func:`quantize_tokens`), vtoken's choice (no
+    grid is per token and head, asymmetric min-max (:func:`vtoken.kernels.lowbit.quantize_tokens`), vtoken's choice (no
     code was released)."""
 
     name = "zipvl_kv"
@@ -258,4 +231,4 @@ def zipvl_kv_plan(keep=1.0, threshold: float = 0.975, bits: int = 2, step: int =
                         mode="quantize", bits=bits)]
 
 
-__all__ = ["quantize_tokens", "dequantize_tokens", "ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]
+__all__ = ["ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]

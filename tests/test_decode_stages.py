@@ -375,13 +375,15 @@ def test_unsupported_calls_are_refused():
     torch.testing.assert_close(plain, model(**inputs).logits)
 
 
-def test_static_decoder_and_vllm_refuse_decode_time_plans():
+def test_static_decoder_refuses_mixed_plans_and_vllm_refuses_decode_time_plans():
+    """StaticDecoder runs plans of decode-time stages (tests/test_static_decode_stages.py), not yet a
+    plan that also prunes in the prefill; vLLM's paged cache runs none."""
     from vtoken.engine import StaticDecoder
     from vtoken.vllm.config import make_config
 
     model = _model("llava", attn="sdpa")
     inputs = get_inputs("llava", model, variant="single")
-    with vtoken.apply_pruning(model, method="lookm", keep=4):
+    with vtoken.apply_pruning(model, plan=[vtoken.Stage(2, "fastv", 6), DecodeStage("lookm", 4, mode="merge")]):
         with pytest.raises(UnsupportedCallError, match="dynamic cache"):
             StaticDecoder(model).generate(max_new_tokens=2, **inputs)
     with pytest.raises(PruningConfigError, match="paged cache"):
@@ -431,7 +433,7 @@ def ref_zipvl_count(scores, threshold, budget):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_low_bit_round_trip_matches_the_reference_grid(bits):
-    from vtoken.scorers.decode import dequantize_tokens, quantize_tokens
+    from vtoken.kernels.lowbit import dequantize_tokens, quantize_tokens
 
     x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(bits))
     x[0, 0, 0] = 0.5  # a constant vector: scale 0

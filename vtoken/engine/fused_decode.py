@@ -74,12 +74,14 @@ def unsupported_reason(layers, final_norm, config) -> Optional[str]:
     return None
 
 
-def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, groups, layer_group, backend: str):
+def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, groups, layer_group, backend: str,
+               attend=None):
     """The decode step from the embeddings ``h [B, 1, D]`` to the final norm's output ``[B, 1, D]``.
 
     ``kv`` is the step's :class:`~vtoken.engine.static_kv.StaticKV` (``update`` writes the new
     key/value at the group's slot and returns the buffers); ``groups[layer_group[i]]`` holds layer
-    i's kept-index list and count."""
+    i's kept-index list and count. ``attend(i, q, k_buf, v_buf, scale, backend)``, if given, replaces
+    the layer's ``gather_attend`` call (decode-time stages, :mod:`vtoken.engine.static_stages`)."""
     cos, sin = position_embeddings
     if cos.dim() == 4:  # M-RoPE [3, B, 1, Dh]: equal components for a decode token
         cos, sin = cos[0], sin[0]
@@ -96,8 +98,11 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
         v = attn.v_proj(normed).view(B, 1, -1, Dh).transpose(1, 2)
         q, k = rope_qk(q.contiguous(), k.contiguous(), cos, sin, backend=backend)
         k_buf, v_buf = kv.update(k, v.contiguous(), i)
-        group = groups[layer_group[i]]
-        out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=attn.scaling, backend=backend)
+        if attend is not None:
+            out = attend(i, q, k_buf, v_buf, attn.scaling, backend)
+        else:
+            group = groups[layer_group[i]]
+            out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=attn.scaling, backend=backend)
         x = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
         normed, residual = add_rms_norm(x, residual, layer.post_attention_layernorm.weight,
                                         layer.post_attention_layernorm.variance_epsilon, backend=backend)

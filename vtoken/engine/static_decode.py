@@ -32,9 +32,17 @@ does with a default generation config; finished rows are padded after their EOS 
 does, and the output stops when every row has finished. Sampling, beams, and multi-turn
 continuation stay on ``model.generate``.
 
+Decode-time stages (a handle whose plan holds :class:`vtoken.plan.DecodeStage` s: ``a2sf``,
+``lookm``, ``zipvl_kv``): the prefill runs eagerly in full (its attention is scored by the
+handle's probes), every layer gets its own kept-index list, and :mod:`vtoken.engine.static_stages`
+edits the lists (merges into the buffers, stores low-bit entries) at each stage's step, between
+two decode steps; graphs are captured once per phase between stages. Plans that also prune in the
+prefill, and ``prefill_batch``, are refused there.
+
 Modules: :mod:`vtoken.engine.static_kv` (the buffers and kept-index lists),
 :mod:`vtoken.engine.graphs` (capture / replay, the per-shape session), :mod:`vtoken.engine.prefill`
-(the prefill and its captured tail), this module (the decode step, the attention swap, ``generate``).
+(the prefill and its captured tail), :mod:`vtoken.engine.static_stages` (decode-time stages), this
+module (the decode step, the attention swap, ``generate``).
 """
 
 from __future__ import annotations
@@ -49,9 +57,11 @@ from vtoken.adapters import get_adapter
 from vtoken.engine.graphs import _capture, _GraphedForward, _Session
 from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_inputs
 from vtoken.engine.static_kv import _KVBuffers, LayoutGroup, StaticKV
+from vtoken.engine.static_stages import decode_loop, StaticStages
 from vtoken.engine.static_kv import _kept_index  # noqa: F401 - importable from here as before the split
 from vtoken.errors import PruningConfigError, UnsupportedCallError
 from vtoken.hooks import private_attention_config, register_attention_implementation
+from vtoken.plan import DecodeStage
 
 __all__ = ["STATIC_IMPL", "LayoutGroup", "StaticDecoder", "StaticKV"]
 
@@ -65,6 +75,9 @@ def _static_attention(module, query, key, value, attention_mask, scaling=None, *
     from vtoken.kernels import gather_attend
 
     decoder = module.config._vtoken_static
+    if decoder.stages is not None:  # a decode-time plan: its lists, low-bit reads and score accumulation
+        scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+        return decoder.stages.attend(module.layer_idx, query, key, value, scale, decoder.backend).transpose(1, 2), None
     group = decoder.groups[decoder.layer_group[module.layer_idx]]
     out = gather_attend(query, key, value, group.idx, group.count, scale=scaling, backend=decoder.backend)
     return out.transpose(1, 2), None
@@ -82,7 +95,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
     by the new tokens, ``[B, N + T']``), with or without a :func:`vtoken.apply_pruning` handle on
     the model. After a call, :attr:`last` holds ``prefill_ms``, ``setup_ms``, ``capture_ms``,
     ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``kv_bytes`` (the static
-    buffers), ``prefill_lengths`` (each layer group's prefill KV length) and whether graphs ran.
+    buffers), ``prefill_lengths`` (each layer group's prefill KV length), whether graphs ran and
+    ``decode_stages_run`` (decode-time stages applied; :attr:`stages` holds them after the call).
 
     Graph prefill (``graph_prefill``, default on with ``cuda_graph``): the prefill runs eagerly up
     to the last pruning stage (vision tower, the full-length layers, scoring and the gather; with
@@ -123,8 +137,19 @@ class StaticDecoder(_Prefill, _KVBuffers):
         self.groups: list = []
         self.layer_group: list = []
         self.last: dict = {}
+        self.stages = None  # this call's decode-time stages (vtoken.engine.static_stages), if the plan has any
         self._session: Optional[_Session] = None
         self._tower_graph: Optional[_GraphedForward] = None
+
+    def _decode_plan(self) -> list:
+        """The attached handle's decode-time stages (refused where this engine cannot run them)."""
+        handle = self._handle
+        plan = [] if handle is None else handle.decode_plan
+        if plan and any(not isinstance(st, DecodeStage) for st in handle.plan):
+            raise UnsupportedCallError(
+                "StaticDecoder runs plans of decode-time stages alone (a2sf, lookm, zipvl_kv); a plan that also prunes "
+                "in the prefill (vtoken.Stage + vtoken.DecodeStage) runs through model.generate on the dynamic cache")
+        return plan
 
     # -------------------------------------------------------------- captured pieces
     def _layer_call(self):
@@ -151,6 +176,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         fused, backend = self.fused_ops, self.backend
         if fused:
             from vtoken.engine.fused_decode import run_layers
+        attend = None if self.stages is None else self.stages.attend
 
         def step():
             for g in groups:
@@ -159,7 +185,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
             h = adapter.decode_embeddings(tok)
             pe = text.rotary_emb(h, adapter.decode_position_ids(pos_next + t))
             if fused:
-                logits = head(run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend)[:, -1])
+                logits = head(run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend,
+                                         attend=attend)[:, -1])
             else:
                 for layer in layers:
                     h = call(layer, h, None, pe, kv)
@@ -204,10 +231,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
-        if self._handle is not None and getattr(self._handle, "decode_plan", None):
-            raise UnsupportedCallError(
-                "StaticDecoder's static per-layer buffers cannot evict KV entries: decode-time stages (a plan of "
-                "vtoken.DecodeStage, e.g. a2sf, lookm) run through model.generate on the dynamic cache")
+        decode_plan = self._decode_plan()
         if max_new_tokens < 1:
             raise PruningConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
@@ -227,9 +251,13 @@ class StaticDecoder(_Prefill, _KVBuffers):
         mask2d = inputs.get("attention_mask")
         mask2d = torch.ones_like(input_ids, dtype=torch.bool) if mask2d is None else mask2d.bool()
         chunk = B if not prefill_batch else prefill_batch
+        if chunk < B and decode_plan:
+            raise UnsupportedCallError("StaticDecoder runs decode-time stages (a2sf, lookm, zipvl_kv) on one prefill "
+                                       "of the whole batch: leave prefill_batch unset")
         if chunk < B:
             _check_same_visual_inputs(self.model.config, input_ids)
-        split = (self.graph_prefill if self.graph_prefill is not None else use_graph) and chunk >= B
+        # decode-time stages score every layer's prompt attention in the prefill: no captured tail
+        split = (self.graph_prefill if self.graph_prefill is not None else use_graph) and chunk >= B and not decode_plan
         stop = self._stop_layer() if split else None
         graphs = dev.type == "cuda" and use_graph
         suppress = None if not suppress_tokens else torch.tensor(list(suppress_tokens), dtype=torch.long, device=dev)
@@ -249,6 +277,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
             pos = pos.amax(dim=0) if pos.dim() == 3 else pos
             nexts.append((pos.amax(dim=-1) + 1).expand(rows.stop - rows.start))
             valids, layer_group = self._layer_valid(cache, mask2d[rows])
+            record = self._handle.decode_prefill(cache) if decode_plan else None
+            if record is not None:  # one kept-index list per layer: each layer evicts its own entries
+                valids, layer_group = [valids[g] for g in layer_group], list(range(len(layer_group)))
             if tail is None:
                 kv = self._store_chunk(kv, cache, valids, layer_group, rows, B, T, like)
             else:
@@ -293,6 +324,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 sync(); t1 = time.perf_counter()
             del cache, tail
         self._finish_buffers(kv, B, T, dev)
+        self.stages = None if record is None else StaticStages(self._handle, record, kv, self.groups,
+                                                                self.layer_group, T)
         first = torch.cat(firsts)
         if session is None:
             session = self._session_for(None, kv, B, T, pad, dev, suppress, reuse=False)
@@ -306,7 +339,13 @@ class StaticDecoder(_Prefill, _KVBuffers):
 
         undo = self._swap_attention()
         try:
-            if T > 1 and use_graph:
+            if self.stages is not None:
+                t3 = time.perf_counter()
+                capture = (lambda fn: self._capture(fn, dev, warmups=2)) if use_graph else None
+                loop_capture_ms = decode_loop(step, T - 1, self.stages, capture, keep=(session.t, session.tok))
+                capture_ms += loop_capture_ms
+                t3 += loop_capture_ms / 1000  # the decode time excludes the captures between phases
+            elif T > 1 and use_graph:
                 if session.decode_graph is None:
                     c0 = time.perf_counter()
                     session.decode_graph = self._capture(step, dev, warmups=2)
@@ -333,6 +372,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             cuda_graph=bool(use_graph and T > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
             fused_ops=self.fused_ops,
+            decode_stages_run=0 if self.stages is None else self.stages.done,
         )
         return torch.cat([input_ids, new], dim=1)
 
