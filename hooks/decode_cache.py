@@ -7,6 +7,7 @@ re-selection refused; ``reset`` undoing everything).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +36,22 @@ def take_slots(t: torch.Tensor, take: torch.Tensor, valid: torch.Tensor) -> torc
     B, P = take.shape
     out = t.gather(2, take.view(B, 1, P, 1).expand(B, t.shape[1], P, t.shape[3]))
     return out.masked_fill(~valid.view(B, 1, P, 1), 0)
+
+
+@dataclass
+class StashedKV:
+    """A layer's evicted visual entries kept off the live cache for re-admission
+    (``DecodeStage(readmit=True)``, LazyLLM): keys, values (B, H, S, D) exactly as cached,
+    positions (B, S) original position of each (-1 padding, on the left), valid (B, S)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
 class LowBitKV:
