@@ -15,7 +15,11 @@ Life of a call:
    layout (original position and validity per slot) is recorded. In ``"quantize"`` mode the
    evicted entries move to a low-bit store on the layer (:class:`LowBitKV`), dequantised in front
    of the layer's own keys / values each time its attention reads them. While a stage is still to come,
-   the probes add the step's attention rows to the scores.
+   the probes add the step's attention rows to the scores (or, for a scorer that ``reads_query``
+   such as LazyLLM's, keep the layer's last query). A ``readmit`` stage ranks the layer's stashed
+   entries (:class:`StashedKV`, evicted by an earlier readmit stage, kept off the live cache) with
+   its live ones, merged in original position order; what it evicts is stashed when a later stage
+   may re-admit it, and re-admitted entries go back into the live cache at their slot order.
 3. every decode step after an eviction: each layer gets a mask built from its own layout plus the
    tokens appended since (:func:`vtoken.hooks.masks.extend_mask`); ``cache.get_seq_length(layer)``
    reports the original (unpruned) length, so positions keep counting as without pruning.

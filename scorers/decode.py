@@ -314,7 +314,7 @@ def zipvl_kv_plan(keep=1.0, threshold: float = 0.975, bits: int = 2, step: int =
 
 
 @register_method(name="lazyllm", family="decode", paper="Fu et al. 2024 (arXiv:2407.14057)",
-                 stages="decode, re-selected before every step `every` apart up to `until` (kept ∪ stashed), every layer",
+                 stages="decode, before steps 0, `every`, 2·`every`, … < `until`: kept ∪ stashed re-ranked, every layer",
                  needs_attention=True, text_guided=True, options=("every", "until", "layers"))
 def lazyllm_plan(keep, every: int = 1, until: int = 32, layers=None):
     """LazyLLM preset (Fu et al., arXiv:2407.14057, "LazyLLM: Dynamic Token Pruning for Efficient
