@@ -340,7 +340,8 @@ def lazyllm_plan(keep, every: int = 1, until: int = 32, layers=None):
     * LazyLLM prunes progressively by depth (a top-k percentile at a few layers, more pruned in
       deeper layers, tuned per model; a token pruned at a layer is absent from all later layers);
       vtoken applies one budget, ``keep`` per image, in each chosen layer independently (each layer
-      ranks by its own last query). A depth schedule is a plan of stages with per-layer ``layers``.
+      ranks by its own last query). No per-depth schedule: a plan's decode stages have strictly
+      increasing steps, so two budgets for two layer groups at one step cannot be expressed yet.
     * Only visual entries are candidates (text and generated tokens always stay); budgets count per
       image (the paper: a percentile over all prompt tokens).
     * The kept set is rebuilt before decode steps ``every`` apart up to ``until`` (the paper: at
