@@ -43,7 +43,6 @@ nothing: the cache stays plain, and beam search or assisted decoding run as with
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -51,56 +50,14 @@ import torch
 from vtoken.errors import UnsupportedCallError
 from vtoken.hooks import masks as M
 from vtoken.hooks.call_state import CallContext
-from vtoken.hooks.decode_cache import (DECODE_ATTR, LowBitKV, StashedKV, attach_low_bits, compact, patch_cache,
-                                       take_slots)
+from vtoken.hooks.decode_cache import (DECODE_ATTR, DecodeState, LayerLayout, LowBitKV, StashedKV,  # noqa: F401
+                                       attach_low_bits, compact, patch_cache, segment_selection, take_slots,
+                                       with_stash)
 from vtoken.hooks.captures import eager
 from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
 from vtoken.hooks.probe import attention_rows, step_rows
 from vtoken.hooks.runtime import open_multimodal_call
 from vtoken.plan import tokens_for
-
-
-
-@dataclass
-class LayerLayout:
-    """A layer's slots after its last eviction: ``positions`` (B, P) original position of each slot
-    (-1 padding), ``valid`` (B, P); ``extra``: tokens appended after the prefill at that time (the
-    slots after P hold the tokens appended since)."""
-
-    positions: torch.Tensor
-    valid: torch.Tensor
-    extra: int
-    all_valid: bool
-
-
-@dataclass
-class DecodeState:
-    """What a decode-time plan records on the KV cache at the prefill. ``n_prefill`` prompt length;
-    ``orig_valid`` (B, n) its padding mask; ``segment`` (B, n) the image (segment id) of each
-    prunable visual token, -1 elsewhere; ``budgets`` per stage, (S,) long kept per segment;
-    ``appended`` (B, extra) validity of the tokens appended since; ``layers`` pruned layer ->
-    :class:`LayerLayout`; ``scores`` layer -> (B, L) running scores over its slots; ``offsets`` layer
-    -> original length minus physical length; ``next`` index of the next stage to run."""
-
-    n_prefill: int
-    orig_valid: torch.Tensor
-    orig_all_valid: bool
-    segment: torch.Tensor
-    budgets: list
-    appended: torch.Tensor
-    layers: dict = field(default_factory=dict)
-    scores: dict = field(default_factory=dict)
-    offsets: dict = field(default_factory=dict)
-    next: int = 0
-    evicted: list = field(default_factory=list)  # per stage run: layer -> (B, L) bool evicted slots (stats, tests)
-    #: layer -> (query (B, H, D), scaling): the layer's last query, for scorers that ``reads_query``
-    queries: dict = field(default_factory=dict)
-    #: layer -> :class:`StashedKV`: evicted entries a later ``readmit`` stage may bring back
-    stash: dict = field(default_factory=dict)
-
-    @property
-    def extra(self) -> int:
-        return self.appended.shape[1]
 
 
 class DecodeRuntime:
@@ -387,11 +344,7 @@ class DecodeRuntime:
             keys, values = kv.keys, kv.values
             stash = state.stash.pop(layer, None) if stage.readmit else None
             if stash is not None:  # candidates: the stashed and the live entries, in original position order
-                order = torch.sort(torch.cat([stash.positions, pos], 1), dim=1, stable=True).indices
-                pos = torch.cat([stash.positions, pos], 1).gather(1, order)
-                valid = torch.cat([stash.valid, valid], 1).gather(1, order)
-                keys = torch.cat([stash.keys, keys], 2).gather(2, _expand(order, keys))
-                values = torch.cat([stash.values, values], 2).gather(2, _expand(order, values))
+                pos, valid, keys, values = with_stash(stash, pos, valid, keys, values)
             L = pos.shape[1]
             in_prompt = (pos >= 0) & (pos < state.n_prefill)
             seg = torch.where(in_prompt, state.segment.gather(1, pos.clamp(0, state.n_prefill - 1)), -1)
@@ -447,32 +400,3 @@ def _reads_query(scorer) -> bool:
 def _adaptive(scorer) -> bool:
     """The scorer decides the kept count (``keep`` caps it): a full budget may still evict."""
     return bool(getattr(scorer, "adaptive", False))
-
-
-def _expand(order: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A (B, L) slot order as an index for t (B, H, L, D) along dim 2."""
-    B, L = order.shape
-    return order.view(B, 1, L, 1).expand(B, t.shape[1], L, t.shape[3])
-
-
-def segment_selection(scorer, seg: torch.Tensor, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """The slots a decode scorer evicts: seg (B, L) segment of each prunable visual slot (-1
-    other slots), scores (B, L), budget (S,) kept per segment -> (B, L) bool evicted."""
-    B, L = seg.shape
-    flat = seg.reshape(-1)
-    ids = (flat >= 0).nonzero().squeeze(1)
-    evicted = torch.zeros(B * L, dtype=torch.bool, device=seg.device)
-    if ids.numel() == 0:
-        return evicted.view(B, L)
-    segs = flat[ids]
-    order = torch.argsort(segs, stable=True)
-    ids, segs = ids[order], segs[order]
-    S = budget.shape[0]
-    counts = torch.bincount(segs, minlength=S)
-    rank = torch.arange(ids.numel(), device=seg.device) - (counts.cumsum(0) - counts)[segs]
-    idx = torch.full((S, int(counts.max())), -1, dtype=torch.long, device=seg.device)
-    idx[segs, rank] = ids
-    mask = idx >= 0
-    keep = scorer.select(scores.reshape(-1)[idx.clamp(min=0)], mask, torch.minimum(budget, counts))
-    evicted[ids] = ~keep[segs, rank]
-    return evicted.view(B, L)
