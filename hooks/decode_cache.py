@@ -1,5 +1,7 @@
-"""The cache side of decode-time stages (:mod:`vtoken.hooks.decode_runtime`): re-laying out a
-layer's kept slots, the low-bit store of ``"quantize"`` mode and the patches that keep a pruned
+"""The cache side of decode-time stages (:mod:`vtoken.hooks.decode_runtime`): the state a plan
+records on the cache (:class:`DecodeState`, each layer's :class:`LayerLayout`), re-laying out a
+layer's kept slots (the slots a stage evicts: :mod:`vtoken.scorers.decode_select`), the stash of re-admittable
+entries (:class:`StashedKV`, :func:`with_stash`), the low-bit store of ``"quantize"`` mode and the patches that keep a pruned
 dynamic cache consistent (its length in original positions; crop, beam reordering and batch
 re-selection refused; ``reset`` undoing everything).
 """
@@ -7,6 +9,7 @@ re-selection refused; ``reset`` undoing everything).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +39,64 @@ def take_slots(t: torch.Tensor, take: torch.Tensor, valid: torch.Tensor) -> torc
     B, P = take.shape
     out = t.gather(2, take.view(B, 1, P, 1).expand(B, t.shape[1], P, t.shape[3]))
     return out.masked_fill(~valid.view(B, 1, P, 1), 0)
+
+
+@dataclass
+class StashedKV:
+    """A layer's evicted visual entries kept off the live cache for re-admission
+    (``DecodeStage(readmit=True)``, LazyLLM): keys, values (B, H, S, D) exactly as cached,
+    positions (B, S) original position of each (-1 padding, on the left), valid (B, S)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+
+@dataclass
+class LayerLayout:
+    """A layer's slots after its last eviction: ``positions`` (B, P) original position of each slot
+    (-1 padding), ``valid`` (B, P); ``extra``: tokens appended after the prefill at that time (the
+    slots after P hold the tokens appended since)."""
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    extra: int
+    all_valid: bool
+
+
+@dataclass
+class DecodeState:
+    """What a decode-time plan records on the KV cache at the prefill. ``n_prefill`` prompt length;
+    ``orig_valid`` (B, n) its padding mask; ``segment`` (B, n) the image (segment id) of each
+    prunable visual token, -1 elsewhere; ``budgets`` per stage, (S,) long kept per segment;
+    ``appended`` (B, extra) validity of the tokens appended since; ``layers`` pruned layer ->
+    :class:`LayerLayout`; ``scores`` layer -> (B, L) running scores over its slots; ``offsets`` layer
+    -> original length minus physical length; ``next`` index of the next stage to run."""
+
+    n_prefill: int
+    orig_valid: torch.Tensor
+    orig_all_valid: bool
+    segment: torch.Tensor
+    budgets: list
+    appended: torch.Tensor
+    layers: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    offsets: dict = field(default_factory=dict)
+    next: int = 0
+    evicted: list = field(default_factory=list)  # per stage run: layer -> (B, L) bool evicted slots (stats, tests)
+    #: layer -> (query (B, H, D), scaling): the layer's last query, for scorers that ``reads_query``
+    queries: dict = field(default_factory=dict)
+    #: layer -> :class:`StashedKV`: evicted entries a later ``readmit`` stage may bring back
+    stash: dict = field(default_factory=dict)
+
+    @property
+    def extra(self) -> int:
+        return self.appended.shape[1]
 
 
 class LowBitKV:
@@ -113,3 +174,22 @@ def patch_cache(cache, state, runtime) -> None:
     for name in _PATCHED[1:]:
         if callable(getattr(cls, name, None)):
             setattr(cache, name, reset if name == "reset" else refuse)
+
+
+def with_stash(stash: StashedKV, pos: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor) -> tuple:
+    """A layer's live slots (pos, valid (B, L); keys, values (B, H, L, D)) and its stashed entries
+    as one candidate set in original position order (padding, -1, first): -> (pos, valid, keys,
+    values) over the L + S slots."""
+    order = torch.sort(torch.cat([stash.positions, pos], 1), dim=1, stable=True).indices
+    pos = torch.cat([stash.positions, pos], 1).gather(1, order)
+    valid = torch.cat([stash.valid, valid], 1).gather(1, order)
+    keys = torch.cat([stash.keys, keys], 2).gather(2, _expand(order, keys))
+    values = torch.cat([stash.values, values], 2).gather(2, _expand(order, values))
+    return pos, valid, keys, values
+
+
+def _expand(order: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A (B, L) slot order as an index for t (B, H, L, D) along dim 2."""
+    B, L = order.shape
+    return order.view(B, 1, L, 1).expand(B, t.shape[1], L, t.shape[3])

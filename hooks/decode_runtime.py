@@ -15,7 +15,11 @@ Life of a call:
    layout (original position and validity per slot) is recorded. In ``"quantize"`` mode the
    evicted entries move to a low-bit store on the layer (:class:`LowBitKV`), dequantised in front
    of the layer's own keys / values each time its attention reads them. While a stage is still to come,
-   the probes add the step's attention rows to the scores.
+   the probes add the step's attention rows to the scores (or, for a scorer that ``reads_query``
+   such as LazyLLM's, keep the layer's last query). A ``readmit`` stage ranks the layer's stashed
+   entries (:class:`StashedKV`, evicted by an earlier readmit stage, kept off the live cache) with
+   its live ones, merged in original position order; what it evicts is stashed when a later stage
+   may re-admit it, and re-admitted entries go back into the live cache at their slot order.
 3. every decode step after an eviction: each layer gets a mask built from its own layout plus the
    tokens appended since (:func:`vtoken.hooks.masks.extend_mask`); ``cache.get_seq_length(layer)``
    reports the original (unpruned) length, so positions keep counting as without pruning.
@@ -39,7 +43,6 @@ nothing: the cache stays plain, and beam search or assisted decoding run as with
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -48,52 +51,14 @@ from vtoken.errors import UnsupportedCallError
 from vtoken.hooks import masks as M
 from vtoken.hooks.call_state import CallContext
 from vtoken.hooks.decode_record import DecodePrefill
-from vtoken.hooks.decode_cache import DECODE_ATTR, LowBitKV, attach_low_bits, compact, patch_cache, take_slots
+from vtoken.hooks.decode_cache import (DECODE_ATTR, DecodeState, LayerLayout, LowBitKV, StashedKV,  # noqa: F401
+                                       attach_low_bits, compact, patch_cache, take_slots, with_stash)
 from vtoken.hooks.captures import eager
 from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
 from vtoken.hooks.probe import attention_rows, step_rows
 from vtoken.hooks.runtime import open_multimodal_call
 from vtoken.plan import tokens_for
 from vtoken.scorers.decode_select import segment_selection, stage_eviction  # noqa: F401 - importable here as before
-
-
-
-@dataclass
-class LayerLayout:
-    """A layer's slots after its last eviction: ``positions`` (B, P) original position of each slot
-    (-1 padding), ``valid`` (B, P); ``extra``: tokens appended after the prefill at that time (the
-    slots after P hold the tokens appended since)."""
-
-    positions: torch.Tensor
-    valid: torch.Tensor
-    extra: int
-    all_valid: bool
-
-
-@dataclass
-class DecodeState:
-    """What a decode-time plan records on the KV cache at the prefill. ``n_prefill`` prompt length;
-    ``orig_valid`` (B, n) its padding mask; ``segment`` (B, n) the image (segment id) of each
-    prunable visual token, -1 elsewhere; ``budgets`` per stage, (S,) long kept per segment;
-    ``appended`` (B, extra) validity of the tokens appended since; ``layers`` pruned layer ->
-    :class:`LayerLayout`; ``scores`` layer -> (B, L) running scores over its slots; ``offsets`` layer
-    -> original length minus physical length; ``next`` index of the next stage to run."""
-
-    n_prefill: int
-    orig_valid: torch.Tensor
-    orig_all_valid: bool
-    segment: torch.Tensor
-    budgets: list
-    appended: torch.Tensor
-    layers: dict = field(default_factory=dict)
-    scores: dict = field(default_factory=dict)
-    offsets: dict = field(default_factory=dict)
-    next: int = 0
-    evicted: list = field(default_factory=list)  # per stage run: layer -> (B, L) bool evicted slots (stats, tests)
-
-    @property
-    def extra(self) -> int:
-        return self.appended.shape[1]
 
 
 class DecodeRuntime:
@@ -121,7 +86,7 @@ class DecodeRuntime:
         self.prefills_in_flight = 0
         self.stage_layer_sets = [tuple(range(self.num_layers)) if st.layers is None else st.layers for st in plan]
         self.probed_layers = sorted({l for st, ls in zip(plan, self.stage_layer_sets)
-                                     if st.scorer.reads_attention for l in ls})
+                                     if st.scorer.reads_attention or _reads_query(st.scorer) for l in ls})
 
     # ---------------------------------------------------------------- the surface others use
     @property
@@ -182,7 +147,8 @@ class DecodeRuntime:
             return
         if not ctx.visual_call or ctx.inputs is None:
             return  # no images in this forward (text only, or a cache vtoken did not prune)
-        if all(st.mode in ("evict", "merge") and isinstance(st.keep, float) and st.keep >= 1.0 for st in self.plan):
+        if all(st.mode in ("evict", "merge") and isinstance(st.keep, float) and st.keep >= 1.0
+               and not _adaptive(st.scorer) for st in self.plan):
             return  # keep=1.0 everywhere: nothing can be evicted, the model's own on every path
         if cache is None:
             if self.session is not None:
@@ -218,7 +184,8 @@ class DecodeRuntime:
         budgets = [torch.tensor([tokens_for(st.keep, c) for c in counts], dtype=torch.long, device=dev)
                    for st in self.plan]
         seg_counts = torch.tensor(counts, dtype=torch.long, device=dev)
-        if all(st.mode in ("evict", "merge") for st in self.plan) and all(bool((b >= seg_counts).all()) for b in budgets):
+        if all(st.mode in ("evict", "merge") and not _adaptive(st.scorer) for st in self.plan) \
+                and all(bool((b >= seg_counts).all()) for b in budgets):
             return  # no stage can evict anything: the cache stays plain (beam search, crop, re-selection work)
         session = self.session
         if session is not None and session.prompt_len is not None and q > session.prompt_len:
@@ -240,7 +207,9 @@ class DecodeRuntime:
             self.evict(cache, state, state.next)
             state.next += 1
         if state.next >= len(self.plan):
-            state.scores.clear()  # nothing left to rank
+            state.scores.clear()  # nothing left to rank (or to re-admit)
+            state.queries.clear()
+            state.stash.clear()
         new = mask2d[:, -q:].bool().to(device) if mask2d is not None else torch.ones(B, q, dtype=torch.bool,
                                                                                    device=device)
         state.appended = torch.cat([state.appended, new], dim=1)
@@ -302,7 +271,16 @@ class DecodeRuntime:
                 prefill_ctx = None if self.prefill_runtime is None else self.prefill_runtime.ctx
                 if ctx.mode == "prefill" and prefill_ctx is not None and prefill_ctx.relaid:
                     key_valid = prefill_ctx.cur_valid  # at / after a prefill stage that re-laid out this call
-                if ctx.mode == "prefill":
+                if _reads_query(scorer):  # the last valid query row of each sample (the step's token in decode)
+                    n = query.shape[2]
+                    if ctx.mode == "prefill":
+                        rank = key_valid[:, :n].long() * torch.arange(1, n + 1, device=query.device)
+                        last = rank.argmax(dim=1)
+                    else:
+                        last = torch.full((query.shape[0],), n - 1, dtype=torch.long, device=query.device)
+                    q_last = query.gather(2, last.view(-1, 1, 1, 1).expand(-1, query.shape[1], 1, query.shape[3]))
+                    state.queries[layer] = (q_last.squeeze(2).detach(), scaling)
+                elif ctx.mode == "prefill":
                     acc = state.scores.get(layer)
                     n = query.shape[2]
                     for start in range(0, n, self.chunk):
@@ -328,7 +306,8 @@ class DecodeRuntime:
         """:meth:`next_stage_of` once the first ``done`` stages have run."""
         for i in range(done, len(self.plan)):
             if layer in self.stage_layer_sets[i]:
-                return i if self.plan[i].scorer.reads_attention else None
+                scorer = self.plan[i].scorer
+                return i if scorer.reads_attention or _reads_query(scorer) else None
         return None
 
     def prefill_record(self, cache) -> Optional[DecodePrefill]:
@@ -348,6 +327,10 @@ class DecodeRuntime:
         stages = {layer: self.pending_stage(done, layer) for layer in range(self.num_layers)}
         return {layer: self.plan[i].scorer for layer, i in stages.items() if i is not None}
 
+    def readmits_later(self, index: int, layer: int) -> bool:
+        """Whether a stage after ``index`` re-admits stashed entries of ``layer``."""
+        return any(self.plan[j].readmit and layer in self.stage_layer_sets[j] for j in range(index + 1, len(self.plan)))
+
     # ---------------------------------------------------------------- eviction
     def layer_layout(self, state: DecodeState, layer: int) -> tuple:
         """(positions (B, L), valid (B, L)) of the slots ``layer`` holds now (original position,
@@ -364,28 +347,50 @@ class DecodeRuntime:
         return torch.cat([pos, tail.masked_fill(~tail_valid, -1)], 1), torch.cat([valid, tail_valid], 1)
 
     def evict(self, cache, state: DecodeState, index: int) -> None:
-        """Run stage ``index`` on every layer it prunes (see the module docstring)."""
+        """Run stage ``index`` on every layer it prunes (see the module docstring). A ``readmit``
+        stage ranks the layer's stashed entries with its live ones (in original position order) and
+        stashes what it evicts, when a later stage may re-admit it."""
         stage, budget = self.plan[index], state.budgets[index]
+        scorer = stage.scorer
         record, shared = {}, []
+        reference = None
+        if getattr(scorer, "reads_layout", False):  # e.g. MustDrop's output-aware policy: the output layer's slots
+            ref_pos, ref_valid = self.layer_layout(state, scorer.reference_layer % self.num_layers)
+            reference = ref_pos.masked_fill(~ref_valid, -1)
         for layer in self.stage_layer_sets[index]:
             kv = cache.layers[layer]
             pos, valid = self.layer_layout(state, layer)
-            B, L = pos.shape
-            if kv.keys.shape[2] != L:
-                raise RuntimeError(f"layer {layer} caches {kv.keys.shape[2]} slots, its layout {L}")
-            scores = state.scores.get(layer)
-            evicted = stage_eviction(stage.scorer, state.segment, pos, scores, budget)
+            B, live = pos.shape
+            if kv.keys.shape[2] != live:
+                raise RuntimeError(f"layer {layer} caches {kv.keys.shape[2]} slots, its layout {live}")
+            keys, values = kv.keys, kv.values
+            stash = state.stash.pop(layer, None) if stage.readmit else None
+            if stash is not None:  # candidates: the stashed and the live entries, in original position order
+                pos, valid, keys, values = with_stash(stash, pos, valid, keys, values)
+            L = pos.shape[1]
+            if _reads_query(scorer):
+                last = state.queries.get(layer)
+                scores = torch.zeros(B, L, device=pos.device) if last is None else \
+                    scorer.score_from_query(last[0], keys, valid, last[1])
+            elif reference is not None:
+                scores = scorer.score_from_layout(pos, reference)
+            else:
+                scores = state.scores.get(layer)
+            evicted = stage_eviction(scorer, state.segment, pos, scores, budget)
             record[layer] = evicted
-            if not bool(evicted.any()):
+            if not bool(evicted.any()) and stash is None:
                 continue
             kept = valid & ~evicted
-            keys, values = kv.keys, kv.values
             if stage.mode == "merge":
-                keys, values = stage.scorer.merge(keys, values, kept, evicted)
+                keys, values = scorer.merge(keys, values, kept, evicted)
             if stage.mode == "quantize":  # the evicted entries live on at stage.bits bits, read first
                 low, low_valid = compact(evicted)
                 store = LowBitKV(take_slots(keys, low, low_valid), take_slots(values, low, low_valid), stage.bits)
                 attach_low_bits(kv, store)
+            if stage.readmit and self.readmits_later(index, layer) and bool(evicted.any()):
+                out, out_valid = compact(evicted)
+                state.stash[layer] = StashedKV(take_slots(keys, out, out_valid), take_slots(values, out, out_valid),
+                                               pos.gather(1, out).masked_fill(~out_valid, -1), out_valid)
             take, new_valid = compact(kept)
             P = take.shape[1]
             kv.keys, kv.values = take_slots(keys, take, new_valid), take_slots(values, take, new_valid)
@@ -400,7 +405,16 @@ class DecodeRuntime:
             else:
                 valid_slots = same
             state.layers[layer] = LayerLayout(positions, valid_slots, state.extra, bool(valid_slots.all()))
-            state.offsets[layer] = state.offsets.get(layer, 0) + L - P  # slots gone from the layer
+            state.offsets[layer] = state.offsets.get(layer, 0) + live - P  # slots gone from (back to) the layer
             if layer in state.scores:
                 state.scores[layer] = scores.gather(1, take).masked_fill(~new_valid, 0)
         state.evicted.append(record)
+
+
+def _reads_query(scorer) -> bool:
+    return bool(getattr(scorer, "reads_query", False))
+
+
+def _adaptive(scorer) -> bool:
+    """The scorer decides the kept count (``keep`` caps it): a full budget may still evict."""
+    return bool(getattr(scorer, "adaptive", False))

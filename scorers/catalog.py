@@ -49,6 +49,8 @@ def _attention_column(spec) -> str:
     rows, vision = set(), False
     if any(getattr(st.scorer, "reads_attention", False) for st in plan):  # decode-time scorers
         rows.add("every query row, prefill and decode steps, accumulated")
+    if any(getattr(st.scorer, "reads_query", False) for st in plan):  # LazyLLM: q . k of the last query
+        rows.add("last token's query at each stage, over kept and stashed keys")
     for signal in (SIGNALS[n] for n in needs if n in SIGNALS):
         vision |= signal.vision and signal.name.endswith("attn")
         for capture in signal.probe:

@@ -30,6 +30,8 @@ from vtoken.plan import DecodeStage, validate_budget
 from vtoken.scorers.base import topk_selection
 
 _A2SF = 'A2SF (Jo & Shin, "A2SF: Accumulative Attention Scoring with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv:2407.20485, 2024)'
+_LAZYLLM = ('LazyLLM (Fu, Cho, Merth, Mehta, Rastegari, Najibi, "LazyLLM: Dynamic Token Pruning for Efficient Long '
+            'Context LLM Inference", arXiv:2407.14057, 2024); no code released')
 _LOOKM = ('LOOK-M (Wan, Wu, Zhang, Li, Zhang, Zhang, Wang, "LOOK-M: Look-Once Optimization in KV Cache for Efficient '
           'Multimodal Long-Context Inference", Findings of EMNLP 2024, arXiv:2406.18139). Released code: '
           "SUSTechBruce/LOOK-M@ecf0f51")
@@ -96,6 +98,13 @@ class DecodeScorer:
     reads_attention: ClassVar[bool] = True
     #: has a merge rule (``mode="merge"`` allowed)
     merges: ClassVar[bool] = False
+    #: scores entries from the layer's last query (:meth:`score_from_query`) instead of accumulated
+    #: rows: the probes keep each layer's last query, and stashed entries can be scored (``readmit``)
+    reads_query: ClassVar[bool] = False
+    #: scores entries from the slots another layer holds (:meth:`score_from_layout`)
+    reads_layout: ClassVar[bool] = False
+    #: the kept count is the scorer's (``keep`` only caps it): ``keep=1.0`` may still evict
+    adaptive: ClassVar[bool] = False
     forgetting: float = 1.0
 
     def accumulate(self, prev: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -137,6 +146,52 @@ class A2SFScorer(DecodeScorer):
 
     def __init__(self, forgetting: float = 0.1):
         self.forgetting = _check_forgetting(forgetting)
+
+
+def last_query_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LazyLLM's token importance: the attention the LAST token's query gives each cached key,
+    averaged over the query heads, ``s_i = (1/H) sum_h softmax_j(q_h . k_{h,j} * scaling)_i``.
+
+    query (B, H, D) post-RoPE query of each sample's last token at the layer; keys (B, Hkv, L, D)
+    post-RoPE cached keys (GQA: each KV head serves H / Hkv query heads); valid (B, L) bool (the
+    softmax runs over the valid keys only). -> (B, L) float32, 0 on invalid slots, each row sums
+    to 1 where any slot is valid."""
+    B, H, D = query.shape
+    k = keys.float().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H, L, D)
+    logits = torch.einsum("bhd,bhld->bhl", query.float(), k) * scaling
+    probs = torch.softmax(logits.masked_fill(~valid.view(B, 1, -1), float("-inf")), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0).mean(dim=1) * valid
+
+
+@register_scorer
+class LazyLLMScorer(DecodeScorer):
+    """LazyLLM (Fu et al., arXiv:2407.14057): at each pruning point a token's importance is the
+    attention the last token gives it at that layer, averaged over heads
+    (:func:`last_query_attention`); the kept set is recomputed at every pruning point from the
+    kept AND the previously pruned tokens, so a pruned token can be revived (the paper's Aux Cache).
+    With ``DecodeStage(readmit=True)`` (the ``lazyllm`` preset) the evicted visual KV entries are
+    stashed off the live cache and re-scored with the layer's current query at its next stage;
+    re-admitted entries go back, bit for bit, at their original slot order (RoPE is baked into
+    cached keys).
+
+    Signals: the layer's last query (B, H, D) post-RoPE, kept by the probes at each call (the last
+    valid prompt row at the prefill, the step's token after), and the candidates' keys (B, Hkv, L,
+    D). Scores are recomputed at each stage (no accumulation). Deviations: see
+    :func:`lazyllm_plan`."""
+
+    name = "lazyllm"
+    reads_attention = False
+    reads_query = True
+
+    def accumulate(self, prev, rows):
+        raise PruningConfigError("lazyllm scores from the layer's last query, not from accumulated rows")
+
+    def score_from_query(self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                         scaling: float) -> torch.Tensor:
+        return last_query_attention(query, keys, valid, scaling)
+
+    def __repr__(self) -> str:
+        return "LazyLLMScorer()"
 
 
 @register_scorer
@@ -231,4 +286,50 @@ def zipvl_kv_plan(keep=1.0, threshold: float = 0.975, bits: int = 2, step: int =
                         mode="quantize", bits=bits)]
 
 
-__all__ = ["ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]
+@register_method(name="lazyllm", family="decode", paper="Fu et al. 2024 (arXiv:2407.14057)",
+                 stages="decode, before steps 0, `every`, 2·`every`, … < `until`: kept ∪ stashed re-ranked, every layer",
+                 needs_attention=True, text_guided=True, options=("every", "until", "layers"))
+def lazyllm_plan(keep, every: int = 1, until: int = 32, layers=None):
+    """LazyLLM preset (Fu et al., arXiv:2407.14057, "LazyLLM: Dynamic Token Pruning for Efficient
+    Long Context LLM Inference"; no code released): :class:`DecodeStage` s in ``"evict"`` mode with
+    ``readmit=True`` before decode steps 0, ``every``, 2 * ``every``, ... (< ``until``); at each, in
+    every chosen layer, each image keeps the ``keep`` visual KV entries the layer's last query
+    attends to most (:class:`LazyLLMScorer`), chosen among the entries kept so far AND those evicted
+    earlier (stashed off the live cache, so the cache holds ``keep`` entries per image between
+    stages); after ``until`` the last kept set stays.
+
+    What translates: the importance score (last token's attention at that layer, averaged over
+    heads); the per-step re-selection in which a pruned token can come back (the paper's
+    Aux Cache revival); original positions are kept (the re-admitted entries' cached keys carry
+    their RoPE).
+
+    Deviations:
+
+    * LazyLLM prunes the prompt's hidden states in the prefill (its main target is time to first
+      token) and computes the KV of revived tokens lazily; vtoken's prefill is the plain model's and
+      it prunes the cached visual KV entries instead (decode-time memory / bandwidth), so a revived
+      entry is the exact KV the prefill computed (LazyLLM recomputes it from the Aux Cache's hidden
+      state at the layer where it was pruned).
+    * LazyLLM prunes progressively by depth (a top-k percentile at a few layers, more pruned in
+      deeper layers, tuned per model; a token pruned at a layer is absent from all later layers);
+      vtoken applies one budget, ``keep`` per image, in each chosen layer independently (each layer
+      ranks by its own last query). No per-depth schedule: a plan's decode stages have strictly
+      increasing steps, so two budgets for two layer groups at one step cannot be expressed yet.
+    * Only visual entries are candidates (text and generated tokens always stay); budgets count per
+      image (the paper: a percentile over all prompt tokens).
+    * The kept set is rebuilt before decode steps ``every`` apart up to ``until`` (the paper: at
+      every generation step, for the whole generation); the stashed entries are scored with the
+      query of the last call (the token of the previous step), the one available before a step's
+      layers run.
+    * The stash lives on the cache's device (the paper's Aux Cache holds hidden states in GPU
+      memory too).
+    """
+    keep = validate_budget(keep)
+    for name, v in (("every", every), ("until", until)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PruningConfigError(f"lazyllm {name} must be an int >= 1 (decode steps); got {v!r}")
+    return [DecodeStage(scorer=LazyLLMScorer(), keep=keep, step=s, layers=layers, mode="evict", readmit=True)
+            for s in range(0, until, every)]
+
+
+__all__ = ["last_query_attention", "LazyLLMScorer", "lazyllm_plan", "ZipVLKVScorer", "zipvl_kv_plan", "accumulate_scores", "pivot_merge", "DecodeScorer", "A2SFScorer", "LookMScorer", "a2sf_plan", "lookm_plan"]

@@ -11,9 +11,10 @@ import torch
 
 from vtoken.errors import PruningConfigError
 from vtoken.methods import layer_indices, register_method, register_scorer
-from vtoken.plan import Stage, validate_budget
+from vtoken.plan import DecodeStage, Stage, validate_budget
 from vtoken.scorers import functional as F
 from vtoken.scorers.base import Scorer, Selection, demote, masked_scores, promote, topk_mask
+from vtoken.scorers.decode import DecodeScorer
 from vtoken.signals import SegmentSignals
 
 _PAPER = ('MustDrop (Liu, Shi, Hong, Hu, Yin, Zhang, "Multi-Stage Vision Token Dropping: Towards Efficient '
@@ -248,9 +249,9 @@ def mustdrop_plan(keep=1.0, layers=(3, 7, 11, 15), global_thr=None, individual_t
 
     Deviations:
 
-    * Stage 3 (decode: the output-aware KV-cache policy, which drops cached visual KV by the
-      attention of the generated tokens) is not implemented: vtoken prunes in prefill only; decode
-      runs on the prefill's kept set.
+    * Stage 3 (decode: the output-aware KV-cache policy) is not in this preset: ``mustdrop_kv``
+      (:func:`mustdrop_kv_plan`) is this plan plus that policy. This one stays usable on every path
+      (no cache, static caches, vLLM), where the policy cannot run.
     * The code merges after the FIRST encoder layer (the later 23 layers run on the merged
       tokens); vtoken merges the projected tokens entering the LLM (the encoder is not modified),
       comparing their LLM-input embeddings (``hidden`` at layer 0) with the same 0.8 threshold.
@@ -284,5 +285,81 @@ def mustdrop_plan(keep=1.0, layers=(3, 7, 11, 15), global_thr=None, individual_t
     return [merge] + [Stage(layer=L, scorer=scorer, keep=keep, mode=mode) for L in layers]
 
 
-__all__ = ["MustDropMergeScorer", "MustDropScorer", "mustdrop_plan", "mustdrop_thresholds", "window_groups",
+def output_aware_scores(positions: torch.Tensor, output_positions: torch.Tensor) -> torch.Tensor:
+    """MustDrop's output-aware cache policy as a score: 1 for each cached slot whose token the
+    OUTPUT layer still holds (the last prefill stage's kept set), 0 otherwise.
+
+    positions (B, L) original position of each of a layer's slots (-1 padding); output_positions
+    (B, P) original positions of the output layer's slots (-1 padding). -> (B, L) float32."""
+    hit = (positions.unsqueeze(-1) == output_positions.unsqueeze(1)) & (output_positions.unsqueeze(1) >= 0)
+    return (hit.any(dim=-1) & (positions >= 0)).float()
+
+
+@register_scorer
+class MustDropKVScorer(DecodeScorer):
+    """MustDrop's decode stage, the output-aware cache policy (Liu et al., arXiv:2411.10803, §3.4;
+    released code liuting20/MustDrop@909afa5, ``modelling_sparse_llama.py``, the "Sparse kv cache
+    (decoding stage)" block after the prefill): the layers between the first and the last
+    prefill pruning layer cached visual tokens that a LATER prefill stage dropped; the generated
+    tokens only need what the output keeps, so every such layer's cache is cut to the tokens that
+    survive the last stage (the code composes its per-stage index lists into the final one and
+    ``index_select`` s each layer's K / V with it; the layers before the first pruning layer keep
+    everything).
+
+    Signals: each layer's slot positions (B, L) and the output layer's (``reference_layer``, -1:
+    the last) -> :func:`output_aware_scores`. ``select`` keeps the slots scored 1 (``adaptive``:
+    the count is the policy's; ``keep`` only caps it, then the lowest slots win). Reads no
+    attention. Deviations: see :func:`mustdrop_kv_plan`."""
+
+    name = "mustdrop_kv"
+    reads_attention = False
+    reads_layout = True
+    adaptive = True
+    reference_layer = -1
+
+    def accumulate(self, prev, rows):
+        raise PruningConfigError("mustdrop_kv scores from the output layer's kept slots, not from attention rows")
+
+    def score_from_layout(self, positions: torch.Tensor, output_positions: torch.Tensor) -> torch.Tensor:
+        return output_aware_scores(positions, output_positions)
+
+    def select(self, scores, mask, budget):
+        chosen = mask & (scores > 0)
+        return topk_mask(scores, chosen, torch.minimum(budget, chosen.sum(dim=1)))
+
+    def __repr__(self) -> str:
+        return "MustDropKVScorer()"
+
+
+@register_method(name="mustdrop_kv", family="decode", paper="Liu et al. 2024 (arXiv:2411.10803)",
+                 released_code="liuting20/MustDrop@909afa5",
+                 stages="mustdrop's stages, then decode: layers 2..14 cut to the output's kept set", needs_attention=True,
+                 text_guided=True,
+                 options=("layers", "global_thr", "individual_thr", "merge_threshold", "window", "key_ratio", "mode"))
+def mustdrop_kv_plan(keep=1.0, layers=(3, 7, 11, 15), global_thr=None, individual_thr=None,
+                     merge_threshold: float = 0.8, window: int = 3, key_ratio: float = 0.08, mode: str = "select"):
+    """MustDrop with all three of its stages (Liu et al., arXiv:2411.10803; released code
+    liuting20/MustDrop@909afa5): :func:`mustdrop_plan` (vision-encoding merge, prefill
+    dual-attention filtering; same options, same defaults) followed by the decode stage, the
+    output-aware cache policy (:class:`MustDropKVScorer`): after the prefill, the KV cache of layers
+    ``layers[0] - 1`` .. ``layers[-1] - 1`` (the code's ``pruning_layers`` 2..14: the layers that
+    cached visual tokens that stage or a later one dropped) keeps only the visual tokens the output layer holds.
+
+    Why a separate preset: the released code applies the policy in every run, but it makes the
+    cache hold fewer tokens than the prefill saw, so decoding with the cache no longer equals
+    decoding without it (vtoken invariant 3), and it needs ``generate`` on the dynamic cache
+    (``use_cache=False``, static caches, beam search and vLLM are refused, as for every decode-time
+    plan). ``mustdrop`` stays the prefill-only plan that runs everywhere.
+
+    Deviations (beyond ``mustdrop``'s): the cut happens before the first decode step (the code cuts
+    the cache the prefill forward returns: the same entries); merged tokens (layer 0) are one slot
+    each in every layer, so the policy compares slots by original position.
+    """
+    prefill = mustdrop_plan(keep=keep, layers=layers, global_thr=global_thr, individual_thr=individual_thr,
+                            merge_threshold=merge_threshold, window=window, key_ratio=key_ratio, mode=mode)
+    first, last = prefill[1].layer - 1, prefill[-1].layer - 1  # the code's pruning_layers[0] .. [-1]
+    return prefill + [DecodeStage(scorer=MustDropKVScorer(), keep=1.0, step=0, layers=range(first, last + 1))]
+
+
+__all__ = ["output_aware_scores", "MustDropKVScorer", "mustdrop_kv_plan", "MustDropMergeScorer", "MustDropScorer", "mustdrop_plan", "mustdrop_thresholds", "window_groups",
            "window_similarity", "MUSTDROP_THRESHOLDS", "MUSTDROP_REFERENCE_TOKENS"]

@@ -386,6 +386,9 @@ def test_static_decoder_refuses_mixed_plans_and_vllm_refuses_decode_time_plans()
     with vtoken.apply_pruning(model, plan=[vtoken.Stage(2, "fastv", 6), DecodeStage("lookm", 4, mode="merge")]):
         with pytest.raises(UnsupportedCallError, match="dynamic cache"):
             StaticDecoder(model).generate(max_new_tokens=2, **inputs)
+    with vtoken.apply_pruning(model, method="lazyllm", keep=4, until=2):  # re-admission: dynamic cache only
+        with pytest.raises(UnsupportedCallError, match=r"\['lazyllm'\].*dynamic cache"):
+            StaticDecoder(model).generate(max_new_tokens=2, **inputs)
     with pytest.raises(PruningConfigError, match="paged cache"):
         make_config("a2sf", 4)
 

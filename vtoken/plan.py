@@ -107,6 +107,11 @@ class DecodeStage:
     layers:  decoder layers whose cache it prunes (None: all).
     mode:    ``"evict"``, ``"merge"`` or ``"quantize"``.
     bits:    bit width of the low-precision entries in ``"quantize"`` mode (2, 4 or 8).
+    readmit: ``"evict"`` mode only, with a scorer that scores entries from the layer's last query
+             (``reads_query``, e.g. ``"lazyllm"``): the evicted entries are stashed off the live
+             cache, and at this layer's next stage the candidates are the kept AND the stashed
+             entries, so an entry evicted earlier can come back (LazyLLM's revival), re-inserted
+             at its original slot order.
     """
 
     scorer: Any
@@ -116,8 +121,11 @@ class DecodeStage:
     mode: str = "evict"
     bits: int = 2
     options: dict = field(default_factory=dict)
+    readmit: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.readmit, bool):
+            raise PruningConfigError(f"DecodeStage.readmit must be True or False; got {self.readmit!r}")
         if self.bits not in (2, 4, 8) or isinstance(self.bits, bool):
             raise PruningConfigError(f"DecodeStage.bits must be 2, 4 or 8; got {self.bits!r}")
         if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral) or self.step < 0:
@@ -142,6 +150,13 @@ class DecodeStage:
                 f"got {type(self.scorer).__name__} {self.scorer!r}")
         if self.mode == "merge" and not getattr(self.scorer, "merges", False):
             raise PruningConfigError(f"decode scorer {self.scorer.name!r} has no merge rule; use mode='evict'")
+        if self.readmit and self.mode != "evict":
+            raise PruningConfigError(f"DecodeStage.readmit re-admits evicted entries and needs mode='evict'; "
+                                     f"got mode={self.mode!r}")
+        if self.readmit and not getattr(self.scorer, "reads_query", False):
+            raise PruningConfigError(
+                f"DecodeStage.readmit needs a scorer that can score stashed entries from the layer's last query "
+                f"(e.g. 'lazyllm'); decode scorer {self.scorer.name!r} ranks by accumulated attention rows only")
 
     @property
     def layer(self) -> str:

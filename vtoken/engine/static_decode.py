@@ -149,6 +149,13 @@ class StaticDecoder(_Prefill, _KVBuffers):
             raise UnsupportedCallError(
                 "StaticDecoder runs plans of decode-time stages alone (a2sf, lookm, zipvl_kv); a plan that also prunes "
                 "in the prefill (vtoken.Stage + vtoken.DecodeStage) runs through model.generate on the dynamic cache")
+        odd = [st.scorer.name for st in plan if st.readmit or getattr(st.scorer, "reads_query", False)
+               or getattr(st.scorer, "reads_layout", False)]
+        if odd:
+            raise UnsupportedCallError(
+                f"StaticDecoder runs decode-time stages that rank by accumulated attention (a2sf, lookm, zipvl_kv); "
+                f"{sorted(set(odd))} (re-admission, last-query or output-layout scores) runs through model.generate "
+                "on the dynamic cache")
         return plan
 
     # -------------------------------------------------------------- captured pieces
