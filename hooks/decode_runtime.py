@@ -156,15 +156,6 @@ class DecodeRuntime:
                     "decode-time pruning (a plan of vtoken.DecodeStage, e.g. a2sf, lookm) evicts KV cache entries and "
                     "has no meaning without a cache: generate with use_cache=True (the default)")
             return  # a plain forward (no cache, no decoding): the model's own
-        if fixed_slot_cache(cache):
-            raise UnsupportedCallError(
-                f"decode-time pruning evicts entries from the dynamic KV cache; a {type(cache).__name__} (fixed slots, "
-                "cache_implementation='static', compiled decoding) cannot shrink: use the default dynamic cache")
-        if cache.get_seq_length() > 0:
-            raise UnsupportedCallError(
-                "a decode-time vtoken plan records the visual layout of the whole prompt at its prefill; this KV cache "
-                "already holds tokens before the images (a cached text prefix, chunked prefill): run the prompt with "
-                "its images in one forward on an empty cache (no past_key_values)")
         prefill_ctx = None if self.prefill_runtime is None else self.prefill_runtime.ctx
         if prefill_ctx is not None:  # the adapter's patches report visual feature lengths to that runtime
             ctx.feature_lengths = {**prefill_ctx.feature_lengths, **ctx.feature_lengths}
@@ -173,8 +164,8 @@ class DecodeRuntime:
         if layout is None:
             return
         dev = ref.device
-        orig_valid = mask2d[:, :q].bool().to(dev) if mask2d is not None else torch.ones(B, q, dtype=torch.bool,
-                                                                                         device=dev)
+        orig_valid = mask2d[:, -q:].bool().to(dev) if mask2d is not None else torch.ones(B, q, dtype=torch.bool,
+                                                                                          device=dev)
         structural = layout.structural
         if embeds is not None:
             refined = self.adapter.structural_from_embeds(embeds, layout)
@@ -187,6 +178,15 @@ class DecodeRuntime:
         if all(st.mode in ("evict", "merge") and not _adaptive(st.scorer) for st in self.plan) \
                 and all(bool((b >= seg_counts).all()) for b in budgets):
             return  # no stage can evict anything: the cache stays plain (beam search, crop, re-selection work)
+        if fixed_slot_cache(cache):
+            raise UnsupportedCallError(
+                f"decode-time pruning evicts entries from the dynamic KV cache; a {type(cache).__name__} (fixed slots, "
+                "cache_implementation='static', compiled decoding) cannot shrink: use the default dynamic cache")
+        if cache.get_seq_length() > 0:
+            raise UnsupportedCallError(
+                "a decode-time vtoken plan records the visual layout of the whole prompt at its prefill; this KV cache "
+                "already holds tokens before the images (a cached text prefix, chunked prefill): run the prompt with "
+                "its images in one forward on an empty cache (no past_key_values)")
         session = self.session
         if session is not None and session.prompt_len is not None and q > session.prompt_len:
             raise UnsupportedCallError(

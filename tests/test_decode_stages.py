@@ -736,9 +736,11 @@ def test_images_after_cached_tokens_are_refused():
                   attention_mask=torch.ones_like(ids))
 
 
-def test_a_keep_all_plan_is_plain_on_a_static_cache_and_after_cached_text():
-    """keep=1.0 evicts nothing, so no path may be refused: a static cache and images after a cached
-    text prefix both run as the plain model does (the refusals are for plans that evict)."""
+@pytest.mark.parametrize("keep", [1.0, 10_000])
+def test_a_keep_all_plan_is_plain_on_a_static_cache_and_after_cached_text(keep):
+    """keep=1.0, or a token budget at least every image's count, evicts nothing, so no path may be
+    refused: a static cache and images after a cached text prefix both run as the plain model does
+    (the refusals are for plans that evict)."""
     model = _model("llava", attn="sdpa")
     inputs = get_inputs("llava", model, variant="single")
     ids, k = inputs["input_ids"], 2
@@ -748,7 +750,7 @@ def test_a_keep_all_plan_is_plain_on_a_static_cache_and_after_cached_text():
         prefix = model(input_ids=ids[:, :k], use_cache=True).past_key_values
         rest = {key: v for key, v in inputs.items() if key not in ("input_ids", "attention_mask")}
         plain_logits = model(input_ids=ids[:, k:], past_key_values=prefix, **rest).logits
-        with vtoken.apply_pruning(model, method="a2sf", keep=1.0):
+        with vtoken.apply_pruning(model, method="a2sf", keep=keep):
             ours = model.generate(**inputs, **kw)
             prefix = model(input_ids=ids[:, :k], use_cache=True).past_key_values
             our_logits = model(input_ids=ids[:, k:], past_key_values=prefix, **rest).logits
