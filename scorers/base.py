@@ -115,3 +115,57 @@ def demote(scores: torch.Tensor, flags: torch.Tensor, mask: torch.Tensor) -> tor
 def promote(scores: torch.Tensor, flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Move the flagged real slots above every unflagged real slot, keeping their order."""
     return -demote(-scores.float(), flags, mask)
+
+
+# -- whole-batch helpers for the per-segment rules (a fixed number of host syncs per call) ----
+
+
+def segment_counts(sig: SegmentSignals) -> tuple:
+    """(counts, budgets, original): host lists of each segment's real slots, budget and original
+    token count. One host sync."""
+    dev = sig.mask.device
+    return tuple(torch.stack([sig.mask.sum(1), sig.budget.to(dev), sig.original.to(dev)]).tolist())
+
+
+def full_grid(sig: SegmentSignals, s: int, count: int, original: int) -> Optional[tuple]:
+    """Segment s's (t, h, w) where it is known and complete (no token pruned yet), else None."""
+    grid = sig.grid[s] if sig.grid is not None else None
+    if grid is None or count != original or grid[0] * grid[1] * grid[2] != count:
+        return None
+    return tuple(int(g) for g in grid)
+
+
+def position_slots(sig: SegmentSignals, counts: list, by_index: list) -> tuple:
+    """Each segment's real tokens in position order, for rules that work on positions (frame-major
+    grids): position p of segment s is its token of original index p where ``by_index[s]`` (a
+    complete grid), else its p-th real slot. -> (slot (S, n) long: the slot at each position,
+    real (S, n) bool: p < counts[s]). No host sync."""
+    mask = sig.mask
+    dev, (S, n) = mask.device, mask.shape
+    use_index = torch.tensor(by_index, dtype=torch.bool, device=dev).reshape(S, 1)
+    pos = torch.where(use_index, sig.index.to(dev), mask.long().cumsum(1) - 1)
+    pos = torch.where(mask, pos, n)  # padding slots -> a dump column
+    slot = torch.zeros((S, n + 1), dtype=torch.long, device=dev)
+    slot.scatter_(1, pos, torch.arange(n, device=dev).expand(S, n))
+    real = torch.arange(n, device=dev) < torch.tensor(counts, dtype=torch.long, device=dev).reshape(S, 1)
+    return slot[:, :n], real
+
+
+def to_slots(values: torch.Tensor, slot: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Values in position order (S, n) back in slot order (zero / False on padding slots)."""
+    S, n = values.shape
+    out = torch.zeros((S, n + 1), dtype=values.dtype, device=values.device)
+    out.scatter_(1, torch.where(real, slot, n), torch.where(real, values, torch.zeros_like(values)))
+    return out[:, :n]
+
+
+def lex_rank(*keys: tuple) -> torch.Tensor:
+    """Per row, each entry's rank under the lexicographic order of ``keys`` ((B, M) tensor,
+    descending) pairs, most significant first; ties broken towards the lower index (stable sorts
+    from the least significant key). No host sync."""
+    B, M = keys[0][0].shape
+    dev = keys[0][0].device
+    order = torch.arange(M, device=dev).expand(B, M)
+    for key, descending in reversed(keys):
+        order = order.gather(1, torch.sort(key.gather(1, order), dim=1, descending=descending, stable=True).indices)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(M, device=dev).expand(B, M))

@@ -65,7 +65,8 @@ import torch
 
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
-from vtoken.scorers.base import Scorer, Selection, masked_scores
+from vtoken.scorers.base import (Scorer, Selection, full_grid, lex_rank, masked_scores, position_slots,
+                                 segment_counts, to_slots)
 from vtoken.signals import SegmentSignals
 
 
@@ -110,13 +111,6 @@ def frame_counts(sim: list, size: int, retain: int, N: int, d: float, p: int, ig
     return out
 
 
-def _rank(key: torch.Tensor, descending: bool) -> torch.Tensor:
-    """Per row, each entry's rank under a stable sort of ``key`` (B, M) (ties: the lower index)."""
-    order = torch.sort(key, dim=-1, descending=descending, stable=True).indices
-    pos = torch.arange(key.shape[-1], device=key.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, pos)
-
-
 def density_peaks(x: torch.Tensor, among: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The ``k[b]`` density peaks of DPC-kNN (4 nearest, self included) among the tokens
     ``among[b]`` of each row of x (B, M, D), batched: (B, M) bool. Distances ``cdist / sqrt(D)``;
@@ -138,7 +132,7 @@ def density_peaks(x: torch.Tensor, among: torch.Tensor, k: torch.Tensor) -> torc
     largest = torch.where(pair, dist, -inf).amax(dim=(1, 2))  # (B,)
     delta = torch.where(denser, dist, largest[:, None, None]).min(-1).values
     score = torch.where(among, delta * density, -inf)
-    return among & (_rank(score, descending=True) < k.clamp(max=among.sum(dim=1)).unsqueeze(1))
+    return among & (lex_rank((score, True)) < k.clamp(max=among.sum(dim=1)).unsqueeze(1))
 
 
 def fastvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: list, c: int = 8, tau: float = 0.84,
@@ -184,7 +178,7 @@ def fastvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: li
         valid = col < n[:, None]
         pos = torch.where(valid, first[:, None] + col, 0)
         sal = torch.where(valid, salience[video[:, None], pos], -math.inf)
-        top = valid & (_rank(sal, descending=True) < ns[:, None])
+        top = valid & (lex_rank((sal, True)) < ns[:, None])
         chosen = top | density_peaks(xf[video[:, None], pos], valid & ~top, nc)
         released.index_put_((video[:, None].expand_as(pos), torch.where(valid, pos, M)), chosen)
     return released[:, :M], salience
@@ -208,37 +202,20 @@ class FastVIDScorer(Scorer):
 
     def select(self, sig: SegmentSignals) -> Selection:
         mask = sig.mask
-        dev, (S, n) = mask.device, mask.shape
-        counts, budgets, original = torch.stack([mask.sum(1), sig.budget.to(dev), sig.original.to(dev)]).tolist()
-        shapes, by_index = [], []  # (T, N) per segment; positions by ``index`` (a full grid) or by slot
-        for s in range(S):
-            grid = sig.grid[s] if sig.grid is not None else None
-            full = grid is not None and counts[s] == original[s] and grid[0] * grid[1] * grid[2] == counts[s] > 0
-            T = int(grid[0]) if full else 1
-            shapes.append((T, counts[s] // T))
-            by_index.append(full)
-        use_index = torch.tensor(by_index, dtype=torch.bool, device=dev)
-        pos = torch.where(use_index[:, None], sig.index.to(dev), mask.long().cumsum(1) - 1)
-        pos = torch.where(mask, pos, n)  # padding slots -> a dump column
-        slot = torch.zeros((S, n + 1), dtype=torch.long, device=dev)
-        slot.scatter_(1, pos, torch.arange(n, device=dev).expand(S, n))
-        slot = slot[:, :n]  # (S, n): the slot of each position
-        real = torch.arange(n, device=dev) < torch.tensor(counts, device=dev)[:, None]  # positions
-        x = sig.hidden.gather(1, slot.unsqueeze(-1).expand(S, n, sig.hidden.shape[-1]))
+        dev = mask.device
+        counts, budgets, original = segment_counts(sig)
+        grids = [full_grid(sig, s, c, original[s]) if c else None for s, c in enumerate(counts)]
+        shapes = [(g[0], c // g[0]) if g else (1, c) for g, c in zip(grids, counts)]  # (frames, tokens a frame)
+        slot, real = position_slots(sig, counts, [g is not None for g in grids])
+        x = sig.hidden.gather(1, slot.unsqueeze(-1).expand(*slot.shape, sig.hidden.shape[-1]))
         released, salience = fastvid_batch(x, real, shapes, budgets, self.c, self.tau, self.ignore, self.d, self.p)
         # released set first, then the rest, then padding; by salience within each, ties to the
-        # lower position (stable sorts from the least significant key)
-        order = torch.sort(salience, dim=1, descending=True, stable=True).indices
-        group = ((~released).long() + 2 * (~real).long()).gather(1, order)
-        order = order.gather(1, torch.sort(group, dim=1, stable=True).indices)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(S, n))
+        # lower position
+        rank = lex_rank(((~released).long() + 2 * (~real).long(), False), (salience, True))
         count = torch.tensor(counts, device=dev)
-        b = torch.tensor(budgets, device=dev).clamp(max=count)
-        target = torch.where(real, slot, n)
-        keep = torch.zeros((S, n + 1), dtype=torch.bool, device=dev).scatter_(1, target, real & (rank < b[:, None]))
-        score = (count[:, None] - rank).float()
-        scores = torch.zeros((S, n + 1), dtype=torch.float32, device=dev).scatter_(1, target, torch.where(real, score, 0))
-        return Selection(keep=keep[:, :n], scores=masked_scores(scores[:, :n], mask))
+        keep = real & (rank < torch.tensor(budgets, device=dev).clamp(max=count)[:, None])
+        scores = to_slots((count[:, None] - rank).float(), slot, real)
+        return Selection(keep=to_slots(keep, slot, real), scores=masked_scores(scores, mask))
 
 
 @register_method(name="fastvid", family="diversity", paper="Shen et al. 2025 (arXiv:2503.11187)",
