@@ -6,6 +6,7 @@ pure: they read only their signals, never the model, and hold no state between c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -169,3 +170,46 @@ def lex_rank(*keys: tuple) -> torch.Tensor:
     for key, descending in reversed(keys):
         order = order.gather(1, torch.sort(key.gather(1, order), dim=1, descending=descending, stable=True).indices)
     return torch.empty_like(order).scatter_(1, order, torch.arange(M, device=dev).expand(B, M))
+
+
+def dpc_knn_batch(x: torch.Tensor, among: torch.Tensor, centres: torch.Tensor, neighbours: torch.Tensor,
+                  exact: bool = False) -> tuple:
+    """DPC-kNN centres among the tokens ``among`` (B, M) of each row of x (B, M, D), batched:
+    distances ``cdist / sqrt(D)`` (float64; ``exact``: without the matmul form); density
+    ``exp(-mean of the min(neighbours[b], |among|) smallest squared distances)`` (the token itself
+    included); delta the distance to the nearest strictly denser token (the row's largest where
+    none); the ``centres[b]`` top ``delta * density`` (ties to the lower index). -> (centre (B, M)
+    bool, nearest (B, M) long: the position of each token's nearest centre, ties to the lower).
+    Tensor ops only (no host sync)."""
+    B, M, D = x.shape
+    dev = x.device
+    if B == 0 or M == 0:
+        return torch.zeros((B, M), dtype=torch.bool, device=dev), torch.zeros((B, M), dtype=torch.long, device=dev)
+    xd = x.double()
+    mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
+    dist = torch.cdist(xd, xd, compute_mode=mode) / math.sqrt(D)
+    pair = among.unsqueeze(2) & among.unsqueeze(1)  # (B, M, M)
+    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dev)
+    size = among.sum(dim=1)
+    q = neighbours.clamp(max=size).clamp(min=1)  # (B,)
+    near = torch.sort(torch.where(pair, dist, inf), dim=-1).values
+    used = torch.arange(M, device=dev) < q[:, None, None]
+    density = torch.exp(-(torch.where(used, near, 0) ** 2).sum(-1) / q[:, None])
+    denser = (density.unsqueeze(1) > density.unsqueeze(2)) & pair  # [b, i, j]: j denser than i
+    largest = torch.where(pair, dist, -inf).amax(dim=(1, 2))  # (B,)
+    delta = torch.where(denser, dist, largest[:, None, None]).min(-1).values
+    score = torch.where(among, delta * density, -inf)
+    centre = among & (lex_rank((score, True)) < centres.clamp(max=size).unsqueeze(1))
+    nearest = torch.where(centre.unsqueeze(1), dist, inf).argmin(dim=-1)
+    return centre, nearest
+
+
+def frame_means(x: torch.Tensor, real: torch.Tensor, per: torch.Tensor, frames: int) -> tuple:
+    """Rows of frame-major tokens x (B, M, D) with ``per`` (B,) tokens a frame (``real`` (B, M)
+    marks the real positions): (frame (B, M) long: each position's frame, ``frames`` on padding;
+    mean (B, frames + 1, D): each frame's mean token, row ``frames`` a dump). No host sync."""
+    B, M, D = x.shape
+    frame = torch.where(real, torch.arange(M, device=x.device) // per[:, None], frames)
+    sums = torch.zeros((B, frames + 1, D), dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, frame.unsqueeze(-1).expand(B, M, D), x)
+    return frame, sums / per[:, None, None]

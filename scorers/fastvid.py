@@ -65,7 +65,7 @@ import torch
 
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
-from vtoken.scorers.base import (Scorer, Selection, full_grid, lex_rank, masked_scores, position_slots,
+from vtoken.scorers.base import (Scorer, Selection, dpc_knn_batch, frame_means, full_grid, lex_rank, masked_scores, position_slots,
                                  segment_counts, to_slots)
 from vtoken.signals import SegmentSignals
 
@@ -111,30 +111,6 @@ def frame_counts(sim: list, size: int, retain: int, N: int, d: float, p: int, ig
     return out
 
 
-def density_peaks(x: torch.Tensor, among: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The ``k[b]`` density peaks of DPC-kNN (4 nearest, self included) among the tokens
-    ``among[b]`` of each row of x (B, M, D), batched: (B, M) bool. Distances ``cdist / sqrt(D)``;
-    density ``exp(-mean of the min(4, |among|) smallest squared distances)``; delta the distance to
-    the nearest strictly denser token (the row's largest distance where none); top ``delta *
-    density``, ties to the lower index. Tensor ops only (no host sync)."""
-    B, M, D = x.shape
-    if B == 0 or M == 0:
-        return torch.zeros((B, M), dtype=torch.bool, device=x.device)
-    dist = torch.cdist(x.double(), x.double()) / math.sqrt(D)
-    pair = among.unsqueeze(2) & among.unsqueeze(1)  # (B, M, M)
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-    q = min(4, M)
-    near = torch.sort(torch.where(pair, dist, inf), dim=-1).values[..., :q]
-    m = among.sum(dim=1).clamp(max=q, min=1)  # (B,)
-    used = torch.arange(q, device=x.device) < m[:, None, None]
-    density = torch.exp(-(torch.where(used, near, 0) ** 2).sum(-1) / m[:, None])
-    denser = (density.unsqueeze(1) > density.unsqueeze(2)) & pair  # [b, i, j]: j denser than i
-    largest = torch.where(pair, dist, -inf).amax(dim=(1, 2))  # (B,)
-    delta = torch.where(denser, dist, largest[:, None, None]).min(-1).values
-    score = torch.where(among, delta * density, -inf)
-    return among & (lex_rank((score, True)) < k.clamp(max=among.sum(dim=1)).unsqueeze(1))
-
-
 def fastvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: list, c: int = 8, tau: float = 0.84,
                   ignore: float = 0.95, d: float = 0.4, p: int = 4) -> tuple:
     """FastVID over a batch of videos. x (B, M, D): each row's tokens frame-major (``shapes[b] =
@@ -151,10 +127,7 @@ def fastvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: li
     Tm = max(t for t, _ in shapes)
     xf = x.double()
     per = torch.tensor([max(n, 1) for _, n in shapes], device=dev)
-    frame = torch.where(real, torch.arange(M, device=dev) // per[:, None], Tm)  # (B, M); padding: row Tm
-    sums = torch.zeros((B, Tm + 1, D), dtype=torch.float64, device=dev)
-    sums.scatter_add_(1, frame.unsqueeze(-1).expand(B, M, D), xf)
-    mean = sums / per[:, None, None]
+    frame, mean = frame_means(xf, real, per, Tm)
     salience = (xf * mean.gather(1, frame.unsqueeze(-1).expand(B, M, D))).sum(-1)
     g = torch.nn.functional.normalize(mean[:, :Tm], dim=-1)
     sims = (g[:, :-1] * g[:, 1:]).sum(-1).tolist() if Tm > 1 else [[] for _ in range(B)]  # the host sync
@@ -179,7 +152,7 @@ def fastvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: li
         pos = torch.where(valid, first[:, None] + col, 0)
         sal = torch.where(valid, salience[video[:, None], pos], -math.inf)
         top = valid & (lex_rank((sal, True)) < ns[:, None])
-        chosen = top | density_peaks(xf[video[:, None], pos], valid & ~top, nc)
+        chosen = top | dpc_knn_batch(xf[video[:, None], pos], valid & ~top, nc, torch.full_like(nc, 4))[0]
         released.index_put_((video[:, None].expand_as(pos), torch.where(valid, pos, M)), chosen)
     return released[:, :M], salience
 
@@ -229,4 +202,4 @@ def fastvid_plan(keep, layer: int = 0, c: int = 8, tau: float = 0.84, ignore: fl
     return [Stage(layer=layer, scorer=scorer, keep=validate_budget(keep), mode=mode)]
 
 
-__all__ = ["FastVIDScorer", "fastvid_plan", "fastvid_batch", "dyseg", "frame_counts", "density_peaks"]
+__all__ = ["FastVIDScorer", "fastvid_plan", "fastvid_batch", "dyseg", "frame_counts"]
