@@ -121,11 +121,12 @@ def promote(scores: torch.Tensor, flags: torch.Tensor, mask: torch.Tensor) -> to
 # -- whole-batch helpers for the per-segment rules (a fixed number of host syncs per call) ----
 
 
-def segment_counts(sig: SegmentSignals) -> tuple:
-    """(counts, budgets, original): host lists of each segment's real slots, budget and original
-    token count. One host sync."""
+def segment_counts(sig: SegmentSignals, *extra: torch.Tensor) -> tuple:
+    """(counts, budgets, original, *extra): host lists of each segment's real slots, budget,
+    original token count and of any other (S,) integer tensors. One host sync."""
     dev = sig.mask.device
-    return tuple(torch.stack([sig.mask.sum(1), sig.budget.to(dev), sig.original.to(dev)]).tolist())
+    rows = [sig.mask.sum(1), sig.budget.to(dev), sig.original.to(dev)] + [e.to(dev).long() for e in extra]
+    return tuple(torch.stack(rows).tolist())
 
 
 def full_grid(sig: SegmentSignals, s: int, count: int, original: int) -> Optional[tuple]:
@@ -138,13 +139,14 @@ def full_grid(sig: SegmentSignals, s: int, count: int, original: int) -> Optiona
 
 def position_slots(sig: SegmentSignals, counts: list, by_index: list) -> tuple:
     """Each segment's real tokens in position order, for rules that work on positions (frame-major
-    grids): position p of segment s is its token of original index p where ``by_index[s]`` (a
-    complete grid), else its p-th real slot. -> (slot (S, n) long: the slot at each position,
+    grids): position p of segment s is its real token of the p-th smallest original index where
+    ``by_index[s]`` (index p on a complete grid), else its p-th real slot. -> (slot (S, n) long: the slot at each position,
     real (S, n) bool: p < counts[s]). No host sync."""
     mask = sig.mask
     dev, (S, n) = mask.device, mask.shape
     use_index = torch.tensor(by_index, dtype=torch.bool, device=dev).reshape(S, 1)
-    pos = torch.where(use_index, sig.index.to(dev), mask.long().cumsum(1) - 1)
+    by_rank = lex_rank(((~mask).long(), False), (sig.index.to(dev), False))  # real slots by index first
+    pos = torch.where(use_index, by_rank, mask.long().cumsum(1) - 1)
     pos = torch.where(mask, pos, n)  # padding slots -> a dump column
     slot = torch.zeros((S, n + 1), dtype=torch.long, device=dev)
     slot.scatter_(1, pos, torch.arange(n, device=dev).expand(S, n))

@@ -65,8 +65,8 @@ import torch
 
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
-from vtoken.scorers.base import (Scorer, Selection, dpc_knn_batch, frame_means, full_grid, lex_rank, masked_scores, position_slots,
-                                 segment_counts, to_slots)
+from vtoken.scorers.base import (Scorer, Selection, dpc_knn_batch, frame_means, full_grid, lex_rank, masked_scores,
+                                 position_slots, segment_counts, to_slots)
 from vtoken.signals import SegmentSignals
 
 
