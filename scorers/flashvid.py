@@ -104,7 +104,7 @@ from vtoken.methods import layer_indices, register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers.attention import FastVScorer
 from vtoken.scorers.base import Scorer, Selection
-from vtoken.scorers.holitom import dpc_knn, select_videos
+from vtoken.scorers.holitom import dpc_knn, per_video, select_videos
 from vtoken.signals import SegmentSignals
 
 SELECTIONS = ("attn_div", "attn_div_v2")
@@ -279,7 +279,7 @@ class FlashVIDScorer(Scorer):
             return flashvid_merge(x, math.ceil(budget / x.shape[0]), self.alpha, self.tau, self.segment_tau,
                                   self.min_segments, self.selection)
 
-        return select_videos(sig, rule, "flashvid compresses video tokens; pruning an image is not supported "
+        return select_videos(sig, per_video(rule), "flashvid compresses video tokens; pruning an image is not supported "
                                         "(FlashVID's released code compresses videos only)")
 
 
