@@ -12,7 +12,7 @@ import vtoken
 from conftest import count_syncs, get_model
 from vtoken.scorers import DyCokeScorer, UniformScorer
 from vtoken.scorers.dycoke import dycoke_released_count
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 
 
 def cos(a, b):
@@ -175,9 +175,7 @@ def batch_signals(cases, permute=None):
         grids.append((t, h, w) if t else None)
     sig = make_signals(counts, budgets, grid=grids, hidden=xs)
     if permute is not None:  # real slots scattered among padding; positions by ``index``
-        perm = torch.randperm(sig.mask.shape[1], generator=torch.Generator().manual_seed(permute))
-        for name in ("mask", "index", "hidden"):
-            setattr(sig, name, getattr(sig, name)[:, perm])
+        permute_slots(sig, permute)
     return xs, sig
 
 

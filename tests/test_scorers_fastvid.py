@@ -15,7 +15,7 @@ import tiny_models as tm
 import vtoken
 from conftest import count_syncs, get_model
 from vtoken.scorers import FastVIDScorer
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 
 C, TAU, IGNORE, D, P = 8, 0.84, 0.95, 0.4, 4
 
@@ -193,9 +193,7 @@ def batch_signals(cases, permute=None):
     sig = make_signals([x.shape[0] * x.shape[1] for x in xs], [c[-1] for c in cases],
                        grid=[(T, h, w) for T, h, w, *_ in cases], hidden=[x.reshape(-1, 6).float() for x in xs])
     if permute is not None:  # real slots scattered among padding; positions by ``index``
-        perm = torch.randperm(sig.mask.shape[1], generator=torch.Generator().manual_seed(permute))
-        for name in ("mask", "index", "hidden"):
-            setattr(sig, name, getattr(sig, name)[:, perm])
+        permute_slots(sig, permute)
     return xs, sig
 
 

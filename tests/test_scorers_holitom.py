@@ -20,7 +20,7 @@ from conftest import SUPPRESS, count_syncs, get_model, slice_sample
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import FastVScorer, HoliTomScorer
 from vtoken.scorers.holitom import static_windows
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 from test_scorers_e2e import last_slot
 
 TAU, K = 0.8, 7
@@ -404,9 +404,7 @@ def batch_signals(cases, permute=None, groups=0):
     sig = make_signals(counts, budgets, grid=grids, hidden=hidden, video=video, sample=sample,
                        kind=["video"] * len(counts))
     if permute is not None:  # real slots scattered among padding; positions by ``index``
-        perm = torch.randperm(sig.mask.shape[1], generator=torch.Generator().manual_seed(permute))
-        for name in ("mask", "index", "hidden"):
-            setattr(sig, name, getattr(sig, name)[:, perm])
+        permute_slots(sig, permute)
     return xs, sig
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import count_syncs
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import PruneSIDScorer
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 
 
 def reference_prunesid(x, attn, T, per=4, scale=32.0, cap=5):
@@ -266,9 +266,7 @@ def test_prunesid_batched_equal_sizes_and_scattered_padding_equal_released_rule(
     counts, budgets = [30, 30, 17, 30, 17, 30], [4, 30, 5, 12, 16, 0]
     data = [clustered(c, 16, seed * 50 + s, offset=0.3 * (s % 3)) for s, c in enumerate(counts)]
     sig = make_signals(counts, budgets, hidden=[d[0] for d in data], vision_attn=[d[1] for d in data])
-    perm = torch.randperm(sig.mask.shape[1], generator=torch.Generator().manual_seed(seed))
-    for name in ("mask", "index", "hidden", "vision_attn"):
-        setattr(sig, name, getattr(sig, name)[:, perm])
+    permute_slots(sig, seed, ("mask", "index", "hidden", "vision_attn"))
     sel = PruneSIDScorer().select(sig)
     for s, (x, a) in enumerate(data):
         slots = sig.mask[s].nonzero().flatten()  # slot of token j: ordered by sig.index
