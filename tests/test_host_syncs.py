@@ -8,6 +8,8 @@ unpruned model's own count. The host-prepared candidates must also equal the gen
 computation, and a scorer that breaks its budget must still fail loudly.
 """
 
+import collections
+
 import pytest
 import torch
 

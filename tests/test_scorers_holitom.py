@@ -385,8 +385,9 @@ def test_holitom_qwen3_vl_groups_are_one_video():
 
 
 # (T, N, changes, moving, noise, seed, budget): ragged frame counts and sizes, static and random videos
-BATCH = [(8, 9, {2, 5}, {1, 4, 7}, 0.02, 0, 20), (4, 12, set(), {3}, 0.1, 1, 9), (5, 6, set(range(5)), set(), 0.5, 2, 12),
-         (8, 6, {4}, set(), 0.01, 3, 7), (6, 10, {3}, {0, 2, 4, 6, 8}, 0.05, 4, 15)]
+# (budgets above 3 tokens a frame give FlashVID's TSTM and clustering tokens to place)
+BATCH = [(8, 9, {2, 5}, {1, 4, 7}, 0.02, 0, 32), (4, 12, set(), {3}, 0.1, 1, 20), (5, 6, set(range(5)), set(), 0.5, 2, 12),
+         (8, 6, {4}, set(), 0.01, 3, 7), (6, 10, {3}, {0, 2, 4, 6, 8}, 0.05, 4, 36)]
 
 
 def batch_signals(cases, permute=None, groups=0):
@@ -399,7 +400,7 @@ def batch_signals(cases, permute=None, groups=0):
     for v in range(groups):
         x = scenes(3, 8, 5, set(), {1, 5}, 0.05, 10 + v)
         hidden += [x[f].float() for f in range(3)]
-        counts, budgets, grids = counts + [8] * 3, budgets + [3, 4, 2], grids + [(1, 2, 4)] * 3
+        counts, budgets, grids = counts + [8] * 3, budgets + [5, 6, 4], grids + [(1, 2, 4)] * 3
         video, sample = video + [v] * 3, sample + [len(xs) + v] * 3
     sig = make_signals(counts, budgets, grid=grids, hidden=hidden, video=video, sample=sample,
                        kind=["video"] * len(counts))
@@ -417,41 +418,49 @@ def by_index(sel, sig, s):
     return kept, merge, sel.scores[s, real[torch.argsort(idx[real])]]
 
 
-@pytest.mark.parametrize("permute", [None, 5])
-@pytest.mark.parametrize("D", [0.0, 0.5])
-def test_holitom_batch_equals_each_video_alone(permute, D):
-    """Videos with different content, frame counts and frame sizes, and two Qwen3-VL-style videos of
-    temporal-group segments, in one call: every segment keeps, merges and ranks what it does alone
-    (its video alone), and the videos hold the released rule (fill / trim by salience)."""
+def check_batch_equals_alone(make, permute, reference=None):
+    """``make()``'s scorer on videos with different content, frame counts and frame sizes, and two
+    Qwen3-VL-style videos of temporal-group segments, in one call: every segment keeps, merges and
+    ranks what it does alone (its video alone); ``reference(x, budget)`` checks each video."""
     xs, sig = batch_signals(BATCH, permute, groups=2)
-    sel = HoliTomScorer(D=D).select(sig)
+    sel = make().select(sig)
     assert not (sel.keep & ~sig.mask).any()
     for s, (x, case) in enumerate(zip(xs, BATCH)):
         T, N = x.shape[0], x.shape[1]
         one = make_signals([T * N], [case[-1]], grid=[(T, 1, N)], hidden=[x.reshape(-1, 5).float()], kind=["video"])
-        assert by_index(sel, sig, s)[:2] == by_index(HoliTomScorer(D=D).select(one), one, 0)[:2], s
-        assert torch.equal(by_index(sel, sig, s)[2], by_index(HoliTomScorer(D=D).select(one), one, 0)[2]), s
-        if D == 0.0:
-            check_against_reference(x, case[-1])
+        got, want = by_index(sel, sig, s), by_index(make().select(one), one, 0)
+        assert got[:2] == want[:2] and torch.equal(got[2], want[2]), s
+        if reference is not None:
+            reference(x, case[-1])
     for v in range(2):  # the group videos: each equal to its video alone
         _, one = batch_signals([], groups=v + 1)
-        ref = HoliTomScorer(D=D).select(one)
+        ref = make().select(one)
         for g in range(3):
-            s, t = len(BATCH) + 3 * v + g, 3 * v + g
-            got, want = by_index(sel, sig, s), by_index(ref, one, t)
+            got, want = by_index(sel, sig, len(BATCH) + 3 * v + g), by_index(ref, one, 3 * v + g)
             assert got[:2] == want[:2] and torch.equal(got[2], want[2]), (v, g)
+
+
+def check_syncs_fixed(make):
+    """The host syncs of ``make()``'s call are a fixed number (at most 2): one video or four (and
+    group videos), a video of one static window or of many short ones, 4 frames or 24."""
+    def syncs(cases, groups=0):
+        _, sig = batch_signals(cases, groups=groups)
+        return count_syncs(lambda: make().select(sig))
+
+    one, four = syncs(BATCH[:1]), syncs(BATCH[:4], groups=2)
+    static = syncs([(24, 6, set(), set(), 0.001, 0, 96)])
+    windows = syncs([(24, 6, set(range(0, 24, 2)), {1}, 0.01, 0, 96)])
+    few = syncs([(4, 6, set(), {1}, 0.01, 0, 16)])
+    assert one == four == static == windows == few <= 2, (one, four, static, windows, few)
+
+
+@pytest.mark.parametrize("permute", [None, 5])
+@pytest.mark.parametrize("D", [0.0, 0.5])
+def test_holitom_batch_equals_each_video_alone(permute, D):
+    """A batch of videos (and group videos) equals each alone, and holds the released rule."""
+    check_batch_equals_alone(lambda: HoliTomScorer(D=D), permute, check_against_reference if D == 0.0 else None)
 
 
 @pytest.mark.parametrize("D", [0.0, 0.5])
 def test_holitom_syncs_do_not_grow_with_batch_windows_or_frames(D):
-    """The host syncs of a call are a fixed number: one video or four (and group videos), a video
-    of one static window or of many short ones, 4 frames or 24."""
-    def syncs(cases, groups=0):
-        _, sig = batch_signals(cases, groups=groups)
-        return count_syncs(lambda: HoliTomScorer(D=D).select(sig))
-
-    one, four = syncs(BATCH[:1]), syncs(BATCH[:4], groups=2)
-    static = syncs([(24, 6, set(), set(), 0.001, 0, 30)])
-    windows = syncs([(24, 6, set(range(0, 24, 2)), {1}, 0.01, 0, 30)])
-    few = syncs([(4, 6, set(), {1}, 0.01, 0, 8)])
-    assert one == four == static == windows == few <= 2, (one, four, static, windows, few)
+    check_syncs_fixed(lambda: HoliTomScorer(D=D))
