@@ -77,9 +77,10 @@ Deviations from the released code:
 * ``do_segment`` / ``complementary_segment`` are always on (as in every released script).
 * ``K = N`` (a budget above ``T (N - 1)``): the released lower bound leaves no token to merge and its
   ``topk(k=0)`` raises; here no token is merged across frames (the clustering still runs).
-* Host work: the greedy ADTS loop is batched over all frames of a video and has no host sync;
-  DySeg, the trees and the clustering have data-dependent sizes and run per video on the CPU (as
-  HoliTom's scorer).
+* Host work: the whole batch in one call with two host syncs (the segments' counts; the adjacent
+  frames' similarities, for DySeg), whatever the number of videos, frames or segments: the greedy
+  ADTS loop runs over every frame of every video (per-frame step limits as masks), TSTM over every
+  segment (padded to the longest), the clustering over every frame, all on the device.
 * Video layouts: a video that is one segment with its (t, h, w) grid (Qwen2-VL, Qwen2.5-VL,
   LLaVA-OneVision) gets the whole rule. Qwen3-VL's prompt puts each temporal patch group in its
   own timestamped span, so vtoken's adapter makes each group a segment with its own budget
@@ -108,13 +109,6 @@ from vtoken.scorers.holitom import select_videos
 from vtoken.signals import SegmentSignals
 
 SELECTIONS = ("attn_div", "attn_div_v2")
-
-
-def frame_attention(x: torch.Tensor) -> torch.Tensor:
-    """The stand-in for the encoder attention: x (T, N, D) -> (T, N) float64, per frame the
-    softmax of ``x_p . mean_f / sqrt(D)`` over its tokens."""
-    xd = x.double()
-    return torch.softmax((xd * xd.mean(1, keepdim=True)).sum(-1) / math.sqrt(x.shape[-1]), dim=-1)
 
 
 def dyseg(sim: list, threshold: float = 0.9, min_segments: int = 8) -> list:
@@ -386,4 +380,4 @@ def flashvid_plan(keep, layers=(20,), r: float = 0.3, alpha: float = 0.7, tau: f
     return plan
 
 
-__all__ = ["FlashVIDScorer", "flashvid_plan", "flashvid_merge", "frame_attention", "dyseg", "adts", "tstm_trees"]
+__all__ = ["FlashVIDScorer", "flashvid_plan", "flashvid_batch", "flashvid_merge", "dyseg", "adts", "tstm_trees"]

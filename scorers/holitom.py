@@ -67,6 +67,10 @@ Deviations from the released code:
 * DPC-kNN: no random noise on the densities (the released code adds ``1e-6 * rand``); equal
   densities are not "denser" than each other; top-k and nearest-centre ties break towards the
   lower index; distances in float64 (released float32).
+* Cost: the whole batch in one call with two host syncs (the segments' counts; the static-run
+  counts, for the dynamic programme and the integer counts), whatever the number of videos,
+  frames or windows: the dominant tokens of every frame and the DPC-kNN of every window (and, with
+  D > 0, of every frame) run as padded, masked batches (float64 distances (windows, N, N)).
 * Video layouts: a video that is one segment with its (t, h, w) grid (Qwen2-VL, Qwen2.5-VL,
   LLaVA-OneVision) gets the whole rule. Qwen3-VL's prompt puts each temporal patch group in
   its own timestamped span, so vtoken's adapter makes each group a segment with its own budget
@@ -97,11 +101,6 @@ from vtoken.scorers.attention import FastVScorer
 from vtoken.scorers.base import (Scorer, Selection, dpc_knn_batch, frame_means, full_grid, lex_rank, masked_scores,
                                  position_slots, segment_counts, to_slots)
 from vtoken.signals import SegmentSignals
-
-
-def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries, ties towards the lower index."""
-    return torch.sort(values, descending=True, stable=True).indices[:k]
 
 
 def _static_runs(static: torch.Tensor) -> torch.Tensor:
@@ -240,21 +239,6 @@ def holitom_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, retain: lis
     return keep[:, :M], target[:, :M], salience
 
 
-def dpc_knn(x: torch.Tensor, centres: int, k: int) -> tuple:
-    """DPC-kNN on x (M, D): (sorted centre indices (c,), nearest-centre index into them (M,))."""
-    M, D = x.shape
-    if centres <= 0 or M == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(M, dtype=torch.long)
-    xd = x.double()
-    dist = torch.cdist(xd, xd, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(D)
-    near = torch.sort(dist, dim=-1).values[:, : min(k, M)]
-    density = torch.exp(-(near ** 2).mean(-1))
-    denser = density[None, :] > density[:, None]  # [i, j]: j denser than i
-    delta = torch.where(denser, dist, dist.max().expand_as(dist)).min(-1).values
-    idx = torch.sort(_top(delta * density, centres)).values
-    return idx, dist[:, idx].argmin(dim=-1)
-
-
 def holitom_merge(x: torch.Tensor, retain: float, tau: float = 0.8, K: int = 7, D: float = 0.0,
                   max_window: int = 1024) -> tuple:
     """HoliTom's pre-LLM rule on one video x (T, N, Dm) at retain ratio ``retain``
@@ -366,21 +350,6 @@ def select_videos(sig: SegmentSignals, rule, refusal: str) -> Selection:
     return Selection(keep=keep, scores=masked_scores(scores, mask), merge_into=merge_into)
 
 
-def per_video(rule):
-    """A :func:`select_videos` rule from a one-video rule ``rule(x (T, N, D), budget) -> (chosen,
-    target, salience)`` (each (T, N)), run video by video (on the host)."""
-    def batched(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: list) -> tuple:
-        V, M, _ = x.shape
-        out = (torch.zeros((V, M), dtype=torch.bool), torch.full((V, M), -1, dtype=torch.long),
-               torch.zeros((V, M), dtype=torch.float64))
-        for v, ((T, N), b) in enumerate(zip(shapes, budgets)):
-            for o, r in zip(out, rule(x[v, :T * N].reshape(T, N, -1).cpu(), b)):
-                o[v, :T * N] = r.flatten()
-        return tuple(o.to(x.device) for o in out)
-
-    return batched
-
-
 def _video_groups(sig: SegmentSignals, counts: list, original: list, sample: list) -> list:
     """Lists of segments to run together: the consecutive temporal-group segments of one video
     (``sig.video``), each unpruned with the same one-frame grid; every other segment alone."""
@@ -422,4 +391,4 @@ def holitom_plan(keep, layers=(18,), r: float = 0.5, tau: float = 0.8, K: int = 
 
 
 __all__ = ["HoliTomScorer", "holitom_plan", "holitom_batch", "holitom_merge", "static_windows", "windows_from_counts",
-           "dpc_knn", "select_videos", "per_video"]
+           "select_videos"]
