@@ -140,8 +140,8 @@ def full_grid(sig: SegmentSignals, s: int, count: int, original: int) -> Optiona
 def position_slots(sig: SegmentSignals, counts: list, by_index: list) -> tuple:
     """Each segment's real tokens in position order, for rules that work on positions (frame-major
     grids): position p of segment s is its real token of the p-th smallest original index where
-    ``by_index[s]`` (index p on a complete grid), else its p-th real slot. -> (slot (S, n) long: the slot at each position,
-    real (S, n) bool: p < counts[s]). No host sync."""
+    ``by_index[s]`` (index p on a complete grid), else its p-th real slot. -> (slot (S, n) long:
+    the slot at each position, real (S, n) bool: p < counts[s]). No host sync."""
     mask = sig.mask
     dev, (S, n) = mask.device, mask.shape
     use_index = torch.tensor(by_index, dtype=torch.bool, device=dev).reshape(S, 1)

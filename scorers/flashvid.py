@@ -246,7 +246,8 @@ def flashvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, Ks: list, 
         relevance = (xg * seg_mean[so][:, :, None, :]).sum(-1)
     kf = torch.tensor(A, dtype=torch.long, device=dev)[:, None].expand(V, Tm).reshape(-1)
     flat = (V * Tm, Nm)
-    keep = adts(xg.reshape(V * Tm, Nm, D), attn.reshape(flat), kf, None if relevance is None else relevance.reshape(flat),
+    rel = None if relevance is None else relevance.reshape(flat)
+    keep = adts(xg.reshape(V * Tm, Nm, D), attn.reshape(flat), kf, rel,
                 exclude=selection == "attn_div", valid=gval.reshape(flat), steps=max(A, default=0)).view(V, Tm, Nm)
     keep &= gval
     target = torch.full((V, Tm, Nm), -1, dtype=torch.long, device=dev)

@@ -90,8 +90,6 @@ Deviations from the released code:
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 
 from vtoken.errors import PruningConfigError
@@ -302,7 +300,8 @@ def select_videos(sig: SegmentSignals, rule, refusal: str) -> Selection:
             raise PruningConfigError(
                 f"{refusal}: use an image method (e.g. visionzip, divprune) for prompts with images, or keep=1.0")
     slot, real = position_slots(sig, counts, [True] * S)  # candidates in original (frame-major) order
-    rows, members, places = [], [], []  # per video: (T, N, tokens a segment), its segments; per segment: (video, offset)
+    # per video: (T, N, tokens a segment) and its segments; per segment: (segment, video, offset)
+    rows, members, places = [], [], []
     for group in _video_groups(sig, counts, original, sample):
         if counts[group[0]] == 0:
             continue

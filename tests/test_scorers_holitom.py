@@ -386,8 +386,9 @@ def test_holitom_qwen3_vl_groups_are_one_video():
 
 # (T, N, changes, moving, noise, seed, budget): ragged frame counts and sizes, static and random videos
 # (budgets above 3 tokens a frame give FlashVID's TSTM and clustering tokens to place)
-BATCH = [(8, 9, {2, 5}, {1, 4, 7}, 0.02, 0, 32), (4, 12, set(), {3}, 0.1, 1, 20), (5, 6, set(range(5)), set(), 0.5, 2, 12),
-         (8, 6, {4}, set(), 0.01, 3, 7), (6, 10, {3}, {0, 2, 4, 6, 8}, 0.05, 4, 36)]
+BATCH = [(8, 9, {2, 5}, {1, 4, 7}, 0.02, 0, 32), (4, 12, set(), {3}, 0.1, 1, 20),
+         (5, 6, set(range(5)), set(), 0.5, 2, 12), (8, 6, {4}, set(), 0.01, 3, 7),
+         (6, 10, {3}, {0, 2, 4, 6, 8}, 0.05, 4, 36)]
 
 
 def batch_signals(cases, permute=None, groups=0):
