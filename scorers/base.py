@@ -6,6 +6,7 @@ pure: they read only their signals, never the model, and hold no state between c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -115,3 +116,102 @@ def demote(scores: torch.Tensor, flags: torch.Tensor, mask: torch.Tensor) -> tor
 def promote(scores: torch.Tensor, flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Move the flagged real slots above every unflagged real slot, keeping their order."""
     return -demote(-scores.float(), flags, mask)
+
+
+# -- whole-batch helpers for the per-segment rules (a fixed number of host syncs per call) ----
+
+
+def segment_counts(sig: SegmentSignals, *extra: torch.Tensor) -> tuple:
+    """(counts, budgets, original, *extra): host lists of each segment's real slots, budget,
+    original token count and of any other (S,) integer tensors. One host sync."""
+    dev = sig.mask.device
+    rows = [sig.mask.sum(1), sig.budget.to(dev), sig.original.to(dev)] + [e.to(dev).long() for e in extra]
+    return tuple(torch.stack(rows).tolist())
+
+
+def full_grid(sig: SegmentSignals, s: int, count: int, original: int) -> Optional[tuple]:
+    """Segment s's (t, h, w) where it is known and complete (no token pruned yet), else None."""
+    grid = sig.grid[s] if sig.grid is not None else None
+    if grid is None or count != original or grid[0] * grid[1] * grid[2] != count:
+        return None
+    return tuple(int(g) for g in grid)
+
+
+def position_slots(sig: SegmentSignals, counts: list, by_index: list) -> tuple:
+    """Each segment's real tokens in position order, for rules that work on positions (frame-major
+    grids): position p of segment s is its real token of the p-th smallest original index where
+    ``by_index[s]`` (index p on a complete grid), else its p-th real slot. -> (slot (S, n) long:
+    the slot at each position, real (S, n) bool: p < counts[s]). No host sync."""
+    mask = sig.mask
+    dev, (S, n) = mask.device, mask.shape
+    use_index = torch.tensor(by_index, dtype=torch.bool, device=dev).reshape(S, 1)
+    by_rank = lex_rank(((~mask).long(), False), (sig.index.to(dev), False))  # real slots by index first
+    pos = torch.where(use_index, by_rank, mask.long().cumsum(1) - 1)
+    pos = torch.where(mask, pos, n)  # padding slots -> a dump column
+    slot = torch.zeros((S, n + 1), dtype=torch.long, device=dev)
+    slot.scatter_(1, pos, torch.arange(n, device=dev).expand(S, n))
+    real = torch.arange(n, device=dev) < torch.tensor(counts, dtype=torch.long, device=dev).reshape(S, 1)
+    return slot[:, :n], real
+
+
+def to_slots(values: torch.Tensor, slot: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Values in position order (S, n) back in slot order (zero / False on padding slots)."""
+    S, n = values.shape
+    out = torch.zeros((S, n + 1), dtype=values.dtype, device=values.device)
+    out.scatter_(1, torch.where(real, slot, n), torch.where(real, values, torch.zeros_like(values)))
+    return out[:, :n]
+
+
+def lex_rank(*keys: tuple) -> torch.Tensor:
+    """Per row, each entry's rank under the lexicographic order of ``keys`` ((B, M) tensor,
+    descending) pairs, most significant first; ties broken towards the lower index (stable sorts
+    from the least significant key). No host sync."""
+    B, M = keys[0][0].shape
+    dev = keys[0][0].device
+    order = torch.arange(M, device=dev).expand(B, M)
+    for key, descending in reversed(keys):
+        order = order.gather(1, torch.sort(key.gather(1, order), dim=1, descending=descending, stable=True).indices)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(M, device=dev).expand(B, M))
+
+
+def dpc_knn_batch(x: torch.Tensor, among: torch.Tensor, centres: torch.Tensor, neighbours: torch.Tensor,
+                  exact: bool = False) -> tuple:
+    """DPC-kNN centres among the tokens ``among`` (B, M) of each row of x (B, M, D), batched:
+    distances ``cdist / sqrt(D)`` (float64; ``exact``: without the matmul form); density
+    ``exp(-mean of the min(neighbours[b], |among|) smallest squared distances)`` (the token itself
+    included); delta the distance to the nearest strictly denser token (the row's largest where
+    none); the ``centres[b]`` top ``delta * density`` (ties to the lower index). -> (centre (B, M)
+    bool, nearest (B, M) long: the position of each token's nearest centre, ties to the lower).
+    Tensor ops only (no host sync)."""
+    B, M, D = x.shape
+    dev = x.device
+    if B == 0 or M == 0:
+        return torch.zeros((B, M), dtype=torch.bool, device=dev), torch.zeros((B, M), dtype=torch.long, device=dev)
+    xd = x.double()
+    mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
+    dist = torch.cdist(xd, xd, compute_mode=mode) / math.sqrt(D)
+    pair = among.unsqueeze(2) & among.unsqueeze(1)  # (B, M, M)
+    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dev)
+    size = among.sum(dim=1)
+    q = neighbours.clamp(max=size).clamp(min=1)  # (B,)
+    near = torch.sort(torch.where(pair, dist, inf), dim=-1).values
+    used = torch.arange(M, device=dev) < q[:, None, None]
+    density = torch.exp(-(torch.where(used, near, 0) ** 2).sum(-1) / q[:, None])
+    denser = (density.unsqueeze(1) > density.unsqueeze(2)) & pair  # [b, i, j]: j denser than i
+    largest = torch.where(pair, dist, -inf).amax(dim=(1, 2))  # (B,)
+    delta = torch.where(denser, dist, largest[:, None, None]).min(-1).values
+    score = torch.where(among, delta * density, -inf)
+    centre = among & (lex_rank((score, True)) < centres.clamp(max=size).unsqueeze(1))
+    nearest = torch.where(centre.unsqueeze(1), dist, inf).argmin(dim=-1)
+    return centre, nearest
+
+
+def frame_means(x: torch.Tensor, real: torch.Tensor, per: torch.Tensor, frames: int) -> tuple:
+    """Rows of frame-major tokens x (B, M, D) with ``per`` (B,) tokens a frame (``real`` (B, M)
+    marks the real positions): (frame (B, M) long: each position's frame, ``frames`` on padding;
+    mean (B, frames + 1, D): each frame's mean token, row ``frames`` a dump). No host sync."""
+    B, M, D = x.shape
+    frame = torch.where(real, torch.arange(M, device=x.device) // per[:, None], frames)
+    sums = torch.zeros((B, frames + 1, D), dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, frame.unsqueeze(-1).expand(B, M, D), x)
+    return frame, sums / per[:, None, None]

@@ -9,7 +9,8 @@ import torch
 
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
-from vtoken.scorers.base import Scorer, Selection, masked_scores, topk_mask
+from vtoken.scorers.base import (Scorer, Selection, full_grid, masked_scores, position_slots, segment_counts,
+                                 to_slots, topk_mask)
 from vtoken.signals import SegmentSignals
 
 
@@ -71,22 +72,32 @@ class UniformScorer(Scorer):
     name = "uniform"
 
     def select(self, sig: SegmentSignals) -> Selection:
-        keep = torch.zeros_like(sig.mask)
-        for s in range(sig.num_segments):
-            k = int(sig.budget[s])
-            slots = torch.nonzero(sig.mask[s]).flatten()
-            n, orig = slots.numel(), int(sig.original[s])
-            grid = sig.grid[s] if sig.grid is not None else None
-            if grid is not None and n == orig and grid[0] * grid[1] * grid[2] == orig:
-                t, h, w = grid
-                per = [k // t + (1 if f < k % t else 0) for f in range(t)]
-                chosen = [f * h * w + p for f in range(t) for p in grid_points(per[f], h, w)]
-                index_to_slot = {int(sig.index[s, j]): j for j in slots.tolist()}
-                picks = [index_to_slot[i] for i in chosen]
-            else:
-                picks = [int(slots[int((i + 0.5) * n / k)]) for i in range(k)] if k > 0 else []
-            keep[s, picks] = True
+        counts, budgets, original = segment_counts(sig)
+        grids = [full_grid(sig, s, c, original[s]) for s, c in enumerate(counts)]
+        keep = uniform_keep(sig, counts, budgets, grids, range(sig.num_segments))
         return Selection(keep=keep, scores=masked_scores(keep.float(), sig.mask))
+
+
+def uniform_keep(sig: SegmentSignals, counts: list, budgets: list, grids: list, rows) -> torch.Tensor:
+    """The uniform rule on the segments ``rows`` (host lists from :func:`segment_counts`; grids
+    from :func:`full_grid`): (S, n) bool, an even sub-grid of each frame (the first ``k % t``
+    frames one more) where the grid is complete, else evenly spaced real slots. No host sync."""
+    S, n = sig.mask.shape
+    rows, picks = list(rows), []
+    for s in rows:
+        k, c, grid = budgets[s], counts[s], grids[s]
+        if grid is not None:
+            t, h, w = grid
+            per = [k // t + (1 if f < k % t else 0) for f in range(t)]
+            picks += [(s, f * h * w + p) for f in range(t) for p in grid_points(per[f], h, w)]
+        elif k > 0:
+            picks += [(s, int((i + 0.5) * c / k)) for i in range(k)]
+    slot, real = position_slots(sig, counts, [g is not None for g in grids])
+    chosen = torch.zeros((S, n + 1), dtype=torch.bool, device=sig.mask.device)
+    if picks:
+        at = torch.tensor(picks, dtype=torch.long, device=sig.mask.device)
+        chosen[at[:, 0], at[:, 1]] = True
+    return to_slots(chosen[:, :n], slot, real)
 
 
 @register_method(name="uniform", family="baseline", stages="layer 0", options=("layer",))
@@ -111,5 +122,5 @@ def none_plan(keep=1.0, layer: int = 0):
     return [Stage(layer=layer, scorer=KeepAllScorer(), keep=1.0)]
 
 
-__all__ = ["RandomScorer", "UniformScorer", "KeepAllScorer", "grid_points", "topk_mask", "random_plan",
+__all__ = ["RandomScorer", "UniformScorer", "KeepAllScorer", "grid_points", "uniform_keep", "topk_mask", "random_plan",
            "uniform_plan", "none_plan"]

@@ -46,6 +46,10 @@ choices where the released code has no rule):
   t*h*w) have no frames to compare: they keep a spatially even sub-grid of ``keep`` tokens
   (the ``uniform`` baseline's rule), so images in a mixed prompt still meet the budget.
 
+Cost: the whole batch in one call with one host sync (the segments' counts and budgets), whatever
+the number of segments or frames: the similarities and the ranking of every video run as one
+padded batch (positions frame-major, masks for padding), the image rule as one scatter.
+
 On Qwen3-VL, whose prompt wraps each temporal patch group of a video in its own timestamped
 span, vtoken's adapter makes each group a segment (t == 1), so the image rule applies there;
 the temporal rule runs where a video is one segment (Qwen2-VL, Qwen2.5-VL).
@@ -53,14 +57,13 @@ the temporal rule runs where a video is one segment (Qwen2-VL, Qwen2.5-VL).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
-from vtoken.scorers.base import Scorer, Selection, masked_scores
-from vtoken.scorers.baselines import UniformScorer
+from vtoken.scorers.base import (Scorer, Selection, full_grid, lex_rank, masked_scores, position_slots,
+                                 segment_counts, to_slots)
+from vtoken.scorers.baselines import uniform_keep
 from vtoken.signals import SegmentSignals
 
 #: ranking levels (higher is kept first)
@@ -99,38 +102,35 @@ def dycoke_released_count(t: int, per_frame: int, k: float = 0.7) -> int:
     return out
 
 
-def ttm_order(x: torch.Tensor) -> torch.Tensor:
-    """The ranking of one video's tokens, ``x`` (T, N, D) in row-major order: a (T*N,) long
-    tensor of flat token indices, the first to keep first."""
-    T, N = x.shape[0], x.shape[1]
-    refs = ttm_references(T)
+def ttm_rank(x: torch.Tensor, real: torch.Tensor, shapes: list) -> torch.Tensor:
+    """The TTM ranking of B videos at once: x (B, M, D) each row's tokens frame-major, ``shapes[b]
+    = (T, N)`` (``T * N`` real positions first, ``real`` (B, M) marks them) -> (B, M) long, each
+    token's rank (0 = the first to keep; padding last): level desc (first frame, other anchors,
+    pruned frames, the dropped last frame), then the rank of the token's similarity to the same
+    position of its reference frame within its frame (ascending; ties to the lower position), the
+    similarity, the frame, the position. Tensor ops only (no host sync)."""
+    B, M, _ = x.shape
+    dev = x.device
+    Tm = max(t for t, _ in shapes)
+    # per frame: its level and reference frame (-1: none); padding positions: frame Tm, level -1
+    table = []
+    for T, N in shapes:
+        refs = ttm_references(T)
+        pad = [-1] * (Tm - T + 1)
+        table.append([lv for lv, _ in refs] + pad + [-1 if r is None else r for _, r in refs] + pad + [max(N, 1)])
+    table = torch.tensor(table, dtype=torch.long, device=dev)
+    level, ref, per = table[:, : Tm + 1], table[:, Tm + 1: 2 * Tm + 2], table[:, -1:]
+    p = torch.arange(M, device=dev).expand(B, M)
+    frame = torch.where(real, p // per, Tm)
+    within = p % per
+    r = ref.gather(1, frame)
+    has = real & (r >= 0)
     z = torch.nn.functional.normalize(x.float(), dim=-1)
-    level = torch.empty(T, N, dtype=torch.long)
-    rank = torch.zeros(T, N, dtype=torch.long)
-    sim = torch.zeros(T, N, dtype=torch.float32)
-    pos = torch.arange(N)
-    for f, (lv, r) in enumerate(refs):
-        level[f] = lv
-        if r is None:
-            rank[f] = pos
-            continue
-        s = (z[f] * z[r]).sum(-1).cpu()
-        sim[f] = s
-        order = torch.sort(s, stable=True).indices
-        rank[f, order] = pos
-    # lexicographic: level desc, rank asc, similarity asc, frame asc, position asc (stable sorts
-    # from the least significant key; the flat index already orders frame, then position)
-    idx = torch.arange(T * N)
-    for key, desc in ((sim.flatten(), False), (rank.flatten(), False), (level.flatten(), True)):
-        idx = idx[torch.sort(key[idx], stable=True, descending=desc).indices]
-    return idx
-
-
-def _video_grid(sig: SegmentSignals, s: int, n: int) -> Optional[tuple]:
-    grid = sig.grid[s] if sig.grid is not None else None
-    if grid is None or grid[0] < 2 or n != int(sig.original[s]) or grid[0] * grid[1] * grid[2] != n:
-        return None
-    return tuple(int(g) for g in grid)
+    other = z.gather(1, torch.where(has, r * per + within, 0).unsqueeze(-1).expand_as(z))
+    sim = torch.where(has, (z * other).sum(-1), torch.zeros((), dtype=torch.float32, device=dev))
+    # rank of the similarity within the frame (frames without a reference: the position)
+    in_frame = lex_rank((frame, False), (sim, False)) - frame * per
+    return lex_rank((level.gather(1, frame), True), (in_frame, False), (sim, False))
 
 
 @register_scorer
@@ -149,29 +149,24 @@ class DyCokeScorer(Scorer):
     needs = frozenset({"hidden"})
 
     def select(self, sig: SegmentSignals) -> Selection:
-        fallback = None
-        keep = torch.zeros_like(sig.mask)
-        scores = torch.zeros(sig.mask.shape, dtype=torch.float32)
-        for s in range(sig.num_segments):
-            slots = torch.nonzero(sig.mask[s]).flatten().cpu()
-            n = slots.numel()
-            grid = _video_grid(sig, s, n)
-            if grid is None:
-                if fallback is None:
-                    fallback = UniformScorer().select(sig).keep
-                keep[s] = fallback[s]
-                scores[s, slots] = fallback[s, slots.to(fallback.device)].float().cpu()
-                continue
-            t, h, w = grid
-            index = sig.index[s, slots.to(sig.index.device)].cpu()
-            slot_of = torch.empty(n, dtype=torch.long)
-            slot_of[index] = slots
-            x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(t, h * w, -1)
-            order = slot_of[ttm_order(x)]
-            k = min(int(sig.budget[s]), n)
-            keep[s, order[:k].to(keep.device)] = True
-            scores[s, order] = torch.arange(n, 0, -1, dtype=torch.float32)
-        return Selection(keep=keep, scores=masked_scores(scores.to(sig.mask.device), sig.mask))
+        mask = sig.mask
+        dev = mask.device
+        counts, budgets, original = segment_counts(sig)
+        grids = [full_grid(sig, s, c, original[s]) for s, c in enumerate(counts)]
+        videos = [s for s, g in enumerate(grids) if g is not None and g[0] >= 2]
+        keep = uniform_keep(sig, counts, budgets, grids, [s for s, g in enumerate(grids) if not (g and g[0] >= 2)])
+        scores = keep.float()
+        if videos:
+            rows = torch.tensor(videos, device=dev)
+            slot, real = position_slots(sig, counts, [g is not None for g in grids])
+            slot, real = slot[rows], real[rows]
+            x = sig.hidden[rows].gather(1, slot.unsqueeze(-1).expand(*slot.shape, sig.hidden.shape[-1]))
+            rank = ttm_rank(x, real, [(grids[s][0], counts[s] // grids[s][0]) for s in videos])
+            count = torch.tensor([counts[s] for s in videos], device=dev)[:, None]
+            k = torch.tensor([budgets[s] for s in videos], device=dev)[:, None].clamp(max=count)
+            keep[rows] = to_slots(real & (rank < k), slot, real)
+            scores[rows] = to_slots((count - rank).float(), slot, real)
+        return Selection(keep=keep, scores=masked_scores(scores, mask))
 
 
 @register_method(name="dycoke", family="diversity", paper="Tao et al., CVPR 2025 (arXiv:2411.15024)",
@@ -182,4 +177,4 @@ def dycoke_plan(keep, layer: int = 0, mode: str = "select"):
     return [Stage(layer=layer, scorer=DyCokeScorer(), keep=validate_budget(keep), mode=mode)]
 
 
-__all__ = ["DyCokeScorer", "dycoke_plan", "dycoke_released_count", "ttm_order", "ttm_references"]
+__all__ = ["DyCokeScorer", "dycoke_plan", "dycoke_released_count", "ttm_rank", "ttm_references"]

@@ -47,6 +47,11 @@ Deviations from the released code:
 * image segments (t == 1) and segments whose grid is unknown or already pruned are one frame:
   the same salient + context rule on that frame, so images get FastVID's spatial pruning.
 
+Cost: the whole batch in one call, with two host syncs whatever the number of segments, frames
+or DySeg segments (the segments' counts and budgets; the adjacent-frame similarities, for DySeg's
+integer cuts and per-frame counts); the top salience and the DPC-kNN of every kept frame of every
+segment run as one padded, masked batch (float64 distances, (frames, N, N)).
+
 On Qwen3-VL, whose prompt wraps each temporal patch group of a video in its own timestamped
 span, vtoken's adapter makes each group a segment (t == 1), so the image rule applies there;
 the temporal rule runs where a video is one segment (Qwen2-VL, Qwen2.5-VL).
@@ -60,13 +65,9 @@ import torch
 
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
-from vtoken.scorers.base import Scorer, Selection, masked_scores
+from vtoken.scorers.base import (Scorer, Selection, dpc_knn_batch, frame_means, full_grid, lex_rank, masked_scores,
+                                 position_slots, segment_counts, to_slots)
 from vtoken.signals import SegmentSignals
-
-
-def _top(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries, ties towards the lower index."""
-    return torch.sort(x, descending=True, stable=True).indices[:k]
 
 
 def _runs(cuts: list, length: int) -> list:
@@ -79,25 +80,25 @@ def _runs(cuts: list, length: int) -> list:
     return sizes
 
 
-def dyseg(g: torch.Tensor, c: int, tau: float) -> list:
-    """Segment sizes of DySeg from unit frame features g (T, D)."""
-    T = g.shape[0]
+def dyseg(sim: list, c: int, tau: float) -> list:
+    """Segment sizes of DySeg from the cosine similarities of adjacent unit frame features (a
+    list of T - 1 floats, on the host)."""
+    T = len(sim) + 1
     if T == 1:
         return [1]
-    sim = (g[:-1] * g[1:]).sum(-1)
-    low = torch.sort(sim, stable=True).indices[: max(c - 1, 0)].tolist()
-    cuts = sorted(set(low) | set(torch.nonzero(sim < tau).flatten().tolist()))
+    low = sorted(range(T - 1), key=lambda i: sim[i])[: max(c - 1, 0)]  # stable: ties to the earlier pair
+    cuts = sorted(set(low) | {i for i, v in enumerate(sim) if v < tau})
     return _runs(cuts, T)
 
 
-def frame_counts(g: torch.Tensor, size: int, retain: int, N: int, d: float, p: int, ignore: float) -> list:
-    """(salient, context) per frame of one DySeg segment of ``size`` frames (unit features g)."""
+def frame_counts(sim: list, size: int, retain: int, N: int, d: float, p: int, ignore: float) -> list:
+    """(salient, context) per frame of one DySeg segment of ``size`` frames (``sim``: its
+    ``size - 1`` adjacent similarities, on the host)."""
     context = max(int(retain * d), 1)
     salient = max(retain - context, 0)
     if size == 1:
         return [(salient, context)]
-    sim = (g[:-1] * g[1:]).sum(-1)
-    sub = _runs(torch.nonzero(sim < ignore).flatten().tolist(), size)
+    sub = _runs([i for i, v in enumerate(sim) if v < ignore], size)
     V = len(sub)
     sal = [salient // V + (1 if i < salient % V else 0) for i in range(V)]
     anchors = (V + p - 1) // p
@@ -110,39 +111,50 @@ def frame_counts(g: torch.Tensor, size: int, retain: int, N: int, d: float, p: i
     return out
 
 
-def density_peaks(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (into x (M, D)) of the k density peaks of DPC-kNN (4 nearest, self included)."""
-    M, D = x.shape
-    if k <= 0 or M == 0:
-        return torch.zeros(0, dtype=torch.long)
-    dist = torch.cdist(x.double(), x.double()) / math.sqrt(D)
-    near = torch.sort(dist, dim=-1).values[:, : min(4, M)]
-    density = torch.exp(-(near ** 2).mean(-1))
-    denser = density[None, :] > density[:, None]  # [i, j]: j denser than i
-    delta = torch.where(denser, dist, dist.max().expand_as(dist)).min(-1).values
-    return _top(delta * density, k)
-
-
-def fastvid_keep(x: torch.Tensor, retain: list, c: int = 8, tau: float = 0.84, ignore: float = 0.95,
-                 d: float = 0.4, p: int = 4) -> tuple:
-    """FastVID on one video x (T, N, D) with per-frame retain counts: (kept mask (T, N) bool,
-    salience (T, N) float)."""
-    T, N, _ = x.shape
+def fastvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: list, c: int = 8, tau: float = 0.84,
+                  ignore: float = 0.95, d: float = 0.4, p: int = 4) -> tuple:
+    """FastVID over a batch of videos. x (B, M, D): each row's tokens frame-major (``shapes[b] =
+    (T, N)``: T frames of N tokens, ``T * N`` real positions first, ``real`` (B, M) bool marks
+    them), ``budgets`` B host ints (tokens kept per video, split over its frames: the first ``b %
+    T`` frames one more) -> (released (B, M) bool, salience (B, M) float64): the tokens the rule
+    keeps and each token's salience. One host sync (the adjacent-frame similarities, for DySeg's
+    integer cuts and counts); the per-frame selection (top salience, then DPC-kNN on the frame's
+    other tokens) runs batched over every kept frame of every video."""
+    B, M, D = x.shape
+    dev = x.device
+    if B == 0 or M == 0:
+        return torch.zeros((B, M), dtype=torch.bool, device=dev), torch.zeros((B, M), dtype=torch.float64, device=dev)
+    Tm = max(t for t, _ in shapes)
     xf = x.double()
-    mean = xf.mean(1)
-    g = torch.nn.functional.normalize(mean, dim=-1)
-    salience = (xf * mean[:, None, :]).sum(-1)
-    keep = torch.zeros(T, N, dtype=torch.bool)
-    start = 0
-    for size in dyseg(g, c, tau):
-        counts = frame_counts(g[start:start + size], size, sum(retain[start:start + size]), N, d, p, ignore)
-        for f, (ns, nc) in zip(range(start, start + size), counts):
-            top = _top(salience[f], ns)
-            keep[f, top] = True
-            rest = torch.nonzero(~keep[f]).flatten()
-            keep[f, rest[density_peaks(xf[f, rest], min(nc, rest.numel()))]] = True
-        start += size
-    return keep, salience
+    per = torch.tensor([max(n, 1) for _, n in shapes], device=dev)
+    frame, mean = frame_means(xf, real, per, Tm)
+    salience = (xf * mean.gather(1, frame.unsqueeze(-1).expand(B, M, D))).sum(-1)
+    g = torch.nn.functional.normalize(mean[:, :Tm], dim=-1)
+    sims = (g[:, :-1] * g[:, 1:]).sum(-1).tolist() if Tm > 1 else [[] for _ in range(B)]  # the host sync
+    rows = []  # (video, first position, N, salient, context) of every frame that keeps tokens
+    for b, (T, N) in enumerate(shapes):
+        if T * N == 0:
+            continue
+        k = min(budgets[b], T * N)
+        retain = [k // T + (1 if f < k % T else 0) for f in range(T)]
+        start = 0
+        for size in dyseg(sims[b][: T - 1], c, tau):
+            counts = frame_counts(sims[b][start:start + size - 1], size, sum(retain[start:start + size]), N, d, p,
+                                  ignore)
+            rows += [(b, f * N, N, ns, nc) for f, (ns, nc) in zip(range(start, start + size), counts) if ns + nc]
+            start += size
+    released = torch.zeros((B, M + 1), dtype=torch.bool, device=dev)
+    if rows:
+        video, first, n, ns, nc = torch.tensor(rows, dtype=torch.long, device=dev).unbind(1)
+        Nm = max(r[2] for r in rows)
+        col = torch.arange(Nm, device=dev)
+        valid = col < n[:, None]
+        pos = torch.where(valid, first[:, None] + col, 0)
+        sal = torch.where(valid, salience[video[:, None], pos], -math.inf)
+        top = valid & (lex_rank((sal, True)) < ns[:, None])
+        chosen = top | dpc_knn_batch(xf[video[:, None], pos], valid & ~top, nc, torch.full_like(nc, 4))[0]
+        released.index_put_((video[:, None].expand_as(pos), torch.where(valid, pos, M)), chosen)
+    return released[:, :M], salience
 
 
 @register_scorer
@@ -162,32 +174,21 @@ class FastVIDScorer(Scorer):
         self.c, self.tau, self.ignore, self.d, self.p = int(c), float(tau), float(ignore), float(d), int(p)
 
     def select(self, sig: SegmentSignals) -> Selection:
-        keep = torch.zeros_like(sig.mask)
-        scores = torch.zeros(sig.mask.shape, dtype=torch.float32)
-        for s in range(sig.num_segments):
-            slots = torch.nonzero(sig.mask[s]).flatten().cpu()
-            n = slots.numel()
-            if n == 0:
-                continue
-            grid = sig.grid[s] if sig.grid is not None else None
-            index = sig.index[s, slots.to(sig.index.device)].cpu()
-            if grid is not None and n == int(sig.original[s]) and grid[0] * grid[1] * grid[2] == n:
-                T = int(grid[0])
-                slot_of = torch.empty(n, dtype=torch.long)
-                slot_of[index] = slots
-            else:
-                T, slot_of = 1, slots
-            x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(T, n // T, -1).cpu()
-            b = min(int(sig.budget[s]), n)
-            retain = [b // T + (1 if f < b % T else 0) for f in range(T)]
-            chosen, salience = fastvid_keep(x, retain, self.c, self.tau, self.ignore, self.d, self.p)
-            chosen, salience = chosen.flatten(), salience.flatten()
-            # released set first, then the rest; by salience within each, ties to the lower index
-            order = torch.sort(salience, descending=True, stable=True).indices
-            order = order[torch.sort((~chosen[order]).long(), stable=True).indices]
-            keep[s, slot_of[order[:b]].to(keep.device)] = True
-            scores[s, slot_of[order]] = torch.arange(n, 0, -1, dtype=torch.float32)
-        return Selection(keep=keep, scores=masked_scores(scores.to(sig.mask.device), sig.mask))
+        mask = sig.mask
+        dev = mask.device
+        counts, budgets, original = segment_counts(sig)
+        grids = [full_grid(sig, s, c, original[s]) if c else None for s, c in enumerate(counts)]
+        shapes = [(g[0], c // g[0]) if g else (1, c) for g, c in zip(grids, counts)]  # (frames, tokens a frame)
+        slot, real = position_slots(sig, counts, [g is not None for g in grids])
+        x = sig.hidden.gather(1, slot.unsqueeze(-1).expand(*slot.shape, sig.hidden.shape[-1]))
+        released, salience = fastvid_batch(x, real, shapes, budgets, self.c, self.tau, self.ignore, self.d, self.p)
+        # released set first, then the rest, then padding; by salience within each, ties to the
+        # lower position
+        rank = lex_rank(((~released).long() + 2 * (~real).long(), False), (salience, True))
+        count = torch.tensor(counts, device=dev)
+        keep = real & (rank < torch.tensor(budgets, device=dev).clamp(max=count)[:, None])
+        scores = to_slots((count[:, None] - rank).float(), slot, real)
+        return Selection(keep=to_slots(keep, slot, real), scores=masked_scores(scores, mask))
 
 
 @register_method(name="fastvid", family="diversity", paper="Shen et al. 2025 (arXiv:2503.11187)",
@@ -201,4 +202,4 @@ def fastvid_plan(keep, layer: int = 0, c: int = 8, tau: float = 0.84, ignore: fl
     return [Stage(layer=layer, scorer=scorer, keep=validate_budget(keep), mode=mode)]
 
 
-__all__ = ["FastVIDScorer", "fastvid_plan", "fastvid_keep", "dyseg", "frame_counts", "density_peaks"]
+__all__ = ["FastVIDScorer", "fastvid_plan", "fastvid_batch", "dyseg", "frame_counts"]

@@ -77,9 +77,10 @@ Deviations from the released code:
 * ``do_segment`` / ``complementary_segment`` are always on (as in every released script).
 * ``K = N`` (a budget above ``T (N - 1)``): the released lower bound leaves no token to merge and its
   ``topk(k=0)`` raises; here no token is merged across frames (the clustering still runs).
-* Host work: the greedy ADTS loop is batched over all frames of a video and has no host sync;
-  DySeg, the trees and the clustering have data-dependent sizes and run per video on the CPU (as
-  HoliTom's scorer).
+* Host work: the whole batch in one call with two host syncs (the segments' counts; the adjacent
+  frames' similarities, for DySeg), whatever the number of videos, frames or segments: the greedy
+  ADTS loop runs over every frame of every video (per-frame step limits as masks), TSTM over every
+  segment (padded to the longest), the clustering over every frame, all on the device.
 * Video layouts: a video that is one segment with its (t, h, w) grid (Qwen2-VL, Qwen2.5-VL,
   LLaVA-OneVision) gets the whole rule. Qwen3-VL's prompt puts each temporal patch group in its
   own timestamped span, so vtoken's adapter makes each group a segment with its own budget
@@ -103,145 +104,215 @@ from vtoken.errors import PruningConfigError
 from vtoken.methods import layer_indices, register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers.attention import FastVScorer
-from vtoken.scorers.base import Scorer, Selection
-from vtoken.scorers.holitom import dpc_knn, select_videos
+from vtoken.scorers.base import Scorer, Selection, dpc_knn_batch
+from vtoken.scorers.holitom import select_videos
 from vtoken.signals import SegmentSignals
 
 SELECTIONS = ("attn_div", "attn_div_v2")
 
 
-def frame_attention(x: torch.Tensor) -> torch.Tensor:
-    """The stand-in for the encoder attention: x (T, N, D) -> (T, N) float64, per frame the
-    softmax of ``x_p . mean_f / sqrt(D)`` over its tokens."""
-    xd = x.double()
-    return torch.softmax((xd * xd.mean(1, keepdim=True)).sum(-1) / math.sqrt(x.shape[-1]), dim=-1)
-
-
-def dyseg(x: torch.Tensor, threshold: float = 0.9, min_segments: int = 8) -> list:
-    """DySeg cuts of a video x (T, N, D): the segment lengths (list of ints, summing to T)."""
-    T = x.shape[0]
-    g = torch.nn.functional.normalize(x.double().mean(1), dim=-1)
-    sim = (g[:-1] * g[1:]).sum(-1)  # (T-1,)
-    cut = sim < threshold
-    need = min(min_segments - (int(cut.sum()) + 1), T - 1)
+def dyseg(sim: list, threshold: float = 0.9, min_segments: int = 8) -> list:
+    """DySeg cuts from the cosine similarities of adjacent frames' mean features (T - 1 host
+    floats): the segment lengths (list of ints, summing to T)."""
+    T = len(sim) + 1
+    cut = [v < threshold for v in sim]
+    need = min(min_segments - (sum(cut) + 1), T - 1)
     if need > 0:
-        filled = torch.where(cut, torch.ones_like(sim), sim)
-        cut[torch.sort(filled, stable=True).indices[:need]] = True
-    bounds = torch.nonzero(cut).flatten().tolist()
-    edges = [0] + [c + 1 for c in bounds] + [T]
+        filled = [1.0 if c else v for c, v in zip(cut, sim)]
+        for i in sorted(range(T - 1), key=lambda i: filled[i])[:need]:  # stable: ties to the earlier pair
+            cut[i] = True
+    edges = [0] + [i + 1 for i, c in enumerate(cut) if c] + [T]
     return [b - a for a, b in zip(edges, edges[1:])]
 
 
-def adts(x: torch.Tensor, attn: torch.Tensor, k: int, relevance=None, exclude: bool = True) -> torch.Tensor:
+def adts(x: torch.Tensor, attn: torch.Tensor, k, relevance=None, exclude: bool = True, valid=None,
+         steps=None) -> torch.Tensor:
     """Attention and diversity-based token selection, batched over frames: x (B, N, D), attn
-    (B, N), optional relevance (B, N) -> (B, N) bool, the chosen tokens (at most k a frame;
-    fewer where ``exclude=False`` chose a token twice). One greedy step per token, no host sync."""
+    (B, N), k an int or a (B,) tensor with ``steps`` its host maximum, optional relevance (B, N)
+    and ``valid`` (B, N) (real tokens) -> (B, N) bool, the chosen tokens (at most k a frame; fewer
+    where ``exclude=False`` chose a token twice). One greedy step per token, no host sync."""
     B, N, _ = x.shape
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=x.device)
-    if k <= 0 or N == 0:
+    dev = x.device
+    chosen = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    if not torch.is_tensor(k):
+        k, steps = torch.full((B,), int(k), dtype=torch.long, device=dev), int(k)
+    if steps <= 0 or N == 0:
         return chosen
+    valid = torch.ones(B, N, dtype=torch.bool, device=dev) if valid is None else valid
+    size = valid.sum(1)
     z = torch.nn.functional.normalize(x.double(), dim=-1)
     dist = (1.0 - z @ z.transpose(1, 2)) * (attn.double() * 1e6)[:, None, :]
     if relevance is not None:
         dist = dist * relevance.double()[:, None, :]
-    first = torch.sort(dist, dim=1).values[:, min(1, N - 1), :].argmax(-1)  # (B,)
-    rows = torch.arange(B, device=x.device)
-    chosen[rows, first] = True
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    second = torch.sort(torch.where(valid[:, :, None], dist, inf), dim=1).values  # per column, over rows
+    second = second.gather(1, (size - 1).clamp(min=0, max=1).view(B, 1, 1).expand(B, 1, N))[:, 0]
+    first = torch.where(valid, second, -inf).argmax(-1)  # (B,)
+    rows = torch.arange(B, device=dev)
+    on = (k > 0) & (size > 0)
+    chosen[rows, first] = on
     nearest = dist[rows, first]  # (B, N): smallest distance of each token to the chosen ones
-    last = first
-    for _ in range(1, min(k, N) if exclude else k):
+    limit = torch.minimum(k, size) if exclude else k
+    for step in range(1, steps):
         score = nearest.masked_fill(chosen, -1.0) if exclude else nearest
-        last = score.argmax(-1)
-        chosen[rows, last] = True
-        nearest = torch.minimum(nearest, dist[rows, last])
+        last = torch.where(valid, score, -inf).argmax(-1)
+        act = on & (step < limit)
+        chosen[rows, last] |= act
+        nearest = torch.where(act[:, None], torch.minimum(nearest, dist[rows, last]), nearest)
     return chosen
 
 
-def tstm_trees(x: torch.Tensor, adts_mask: torch.Tensor, K: int, threshold: float) -> tuple:
-    """TSTM on one segment x (L, N, D) with its ADTS tokens ``adts_mask`` (L, N): (root (L, N) long:
-    the flat index of each non-ADTS token's tree root, -1 on ADTS tokens; features (L, N, D)
-    float64: the released aggregation on the roots)."""
-    L, N, D = x.shape
+def tstm_trees(x: torch.Tensor, adts_mask: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor,
+               K: torch.Tensor, threshold: float, drop: list) -> tuple:
+    """TSTM on B segments at once: x (B, L, N, D) (frames past ``lengths[b]``, tokens outside
+    ``valid`` (B, L, N) are padding), ADTS tokens ``adts_mask`` (B, L, N), K (B,) tokens a frame,
+    ``drop`` B host ints (``L N - K L``). -> (root (B, L, N) long: the flat index (f * N + p on
+    this padded grid) of each non-ADTS token's tree root, -1 on ADTS tokens; features (B, L, N, D)
+    float64: the released aggregation on the roots). No host sync."""
+    B, L, N, D = x.shape
+    dev = x.device
     xd = x.double()
     z = torch.nn.functional.normalize(xd, dim=-1)
-    sim = z[1:] @ z[:-1].transpose(1, 2)  # (L-1, N, N): token n of frame f+1 vs token m of frame f
-    sim = sim.masked_fill(adts_mask[1:, :, None] | adts_mask[:-1, None, :], -1.0)
+    sim = z[:, 1:] @ z[:, :-1].transpose(2, 3)  # (B, L-1, N, N): token n of frame f+1 vs m of frame f
+    sim = sim.masked_fill(adts_mask[:, 1:, :, None] | adts_mask[:, :-1, None, :], -1.0)
+    sim = sim.masked_fill(~valid[:, :-1, None, :], -math.inf)
     best, parent = sim.max(-1)
-    best = torch.cat([torch.full((1, N), -1.0, dtype=best.dtype), best])
-    parent = torch.cat([torch.zeros(1, N, dtype=torch.long), parent])
-    merged = best > threshold
-    lower = K * L
-    if int((~merged).sum()) < lower:
-        drop = L * N - lower
-        soft = torch.sort(best.flatten(), descending=True).values[drop - 1] if drop > 0 else None
-        merged = best > max(float(soft), -1.0 + 1e-6) if soft is not None else torch.zeros_like(merged)
+    best = torch.cat([torch.full((B, 1, N), -1.0, dtype=best.dtype, device=dev), best], 1)
+    parent = torch.cat([torch.zeros((B, 1, N), dtype=torch.long, device=dev), parent], 1)
+    merged = (best > threshold) & valid
+    # fewer than K L tokens would stay: the threshold drops to the drop-th largest similarity
+    need = ((~merged & valid).sum((1, 2)) < K * lengths)
+    ranked = torch.sort(torch.where(valid, best, -math.inf).flatten(1), dim=1, descending=True).values
+    d = torch.tensor(drop, dtype=torch.long, device=dev)
+    soft = ranked.gather(1, (d - 1).clamp(min=0)[:, None]).clamp(min=-1.0 + 1e-6)
+    lowered = (best > soft[:, :, None]) & valid & (d > 0)[:, None, None]
+    merged = torch.where(need[:, None, None], lowered, merged)
     # features of the roots as the released code aggregates them (from the last frame back)
-    acc, count = xd.clone(), torch.ones(L, N, dtype=torch.float64)
+    acc = xd.clone()
+    count = torch.ones((B, L, N), dtype=torch.float64, device=dev)
     for f in range(L - 1, 0, -1):
-        m = merged[f]
-        acc[f - 1].index_add_(0, parent[f][m], acc[f][m])
-        count[f - 1].index_add_(0, parent[f][m], torch.ones(int(m.sum()), dtype=torch.float64))
+        m = merged[:, f]
+        acc[:, f - 1].scatter_add_(1, parent[:, f, :, None].expand(B, N, D), acc[:, f] * m[..., None])
+        count[:, f - 1].scatter_add_(1, parent[:, f], m.double())
     feats = acc / count[..., None]
-    root = torch.arange(L * N).view(L, N).clone()
+    root = torch.arange(L * N, device=dev).view(1, L, N).repeat(B, 1, 1)
     for f in range(1, L):
-        root[f] = torch.where(merged[f], root[f - 1][parent[f]], root[f])
+        root[:, f] = torch.where(merged[:, f], root[:, f - 1].gather(1, parent[:, f]), root[:, f])
     return torch.where(adts_mask, -1, root), feats
 
 
-def flashvid_merge(x: torch.Tensor, K: int, alpha: float = 0.7, threshold: float = 0.8,
-                   segment_threshold: float = 0.9, min_segments: int = 8, selection: str = "attn_div_v2",
-                   attn=None) -> tuple:
-    """FlashVID's pre-LLM rule on one video x (T, N, D) with K tokens a frame.
-
-    Returns (keep (T, N) bool, target (T, N) long: for each merged token the flat index of the
-    kept token it merges into, -1 elsewhere, attn (T, N) float64). ``attn`` defaults to
-    :func:`frame_attention`.
-    """
-    T, N, D = x.shape
-    xd = x.double()
-    attn = frame_attention(x) if attn is None else attn.double()
-    K = max(0, min(int(K), N))
-    A = math.ceil(K * alpha)
-    S = K - A
-    lengths = dyseg(x, segment_threshold, min_segments)
-    seg_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+def flashvid_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, Ks: list, alpha: float = 0.7,
+                   threshold: float = 0.8, segment_threshold: float = 0.9, min_segments: int = 8,
+                   selection: str = "attn_div_v2") -> tuple:
+    """FlashVID's pre-LLM rule on V videos at once: x (V, M, D) each row's tokens frame-major,
+    ``shapes[v] = (T, N)`` (``real`` (V, M) marks the ``T N`` real positions), ``Ks`` V host ints
+    (tokens a frame). Returns (keep (V, M) bool, target (V, M) long: for each merged token the
+    position of the kept token it merges into, -1 elsewhere, attn (V, M) float64). One host sync
+    (the adjacent frames' similarities, for DySeg); ADTS runs over every frame of every video, TSTM
+    over every segment, the clustering over every frame, as padded, masked batches."""
+    V, M, D = x.shape
+    dev = x.device
+    Tm, Nm = max(t for t, _ in shapes), max(max(n for _, n in shapes), 1)
+    Tv = torch.tensor([t for t, _ in shapes], device=dev)
+    Nv = torch.tensor([max(n, 1) for _, n in shapes], device=dev)
+    fi, pi = torch.arange(Tm, device=dev), torch.arange(Nm, device=dev)
+    gval = (fi[None, :, None] < Tv[:, None, None]) & (pi[None, None, :] < Nv[:, None, None])  # (V, Tm, Nm)
+    gpos = torch.where(gval, fi[None, :, None] * Nv[:, None, None] + pi, 0)
+    vi = torch.arange(V, device=dev)[:, None, None]
+    xg = torch.where(gval[..., None], x.double()[vi, gpos], 0.0)  # (V, Tm, Nm, D)
+    frame_mean = xg.sum(2) / Nv[:, None, None]  # (V, Tm, D)
+    logits = torch.where(gval, (xg * frame_mean[:, :, None]).sum(-1) / math.sqrt(D), -math.inf)
+    attn = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (V, Tm, Nm)
+    g = torch.nn.functional.normalize(frame_mean, dim=-1)
+    sims = (g[:, :-1] * g[:, 1:]).sum(-1).tolist() if Tm > 1 else [[] for _ in range(V)]  # the host sync
+    # the host: segments and integer counts
+    segs, seg_of = [], [[0] * Tm for _ in range(V)]  # (video, start, L); each frame's segment
+    for v, (T, N) in enumerate(shapes):
+        start = 0
+        for L in dyseg(sims[v][: T - 1], segment_threshold, min_segments):
+            for f in range(start, start + L):
+                seg_of[v][f] = len(segs)
+            segs.append((v, start, L))
+            start += L
+    K = [max(0, min(int(k), n)) for k, (_, n) in zip(Ks, shapes)]
+    A = [math.ceil(k * alpha) for k in K]
+    so = torch.tensor(seg_of, dtype=torch.long, device=dev)  # (V, Tm)
     relevance = None
     if selection == "attn_div_v2":  # x_j . mean of the segment's frame means
-        frame_mean = xd.mean(1)
-        seg_mean = torch.zeros(len(lengths), D, dtype=torch.float64).index_add_(0, seg_of, frame_mean)
-        seg_mean = seg_mean / torch.tensor(lengths, dtype=torch.float64)[:, None]
-        relevance = (xd * seg_mean[seg_of][:, None, :]).sum(-1)
-    keep = adts(xd, attn, A, relevance, exclude=selection == "attn_div")
-    target = torch.full((T, N), -1, dtype=torch.long)
-    start = 0
-    for L in lengths:
-        end = start + L
-        if S > 0 and threshold < 1.0:
-            ad = keep[start:end].clone()
-            if L > 1:
-                root, feats = tstm_trees(xd[start:end], ad, K, threshold)
-                is_root = (root == torch.arange(L * N).view(L, N)) & ~ad
-            else:
-                root, feats = torch.arange(N).view(1, N), xd[start:end]
-                is_root = torch.ones(1, N, dtype=torch.bool)
-            total = int(is_root.sum())
-            ratio = S * L / total if total else 1.0
-            centre = torch.arange(L * N)  # each root's centre (flat index into the segment)
-            for f in range(L):
-                roots = torch.nonzero(is_root[f]).flatten()
-                c = math.ceil(roots.numel() * ratio)
-                if ratio < 1.0 and c > 0:
-                    cent, assign = dpc_knn(feats[f, roots], c, min(c, 7))
-                    assign[cent] = torch.arange(cent.numel())
-                    centre[f * N + roots] = f * N + roots[cent][assign]
-                    keep[start + f, roots[cent]] = True
-                else:
-                    keep[start + f, roots] = True
-            into = torch.where(root >= 0, centre[root.clamp(min=0)] + start * N, -1)
-            own = torch.arange(start * N, end * N).view(L, N)
-            target[start:end] = torch.where(keep[start:end] | (into == own), -1, into)
-        start = end
-    return keep, target, attn
+        sums = torch.zeros((len(segs), D), dtype=torch.float64, device=dev)
+        fval = fi[None, :] < Tv[:, None]
+        sums.index_add_(0, so[fval], frame_mean[fval])
+        seg_mean = sums / torch.tensor([L for _, _, L in segs], dtype=torch.float64, device=dev)[:, None]
+        relevance = (xg * seg_mean[so][:, :, None, :]).sum(-1)
+    kf = torch.tensor(A, dtype=torch.long, device=dev)[:, None].expand(V, Tm).reshape(-1)
+    flat = (V * Tm, Nm)
+    rel = None if relevance is None else relevance.reshape(flat)
+    keep = adts(xg.reshape(V * Tm, Nm, D), attn.reshape(flat), kf, rel,
+                exclude=selection == "attn_div", valid=gval.reshape(flat), steps=max(A, default=0)).view(V, Tm, Nm)
+    keep &= gval
+    target = torch.full((V, Tm, Nm), -1, dtype=torch.long, device=dev)
+    work = [i for i, (v, _, _) in enumerate(segs) if K[v] - A[v] > 0 and threshold < 1.0]
+    if work:
+        Lm = max(segs[i][2] for i in work)
+        sv, ss, sl = (torch.tensor(c, dtype=torch.long, device=dev) for c in zip(*[segs[i] for i in work]))
+        B = len(work)
+        lf = torch.arange(Lm, device=dev)
+        fr = (ss[:, None] + lf).clamp(max=Tm - 1)  # (B, Lm) the video frame of each segment frame
+        sval = gval[sv[:, None], fr] & (lf < sl[:, None])[:, :, None]  # (B, Lm, Nm)
+        xs = xg[sv[:, None], fr]
+        ad = keep[sv[:, None], fr] & sval
+        Kt = torch.tensor([K[segs[i][0]] for i in work], dtype=torch.long, device=dev)
+        St = torch.tensor([K[segs[i][0]] - A[segs[i][0]] for i in work], dtype=torch.long, device=dev)
+        drop = [segs[i][2] * shapes[segs[i][0]][1] - K[segs[i][0]] * segs[i][2] for i in work]
+        root, feats = tstm_trees(xs, ad, sval, sl, Kt, threshold, drop)
+        own = torch.arange(Lm * Nm, device=dev).view(1, Lm, Nm)
+        single = (sl == 1)[:, None, None]
+        root = torch.where(single, own, root)  # a one-frame segment clusters all its tokens
+        feats = torch.where(single[..., None], xs, feats)
+        is_root = torch.where(single, sval, (root == own) & ~ad & sval)
+        total = is_root.sum((1, 2))
+        ratio = torch.where(total > 0, (St * sl).double() / total.clamp(min=1), 1.0)  # (B,)
+        roots_f = is_root.sum(2)  # (B, Lm)
+        c = torch.ceil(roots_f * ratio[:, None]).long()
+        cluster = (ratio < 1.0)[:, None] & (c > 0)
+        cent, near = dpc_knn_batch(feats.reshape(B * Lm, Nm, D), (is_root & cluster[..., None]).reshape(B * Lm, Nm),
+                                   c.reshape(-1), c.clamp(max=7).reshape(-1), exact=True)
+        cent, near = cent.view(B, Lm, Nm), near.view(B, Lm, Nm)
+        centre = torch.where(cluster[..., None] & is_root & ~cent, lf[None, :, None] * Nm + near, own)
+        kept = torch.where(cluster[..., None], cent, is_root)
+        # each token's root's centre, as a video position; merged where it is neither kept nor its own
+        into = centre.flatten(1).gather(1, root.clamp(min=0).flatten(1)).view(B, Lm, Nm)
+        into_pos = (ss[:, None, None] + into // Nm) * Nv[sv][:, None, None] + into % Nm
+        own_pos = (ss[:, None, None] + lf[None, :, None]) * Nv[sv][:, None, None] + pi
+        kk = keep[sv[:, None], fr] | kept
+        tg = torch.where((root >= 0) & sval & ~kk & (into_pos != own_pos), into_pos, -1)
+        fr_w = torch.where(lf[None, :] < sl[:, None], fr, Tm)  # padding frames -> a dump frame
+        keep = torch.cat([keep, keep.new_zeros((V, 1, Nm))], 1)
+        target = torch.cat([target, target.new_full((V, 1, Nm), -1)], 1)
+        keep[sv[:, None], fr_w] = torch.where(sval, kk, keep[sv[:, None], fr_w])
+        target[sv[:, None], fr_w] = torch.where(sval, tg, target[sv[:, None], fr_w])
+        keep, target = keep[:, :Tm], target[:, :Tm]
+    # back to positions
+    out_keep = torch.zeros((V, M + 1), dtype=torch.bool, device=dev)
+    out_target = torch.full((V, M + 1), -1, dtype=torch.long, device=dev)
+    out_attn = torch.zeros((V, M + 1), dtype=torch.float64, device=dev)
+    at = torch.where(gval, gpos, M).flatten(1)
+    out_keep.scatter_(1, at, keep.flatten(1))
+    out_target.scatter_(1, at, target.flatten(1))
+    out_attn.scatter_(1, at, attn.flatten(1))
+    return out_keep[:, :M], out_target[:, :M], out_attn[:, :M]
+
+
+def flashvid_merge(x: torch.Tensor, K: int, alpha: float = 0.7, threshold: float = 0.8,
+                   segment_threshold: float = 0.9, min_segments: int = 8, selection: str = "attn_div_v2") -> tuple:
+    """FlashVID's pre-LLM rule on one video x (T, N, D) with K tokens a frame
+    (:func:`flashvid_batch` with V = 1): (keep (T, N) bool, target (T, N) long flat index or -1,
+    attn (T, N) float64)."""
+    T, N, D = x.shape
+    real = torch.ones((1, T * N), dtype=torch.bool, device=x.device)
+    out = flashvid_batch(x.reshape(1, T * N, D), real, [(T, N)], [K], alpha, threshold, segment_threshold,
+                         min_segments, selection)
+    return tuple(o.view(T, N) for o in out)
 
 
 @register_scorer
@@ -275,9 +346,10 @@ class FlashVIDScorer(Scorer):
         if sig.hidden is None:
             raise PruningConfigError("flashvid needs the 'hidden' signal (the features entering the LLM)")
 
-        def rule(x: torch.Tensor, budget: int) -> tuple:  # K = ceil(budget / T) tokens a frame
-            return flashvid_merge(x, math.ceil(budget / x.shape[0]), self.alpha, self.tau, self.segment_tau,
-                                  self.min_segments, self.selection)
+        def rule(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: list) -> tuple:
+            Ks = [math.ceil(b / T) for (T, _), b in zip(shapes, budgets)]  # K = ceil(budget / T) tokens a frame
+            return flashvid_batch(x, real, shapes, Ks, self.alpha, self.tau, self.segment_tau, self.min_segments,
+                                  self.selection)
 
         return select_videos(sig, rule, "flashvid compresses video tokens; pruning an image is not supported "
                                         "(FlashVID's released code compresses videos only)")
@@ -309,4 +381,4 @@ def flashvid_plan(keep, layers=(20,), r: float = 0.3, alpha: float = 0.7, tau: f
     return plan
 
 
-__all__ = ["FlashVIDScorer", "flashvid_plan", "flashvid_merge", "frame_attention", "dyseg", "adts", "tstm_trees"]
+__all__ = ["FlashVIDScorer", "flashvid_plan", "flashvid_batch", "flashvid_merge", "dyseg", "adts", "tstm_trees"]

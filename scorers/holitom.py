@@ -67,6 +67,10 @@ Deviations from the released code:
 * DPC-kNN: no random noise on the densities (the released code adds ``1e-6 * rand``); equal
   densities are not "denser" than each other; top-k and nearest-centre ties break towards the
   lower index; distances in float64 (released float32).
+* Cost: the whole batch in one call with two host syncs (the segments' counts; the static-run
+  counts, for the dynamic programme and the integer counts), whatever the number of videos,
+  frames or windows: the dominant tokens of every frame and the DPC-kNN of every window (and, with
+  D > 0, of every frame) run as padded, masked batches (float64 distances (windows, N, N)).
 * Video layouts: a video that is one segment with its (t, h, w) grid (Qwen2-VL, Qwen2.5-VL,
   LLaVA-OneVision) gets the whole rule. Qwen3-VL's prompt puts each temporal patch group in
   its own timestamped span, so vtoken's adapter makes each group a segment with its own budget
@@ -86,39 +90,37 @@ Deviations from the released code:
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 
 from vtoken.errors import PruningConfigError
 from vtoken.methods import layer_indices, register_method, register_scorer
 from vtoken.plan import Stage, validate_budget
 from vtoken.scorers.attention import FastVScorer
-from vtoken.scorers.base import Scorer, Selection, masked_scores
+from vtoken.scorers.base import (Scorer, Selection, dpc_knn_batch, frame_means, full_grid, lex_rank, masked_scores,
+                                 position_slots, segment_counts, to_slots)
 from vtoken.signals import SegmentSignals
 
 
-def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries, ties towards the lower index."""
-    return torch.sort(values, descending=True, stable=True).indices[:k]
+def _static_runs(static: torch.Tensor) -> torch.Tensor:
+    """static (B, F, N) bool (``sim[f, p] > tau`` of frame pairs f, f + 1) -> run (B, F, F, N)
+    bool: ``run[b, s, f, p]`` = token p static in every pair s..f (False for f < s)."""
+    F = static.shape[1]
+    ahead = torch.arange(F, device=static.device)
+    ahead = ahead[None, :] >= ahead[:, None]  # [s, f]: f >= s
+    vals = torch.where(ahead[None, :, :, None], static[:, None].to(torch.uint8), 1)
+    return torch.cumprod(vals, dim=2).bool() & ahead[None, :, :, None]
 
 
-def static_windows(static: torch.Tensor, max_window: int = 1024) -> tuple:
-    """HoliTom's temporal segmentation from ``static`` (T-1, N) bool (``sim[f, p] > tau``):
-    (list of (start, end) frame windows, tokens saved)."""
-    T = static.shape[0] + 1
-    saved = [[0] * T for _ in range(T)]  # saved[s][e] = static(s, e) * (e - s)
-    for s in range(T - 1):
-        run = torch.ones(static.shape[1], dtype=torch.bool)
-        for e in range(s + 1, T):
-            run &= static[e - 1]
-            saved[s][e] = int(run.sum()) * (e - s)
+def windows_from_counts(count: list, T: int, max_window: int = 1024) -> tuple:
+    """HoliTom's dynamic programme on the host: ``count[s][e - 1]`` the tokens static in every
+    frame pair s..e-1 (a window [s, e] saves ``count * (e - s)``) -> (list of (start, end) frame
+    windows, tokens saved). Ties keep the shorter window; windows are read back from the end."""
     dp, prev = [0] * T, [0] * T
     for i in range(T):
         best, start = (dp[i - 1] if i > 0 else 0), i
         for size in range(2, min(i + 1, max_window) + 1):
             j = i - size
-            value = (dp[j] if j >= 0 else 0) + saved[j + 1][i]
+            value = (dp[j] if j >= 0 else 0) + count[j + 1][i - 1] * (i - j - 1)
             if value > best:
                 best, start = value, j + 1
         dp[i], prev[i] = best, start
@@ -129,77 +131,121 @@ def static_windows(static: torch.Tensor, max_window: int = 1024) -> tuple:
     return windows[::-1], dp[-1]
 
 
-def dpc_knn(x: torch.Tensor, centres: int, k: int) -> tuple:
-    """DPC-kNN on x (M, D): (sorted centre indices (c,), nearest-centre index into them (M,))."""
-    M, D = x.shape
-    if centres <= 0 or M == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(M, dtype=torch.long)
+def static_windows(static: torch.Tensor, max_window: int = 1024) -> tuple:
+    """HoliTom's temporal segmentation from ``static`` (T-1, N) bool (``sim[f, p] > tau``):
+    (list of (start, end) frame windows, tokens saved)."""
+    T = static.shape[0] + 1
+    count = _static_runs(static[None])[0].sum(-1).tolist() if T > 1 else []
+    return windows_from_counts(count, T, max_window)
+
+
+def holitom_batch(x: torch.Tensor, real: torch.Tensor, shapes: list, retain: list, tau: float = 0.8, K: int = 7,
+                  D: float = 0.0, max_window: int = 1024) -> tuple:
+    """HoliTom's pre-LLM rule on B videos at once. x (B, M, Dm): each row's tokens frame-major,
+    ``shapes[b] = (T, N)`` (``T * N`` real positions first, ``real`` (B, M) marks them),
+    ``retain`` B ratios. Returns (keep (B, M) bool, target (B, M) long: for each merged token the
+    position of the kept token it merges into, -1 elsewhere, salience (B, M) float64: each
+    token's dot product with its frame's mean feature). One host sync (the static-run counts,
+    for the dynamic programme and the integer counts); the dominant tokens of every frame and
+    the DPC-kNN of every window (and frame, with D > 0) run as padded, masked batches."""
+    B, M, Dm = x.shape
+    dev = x.device
+    keep = torch.zeros((B, M + 1), dtype=torch.bool, device=dev)
+    target = torch.full((B, M + 1), -1, dtype=torch.long, device=dev)
+    if B == 0 or M == 0:
+        return keep[:, :M], target[:, :M], torch.zeros((B, M), dtype=torch.float64, device=dev)
+    Tm, Nm = max(t for t, _ in shapes), max(max(n for _, n in shapes), 1)
     xd = x.double()
-    dist = torch.cdist(xd, xd, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(D)
-    near = torch.sort(dist, dim=-1).values[:, : min(k, M)]
-    density = torch.exp(-(near ** 2).mean(-1))
-    denser = density[None, :] > density[:, None]  # [i, j]: j denser than i
-    delta = torch.where(denser, dist, dist.max().expand_as(dist)).min(-1).values
-    idx = torch.sort(_top(delta * density, centres)).values
-    return idx, dist[:, idx].argmin(dim=-1)
+    per = torch.tensor([max(n, 1) for _, n in shapes], device=dev)
+    frame, mean = frame_means(xd, real, per, Tm)
+    salience = (xd * mean.gather(1, frame.unsqueeze(-1).expand(B, M, Dm))).sum(-1)
+    # static pairs on a (B, Tm - 1, Nm) grid, their runs, and the counts the host needs
+    T_ = torch.tensor([t for t, _ in shapes], device=dev)
+    col = torch.arange(Nm, device=dev)
+    in_grid = col < per[:, None]  # (B, Nm)
+    if Tm > 1:
+        z = torch.nn.functional.normalize(xd, dim=-1)
+        q = torch.arange(M, device=dev).expand(B, M)
+        nxt = (q + per[:, None]).clamp(max=M - 1)
+        sim = (z * z.gather(1, nxt.unsqueeze(-1).expand(B, M, Dm))).sum(-1)
+        static = real & (frame < (T_ - 1)[:, None]) & (sim > tau)
+        g = (torch.arange(Tm - 1, device=dev)[None, :, None] * per[:, None, None] + col).clamp(max=M - 1)
+        grid = static.gather(1, g.reshape(B, -1)).reshape(B, Tm - 1, Nm) & in_grid[:, None]
+        run = _static_runs(grid)  # (B, Tm - 1, Tm - 1, Nm)
+        counts = run.sum(-1).tolist()  # the host sync
+    else:
+        run, counts = None, [[] for _ in range(B)]
+    # the host: windows and every integer count of the rule
+    wins, frames_, clusters_ = [], [], []  # window rows; frame rows; static-clustering rows
+    for b, (T, N) in enumerate(shapes):
+        if T * N == 0:
+            continue
+        windows, saved = windows_from_counts(counts[b], T, max_window)
+        r = min(retain[b] / ((T * N - saved) / (T * N)), 1)
+        for start, end in windows:
+            n_static = counts[b][start][end - 1] if end > start else 0
+            share = math.ceil((N - n_static) * r)
+            dominant = round(share * (1 - D))
+            contextual = share - dominant
+            clusters = round(n_static * r)
+            w = len(wins)
+            wins.append((b, start, end - 1, 1, N) if end > start else (b, 0, 0, 0, N))  # run[b, start, end - 1]
+            if clusters > 0:
+                clusters_.append((w, b, start, end, clusters, min(K, clusters), N))
+            frames_ += [(w, b, f, N, dominant, contextual, min(K, max(contextual, 1)), start,
+                         len(clusters_) - 1 if clusters > 0 else -1) for f in range(start, end + 1)]
+    if not wins:
+        return keep[:, :M], target[:, :M], salience
+    wb, ws, we, wlong, wN = torch.tensor(wins, dtype=torch.long, device=dev).unbind(1)
+    still = in_grid[wb] & (wlong[:, None] > 0)  # (W, Nm): static all through the window
+    if run is not None:
+        still &= run[wb, ws, we]
+    # dynamic tokens of every frame: the dominant ones by salience, with D > 0 contextual centres
+    fw, fb, ff, fN, dom, ctx, kctx, fstart, fc = torch.tensor(frames_, dtype=torch.long, device=dev).unbind(1)
+    valid = col < fN[:, None]
+    pos = torch.where(valid, ff[:, None] * fN[:, None] + col, M)
+    dyn = valid & ~still[fw]
+    sal = torch.where(dyn, salience[fb[:, None], pos.clamp(max=M - 1)], -math.inf)
+    top = dyn & (lex_rank((sal, True)) < dom[:, None])
+    chosen = top
+    rows = fb[:, None].expand_as(pos)
+    if any(r[5] > 0 for r in frames_):
+        cent, near = dpc_knn_batch(xd[fb[:, None], pos.clamp(max=M - 1)], dyn & ~top, ctx, kctx, exact=True)
+        chosen = chosen | cent
+        members = dyn & ~top & ~cent & (ctx[:, None] > 0)
+        target.index_put_((rows, torch.where(members, pos, M)), ff[:, None] * fN[:, None] + near)
+    keep.index_put_((rows, torch.where(chosen, pos, M)), chosen)
+    # static tokens of every window: frame-averaged, clustered, merged into the centres (first frame)
+    if clusters_:
+        cw, cb, cs, ce, cn, ck, cN = torch.tensor(clusters_, dtype=torch.long, device=dev).unbind(1)
+        feat = torch.zeros((len(clusters_), Nm, Dm), dtype=torch.float64, device=dev)
+        for L in sorted({e - s + 1 for _, _, s, e, *_ in clusters_}):  # windows of L frames together
+            at = [i for i, c in enumerate(clusters_) if c[3] - c[2] + 1 == L]
+            i = torch.tensor(at, device=dev)
+            f = cs[i, None] + torch.arange(L, device=dev)  # (n, L)
+            p = (f[..., None] * cN[i, None, None] + col).clamp(max=M - 1)  # (n, L, Nm)
+            feat[i] = xd[cb[i, None, None], p].mean(1)
+        cent, near = dpc_knn_batch(feat, still[cw], cn, ck, exact=True)
+        first = torch.where(cent, cs[:, None] * cN[:, None] + col, M)
+        keep.index_put_((cb[:, None].expand_as(first), first), cent)
+        # every frame of the window: its static tokens merge into the cluster's centre
+        has = fc >= 0
+        c = fc.clamp(min=0)
+        into = cs[c][:, None] * fN[:, None] + near[c]
+        merged = has[:, None] & still[fw] & valid & ~((ff == fstart)[:, None] & cent[c])
+        target.index_put_((rows, torch.where(merged, pos, M)), into)
+    return keep[:, :M], target[:, :M], salience
 
 
 def holitom_merge(x: torch.Tensor, retain: float, tau: float = 0.8, K: int = 7, D: float = 0.0,
-                  max_window: int = 1024, salience: Optional[torch.Tensor] = None) -> tuple:
-    """HoliTom's pre-LLM rule on one video x (T, N, Dm) at retain ratio ``retain``.
-
-    Returns (keep (T, N) bool, target (T, N) long: for each merged token the flat index of the
-    kept token it merges into, -1 elsewhere, salience (T, N) float64). ``salience`` (T, N)
-    defaults to each token's dot product with its frame's mean feature.
-    """
-    T, N, _ = x.shape
-    xd = x.double()
-    if salience is None:
-        salience = (xd * xd.mean(1, keepdim=True)).sum(-1)
-    keep = torch.zeros(T, N, dtype=torch.bool)
-    target = torch.full((T, N), -1, dtype=torch.long)
-    z = torch.nn.functional.normalize(xd, dim=-1)
-    static_pairs = (z[:-1] * z[1:]).sum(-1) > tau  # (T-1, N)
-    windows, saved = static_windows(static_pairs, max_window)
-    total = T * N
-    r = min(retain / ((total - saved) / total), 1)
-    for start, end in windows:
-        if start == end:
-            still = torch.zeros(N, dtype=torch.bool)
-        else:
-            still = static_pairs[start:end].all(dim=0)
-        dyn, st = torch.nonzero(~still).flatten(), torch.nonzero(still).flatten()
-        # dynamic tokens of each frame: dominant by salience, contextual by DPC-kNN of the rest
-        share = math.ceil(dyn.numel() * r)
-        dominant = round(share * (1 - D))
-        contextual = share - dominant
-        for f in range(start, end + 1):
-            top = dyn[_top(salience[f, dyn], dominant)]
-            keep[f, top] = True
-            if contextual > 0:
-                rest = dyn[~keep[f, dyn]]
-                cent, assign = dpc_knn(xd[f, rest], contextual, min(K, contextual))
-                keep[f, rest[cent]] = True
-                members = ~keep[f, rest]
-                target[f, rest[members]] = f * N + rest[cent][assign[members]]
-        # static tokens: frame-averaged, clustered, each cluster merged into its centre (first frame)
-        clusters = round(st.numel() * r)
-        if clusters > 0:
-            feat = xd[start:end + 1, st].mean(0)
-            cent, assign = dpc_knn(feat, clusters, min(K, clusters))
-            keep[start, st[cent]] = True
-            into = start * N + st[cent][assign]  # (n_static,)
-            for f in range(start, end + 1):
-                target[f, st] = into
-            target[start, st[cent]] = -1
-    return keep, target, salience
-
-
-def _frames(sig: SegmentSignals, s: int, n: int) -> int:
-    grid = sig.grid[s] if sig.grid is not None else None
-    if grid is None or n != int(sig.original[s]) or grid[0] * grid[1] * grid[2] != n:
-        return 1
-    return int(grid[0])
+                  max_window: int = 1024) -> tuple:
+    """HoliTom's pre-LLM rule on one video x (T, N, Dm) at retain ratio ``retain``
+    (:func:`holitom_batch` with B = 1): (keep (T, N) bool, target (T, N) long flat index or -1,
+    salience (T, N) float64)."""
+    T, N, Dm = x.shape
+    real = torch.ones((1, T * N), dtype=torch.bool, device=x.device)
+    keep, target, salience = holitom_batch(x.reshape(1, T * N, Dm), real, [(T, N)], [retain], tau, K, D, max_window)
+    return keep.reshape(T, N), target.reshape(T, N), salience.reshape(T, N)
 
 
 @register_scorer
@@ -226,92 +272,98 @@ class HoliTomScorer(Scorer):
         self.tau, self.K, self.D, self.max_window = float(tau), int(K), float(D), int(max_window)
 
     def select(self, sig: SegmentSignals) -> Selection:
-        def rule(x: torch.Tensor, budget: int) -> tuple:
-            return holitom_merge(x, budget / (x.shape[0] * x.shape[1]), self.tau, self.K, self.D, self.max_window)
+        def rule(x: torch.Tensor, real: torch.Tensor, shapes: list, budgets: list) -> tuple:
+            retain = [b / (T * N) for (T, N), b in zip(shapes, budgets)]
+            return holitom_batch(x, real, shapes, retain, self.tau, self.K, self.D, self.max_window)
 
         return select_videos(sig, rule, "holitom merges video tokens; pruning an image is not supported (HoliTom's "
                                         "released code leaves images whole)")
 
 
 def select_videos(sig: SegmentSignals, rule, refusal: str) -> Selection:
-    """Run a video rule on every video of ``sig`` and keep exactly each segment's budget.
+    """Run a video rule on every video of ``sig`` at once and keep exactly each segment's budget.
 
-    ``rule(x (T, N, D), budget) -> (chosen (T, N) bool, target (T, N) long flat index or -1,
-    salience (T, N))`` sees one whole video: a segment with its (t, h, w) grid, or the
-    consecutive temporal-group segments of one video (Qwen3-VL, one frame each; ``budget`` their
+    ``rule(x (V, M, D), real (V, M), shapes, budgets) -> (chosen (V, M) bool, target (V, M) long:
+    a position or -1, salience (V, M))`` sees whole videos, each row's tokens frame-major
+    (``shapes[v] = (T, N)``, ``budgets[v]`` host ints): a segment with its (t, h, w) grid, or the
+    consecutive temporal-group segments of one video (Qwen3-VL, one frame each; the budget their
     total), after which each group keeps its own budget and merges stay inside a group. An image
     segment whose budget prunes it raises :class:`PruningConfigError` (``refusal`` + a hint).
-    Returns the Selection (``merge_into`` set)."""
-    out = (torch.zeros(sig.mask.shape, dtype=torch.bool), torch.full(sig.mask.shape, -1, dtype=torch.long),
-           torch.zeros(sig.mask.shape, dtype=torch.float32))
-    for members in _video_groups(sig):
-        frames = []  # per segment: (segment, its slots in original order, budget)
-        for s in members:
-            slots = torch.nonzero(sig.mask[s].cpu()).flatten()
-            b = min(int(sig.budget[s]), slots.numel())
-            if sig.kind is not None and sig.kind[s] != "video" and b < slots.numel():
-                raise PruningConfigError(
-                    f"{refusal}: use an image method (e.g. visionzip, divprune) for prompts with images, or keep=1.0")
-            index = sig.index[s, slots.to(sig.index.device)].cpu()
-            frames.append((s, slots[torch.argsort(index)], b))  # candidates in original (frame-major) order
-        if len(members) == 1:
-            s, slot_of, b = frames[0]
-            n = slot_of.numel()
-            if n == 0:
-                continue
-            T = _frames(sig, s, n)
-            x = sig.hidden[s, slot_of.to(sig.hidden.device)].reshape(T, n // T, -1).cpu()
-            chosen, target, salience = rule(x, b)
-            _finish(out, s, slot_of, b, chosen.flatten(), target.flatten(), salience.flatten())
+    Returns the Selection (``merge_into`` set). One host sync here (the segments' counts) besides
+    the rule's own."""
+    mask = sig.mask
+    dev, (S, n) = mask.device, mask.shape
+    counts, budgets, original, sample = segment_counts(sig, sig.sample)
+    budgets = [min(b, c) for b, c in zip(budgets, counts)]
+    for s in range(S):
+        if sig.kind is not None and sig.kind[s] != "video" and budgets[s] < counts[s]:
+            raise PruningConfigError(
+                f"{refusal}: use an image method (e.g. visionzip, divprune) for prompts with images, or keep=1.0")
+    slot, real = position_slots(sig, counts, [True] * S)  # candidates in original (frame-major) order
+    # per video: (T, N, tokens a segment) and its segments; per segment: (segment, video, offset)
+    rows, members, places = [], [], []
+    for group in _video_groups(sig, counts, original, sample):
+        if counts[group[0]] == 0:
             continue
-        # one video over several segments (Qwen3-VL's temporal groups): the rule on the whole video,
-        # each group keeps its own budget, merges stay inside a group
-        x = torch.stack([sig.hidden[s, slot_of.to(sig.hidden.device)].cpu() for s, slot_of, _ in frames])
-        N = x.shape[1]
-        chosen, target, salience = rule(x, sum(b for _, _, b in frames))
-        for f, (s, slot_of, b) in enumerate(frames):
-            own = (target[f] >= f * N) & (target[f] < (f + 1) * N)
-            _finish(out, s, slot_of, b, chosen[f], torch.where(own, target[f] - f * N, -1), salience[f])
-    keep, merge_into, scores = out
-    dev = sig.mask.device
-    return Selection(keep=keep.to(dev), scores=masked_scores(scores.to(dev), sig.mask),
-                     merge_into=merge_into.to(dev))
+        if len(group) == 1:
+            s = group[0]
+            grid = full_grid(sig, s, counts[s], original[s])
+            T = grid[0] if grid else 1
+            rows.append((T, counts[s] // T, counts[s]))
+        else:
+            rows.append((len(group), counts[group[0]], counts[group[0]]))
+        places += [(s, len(rows) - 1, i * rows[-1][2]) for i, s in enumerate(group)]
+        members.append(group)
+    keep = torch.zeros((S, n), dtype=torch.bool, device=dev)
+    merge_into = torch.full((S, n), -1, dtype=torch.long, device=dev)
+    scores = torch.zeros((S, n), dtype=torch.float32, device=dev)
+    if rows:
+        # the videos' tokens, frame-major: position q of video v is token q % per of segment members[v][q // per]
+        V, M = len(rows), max(T * N for T, N, _ in rows)
+        G = max(len(g) for g in members)
+        seg = torch.tensor([g + [g[-1]] * (G - len(g)) for g in members], dtype=torch.long, device=dev)
+        per = torch.tensor([p for _, _, p in rows], dtype=torch.long, device=dev)[:, None]
+        q = torch.arange(M, device=dev).expand(V, M)
+        vreal = q < torch.tensor([T * N for T, N, _ in rows], device=dev)[:, None]
+        sq = seg.gather(1, torch.where(vreal, q // per, 0))
+        x = sig.hidden[sq, slot[sq, torch.where(vreal, q % per, 0)]]
+        chosen, target, salience = rule(x, vreal, [(T, N) for T, N, _ in rows],
+                                        [sum(budgets[s] for s in g) for g in members])
+        # each segment: its part of its video, its own budget; merges stay inside the segment
+        segs, video, off = (torch.tensor(c, dtype=torch.long, device=dev) for c in zip(*places))
+        at = (off[:, None] + torch.arange(n, device=dev)).clamp(max=M - 1)
+        mine = real[segs]
+        ch = chosen[video[:, None], at] & mine
+        tg = target[video[:, None], at] - off[:, None]
+        tg = torch.where(mine & (tg >= 0) & (tg < per[video]), tg, -1)
+        sal = salience[video[:, None], at]
+        # the rule's tokens first, then the rest, then padding; by salience within each
+        rank = lex_rank(((~ch).long() + 2 * (~mine).long(), False), (sal, True))
+        count = torch.tensor([counts[s] for s, _, _ in places], device=dev)[:, None]
+        final = mine & (rank < torch.tensor([budgets[s] for s, _, _ in places], device=dev)[:, None])
+        into = (tg >= 0) & ~final & final.gather(1, tg.clamp(min=0))
+        own = slot[segs]
+        keep[segs] = to_slots(final, own, mine)
+        merge_into[segs] = to_slots(torch.where(into, own.gather(1, tg.clamp(min=0)), -1) + 1, own, mine) - 1
+        scores[segs] = to_slots((count - rank).float(), own, mine)
+    return Selection(keep=keep, scores=masked_scores(scores, mask), merge_into=merge_into)
 
 
-def _video_groups(sig: SegmentSignals) -> list:
+def _video_groups(sig: SegmentSignals, counts: list, original: list, sample: list) -> list:
     """Lists of segments to run together: the consecutive temporal-group segments of one video
     (``sig.video``), each unpruned with the same one-frame grid; every other segment alone."""
     groups, prev = [], None
     for s in range(sig.num_segments):
         v = sig.video[s] if sig.video is not None else None
         grid = sig.grid[s] if sig.grid is not None else None
-        n = int(sig.mask[s].sum())
-        ok = v is not None and grid is not None and grid[0] == 1 and grid[1] * grid[2] == n == int(sig.original[s])
-        key = (int(sig.sample[s]), v, tuple(grid)) if ok else None
+        ok = v is not None and grid is not None and grid[0] == 1 and grid[1] * grid[2] == counts[s] == original[s]
+        key = (sample[s], v, tuple(grid)) if ok else None
         if key is not None and key == prev:
             groups[-1].append(s)
         else:
             groups.append([s])
         prev = key
     return groups
-
-
-def _finish(out, s: int, slot_of: torch.Tensor, b: int, chosen, target, salience) -> None:
-    """Write one segment's selection into ``out`` (keep, merge_into, scores): the rule's tokens
-    (``chosen`` (n,) bool) first, then the rest, by salience within each (ties to the lower
-    index); the top ``b`` kept; ``target`` (n,) (index into the segment, -1: none) kept where it
-    points at a kept token."""
-    keep, merge_into, scores = out
-    n = slot_of.numel()
-    order = torch.sort(salience, descending=True, stable=True).indices
-    order = order[torch.sort((~chosen[order]).long(), stable=True).indices]
-    final = torch.zeros(n, dtype=torch.bool)
-    final[order[:b]] = True
-    valid = (target >= 0) & ~final
-    valid[valid.clone()] = final[target[valid]]
-    keep[s, slot_of[final]] = True
-    merge_into[s, slot_of[valid]] = slot_of[target[valid]]
-    scores[s, slot_of[order]] = torch.arange(n, 0, -1, dtype=torch.float32)
 
 
 @register_method(name="holitom", family="diversity", paper="Shao et al. 2025 (arXiv:2505.21334)",
@@ -337,4 +389,5 @@ def holitom_plan(keep, layers=(18,), r: float = 0.5, tau: float = 0.8, K: int = 
     return plan
 
 
-__all__ = ["HoliTomScorer", "holitom_plan", "holitom_merge", "static_windows", "dpc_knn", "select_videos"]
+__all__ = ["HoliTomScorer", "holitom_plan", "holitom_batch", "holitom_merge", "static_windows", "windows_from_counts",
+           "select_videos"]

@@ -157,4 +157,13 @@ def random_signals(
     return dict(counts=counts, budget=budget, text_counts=text_counts, **out)
 
 
-__all__ = ["make_signals", "random_signals"]
+def permute_slots(sig: SegmentSignals, seed: int, names=("mask", "index", "hidden")) -> SegmentSignals:
+    """Shuffle the slots of ``sig`` (the same permutation in every row, for the signals ``names``),
+    so real slots sit among padding and need not be in original order; returns ``sig``."""
+    perm = torch.randperm(sig.mask.shape[1], generator=torch.Generator().manual_seed(seed))
+    for name in names:
+        setattr(sig, name, getattr(sig, name)[:, perm])
+    return sig
+
+
+__all__ = ["make_signals", "random_signals", "permute_slots"]

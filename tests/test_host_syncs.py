@@ -12,30 +12,15 @@ import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtoken
-from conftest import get_inputs, get_model
+from conftest import SyncCounter, get_inputs, get_model
 from vtoken.hooks.prefill_plan import prepare_prefill
-
-SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
-            "aten.is_nonzero.default"}
-
-
-class _SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.on = False
-        self.found = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.on and str(func) in SYNC_OPS:
-            self.found[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _syncs_in_language_model(model, inputs) -> int:
-    counter = _SyncCounter()
+    counter = SyncCounter()
+    counter.on = False
     lm = model.model.language_model
     h1 = lm.register_forward_pre_hook(lambda *a: setattr(counter, "on", True))
     h2 = lm.register_forward_hook(lambda *a: setattr(counter, "on", False))
@@ -45,7 +30,7 @@ def _syncs_in_language_model(model, inputs) -> int:
     finally:
         h1.remove()
         h2.remove()
-    return sum(counter.found.values())
+    return counter.total
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "qwen2_5_vl"])

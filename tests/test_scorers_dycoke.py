@@ -9,10 +9,10 @@ import torch
 
 import tiny_models as tm
 import vtoken
-from conftest import get_model
+from conftest import count_syncs, get_model
 from vtoken.scorers import DyCokeScorer, UniformScorer
 from vtoken.scorers.dycoke import dycoke_released_count
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 
 
 def cos(a, b):
@@ -159,3 +159,55 @@ def test_dycoke_end_to_end_video(arch, frames):
         with vtoken.apply_pruning(model, method="dycoke", keep=keep) as hd, torch.no_grad():
             model(**inputs)
             assert len(hd.stats.stages[0].kept[0]) == (keep if isinstance(keep, int) else int(keep * t * h * w))
+
+
+# (t, h, w, merging ratio or a budget, seed): ragged frame counts and frame sizes, an odd count,
+# an image, and a segment with no grid (the uniform rule)
+BATCH = [(8, 3, 4, 0.5, 0), (5, 2, 3, 0.7, 1), (12, 2, 2, 0.3, 2), (1, 4, 4, 5, 3), (None, 1, 12, 4, 4)]
+
+
+def batch_signals(cases, permute=None):
+    xs, counts, budgets, grids = [], [], [], []
+    for t, h, w, k, seed in cases:
+        xs.append(video(t or 1, h, w, seed=seed).reshape((t or 1) * h * w, -1))
+        counts.append(xs[-1].shape[0])
+        budgets.append(dycoke_released_count(t, h * w, k) if isinstance(k, float) else k)
+        grids.append((t, h, w) if t else None)
+    sig = make_signals(counts, budgets, grid=grids, hidden=xs)
+    if permute is not None:  # real slots scattered among padding; positions by ``index``
+        permute_slots(sig, permute)
+    return xs, sig
+
+
+@pytest.mark.parametrize("permute", [None, 5])
+def test_dycoke_batch_equals_each_segment_alone(permute):
+    """Videos with different content, frame counts and frame sizes, an image and a grid-less
+    segment in one call: every row keeps (and ranks) what it does alone, the videos the released
+    TTM set."""
+    xs, sig = batch_signals(BATCH, permute)
+    sel = DyCokeScorer().select(sig)
+    assert not (sel.keep & ~sig.mask).any()
+    for s, (x, case) in enumerate(zip(xs, BATCH)):
+        alone = DyCokeScorer().select(make_signals([x.shape[0]], [int(sig.budget[s])], grid=[sig.grid[s]], hidden=[x]))
+        real = sig.mask[s].nonzero().flatten()
+        t, h, w, k, _ = case
+        by_index = real[torch.argsort(sig.index[s, real])] if t else real  # no grid: the slot order
+        assert torch.equal(sel.keep[s, by_index], alone.keep[0]), s
+        assert torch.equal(sel.scores[s, by_index], alone.scores[0]), s
+        if isinstance(k, float):
+            per = h * w
+            kept = {(j // per, j % per) for j in alone.keep[0].nonzero().flatten().tolist()}
+            assert kept == reference_ttm(x.reshape(t, per, -1), k), s
+
+
+def test_dycoke_syncs_do_not_grow_with_batch_or_frames():
+    """The host syncs of a call are a fixed number: one video or four (with an image and a
+    grid-less segment), 4 frames or 32."""
+    def syncs(cases):
+        _, sig = batch_signals(cases)
+        return count_syncs(lambda: DyCokeScorer().select(sig))
+
+    one, four = syncs(BATCH[:1]), syncs(BATCH[1:])
+    few, many = syncs([(4, 2, 2, 0.5, 0)]), syncs([(32, 2, 2, 0.5, 0), (31, 2, 2, 0.5, 1)])
+    images = syncs([(1, 4, 4, 5, s) for s in range(4)])
+    assert one == four == few == many == images <= 1, (one, four, few, many, images)

@@ -13,9 +13,9 @@ import torch
 
 import tiny_models as tm
 import vtoken
-from conftest import get_model
+from conftest import count_syncs, get_model
 from vtoken.scorers import FastVIDScorer
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 
 C, TAU, IGNORE, D, P = 8, 0.84, 0.95, 0.4, 4
 
@@ -181,3 +181,54 @@ def test_fastvid_end_to_end_video(arch, frames):
             kept = {(j // 8, j % 8) for j in hd.stats.stages[0].kept[0].tolist()}
         assert len(kept) == frames * R
         assert reference_fastvid(x.numpy(), R) <= kept
+
+
+# (T, h, w, changes, noise, seed, budget): ragged frame counts and sizes, an image, a random video
+BATCH = [(8, 2, 6, {3, 6}, 0.05, 0, 24), (12, 2, 4, {4}, 0.3, 1, 29), (6, 2, 5, set(range(6)), 1.0, 2, 25),
+         (1, 4, 4, set(), 0.0, 3, 5), (16, 2, 6, {5, 9}, 0.02, 4, 48)]
+
+
+def batch_signals(cases, permute=None):
+    xs = [scenes(T, h * w, 6, ch, noise, seed) for T, h, w, ch, noise, seed, _ in cases]
+    sig = make_signals([x.shape[0] * x.shape[1] for x in xs], [c[-1] for c in cases],
+                       grid=[(T, h, w) for T, h, w, *_ in cases], hidden=[x.reshape(-1, 6).float() for x in xs])
+    if permute is not None:  # real slots scattered among padding; positions by ``index``
+        permute_slots(sig, permute)
+    return xs, sig
+
+
+@pytest.mark.parametrize("permute", [None, 5])
+def test_fastvid_batch_equals_each_video_alone(permute):
+    """A batch of videos with different content, frame counts and frame sizes (and an image) is
+    selected in one call: every row keeps what the video keeps alone, and holds the released set."""
+    xs, sig = batch_signals(BATCH, permute)
+    sel = FastVIDScorer().select(sig)
+    assert not (sel.keep & ~sig.mask).any()
+    for s, (x, case) in enumerate(zip(xs, BATCH)):
+        T, N = x.shape[0], x.shape[1]
+        kept = {(int(sig.index[s, j]) // N, int(sig.index[s, j]) % N) for j in sel.keep[s].nonzero().flatten().tolist()}
+        alone, _ = select(x, case[-1])
+        assert kept == alone and len(kept) == case[-1], s
+        if case[-1] % T == 0:
+            assert reference_fastvid(x.numpy(), case[-1] // T) <= kept, s
+    # the ranking (scores) too: each row's order equals the video's own
+    for s, (x, case) in enumerate(zip(xs, BATCH)):
+        one = make_signals([x.shape[0] * x.shape[1]], [case[-1]], grid=[case[:3]], hidden=[x.reshape(-1, 6).float()])
+        own = FastVIDScorer().select(one).scores[0]
+        real = sig.mask[s].nonzero().flatten()
+        by_index = real[torch.argsort(sig.index[s, real])]
+        assert torch.equal(sel.scores[s, by_index], own[: real.numel()]), s
+
+
+def test_fastvid_syncs_do_not_grow_with_batch_frames_or_segments():
+    """The host syncs of a call are a fixed number: the same for one video as for four, and for a
+    video with one DySeg segment as for one with many (every frame a new scene)."""
+    def syncs(cases):
+        _, sig = batch_signals(cases)
+        return count_syncs(lambda: FastVIDScorer().select(sig))
+
+    one = syncs(BATCH[:1])
+    four = syncs(BATCH[:4])
+    static = syncs([(32, 2, 6, set(), 0.001, 0, 64)])
+    scenes_ = syncs([(32, 2, 6, set(range(32)), 1.0, 0, 64)])
+    assert one == four == static == scenes_ <= 2, (one, four, static, scenes_)

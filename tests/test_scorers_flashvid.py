@@ -25,8 +25,9 @@ import vtoken
 from conftest import get_model
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import FastVScorer, FlashVIDScorer
-from test_scorers_holitom import (CASES, KEEP, check_fill_trim, check_video_budgets_and_batch, check_video_cache_on_off,
-                                  reference_dpc, run_scorer as holitom_run_scorer, scenes)
+from test_scorers_holitom import (CASES, KEEP, check_batch_equals_alone, check_fill_trim, check_syncs_fixed,
+                                  check_video_budgets_and_batch, check_video_cache_on_off, reference_dpc,
+                                  run_scorer as holitom_run_scorer, scenes)
 from vtoken.scorers.flashvid import adts
 from vtoken.scorers.testing import make_signals
 
@@ -342,3 +343,17 @@ def test_flashvid_qwen3_vl_groups_are_one_video():
         for f in range(T):
             ranked = sorted(range(N), key=lambda p: ((f, p) not in ref, -att[(f, p)], p))
             assert got[f] == sorted(ranked[:budget])
+
+
+@pytest.mark.parametrize("permute", [None, 5])
+@pytest.mark.parametrize("opt", [0, 2, 4])
+def test_flashvid_batch_equals_each_video_alone(permute, opt):
+    """Videos with different content, frame counts and frame sizes, and Qwen3-VL-style group videos,
+    in one call: each keeps, merges and ranks what it does alone, and holds the released rule."""
+    check_batch_equals_alone(lambda: FlashVIDScorer(**OPTIONS[opt]), permute,
+                             lambda x, b: check_against_reference(x, b, **OPTIONS[opt]))
+
+
+@pytest.mark.parametrize("opt", [0, 2])
+def test_flashvid_syncs_do_not_grow_with_batch_segments_or_frames(opt):
+    check_syncs_fixed(lambda: FlashVIDScorer(**OPTIONS[opt]))

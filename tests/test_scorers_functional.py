@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import count_syncs
 from vtoken.scorers import attention_rollout, erank
 from vtoken.scorers import functional as F
 from vtoken.scorers.flow import rollout_row
@@ -166,27 +167,11 @@ def test_greedy_maxmin_with_seeds_property():
 def test_greedy_maxmin_loop_does_not_sync():
     """The selection loop runs without host syncs: the sync-causing ops of a whole call are the
     two before the loop (is a first pick needed, how many steps), whatever the budget."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func) in ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"):
-                self.n[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     h = torch.randn(4, 40, 6)
     mask = torch.ones(4, 40, dtype=torch.bool)
     counts = []
     for b in (3, 20):
-        with Count() as c:
-            F.greedy_maxmin(h, mask, torch.full((4,), b))
-        counts.append(sum(c.n.values()))
+        counts.append(count_syncs(lambda: F.greedy_maxmin(h, mask, torch.full((4,), b))))
     assert counts[0] == counts[1] <= 2, counts
 
 

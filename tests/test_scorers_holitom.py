@@ -16,11 +16,11 @@ import torch
 
 import tiny_models as tm
 import vtoken
-from conftest import SUPPRESS, get_model, slice_sample
+from conftest import SUPPRESS, count_syncs, get_model, slice_sample
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import FastVScorer, HoliTomScorer
 from vtoken.scorers.holitom import static_windows
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 from test_scorers_e2e import last_slot
 
 TAU, K = 0.8, 7
@@ -382,3 +382,86 @@ def test_holitom_qwen3_vl_groups_are_one_video():
         for f in range(T):
             ranked = sorted(range(N), key=lambda p: ((f, p) not in ref, -sal[(f, p)], p))
             assert got[f] == sorted(ranked[:budget])
+
+
+# (T, N, changes, moving, noise, seed, budget): ragged frame counts and sizes, static and random videos
+# (budgets above 3 tokens a frame give FlashVID's TSTM and clustering tokens to place)
+BATCH = [(8, 9, {2, 5}, {1, 4, 7}, 0.02, 0, 32), (4, 12, set(), {3}, 0.1, 1, 20),
+         (5, 6, set(range(5)), set(), 0.5, 2, 12), (8, 6, {4}, set(), 0.01, 3, 7),
+         (6, 10, {3}, {0, 2, 4, 6, 8}, 0.05, 4, 36)]
+
+
+def batch_signals(cases, permute=None, groups=0):
+    """Signals of one video per case (``grid`` (T, 1, N)), then ``groups`` videos of 3 one-frame
+    temporal-group segments each (Qwen3-VL's layout: ``sig.video``)."""
+    xs = [scenes(T, N, 5, ch, mv, noise, seed) for T, N, ch, mv, noise, seed, _ in cases]
+    hidden = [x.reshape(-1, 5).float() for x in xs]
+    counts, budgets = [x.shape[0] * x.shape[1] for x in xs], [c[-1] for c in cases]
+    grids, video, sample = [(x.shape[0], 1, x.shape[1]) for x in xs], [None] * len(xs), list(range(len(xs)))
+    for v in range(groups):
+        x = scenes(3, 8, 5, set(), {1, 5}, 0.05, 10 + v)
+        hidden += [x[f].float() for f in range(3)]
+        counts, budgets, grids = counts + [8] * 3, budgets + [5, 6, 4], grids + [(1, 2, 4)] * 3
+        video, sample = video + [v] * 3, sample + [len(xs) + v] * 3
+    sig = make_signals(counts, budgets, grid=grids, hidden=hidden, video=video, sample=sample,
+                       kind=["video"] * len(counts))
+    if permute is not None:  # real slots scattered among padding; positions by ``index``
+        permute_slots(sig, permute)
+    return xs, sig
+
+
+def by_index(sel, sig, s):
+    """Row s of a Selection by original index: (kept set, merges index -> index, scores)."""
+    idx = sig.index[s]
+    kept = {int(idx[j]) for j in sel.keep[s].nonzero().flatten().tolist()}
+    merge = {int(idx[j]): int(idx[t]) for j, t in enumerate(sel.merge_into[s].tolist()) if t >= 0}
+    real = sig.mask[s].nonzero().flatten()
+    return kept, merge, sel.scores[s, real[torch.argsort(idx[real])]]
+
+
+def check_batch_equals_alone(make, permute, reference=None):
+    """``make()``'s scorer on videos with different content, frame counts and frame sizes, and two
+    Qwen3-VL-style videos of temporal-group segments, in one call: every segment keeps, merges and
+    ranks what it does alone (its video alone); ``reference(x, budget)`` checks each video."""
+    xs, sig = batch_signals(BATCH, permute, groups=2)
+    sel = make().select(sig)
+    assert not (sel.keep & ~sig.mask).any()
+    for s, (x, case) in enumerate(zip(xs, BATCH)):
+        T, N = x.shape[0], x.shape[1]
+        one = make_signals([T * N], [case[-1]], grid=[(T, 1, N)], hidden=[x.reshape(-1, 5).float()], kind=["video"])
+        got, want = by_index(sel, sig, s), by_index(make().select(one), one, 0)
+        assert got[:2] == want[:2] and torch.equal(got[2], want[2]), s
+        if reference is not None:
+            reference(x, case[-1])
+    for v in range(2):  # the group videos: each equal to its video alone
+        _, one = batch_signals([], groups=v + 1)
+        ref = make().select(one)
+        for g in range(3):
+            got, want = by_index(sel, sig, len(BATCH) + 3 * v + g), by_index(ref, one, 3 * v + g)
+            assert got[:2] == want[:2] and torch.equal(got[2], want[2]), (v, g)
+
+
+def check_syncs_fixed(make):
+    """The host syncs of ``make()``'s call are a fixed number (at most 2): one video or four (and
+    group videos), a video of one static window or of many short ones, 4 frames or 24."""
+    def syncs(cases, groups=0):
+        _, sig = batch_signals(cases, groups=groups)
+        return count_syncs(lambda: make().select(sig))
+
+    one, four = syncs(BATCH[:1]), syncs(BATCH[:4], groups=2)
+    static = syncs([(24, 6, set(), set(), 0.001, 0, 96)])
+    windows = syncs([(24, 6, set(range(0, 24, 2)), {1}, 0.01, 0, 96)])
+    few = syncs([(4, 6, set(), {1}, 0.01, 0, 16)])
+    assert one == four == static == windows == few <= 2, (one, four, static, windows, few)
+
+
+@pytest.mark.parametrize("permute", [None, 5])
+@pytest.mark.parametrize("D", [0.0, 0.5])
+def test_holitom_batch_equals_each_video_alone(permute, D):
+    """A batch of videos (and group videos) equals each alone, and holds the released rule."""
+    check_batch_equals_alone(lambda: HoliTomScorer(D=D), permute, check_against_reference if D == 0.0 else None)
+
+
+@pytest.mark.parametrize("D", [0.0, 0.5])
+def test_holitom_syncs_do_not_grow_with_batch_windows_or_frames(D):
+    check_syncs_fixed(lambda: HoliTomScorer(D=D))

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import count_syncs
 from vtoken.errors import PruningConfigError
 from vtoken.scorers import PruneSIDScorer
-from vtoken.scorers.testing import make_signals
+from vtoken.scorers.testing import make_signals, permute_slots
 
 
 def reference_prunesid(x, attn, T, per=4, scale=32.0, cap=5):
@@ -230,28 +231,6 @@ def test_prunesid_refused_without_cls_attention(arch):
     vtoken.apply_pruning(model, method="fastv", keep=0.5).remove()
 
 
-def _sync_ops(fn) -> int:
-    """Number of host-sync ATen ops (item / nonzero / bool of a tensor) while ``fn`` runs."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func) in ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
-                             "aten.equal.default"):
-                self.n[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as c:
-        fn()
-    return sum(c.n.values())
-
-
 def test_prunesid_syncs_do_not_grow_with_nms_rounds_or_segments():
     """The NMS runs as tensor ops over a fixed number of rounds, batched over the segments of
     equal size: the host syncs of a call are the same whatever the number of NMS rounds (one
@@ -264,15 +243,15 @@ def test_prunesid_syncs_do_not_grow_with_nms_rounds_or_segments():
     for budgets in ([4, 4, 4], [24, 24, 24]):
         sig = make_signals([40] * 3, budgets, hidden=[d[0] for d in data], vision_attn=[d[1] for d in data])
         sel = {}
-        counts.append(_sync_ops(lambda: sel.setdefault("s", PruneSIDScorer().select(sig))))
+        counts.append(count_syncs(lambda: sel.setdefault("s", PruneSIDScorer().select(sig))))
         for s in range(3):
             ref = reference_prunesid(data[s][0].numpy(), data[s][1].tolist(), budgets[s])
             assert sel["s"].keep[s].nonzero().flatten().tolist() == ref
     assert counts[0] == counts[1], counts
     x = torch.stack([d[0] for d in data])
     a = torch.stack([d[1] for d in data])
-    alone = _sync_ops(lambda: prunesid_batch(x[:1], a[:1], [4]))
-    together = _sync_ops(lambda: prunesid_batch(x, a, [4, 24, 9]))
+    alone = count_syncs(lambda: prunesid_batch(x[:1], a[:1], [4]))
+    together = count_syncs(lambda: prunesid_batch(x, a, [4, 24, 9]))
     assert alone == together <= 2, (alone, together)
 
 
@@ -287,9 +266,7 @@ def test_prunesid_batched_equal_sizes_and_scattered_padding_equal_released_rule(
     counts, budgets = [30, 30, 17, 30, 17, 30], [4, 30, 5, 12, 16, 0]
     data = [clustered(c, 16, seed * 50 + s, offset=0.3 * (s % 3)) for s, c in enumerate(counts)]
     sig = make_signals(counts, budgets, hidden=[d[0] for d in data], vision_attn=[d[1] for d in data])
-    perm = torch.randperm(sig.mask.shape[1], generator=torch.Generator().manual_seed(seed))
-    for name in ("mask", "index", "hidden", "vision_attn"):
-        setattr(sig, name, getattr(sig, name)[:, perm])
+    permute_slots(sig, seed, ("mask", "index", "hidden", "vision_attn"))
     sel = PruneSIDScorer().select(sig)
     for s, (x, a) in enumerate(data):
         slots = sig.mask[s].nonzero().flatten()  # slot of token j: ordered by sig.index
