@@ -287,7 +287,8 @@ class DyVTEScorer(Scorer):
 @register_method(name="dyvte", family="learned",
                  paper="Qiao et al. (arXiv:2411.19628); gates trained here (vtoken.zoo.train_learned)",
                  stages="every layer 1..N-1 (exit gate), adaptive", needs_attention=True, text_guided=True,
-                 options=("weights", "checkpoint", "num_layers", "mode"), released_code="")
+                 options=("weights", "checkpoint", "num_layers", "mode"),
+                 released_code="DoubtedSteam/DyVTE@b4a3396 (gate rule; weights trained here)")
 def dyvte_plan(keep=1.0, weights=None, checkpoint=None, num_layers=None, mode: str = "select"):
     """DyVTE preset: an exit gate entering every layer 1 .. num_layers-1 (``num_layers`` and
     ``checkpoint`` are filled in by :func:`vtoken.apply_pruning`); ``keep`` caps the tokens kept
