@@ -135,7 +135,7 @@ def load_learned(method: str, weights=None, checkpoint: Optional[str] = None) ->
         meta = f.metadata() or {}
     if meta.get("method") != method:
         raise PruningConfigError(f"{path} holds weights of {meta.get('method')!r}, not {method!r}")
-    module = cls(**json.loads(meta["config"]))
+    module = cls(**json.loads(meta["config"])).float()  # float32 whatever the default dtype
     module.load_state_dict(load_file(path))
     return module.eval().requires_grad_(False)
 
@@ -158,7 +158,7 @@ def gtc_scores(maps: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, grid
     candidates' ORIGINAL ``index``; a segment without a grid is one row of n tokens; each frame of a
     video is its own map), run through ``mapper``, read back at the candidates. -inf on padding."""
     S, H, n = maps.shape
-    out = torch.full((S, n), float("-inf"), device=maps.device)
+    out = torch.full((S, n), float("-inf"), dtype=torch.float32, device=maps.device)
     dtype = next(mapper.parameters()).dtype
     for s in range(S):
         t, h, w = grid[s] if grid is not None and grid[s] is not None else (1, 1, int(index[s].max()) + 1)

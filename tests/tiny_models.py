@@ -257,16 +257,20 @@ def learned_options(method, model, seed=0, exits=True):
     from vtoken.scorers.learned import DyVTERouter, GTCMapper
 
     cfg = get_adapter(model).text_config
-    if method == "gtc":
-        with torch.random.fork_rng():  # modules draw their init from the global generator: leave it as it was
-            torch.manual_seed(seed)
-            return {"weights": GTCMapper(cfg.num_attention_heads).eval()}
-    if method == "dyvte":
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+    if method not in ("gtc", "dyvte"):
+        return {}
+    previous = torch.get_default_dtype()
+    # modules draw their init from the global generator (left as it was) in the default dtype (float32 here)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.float32)
+        try:
+            if method == "gtc":
+                return {"weights": GTCMapper(cfg.num_attention_heads).eval()}
             router = DyVTERouter(cfg.hidden_size, cfg.num_hidden_layers, hidden=16).eval()
+        finally:
+            torch.set_default_dtype(previous)
         if not exits:
             for gate in router.gates:
                 torch.nn.init.zeros_(gate[2].weight)
         return {"weights": router}
-    return {}
