@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -235,6 +236,8 @@ def main(argv=None):
     p.add_argument("--heldout", type=int, default=128, help="held-out questions")
     p.add_argument("--out", default=None, help="weights file (default: <checkpoint>/learned/<method>.safetensors)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=None, help="examples file: read if it exists (refit only), else written")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 60 gtc, 200 dyvte)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from vtoken import zoo
@@ -244,19 +247,24 @@ def main(argv=None):
     path = args.out or weights_path(args.method, zoo.resolve(args.model))
     train_recs, held_recs = _records(*TRAIN, args.train), _records(*HELDOUT, args.heldout)
     cfg = model.config.get_text_config()
-    if args.method == "gtc":
-        make = lambda recs: [gtc_example(model, processor, r) for r in recs]  # noqa: E731
-        train, held = make(train_recs), make(held_recs)
-        t1 = time.time()
-        module, report = train_gtc(train, held, cfg.num_attention_heads)
+    if args.cache and os.path.isfile(args.cache):
+        train, held = torch.load(args.cache)
+    elif args.method == "gtc":
+        train, held = [gtc_example(model, processor, r) for r in train_recs], [gtc_example(model, processor, r) for r in held_recs]
     else:
         train, held = dyvte_examples(model, processor, train_recs), dyvte_examples(model, processor, held_recs)
-        t1 = time.time()
-        module, report = train_dyvte(train, held, cfg.hidden_size, cfg.num_hidden_layers)
+    if args.cache and not os.path.isfile(args.cache):
+        torch.save((train, held), args.cache)
+    t1 = time.time()
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    if args.method == "gtc":
+        module, report = train_gtc(train, held, cfg.num_attention_heads, **epochs)
+    else:
+        module, report = train_dyvte(train, held, cfg.hidden_size, cfg.num_hidden_layers, **epochs)
     report.update({"method": args.method, "model": args.model, "train_questions": args.train,
                    "heldout_questions": args.heldout, "data_seconds": round(t1 - t0, 1),
                    "fit_seconds": round(time.time() - t1, 1), "device": "cpu", "threads": args.threads,
-                   "train_split": list(TRAIN), "heldout_split": list(HELDOUT)})
+                   "epochs": args.epochs or (60 if args.method == "gtc" else 200), "train_split": list(TRAIN), "heldout_split": list(HELDOUT)})
     save_learned(module, path, extra=report)
     print(json.dumps(report, indent=1))
     print(f"wrote {path}")
