@@ -142,13 +142,13 @@ def test_training_smoke_and_weights_roundtrip(tmp_path):
 
 
 def test_dyvte_labels_smoke():
-    """Drop-all ablation labels and gate features on two questions of the shipped checkpoint."""
+    """Drop-all ablation labels and gate features on one question of the shipped checkpoint."""
     from vtoken import zoo
     from vtoken.data.synthetic import make_split
 
     model, proc = zoo.load("vtoken/tiny-llava")
-    data = TL.dyvte_examples(model, proc, make_split("test", 2, 5))
-    assert data["feat"].shape == (2, 5, 512) and data["label"].shape == (2, 5)
+    data = TL.dyvte_examples(model, proc, make_split("test", 1, 5))
+    assert data["feat"].shape == (1, 5, 512) and data["label"].shape == (1, 5)
     assert set(data["label"].unique().tolist()) <= {0, 1}
 
 
@@ -172,7 +172,7 @@ def test_shipped_weights_found_beside_the_checkpoint(method):
         assert len(ans) == 2
         kept = [st.kept for st in h.stats.stages]
     if method == "gtc":
-        assert h.plan[0].layer == 1 and all(int(k) == 64 for k in kept[0])
+        assert h.plan[0].layer == 1 and all(k.numel() == 64 for k in kept[0])
     else:
         assert len(h.plan) == 5
 
