@@ -168,7 +168,8 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
         )
     if plan is None:
         keep = validate_budget(keep)
-        plan = build_plan(method, keep, **with_model_depth(method, options, len(adapter.layers)))
+        plan = build_plan(method, keep, **with_model_depth(method, options, len(adapter.layers),
+                                                          adapter.checkpoint_dir))
         method = method_spec(method).name  # the registered name ("FastV" -> "fastv")
     else:
         if options:

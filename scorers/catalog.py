@@ -6,7 +6,7 @@ Each built-in method is registered beside its scorer, in the scorer's module
 :mod:`~vtoken.scorers.baselines`, :mod:`~vtoken.scorers.diversity`, :mod:`~vtoken.scorers.flow`,
 :mod:`~vtoken.scorers.sink`, :mod:`~vtoken.scorers.scope`, :mod:`~vtoken.scorers.cdpruner`,
 :mod:`~vtoken.scorers.vispruner`, :mod:`~vtoken.scorers.dycoke`, :mod:`~vtoken.scorers.fastvid`,
-:mod:`~vtoken.scorers.adaptinfer`, :mod:`~vtoken.scorers.mustdrop`): a
+:mod:`~vtoken.scorers.adaptinfer`, :mod:`~vtoken.scorers.mustdrop`, :mod:`~vtoken.scorers.learned`): a
 plan builder decorated with :func:`vtoken.methods.register_method` right after the scorer class. The registry
 (:mod:`vtoken.methods`) imports those modules before any lookup.
 
@@ -35,21 +35,26 @@ from vtoken.signals import SIGNALS
 
 #: how the methods table names the attention captures a signal takes (vtoken.signals.SIGNALS)
 _CAPTURE_LABELS = {"last": "last token", "text": "text rows", "full": "full matrices"}
-_FAMILY_ORDER = ("attention", "diversity", "flow", "sink", "decode", "baseline")
+_FAMILY_ORDER = ("attention", "diversity", "flow", "sink", "learned", "decode", "baseline")
 
 
 def _attention_column(spec) -> str:
     try:
-        plan = spec.builder(64)
-    except Exception:  # pragma: no cover - a builder that needs options
-        return "yes" if spec.needs_attention else "no"
+        scorers = [st.scorer for st in spec.builder(64)]
+    except Exception:  # a builder that needs options or weights (learned): its scorer class by name
+        from vtoken.methods import _SCORERS
+
+        cls = _SCORERS.get(spec.name)
+        if cls is None:  # pragma: no cover
+            return "yes" if spec.needs_attention else "no"
+        scorers = [cls]
     needs = set()
-    for st in plan:
-        needs |= set(getattr(st.scorer, "needs", ())) | set(getattr(st.scorer, "optional_needs", ()))
+    for sc in scorers:
+        needs |= set(getattr(sc, "needs", ())) | set(getattr(sc, "optional_needs", ()))
     rows, vision = set(), False
-    if any(getattr(st.scorer, "reads_attention", False) for st in plan):  # decode-time scorers
+    if any(getattr(sc, "reads_attention", False) for sc in scorers):  # decode-time scorers
         rows.add("every query row, prefill and decode steps, accumulated")
-    if any(getattr(st.scorer, "reads_query", False) for st in plan):  # LazyLLM: q . k of the last query
+    if any(getattr(sc, "reads_query", False) for sc in scorers):  # LazyLLM: q . k of the last query
         rows.add("last token's query at each stage, over kept and stashed keys")
     for signal in (SIGNALS[n] for n in needs if n in SIGNALS):
         vision |= signal.vision and signal.name.endswith("attn")

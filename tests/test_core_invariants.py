@@ -6,6 +6,7 @@ import torch
 import vtoken
 import vtoken.hooks
 from conftest import SUPPRESS, get_inputs, get_model, slice_sample
+from tiny_models import learned_options
 from vtoken.adapters import get_adapter
 from vtoken.errors import PruningConfigError
 
@@ -37,11 +38,15 @@ VISION_ATTN_METHODS = ("scope", "vispruner")
 
 @pytest.mark.parametrize("method,options", [("none", {}), ("fastv", {}), ("attnflow", {}), ("attnflow", {"K": 3}),
                                             ("scope", {}), ("cdpruner", {}), ("vispruner", {}),
-                                            ("dycoke", {}), ("fastvid", {}), ("adaptinfer", {"layers": (1, 2, 3)})])
+                                            ("dycoke", {}), ("fastvid", {}), ("adaptinfer", {"layers": (1, 2, 3)}),
+                                            ("gtc", {}), ("dyvte", {"exits": False})])
 def test_keep_all_equals_unpatched(arch, method, options):
-    """Invariant 1: nothing dropped -> same logits (at real tokens) and same generated tokens."""
+    """Invariant 1: nothing dropped -> same logits (at real tokens) and same generated tokens.
+    (Learned methods get an untrained network shaped for the model; DyVTE's never exits.)"""
     model = get_model(arch)
     inputs = get_inputs(arch, model)
+    if method in ("gtc", "dyvte"):
+        options = learned_options(method, model, **options)
     if method in VISION_ATTN_METHODS and get_adapter(model).vision_attention_module() is None:
         # encoder attention not mapped to LLM tokens on this adapter: a clear error, nothing attached
         with pytest.raises(PruningConfigError, match="vision-encoder attention"):
@@ -105,17 +110,18 @@ def test_layer0_subset_equals_model_on_subset(arch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,keep", [("fastv", 0.5), ("random", 5)])
+@pytest.mark.parametrize("method,keep", [("fastv", 0.5), ("random", 5), ("gtc", 5), ("dyvte", 1.0), ("dyvte", 6)])
 def test_cache_equals_no_cache(arch, method, keep):
     """Invariant 3: pruned generation with the KV cache == without it (greedy, beams, sampling)."""
     model = get_model(arch)
     inputs = get_inputs(arch, model)
+    options = learned_options(method, model)
     beams = dict(GEN, num_beams=2)
     # transformers 5.17's own beam search differs with and without cache on these models; the
     # beam check applies where the unpatched model itself satisfies it (5.23 does)
     unpatched_beams_agree = torch.equal(model.generate(**inputs, use_cache=True, **beams),
                                         model.generate(**inputs, use_cache=False, **beams))
-    with vtoken.apply_pruning(model, method=method, keep=keep):
+    with vtoken.apply_pruning(model, method=method, keep=keep, **options):
         a = model.generate(**inputs, use_cache=True, **GEN)
         b = model.generate(**inputs, use_cache=False, **GEN)
         assert torch.equal(a, b)
@@ -131,14 +137,14 @@ def test_cache_equals_no_cache(arch, method, keep):
 
 
 @pytest.mark.parametrize("pad_side", ["left", "right"])
-@pytest.mark.parametrize("method,keep", [("fastv", 7), ("random", 0.3)])
+@pytest.mark.parametrize("method,keep", [("fastv", 7), ("random", 0.3), ("gtc", 7), ("dyvte", 1.0), ("dyvte", 6)])
 def test_batch_equals_per_sample(arch, pad_side, method, keep):
     """Invariant 4: batched results == per-sample results (padding either side, differing
     visual counts, several images, a sample without images)."""
     model = get_model(arch)
     inputs = get_inputs(arch, model, pad_side=pad_side)
     B = inputs["input_ids"].shape[0]
-    with vtoken.apply_pruning(model, method=method, keep=keep) as h:
+    with vtoken.apply_pruning(model, method=method, keep=keep, **learned_options(method, model)) as h:
         out = logits(model, inputs)
         last = pruned_last(h, inputs)
         kept_batch = [st.kept for st in h.stats.stages]

@@ -11,6 +11,7 @@ import vtoken
 from vtoken.methods import depth_scaled_options
 from conftest import get_inputs
 import tiny_models as tm
+from tiny_models import learned_options
 
 #: decode-time methods (a2sf, lookm) leave a forward without a cache as the model's own (nothing is
 #: decoded): tests/test_decode_stages.py covers them in generate
@@ -35,6 +36,7 @@ def _run(model, inputs, method, mode):
         options = {"layers": tuple(range(1, depth))}
     if mode == "merge":
         options["mode"] = "merge"
+    options.update(learned_options(method, model))  # gtc, dyvte: an untrained network shaped for the model
     inputs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
     with vtoken.apply_pruning(model, method=method, keep=9, **options) as handle:
         with torch.no_grad():

@@ -247,3 +247,30 @@ def onevision_video_inputs(model, frames_per_sample, pad_side="left", seed=0):
         assert len(set(frames)) == 1, "one frame count per batch (pixel_values_videos is one tensor)"
         out["pixel_values_videos"] = torch.randn(len(frames), frames[0], 3, vc.image_size, vc.image_size, generator=g)
     return out
+
+
+def learned_options(method, model, seed=0, exits=True):
+    """``{"weights": module}`` for a learned method (gtc, dyvte) on a tiny random model: an untrained
+    network shaped for ``model`` (seeded); ``exits=False`` gives a DyVTE router that never exits
+    (its gates output equal logits). ``{}`` for any other method."""
+    from vtoken.adapters import get_adapter
+    from vtoken.scorers.learned import DyVTERouter, GTCMapper
+
+    cfg = get_adapter(model).text_config
+    if method not in ("gtc", "dyvte"):
+        return {}
+    previous = torch.get_default_dtype()
+    # modules draw their init from the global generator (left as it was) in the default dtype (float32 here)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.float32)
+        try:
+            if method == "gtc":
+                return {"weights": GTCMapper(cfg.num_attention_heads).eval()}
+            router = DyVTERouter(cfg.hidden_size, cfg.num_hidden_layers, hidden=16).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        if not exits:
+            for gate in router.gates:
+                torch.nn.init.zeros_(gate[2].weight)
+        return {"weights": router}

@@ -40,3 +40,8 @@ class UnsupportedCallError(VTokenError, ValueError):
     """A call of the pruned model that vtoken cannot serve correctly: a ``generate`` option, cache
     type or input form (a static cache with tokens to drop, ``inputs_embeds`` with pixel inputs, ...).
     Raised before any output is produced; the message says what to use instead."""
+
+
+class MissingWeightsError(PruningConfigError):
+    """A learned method (``gtc``, ``dyvte``) has no trained weights for this model; the message
+    names the file it looked for and the command that trains them."""

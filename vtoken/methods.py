@@ -89,6 +89,7 @@ _BUILTIN_MODULES = (
     "vtoken.scorers.holitom",
     "vtoken.scorers.flashvid",
     "vtoken.scorers.decode",
+    "vtoken.scorers.learned",
 )
 _builtins_loaded = False
 _LOCK = threading.Lock()  # check-and-insert of one registration (never held across an import)
@@ -276,17 +277,19 @@ def build_plan(method: str, keep, **options) -> list:
         ) from exc
 
 
-def with_model_depth(method: str, options: dict, num_layers: int) -> dict:
-    """``options`` plus ``num_layers`` (the model's decoder-layer count) for a preset whose builder
-    takes a ``num_layers`` parameter (e.g. per-layer ZipVL: a stage at every layer from K on) and
-    was not given one; ``options`` unchanged otherwise. :func:`vtoken.apply_pruning` calls it."""
-    if "num_layers" in options:
-        return options
+def with_model_depth(method: str, options: dict, num_layers: int, checkpoint=None) -> dict:
+    """``options`` plus what the model tells a preset whose builder takes it and was not given it:
+    ``num_layers`` (the model's decoder-layer count; e.g. per-layer ZipVL: a stage at every layer
+    from K on) and ``checkpoint`` (the model's checkpoint folder, where learned methods find their
+    weights; see :mod:`vtoken.scorers.learned`). ``options`` unchanged otherwise.
+    :func:`vtoken.apply_pruning` calls it."""
     try:
         params = inspect.signature(method_spec(method).builder).parameters
     except (TypeError, ValueError):
         return options
-    return {**options, "num_layers": int(num_layers)} if "num_layers" in params else options
+    known = {"num_layers": int(num_layers), "checkpoint": checkpoint}
+    extra = {k: v for k, v in known.items() if k in params and k not in options}
+    return {**options, **extra} if extra else options
 
 
 def layer_indices(layers, what: str) -> tuple:

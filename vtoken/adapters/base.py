@@ -9,6 +9,7 @@ per layer that depends on token positions (Qwen3-VL's deepstack injection).
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -217,6 +218,14 @@ class Adapter:
         newlines): the first ``side * side`` visual tokens of an image are its base view. None for
         models without one."""
         return None
+
+    @property
+    def checkpoint_dir(self) -> Optional[str]:
+        """The local folder the model was loaded from (``name_or_path`` when it is a directory),
+        where learned methods look for their weights; None for a model built in memory or loaded
+        from a hub name."""
+        path = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", None)
+        return path if path and os.path.isdir(path) else None
 
     # --- structure -------------------------------------------------------------------
     @property
