@@ -115,3 +115,4 @@ class _Session:
     tail_inputs: Optional[dict] = None
     tail_logits: Optional[torch.Tensor] = None
     tail_graph: object = None
+    logits: Optional[torch.Tensor] = None  # with a ``next_token`` chooser: the step's logits, the token chosen outside

@@ -184,6 +184,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         if fused:
             from vtoken.engine.fused_decode import run_layers
         attend = None if self.stages is None else self.stages.attend
+        chosen_outside = session.logits
 
         def step():
             for g in groups:
@@ -200,6 +201,10 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 logits = head(text.norm(h)[:, -1])
             if suppress is not None:
                 logits.index_fill_(1, suppress, float("-inf"))
+            if chosen_outside is not None:  # the caller's ``next_token`` picks the token between two steps
+                chosen_outside.copy_(logits)
+                t.add_(1)
+                return
             nxt = logits.argmax(-1)
             out.index_copy_(1, t + 1, nxt.unsqueeze(1))
             tok.copy_(nxt.unsqueeze(1))
@@ -234,7 +239,16 @@ class StaticDecoder(_Prefill, _KVBuffers):
     # -------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
-                 prefill_batch: Optional[int] = None, timing: bool = False, **inputs) -> torch.Tensor:
+                 prefill_batch: Optional[int] = None, timing: bool = False, next_token=None,
+                 **inputs) -> torch.Tensor:
+        """Prompt ids followed by the new tokens, ``[B, N + T']``.
+
+        ``next_token``: the per-step choice of the next token, run outside the (captured) step:
+        called with the step's logits ``[B, V]`` (float32, after ``suppress_tokens``), it returns
+        the next tokens ``[B]`` (long) or None to stop. With it, the step writes its logits
+        instead of their argmax, and EOS handling is the caller's (no padding after EOS here);
+        :mod:`vtoken.engine.generate_route` drives it with ``transformers``' logits processors,
+        sampling and stopping criteria. Without it: greedy, as before."""
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
@@ -293,7 +307,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 signature = (B, T, tuple(v.shape[1] for v in valids), stop, tuple(tail["hidden"].shape),
                              None if tail["mask"] is None else (tuple(tail["mask"].shape), tail["mask"].dtype),
                              tuple(tail["position_embeddings"][0].shape), None if suppress is None else
-                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend)
+                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend, next_token is None)
                 reused = self._session is not None and self._session.signature == signature
                 kv0 = self._session.kv if reused else self._allocate(B, [v.shape[1] for v in valids], layer_group,
                                                                      T, like)
@@ -326,7 +340,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 logits = session.tail_logits
             if suppress is not None:
                 logits = logits.index_fill(1, suppress, float("-inf"))
-            firsts.append(logits.argmax(-1))
+            firsts.append(logits.argmax(-1) if next_token is None else logits)
             if start == 0:
                 sync(); t1 = time.perf_counter()
             del cache, tail
@@ -336,6 +350,25 @@ class StaticDecoder(_Prefill, _KVBuffers):
         first = torch.cat(firsts)
         if session is None:
             session = self._session_for(None, kv, B, T, pad, dev, suppress, reuse=False)
+        done = T  # tokens chosen (with ``next_token``, it may stop earlier)
+        if next_token is not None:
+            if session.logits is None:
+                session.logits = first.new_empty(first.shape, dtype=first.dtype)
+            first = next_token(first.float())
+            if first is None:
+                done = 1
+                first = session.new[:, 0]
+
+        def chose(i: int) -> bool:
+            """After decode step ``i``: the caller's choice of token ``i + 1``; False to stop."""
+            nonlocal done
+            nxt = next_token(session.logits.float())
+            if nxt is None:
+                done = i + 1
+                return False
+            session.new[:, i + 1] = nxt
+            session.tok.copy_(nxt.unsqueeze(1))
+            return True
         session.pos_next.copy_(torch.cat(nexts))
         session.tok.copy_(first.unsqueeze(1))
         session.t.zero_()
@@ -349,10 +382,11 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if self.stages is not None:
                 t3 = time.perf_counter()
                 capture = (lambda fn: self._capture(fn, dev, warmups=2)) if use_graph else None
-                loop_capture_ms = decode_loop(step, T - 1, self.stages, capture, keep=(session.t, session.tok))
+                loop_capture_ms = decode_loop(step, done - 1, self.stages, capture, keep=(session.t, session.tok),
+                                              after=None if next_token is None else chose)
                 capture_ms += loop_capture_ms
                 t3 += loop_capture_ms / 1000  # the decode time excludes the captures between phases
-            elif T > 1 and use_graph:
+            elif done > 1 and use_graph:
                 if session.decode_graph is None:
                     c0 = time.perf_counter()
                     session.decode_graph = self._capture(step, dev, warmups=2)
@@ -361,22 +395,26 @@ class StaticDecoder(_Prefill, _KVBuffers):
                     sync()
                     capture_ms += 1000 * (time.perf_counter() - c0)
                 t3 = time.perf_counter()
-                for _ in range(T - 1):
+                for i in range(done - 1):
                     session.decode_graph.replay()
+                    if next_token is not None and not chose(i):
+                        break
             else:
                 t3 = time.perf_counter()
-                for _ in range(T - 1):
+                for i in range(done - 1):
                     step()
+                    if next_token is not None and not chose(i):
+                        break
             sync(); t4 = time.perf_counter()
         finally:
             for attn, original in undo:
                 attn.config = original
-        new = _finish(session.new.clone(), eos_ids, pad)
+        new = _finish(session.new.clone(), eos_ids, pad) if next_token is None else session.new[:, :done].clone()
         self.last = dict(
             prefill_ms=1000 * (t1 - t0), setup_ms=1000 * (t2 - t1), capture_ms=capture_ms, prefill_chunks=len(firsts),
-            decode_ms_per_token=1000 * (t4 - t3) / (T - 1) if T > 1 else None,
+            decode_ms_per_token=1000 * (t4 - t3) / (done - 1) if done > 1 else None,
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
-            cuda_graph=bool(use_graph and T > 1), graph_prefill_from_layer=stop if split else None,
+            cuda_graph=bool(use_graph and done > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
             fused_ops=self.fused_ops,
             decode_stages_run=0 if self.stages is None else self.stages.done,
