@@ -162,5 +162,5 @@ class GenerateRoute:
             streamer.end()
         sequences = state["ids"]
         if want_dict:
-            return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw, past_key_values=None)
+            return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw)
         return sequences
