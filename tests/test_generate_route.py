@@ -30,6 +30,10 @@ def both(name, pruning, seed=None, **gen):
             if seed is not None:
                 torch.manual_seed(seed)
             out.append(model.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS, **gen))
+            if compile:  # the call ran on the static engine (its buffers hold the pruned prefill)
+                last = model.generate.route.decoder.last
+                assert last["prefill_lengths"][0] == inputs["input_ids"].shape[1]
+                assert pruning.get("keep") == 1.0 or len(last["prefill_lengths"]) > 1 or last["decode_stages_run"]
     return out
 
 
