@@ -28,7 +28,10 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
              the attention-scoring implementation; ``vision_varlen=False`` keeps Qwen's vision tower
              as transformers runs it (by default its per-window attention runs as one varlen kernel
              launch a layer on CUDA, :func:`vtoken.kernels.patch_vision_varlen`; elsewhere, and
-             with gradients, the tower's own forward runs).
+             with gradients, the tower's own forward runs). ``compile=True`` runs the model's own
+             ``model.generate`` calls on the static decode engine (:class:`vtoken.engine.StaticDecoder`;
+             greedy and sampling, :mod:`vtoken.engine.generate_route`); what it cannot carry (beams,
+             ...) raises :class:`UnsupportedCallError`. Default False: ``generate`` as transformers runs it.
 
     Returns a :class:`vtoken.hooks.PruningHandle`: ``remove()``, context manager, ``stats``.
     """

@@ -29,8 +29,11 @@ changes it (original positions, docs/DESIGN.md section 3).
 
 Decoding is greedy (argmax, no logits processors), which is what ``model.generate(do_sample=False)``
 does with a default generation config; finished rows are padded after their EOS as ``generate``
-does, and the output stops when every row has finished. Sampling, beams, and multi-turn
-continuation stay on ``model.generate``.
+does, and the output stops when every row has finished. With ``next_token`` (a callable,
+logits -> tokens) the step writes its logits and the token is chosen outside it, between steps:
+``apply_pruning(..., compile=True)`` drives it from ``model.generate`` with transformers' logits
+processors and sampling (:mod:`vtoken.engine.generate_route`). Beams and multi-turn continuation
+stay on ``model.generate``.
 
 Decode-time stages (a handle whose plan holds :class:`vtoken.plan.DecodeStage` s: ``a2sf``,
 ``lookm``, ``zipvl_kv``): the prefill runs eagerly in full (its attention is scored by the
