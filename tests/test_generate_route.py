@@ -132,3 +132,40 @@ def test_refused_calls_say_compile_false_and_remove_restores_generate():
 def test_decode_time_plan_through_generate():
     ref, got = both("llava", dict(method="a2sf", keep=2), do_sample=False)
     assert torch.equal(got, ref)
+
+
+def test_engine_next_token_hook_chooses_and_stops():
+    from vtoken.engine import StaticDecoder
+
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    n = inputs["input_ids"].shape[1]
+    greedy = StaticDecoder(model).generate(**inputs, max_new_tokens=T, eos_token_id=[], suppress_tokens=SUPPRESS)
+    calls = []
+
+    def choose(logits):  # argmax, and stop after the third token
+        calls.append(logits.dtype)
+        return None if len(calls) > 3 else logits.argmax(-1)
+
+    dec = StaticDecoder(model)
+    got = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS, next_token=choose)
+    assert torch.equal(got, greedy[:, :n + 3]) and calls == [torch.float32] * 4
+
+
+@pytest.mark.gpu
+def test_compile_true_replays_graphs_on_gpu():
+    import tiny_models as tm
+
+    model = tm.tiny_qwen("qwen2_vl").cuda()
+    inputs = {k: v.cuda() for k, v in get_inputs("qwen2_vl", model).items()}
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+        ref = model.generate(**inputs, max_new_tokens=T, do_sample=False, suppress_tokens=SUPPRESS)
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1, compile=True):
+        for _ in range(2):  # the second call replays the first one's graphs
+            got = model.generate(**inputs, max_new_tokens=T, do_sample=False, suppress_tokens=SUPPRESS)
+            assert torch.equal(got, ref)
+        last = model.generate.route.decoder.last
+        assert last["cuda_graph"] and last["capture_ms"] == 0
+        torch.manual_seed(0)
+        a = model.generate(**inputs, max_new_tokens=T, do_sample=True, temperature=0.7, top_k=1)
+    assert torch.equal(a, ref)
