@@ -120,6 +120,13 @@ class PruningHandle:
         scorer's rule) during decode steps once the first ``done`` decode stages have run."""
         return {} if self.decode_runtime is None else self.decode_runtime.accumulating_layers(done)
 
+    def on_remove(self, undo) -> None:
+        """Run ``undo()`` at :meth:`remove` (before the handle's own hooks come off): how an engine
+        that wraps the model for this handle (``compile=True``'s ``generate`` route) is undone with it."""
+        if not self.active:
+            raise HandleRemovedError("this pruning handle was removed; call vtoken.apply_pruning(model, ...) again")
+        self._undo.append(undo)
+
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``. Calling it again
         does nothing (``stats`` still describes the last pruned prefill)."""
@@ -151,14 +158,7 @@ class PruningHandle:
 
 
 def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vision_varlen: bool = True,
-           compile: bool = False, **options) -> PruningHandle:
-    handle = _attach(model, method, keep, plan, backend, vision_varlen, **options)
-    if compile:
-        handle._undo.append(_route_generate(handle.model, backend))
-    return handle
-
-
-def _attach(model, method, keep, plan, backend, vision_varlen, **options) -> PruningHandle:
+           **options) -> PruningHandle:
     model = _uncompiled(model)
     if HANDLE_ATTR in getattr(model, "__dict__", {}):
         raise AlreadyPrunedError(
@@ -354,31 +354,6 @@ def _wrap_generate(model, runtime):
 
     model.generate = generate
     return lambda: model.__dict__.pop("generate", None)
-
-
-def _route_generate(model, backend: str):
-    """``compile=True``: the outermost ``generate`` wrapper hands every call to
-    :class:`vtoken.engine.generate_route.GenerateRoute` (the static engine); the undo restores the
-    wrapper it wrapped."""
-    from vtoken.engine.generate_route import GenerateRoute
-
-    route = GenerateRoute(model, backend=backend)
-    inner = model.__dict__.get("generate")
-
-    @functools.wraps(model.generate)
-    def generate(*args, **kwargs):
-        return route.generate(args, kwargs)
-
-    generate.route = route
-    model.generate = generate
-
-    def undo():
-        if inner is None:
-            model.__dict__.pop("generate", None)
-        else:
-            model.generate = inner
-
-    return undo
 
 
 def handle_of(model) -> Optional[PruningHandle]:

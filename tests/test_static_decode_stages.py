@@ -260,8 +260,8 @@ def test_per_phase_capture_restores_what_its_warm_ups_advanced(method, options, 
         captured.append(fn)
         return _ReplayByRunning(fn)
 
-    monkeypatch.setattr(static_decode, "decode_loop", lambda step, steps, stages, _capture, keep, **kw: loop(
-        step, steps, stages, capture, keep, **kw))
+    monkeypatch.setattr(static_decode, "decode_loop", lambda step, steps, stages, _capture, *rest: loop(
+        step, steps, stages, capture, *rest))
     model = get_model("qwen2_vl")
     inputs = get_inputs("qwen2_vl", model)
     with torch.no_grad(), vtoken.apply_pruning(model, method=method, keep=2, **options):

@@ -15,7 +15,7 @@ from vtoken.scorers.functional import erank
 __version__ = "0.1.0"
 
 
-def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
+def apply_pruning(model, method="fastv", keep=64, plan=None, compile: bool = False, **options):
     """Attach visual-token pruning to ``model`` in place and return its handle.
 
     model:   a supported ``transformers`` VLM (see :func:`vtoken.adapters.supported_models`).
@@ -37,7 +37,16 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
     """
     from vtoken.hooks.handle import attach
 
-    return attach(model, method=method, keep=keep, plan=plan, **options)
+    handle = attach(model, method=method, keep=keep, plan=plan, **options)
+    if compile:
+        from vtoken.engine.generate_route import route_generate
+
+        try:
+            route_generate(handle, backend=options.get("backend", "auto"))
+        except Exception:
+            handle.remove()
+            raise
+    return handle
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """``apply_pruning(model, ..., compile=True)``: the user's ``model.generate`` through :class:`StaticDecoder`.
 
-The handle's ``generate`` wrapper (:func:`vtoken.hooks.handle._wrap_generate`) hands each call to
-:class:`GenerateRoute`, which prepares it with the model's own ``generate`` machinery (generation
+:func:`route_generate` puts an outermost ``generate`` wrapper on the handle's model (undone by
+``handle.remove()``) that hands each call to :class:`GenerateRoute`, which prepares it with the model's own ``generate`` machinery (generation
 config, special tokens, lengths, ``_get_logits_processor``, ``_get_stopping_criteria``) and runs
 the decode on the static engine. The token choice of each step runs outside the engine's
 (captured) step, through its ``next_token`` hook, with the body of ``transformers``' sampling
@@ -20,7 +20,7 @@ import torch
 
 from vtoken.errors import UnsupportedCallError
 
-__all__ = ["GenerateRoute"]
+__all__ = ["GenerateRoute", "route_generate"]
 
 _OFF = "apply_pruning(..., compile=False) runs it on model.generate's dynamic cache"
 _REFUSED_KWARGS = {
@@ -164,3 +164,29 @@ class GenerateRoute:
         if want_dict:
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw)
         return sequences
+
+
+def route_generate(handle, **engine_options) -> GenerateRoute:
+    """Route ``handle.model.generate`` to the static engine until ``handle.remove()`` (which restores
+    the ``generate`` wrapper this one wraps). Returns the route (also ``model.generate.route``)."""
+    import functools
+
+    model = handle.model
+    route = GenerateRoute(model, **engine_options)
+    inner = model.__dict__.get("generate")
+
+    @functools.wraps(model.generate)
+    def generate(*args, **kwargs):
+        return route.generate(args, kwargs)
+
+    generate.route = route
+
+    def undo():
+        if inner is None:
+            model.__dict__.pop("generate", None)
+        else:
+            model.generate = inner
+
+    handle.on_remove(undo)
+    model.generate = generate
+    return route

@@ -29,11 +29,9 @@ changes it (original positions, docs/DESIGN.md section 3).
 
 Decoding is greedy (argmax, no logits processors), which is what ``model.generate(do_sample=False)``
 does with a default generation config; finished rows are padded after their EOS as ``generate``
-does, and the output stops when every row has finished. With ``next_token`` (a callable,
-logits -> tokens) the step writes its logits and the token is chosen outside it, between steps:
-``apply_pruning(..., compile=True)`` drives it from ``model.generate`` with transformers' logits
-processors and sampling (:mod:`vtoken.engine.generate_route`). Beams and multi-turn continuation
-stay on ``model.generate``.
+does, and the output stops when every row has finished. ``next_token`` (logits -> tokens, between
+steps) lets ``apply_pruning(..., compile=True)`` sample (:mod:`vtoken.engine.generate_route`).
+Beams and multi-turn continuation stay on ``model.generate``.
 
 Decode-time stages (a handle whose plan holds :class:`vtoken.plan.DecodeStage` s: ``a2sf``,
 ``lookm``, ``zipvl_kv``): the prefill runs eagerly in full (its attention is scored by the
@@ -242,16 +240,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
     # -------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
-                 prefill_batch: Optional[int] = None, timing: bool = False, next_token=None,
-                 **inputs) -> torch.Tensor:
-        """Prompt ids followed by the new tokens, ``[B, N + T']``.
-
-        ``next_token``: the per-step choice of the next token, run outside the (captured) step:
-        called with the step's logits ``[B, V]`` (float32, after ``suppress_tokens``), it returns
-        the next tokens ``[B]`` (long) or None to stop. With it, the step writes its logits
-        instead of their argmax, and EOS handling is the caller's (no padding after EOS here);
-        :mod:`vtoken.engine.generate_route` drives it with ``transformers``' logits processors,
-        sampling and stopping criteria. Without it: greedy, as before."""
+                 prefill_batch: Optional[int] = None, timing: bool = False, next_token=None, **inputs):
+        """``next_token``: logits ``[B, V]`` (float32) -> next tokens ``[B]``, or None to stop; run between
+        steps, outside the captured one (which then writes logits, not their argmax; EOS is the caller's)."""
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
@@ -353,25 +344,18 @@ class StaticDecoder(_Prefill, _KVBuffers):
         first = torch.cat(firsts)
         if session is None:
             session = self._session_for(None, kv, B, T, pad, dev, suppress, reuse=False)
-        done = T  # tokens chosen (with ``next_token``, it may stop earlier)
+        done, chose = T, None  # tokens chosen (``next_token`` may stop earlier)
         if next_token is not None:
-            if session.logits is None:
-                session.logits = first.new_empty(first.shape, dtype=first.dtype)
+            session.logits = first.new_empty(first.shape) if session.logits is None else session.logits
             first = next_token(first.float())
-            if first is None:
-                done = 1
-                first = session.new[:, 0]
+            done, first = (1, session.new[:, 0]) if first is None else (T, first)
 
-        def chose(i: int) -> bool:
-            """After decode step ``i``: the caller's choice of token ``i + 1``; False to stop."""
+        def choose(i: int) -> bool:  # after decode step i: the caller's token i + 1; False stops
             nonlocal done
             nxt = next_token(session.logits.float())
-            if nxt is None:
-                done = i + 1
-                return False
-            session.new[:, i + 1] = nxt
-            session.tok.copy_(nxt.unsqueeze(1))
-            return True
+            done = i + 1 if nxt is None else done
+            return nxt is not None and session.chosen(i + 1, nxt)
+        chose = None if next_token is None else choose
         session.pos_next.copy_(torch.cat(nexts))
         session.tok.copy_(first.unsqueeze(1))
         session.t.zero_()
@@ -385,28 +369,22 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if self.stages is not None:
                 t3 = time.perf_counter()
                 capture = (lambda fn: self._capture(fn, dev, warmups=2)) if use_graph else None
-                loop_capture_ms = decode_loop(step, done - 1, self.stages, capture, keep=(session.t, session.tok),
-                                              after=None if next_token is None else chose)
+                loop_capture_ms = decode_loop(step, done - 1, self.stages, capture, (session.t, session.tok), chose)
                 capture_ms += loop_capture_ms
                 t3 += loop_capture_ms / 1000  # the decode time excludes the captures between phases
-            elif done > 1 and use_graph:
-                if session.decode_graph is None:
-                    c0 = time.perf_counter()
-                    session.decode_graph = self._capture(step, dev, warmups=2)
-                    session.t.zero_()
-                    session.tok.copy_(first.unsqueeze(1))
-                    sync()
-                    capture_ms += 1000 * (time.perf_counter() - c0)
+            elif done > 1 and use_graph and session.decode_graph is None:
+                c0 = time.perf_counter()
+                session.decode_graph = self._capture(step, dev, warmups=2)
+                session.t.zero_()
+                session.tok.copy_(first.unsqueeze(1))
+                sync()
+                capture_ms += 1000 * (time.perf_counter() - c0)
+            if self.stages is None:
                 t3 = time.perf_counter()
+                run = session.decode_graph.replay if done > 1 and use_graph else step
                 for i in range(done - 1):
-                    session.decode_graph.replay()
-                    if next_token is not None and not chose(i):
-                        break
-            else:
-                t3 = time.perf_counter()
-                for i in range(done - 1):
-                    step()
-                    if next_token is not None and not chose(i):
+                    run()
+                    if chose is not None and not chose(i):
                         break
             sync(); t4 = time.perf_counter()
         finally:
