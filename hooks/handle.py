@@ -120,6 +120,13 @@ class PruningHandle:
         scorer's rule) during decode steps once the first ``done`` decode stages have run."""
         return {} if self.decode_runtime is None else self.decode_runtime.accumulating_layers(done)
 
+    def on_remove(self, undo) -> None:
+        """Run ``undo()`` at :meth:`remove` (before the handle's own hooks come off): how an engine
+        that wraps the model for this handle (``compile=True``'s ``generate`` route) is undone with it."""
+        if not self.active:
+            raise HandleRemovedError("this pruning handle was removed; call vtoken.apply_pruning(model, ...) again")
+        self._undo.append(undo)
+
     def remove(self) -> None:
         """Detach everything; the model behaves exactly as before ``apply_pruning``. Calling it again
         does nothing (``stats`` still describes the last pruned prefill)."""

@@ -260,8 +260,8 @@ def test_per_phase_capture_restores_what_its_warm_ups_advanced(method, options, 
         captured.append(fn)
         return _ReplayByRunning(fn)
 
-    monkeypatch.setattr(static_decode, "decode_loop", lambda step, steps, stages, _capture, keep: loop(
-        step, steps, stages, capture, keep))
+    monkeypatch.setattr(static_decode, "decode_loop", lambda step, steps, stages, _capture, *rest: loop(
+        step, steps, stages, capture, *rest))
     model = get_model("qwen2_vl")
     inputs = get_inputs("qwen2_vl", model)
     with torch.no_grad(), vtoken.apply_pruning(model, method=method, keep=2, **options):
@@ -269,3 +269,7 @@ def test_per_phase_capture_restores_what_its_warm_ups_advanced(method, options, 
         got = StaticDecoder(model).generate(**inputs, max_new_tokens=8, suppress_tokens=SUPPRESS)
     assert torch.equal(got, ref.sequences)
     assert len(captured) == 2  # before the stage, after it (7 steps: the phase after step 4 has 3 left, captured)
+    # compile=True: the token is chosen after each replay, outside the captured step (the engine's next_token)
+    with torch.no_grad(), vtoken.apply_pruning(model, method=method, keep=2, compile=True, **options):
+        routed = model.generate(**inputs, max_new_tokens=8, **GEN)
+    assert torch.equal(routed.sequences, ref.sequences) and len(captured) == 4

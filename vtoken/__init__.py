@@ -15,7 +15,7 @@ from vtoken.scorers.functional import erank
 __version__ = "0.1.0"
 
 
-def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
+def apply_pruning(model, method="fastv", keep=64, plan=None, compile: bool = False, **options):
     """Attach visual-token pruning to ``model`` in place and return its handle.
 
     model:   a supported ``transformers`` VLM (see :func:`vtoken.adapters.supported_models`).
@@ -28,13 +28,25 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, **options):
              the attention-scoring implementation; ``vision_varlen=False`` keeps Qwen's vision tower
              as transformers runs it (by default its per-window attention runs as one varlen kernel
              launch a layer on CUDA, :func:`vtoken.kernels.patch_vision_varlen`; elsewhere, and
-             with gradients, the tower's own forward runs).
+             with gradients, the tower's own forward runs). ``compile=True`` runs the model's own
+             ``model.generate`` calls on the static decode engine (:class:`vtoken.engine.StaticDecoder`;
+             greedy and sampling, :mod:`vtoken.engine.generate_route`); what it cannot carry (beams,
+             ...) raises :class:`UnsupportedCallError`. Default False: ``generate`` as transformers runs it.
 
     Returns a :class:`vtoken.hooks.PruningHandle`: ``remove()``, context manager, ``stats``.
     """
     from vtoken.hooks.handle import attach
 
-    return attach(model, method=method, keep=keep, plan=plan, **options)
+    handle = attach(model, method=method, keep=keep, plan=plan, **options)
+    if compile:
+        from vtoken.engine.generate_route import route_generate
+
+        try:
+            route_generate(handle, backend=options.get("backend", "auto"))
+        except Exception:
+            handle.remove()
+            raise
+    return handle
 
 
 __all__ = [

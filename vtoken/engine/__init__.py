@@ -1,5 +1,7 @@
 """vtoken.engine: decode paths beyond ``model.generate``.
 
+- ``apply_pruning(model, ..., compile=True)``: the user's ``model.generate`` runs on the engine below
+  (:mod:`~vtoken.engine.generate_route`: greedy, sampling, stopping criteria, streamer).
 - :class:`StaticDecoder`: greedy decode over static, preallocated per-layer KV buffers read through
   kept-index lists by :func:`vtoken.kernels.gather_attend`, the step captured in a CUDA graph on
   CUDA (ragged kept counts across the batch, static shapes). Its pieces:

@@ -115,3 +115,10 @@ class _Session:
     tail_inputs: Optional[dict] = None
     tail_logits: Optional[torch.Tensor] = None
     tail_graph: object = None
+    logits: Optional[torch.Tensor] = None  # with a ``next_token`` chooser: the step's logits, the token chosen outside
+
+    def chosen(self, i: int, tokens: torch.Tensor) -> bool:
+        """Token ``i`` (``[B]``), chosen outside the captured step: the next step's input."""
+        self.new[:, i] = tokens
+        self.tok.copy_(tokens.unsqueeze(1))
+        return True

@@ -29,8 +29,9 @@ changes it (original positions, docs/DESIGN.md section 3).
 
 Decoding is greedy (argmax, no logits processors), which is what ``model.generate(do_sample=False)``
 does with a default generation config; finished rows are padded after their EOS as ``generate``
-does, and the output stops when every row has finished. Sampling, beams, and multi-turn
-continuation stay on ``model.generate``.
+does, and the output stops when every row has finished. ``next_token`` (logits -> tokens, between
+steps) lets ``apply_pruning(..., compile=True)`` sample (:mod:`vtoken.engine.generate_route`).
+Beams and multi-turn continuation stay on ``model.generate``.
 
 Decode-time stages (a handle whose plan holds :class:`vtoken.plan.DecodeStage` s: ``a2sf``,
 ``lookm``, ``zipvl_kv``): the prefill runs eagerly in full (its attention is scored by the
@@ -184,6 +185,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         if fused:
             from vtoken.engine.fused_decode import run_layers
         attend = None if self.stages is None else self.stages.attend
+        chosen_outside = session.logits
 
         def step():
             for g in groups:
@@ -200,6 +202,10 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 logits = head(text.norm(h)[:, -1])
             if suppress is not None:
                 logits.index_fill_(1, suppress, float("-inf"))
+            if chosen_outside is not None:  # the caller's ``next_token`` picks the token between two steps
+                chosen_outside.copy_(logits)
+                t.add_(1)
+                return
             nxt = logits.argmax(-1)
             out.index_copy_(1, t + 1, nxt.unsqueeze(1))
             tok.copy_(nxt.unsqueeze(1))
@@ -234,7 +240,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
     # -------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
-                 prefill_batch: Optional[int] = None, timing: bool = False, **inputs) -> torch.Tensor:
+                 prefill_batch: Optional[int] = None, timing: bool = False, next_token=None, **inputs):
+        """``next_token``: logits ``[B, V]`` (float32) -> next tokens ``[B]``, or None to stop; run between
+        steps, outside the captured one (which then writes logits, not their argmax; EOS is the caller's)."""
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
@@ -293,7 +301,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 signature = (B, T, tuple(v.shape[1] for v in valids), stop, tuple(tail["hidden"].shape),
                              None if tail["mask"] is None else (tuple(tail["mask"].shape), tail["mask"].dtype),
                              tuple(tail["position_embeddings"][0].shape), None if suppress is None else
-                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend)
+                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend, next_token is None)
                 reused = self._session is not None and self._session.signature == signature
                 kv0 = self._session.kv if reused else self._allocate(B, [v.shape[1] for v in valids], layer_group,
                                                                      T, like)
@@ -326,7 +334,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 logits = session.tail_logits
             if suppress is not None:
                 logits = logits.index_fill(1, suppress, float("-inf"))
-            firsts.append(logits.argmax(-1))
+            firsts.append(logits.argmax(-1) if next_token is None else logits)
             if start == 0:
                 sync(); t1 = time.perf_counter()
             del cache, tail
@@ -336,6 +344,18 @@ class StaticDecoder(_Prefill, _KVBuffers):
         first = torch.cat(firsts)
         if session is None:
             session = self._session_for(None, kv, B, T, pad, dev, suppress, reuse=False)
+        done, chose = T, None  # tokens chosen (``next_token`` may stop earlier)
+        if next_token is not None:
+            session.logits = first.new_empty(first.shape) if session.logits is None else session.logits
+            first = next_token(first.float())
+            done, first = (1, session.new[:, 0]) if first is None else (T, first)
+
+        def choose(i: int) -> bool:  # after decode step i: the caller's token i + 1; False stops
+            nonlocal done
+            nxt = next_token(session.logits.float())
+            done = i + 1 if nxt is None else done
+            return nxt is not None and session.chosen(i + 1, nxt)
+        chose = None if next_token is None else choose
         session.pos_next.copy_(torch.cat(nexts))
         session.tok.copy_(first.unsqueeze(1))
         session.t.zero_()
@@ -349,34 +369,33 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if self.stages is not None:
                 t3 = time.perf_counter()
                 capture = (lambda fn: self._capture(fn, dev, warmups=2)) if use_graph else None
-                loop_capture_ms = decode_loop(step, T - 1, self.stages, capture, keep=(session.t, session.tok))
+                loop_capture_ms = decode_loop(step, done - 1, self.stages, capture, (session.t, session.tok), chose)
                 capture_ms += loop_capture_ms
                 t3 += loop_capture_ms / 1000  # the decode time excludes the captures between phases
-            elif T > 1 and use_graph:
-                if session.decode_graph is None:
-                    c0 = time.perf_counter()
-                    session.decode_graph = self._capture(step, dev, warmups=2)
-                    session.t.zero_()
-                    session.tok.copy_(first.unsqueeze(1))
-                    sync()
-                    capture_ms += 1000 * (time.perf_counter() - c0)
+            elif done > 1 and use_graph and session.decode_graph is None:
+                c0 = time.perf_counter()
+                session.decode_graph = self._capture(step, dev, warmups=2)
+                session.t.zero_()
+                session.tok.copy_(first.unsqueeze(1))
+                sync()
+                capture_ms += 1000 * (time.perf_counter() - c0)
+            if self.stages is None:
                 t3 = time.perf_counter()
-                for _ in range(T - 1):
-                    session.decode_graph.replay()
-            else:
-                t3 = time.perf_counter()
-                for _ in range(T - 1):
-                    step()
+                run = session.decode_graph.replay if done > 1 and use_graph else step
+                for i in range(done - 1):
+                    run()
+                    if chose is not None and not chose(i):
+                        break
             sync(); t4 = time.perf_counter()
         finally:
             for attn, original in undo:
                 attn.config = original
-        new = _finish(session.new.clone(), eos_ids, pad)
+        new = _finish(session.new.clone(), eos_ids, pad) if next_token is None else session.new[:, :done].clone()
         self.last = dict(
             prefill_ms=1000 * (t1 - t0), setup_ms=1000 * (t2 - t1), capture_ms=capture_ms, prefill_chunks=len(firsts),
-            decode_ms_per_token=1000 * (t4 - t3) / (T - 1) if T > 1 else None,
+            decode_ms_per_token=1000 * (t4 - t3) / (done - 1) if done > 1 else None,
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
-            cuda_graph=bool(use_graph and T > 1), graph_prefill_from_layer=stop if split else None,
+            cuda_graph=bool(use_graph and done > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
             fused_ops=self.fused_ops,
             decode_stages_run=0 if self.stages is None else self.stages.done,

@@ -155,18 +155,21 @@ class StaticStages:
         return out
 
 
-def decode_loop(step, steps: int, stages: StaticStages, capture=None, keep=()) -> float:
+def decode_loop(step, steps: int, stages: StaticStages, capture=None, keep=(), after=None) -> float:
     """Run ``steps`` decode steps, the plan's stages before the steps they name. With ``capture``
     (a function ``fn -> graph``), each phase between stages is captured once and replayed; the
     tensors in ``keep`` (the step's inputs it advances) and the scores are restored after a
     capture's warm-up runs (a phase with fewer than 3 steps left runs eagerly: the warm-ups would
-    write past the buffers' last slot). Returns the milliseconds spent capturing."""
+    write past the buffers' last slot). ``after(t)``, if given, runs after step ``t`` (the token
+    choice outside the graph); False stops the loop. Returns the milliseconds spent capturing."""
     graphs, capture_ms = {}, 0.0
     for t in range(steps):
         stages.before_step(t)
         graph = graphs.get(stages.done)
         if graph is None and (capture is None or steps - t < 3):
             step()  # eager: no graphs, or too few steps left for a capture's two warm-up steps to stay in bounds
+            if after is not None and not after(t):
+                break
             continue
         if graph is None:
             c0 = time.perf_counter()
@@ -176,4 +179,6 @@ def decode_loop(step, steps: int, stages: StaticStages, capture=None, keep=()) -
                 dst.copy_(src)
             capture_ms += 1000 * (time.perf_counter() - c0)
         graph.replay()
+        if after is not None and not after(t):
+            break
     return capture_ms
