@@ -215,9 +215,10 @@ def test_decode_steps_make_no_host_syncs(method, options, monkeypatch):
     counted on the CPU with a dispatch mode, as tests/test_host_syncs.py does); the stage itself
     runs between steps."""
     import vtoken.engine.static_decode as static_decode
-    from test_host_syncs import _SyncCounter
+    from conftest import SyncCounter
 
-    counter, loop = _SyncCounter(), static_decode.decode_loop
+    counter, loop = SyncCounter(), static_decode.decode_loop
+    counter.on = False  # counted inside the decode steps only
 
     def counted(step, *args, **kwargs):
         def wrapped():
