@@ -167,5 +167,6 @@ def test_compile_true_replays_graphs_on_gpu():
         last = model.generate.route.decoder.last
         assert last["cuda_graph"] and last["capture_ms"] == 0
         torch.manual_seed(0)
-        a = model.generate(**inputs, max_new_tokens=T, do_sample=True, temperature=0.7, top_k=1)
+        a = model.generate(**inputs, max_new_tokens=T, do_sample=True, temperature=0.7, top_k=1,
+                           suppress_tokens=SUPPRESS)
     assert torch.equal(a, ref)
