@@ -45,6 +45,8 @@ def test_static_decoder_equals_generate_and_evicts_the_same_slots(name, method, 
     for layer, evicted in dynamic[0].items():  # the same slots (scores accumulated over the same rows)
         assert torch.equal(dec.stages.evicted[0][layer], evicted), layer
         assert bool(evicted.any())
+    # the engine outlives the call (compile=True keeps one): it must not keep the call's cache
+    assert dec.stages.kv is None and dec.stages.scores == {}
 
 
 @pytest.mark.parametrize("name, method, options", [("llava_next", "a2sf", {"step": 2}),

@@ -98,6 +98,12 @@ class StaticStages:
     def _group(self, layer: int):
         return self.groups[self.layer_group[layer]]
 
+    def release(self) -> None:
+        """After the call: drop the references to its KV buffers and score rows (the engine keeps
+        this object for ``last`` / tests: what was evicted, the low-bit entries), so a kept engine
+        (``compile=True``) does not hold a finished call's whole cache."""
+        self.kv, self.scores, self.record = None, {}, None
+
     # ------------------------------------------------------------------ between steps (host)
     def before_step(self, t: int) -> bool:
         """Run every stage whose step has come before decode step ``t`` (as the dynamic runtime:

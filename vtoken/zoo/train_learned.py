@@ -99,7 +99,8 @@ def gtc_example(model, processor, record) -> dict:
     att0 = attns[0][0].detach()[:, :, vis]  # (H, N, n): every row; the rows after the image are averaged
     maps = gtc_input_maps(att0.unsqueeze(0), after, torch.ones(1, n, dtype=torch.bool))[0]
     side = int(round(n ** 0.5))
-    return {"maps": maps, "relevance": R[-1, vis].float(), "grid": (1, side, n // side)}
+    grid = (1, side, side) if side * side == n else (1, 1, n)  # a square grid (LLaVA), else one row
+    return {"maps": maps, "relevance": R[-1, vis].float(), "grid": grid}
 
 
 def _answers(model, processor, records, plan=None, batch_size=32):
