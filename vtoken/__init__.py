@@ -15,7 +15,7 @@ from vtoken.scorers.functional import erank
 __version__ = "0.1.0"
 
 
-def apply_pruning(model, method="fastv", keep=64, plan=None, compile: bool = False, **options):
+def apply_pruning(model, method="fastv", keep=64, plan=None, compile=False, **options):
     """Attach visual-token pruning to ``model`` in place and return its handle.
 
     model:   a supported ``transformers`` VLM (see :func:`vtoken.adapters.supported_models`).
@@ -32,21 +32,37 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, compile: bool = Fal
              ``model.generate`` calls on the static decode engine (:class:`vtoken.engine.StaticDecoder`;
              greedy and sampling, :mod:`vtoken.engine.generate_route`); what it cannot carry (beams,
              ...) raises :class:`UnsupportedCallError`. Default False: ``generate`` as transformers runs it.
+             ``compile={"fused_ops": True}`` (a dict of the engine's options: ``fused_ops``,
+             ``cuda_graph``, ``graph_prefill``) routes the same way with those options set.
 
     Returns a :class:`vtoken.hooks.PruningHandle`: ``remove()``, context manager, ``stats``.
     """
     from vtoken.hooks.handle import attach
 
+    engine = None if compile is False or compile is None else _engine_options(compile)
     handle = attach(model, method=method, keep=keep, plan=plan, **options)
-    if compile:
+    if engine is not None:
         from vtoken.engine.generate_route import route_generate
 
         try:
-            route_generate(handle, backend=options.get("backend", "auto"))
+            route_generate(handle, backend=options.get("backend", "auto"), **engine)
         except Exception:
             handle.remove()
             raise
     return handle
+
+
+_ENGINE_OPTIONS = ("fused_ops", "cuda_graph", "graph_prefill")
+
+
+def _engine_options(compile) -> dict:
+    """``apply_pruning``'s ``compile`` argument (True or a dict of engine options) as engine options."""
+    if compile is True:
+        return {}
+    if isinstance(compile, dict) and set(compile) <= set(_ENGINE_OPTIONS):
+        return dict(compile)
+    raise PruningConfigError(f"compile must be False, True or a dict with keys among {_ENGINE_OPTIONS}, "
+                             f"got {compile!r}")
 
 
 __all__ = [

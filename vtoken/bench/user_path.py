@@ -4,7 +4,9 @@ For LLaVA-1.5-7B (one 336 px image, 576 visual tokens, 64-token text) and Qwen2.
 image of ``--users-qwen-visual`` visual tokens, 32-token text) at each batch size of
 ``--users-batch``: ``generate`` with the dynamic cache (the default) and with
 ``cache_implementation="static"`` (transformers compiles its decode step on CUDA, "reduce-overhead":
-CUDA graphs), each unpruned and pruned by ``fastv``, ``divprune`` and ``visionzip`` (LLaVA: 64
+CUDA graphs), and (``--users-caches compile,compile-fused``) through ``apply_pruning(...,
+compile=True)`` / ``compile={"fused_ops": True}`` (vtoken's static engine; unpruned = method
+``none``), each unpruned and pruned by ``fastv``, ``divprune`` and ``visionzip`` (LLaVA: 64
 visual tokens kept per image; Qwen: ``--qwen-keep`` of them). Per row: TTFT (``generate`` of one
 token), end-to-end time of ``--users-new-tokens`` tokens, decode ms/token
 ((end-to-end - TTFT) / (tokens - 1)), peak memory, and the row's physical floor:
@@ -30,6 +32,8 @@ from vtoken.bench.common import timed
 HBM_BYTES_S = 3.35e12
 PEAK_FLOPS = 790e12
 METHODS = (None, "fastv", "divprune", "visionzip")
+#: ``--users-caches`` that route ``generate`` through ``apply_pruning(..., compile=...)`` (the static engine)
+_COMPILE_CACHES = {"compile": True, "compile-fused": {"fused_ops": True}}
 
 
 def _repeat(inputs: dict, batch: int) -> dict:
@@ -96,7 +100,8 @@ def measure(bench, suite, model_name, model, inputs, keep, new_tokens: int, meth
     B, P = inputs["input_ids"].shape
     rows = []
     for cache in caches:
-        extra = {} if cache == "dynamic" else dict(cache_implementation="static")
+        extra = dict(cache_implementation="static") if cache == "static" else {}
+        engine = _COMPILE_CACHES.get(cache)
         if bench.tiny and cache == "static":  # the path, not the speed: dynamo's tracing without inductor
             from transformers import CompileConfig
 
@@ -110,7 +115,10 @@ def measure(bench, suite, model_name, model, inputs, keep, new_tokens: int, meth
                 continue
             handle = None
             try:
-                if method is not None:
+                if engine is not None:  # unpruned on the engine: the keep-everything method "none"
+                    handle = vtoken.apply_pruning(model, method=method or "none", keep=keep, backend=bench.backend,
+                                                  compile=engine)
+                elif method is not None:
                     handle = vtoken.apply_pruning(model, method=method, keep=keep, backend=bench.backend)
 
                 def gen(n, _extra=extra):

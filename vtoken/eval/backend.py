@@ -312,8 +312,11 @@ def _is_zoo(name: str) -> bool:
 
 
 def load_backend(model: str, device: str = "auto", dtype: str = "auto", device_map: Optional[str] = None,
-                 max_new_tokens: int = 16) -> ModelBackend:
-    """Load a built-in (``vtoken.zoo``) or local Hugging Face model into a :class:`ModelBackend`."""
+                 max_new_tokens: int = 16, memo_inputs: bool = False) -> ModelBackend:
+    """Load a built-in (``vtoken.zoo``) or local Hugging Face model into a :class:`ModelBackend`.
+    ``memo_inputs``: the processor's outputs are kept and reused for a repeated batch
+    (:class:`vtoken.eval.memo.MemoProcessor`; ``vtoken eval`` answers each batch once per
+    method and budget)."""
     import torch
 
     if device in (None, "auto"):
@@ -345,4 +348,8 @@ def load_backend(model: str, device: str = "auto", dtype: str = "auto", device_m
         info["source"] = "transformers"
         answer = hf_answer
     m.eval()
+    if memo_inputs:
+        from vtoken.eval.memo import MemoProcessor
+
+        processor = MemoProcessor(processor)
     return ModelBackend(m, processor, answer, max_new_tokens=max_new_tokens, info=info)

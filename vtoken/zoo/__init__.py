@@ -122,6 +122,7 @@ def arch_of(obj) -> str:
         if obj in ("llava", "qwen2vl"):
             return obj
         raise ValueError(f"arch must be 'llava' or 'qwen2vl', got {obj!r}")
+    obj = getattr(obj, "__wrapped__", obj)  # a wrapped processor (vtoken.eval.memo.MemoProcessor)
     config = getattr(obj, "config", obj)
     model_type = getattr(config, "model_type", None)
     if model_type == "llava":
