@@ -158,10 +158,28 @@ def erank(features: torch.Tensor) -> torch.Tensor:
 
 
 def erank_per_segment(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """erank of each segment's kept rows: hidden (S, n, D), keep (S, n) bool -> (S,) float32."""
-    if keep.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.float32, device=hidden.device)
-    return torch.stack([erank(hidden[s][keep[s]]) for s in range(keep.shape[0])])
+    """:func:`erank` of each segment's kept rows: hidden (S, n, D), keep (S, n) bool -> (S,) float32.
+
+    All segments at once, with one host sync (the largest kept count k): each segment's kept rows
+    are packed (in slot order) into a zero-padded (S, k, D) batch, whose padding rows add only
+    zero singular values (which add nothing to the entropy), and one batched ``eigvalsh`` of the
+    smaller Gram matrices gives the singular values.
+    """
+    S, n, D = hidden.shape
+    k = int(keep.sum(dim=1).max()) if S and n else 0
+    if k == 0:
+        return torch.zeros(S, dtype=torch.float32, device=hidden.device)
+    pos = torch.cumsum(keep.long(), dim=1) - 1  # (S, n) packed position of each kept row
+    packed = hidden.new_zeros((S, k + 1, D), dtype=torch.float64)
+    dest = torch.where(keep, pos, torch.full_like(pos, k))  # dropped rows go to a scratch row
+    packed.scatter_(1, dest.unsqueeze(-1).expand(S, n, D), hidden.detach().double())
+    x = packed[:, :k]
+    gram = x @ x.transpose(1, 2) if k <= D else x.transpose(1, 2) @ x
+    sv = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()  # (S, min(k, D))
+    total = sv.sum(dim=1, keepdim=True)
+    p = sv / total.clamp(min=torch.finfo(torch.float64).tiny)
+    h = -(p * torch.log(p.clamp(min=1e-300))).sum(dim=1)
+    return torch.where(total.squeeze(1) > 0, torch.exp(h), torch.zeros_like(h)).float()
 
 
 # ----------------------------------------------------------------------------- clustering

@@ -103,3 +103,21 @@ def test_agile_share_bounds():
     assert sig.diagnostics["attention_share"].tolist() == [0.5]
     with pytest.raises(ValueError):
         AgileScorer(min_attention_share=0.8, max_attention_share=0.2)
+
+
+@pytest.mark.parametrize("S,n,D", [(5, 40, 16), (4, 10, 64), (3, 7, 7)])
+def test_erank_per_segment_equals_erank_of_each_segment_with_one_sync(S, n, D):
+    """The batched diagnostic equals :func:`erank` of each segment's kept rows (kept count above
+    and below D, an empty segment, a full one, an all-zero one) and waits for the device once."""
+    from conftest import count_syncs
+    from vtoken.scorers.functional import erank_per_segment
+
+    g = torch.Generator().manual_seed(S * n + D)
+    hidden = torch.randn(S, n, D, generator=g)
+    keep = torch.rand(S, n, generator=g) < 0.4
+    keep[0] = False
+    keep[1] = True
+    hidden[2] = 0.0
+    want = torch.stack([erank(hidden[s][keep[s]]) for s in range(S)])
+    assert torch.allclose(erank_per_segment(hidden, keep), want, atol=1e-5)
+    assert count_syncs(lambda: erank_per_segment(hidden, keep)) <= 2  # the kept count (+ eigvalsh's check)
