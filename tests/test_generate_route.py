@@ -170,3 +170,23 @@ def test_compile_true_replays_graphs_on_gpu():
         a = model.generate(**inputs, max_new_tokens=T, do_sample=True, temperature=0.7, top_k=1,
                            suppress_tokens=SUPPRESS)
     assert torch.equal(a, ref)
+
+
+def test_compile_dict_passes_engine_options_and_bad_ones_leave_no_hooks():
+    """``compile={"fused_ops": True}``: the route's engine runs the fused decode layers (their
+    PyTorch references on the CPU: the dynamic cache's tokens); an unknown key is refused before
+    anything is attached."""
+    from vtoken.errors import PruningConfigError
+
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    plain_generate = model.generate
+    with pytest.raises(PruningConfigError, match="compile must be"):
+        vtoken.apply_pruning(model, method="fastv", keep=4, K=1, compile={"fused": True})
+    assert model.generate == plain_generate and not getattr(model, "_vtoken_handle", None)
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+        ref = model.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS, do_sample=False)
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1, compile={"fused_ops": True}):
+        got = model.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS, do_sample=False)
+        assert model.generate.route.decoder.last["fused_ops"]
+    assert torch.equal(got, ref)
