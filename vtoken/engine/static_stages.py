@@ -36,6 +36,7 @@ import torch
 from vtoken.engine.static_kv import _kept_index
 from vtoken.kernels import LowBitEntries, gather_attend, gather_attend_lowbit
 from vtoken.kernels.lowbit import quantize_tokens
+from vtoken.signals import attention_probs
 
 
 def kept_rows(q: torch.Tensor, k_buf: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,13 +44,12 @@ def kept_rows(q: torch.Tensor, k_buf: torch.Tensor, idx: torch.Tensor, count: to
     coordinates: q ``[B, H, Q, D]``, k_buf ``[B, Hkv, L, D]``, idx ``[B, K]``, count ``[B]`` ->
     ``[B, L]`` float32 (0 on slots not in the list). The static path's
     :func:`vtoken.hooks.probe.step_rows`; static shapes, no host sync."""
-    B, H, _, D = q.shape
+    B, _, _, D = q.shape
     Hkv, L, K = k_buf.shape[1], k_buf.shape[2], idx.shape[1]
     il = idx.long().clamp(0, L - 1)
-    kg = k_buf.gather(2, il[:, None, :, None].expand(B, Hkv, K, D)).float().repeat_interleave(H // Hkv, dim=1)
+    kg = k_buf.gather(2, il[:, None, :, None].expand(B, Hkv, K, D))
     live = torch.arange(K, device=q.device)[None, :] < count.long()[:, None]  # [B, K]
-    logits = (q[:, :, -1:].float() @ kg.transpose(-1, -2)) * scale  # [B, H, 1, K]
-    probs = torch.softmax(logits.masked_fill(~live[:, None, None], float("-inf")), dim=-1).sum(dim=1)[:, 0]
+    probs = attention_probs(q[:, :, -1:], kg, live[:, None], scale).sum(dim=1)[:, 0]  # [B, K]
     return torch.zeros(B, L, dtype=torch.float32, device=q.device).scatter_add_(1, il, probs.masked_fill(~live, 0))
 
 
