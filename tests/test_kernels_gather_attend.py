@@ -293,3 +293,47 @@ def test_unused_buffer_rows_may_hold_nan(backend):
     out = gather_attend(q, kb_nan, vb_nan, idx, lens, backend=backend)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-5
+
+
+def naive_last_row(q, kb, idx, lens, scale=None):
+    """Float64 ``[B, H, K]``: each head's softmax of the last query over its kept list (0 past kept_len)."""
+    B, H, Q, D = q.shape
+    G, K = H // kb.shape[1], idx.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    row = torch.zeros(B, H, K, dtype=torch.float64)
+    for b in range(B):
+        n = min(int(lens[b]), K)
+        for h in range(H):
+            sel = (idx[b, h // G] if idx.dim() == 3 else idx[b])[:n].long().cpu()
+            if n:
+                row[b, h, :n] = torch.softmax(kb[b, h // G].double().cpu()[sel] @ q[b, h, -1].double().cpu() * scale, 0)
+    return row
+
+
+@pytest.mark.parametrize("case", REF_CASES)
+def test_reference_row_matches_naive(case):
+    """return_row: the last query's per-head probabilities over the kept list, beside the output."""
+    B, H, Hkv, Q, D, L, K, per_head = case
+    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, seed=K, lens=[0] + [K] * (B - 1))
+    out, row = gather_attend_reference(q, kb, vb, idx, lens, return_row=True)
+    assert row.shape == (B, H, K) and row.dtype == torch.float32
+    assert torch.equal(out, gather_attend_reference(q, kb, vb, idx, lens))
+    torch.testing.assert_close(row.double(), naive_last_row(q, kb, idx, lens), atol=2e-6, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CPU_CASES)
+def test_triton_row_matches_reference_cpu(case):
+    """The row from the kernel's own logits and log-sum-exp (split-K merged), zero where unseen."""
+    if torch.cuda.is_available():
+        pytest.skip("covered at large shapes by the gpu tests")
+    B, H, Hkv, Q, D, L, K, per_head, dtype, splits = case
+    lens = [0] + [K - b for b in range(1, B - 1)] + [K + 5]  # one sees nothing, one counts as K
+    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, dtype=dtype, seed=K,
+                                       idx_dtype=torch.int32, lens=lens)
+    out, row = gather_attend(q, kb, vb, idx, lens, num_splits=splits, return_row=True, backend="triton")
+    assert torch.equal(out, gather_attend(q, kb, vb, idx, lens, num_splits=splits, backend="triton"))
+    _, ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
+    assert row.dtype == torch.float32 and torch.isfinite(row).all() and row[0].abs().max() == 0
+    assert (row.abs().sum(-1)[1:] - 1).abs().max() < 1e-4
+    assert rel_err(row, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
