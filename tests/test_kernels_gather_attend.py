@@ -61,6 +61,21 @@ def naive_gather_attend(q, kb, vb, idx, lens, scale=None):
     return out
 
 
+def naive_last_row(q, kb, idx, lens, scale=None):
+    """Float64 ``[B, H, K]``: each head's softmax of the last query over its kept list (0 past kept_len)."""
+    B, H, Q, D = q.shape
+    G, K = H // kb.shape[1], idx.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    row = torch.zeros(B, H, K, dtype=torch.float64)
+    for b in range(B):
+        n = min(int(lens[b]), K)
+        for h in range(H):
+            sel = (idx[b, h // G] if idx.dim() == 3 else idx[b])[:n].long().cpu()
+            if n:
+                row[b, h, :n] = torch.softmax(kb[b, h // G].double().cpu()[sel] @ q[b, h, -1].double().cpu() * scale, 0)
+    return row
+
+
 def rel_err(a, b):
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -131,9 +146,13 @@ def test_triton_matches_reference_cpu(case):
     q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, dtype=dtype, seed=K,
                                        idx_dtype=torch.int32, lens=lens)
     out = gather_attend(q, kb, vb, idx, lens, num_splits=splits, backend="triton")
-    ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
+    ref, ref_row = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+    # return_row: the same output, and the row from the kernel's own logits and (merged) log-sum-exp
+    out2, row = gather_attend(q, kb, vb, idx, lens, num_splits=splits, return_row=True, backend="triton")
+    assert torch.equal(out2, out) and row.dtype == torch.float32 and torch.isfinite(row).all()
+    assert rel_err(row, ref_row) < (1e-5 if dtype == torch.float32 else 3e-3)
 
 
 @needs_triton
@@ -148,10 +167,13 @@ def test_triton_strided_inputs_int64_lists_and_clamped_counts_cpu():
     big = torch.randn(2, B, Hkv, L + 7, D)
     kb = big[0, :, :, 3:L + 3].copy_(kb)  # views with a longer row stride
     vb = big[1, :, :, 3:L + 3].copy_(vb)
-    out = gather_attend(q, kb, vb, idx, lens.to(torch.int32), scale=0.3, num_splits=2, backend="triton")
-    ref = gather_attend_reference(q, kb, vb, idx, lens, scale=0.3)
+    out, row = gather_attend(q, kb, vb, idx, lens.to(torch.int32), scale=0.3, num_splits=2, return_row=True,
+                             backend="triton")
+    ref, ref_row = gather_attend_reference(q, kb, vb, idx, lens, scale=0.3, return_row=True)
     assert out[0].abs().max() == 0 and torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-5
+    assert row[0].abs().max() == 0 and torch.isfinite(row).all() and rel_err(row, ref_row) < 1e-5
+    torch.testing.assert_close(ref_row.double(), naive_last_row(q, kb, idx, lens, scale=0.3), atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ref.double(), naive_gather_attend(q, kb, vb, idx, lens.clamp(max=K), scale=0.3),
                                atol=2e-6, rtol=1e-5)
 
@@ -295,21 +317,6 @@ def test_unused_buffer_rows_may_hold_nan(backend):
     assert rel_err(out, ref) < 1e-5
 
 
-def naive_last_row(q, kb, idx, lens, scale=None):
-    """Float64 ``[B, H, K]``: each head's softmax of the last query over its kept list (0 past kept_len)."""
-    B, H, Q, D = q.shape
-    G, K = H // kb.shape[1], idx.shape[-1]
-    scale = D ** -0.5 if scale is None else scale
-    row = torch.zeros(B, H, K, dtype=torch.float64)
-    for b in range(B):
-        n = min(int(lens[b]), K)
-        for h in range(H):
-            sel = (idx[b, h // G] if idx.dim() == 3 else idx[b])[:n].long().cpu()
-            if n:
-                row[b, h, :n] = torch.softmax(kb[b, h // G].double().cpu()[sel] @ q[b, h, -1].double().cpu() * scale, 0)
-    return row
-
-
 @pytest.mark.parametrize("case", REF_CASES)
 def test_reference_row_matches_naive(case):
     """return_row: the last query's per-head probabilities over the kept list, beside the output."""
@@ -320,20 +327,3 @@ def test_reference_row_matches_naive(case):
     assert torch.equal(out, gather_attend_reference(q, kb, vb, idx, lens))
     torch.testing.assert_close(row.double(), naive_last_row(q, kb, idx, lens), atol=2e-6, rtol=1e-5)
 
-
-@needs_triton
-@pytest.mark.parametrize("case", TRITON_CPU_CASES)
-def test_triton_row_matches_reference_cpu(case):
-    """The row from the kernel's own logits and log-sum-exp (split-K merged), zero where unseen."""
-    if torch.cuda.is_available():
-        pytest.skip("covered at large shapes by the gpu tests")
-    B, H, Hkv, Q, D, L, K, per_head, dtype, splits = case
-    lens = [0] + [K - b for b in range(1, B - 1)] + [K + 5]  # one sees nothing, one counts as K
-    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, dtype=dtype, seed=K,
-                                       idx_dtype=torch.int32, lens=lens)
-    out, row = gather_attend(q, kb, vb, idx, lens, num_splits=splits, return_row=True, backend="triton")
-    assert torch.equal(out, gather_attend(q, kb, vb, idx, lens, num_splits=splits, backend="triton"))
-    _, ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
-    assert row.dtype == torch.float32 and torch.isfinite(row).all() and row[0].abs().max() == 0
-    assert (row.abs().sum(-1)[1:] - 1).abs().max() < 1e-4
-    assert rel_err(row, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
