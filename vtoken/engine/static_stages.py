@@ -47,7 +47,8 @@ def kept_rows(q: torch.Tensor, k_buf: torch.Tensor, idx: torch.Tensor, count: to
     ``[B, L]`` float32 (0 on slots not in the list). The static path's
     :func:`vtoken.hooks.probe.step_rows`, recomputed from the keys: what
     ``gather_attend(..., return_row=True)`` returns with the attention (:meth:`StaticStages.attend`
-    uses that; this serves the low-bit read, whose row would also rank the low-bit entries)."""
+    uses that; this serves the low-bit read, whose softmax also spans the low-bit entries this row
+    leaves out)."""
     B, _, _, D = q.shape
     Hkv, L, K = k_buf.shape[1], k_buf.shape[2], idx.shape[1]
     il = idx.long().clamp(0, L - 1)
