@@ -248,26 +248,30 @@ def test_triton_matches_reference_gpu(case, dtype):
     K = int(L * frac)
     q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, dtype=dtype, device="cuda",
                                        seed=L + B)
-    out = gather_attend(q, kb, vb, idx, lens)
-    ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
-    assert torch.isfinite(out).all()
+    out, row = gather_attend(q, kb, vb, idx, lens, return_row=True)
+    ref, ref_row = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
+    assert torch.isfinite(out).all() and torch.isfinite(row).all()
     assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert rel_err(row, ref_row) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("per_head,Q,num_splits", [(False, 1, None), (True, 1, None), (True, 4, None),
-                                                   (False, 2, 1)])
-def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits):
+@pytest.mark.parametrize("per_head,Q,num_splits,return_row", [(False, 1, None, False), (True, 1, None, False),
+                                                              (True, 4, None, False), (False, 2, 1, False),
+                                                              (False, 1, None, True), (False, 2, 1, True)])
+def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits, return_row):
     """Static shapes: capture once, change kept_idx / kept_len contents (then q and the buffers) in place,
-    replay; the replay matches the reference and the eager call bit for bit."""
+    replay; the replay matches the reference and the eager call bit for bit (the row too, with
+    ``return_row``: split-K merged and one split)."""
     B, H, Hkv, D, L, K = 4, 28, 4, 128, 4096, 1024  # G = 7; split-K unless num_splits=1
     mk = dict(per_head=per_head, idx_dtype=torch.int32, dtype=torch.bfloat16, device="cuda")
     q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, seed=1, **mk)
     lens = lens.to(torch.int32)  # as the static-cache engine keeps its counts
 
     def run():
-        return gather_attend(q, kb, vb, idx, lens, num_splits=num_splits)
+        got = gather_attend(q, kb, vb, idx, lens, num_splits=num_splits, return_row=return_row)
+        return got if return_row else (got, None)
 
     stream = torch.cuda.Stream()  # warm-up (compile) on a side stream, as torch.cuda.graphs recommends
     stream.wait_stream(torch.cuda.current_stream())
@@ -281,7 +285,7 @@ def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = run()
+        out, row = run()
     for seed, new_lens, new_data in ((2, [K, 1, 0, K // 3], False), (3, None, True), (4, [7, K, K - 1, 2], False)):
         q2, kb2, vb2, idx2, lens2 = make_inputs(B, H, Hkv, Q, D, L, K, seed=seed, lens=new_lens, **mk)
         idx.copy_(idx2)
@@ -292,10 +296,13 @@ def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits):
             vb.copy_(vb2)
         graph.replay()
         torch.cuda.synchronize()
-        ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
+        ref, ref_row = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-2
-        assert torch.equal(out, run())
+        eager_out, eager_row = run()
+        assert torch.equal(out, eager_out)
+        if return_row:
+            assert torch.isfinite(row).all() and rel_err(row, ref_row) < 1e-2 and torch.equal(row, eager_row)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
