@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from vtoken.signals import attention_probs
+
 try:  # transformers >= 5
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 except ImportError:  # pragma: no cover
@@ -112,33 +114,23 @@ def attention_rows(
     -> (B, H, R, N) float32; unused rows are all zero.
     """
     B, H, N, D = query.shape
-    groups = H // key.shape[1]
     r = rows.clamp(min=0)
-    q = query.gather(2, r.view(B, 1, -1, 1).expand(B, H, r.shape[1], D)).float()
-    k = key.float()
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, H, R, N)
+    q = query.gather(2, r.view(B, 1, -1, 1).expand(B, H, r.shape[1], D))
     j = torch.arange(N, device=query.device).view(1, 1, N)
     allowed = (j <= r.unsqueeze(-1)) & (key_valid.unsqueeze(1) | (j == r.unsqueeze(-1)))  # (B, R, N)
-    logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return probs.masked_fill((rows < 0).view(B, 1, -1, 1), 0.0)
+    return attention_probs(q, key, allowed, scaling).masked_fill((rows < 0).view(B, 1, -1, 1), 0.0)
 
 
 def step_rows(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
     """Head-summed softmax rows of a decode call's q queries (the last q of the layer's L slots)
     over its keys. query (B, H, q, D), key (B, Hkv, L, D) post-RoPE, key_valid (B, L) ->
     (B, q, L) float32 (rows of padding queries zero)."""
-    B, H, q, _ = query.shape
+    B, _, q, _ = query.shape
     L = key.shape[2]
-    k = key.float().repeat_interleave(H // key.shape[1], dim=1)
-    logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # (B, H, q, L)
     j = torch.arange(L, device=query.device).view(1, L)
     own = (L - q + torch.arange(q, device=query.device)).view(q, 1)
     allowed = ((j <= own).unsqueeze(0) & key_valid.view(B, 1, L)) | (j == own).unsqueeze(0)  # (B, q, L)
-    probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1).sum(dim=1)
-    return probs * key_valid[:, L - q:].unsqueeze(-1)
+    return attention_probs(query, key, allowed, scaling).sum(dim=1) * key_valid[:, L - q:].unsqueeze(-1)
 
 
 def chain_probe(module, probe) -> callable:

@@ -6,7 +6,8 @@ modules; ``import kernels`` never runs this folder (``vtoken/_folder_guard.py``)
   head-averaged (or per-head) attention probabilities of chosen query rows over a key range, from the
   forward's log-sum-exp; never materialises N x N. For scoring layers of attention-based pruning.
 - :func:`gather_attend`: split-K attention of a few queries over kept entries of a static KV buffer
-  read through index lists (ragged kept counts, static shapes, CUDA-graph safe). For pruned decode.
+  read through index lists (ragged kept counts, static shapes, CUDA-graph safe). For pruned decode;
+  ``return_row=True`` also gives the last query's attention row (for scores accumulated over steps).
   :func:`gather_attend_lowbit` adds low-bit entries read through a dequantising path (mixed-precision
   KV, :mod:`vtoken.kernels.lowbit`'s grid).
 - :func:`varlen_attention`: block-diagonal attention over packed segments in one launch, and

@@ -19,6 +19,11 @@ Shapes: q ``[B, H, Q, D]``; k_buf, v_buf ``[B, Hkv, L, D]``; kept_idx ``[B, K]``
 ``kept_idx[b, ..., :kept_len[b]]``; query ``i`` is kept entry ``kept_len - Q + i`` and sees entries
 ``t <= kept_len - Q + i`` (causal within the kept list; ``kept_len`` above K counts as K, indices are
 clamped into ``[0, L)``). Output ``[B, H, Q, D]`` in q's dtype.
+
+``return_row=True`` also gives the last query's attention row over the kept list (the signal a
+decode-time score accumulates), as :func:`vtoken.kernels.attend_and_score` gives its rows: the first
+kernel stores the row's logits as it computes them, the split kernel (one split) or the merge kernel
+its log-sum-exp, and ``p = exp2(s - lse)`` normalises them; no second pass over the keys.
 """
 
 import functools
@@ -42,8 +47,9 @@ def gather_attend(
     *,
     scale: float | None = None,
     num_splits: int | None = None,
+    return_row: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``Q`` queries per sample over kept KV-buffer entries, without gathering them.
 
     Args:
@@ -55,10 +61,14 @@ def gather_attend(
         kept_len: ``[B]`` integer count of valid entries per sample (a device tensor; no host sync).
         scale: softmax scale, default ``1/sqrt(D)``.
         num_splits: chunks of the key axis (split-K); default picks one from the static shapes.
+        return_row: also return the attention row of the last query (what a score accumulated over
+            decode steps reads), from the logits and log-sum-exp the attention computes anyway.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns:
-        ``[B, H, Q, D]``; a query that sees no kept entry gets zeros.
+        ``[B, H, Q, D]``; a query that sees no kept entry gets zeros. With ``return_row``:
+        ``(out, row)``, row ``[B, H, K]`` float32 the last query's softmax probabilities over the
+        kept list, per head (0 past ``kept_len``; all 0 where it sees nothing).
 
     CUDA graphs: the Triton path reads only shapes, strides and dtypes on the host (no sync, no
     data-dependent branch, allocations of static size), so a captured call replays correctly after
@@ -69,23 +79,23 @@ def gather_attend(
     B, H, Hkv, Q, D, L, K = check_gather_args(q, k_buf, v_buf, kept_idx, kept_len)
     scale = softmax_scale(scale, D)
     if resolve_backend(backend, q, k_buf, v_buf, kept_idx, kept_len) == "torch":
-        return gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale)
+        return gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale, return_row)
     check_kernel_dtypes(q=q, k_buf=k_buf, v_buf=v_buf)
-    return _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits)
+    return _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits, return_row)
 
 
 gather_attend_reference = torch_reference(gather_attend, "num_splits")
 
 
 def _split_kernel(
-    Q, KB, VB, IDX, KLEN, O, PACC, PML,
+    Q, KB, VB, IDX, KLEN, O, PACC, PML, ROW, LSE,
     sqb, sqh, sqn, sqd,
     skb, skh, skl, skd,
     svb, svh, svl, svd,
     sib, sih, sik,
     sob, soh, son, sod,
     Hkv, G, QL, M_TOT, K_MAX, L_BUF, chunk, qk_scale,
-    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, WANT_ROW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -127,10 +137,15 @@ def _split_kernel(
         s = dot_qk(q, k, IEEE)
         see = n_ok[None, :] & (offs_n[None, :] <= limit[:, None])
         s = tl.where(see, s * qk_scale, float("-inf"))
+        if WANT_ROW:  # the last query's logits (log2 units); normalised on the host with its LSE
+            row_ok = (m_ok & (qi == QL - 1))[:, None] & n_ok[None, :]
+            tl.store(ROW + (b * Hkv * G + h[:, None]) * K_MAX + offs_n[None, :], s, mask=row_ok)
         m_i, l_i, acc = attend_block(m_i, l_i, acc, s, v_base, idx, svl, offs_d, svd,
                                      n_ok[:, None] & d_ok[None, :], IEEE)
 
     if NUM_SPLITS == 1:
+        if WANT_ROW:  # log-sum-exp of the last query's row (log2 units; l_i >= 1 once it saw a key)
+            tl.store(LSE + b * Hkv * G + h, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=m_ok & (qi == QL - 1))
         out = normalize_rows(acc, l_i)
         o_ptrs = O + b * sob + h[:, None] * soh + qi[:, None] * son + offs_d[None, :] * sod
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -144,10 +159,10 @@ def _split_kernel(
 
 
 def _merge_kernel(
-    PACC, PML, O,
+    PACC, PML, O, LSE,
     sob, soh, son, sod,
     H, Hkv, G, QL, M_TOT,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, WANT_ROW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)  # one output row (b, h, i)
@@ -167,6 +182,8 @@ def _merge_kernel(
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_safe)  # 0 for empty splits
     denom = tl.sum(w * l, 0)
+    if WANT_ROW:
+        tl.store(LSE + b * H + h, m_safe + tl.log2(tl.maximum(denom, 1e-30)), mask=i == QL - 1)
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.load(PACC + (part[:, None] * M_TOT + r) * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
@@ -229,11 +246,15 @@ def _launch_shapes(q, k_buf, kept_idx) -> tuple:
     return shapes, out, B == 0 or H == 0 or Q == 0
 
 
-def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits):
+def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits, return_row=False):
     # Host side: shapes, strides and dtypes only; every allocation has a static size; no host sync.
     (B, H, Hkv, G, Q, D, K, M_TOT, interp), out, empty = _launch_shapes(q, k_buf, kept_idx)
+    row = lse = out  # unused without return_row
+    if return_row:
+        row = torch.full((B, H, K), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H), float("-inf"), dtype=torch.float32, device=q.device)
     if empty:
-        return out
+        return (out, row.nan_to_num_(0.0, neginf=0.0)) if return_row else out
     splits = None if num_splits is None else int(num_splits)
     plan = _launch_plan(B, Hkv, M_TOT, D, K, splits, device_sms(q), interp)
     BLOCK_D, S = plan.block_d, plan.num_splits
@@ -250,22 +271,24 @@ def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits
     else:
         pacc = pml = out  # unused
     lazy_jit(_split_kernel)[(S, B * Hkv, plan.m_blocks)](
-        q, k_buf, v_buf, kept_idx, klen, out, pacc, pml,
+        q, k_buf, v_buf, kept_idx, klen, out, pacc, pml, row, lse,
         *q.stride(), *k_buf.stride(), *v_buf.stride(),
         sib, sih, sik,
         *out.stride(),
         Hkv, G, Q, M_TOT, K, k_buf.shape[2], plan.chunk, scale * LOG2E,
-        NUM_SPLITS=S, IEEE=q.dtype == torch.float32,
+        NUM_SPLITS=S, IEEE=q.dtype == torch.float32, WANT_ROW=return_row,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         num_warps=4, num_stages=3 if not interp else 1,
     )
     if S > 1:
         lazy_jit(_merge_kernel)[(B * H * Q,)](
-            pacc, pml, out,
+            pacc, pml, out, lse,
             *out.stride(),
             H, Hkv, G, Q, M_TOT,
-            NUM_SPLITS=S, SPLITS_P2=next_pow2(S),
+            NUM_SPLITS=S, SPLITS_P2=next_pow2(S), WANT_ROW=return_row,
             HEAD_DIM=D, BLOCK_D=BLOCK_D,
             num_warps=4 if BLOCK_D * next_pow2(S) >= 4096 else 2,
         )
+    if return_row:  # p = exp2(s - lse); a row that saw nothing (lse = -inf) is 0, not NaN
+        return out, torch.exp2(row - lse[..., None]).nan_to_num_(0.0)
     return out

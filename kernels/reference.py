@@ -113,14 +113,15 @@ def _row_probabilities(q, k, score_rows, key_start, key_end, kpm, scale, average
     return scores
 
 
-def gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale):
+def gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale, return_row=False):
     """Attention of Q queries over the kept entries of a KV buffer (gather + SDPA).
 
     Shapes: q ``[B, H, Q, D]``; k_buf, v_buf ``[B, Hkv, L, D]``; kept_idx ``[B, K]`` or ``[B, Hkv, K]``
     indices into L; kept_len ``[B]``: sample b uses ``kept_idx[b, ..., :kept_len[b]]`` (the rest of
     the row is ignored, whatever it holds). Query ``i`` is kept entry ``kept_len - Q + i`` and sees
     kept entries ``t <= kept_len - Q + i``. Returns ``[B, H, Q, D]`` in q's dtype; a query that sees
-    nothing gives zeros.
+    nothing gives zeros. ``return_row``: ``(out, row)``, row ``[B, H, K]`` float32 the last query's
+    softmax probabilities over the kept list per head (0 past ``kept_len``; all 0 if it sees nothing).
     """
     B, H, Q, D = q.shape
     Hkv, L, K = k_buf.shape[1], k_buf.shape[2], kept_idx.shape[-1]
@@ -141,7 +142,13 @@ def gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale):
     vg = torch.where(live, vg, vg.new_zeros(()))
     out = _sdpa(q, kg, vg, mask=see[:, None], scale=scale)
     sees_any = see.any(dim=-1)  # [B, Q]
-    return torch.where(sees_any[:, None, :, None], out, out.new_zeros(()))
+    out = torch.where(sees_any[:, None, :, None], out, out.new_zeros(()))
+    if not return_row:
+        return out
+    kf = kg.float().repeat_interleave(H // Hkv, dim=1)  # [B, H, K, D]
+    logits = (q[:, :, -1:].float() @ kf.transpose(-1, -2)) * scale  # [B, H, 1, K]
+    probs = torch.softmax(logits.masked_fill(~see[:, None, -1:], float("-inf")), dim=-1)
+    return out, torch.nan_to_num(probs, nan=0.0)[:, :, 0]
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens, scale):

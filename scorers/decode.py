@@ -28,6 +28,7 @@ from vtoken.errors import PruningConfigError
 from vtoken.methods import register_method, register_scorer
 from vtoken.plan import DecodeStage, validate_budget
 from vtoken.scorers.base import topk_selection
+from vtoken.signals import attention_probs
 
 _A2SF = 'A2SF (Jo & Shin, "A2SF: Accumulative Attention Scoring with Forgetting Factor for Token Pruning in Transformer Decoder", arXiv:2407.20485, 2024)'
 _LAZYLLM = ('LazyLLM (Fu, Cho, Merth, Mehta, Rastegari, Najibi, "LazyLLM: Dynamic Token Pruning for Efficient Long '
@@ -156,11 +157,7 @@ def last_query_attention(query: torch.Tensor, keys: torch.Tensor, valid: torch.T
     post-RoPE cached keys (GQA: each KV head serves H / Hkv query heads); valid (B, L) bool (the
     softmax runs over the valid keys only). -> (B, L) float32, 0 on invalid slots, each row sums
     to 1 where any slot is valid."""
-    B, H, D = query.shape
-    k = keys.float().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H, L, D)
-    logits = torch.einsum("bhd,bhld->bhl", query.float(), k) * scaling
-    probs = torch.softmax(logits.masked_fill(~valid.view(B, 1, -1), float("-inf")), dim=-1)
-    return torch.nan_to_num(probs, nan=0.0).mean(dim=1) * valid
+    return attention_probs(query.unsqueeze(2), keys, valid.unsqueeze(1), scaling)[:, :, 0].mean(dim=1) * valid
 
 
 @register_scorer

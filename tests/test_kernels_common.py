@@ -138,8 +138,11 @@ for dt, ieee in (("fp16", False), ("fp32", True)):
              dict(HAS_MASK=True, IEEE=ieee, HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=32)),
         ttir(A._score_kernel, dict(Q=p, K=p, LSE="*fp32", KPM="*u8", ROWS="*i64", S="*fp32"),
              dict(HAS_MASK=False, AVERAGE=True, IEEE=ieee, HEAD_DIM=64, BLOCK_D=64, BLOCK_R=16, BLOCK_N=64)),
-        ttir(G._split_kernel, dict(Q=p, KB=p, VB=p, IDX="*i32", KLEN="*i32", O=p, PACC="*fp32", PML="*fp32"),
-             dict(NUM_SPLITS=2, IEEE=ieee, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64)),
+        ttir(G._split_kernel, dict(Q=p, KB=p, VB=p, IDX="*i32", KLEN="*i32", O=p, PACC="*fp32", PML="*fp32",
+                                   ROW="*fp32", LSE="*fp32"),
+             dict(NUM_SPLITS=2, IEEE=ieee, WANT_ROW=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64)),
+        ttir(G._split_kernel, dict(Q=p, KB=p, VB=p, IDX="*i32", KLEN="*i32", O=p, PACC=p, PML=p, ROW=p, LSE=p),
+             dict(NUM_SPLITS=1, IEEE=ieee, WANT_ROW=False, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=16, BLOCK_N=64)),
         ttir(V._varlen_kernel, dict(Q=p, K=p, V=p, O=p, CU="*i32"),
              dict(IEEE=ieee, HEAD_DIM=80, D1=64, D2=16, BLOCK_M=64, BLOCK_N=64)),
     ]

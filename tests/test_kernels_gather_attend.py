@@ -61,6 +61,21 @@ def naive_gather_attend(q, kb, vb, idx, lens, scale=None):
     return out
 
 
+def naive_last_row(q, kb, idx, lens, scale=None):
+    """Float64 ``[B, H, K]``: each head's softmax of the last query over its kept list (0 past kept_len)."""
+    B, H, Q, D = q.shape
+    G, K = H // kb.shape[1], idx.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    row = torch.zeros(B, H, K, dtype=torch.float64)
+    for b in range(B):
+        n = min(int(lens[b]), K)
+        for h in range(H):
+            sel = (idx[b, h // G] if idx.dim() == 3 else idx[b])[:n].long().cpu()
+            if n:
+                row[b, h, :n] = torch.softmax(kb[b, h // G].double().cpu()[sel] @ q[b, h, -1].double().cpu() * scale, 0)
+    return row
+
+
 def rel_err(a, b):
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -131,9 +146,13 @@ def test_triton_matches_reference_cpu(case):
     q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, dtype=dtype, seed=K,
                                        idx_dtype=torch.int32, lens=lens)
     out = gather_attend(q, kb, vb, idx, lens, num_splits=splits, backend="triton")
-    ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
+    ref, ref_row = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+    # return_row: the same output, and the row from the kernel's own logits and (merged) log-sum-exp
+    out2, row = gather_attend(q, kb, vb, idx, lens, num_splits=splits, return_row=True, backend="triton")
+    assert torch.equal(out2, out) and row.dtype == torch.float32 and torch.isfinite(row).all()
+    assert rel_err(row, ref_row) < (1e-5 if dtype == torch.float32 else 3e-3)
 
 
 @needs_triton
@@ -148,10 +167,13 @@ def test_triton_strided_inputs_int64_lists_and_clamped_counts_cpu():
     big = torch.randn(2, B, Hkv, L + 7, D)
     kb = big[0, :, :, 3:L + 3].copy_(kb)  # views with a longer row stride
     vb = big[1, :, :, 3:L + 3].copy_(vb)
-    out = gather_attend(q, kb, vb, idx, lens.to(torch.int32), scale=0.3, num_splits=2, backend="triton")
-    ref = gather_attend_reference(q, kb, vb, idx, lens, scale=0.3)
+    out, row = gather_attend(q, kb, vb, idx, lens.to(torch.int32), scale=0.3, num_splits=2, return_row=True,
+                             backend="triton")
+    ref, ref_row = gather_attend_reference(q, kb, vb, idx, lens, scale=0.3, return_row=True)
     assert out[0].abs().max() == 0 and torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-5
+    assert row[0].abs().max() == 0 and torch.isfinite(row).all() and rel_err(row, ref_row) < 1e-5
+    torch.testing.assert_close(ref_row.double(), naive_last_row(q, kb, idx, lens, scale=0.3), atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ref.double(), naive_gather_attend(q, kb, vb, idx, lens.clamp(max=K), scale=0.3),
                                atol=2e-6, rtol=1e-5)
 
@@ -226,26 +248,30 @@ def test_triton_matches_reference_gpu(case, dtype):
     K = int(L * frac)
     q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, dtype=dtype, device="cuda",
                                        seed=L + B)
-    out = gather_attend(q, kb, vb, idx, lens)
-    ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
-    assert torch.isfinite(out).all()
+    out, row = gather_attend(q, kb, vb, idx, lens, return_row=True)
+    ref, ref_row = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
+    assert torch.isfinite(out).all() and torch.isfinite(row).all()
     assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert rel_err(row, ref_row) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("per_head,Q,num_splits", [(False, 1, None), (True, 1, None), (True, 4, None),
-                                                   (False, 2, 1)])
-def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits):
+@pytest.mark.parametrize("per_head,Q,num_splits,return_row", [(False, 1, None, False), (True, 1, None, False),
+                                                              (True, 4, None, False), (False, 2, 1, False),
+                                                              (False, 1, None, True), (False, 2, 1, True)])
+def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits, return_row):
     """Static shapes: capture once, change kept_idx / kept_len contents (then q and the buffers) in place,
-    replay; the replay matches the reference and the eager call bit for bit."""
+    replay; the replay matches the reference and the eager call bit for bit (the row too, with
+    ``return_row``: split-K merged and one split)."""
     B, H, Hkv, D, L, K = 4, 28, 4, 128, 4096, 1024  # G = 7; split-K unless num_splits=1
     mk = dict(per_head=per_head, idx_dtype=torch.int32, dtype=torch.bfloat16, device="cuda")
     q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, seed=1, **mk)
     lens = lens.to(torch.int32)  # as the static-cache engine keeps its counts
 
     def run():
-        return gather_attend(q, kb, vb, idx, lens, num_splits=num_splits)
+        got = gather_attend(q, kb, vb, idx, lens, num_splits=num_splits, return_row=return_row)
+        return got if return_row else (got, None)
 
     stream = torch.cuda.Stream()  # warm-up (compile) on a side stream, as torch.cuda.graphs recommends
     stream.wait_stream(torch.cuda.current_stream())
@@ -259,7 +285,7 @@ def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = run()
+        out, row = run()
     for seed, new_lens, new_data in ((2, [K, 1, 0, K // 3], False), (3, None, True), (4, [7, K, K - 1, 2], False)):
         q2, kb2, vb2, idx2, lens2 = make_inputs(B, H, Hkv, Q, D, L, K, seed=seed, lens=new_lens, **mk)
         idx.copy_(idx2)
@@ -270,10 +296,13 @@ def test_cuda_graph_replay_with_new_kept_lists(per_head, Q, num_splits):
             vb.copy_(vb2)
         graph.replay()
         torch.cuda.synchronize()
-        ref = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens)
+        ref, ref_row = gather_attend_reference(q.float(), kb.float(), vb.float(), idx, lens, return_row=True)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-2
-        assert torch.equal(out, run())
+        eager_out, eager_row = run()
+        assert torch.equal(out, eager_out)
+        if return_row:
+            assert torch.isfinite(row).all() and rel_err(row, ref_row) < 1e-2 and torch.equal(row, eager_row)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -293,3 +322,15 @@ def test_unused_buffer_rows_may_hold_nan(backend):
     out = gather_attend(q, kb_nan, vb_nan, idx, lens, backend=backend)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("case", REF_CASES)
+def test_reference_row_matches_naive(case):
+    """return_row: the last query's per-head probabilities over the kept list, beside the output."""
+    B, H, Hkv, Q, D, L, K, per_head = case
+    q, kb, vb, idx, lens = make_inputs(B, H, Hkv, Q, D, L, K, per_head=per_head, seed=K, lens=[0] + [K] * (B - 1))
+    out, row = gather_attend_reference(q, kb, vb, idx, lens, return_row=True)
+    assert row.shape == (B, H, K) and row.dtype == torch.float32
+    assert torch.equal(out, gather_attend_reference(q, kb, vb, idx, lens))
+    torch.testing.assert_close(row.double(), naive_last_row(q, kb, idx, lens), atol=2e-6, rtol=1e-5)
+

@@ -169,6 +169,30 @@ def test_kept_rows_equal_the_dynamic_step_rows():
     torch.testing.assert_close(got, step_rows(q, k, held, 0.3)[:, 0])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_attention_row_equals_kept_rows(backend):
+    """What the decode step folds into the scores, the row ``gather_attend`` returns with the
+    attention (its own logits and log-sum-exp), equals :func:`kept_rows`' recomputation from the keys
+    (bit for bit on the reference; Triton through the interpreter on the CPU)."""
+    import os
+
+    from vtoken.engine.static_stages import kept_rows, to_slots
+    from vtoken.kernels import HAS_TRITON, gather_attend
+
+    if backend == "triton" and not (HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"))):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, D, L, K = 3, 8, 2, 16, 40, 24
+    q, k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    idx = torch.stack([torch.randperm(L, generator=g)[:K].sort().values for _ in range(B)]).to(torch.int32)
+    count = torch.tensor([K, 7, 0])
+    _, row = gather_attend(q, k, v, idx, count, scale=0.3, return_row=True, backend=backend)
+    got, want = to_slots(row.sum(dim=1), idx, L), kept_rows(q, k, idx, count, 0.3)
+    if backend == "torch":
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bench_static_rows_read_fewer_kv_bytes():
     """``python -m vtoken.bench.decode_kv --engine static`` (the GPU measurement) on the CPU: the
     static buffers keep their size, the bytes the last step reads shrink by the evicted entries."""

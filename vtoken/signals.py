@@ -36,6 +36,11 @@ generator              torch.Generator         seeded generator (random baseline
 =====================  ======================  ==============================================
 
 A declared signal the stage's scorer did not list in ``needs`` is ``None``.
+
+:func:`attention_probs` is the one definition of an attention row (a query's softmax over keys) that
+the decode-time producers of attention signals share: the dynamic runtime's probes
+(``vtoken.hooks.probe``), LazyLLM's last-query score (``vtoken.scorers.decode``) and the static
+engine's reference row (``vtoken.engine.static_stages``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,19 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Per-head softmax probabilities of queries over keys, in float32.
+
+    query (B, H, Q, D), keys (B, Hkv, K, D) post-RoPE (GQA: KV head ``h // (H // Hkv)`` serves query
+    head ``h``); allowed (B, Q, K) bool, the keys each query row sees. -> (B, H, Q, K) float32; a row
+    that sees no key is all zero. Callers reduce over the heads (dim 1) as their signal defines."""
+    H = query.shape[1]
+    k = keys.float().repeat_interleave(H // keys.shape[1], dim=1)  # (B, H, K, D)
+    logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # (B, H, Q, K)
+    probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
 
 
 @dataclass(frozen=True)

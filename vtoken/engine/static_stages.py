@@ -18,9 +18,11 @@ a stage edits what :func:`vtoken.kernels.gather_attend` reads instead:
   own index list, and the layer's attention becomes :func:`vtoken.kernels.gather_attend_lowbit`
   (kept entries at full precision, low-bit entries dequantised on read; Triton on CUDA);
 - score accumulation (a stage still to come, e.g. A2SF at ``step > 0``): inside the decode step the
-  layer's attention also computes its query's head-summed softmax row over the kept entries
-  (:func:`kept_rows`, device ops only, no host sync) and folds it into the layer's running scores
-  ``[B, N + T]`` (buffer-slot coordinates) with the scorer's own ``accumulate``.
+  layer's attention also returns its query's softmax row over the kept entries
+  (``gather_attend(..., return_row=True)``, from the logits and log-sum-exp it computes anyway;
+  :func:`kept_rows` recomputes it after a low-bit read; device ops only, no host sync), summed over
+  heads and folded into the layer's running scores ``[B, N + T]`` (buffer-slot coordinates) with the
+  scorer's own ``accumulate``.
 
 Which layers accumulate changes only at a stage's step, so the decode loop (:func:`decode_loop`)
 captures one CUDA graph per phase between stages (the handle says which layers accumulate in each
@@ -36,21 +38,30 @@ import torch
 from vtoken.engine.static_kv import _kept_index
 from vtoken.kernels import LowBitEntries, gather_attend, gather_attend_lowbit
 from vtoken.kernels.lowbit import quantize_tokens
+from vtoken.signals import attention_probs
 
 
 def kept_rows(q: torch.Tensor, k_buf: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float) -> torch.Tensor:
     """Head-summed softmax row of each sample's last query over its kept entries, in buffer-slot
     coordinates: q ``[B, H, Q, D]``, k_buf ``[B, Hkv, L, D]``, idx ``[B, K]``, count ``[B]`` ->
     ``[B, L]`` float32 (0 on slots not in the list). The static path's
-    :func:`vtoken.hooks.probe.step_rows`; static shapes, no host sync."""
-    B, H, _, D = q.shape
+    :func:`vtoken.hooks.probe.step_rows`, recomputed from the keys: what
+    ``gather_attend(..., return_row=True)`` returns with the attention (:meth:`StaticStages.attend`
+    uses that; this serves the low-bit read, whose softmax also spans the low-bit entries this row
+    leaves out)."""
+    B, _, _, D = q.shape
     Hkv, L, K = k_buf.shape[1], k_buf.shape[2], idx.shape[1]
     il = idx.long().clamp(0, L - 1)
-    kg = k_buf.gather(2, il[:, None, :, None].expand(B, Hkv, K, D)).float().repeat_interleave(H // Hkv, dim=1)
+    kg = k_buf.gather(2, il[:, None, :, None].expand(B, Hkv, K, D))
     live = torch.arange(K, device=q.device)[None, :] < count.long()[:, None]  # [B, K]
-    logits = (q[:, :, -1:].float() @ kg.transpose(-1, -2)) * scale  # [B, H, 1, K]
-    probs = torch.softmax(logits.masked_fill(~live[:, None, None], float("-inf")), dim=-1).sum(dim=1)[:, 0]
-    return torch.zeros(B, L, dtype=torch.float32, device=q.device).scatter_add_(1, il, probs.masked_fill(~live, 0))
+    probs = attention_probs(q[:, :, -1:], kg, live[:, None], scale).sum(dim=1)[:, 0]  # [B, K]
+    return to_slots(probs.masked_fill(~live, 0), idx, L)
+
+
+def to_slots(row: torch.Tensor, idx: torch.Tensor, L: int) -> torch.Tensor:
+    """A row over a kept-index list ``[B, K]`` (0 past its count) -> buffer-slot coordinates ``[B, L]``."""
+    return torch.zeros(row.shape[0], L, dtype=torch.float32, device=row.device).scatter_add_(
+        1, idx.long().clamp(0, L - 1), row)
 
 
 def _prefill_valid(group) -> torch.Tensor:
@@ -148,15 +159,19 @@ class StaticStages:
         """Layer ``layer``'s decode attention over its list (and low-bit entries), folding the
         query's attention row into the layer's scores while a stage that ranks it is to come."""
         group = self._group(layer)
-        low = self.low.get(layer)
-        if low is None:
-            out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=scale, backend=backend)
-        else:
+        low, scorer, rows = self.low.get(layer), self.accumulating.get(layer), None
+        if low is not None:
             out = gather_attend_lowbit(q, k_buf, v_buf, group.idx, group.count, low, scale=scale, backend=backend)
-        scorer = self.accumulating.get(layer)
-        if scorer is not None:
+            if scorer is not None:
+                rows = kept_rows(q, k_buf, group.idx, group.count, scale)
+        elif scorer is not None:  # the attention's own row of the last query (no second q.K pass)
+            out, row = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=scale, return_row=True,
+                                     backend=backend)
+            rows = to_slots(row.sum(dim=1), group.idx, k_buf.shape[2])
+        else:
+            out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=scale, backend=backend)
+        if rows is not None:
             scores = self.scores[layer]
-            rows = kept_rows(q, k_buf, group.idx, group.count, scale)
             scores.copy_(scorer.accumulate(scores, rows.unsqueeze(1)))
         return out
 
