@@ -19,9 +19,18 @@ from vtoken.scorers.functional import erank
 from vtoken.signals import SegmentSignals
 
 
-def _top(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries, ties towards the lower index (deterministic everywhere)."""
-    return torch.sort(x, descending=True, stable=True).indices[:k]
+def _order(x: torch.Tensor) -> torch.Tensor:
+    """Indices of each row's entries from the largest, ties towards the lower index (a stable
+    sort: deterministic everywhere); the first k of a row are its top k."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices
+
+
+def _first(order: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+    """(S, n) bool: the first ``take[s]`` (S,) slots of each row's ``order`` (S, n) -- a ragged
+    top-k of all rows at once (a row's k may exceed its real slots only if its order says so)."""
+    ranks = torch.arange(order.shape[1], device=order.device)
+    return torch.zeros(order.shape, dtype=torch.bool, device=order.device).scatter_(
+        1, order, ranks < take.unsqueeze(1))
 
 
 def _rank_scores(order: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,49 +167,64 @@ class DARTScorer(Scorer):
         return rows
 
     def select(self, sig: SegmentSignals) -> Selection:
+        # All segments at once, with no host sync: a segment's budget, pivot counts and per-pivot
+        # take counts are (S,) tensors, every step runs on all rows with static shapes, and the
+        # only Python loop is over the pivot slots (at most pivot_image + pivot_text).
         S, n = sig.mask.shape
-        dev = sig.mask.device
+        dev, mask = sig.mask.device, sig.mask
         feats = sig.normed_hidden if self.final_norm else sig.hidden
         if feats is None:
             raise ValueError(f"DARTScorer(final_norm={self.final_norm}) needs the "
                              f"{'normed_hidden' if self.final_norm else 'hidden'} signal")
-        keep = torch.zeros_like(sig.mask)
-        dup = torch.full((S, n), float("-inf"), dtype=torch.float32, device=dev)  # max cosine to any pivot (heatmap)
-        knorm = sig.keys.float().norm(p=self.key_norm, dim=-1).masked_fill(~sig.mask, float("-inf"))
+        budget = sig.budget.to(dev).long()
+        count = mask.sum(dim=1)
+        rule = (budget > 0) & (budget < count)  # segments that select (others keep all or nothing)
+        keep = mask & ((budget > 0) & (budget >= count)).unsqueeze(1)
+        knorm = sig.keys.float().norm(p=self.key_norm, dim=-1).masked_fill(~mask, float("-inf"))
+        # pivot slots: min(pivot_image, n) visual slots by decreasing key norm, then min(pivot_text,
+        # T) text slots; a segment uses its first n_img visual and first n_txt text slots
+        k_order = _order(knorm)
+        n_img = budget.clamp(min=0, max=self.pivot_image) * rule  # (S,) min(pivot_image, k)
+        n_txt = torch.zeros_like(n_img)
+        z = F.unit_rows(feats)  # (S, n, D)
+        v_order = k_order[:, :min(self.pivot_image, n)]
+        slots = [z.gather(1, v_order.unsqueeze(-1).expand(-1, -1, z.shape[-1]))]
+        ar_v = torch.arange(v_order.shape[1], device=dev)
+        used, visit = [ar_v < n_img.unsqueeze(1)], [ar_v.expand(S, -1)]  # visit: the pivot's turn
         trows = self._text_rows(sig)
         if trows is not None:
             tfeats = sig.normed_text_hidden if self.final_norm else sig.text_hidden
             tnorm = sig.text_keys.float().norm(p=self.key_norm, dim=-1).masked_fill(~trows, float("-inf"))
-            n_text = trows.sum(dim=1).tolist()
-        for s in range(S):
-            k = int(sig.budget[s])
-            count = int(sig.mask[s].sum())
-            if k <= 0:
-                continue
-            if k >= count:
-                keep[s] = sig.mask[s]
-                continue
-            hv = feats[s]
-            img_piv = _top(knorm[s], min(self.pivot_image, k))
-            pivots = [hv[i] for i in img_piv.tolist()]
-            if trows is not None and n_text[s]:
-                pivots += [tfeats[s, i] for i in _top(tnorm[s], min(self.pivot_text, n_text[s])).tolist()]
-            if not pivots:  # no pivot at all (pivot_image=0 and no text after the image): key-norm ranking
-                keep[s] = topk_mask(knorm[s:s + 1], sig.mask[s:s + 1], sig.budget[s:s + 1])[0]
-                continue
-            keep[s, img_piv] = True
-            sims = torch.stack([F.cosine_to(hv, p) for p in pivots])  # (P, n)
-            dup[s] = sims.max(dim=0).values
+            t_order = _order(tnorm)[:, :min(self.pivot_text, trows.shape[1])]
+            n_txt = trows.sum(dim=1).clamp(max=self.pivot_text) * rule
+            zt = F.unit_rows(tfeats)
+            slots.append(zt.gather(1, t_order.unsqueeze(-1).expand(-1, -1, zt.shape[-1])))
+            ar_t = torch.arange(t_order.shape[1], device=dev)
+            used.append(ar_t < n_txt.unsqueeze(1))
+            visit.append(n_img.unsqueeze(1) + ar_t)  # after the segment's visual pivots
+        slots, used, visit = torch.cat(slots, dim=1), torch.cat(used, dim=1), torch.cat(visit, dim=1)
+        pivots = n_img + n_txt  # (S,)
+        keep |= _first(k_order, n_img)  # the visual pivots are kept (real slots: n_img < count)
+        dup = torch.full((S, n), float("-inf"), dtype=torch.float32, device=dev)  # max cosine to any pivot
+        if slots.shape[1]:
+            sims = z @ slots.transpose(1, 2)  # (S, n, slots): cosine similarity to each pivot
+            has = rule & (pivots > 0)
+            best = sims.masked_fill(~used.unsqueeze(1), float("-inf")).max(dim=2).values
+            dup = torch.where(has.unsqueeze(1), best, dup)
             # the budget beyond the visual pivots, split over the pivots in visiting order
-            base, extra = divmod(k - len(img_piv), len(pivots))
-            avail = sig.mask[s] & ~keep[s]  # neither a pivot nor taken by an earlier pivot
-            for p in range(len(pivots)):
-                take = base + (1 if p < extra else 0)
-                if take == 0:
-                    break
-                pick = _top((-sims[p]).masked_fill(~avail, float("-inf")), take)
-                keep[s, pick] = True
-                avail[pick] = False
+            per = pivots.clamp(min=1)
+            rest = (budget - n_img).clamp(min=0)
+            base, extra = (rest // per).unsqueeze(1), (rest % per).unsqueeze(1)
+            take = (base + (visit < extra).long()) * (used & has.unsqueeze(1))  # (S, slots)
+            # slots in visiting order (a segment's unused slots take nothing); each pivot keeps its
+            # least similar tokens among those neither pivots nor kept by an earlier pivot
+            dissimilarity, taken = -sims, ~mask | keep
+            for j in range(slots.shape[1]):
+                pick = _first(_order(dissimilarity[:, :, j].masked_fill(taken, float("-inf"))), take[:, j])
+                keep |= pick
+                taken |= pick
+        if self.pivot_image == 0:  # no pivot at all (no text after the image): key-norm ranking
+            keep = torch.where((rule & (pivots == 0)).unsqueeze(1), topk_mask(knorm, mask, budget), keep)
         sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden if sig.hidden is not None else feats, keep)
         scores = torch.where(torch.isfinite(dup), -dup, torch.zeros_like(dup))
         return Selection(keep=keep, scores=masked_scores(scores, sig.mask))
