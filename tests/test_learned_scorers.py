@@ -216,12 +216,14 @@ def test_missing_weights_raise_with_the_training_command(method):
     assert vtoken.hooks.handle_of(model) is None
 
 
+@pytest.mark.parametrize("checkpoint", ["vtoken/tiny-llava", "vtoken/tiny-qwen2vl"])
 @pytest.mark.parametrize("method", ["gtc", "dyvte"])
-def test_shipped_weights_found_beside_the_checkpoint(method):
+def test_shipped_weights_found_beside_the_checkpoint(method, checkpoint):
+    """Both shipped image checkpoints carry both methods' weights, and they load and prune."""
     from vtoken import zoo
 
-    model, proc = zoo.load("vtoken/tiny-llava")
-    assert os.path.isfile(weights_path(method, zoo.resolve("vtoken/tiny-llava")))
+    model, proc = zoo.load(checkpoint)
+    assert os.path.isfile(weights_path(method, zoo.resolve(checkpoint)))
     rec = __import__("vtoken.data.synthetic", fromlist=["make_split"]).make_split("test", 2, 5)
     with vtoken.apply_pruning(model, method=method, keep=64 if method == "gtc" else 1.0) as h:
         ans = zoo.answer(model, proc, [r["image"] for r in rec], [r["question"] for r in rec])
