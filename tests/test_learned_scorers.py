@@ -93,6 +93,25 @@ def test_gtc_selection_equals_reference_forward():
         assert keep[s].nonzero().squeeze(1).tolist() == ref[s]
 
 
+def test_gtc_without_a_grid_maps_one_row():
+    """A segment without a grid (grid None: the adapter knows none, e.g. a count that tiles no
+    rectangle) is mapped as one row of its tokens, (1, 1, n), by the candidates' original index."""
+    torch.manual_seed(2)
+    mapper = GTCMapper(heads=2, width=4).eval()
+    counts = [7, 5]
+    index = [[6, 2, 0, 5, 1, 3, 4], list(range(5))]
+    attn_text = [torch.rand(2, 3, n) for n in counts]
+    after = [[False, True, True], [True, True, True]]
+    budget = [3, 2]
+    for grid in (None, [None, None]):
+        sig = make_signals(counts, budget, text_counts=[3, 3], index=index, grid=grid, attn_text=attn_text,
+                           text_after=after)
+        keep = GTCScorer(mapper).select(sig).keep
+        ref = _gtc_reference(mapper, attn_text, after, counts, index, [(1, 1, n) for n in counts], budget)
+        for s in range(2):
+            assert keep[s].nonzero().squeeze(1).tolist() == ref[s]
+
+
 def test_dyvte_selection_equals_reference_forward():
     torch.manual_seed(1)
     router = DyVTERouter(hidden_size=4, num_layers=3, hidden=5).eval()
@@ -141,6 +160,43 @@ def test_training_smoke_and_weights_roundtrip(tmp_path):
         load_learned("dyvte", weights=weights_path("gtc", str(tmp_path)))
 
 
+def test_training_on_mixed_grids_matches_the_scorer_layout():
+    """train_gtc takes examples on different grids (dynamic resolution) and several frames, and feeds
+    the mapper each (H, t*h*w) map as gtc_scores does: t frames of (H, h, w)."""
+    torch.manual_seed(0)
+    grids = [(1, 2, 3), (1, 3, 2), (2, 2, 2), (1, 2, 3)]
+    ex = [{"maps": torch.rand(2, t * h * w), "relevance": torch.rand(t * h * w), "grid": (t, h, w)} for t, h, w in grids]
+    mapper, report = TL.train_gtc(ex, ex, heads=2, epochs=2, width=4)
+    assert -1 <= report["heldout_mapper"]["spearman"] <= 1
+    for e in ex:
+        n = e["maps"].shape[1]
+        pred = TL._predict_gtc(mapper, [e])[0]
+        torch.testing.assert_close(pred, mapper(TL._frames(e["maps"], e["grid"])).reshape(-1))
+        assert pred.shape == (n,)
+
+
+def test_gtc_example_grid_comes_from_the_adapter():
+    """The trainer takes the visual positions and token grid from the model's adapter: Qwen2-VL's
+    (t, h/merge, w/merge) of image_grid_thw, non-square for a non-square image (no 24 x 24 guess)."""
+    from PIL import Image
+
+    from vtoken import zoo
+    from vtoken.data.synthetic import make_split
+
+    model, proc = zoo.load("vtoken/tiny-qwen2vl", attn_implementation="eager")
+    rec = dict(make_split("test", 1, 5)[0])
+    rec["image"] = rec["image"].resize((336, 224), Image.BICUBIC)
+    inputs = TL._single_inputs(proc, rec)
+    t, h, w = (int(x) for x in inputs["image_grid_thw"][0])
+    grid = (t, h // 2, w // 2)
+    assert grid[1] != grid[2]
+    ex = TL.gtc_example(model, proc, rec)
+    n = grid[0] * grid[1] * grid[2]
+    assert ex["grid"] == grid and ex["maps"].shape == (8, n) and ex["relevance"].shape == (n,)
+    vis = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    assert torch.equal(TL._visual(model, inputs), vis)
+
+
 def test_dyvte_labels_smoke():
     """Drop-all ablation labels and gate features on one question of the shipped checkpoint."""
     from vtoken import zoo
@@ -160,12 +216,14 @@ def test_missing_weights_raise_with_the_training_command(method):
     assert vtoken.hooks.handle_of(model) is None
 
 
+@pytest.mark.parametrize("checkpoint", ["vtoken/tiny-llava", "vtoken/tiny-qwen2vl"])
 @pytest.mark.parametrize("method", ["gtc", "dyvte"])
-def test_shipped_weights_found_beside_the_checkpoint(method):
+def test_shipped_weights_found_beside_the_checkpoint(method, checkpoint):
+    """Both shipped image checkpoints carry both methods' weights, and they load and prune."""
     from vtoken import zoo
 
-    model, proc = zoo.load("vtoken/tiny-llava")
-    assert os.path.isfile(weights_path(method, zoo.resolve("vtoken/tiny-llava")))
+    model, proc = zoo.load(checkpoint)
+    assert os.path.isfile(weights_path(method, zoo.resolve(checkpoint)))
     rec = __import__("vtoken.data.synthetic", fromlist=["make_split"]).make_split("test", 2, 5)
     with vtoken.apply_pruning(model, method=method, keep=64 if method == "gtc" else 1.0) as h:
         ans = zoo.answer(model, proc, [r["image"] for r in rec], [r["question"] for r in rec])

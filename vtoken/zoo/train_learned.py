@@ -72,17 +72,33 @@ def _single_inputs(processor, record):
     return processor(images=[record["image"]], text=[build_prompt(processor, record["question"])], return_tensors="pt")
 
 
-def _visual(model, inputs):
+def _segment(model, inputs):
+    """The single image's prunable visual positions (n,) and token grid (t, h, w), from the model's
+    adapter (:meth:`vtoken.adapters.base.Adapter.layout`: LLaVA's fixed side x side grid, Qwen-VL's
+    ``image_grid_thw`` / merge, ...), as the runtime builds the scorers' signals. The grid is
+    ``(1, 1, n)`` (one row, :func:`vtoken.scorers.learned.gtc_scores`' fallback) when the adapter
+    gives none or the image is split into several segments."""
     from vtoken.adapters import get_adapter
 
-    ids = inputs["input_ids"][0]
-    return (ids == get_adapter(model).image_token_id).nonzero().squeeze(1)
+    layout = get_adapter(model).layout(inputs["input_ids"], inputs, None)
+    if layout is None:
+        raise ValueError("the prompt holds no visual token")
+    vis = layout.prunable[0].nonzero().squeeze(1)
+    n = vis.numel()
+    grid = layout.seg_grid[0] if layout.num_segments == 1 else None
+    if grid is None or grid[0] * grid[1] * grid[2] != n:
+        grid = (1, 1, n)
+    return vis, tuple(int(x) for x in grid)
+
+
+def _visual(model, inputs):
+    return _segment(model, inputs)[0]
 
 
 def gtc_example(model, processor, record) -> dict:
     """One GTC training example: ``maps`` (H, n) mapper input, ``relevance`` (n,), ``grid`` (1, h, w)."""
     inputs = _single_inputs(processor, record)
-    vis = _visual(model, inputs)
+    vis, grid = _segment(model, inputs)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         out = model(**inputs, output_attentions=True, use_cache=False)
@@ -98,8 +114,6 @@ def gtc_example(model, processor, record) -> dict:
     n = vis.numel()
     att0 = attns[0][0].detach()[:, :, vis]  # (H, N, n): every row; the rows after the image are averaged
     maps = gtc_input_maps(att0.unsqueeze(0), after, torch.ones(1, n, dtype=torch.bool))[0]
-    side = int(round(n ** 0.5))
-    grid = (1, side, side) if side * side == n else (1, 1, n)  # a square grid (LLaVA), else one row
     return {"maps": maps, "relevance": R[-1, vis].float(), "grid": grid}
 
 
@@ -181,16 +195,30 @@ def gtc_metrics(scores, examples, ks=(64, 128, 192)) -> dict:
     return out
 
 
+def _frames(maps, grid):
+    """(H, t*h*w) mapper input on grid (t, h, w) -> (t, H, h, w), the layout gtc_scores feeds."""
+    t, h, w = grid
+    return maps.reshape(maps.shape[0], t, h, w).transpose(0, 1)
+
+
 def train_gtc(train, heldout, heads, epochs=60, lr=3e-3, width=16, seed=0):
     """Fit a :class:`GTCMapper` on ``train`` examples (full batch, Adam); returns (mapper, report)."""
     torch.manual_seed(seed)
     mapper = GTCMapper(heads, width)
     opt = torch.optim.Adam(mapper.parameters(), lr=lr)
-    x = torch.stack([ex["maps"].view(heads, *ex["grid"][1:]) for ex in train])
-    y = torch.stack([ex["relevance"] for ex in train])
+    # examples grouped by grid (dynamic resolution gives several); each (H, t*h*w) map becomes t
+    # (H, h, w) frames as gtc_scores feeds them, and the loss runs over the t*h*w tokens together
+    groups = {}
+    for ex in train:
+        groups.setdefault(tuple(ex["grid"]), []).append(ex)
+    data = [(torch.stack([_frames(ex["maps"], ex["grid"]) for ex in exs]), torch.stack([ex["relevance"] for ex in exs]))
+            for exs in groups.values()]
     for _ in range(epochs):
-        for idx in torch.randperm(len(train)).split(32):
-            loss = _kl_loss(mapper(x[idx]).flatten(1), y[idx])
+        batches = [(g, idx) for g, (x, _) in enumerate(data) for idx in torch.randperm(len(x)).split(32)]
+        for b in torch.randperm(len(batches)).tolist():
+            g, idx = batches[b]
+            x, y = data[g][0][idx], data[g][1][idx]
+            loss = _kl_loss(mapper(x.flatten(0, 1)).reshape(len(idx), -1), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
