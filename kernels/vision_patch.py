@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 import types
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -36,20 +36,26 @@ def _is_windowed_vision_attention(module: nn.Module) -> bool:
     return mod is not None and hasattr(mod, "apply_rotary_pos_emb_vision") and "VisionAttention" in type(module).__name__
 
 
+def _version(t: torch.Tensor):
+    """``t``'s version counter; None for an inference tensor (made under ``torch.inference_mode()``),
+    which keeps none (reading it raises): such a tensor is identified by the object alone."""
+    return None if t.is_inference() else t._version
+
+
 class _MaxSeqlenCache:
     """Longest segment of each ``cu_seqlens`` tensor seen, so a tower forward reads it once, not per layer."""
 
     def __init__(self):
-        self._entries: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._entries: dict[int, tuple[weakref.ref, Optional[int], int]] = {}
 
     def get(self, cu_seqlens: torch.Tensor) -> int:
         key = id(cu_seqlens)
         hit = self._entries.get(key)
-        if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        if hit is not None and hit[0]() is cu_seqlens and hit[1] == _version(cu_seqlens):
             return hit[2]
         value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
         self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
-        self._entries[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, value)
+        self._entries[key] = (weakref.ref(cu_seqlens), _version(cu_seqlens), value)
         return value
 
 

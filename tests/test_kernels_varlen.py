@@ -113,6 +113,24 @@ def test_patched_qwen25_vision_tower_matches_unpatched(backend):
     torch.testing.assert_close(again.pooler_output, ref.pooler_output, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_patched_tower_runs_under_inference_mode(backend):
+    """``torch.inference_mode()`` (what ``vtoken eval`` and many users wrap ``generate`` in): the
+    tower's ``cu_seqlens`` are inference tensors, which keep no version counter; the patched
+    tower must still run (it failed every pruned Qwen prefill on the GPU) and equal the unpatched."""
+    tower = tiny_qwen25_vision()
+    x, grid = tower_inputs(torch.tensor([[1, 6, 8], [2, 4, 4]]))
+    with torch.inference_mode():
+        ref = tower(x, grid_thw=grid)
+        remove = patch_vision_varlen(tower, backend=backend)
+        try:
+            outs = [tower(x, grid_thw=grid) for _ in range(2)]  # the second forward: new cu_seqlens
+        finally:
+            remove()
+    for out in outs:
+        torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
+
+
 def test_patch_rejects_a_model_without_vision_attention():
     with pytest.raises(ValueError, match="no windowed vision attention"):
         patch_vision_varlen(torch.nn.Linear(3, 3))
