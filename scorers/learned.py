@@ -143,6 +143,14 @@ def load_learned(method: str, weights=None, checkpoint: Optional[str] = None) ->
 # ----------------------------------------------------------------------------- GTC
 
 
+def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with its weights on ``device`` (moved in place the first time: the weights load
+    on the CPU, the signals live where the model runs)."""
+    if next(module.parameters()).device != device:
+        module.to(device)
+    return module
+
+
 def gtc_input_maps(attn_text: torch.Tensor, text_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mapper's input per candidate: (S, H, T, n) attention, (S, T) bool rows to average (the
     prompt after the image), (S, n) mask -> (S, H, n), mean over the rows times the segment's
@@ -159,7 +167,7 @@ def gtc_scores(maps: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, grid
     video is its own map), run through ``mapper``, read back at the candidates. -inf on padding."""
     S, H, n = maps.shape
     out = torch.full((S, n), float("-inf"), dtype=torch.float32, device=maps.device)
-    dtype = next(mapper.parameters()).dtype
+    dtype = next(_on_device(mapper, maps.device).parameters()).dtype
     for s in range(S):
         t, h, w = grid[s] if grid is not None and grid[s] is not None else (1, 1, int(index[s].max()) + 1)
         canvas = maps.new_zeros(H, t * h * w)
@@ -274,7 +282,8 @@ class DyVTEScorer(Scorer):
     def exits(self, sig: SegmentSignals) -> torch.Tensor:
         feat = dyvte_features(sig.text_hidden, sig.text_mask, sig.text_after)
         with torch.no_grad():
-            logits = self.router(feat.to(next(self.router.parameters()).dtype), self.layer).float()
+            router = _on_device(self.router, feat.device)
+            logits = router(feat.to(next(router.parameters()).dtype), self.layer).float()
         return logits[:, 1] > logits[:, 0]
 
     def select(self, sig: SegmentSignals) -> Selection:

@@ -244,3 +244,27 @@ def test_learned_methods_on_tiny_models_prune(arch):
             with torch.no_grad():
                 model(**inputs)
             assert h.stats is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpoint", ["vtoken/tiny-llava", "vtoken/tiny-qwen2vl"])
+def test_learned_methods_run_on_cuda_under_inference_mode(checkpoint):
+    """The weights load on the CPU; on a CUDA model the scorers move them to the signals' device
+    (every gtc / dyvte answer failed in the GPU eval before: weights on cpu, inputs on cuda)."""
+    from vtoken import zoo
+
+    model, proc = zoo.load(checkpoint, device="cuda")
+    rec = __import__("vtoken.data.synthetic", fromlist=["make_split"]).make_split("test", 4, 5)
+    images, questions = [r["image"] for r in rec], [r["question"] for r in rec]
+    for method, keep in (("gtc", 64), ("dyvte", 1.0)):
+        with vtoken.apply_pruning(model, method=method, keep=keep) as h:
+            assert len(zoo.answer(model, proc, images, questions)) == 4  # zoo.answer: inference_mode
+            assert h.stats is not None and h.stats.stages
+
+
+def test_learned_weights_follow_the_signals_device():
+    from vtoken.scorers.learned import _on_device
+
+    mapper = GTCMapper(heads=2, width=4)
+    assert _on_device(mapper, torch.device("meta")) is mapper
+    assert all(p.device.type == "meta" for p in mapper.parameters())
