@@ -52,17 +52,21 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, compile=False, **op
     return handle
 
 
-_ENGINE_OPTIONS = ("fused_ops", "cuda_graph", "graph_prefill")
-
-
 def _engine_options(compile) -> dict:
-    """``apply_pruning``'s ``compile`` argument (True or a dict of engine options) as engine options."""
+    """``apply_pruning``'s ``compile`` argument (True or a dict of engine options) as engine options:
+    the keyword-only options of :class:`vtoken.engine.StaticDecoder` other than ``backend`` (which
+    ``apply_pruning`` passes itself)."""
+    import inspect
+
+    from vtoken.engine.static_decode import StaticDecoder
+
+    allowed = tuple(n for n, p in inspect.signature(StaticDecoder.__init__).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY and n != "backend")
     if compile is True:
         return {}
-    if isinstance(compile, dict) and set(compile) <= set(_ENGINE_OPTIONS):
+    if isinstance(compile, dict) and set(compile) <= set(allowed):
         return dict(compile)
-    raise PruningConfigError(f"compile must be False, True or a dict with keys among {_ENGINE_OPTIONS}, "
-                             f"got {compile!r}")
+    raise PruningConfigError(f"compile must be False, True or a dict with keys among {allowed}, got {compile!r}")
 
 
 __all__ = [

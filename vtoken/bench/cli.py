@@ -62,6 +62,18 @@ def _ints(s):
     return [int(x) for x in s.split(",") if x]
 
 
+def _caches(s):
+    """``--users-caches``: names among dynamic, static and the compile routes (a typo would
+    otherwise time the dynamic cache under another name)."""
+    from vtoken.bench.user_path import CACHES
+
+    names = [x for x in s.split(",") if x]
+    bad = [x for x in names if x not in CACHES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown cache(s) {', '.join(bad)}; choose from {', '.join(CACHES)}")
+    return names
+
+
 def _keep(s):
     """A budget: an integer is a token count, anything else a fraction."""
     try:
@@ -116,7 +128,8 @@ def build_parser():
     p.add_argument("--users-qwen-visual", type=int, default=1024, help="users suite: Qwen visual tokens per image")
     p.add_argument("--users-methods", default="unpruned,fastv,divprune,visionzip", type=lambda s: s.split(","),
                    help="users suite: methods (unpruned = no handle; Qwen rows skip visionzip)")
-    p.add_argument("--users-caches", default="dynamic,static", type=lambda s: s.split(","))
+    p.add_argument("--users-caches", default="dynamic,static", type=_caches,
+                   help="users suite: dynamic, static (transformers), compile, compile-fused (apply_pruning(compile=...))")
     p.add_argument("--maxbatch-new-tokens", type=int, default=64)
     p.add_argument("--maxbatch-cap-gib", type=float, default=60.0)
     p.add_argument("--maxbatch-probes", type=int, default=7, help="probes per method (calibration included)")

@@ -34,6 +34,8 @@ PEAK_FLOPS = 790e12
 METHODS = (None, "fastv", "divprune", "visionzip")
 #: ``--users-caches`` that route ``generate`` through ``apply_pruning(..., compile=...)`` (the static engine)
 _COMPILE_CACHES = {"compile": True, "compile-fused": {"fused_ops": True}}
+#: every ``--users-caches`` name
+CACHES = ("dynamic", "static", *_COMPILE_CACHES)
 
 
 def _repeat(inputs: dict, batch: int) -> dict:
