@@ -210,6 +210,34 @@ def test_oracle_feed_is_the_model_on_the_kept_tokens():
     torch.testing.assert_close(got, want)
 
 
+def test_oracle_feed_ragged_counts_mask_the_padding_slots():
+    """Adaptive methods keep different counts per sample: the handle pads with -1. The oracle feeds
+    the same padded layout with those slots masked, so each sample's kept tokens give what the
+    language model gives on that sample's kept tokens alone."""
+    model, inputs = _tiny_llava()
+    lm = model.model.language_model
+    N = inputs["input_ids"].shape[1]
+    seen, outs = {}, {}
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+    h.remove()
+    g = torch.Generator().manual_seed(2)
+    keep = [41, 30]
+    rows = [torch.sort(torch.randperm(N, generator=g)[:k]).values for k in keep]
+    idx = torch.stack([torch.cat([r, torch.full((max(keep) - len(r),), -1)]) for r in rows])
+    h = lm.register_forward_hook(lambda m, a, o: outs.update(h=o.last_hidden_state))
+    with torch.no_grad(), OracleFeed(lm, idx, N) as feed:
+        model(**inputs, logits_to_keep=1)
+    h.remove()
+    assert feed.fed == [max(keep)]
+    for b, r in enumerate(rows):
+        e = seen["embeds"][b:b + 1, r]
+        with torch.no_grad():
+            want = lm(inputs_embeds=e, position_ids=r[None]).last_hidden_state[0]
+        torch.testing.assert_close(outs["h"][b, :len(r)], want, rtol=1e-4, atol=1e-4)
+
+
 def test_llmc_rerun_scores_are_attention_rows():
     from vtoken.bench.peers import LayerRerun
 

@@ -294,12 +294,16 @@ class OracleFeed(HookOwner):
 
     Works as a forward pre-hook on the language model; only the call that carries the full prompt
     (``n_full`` tokens) is touched.
+
+    Ragged kept counts (adaptive methods, e.g. ``mustdrop``, in a batch): ``index`` slots of -1 are
+    padding, as in the handle's stats; they are fed as masked slots (attention mask 0), so the
+    oracle runs the same padded (B, M) layout the pruned run does and each sample attends only to
+    its own kept tokens.
     """
 
     def __init__(self, language_model, index: torch.Tensor, n_full: int):
-        if bool((index < 0).any()):
-            raise ValueError("the oracle needs equal kept counts across the batch (no padding slots)")
-        self.index = index
+        self.pad = index < 0
+        self.index = index.clamp_min(0)
         self.n_full = n_full
         self.fed = []  # tokens the language model received, per call
         self._h = language_model.register_forward_pre_hook(self._pre, with_kwargs=True)
@@ -309,7 +313,7 @@ class OracleFeed(HookOwner):
         if args or emb is None or emb.shape[1] != self.n_full:
             return None
         if self.index.device != emb.device:
-            self.index = self.index.to(emb.device)
+            self.index, self.pad = self.index.to(emb.device), self.pad.to(emb.device)
         idx = self.index
         B, M = idx.shape
         if emb.shape[0] != B:
@@ -331,6 +335,14 @@ class OracleFeed(HookOwner):
                                  f"of shape {tuple(value.shape)}")
         if out.get("position_ids") is None:  # 1-D RoPE models: the kept tokens' ORIGINAL positions
             out["position_ids"] = idx
+        if bool(self.pad.any()):
+            mask = out.get("attention_mask")
+            if mask is None:
+                mask = torch.ones(B, M, dtype=torch.long, device=emb.device)
+            elif mask.dim() != 2:
+                raise ValueError("the oracle feeds ragged kept counts through a 2-D attention mask; "
+                                 f"the model got one of shape {tuple(mask.shape)}")
+            out["attention_mask"] = mask.masked_fill(self.pad, 0)
         self.fed.append(M)
         return (), out
 

@@ -138,14 +138,14 @@ def main(argv=None) -> int:
         else:
             rows += measure_static(model, inputs, methods, keep, args.new_tokens, args.repeats,
                                    fused_ops=args.engine == "static-fused")
+        if args.out:  # after every batch size: a run cut by a time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
     print("| engine | batch | method | keep | KV MB | KV read MB | decode ms/token | peak GB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.get('engine', 'generate')} | {r['batch']} | {r['method']} | {r['keep'] or '-'} | {r['kv_mb']} | "
               f"{r.get('kv_read_mb', '-')} | {r['decode_ms_per_token']} | "
               f"{r['peak_mem_gb'] if r['peak_mem_gb'] is not None else '-'} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
     return 0
 
 
