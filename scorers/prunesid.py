@@ -38,30 +38,56 @@ def _components(x: torch.Tensor, groups: torch.Tensor, width: int) -> torch.Tens
     return load.masked_fill(~live, -1.0).argmax(dim=1)  # first maximum: the lower component
 
 
-def _nms(sim: torch.Tensor, rank: torch.Tensor, order: torch.Tensor, group: torch.Tensor, alive: torch.Tensor,
-         groups: int, threshold: torch.Tensor, rounds: int) -> torch.Tensor:
-    """Per-group NMS, all groups of all segments at once: each round every group keeps its
-    highest-ranked live token and removes the live tokens of that group more similar to it than
-    the segment's ``threshold``. sim (B, c, c), rank / order / group (B, c) long, alive (B, c)
-    bool, threshold (B,) -> (B, c) bool survivors. A fixed number of rounds (``rounds``, at least
-    the largest group's size: a group loses at least one live token per round), each a few
-    tensor ops; a round after every group is empty changes nothing. No host sync."""
-    B, c = rank.shape
-    dev = rank.device
-    alive = alive.clone()
-    survivor = torch.zeros((B, c), dtype=torch.bool, device=dev)
-    thr = threshold.view(B, 1, 1)
-    for _ in range(rounds):
-        key = torch.where(alive, rank, torch.full_like(rank, c))
-        best = torch.full((B, groups), c, dtype=rank.dtype, device=dev).scatter_reduce(1, group, key, "amin")
-        valid = best < c  # (B, G): the group still has a live token
-        picks = order.gather(1, best.clamp(max=c - 1))  # (B, G) token of each group's best
-        new = torch.zeros((B, c), dtype=torch.long, device=dev).scatter_add_(1, picks, valid.long()) > 0
-        survivor |= new
-        alive &= ~new
-        rows = sim.gather(1, picks.unsqueeze(-1).expand(B, groups, c))  # (B, G, c)
-        same = group.unsqueeze(1) == group.gather(1, picks).unsqueeze(2)  # (B, G, c)
-        alive &= ~((rows > thr) & same & valid.unsqueeze(2)).any(dim=1)
+def _suppression(sim: torch.Tensor, rank: torch.Tensor, group: torch.Tensor, alive: torch.Tensor,
+                 threshold: torch.Tensor) -> torch.Tensor:
+    """NMS edges: (B, c, c) float32, entry [b, i, j] = 1 where token i, if it survives, removes
+    token j: i is a candidate, both are in the same group, i ranks above j and sim[b, i, j] exceeds
+    the segment's threshold (the row of the kept token, as the released loop reads it)."""
+    S = (sim > threshold.view(-1, 1, 1)) & (group.unsqueeze(2) == group.unsqueeze(1))
+    S &= rank.unsqueeze(2) < rank.unsqueeze(1)
+    S &= alive.unsqueeze(2)
+    return S.float()
+
+
+def _nms_step(alive: torch.Tensor, edges: torch.Tensor, survivor: torch.Tensor) -> torch.Tensor:
+    """One Jacobi step of the NMS equations survivor_j = alive_j and no survivor i removes j:
+    (B, c) bool -> (B, c) bool (one batched matmul; 0/1 counts are exact in float32 and TF32)."""
+    removed = torch.bmm(survivor.float().unsqueeze(1), edges).squeeze(1) > 0
+    return alive & ~removed
+
+
+_NMS_STEPS = 8  # Jacobi steps before the convergence check (enough for the chains seen in practice)
+
+
+def _nms(sim: torch.Tensor, rank: torch.Tensor, group: torch.Tensor, alive: torch.Tensor,
+         threshold: torch.Tensor, rounds: int) -> tuple:
+    """Per-group greedy NMS of all groups of all segments at once (the released loop: each group
+    keeps its highest-ranked live token and removes the live tokens of that group more similar to
+    it than the segment's ``threshold``, repeatedly). sim (B, c, c), rank / group (B, c) long,
+    alive (B, c) bool (the candidates), threshold (B,), rounds = the largest group's size (a host
+    int) -> (survivors (B, c) bool, "converged" (B,) bool on the device, the edges for
+    :func:`_nms_finish`).
+
+    The greedy result is the unique solution of survivor_j = alive_j and no survivor ranked above
+    j in its group is more similar to j than the threshold (the edges form a DAG in rank order).
+    Jacobi iteration from survivor = alive reaches it: after t steps every token whose longest
+    chain of edges has fewer than t links is final, and a chain stays inside one group, so
+    ``rounds`` steps always suffice. The first ``_NMS_STEPS`` steps run unconditionally; the
+    caller reads the flag (one more step changes nothing) with its next host transfer and calls
+    :func:`_nms_finish` only when it is False. No host sync here."""
+    edges = _suppression(sim, rank, group, alive, threshold)
+    survivor = alive
+    for _ in range(min(_NMS_STEPS, rounds)):
+        survivor = _nms_step(alive, edges, survivor)
+    if rounds <= _NMS_STEPS:
+        return survivor, torch.ones(alive.shape[0], dtype=torch.bool, device=alive.device), edges
+    return survivor, (_nms_step(alive, edges, survivor) == survivor).all(dim=1), edges
+
+
+def _nms_finish(alive: torch.Tensor, edges: torch.Tensor, survivor: torch.Tensor, rounds: int) -> torch.Tensor:
+    """The remaining Jacobi steps, up to ``rounds`` in all (see :func:`_nms`)."""
+    for _ in range(rounds - _NMS_STEPS):
+        survivor = _nms_step(alive, edges, survivor)
     return survivor
 
 
@@ -118,8 +144,15 @@ def prunesid_batch(x: torch.Tensor, attn: torch.Tensor, budgets, tokens_per_comp
     counts = torch.zeros((B, G), dtype=torch.long, device=dev).scatter_add_(1, group, ones)
     size = counts.tolist()  # host sync 1
     rounds = max(max(row) for row in size)
-    survivor = _nms(sim, rank, order, group, a > 0, G, threshold, rounds)
-    nms = torch.zeros((B, G), dtype=torch.long, device=dev).scatter_add_(1, group, survivor.long()).tolist()  # sync 2
+    alive = a > 0
+    survivor, converged, edges = _nms(sim, rank, group, alive, threshold, rounds)
+    nms_t = torch.zeros((B, G + 1), dtype=torch.long, device=dev)
+    nms_t[:, :G].scatter_add_(1, group, survivor.long())
+    nms_t[:, G] = converged.long()
+    nms = nms_t.tolist()  # sync 2: survivors per group, and whether the NMS had converged
+    if not all(row[G] for row in nms):  # a chain longer than _NMS_STEPS: finish (one more sync)
+        survivor = _nms_finish(alive, edges, survivor, rounds)
+        nms = torch.zeros((B, G), dtype=torch.long, device=dev).scatter_add_(1, group, survivor.long()).tolist()
     alloc = torch.tensor([_allocate(size[b][: ng[b]], nms[b][: ng[b]], T[b], cap) + [0] * (G - ng[b])
                           for b in range(B)], dtype=torch.long, device=dev)
     # inside a group: survivors in NMS order (= decreasing attention), then the others by attention

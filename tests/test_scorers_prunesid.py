@@ -274,3 +274,73 @@ def test_prunesid_batched_equal_sizes_and_scattered_padding_equal_released_rule(
         got = sorted(int(sig.index[s, j]) for j in by_token if sel.keep[s, j])
         assert got == reference_prunesid(x.numpy(), a.tolist(), budgets[s]), s
     assert not (sel.keep & ~sig.mask).any()
+
+
+def _greedy_nms(sim, rank, group, alive, thr):
+    """Per-group greedy NMS as the released loop runs it, one segment: tokens in rank order, a
+    live candidate survives and removes the later tokens of its group above the threshold."""
+    c = len(rank)
+    gone, out = set(), []
+    for i in sorted(range(c), key=lambda i: rank[i]):
+        if i in gone or not alive[i]:
+            continue
+        out.append(i)
+        gone |= {j for j in range(c) if group[j] == group[i] and sim[i][j] > thr}
+    return sorted(out)
+
+
+@pytest.mark.parametrize("steps", [1, 8])
+def test_prunesid_nms_equals_the_greedy_loop_on_long_chains(steps, monkeypatch):
+    """The batched NMS (Jacobi steps on the suppression edges) keeps what the sequential greedy
+    loop keeps: on a chain where each token removes only the next (every other token survives:
+    the longest dependency chain, 30 links, past the unconditional steps) and on random similarity
+    matrices with ragged groups, with the unconditional steps cut to 1 so the finishing path runs."""
+    from vtoken.scorers import prunesid as P
+
+    monkeypatch.setattr(P, "_NMS_STEPS", steps)
+    g = torch.Generator().manual_seed(0)
+    B, c = 4, 31
+    sims, groups, alives = [], [], []
+    chain = torch.zeros(c, c, dtype=torch.float64)
+    chain[torch.arange(c - 1), torch.arange(1, c)] = 1.0
+    sims.append(chain), groups.append(torch.zeros(c, dtype=torch.long)), alives.append(torch.ones(c, dtype=torch.bool))
+    for _ in range(B - 1):
+        sims.append(torch.rand(c, c, generator=g, dtype=torch.float64))
+        groups.append(torch.randint(0, 3, (c,), generator=g))
+        alives.append(torch.rand(c, generator=g) > 0.1)
+    sim, group, alive = torch.stack(sims), torch.stack(groups), torch.stack(alives)
+    rank = torch.stack([torch.arange(c)] + [torch.randperm(c, generator=g) for _ in range(B - 1)])
+    thr = torch.tensor([0.5, 0.7, 0.8, 0.9], dtype=torch.float64)
+    rounds = max(int(torch.bincount(row).max()) for row in group)
+    survivor, converged, edges = P._nms(sim, rank, group, alive, thr, rounds)
+    if not bool(converged.all()):
+        survivor = P._nms_finish(alive, edges, survivor, rounds)
+    assert not bool(converged[0])  # the chain needs more than `steps` steps
+    for b in range(B):
+        want = _greedy_nms(sim[b].tolist(), rank[b].tolist(), group[b].tolist(), alive[b].tolist(), float(thr[b]))
+        assert survivor[b].nonzero().flatten().tolist() == want, b
+    assert survivor[0].nonzero().flatten().tolist() == list(range(0, c, 2))
+
+
+def test_prunesid_ops_do_not_grow_with_nms_rounds():
+    """One group of 200 tokens (up to 200 greedy rounds) costs the same number of tensor ops as
+    many small groups: the NMS runs a fixed number of batched steps, not one loop per round."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vtoken.scorers.prunesid import prunesid_batch
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.n += 1
+            return func(*args, **(kwargs or {}))
+
+    x, a = clustered(200, 16, seed=3, centres=4, offset=0.4)
+    counts = []
+    for budget in (3, 150):  # int(T / 4) groups: 1 group (rounds = 200) or 16 groups (far fewer)
+        Ops.n = 0
+        with Ops():
+            prunesid_batch(x[None], a[None], [budget])
+        counts.append(Ops.n)
+    assert counts[0] <= counts[1] + 20, counts
