@@ -163,19 +163,31 @@ def gtc_input_maps(attn_text: torch.Tensor, text_rows: torch.Tensor, mask: torch
 
 def gtc_scores(maps: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, grid, mapper: GTCMapper) -> torch.Tensor:
     """Predicted relevance (S, n): each segment's (H, n) maps scattered onto its token grid (by the
-    candidates' ORIGINAL ``index``; a segment without a grid is one row of n tokens; each frame of a
-    video is its own map), run through ``mapper``, read back at the candidates. -inf on padding."""
+    candidates' ORIGINAL ``index``; a segment without a grid is one row of ``max(index) + 1``
+    tokens; each frame of a video is its own map), run through ``mapper``, read back at the
+    candidates. -inf on padding. Segments on the same grid go through the mapper together (one
+    call per distinct grid; the mapper is convolutional, each map on its own); one host sync in
+    all for the row widths of the segments without a grid, none otherwise."""
     S, H, n = maps.shape
-    out = torch.full((S, n), float("-inf"), dtype=torch.float32, device=maps.device)
-    dtype = next(_on_device(mapper, maps.device).parameters()).dtype
+    dev = maps.device
+    out = torch.full((S, n), float("-inf"), dtype=torch.float32, device=dev)
+    dtype = next(_on_device(mapper, dev).parameters()).dtype
+    has = [grid is not None and grid[s] is not None for s in range(S)]
+    rowless = [s for s in range(S) if not has[s]]
+    width = dict(zip(rowless, (index[rowless].amax(dim=1) + 1).tolist())) if rowless else {}  # the one sync
+    by_grid = {}
     for s in range(S):
-        t, h, w = grid[s] if grid is not None and grid[s] is not None else (1, 1, int(index[s].max()) + 1)
-        canvas = maps.new_zeros(H, t * h * w)
-        real = mask[s]
-        idx = index[s][real]
-        canvas[:, idx] = maps[s][:, real]
-        pred = mapper(canvas.view(H, t, h, w).transpose(0, 1).to(dtype)).reshape(-1)
-        out[s, real] = pred[idx].float()
+        by_grid.setdefault(tuple(int(v) for v in grid[s]) if has[s] else (1, 1, int(width[s])), []).append(s)
+    for (t, h, w), segs in by_grid.items():
+        rows = torch.tensor(segs, device=dev)
+        real = mask[rows]  # (G, n)
+        idx = torch.where(real, index[rows], 0).long()  # padding reads and writes slot 0, with zeros
+        vals = torch.where(real.unsqueeze(1), maps[rows], 0)  # (G, H, n)
+        G = len(segs)
+        canvas = maps.new_zeros(G, H, t * h * w).scatter_add_(2, idx.unsqueeze(1).expand(G, H, n), vals)
+        frames = canvas.view(G, H, t, h, w).transpose(1, 2).reshape(G * t, H, h, w)
+        pred = mapper(frames.to(dtype)).reshape(G, t * h * w)
+        out[rows] = torch.where(real, pred.gather(1, idx).float(), float("-inf"))
     return out
 
 

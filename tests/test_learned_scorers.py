@@ -268,3 +268,48 @@ def test_learned_weights_follow_the_signals_device():
     mapper = GTCMapper(heads=2, width=4)
     assert _on_device(mapper, torch.device("meta")) is mapper
     assert all(p.device.type == "meta" for p in mapper.parameters())
+
+
+def _gtc_scores_per_segment(maps, mask, index, grid, mapper):
+    """The per-segment loop gtc_scores replaced (session 11), kept as the reference: one mapper call
+    and (without a grid) one host read per segment."""
+    S, H, n = maps.shape
+    out = torch.full((S, n), float("-inf"))
+    for s in range(S):
+        t, h, w = grid[s] if grid is not None and grid[s] is not None else (1, 1, int(index[s].max()) + 1)
+        canvas = maps.new_zeros(H, t * h * w)
+        real = mask[s]
+        idx = index[s][real]
+        canvas[:, idx] = maps[s][:, real]
+        pred = mapper(canvas.view(H, t, h, w).transpose(0, 1)).reshape(-1)
+        out[s, real] = pred[idx].float()
+    return out
+
+
+def test_gtc_scores_batched_by_grid_equal_the_per_segment_loop():
+    """Segments on mixed grids (two on the same image grid, a 2-frame video, rows without a grid)
+    with scattered candidates and padding: the batched scores equal the loop's, at most one host
+    sync (the gridless rows' widths), and none when every segment has a grid."""
+    from conftest import count_syncs
+    from vtoken.scorers.learned import gtc_scores
+
+    torch.manual_seed(0)
+    mapper = GTCMapper(heads=3, width=5).eval()
+    grids = [(1, 3, 4), (2, 2, 3), (1, 3, 4), None, None]
+    S, H, n = len(grids), 3, 12
+    maps = torch.rand(S, H, n)
+    mask = torch.zeros(S, n, dtype=torch.bool)
+    index = torch.zeros(S, n, dtype=torch.long)
+    for s, (g, k) in enumerate(zip(grids, [12, 9, 5, 7, 10])):
+        cells = 12 if g is None else g[0] * g[1] * g[2]
+        slots = torch.randperm(n)[:k]
+        mask[s, slots] = True
+        index[s, slots] = torch.sort(torch.randperm(cells if g else 15)[:k]).values
+    with torch.no_grad():
+        want = _gtc_scores_per_segment(maps, mask, index, grids, mapper)
+        got = gtc_scores(maps, mask, index, grids, mapper)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert count_syncs(lambda: gtc_scores(maps, mask, index, grids, mapper)) <= 1
+        gridded = [0, 1, 2]
+        assert count_syncs(lambda: gtc_scores(maps[gridded], mask[gridded], index[gridded],
+                                              [grids[s] for s in gridded], mapper)) == 0
