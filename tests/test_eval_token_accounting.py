@@ -184,6 +184,22 @@ def test_budget_check_rules():
     assert budget_check(None, [rec]) is None  # the upper bound has no budget
 
 
+def test_decode_time_plans_are_named_not_unverified():
+    """A decode-time plan (no prefill stage: a2sf, lookm, lazyllm, zipvl_kv) records no kept counts;
+    the table says what the row is instead of "budget unverified"; a prefill method without counts
+    stays unverified."""
+    from vtoken.eval.accounting import budget_message, decode_only
+
+    chk = {"ok": None, "unknown": 300, "questions": 300, "count": "final"}
+    row = {"label": "a2sf", "method": "a2sf", "kept_tokens": None, "budget_check": chk}
+    assert decode_only(row)
+    assert "decode-time plan" in budget_message(row, "Retain 64 tokens")
+    other = dict(row, label="FastV", method="fastv")
+    assert not decode_only(other)
+    assert budget_message(other, "Retain 64 tokens").endswith("unverified.")
+    assert not decode_only(dict(row, method="mustdrop_kv", kept_tokens=64.0))  # has prefill counts
+
+
 class UnderBudget(FakeBackend):
     """Keeps a quarter of its budget after the last of three stages (like SparseVLM's tables)."""
 

@@ -23,7 +23,7 @@ from vtoken.eval.records import keep_key
 from vtoken.plan import tokens_for
 
 __all__ = ["EQUIV_TOLERANCE", "COUNT_FIELD", "budget_target", "budget_check", "token_accounting", "tokens_text",
-           "stages_text", "budget_message"]
+           "stages_text", "budget_message", "decode_only"]
 
 
 #: how far a row's layer-averaged tokens may lie from its block's N in an "equivalent" table:
@@ -116,11 +116,29 @@ def stages_text(row: dict) -> str:
     return " → ".join(f"L{layer}:{tokens_text(k)}" for layer, k in zip(row["stage_layers"], row["kept_per_stage"]))
 
 
+def decode_only(row: dict) -> bool:
+    """A row of a plan with decode-time stages and no prefill stage (``a2sf``, ``lookm``,
+    ``lazyllm``, ``zipvl_kv``): no prefill kept counts exist to check against the budget."""
+    if row.get("kept_tokens") is not None or row.get("method") in (None, "none"):
+        return False
+    from vtoken.methods import method_spec
+
+    try:
+        return method_spec(row["method"]).family == "decode"
+    except Exception:  # an unregistered name in an old results file
+        return False
+
+
 def budget_message(row: dict, block: str) -> Optional[str]:
     """A sentence for a row that does not (or cannot be shown to) keep its block's budget."""
     chk = row.get("budget_check")
     if not chk or chk["ok"]:
         return None
+    if chk["ok"] is None and decode_only(row):
+        return (f"{row['label']} in \"{block}\" is a decode-time plan: the prefill keeps every visual token "
+                "and its stages evict or compress KV entries from the first decode step on, so the first "
+                "generated token (from the prefill) is the unpruned model's and short answers barely "
+                "move; the row measures what the eviction changes in the later tokens only.")
     if chk["ok"] is None:
         return (f"{row['label']} in \"{block}\": visual-token counts not recorded for {chk['unknown']} of "
                 f"{chk['questions']} question(s); its budget is unverified.")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from vtoken.eval.accounting import (EQUIV_TOLERANCE, budget_check, budget_message, budget_target,
+from vtoken.eval.accounting import (EQUIV_TOLERANCE, budget_check, budget_message, budget_target, decode_only,
                                     stages_text, token_accounting, tokens_text)
 from vtoken.eval.config import config_dict
 from vtoken.eval.plot import plot_retained
@@ -221,7 +221,7 @@ def _render(rows, datasets, upper_tokens, on_gpu: bool, count: str = "final"):
             i = 0 if chk["count"] == "final" else 1
             tok_cells[i] = f"{tok_cells[i]} ≠ {tokens_text(chk['target'])}"
         elif chk and chk["ok"] is None:
-            label += " (?)"
+            label += " (decode)" if decode_only(row) else " (?)"
         eff_cells = [_num(e["prefill_ms"]), _num(e["decode_ms_per_token"], 2), _num(e["peak_mem_mib"], 0),
                      _num(e["kv_cache_mib_per_sample"], 2)] if on_gpu else []
         cells = [label, *[_cell(metric_of[n], row, n) for n in names], _avg_cell(row),
@@ -325,7 +325,8 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
     for row in rows:
         if row.get("failed"):
             notes.append(f"{row['label']} at keep={row['keep']} could not run: {row['failed']}")
-    notes += [f"⚠ {m}" if not m.endswith("unverified.") else f"(?) {m}" for m in mismatches]
+    notes += [f"(?) {m}" if m.endswith("unverified.") else f"(decode) {m}" if " is a decode-time plan" in m
+              else f"⚠ {m}" for m in mismatches]
     failed = [d for d in data_info if d["malformed_records"] or d["failed_questions"]]
     if failed:
         notes.append("Skipped: " + "; ".join(
