@@ -334,3 +334,24 @@ def test_a_stale_done_marker_does_not_let_rank_0_merge_an_unfinished_shard(tmp_p
     preds = read_jsonl(out / "predictions.jsonl")
     n_questions = sum(len(ds.samples) for ds in make_datasets(tmp_path))
     assert len(preds) == n_questions * (1 + 2 * 2)  # unpruned + 2 methods x 2 budgets, both shards
+
+
+def test_batch_jobs_log_where_their_time_goes(tmp_path, capsys):
+    """A --no-progress run (the GPU scripts' shards) logs one line per (method, budget) with its
+    batches, wall time and timed generation (each FakeBackend batch times 12 ms), then the totals;
+    a run with a progress bar logs none of it."""
+    import re
+
+    datasets = make_datasets(tmp_path)
+    run_eval(config(tmp_path), backend=FakeBackend(), datasets=datasets)
+    err = capsys.readouterr().err
+    lines = re.findall(r"\[rank 0\] (\S+)@(\S+): (\d+) batch\(es\), ([\d.]+) s wall, ([\d.]+) s timed", err)
+    # none@full once, then fastv and random at 192, then at 64; SetA (11, one unreadable), SetB (8), PopeSet
+    # (10) in batches of 4: 3 + 2 + 3 batches per configuration
+    assert [(m, k) for m, k, *_ in lines] == [("none", "full"), ("fastv", "192"), ("random", "192"),
+                                              ("fastv", "64"), ("random", "64")]
+    assert all(int(b) == 8 for _, _, b, _, _ in lines)
+    assert all(float(t) == pytest.approx(8 * 0.012, abs=0.006) for *_, t in lines)
+    assert re.search(r"\[rank 0\] batches: [\d.]+ s wall, 0\.4[78] s timed generation; [\d.]+ s since the process", err)
+    run_eval(config(tmp_path, "quiet", progress=True), backend=FakeBackend(), datasets=datasets)
+    assert "[rank 0]" not in capsys.readouterr().err

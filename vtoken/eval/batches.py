@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from vtoken.eval import metrics
@@ -80,6 +81,7 @@ def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, 
                    desc=f"eval[{rank}/{world}]" if world > 1 else "eval", position=rank if world > 1 else None)
     state = {"ctx": None, "current": None, "backend": None, "device_name": None, "consecutive": 0}
     failed: dict = {}
+    phases = _PhaseLog(rank, enabled=not config.progress)
 
     def leave(exc_info=(None, None, None)):
         if state["ctx"] is not None:
@@ -110,6 +112,7 @@ def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, 
                 continue
             if bar is not None:
                 bar.set_postfix_str(f"{method}@{kk} {ds.name}", refresh=False)
+            phases.start(method, kk)
             try:
                 recs, timing = _run_batch(enter, state, method, keep, kk, ds, idx)
             except ConfigFailed as exc:
@@ -118,6 +121,7 @@ def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, 
                 log_message(f"vtoken eval: {method} keep={kk} skipped: {exc}")
                 recs, timing = [], None
             preds_f.write(recs)
+            phases.add(timing)
             if timing:
                 times_f.write([dict(timing, method=method, keep=kk, dataset=ds.name, batch=batch_no, rank=rank,
                                     device_name=state["device_name"])])
@@ -131,8 +135,62 @@ def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, 
         times_f.close()
         if bar is not None:
             bar.close()
+        phases.finish()
     leave()
     return failed
+
+
+class _PhaseLog:
+    """Where a batch job's time goes (``--no-progress`` runs: the GPU scripts' shards), one log line
+    per (method, budget): its batches, wall seconds (attach, warm-up pass, generation, scoring; the
+    first one also loads the model) and the timed generation's share; at the end the totals
+    against the time since the process started (imports, data loading)."""
+
+    def __init__(self, rank: int, enabled: bool):
+        self.rank, self.enabled = rank, enabled
+        self.t0 = time.perf_counter()
+        self.key, self.since, self.batches, self.timed = None, None, 0, 0.0
+        self.total_wall = self.total_timed = 0.0
+
+    def start(self, method, kk):
+        if (method, kk) != self.key:
+            self._flush()
+            self.key, self.since, self.batches, self.timed = (method, kk), time.perf_counter(), 0, 0.0
+
+    def add(self, timing):
+        self.batches += 1
+        self.timed += (timing or {}).get("wall_ms", 0.0) / 1e3
+
+    def _flush(self):
+        if self.key is None:
+            return
+        wall = time.perf_counter() - self.since
+        self.total_wall += wall
+        self.total_timed += self.timed
+        if self.enabled:
+            log_message(f"vtoken eval [rank {self.rank}] {self.key[0]}@{self.key[1]}: {self.batches} batch(es), "
+                        f"{wall:.2f} s wall, {self.timed:.2f} s timed generation")
+
+    def finish(self):
+        self._flush()
+        self.key = None
+        if self.enabled:
+            since_start = _process_age()
+            log_message(f"vtoken eval [rank {self.rank}] batches: {self.total_wall:.2f} s wall, {self.total_timed:.2f} s "
+                        f"timed generation; {since_start:.1f} s since the process started")
+
+
+_IMPORTED = time.perf_counter()
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere: since this module's import)."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED
 
 
 def _run_batch(enter, state, method, keep, kk, ds: EvalDataset, idx: list):
