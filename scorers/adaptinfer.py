@@ -93,23 +93,39 @@ ADAPTINFER_TABLES = {128: (290, 72, 18), 64: (133, 27, 3), 48: (80, 24, 2), 32: 
 ADAPTINFER_REFERENCE_TOKENS = 576
 
 
-def adaptinfer_budgets(keep) -> tuple:
-    """Per-stage budgets of the AdaptInfer preset: the table of the nominal budget nearest ``keep``
-    (a float is a fraction of 576; ties go to the larger table) scaled by keep / nominal, each at
-    least 1 token (fraction 1e-6) and never growing from stage to stage. keep=64 gives (133, 27, 3);
+def adaptinfer_budgets(keep, budget: str = "equivalent") -> tuple:
+    """Per-stage budgets of the AdaptInfer preset for ``keep``.
+
+    ``budget="equivalent"`` (default, the released code's convention): ``keep`` is the nominal
+    budget; the table of the nominal budget nearest ``keep`` (a float is a fraction of 576; ties
+    go to the larger table) is scaled by keep / nominal. keep=64 gives (133, 27, 3).
+    ``budget="final"``: the table whose last stage is nearest ``keep`` (tables ending at 0
+    excluded) is scaled so that the LAST stage keeps exactly ``keep`` (``vtoken eval``'s "Retain
+    N" blocks count final tokens; SparseVLM's preset has the same option).
+    Each stage keeps at least 1 token (fraction 1e-6) and never more than the stage before;
     keep=1.0 keeps every token at every stage (no pruning).
     """
     keep = validate_budget(keep)
+    if budget not in ("equivalent", "final"):
+        raise PruningConfigError(f"adaptinfer budget must be 'equivalent' or 'final'; got {budget!r}")
     if isinstance(keep, float) and keep == 1.0:  # keep everything at every stage
         return (1.0,) * len(next(iter(ADAPTINFER_TABLES.values())))
     ref = ADAPTINFER_REFERENCE_TOKENS
     as_tokens = keep if isinstance(keep, int) else keep * ref
-    nominal = min(ADAPTINFER_TABLES, key=lambda k: (abs(k - as_tokens), -k))
-    raw = [x * as_tokens / nominal for x in ADAPTINFER_TABLES[nominal]]
+    if budget == "equivalent":
+        nominal = min(ADAPTINFER_TABLES, key=lambda k: (abs(k - as_tokens), -k))
+        factor = as_tokens / nominal
+    else:
+        tables = [k for k in ADAPTINFER_TABLES if ADAPTINFER_TABLES[k][-1] > 0]
+        nominal = min(tables, key=lambda k: (abs(ADAPTINFER_TABLES[k][-1] - as_tokens), -k))
+        factor = as_tokens / ADAPTINFER_TABLES[nominal][-1]
+    raw = [x * factor for x in ADAPTINFER_TABLES[nominal]]
     if isinstance(keep, int):
         out = [max(1, int(round(x))) for x in raw]
     else:
         out = [min(1.0, max(1e-6, x / ref)) for x in raw]
+    if budget == "final":
+        out[-1] = keep
     for i in range(1, len(out)):
         out[i] = min(out[i], out[i - 1])
     return tuple(out)
@@ -117,12 +133,14 @@ def adaptinfer_budgets(keep) -> tuple:
 
 @register_method(name="adaptinfer", family="attention", paper="Zhang et al. 2025 (arXiv:2508.06084)",
                  released_code="weiczh02/AdaptInfer-base@9dac67c", stages="layers 2, 11, 21",
-                 needs_attention=True, text_guided=True, options=("layers", "rows", "mode"))
-def adaptinfer_plan(keep, layers=(2, 11, 21), rows: str = "after", mode: str = "select"):
+                 needs_attention=True, text_guided=True, options=("layers", "rows", "budget", "mode"))
+def adaptinfer_plan(keep, layers=(2, 11, 21), rows: str = "after", budget: str = "equivalent", mode: str = "select"):
     """AdaptInfer preset: stages at ``layers`` (the released ``pruning_loc`` 1, 10, 20 plus one, see
-    :class:`AdaptInferScorer`) with the budgets of :func:`adaptinfer_budgets`."""
+    :class:`AdaptInferScorer`) with the budgets of :func:`adaptinfer_budgets` (``budget``:
+    ``"equivalent"``, the released table's nominal count, or ``"final"``, the last stage keeps
+    ``keep``)."""
     layers = layer_indices(layers, "adaptinfer layers")
-    budgets = adaptinfer_budgets(keep)
+    budgets = adaptinfer_budgets(keep, budget)
     if len(layers) != len(budgets):
         raise PruningConfigError(f"adaptinfer has {len(budgets)} stages; got layers={layers}")
     scorer = AdaptInferScorer(rows=rows)

@@ -179,14 +179,21 @@ class VScanScorer(Scorer):
                          merge_into=merge_into.to(dev))
 
 
-def vscan_budgets(keep, scale=(1.5, 0.5)) -> tuple:
-    """(encoder-stage, middle-stage) budgets of the VScan preset from the layer-averaged ``keep``:
-    keep=64 gives the released 96 and 32; a fraction gives ``min(1, 1.5 * keep)`` and
-    ``0.5 * keep``."""
+def vscan_budgets(keep, scale=(1.5, 0.5), budget: str = "equivalent") -> tuple:
+    """(encoder-stage, middle-stage) budgets of the VScan preset. ``budget="equivalent"`` (the
+    released settings' convention): ``keep`` is layer-averaged, keep=64 gives the released 96 and
+    32; a fraction gives ``min(1, 1.5 * keep)`` and ``0.5 * keep``. ``budget="final"``: the middle
+    stage keeps exactly ``keep`` and the encoder stage ``scale[0] / scale[1]`` times as many (the
+    same 3 : 1 ratio; ``vtoken eval``'s "Retain N" blocks count final tokens)."""
     keep = validate_budget(keep)
+    if budget not in ("equivalent", "final"):
+        raise PruningConfigError(f"vscan budget must be 'equivalent' or 'final'; got {budget!r}")
     a, b = (float(x) for x in scale)
     if not (a > 0 and b > 0 and b <= a):
         raise PruningConfigError(f"vscan scale must be two positive factors, the second <= the first; got {scale!r}")
+    if budget == "final":
+        first = max(1, int(round(keep * a / b))) if isinstance(keep, int) else min(1.0, keep * a / b)
+        return first, keep
     if isinstance(keep, int):
         return max(1, int(round(keep * a))), max(1, int(round(keep * b)))
     return min(1.0, keep * a), min(1.0, keep * b)
@@ -194,18 +201,19 @@ def vscan_budgets(keep, scale=(1.5, 0.5)) -> tuple:
 
 @register_method(name="vscan", family="attention", paper="Zhang et al., TMLR 2026 (arXiv:2505.22654)",
                  stages="layer 0 (global + local scans, merge) and layer 16", needs_attention=True,
-                 text_guided=True, options=("layers", "scale", "local_ratio", "window", "mode"),
+                 text_guided=True, options=("layers", "scale", "budget", "local_ratio", "window", "mode"),
                  released_code="Tencent/SelfEvolvingAgent@5fe6480 (VScan/)")
-def vscan_plan(keep, layers=(16,), scale=(1.5, 0.5), local_ratio: float = 0.5, window: int = 6,
-               mode: str = "merge"):
+def vscan_plan(keep, layers=(16,), scale=(1.5, 0.5), budget: str = "equivalent", local_ratio: float = 0.5,
+               window: int = 6, mode: str = "merge"):
     """VScan preset: the encoder stage (:class:`VScanScorer`, ``mode`` merge) keeping
     ``scale[0] * keep`` tokens, then the last-token-attention stage at ``layers[0]`` (the
     released ``layer_list``: 16 on LLaVA's 32 layers, 14 on Qwen2.5-VL's 28) keeping
-    ``scale[1] * keep`` (see :func:`vscan_budgets`)."""
+    ``scale[1] * keep`` (see :func:`vscan_budgets`; ``budget="final"``: the middle stage keeps
+    ``keep``)."""
     layers = layer_indices(layers, "vscan layers")
     if len(layers) != 1 or layers[0] < 1:
         raise PruningConfigError(f"vscan layers must name one LLM layer >= 1 (the middle stage); got {layers!r}")
-    first, second = vscan_budgets(keep, scale)
+    first, second = vscan_budgets(keep, scale, budget)
     return [Stage(layer=0, scorer=VScanScorer(local_ratio=local_ratio, window=window), keep=first, mode=mode),
             Stage(layer=layers[0], scorer=PyramidDropScorer(), keep=second)]
 

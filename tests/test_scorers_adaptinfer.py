@@ -175,3 +175,22 @@ def test_preset_runs_end_to_end_with_exact_budgets():
             assert len(st.counts[b]) == len(segs)
             if i:
                 assert set(st.kept[b].tolist()) <= set(stats.stages[i - 1].kept[b].tolist())
+
+
+def test_final_budget_count_keeps_n_after_the_last_stage():
+    """``budget="final"`` (what ``vtoken eval``'s "Retain N" blocks ask for, as for SparseVLM): the
+    table whose last stage is nearest N, scaled so that the last stage keeps exactly N; hand-computed
+    from the released tables (128: 290 / 72 / 18, 64: 133 / 27 / 3, 48: 80 / 24 / 2)."""
+    from vtoken.methods import budget_count_options
+
+    assert adaptinfer_budgets(64, "final") == (1031, 256, 64)  # 128 table x 64/18
+    assert adaptinfer_budgets(192, "final") == (3093, 768, 192)  # more than 576: keeps all there
+    assert adaptinfer_budgets(3, "final") == (133, 27, 3)  # the 64 table itself
+    assert adaptinfer_budgets(2, "final") == (80, 24, 2)  # the 48 table; the 32 table (ends at 0) never
+    b = adaptinfer_budgets(64 / 576, "final")
+    assert b[0] == 1.0 and b[2] == 64 / 576 and b[1] == pytest.approx(72 * 64 / 18 / 576)
+    assert budget_count_options("adaptinfer", "final") == {"budget": "final"}
+    plan = build_plan("adaptinfer", 64, budget="final")
+    assert [st.keep for st in plan] == [1031, 256, 64]
+    with pytest.raises(PruningConfigError, match="'equivalent' or 'final'"):
+        adaptinfer_budgets(64, "layer")

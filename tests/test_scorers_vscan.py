@@ -161,6 +161,15 @@ def test_vscan_budgets_and_plan():
     assert vscan_budgets(192) == (288, 96)
     assert vscan_budgets(0.111) == pytest.approx((0.1665, 0.0555))
     assert vscan_budgets(0.9) == (1.0, 0.45)
+    # final count (vtoken eval's "Retain N"): the middle stage keeps N, the encoder 3 N (96 : 32)
+    assert vscan_budgets(64, budget="final") == (192, 64)
+    assert vscan_budgets(192, budget="final") == (576, 192)
+    assert vscan_budgets(0.25, budget="final") == (0.75, 0.25)
+    assert vscan_budgets(0.5, budget="final") == (1.0, 0.5)
+    from vtoken.methods import budget_count_options
+    assert budget_count_options("vscan", "final") == {"budget": "final"}
+    with pytest.raises(PruningConfigError, match="'equivalent' or 'final'"):
+        vscan_budgets(64, budget="mean")
     plan = vtoken.build_plan("vscan", 64)
     assert [(st.layer, st.keep, st.mode) for st in plan] == [(0, 96, "merge"), (16, 32, "select")]
     assert isinstance(plan[0].scorer, VScanScorer) and isinstance(plan[1].scorer, PyramidDropScorer)
