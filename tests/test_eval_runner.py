@@ -355,3 +355,36 @@ def test_batch_jobs_log_where_their_time_goes(tmp_path, capsys):
     assert re.search(r"\[rank 0\] batches: [\d.]+ s wall, 0\.4[78] s timed generation; [\d.]+ s since the process", err)
     run_eval(config(tmp_path, "quiet", progress=True), backend=FakeBackend(), datasets=datasets)
     assert "[rank 0]" not in capsys.readouterr().err
+
+
+def test_no_warmup_skips_the_untimed_pass():
+    """--no-warmup (the sharded GPU tables): no untimed generate before a configuration's first
+    timed batch on a GPU; by default there is one per (method, budget)."""
+    from vtoken.eval.backend import ModelBackend
+    from vtoken.eval.cli import build_parser, config_from_args
+
+    class Timer:
+        input_ids = t_start = kv_bytes = None
+        ends = []
+
+        def reset(self):
+            pass
+
+        def sync(self):
+            pass
+
+    def backend(warmup):
+        b = object.__new__(ModelBackend)
+        calls = []
+        b.model, b.processor, b.max_new_tokens = None, None, 4
+        b.answer_fn = lambda m, p, images, questions, max_new_tokens: calls.append(len(questions)) or ["a"] * len(questions)
+        b.on_gpu, b.cuda_devices, b._timer, b._handle, b._visual_ids = True, [], Timer(), None, None
+        b._config, b._warmed, b.warmup = ("fastv", 64), set(), warmup
+        b.generate([None] * 3, ["q"] * 3)
+        b.generate([None] * 3, ["q"] * 3)
+        return calls
+
+    assert backend(True) == [3, 3, 3]  # one untimed pass, then two timed batches
+    assert backend(False) == [3, 3]
+    assert config_from_args(build_parser().parse_args(["--no-warmup"])).warmup is False
+    assert config_from_args(build_parser().parse_args([])).warmup is True

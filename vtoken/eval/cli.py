@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-budget", action="store_true",
                    help="exit with an error (after writing the report) if a row does not keep its block's budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="no untimed warm-up pass per method and budget on a GPU (the timing columns then "
+                        "include first-call costs; for sharded accuracy runs)")
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     p.add_argument("--shard", default=None, metavar="RANK/WORLD",
                    help="run shard RANK of WORLD without a launcher: start WORLD such processes with the same "
@@ -191,7 +194,8 @@ def config_from_args(args) -> EvalConfig:
     return EvalConfig(model=args.model, data=list(data), methods=methods, keeps=keeps, limit=limit,
                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       out=args.out, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                      progress=not args.no_progress, budget_count=args.budget_count)
+                      progress=not args.no_progress, budget_count=args.budget_count,
+                      warmup=not args.no_warmup)
 
 
 def distributed_context():

@@ -42,6 +42,10 @@ class EvalConfig:
     max_new_tokens: int = 16
     seed: int = 0
     progress: bool = True
+    #: one untimed generate per (method, budget) on a GPU before its timed batches (CUDA context,
+    #: cuBLAS / Triton autotuning); off for runs whose timings are not a measurement (sharded
+    #: GPU tables), where it would add a batch's work to every configuration
+    warmup: bool = True
     #: which visual-token count the "Retain N" blocks of the table mean: "final" = tokens kept
     #: after the last stage, "equivalent" = layer-averaged tokens (docs/DESIGN.md §4). A preset that
     #: can count its budget either way (SparseVLM) runs at N by this count, so it is part of the run's

@@ -175,6 +175,8 @@ def _compute_shard(config, backend, backend_factory, rank, world, datasets, out)
         def get_backend():  # loaded only when a question really needs the model
             if holder["backend"] is None:
                 holder["backend"] = backend_factory()
+            if hasattr(holder["backend"], "warmup"):
+                holder["backend"].warmup = config.warmup
             return holder["backend"]
 
         failed = compute_batches(work, total, get_backend, out, rank, world, config)

@@ -315,6 +315,9 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
         "Avg = mean over data sets of score / unpruned score.",
         ("Efficiency: medians over batches, synchronised GPU timings; prefill = first forward of generate "
          "(vision encoder + LLM prefill) per batch; peak = max allocated; KV = prefill KV cache per question."
+         + ("" if getattr(config, "warmup", True) else
+            " Run with --no-warmup: each method's first batch includes its one-time costs (autotuning, "
+            "first launches).")
          if on_gpu else
          "No timing columns: this run is on the CPU, whose wall times (a shared machine, unsynchronised) say "
          "nothing about speed; speed is measured with `vtoken bench` on a GPU (raw CPU times: timings.jsonl)."),
