@@ -121,8 +121,9 @@ def prunesid_batch(x: torch.Tensor, attn: torch.Tensor, budgets, tokens_per_comp
                    nms_scale: float = 32.0, cap: int = 5) -> torch.Tensor:
     """PruneSID on B segments of the same size c. x (B, c, D) features, attn (B, c) [CLS]
     attention, budgets B ints -> (B, c) bool with exactly min(T_b, c) True per row. See
-    :class:`PruneSIDScorer` for the rule. Two host syncs for the whole batch (group sizes and
-    survivor counts, for the integer budget sharing), none per NMS round."""
+    :class:`PruneSIDScorer` for the rule. Two host syncs for the whole batch (group sizes; survivor
+    counts with the NMS's convergence flag), a third only when a suppression chain outlasts the
+    unconditional NMS steps; none per NMS round."""
     B, c, D = x.shape
     dev = x.device
     T = [max(0, min(int(t), c)) for t in budgets]
@@ -243,9 +244,10 @@ class PruneSIDScorer(Scorer):
 
     Cost: a float64 SVD of a (D, c) matrix and a (c, c) similarity per segment, batched over the
     segments of equal size (:func:`prunesid_batch`, in chunks of about 1 GiB of float64 work);
-    the NMS runs a fixed number of rounds (the largest group's size) as tensor ops, without a
-    host sync per round: two host syncs per batched call (group sizes, survivor counts) for the
-    integer budget sharing.
+    the NMS runs as Jacobi steps on the suppression graph (one batched matmul each; 8 steps, then
+    up to the largest group's size if a chain is longer), without a host sync per step: two host
+    syncs per batched call (group sizes, survivor counts) for the integer budget sharing, three
+    when the NMS needs more than 8 steps.
 
     Signals: ``vision_attn`` (S, n), ``hidden`` (S, n, D) -> Selection. Scores (heatmaps): the
     attention. Diagnostics: ``erank`` of the kept tokens.
