@@ -121,11 +121,12 @@ def decode_only(row: dict) -> bool:
     ``lazyllm``, ``zipvl_kv``): no prefill kept counts exist to check against the budget."""
     if row.get("kept_tokens") is not None or row.get("method") in (None, "none"):
         return False
+    from vtoken.errors import PruningConfigError
     from vtoken.methods import method_spec
 
     try:
         return method_spec(row["method"]).family == "decode"
-    except Exception:  # an unregistered name in an old results file
+    except PruningConfigError:  # an unregistered name in an old results file
         return False
 
 
