@@ -9,7 +9,7 @@ import torch
 
 from vtoken.errors import PruningConfigError
 from vtoken.methods import layer_indices, register_method, register_scorer
-from vtoken.plan import Stage, validate_budget
+from vtoken.plan import Stage, check_budget_count, scaled_table_budgets, validate_budget
 from vtoken.scorers.base import Scorer, Selection, topk_selection
 from vtoken.signals import SegmentSignals
 
@@ -106,29 +106,10 @@ def adaptinfer_budgets(keep, budget: str = "equivalent") -> tuple:
     keep=1.0 keeps every token at every stage (no pruning).
     """
     keep = validate_budget(keep)
-    if budget not in ("equivalent", "final"):
-        raise PruningConfigError(f"adaptinfer budget must be 'equivalent' or 'final'; got {budget!r}")
+    check_budget_count(budget, "adaptinfer")
     if isinstance(keep, float) and keep == 1.0:  # keep everything at every stage
         return (1.0,) * len(next(iter(ADAPTINFER_TABLES.values())))
-    ref = ADAPTINFER_REFERENCE_TOKENS
-    as_tokens = keep if isinstance(keep, int) else keep * ref
-    if budget == "equivalent":
-        nominal = min(ADAPTINFER_TABLES, key=lambda k: (abs(k - as_tokens), -k))
-        factor = as_tokens / nominal
-    else:
-        tables = [k for k in ADAPTINFER_TABLES if ADAPTINFER_TABLES[k][-1] > 0]
-        nominal = min(tables, key=lambda k: (abs(ADAPTINFER_TABLES[k][-1] - as_tokens), -k))
-        factor = as_tokens / ADAPTINFER_TABLES[nominal][-1]
-    raw = [x * factor for x in ADAPTINFER_TABLES[nominal]]
-    if isinstance(keep, int):
-        out = [max(1, int(round(x))) for x in raw]
-    else:
-        out = [min(1.0, max(1e-6, x / ref)) for x in raw]
-    if budget == "final":
-        out[-1] = keep
-    for i in range(1, len(out)):
-        out[i] = min(out[i], out[i - 1])
-    return tuple(out)
+    return scaled_table_budgets(keep, ADAPTINFER_TABLES, ADAPTINFER_REFERENCE_TOKENS, budget, "adaptinfer")
 
 
 @register_method(name="adaptinfer", family="attention", paper="Zhang et al. 2025 (arXiv:2508.06084)",

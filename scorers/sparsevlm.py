@@ -12,7 +12,7 @@ import torch
 
 from vtoken.errors import PruningConfigError
 from vtoken.methods import layer_indices, register_method, register_scorer
-from vtoken.plan import Stage, validate_budget
+from vtoken.plan import Stage, scaled_table_budgets, validate_budget
 from vtoken.scorers import functional as F
 from vtoken.scorers.attention_base import MODIFIERS, AttentionScorer
 from vtoken.scorers.base import Selection, masked_scores, topk_selection
@@ -195,29 +195,7 @@ def sparsevlm_budgets(keep, budget: str = "equivalent") -> tuple:
     ``budget="final"``: the table is scaled so that the LAST stage keeps exactly ``keep``.
     (The preset's ``budget="rank"`` uses no table: see :func:`sparsevlm_plan`.)
     """
-    keep = validate_budget(keep)
-    if budget not in ("equivalent", "final"):
-        raise PruningConfigError(f"sparsevlm budget must be 'equivalent' or 'final'; got {budget!r}")
-    ref = SPARSEVLM_REFERENCE_TOKENS
-    as_tokens = keep if isinstance(keep, int) else keep * ref
-    if budget == "equivalent":
-        nominal = min(SPARSEVLM_TABLES, key=lambda k: (abs(k - as_tokens), -k))
-        factor = as_tokens / nominal
-    else:
-        nominal = min(SPARSEVLM_TABLES, key=lambda k: (abs(SPARSEVLM_TABLES[k][-1] - as_tokens), -k))
-        factor = as_tokens / SPARSEVLM_TABLES[nominal][-1]
-    raw = [x * factor for x in SPARSEVLM_TABLES[nominal]]
-    if isinstance(keep, int):
-        out = [max(1, int(round(x))) for x in raw]
-        if budget == "final":
-            out[-1] = keep
-    else:
-        out = [min(1.0, max(1e-6, x / ref)) for x in raw]
-        if budget == "final":
-            out[-1] = keep
-    for i in range(1, len(out)):  # never grow from stage to stage
-        out[i] = min(out[i], out[i - 1])
-    return tuple(out)
+    return scaled_table_budgets(keep, SPARSEVLM_TABLES, SPARSEVLM_REFERENCE_TOKENS, budget, "sparsevlm")
 
 
 @register_method(name="sparsevlm", family="attention", paper="Zhang et al., ICML 2025 (arXiv:2410.04417)",

@@ -69,7 +69,7 @@ import torch
 
 from vtoken.errors import PruningConfigError
 from vtoken.methods import layer_indices, register_method, register_scorer
-from vtoken.plan import Stage, validate_budget
+from vtoken.plan import Stage, check_budget_count, validate_budget
 from vtoken.scorers import functional as F
 from vtoken.scorers.attention import PyramidDropScorer
 from vtoken.scorers.base import Scorer, Selection, masked_scores
@@ -186,8 +186,7 @@ def vscan_budgets(keep, scale=(1.5, 0.5), budget: str = "equivalent") -> tuple:
     stage keeps exactly ``keep`` and the encoder stage ``scale[0] / scale[1]`` times as many (the
     same 3 : 1 ratio; ``vtoken eval``'s "Retain N" blocks count final tokens)."""
     keep = validate_budget(keep)
-    if budget not in ("equivalent", "final"):
-        raise PruningConfigError(f"vscan budget must be 'equivalent' or 'final'; got {budget!r}")
+    check_budget_count(budget, "vscan")
     a, b = (float(x) for x in scale)
     if not (a > 0 and b > 0 and b <= a):
         raise PruningConfigError(f"vscan scale must be two positive factors, the second <= the first; got {scale!r}")

@@ -334,7 +334,9 @@ def budget_count_options(method: str, count: str) -> dict:
     tokens ("final": visual tokens left after the last stage; "equivalent": layer-averaged, docs/DESIGN.md
     section 4) runs the method at N by that count; ``{}`` for a preset with no such option (its
     ``keep`` is already the final count). Used by ``vtoken eval``."""
-    if count not in ("final", "equivalent"):
+    from vtoken.plan import BUDGET_COUNTS
+
+    if count not in BUDGET_COUNTS:
         raise PruningConfigError(f"budget count must be 'final' or 'equivalent'; got {count!r}")
     param = inspect.signature(method_spec(method).builder).parameters.get("budget")
     return {"budget": count} if param is not None else {}

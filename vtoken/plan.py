@@ -38,6 +38,51 @@ def validate_budget(keep: Any, what: str = "keep") -> Budget:
     return keep
 
 
+#: how a multi-stage preset counts its ``keep``: "final" = tokens left after its last stage,
+#: "equivalent" = layer-averaged tokens, the papers' convention (docs/DESIGN.md section 4)
+BUDGET_COUNTS = ("final", "equivalent")
+
+
+def check_budget_count(budget: str, method: str) -> str:
+    """``budget`` if it is one of :data:`BUDGET_COUNTS`, else a clear :class:`PruningConfigError`."""
+    if budget not in BUDGET_COUNTS:
+        raise PruningConfigError(f"{method} budget must be 'equivalent' or 'final'; got {budget!r}")
+    return budget
+
+
+def scaled_table_budgets(keep: Budget, tables: dict, reference_tokens: int, budget: str, method: str) -> tuple:
+    """Per-stage budgets from a released table of per-stage token counts (``tables``: nominal
+    budget -> counts after each stage, on ``reference_tokens`` visual tokens), for ``keep``.
+
+    ``budget="equivalent"``: the table of the nominal budget nearest ``keep`` (a float is a fraction
+    of ``reference_tokens``; ties go to the larger table), scaled by keep / nominal.
+    ``budget="final"``: the table whose last count is nearest ``keep`` (tables ending at 0
+    excluded), scaled so that the last stage keeps exactly ``keep``.
+    An int ``keep`` gives token counts (at least 1), a float gives fractions (in [1e-6, 1]); no
+    stage keeps more than the stage before.
+    """
+    keep = validate_budget(keep)
+    check_budget_count(budget, method)
+    as_tokens = keep if isinstance(keep, int) else keep * reference_tokens
+    if budget == "equivalent":
+        nominal = min(tables, key=lambda k: (abs(k - as_tokens), -k))
+        factor = as_tokens / nominal
+    else:
+        ending = [k for k in tables if tables[k][-1] > 0]
+        nominal = min(ending, key=lambda k: (abs(tables[k][-1] - as_tokens), -k))
+        factor = as_tokens / tables[nominal][-1]
+    raw = [x * factor for x in tables[nominal]]
+    if isinstance(keep, int):
+        out = [max(1, int(round(x))) for x in raw]
+    else:
+        out = [min(1.0, max(1e-6, x / reference_tokens)) for x in raw]
+    if budget == "final":
+        out[-1] = keep
+    for i in range(1, len(out)):  # never grow from stage to stage
+        out[i] = min(out[i], out[i - 1])
+    return tuple(out)
+
+
 def tokens_for(budget: Budget, original: int) -> int:
     """Tokens kept for a segment of ``original`` visual tokens.
 

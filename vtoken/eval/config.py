@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from vtoken.eval.records import keep_key
+from vtoken.plan import BUDGET_COUNTS  # the token counts a table's budget blocks can use (EvalConfig.budget_count)
 
 __all__ = ["EvalConfig", "config_dict", "DEFAULT_METHODS", "QUICK_METHODS", "VIDEO_METHODS", "VIDEO_MODEL",
            "BUDGET_COUNTS"]
@@ -23,8 +24,6 @@ QUICK_METHODS = ("fastv", "visionzip", "divprune", "random")
 VIDEO_METHODS = ("fastv", "dycoke", "fastvid", "holitom", "divprune", "uniform", "random")
 #: the model when --model is not given and a data set is a video one
 VIDEO_MODEL = "vtoken/tiny-qwen2vl-video"
-#: the token counts a table's budget blocks can use (:attr:`EvalConfig.budget_count`)
-BUDGET_COUNTS = ("final", "equivalent")
 
 
 @dataclass
