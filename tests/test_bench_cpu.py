@@ -293,3 +293,32 @@ def test_runtime_call_counts_from_profiler_events():
              "cudaLaunchKernelExC", "cudaMemcpy", "cudaDeviceSynchronize", "cuLaunchKernel", "aten::add"]
     assert runtime_call_counts([SimpleNamespace(name=n) for n in names]) == {"launch": 4, "sync": 2, "memcpy": 2}
     assert runtime_call_counts([SimpleNamespace(name="aten::mm")]) == {}
+
+
+def test_learned_methods_run_in_the_bench_with_model_shaped_networks(tmp_path):
+    """``gtc`` / ``dyvte`` ship weights for the tiny checkpoints only; on the bench's models they get
+    networks of the model's shapes (vtoken.bench.learned_weights): rows without errors, DyVTE's
+    visual tokens all leave entering the middle layer and not before."""
+    from vtoken.bench.learned_weights import FixedExitRouter, bench_weights
+
+    out = tmp_path / "b"
+    rc = cli.main(["--suite", "llava", "--tiny", "--device", "cpu", "--out", str(out), "--repeats", "1",
+                   "--batch", "1,2", "--new-tokens", "2", "--methods", "gtc,dyvte", "--keep", "8"])
+    data = json.loads((out / "results.json").read_text())
+    assert rc == 0 and not data["meta"]["errors"], data["meta"]["errors"]
+    model, _ = _tiny_llava()
+    depth = model.config.get_text_config().num_hidden_layers
+    for batch in (1, 2):
+        (gtc,) = rows(data, suite="llava", batch=batch, method="gtc[auto]")
+        kept = gtc["keep_arg"]  # keep 8 of 576, scaled to the tiny model's 36 tokens
+        assert gtc["kept_per_stage"] == [kept]
+        (dyvte,) = rows(data, suite="llava", batch=batch, method="dyvte[auto]")
+        exit_stage = depth // 2 - 1  # the stages enter layers 1 .. depth-1; the exit enters depth // 2
+        assert dyvte["kept_per_stage"] == [kept] * exit_stage + [0] * (depth - 1 - exit_stage), dyvte
+    router = bench_weights("dyvte", model)["weights"]
+    assert isinstance(router, FixedExitRouter) and router.num_layers == depth
+    feat = torch.randn(3, 2 * model.config.get_text_config().hidden_size)
+    decisions = [bool((router(feat, g)[:, 1] > router(feat, g)[:, 0]).all()) for g in range(depth)]
+    assert decisions == [g >= depth // 2 - 1 for g in range(depth)]
+    assert bench_weights("gtc", model)["weights"].heads == model.config.get_text_config().num_attention_heads
+    assert bench_weights("fastv", model) == {}

@@ -138,9 +138,10 @@ class _FamilyRun:
         """Pruned and oracle rows of one budget. KV bytes, peak memory, token counts and decode come
         from runs of each alone; the two TTFTs (and their ratio) from interleaved rounds
         (:func:`timed_interleaved`)."""
+        from vtoken.bench.learned_weights import bench_weights
         from vtoken.methods import depth_scaled_options
 
-        options = depth_scaled_options(method, len(self.lm.layers))
+        options = {**depth_scaled_options(method, len(self.lm.layers)), **bench_weights(method, self.model)}
 
         def pruning():
             return vtoken.apply_pruning(self.model, method=method, keep=keep, backend=self.bench.backend, **options)
