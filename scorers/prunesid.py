@@ -249,9 +249,9 @@ class PruneSIDScorer(Scorer):
     syncs per batched call (group sizes, survivor counts) for the integer budget sharing, three
     when the NMS needs more than 8 steps. The SVD bounds the cost: one batched call, but on CUDA
     PyTorch runs cuSOLVER's batched Jacobi SVD only for matrices of 32 or less a side, so a
-    (4096, 576) segment gets its own ``gesvdj`` call (and a convergence-flag copy to the host):
-    about 41 ms a segment on an H100 at LLaVA-1.5-7B shapes (TTFT minus the oracle's, batch 1 /
-    8 / 32, session 13), 80-98 % of the scorer's CPU time. The exact alternatives (Gram matrix
+    (4096, 576) segment gets its own ``gesvdj`` call (and a convergence-flag copy to the host). On
+    an H100 at LLaVA-1.5-7B shapes the scorer adds about 41 ms a segment over the oracle's TTFT
+    (batch 1 / 8 / 32, session 13; not profiled there); the SVD is 80-98 % of its CPU time. The exact alternatives (Gram matrix
     + ``eigh``, QR first) loop per matrix too, and resolve singular values only down to about 1e-8
     of the largest, against the rank rule's ``max(D, c) * eps``; the batched ones (``gesvda``,
     randomised or subspace iteration for the first components) are approximate.
