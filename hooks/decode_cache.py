@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -21,17 +22,17 @@ LOW_BITS_ATTR = "_vtoken_low_bits"
 _PATCHED = ("get_seq_length", "crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices")
 
 
-def compact(kept: torch.Tensor) -> tuple:
+def compact(kept: torch.Tensor, count: Optional[torch.Tensor] = None, P: Optional[int] = None) -> tuple:
     """Each row's kept slots in order, new padding on the left: kept (B, L) bool -> (take (B, P)
-    long slot per new slot (0 on padding), valid (B, P) bool), P = the most any row keeps."""
+    long slot per new slot (0 on padding), valid (B, P) bool), P = the most any row keeps. Given
+    the rows' kept ``count`` (B,) and ``P``, no host sync (without them: one, reading P)."""
     B, L = kept.shape
-    count = kept.sum(1)
-    P = int(count.max())
-    b, j = kept.nonzero(as_tuple=True)
-    dest = (P - count)[b] + (kept.long().cumsum(1) - 1)[b, j]
-    take = torch.zeros(B, P, dtype=torch.long, device=kept.device)
-    take[b, dest] = j
-    return take, torch.arange(P, device=kept.device).view(1, P) >= (P - count).view(B, 1)
+    count = kept.sum(1) if count is None else count
+    P = int(count.max()) if P is None else P
+    dest = torch.where(kept, (P - count).view(B, 1) + kept.long().cumsum(1) - 1, P)  # P: a column dropped below
+    take = torch.zeros(B, P + 1, dtype=torch.long, device=kept.device)
+    take.scatter_(1, dest, torch.arange(L, device=kept.device).expand(B, L))
+    return take[:, :P], torch.arange(P, device=kept.device).view(1, P) >= (P - count).view(B, 1)
 
 
 def take_slots(t: torch.Tensor, take: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

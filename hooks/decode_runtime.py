@@ -16,10 +16,9 @@ Life of a call:
    evicted entries move to a low-bit store on the layer (:class:`LowBitKV`), dequantised in front
    of the layer's own keys / values each time its attention reads them. While a stage is still to come,
    the probes add the step's attention rows to the scores (or, for a scorer that ``reads_query``
-   such as LazyLLM's, keep the layer's last query). A ``readmit`` stage ranks the layer's stashed
-   entries (:class:`StashedKV`, evicted by an earlier readmit stage, kept off the live cache) with
-   its live ones, merged in original position order; what it evicts is stashed when a later stage
-   may re-admit it, and re-admitted entries go back into the live cache at their slot order.
+   such as LazyLLM's, keep the layer's last query). A ``readmit`` stage ranks the layer's live
+   entries with those an earlier one evicted, kept off the live cache, in original position order
+   (:mod:`vtoken.hooks.decode_readmit`), and re-admitted entries go back at their slot order.
 3. every decode step after an eviction: each layer gets a mask built from its own layout plus the
    tokens appended since (:func:`vtoken.hooks.masks.extend_mask`); ``cache.get_seq_length(layer)``
    reports the original (unpruned) length, so positions keep counting as without pruning.
@@ -53,6 +52,7 @@ from vtoken.hooks.call_state import CallContext
 from vtoken.hooks.decode_record import DecodePrefill
 from vtoken.hooks.decode_cache import (DECODE_ATTR, DecodeState, LayerLayout, LowBitKV, StashedKV,  # noqa: F401
                                        attach_low_bits, compact, patch_cache, take_slots, with_stash)
+from vtoken.hooks.decode_readmit import readmit_stage
 from vtoken.hooks.captures import eager
 from vtoken.hooks.kv_cache import STATE_ATTR, cache_arg, fixed_slot_cache
 from vtoken.hooks.probe import attention_rows, step_rows
@@ -87,6 +87,7 @@ class DecodeRuntime:
         self.stage_layer_sets = [tuple(range(self.num_layers)) if st.layers is None else st.layers for st in plan]
         self.probed_layers = sorted({l for st, ls in zip(plan, self.stage_layer_sets)
                                      if st.scorer.reads_attention or _reads_query(st.scorer) for l in ls})
+        self.fast_readmit = all(st.readmit for st in plan)  # readmit stages only: hooks/decode_readmit.py
 
     # ---------------------------------------------------------------- the surface others use
     @property
@@ -347,13 +348,12 @@ class DecodeRuntime:
         return torch.cat([pos, tail.masked_fill(~tail_valid, -1)], 1), torch.cat([valid, tail_valid], 1)
 
     def evict(self, cache, state: DecodeState, index: int) -> None:
-        """Run stage ``index`` on every layer it prunes (see the module docstring). A ``readmit``
-        stage ranks the layer's stashed entries with its live ones (in original position order) and
-        stashes what it evicts, when a later stage may re-admit it."""
+        """Run stage ``index`` on every layer it prunes (see the module docstring); a ``readmit``
+        stage merges the layer's stash (or, ``fast_readmit``, reads its candidate buffer)."""
         stage, budget = self.plan[index], state.budgets[index]
-        scorer = stage.scorer
-        record, shared = {}, []
-        reference = None
+        if stage.readmit and self.fast_readmit:
+            return readmit_stage(self, cache, state, index)
+        scorer, record, shared, reference = stage.scorer, {}, [], None
         if getattr(scorer, "reads_layout", False):  # e.g. MustDrop's output-aware policy: the output layer's slots
             ref_pos, ref_valid = self.layer_layout(state, scorer.reference_layer % self.num_layers)
             reference = ref_pos.masked_fill(~ref_valid, -1)
