@@ -9,9 +9,9 @@ exit, so the bench passes ``weights=`` networks of the model's shapes:
   randomly initialised (seeded): the same convolutions on the same (B, H, 24, 24) maps as trained
   weights, and an arbitrary (but real) ranking.
 * ``dyvte``: a :class:`FixedExitRouter`, which evaluates every gate as trained weights would and then
-  decides ``exit`` entering layer ``exit_layer`` (default: half the depth, 16 of LLaVA-1.5-7B's 32,
-  around where the paper finds visual tokens stop mattering for most questions) and ``continue``
-  before it, so the rows are reproducible rather than set by random gates.
+  decides ``exit`` entering layer ``exit_layer`` (default: half the depth, 16 of LLaVA-1.5-7B's 32;
+  a fixed choice of the bench, not a trained gate's) and ``continue`` before it, so the rows are
+  reproducible rather than set by random gates.
 """
 
 from __future__ import annotations
