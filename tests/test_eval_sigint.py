@@ -58,6 +58,13 @@ def _log(path):
     return collections.Counter(tuple(json.loads(line)) for line in path.read_text().splitlines())
 
 
+def _default_sigint():
+    """In the child: Ctrl-C's default action, as in a terminal. A test run started in the background
+    of a non-interactive shell inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so the signal would never reach the eval."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_mid_run_then_resume(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -67,7 +74,7 @@ def test_sigint_mid_run_then_resume(tmp_path):
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
 
     proc = subprocess.Popen(args, env=_env(tmp_path, first_log, VT_PAUSE_AFTER="4"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while not (tmp_path / "ready").exists():
         assert proc.poll() is None, proc.communicate()
