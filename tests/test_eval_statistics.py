@@ -3,6 +3,7 @@ McNemar test (McNemar 1947) against hand-computed values, the bootstrap statisti
 table's own scores, the marking of cells not distinguishable from random, and the printed table."""
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -13,6 +14,7 @@ import pytest
 from test_eval_runner import FakeBackend, config, make_datasets
 from vtoken.eval import cli
 from vtoken.eval.config import DEFAULT_METHODS, QUICK_METHODS
+from vtoken.eval.by_type import type_scores
 from vtoken.eval.runner import run_eval
 from vtoken.eval.scores import dataset_score
 from vtoken.eval.significance import annotate_rows, compare, score_function, score_interval
@@ -161,3 +163,42 @@ def test_default_runs_compare_with_random():
     assert "random" in QUICK_METHODS and "random" in DEFAULT_METHODS
     cfg = cli.config_from_args(cli.build_parser().parse_args([]))
     assert "random" in cfg.methods and cfg.limit == cli.DEFAULT_LIMIT >= 64
+
+
+def test_type_scores_hand_computed():
+    recs = _recs([1, 1, 0, 1], qtype="left") + _recs([0, 0, 1], prefix="r", qtype="above")
+    recs.append({"id": "x", "score": 1.0, "qtype": "left", "error": "unreadable"})  # failed: not counted
+    per = type_scores("exact", recs)
+    lo, hi = wilson_interval(3, 4)
+    assert per["left"] == {"score": 75.0, "n": 4, "low": 100 * lo, "high": 100 * hi}
+    assert per["above"]["score"] == pytest.approx(100 / 3) and per["above"]["n"] == 3
+    graded = type_scores("vqa", _recs([0.3, 1.0], qtype="a") + _recs([0.6], prefix="b", qtype="b"))
+    assert graded["a"] == {"score": 65.0, "n": 2, "low": None, "high": None}  # not 0/1: no Wilson interval
+    assert type_scores("exact", _recs([1, 0], qtype="only")) is None  # one type: nothing to break down
+    assert type_scores("pope", recs) is None and type_scores("mme", recs) is None
+
+
+def test_report_breaks_scores_down_by_question_type(tmp_path):
+    datasets = make_datasets(tmp_path)
+    a = datasets[0]
+    for i, s in enumerate(a.samples):
+        a.samples[i] = dataclasses.replace(s, qtype="even" if i % 2 == 0 else "odd")
+    run_eval(config(tmp_path), backend=FakeBackend(), datasets=datasets)
+    out = tmp_path / "out"
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    md = (out / "by_type.md").read_text(encoding="utf-8")
+    assert "### SetA" in md and "### SetB" not in md and "### PopeSet" not in md  # untyped / POPE: none
+    assert "by_type.md" in (out / "table.md").read_text(encoding="utf-8")
+    res = json.loads((out / "results.json").read_text())
+    lines = [line for line in md.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert len(lines) == len(res["rows"])
+    for row, line in zip(res["rows"], lines):
+        for qtype in ("even", "odd"):
+            mine = [p for p in preds if p["dataset"] == "SetA" and p["method"] == row["method"]
+                    and p["keep"] == row["keep"] and p.get("error") is None and int(p["id"][1:]) % 2 == (qtype == "odd")]
+            expected = 100.0 * sum(p["score"] for p in mine) / len(mine)
+            assert row["by_type"]["SetA"][qtype]["score"] == pytest.approx(expected)
+            assert row["by_type"]["SetA"][qtype]["n"] == len(mine)
+            assert f"{expected:.1f} [" in line
+    run_eval(config(tmp_path, out="plain"), backend=FakeBackend(), datasets=make_datasets(tmp_path)[1:])
+    assert not (tmp_path / "plain" / "by_type.md").exists()

@@ -7,7 +7,8 @@ Files in the output directory:
 * ``timings.jsonl`` — one line per generated batch (prefill ms, decode ms/token, peak memory, KV).
 * ``run_config.json`` — what the predictions depend on (model, dtype, max_new_tokens); a re-run
   with the same ``--out`` must match it.
-* ``table.md``, ``table.csv``, ``results.json``, ``plot.png`` — written by :func:`write_report`.
+* ``table.md``, ``table.csv``, ``results.json``, ``plot.png`` (and ``by_type.md``: scores per question
+  type) — written by :func:`write_report`.
 * while running: ``predictions.part-<rank>.jsonl`` / ``timings.part-<rank>.jsonl``, appended
   and flushed after every batch, merged into the files above at the end.
 

@@ -27,6 +27,7 @@ from typing import Optional
 
 from vtoken.eval.accounting import (EQUIV_TOLERANCE, budget_check, budget_message, budget_target, decode_only,
                                     stages_text, token_accounting, tokens_text)
+from vtoken.eval.by_type import render_by_type, type_scores
 from vtoken.eval.config import config_dict
 from vtoken.eval.plot import plot_retained
 from vtoken.eval.scores import dataset_score
@@ -99,7 +100,7 @@ def _rows(config, datasets, configs, preds, timings, count: str = "final") -> li
     rows, recs_of = [], []
     for method, keep in configs:
         kk = keep_key(keep)
-        scores, details, errors = {}, {}, {}
+        scores, details, errors, by_type = {}, {}, {}, {}
         row_recs, recs_of_ds = [], {}
         for ds in datasets:
             ids = {s.id for s in ds.samples}
@@ -111,6 +112,9 @@ def _rows(config, datasets, configs, preds, timings, count: str = "final") -> li
             details[ds.name] = d
             row_recs += good
             recs_of_ds[ds.name] = good
+            per_type = type_scores(ds.metric, good)
+            if per_type:
+                by_type[ds.name] = per_type
         ts = [t for t in tim.get((method, kk), []) if t.get("dataset") in names]
         eff = {
             "prefill_ms": _median(t.get("prefill_ms") for t in ts),
@@ -121,7 +125,7 @@ def _rows(config, datasets, configs, preds, timings, count: str = "final") -> li
         }
         rows.append({
             "method": method, "keep": kk, "label": method_label(method), "scores": scores, "details": details,
-            "errors": errors, **token_accounting(method, keep, row_recs, count), "efficiency": eff,
+            "errors": errors, "by_type": by_type, **token_accounting(method, keep, row_recs, count), "efficiency": eff,
         })
         recs_of.append(recs_of_ds)
     upper = rows[0]
@@ -200,12 +204,10 @@ def _render(rows, datasets, upper_tokens, on_gpu: bool, count: str = "final"):
                  "kept_tokens", "equivalent_tokens",
                  "kept_per_stage", "stage_layers", "budget_count", "budget_tokens", "budget_ok",
                  "prefill_ms", "decode_ms_per_token", "peak_mem_mib", "kv_cache_mib_per_sample", "device"]]
-    ub_label = f"Upper bound, {upper_tokens:.0f} tokens (100%)" if upper_tokens else "Upper bound (100%)"
     blank = [""] * (len(header) - 1)
     current = None
     for row in rows:
-        keep = None if row["keep"] == "full" else _parse(row["keep"])
-        block = ub_label if row["method"] == "none" else block_label(keep, upper_tokens)
+        block = _block(row, upper_tokens)
         if block != current:
             md.append("| " + " | ".join([f"*{block}*", *blank]) + " |")
             current = block
@@ -243,6 +245,13 @@ def _render(rows, datasets, upper_tokens, on_gpu: bool, count: str = "final"):
     return "\n".join(md) + "\n", buf.getvalue()
 
 
+def _block(row: dict, upper_tokens) -> str:
+    """The table block a row sits in: the upper bound, or its budget's "Retain ..." label."""
+    if row["method"] == "none":
+        return f"Upper bound, {upper_tokens:.0f} tokens (100%)" if upper_tokens else "Upper bound (100%)"
+    return block_label(None if row["keep"] == "full" else _parse(row["keep"]), upper_tokens)
+
+
 def _csv(x) -> str:
     return "" if x is None else f"{x:.4f}"
 
@@ -255,7 +264,8 @@ def _parse(k: str):
 
 
 def write_report(out, config, datasets, configs, backend_info: dict = None, failed_configs: list = ()) -> dict:
-    """Write table.md, table.csv, results.json and plot.png in ``out``; return the results."""
+    """Write table.md, table.csv, results.json, plot.png (and by_type.md where the questions have types)
+    in ``out``; return the results."""
     out = Path(out)
     preds = read_predictions(out / PRED_FILE)
     timings = read_jsonl(out / TIMING_FILE, check_timing)
@@ -335,6 +345,13 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
         notes.append("Skipped: " + "; ".join(
             f"{d['name']}: {d['malformed_records']} malformed record(s), {d['failed_questions']} unreadable/failed "
             f"question(s)" for d in failed) + " (details in results.json).")
+    by_type_md = render_by_type(rows, [ds.name for ds in datasets], lambda row: _block(row, upper_tokens))
+    if by_type_md:
+        notes.append("Scores per question type, with 95 % Wilson intervals: by_type.md.")
+        (out / "by_type.md").write_text(f"# Scores per question type ({config.model})\n\n{by_type_md}\n",
+                                        encoding="utf-8")
+    else:
+        (out / "by_type.md").unlink(missing_ok=True)  # a resumed run's data sets may have changed
     (out / "table.md").write_text(md + "\n" + "\n".join(f"- {n}" for n in notes) + "\n", encoding="utf-8")
     (out / "table.csv").write_text(csv_text, encoding="utf-8")
     plot_note = plot_retained(out / "plot.png", rows, upper_tokens,
