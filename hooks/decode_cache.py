@@ -22,6 +22,22 @@ LOW_BITS_ATTR = "_vtoken_low_bits"
 _PATCHED = ("get_seq_length", "crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices")
 
 
+def held_bytes(cache) -> dict:
+    """Bytes a KV cache holds: ``kv`` (the live keys + values of every layer), ``low_bits``
+    (:class:`LowBitKV` stores) and ``readmit`` (the stash of a readmit plan, :class:`StashedKV` or
+    the candidate buffers of :mod:`vtoken.hooks.decode_readmit`)."""
+    kv = low = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if torch.is_tensor(t):
+                kv += t.numel() * t.element_size()
+        low += getattr(layer.__dict__.get(LOW_BITS_ATTR), "nbytes", 0)
+    state = getattr(cache, DECODE_ATTR, None)
+    readmit = 0 if state is None else sum(s.nbytes for s in state.stash.values())
+    return {"kv": kv, "low_bits": low, "readmit": readmit}
+
+
 def compact(kept: torch.Tensor, count: Optional[torch.Tensor] = None, P: Optional[int] = None) -> tuple:
     """Each row's kept slots in order, new padding on the left: kept (B, L) bool -> (take (B, P)
     long slot per new slot (0 on padding), valid (B, P) bool), P = the most any row keeps. Given

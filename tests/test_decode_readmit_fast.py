@@ -14,6 +14,7 @@ from conftest import SyncCounter, TransferCounter, get_inputs
 from test_decode_stages import GEN, _model
 from vtoken.hooks.decode_cache import DECODE_ATTR
 from vtoken.hooks.decode_cache import compact
+from vtoken.hooks import held_bytes
 
 
 def _run(model, inputs, options, fast, steps):
@@ -101,3 +102,31 @@ def test_compact_equals_the_nonzero_layout_with_and_without_counts():
     valid = torch.arange(P).view(1, P) >= (P - count).view(4, 1)
     for take, got_valid in (compact(kept), compact(kept, count, P)):
         assert torch.equal(take, want) and torch.equal(got_valid, valid)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_held_bytes_counts_the_readmit_stash_apart_from_the_live_kv(fast):
+    """vtoken.hooks.held_bytes: ``kv`` is the live keys + values; ``readmit`` holds at least every
+    entry a readmit plan evicted and may bring back (so a bench cannot report LazyLLM's shrunken live
+    cache as memory freed); a plan that never re-admits holds nothing besides."""
+    model = _model("llava", attn="sdpa")
+    inputs = get_inputs("llava", model)
+    with torch.no_grad(), vtoken.apply_pruning(model, method="lazyllm", keep=3, until=9) as handle:
+        handle.decode_runtime.fast_readmit = fast
+        out = model.generate(**inputs, max_new_tokens=5, **GEN)
+    cache = out.past_key_values
+    held = held_bytes(cache)
+    assert held["kv"] == sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values))
+    state = getattr(cache, DECODE_ATTR)
+    assert state.stash  # stages still to come (until=9 > 5 steps): the evicted entries are held
+    layer0 = cache.layers[0]
+    entry = 2 * layer0.keys.shape[1] * layer0.keys.shape[3] * layer0.keys.element_size()  # key + value, one token
+    evicted = 0
+    for layer in state.stash:
+        live = state.layers[layer].valid.sum(1)  # visual + text slots kept, per row
+        seen = state.orig_valid.sum(1)  # every prompt slot the layer ever had, per row
+        evicted += int((seen - live).clamp(min=0).sum())
+    assert evicted > 0 and held["readmit"] >= evicted * entry
+    with torch.no_grad(), vtoken.apply_pruning(model, method="a2sf", keep=3):
+        out = model.generate(**inputs, max_new_tokens=5, **GEN)
+    assert held_bytes(out.past_key_values)["readmit"] == 0

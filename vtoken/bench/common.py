@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from vtoken.hooks import held_bytes
+
 
 @dataclass
 class Bench:
@@ -200,17 +202,12 @@ def unlink(out) -> None:
 
 
 def kv_bytes(cache) -> Optional[int]:
-    """Bytes held by a ``transformers`` KV cache (keys + values of every layer)."""
+    """Bytes of the KV a ``transformers`` cache attends over: keys + values of every layer, plus a
+    decode stage's low-bit entries (a readmit plan's stash is apart: :func:`vtoken.hooks.held_bytes`)."""
     if cache is None:
         return None
-    total = 0
-    for layer in getattr(cache, "layers", []) or []:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if torch.is_tensor(t):
-                total += t.numel() * t.element_size()
-        total += getattr(layer.__dict__.get("_vtoken_low_bits"), "nbytes", 0)  # a decode stage's low-bit entries
-    return total
+    held = held_bytes(cache)
+    return held["kv"] + held["low_bits"]
 
 
 def cache_of(out):

@@ -22,6 +22,7 @@ import torch
 
 import vtoken
 from vtoken.bench.common import cache_of, kv_bytes
+from vtoken.hooks import held_bytes
 from vtoken.bench.models import build_llava, llava_inputs
 
 
@@ -43,7 +44,7 @@ def _timed(model, inputs, n, sync, repeats):
 
 def measure(model, inputs, methods=("a2sf", "lookm"), keep=64, new_tokens=32, repeats=3) -> list:
     """One row per variant (``none`` = plain generate, then each method): kv_bytes of the final
-    cache, decode_ms_per_token, peak_mem_gb (CUDA), visual tokens kept per image."""
+    cache, readmit_mb (a readmit plan's stash, held besides), decode_ms_per_token, peak_mem_gb (CUDA), visual tokens kept per image."""
     dev = inputs["input_ids"].device
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
@@ -56,7 +57,7 @@ def measure(model, inputs, methods=("a2sf", "lookm"), keep=64, new_tokens=32, re
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(dev)
                 long_ms, out = _timed(model, inputs, new_tokens, sync, repeats)
-                kv = kv_bytes(cache_of(out))
+                kv, readmit = kv_bytes(cache_of(out)), held_bytes(cache_of(out))["readmit"]
                 del out
                 short_ms, out = _timed(model, inputs, 1, sync, repeats)
                 del out
@@ -65,7 +66,7 @@ def measure(model, inputs, methods=("a2sf", "lookm"), keep=64, new_tokens=32, re
                 handle.remove()
         rows.append(dict(method=method, keep=None if method == "none" else keep, batch=int(inputs["input_ids"].shape[0]),
                          prompt=int(inputs["input_ids"].shape[1]), new_tokens=new_tokens, kv_bytes=kv,
-                         kv_mb=round(kv / 2**20, 2),
+                         kv_mb=round(kv / 2**20, 2), readmit_mb=round(readmit / 2**20, 2),
                          decode_ms_per_token=round((long_ms - short_ms) / max(1, new_tokens - 1), 3),
                          peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if cuda else None))
     return rows
@@ -141,10 +142,11 @@ def main(argv=None) -> int:
         if args.out:  # after every batch size: a run cut by a time limit keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
-    print("| engine | batch | method | keep | KV MB | KV read MB | decode ms/token | peak GB |\n|---|---|---|---|---|---|---|---|")
+    print("| engine | batch | method | keep | KV MB | readmit stash MB | KV read MB | decode ms/token | peak GB |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.get('engine', 'generate')} | {r['batch']} | {r['method']} | {r['keep'] or '-'} | {r['kv_mb']} | "
-              f"{r.get('kv_read_mb', '-')} | {r['decode_ms_per_token']} | "
+              f"{r.get('readmit_mb', '-')} | {r.get('kv_read_mb', '-')} | {r['decode_ms_per_token']} | "
               f"{r['peak_mem_gb'] if r['peak_mem_gb'] is not None else '-'} |")
     return 0
 
