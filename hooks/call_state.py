@@ -119,6 +119,20 @@ class CallContext:
     fixed: object = None  # a fixed-slot KV cache (StaticCache) this prefill prunes into
     fixed_len: int = 0  # its slots per layer before pruning (prompt + tokens to come)
     in_flight: bool = False  # counted in the runtime's prefills_in_flight until on_multimodal_done
+    #: what a layout gave (see :func:`on_layout`): name -> (cur_pos, cur_valid, value)
+    layout_memo: dict = field(default_factory=dict)
+
+
+def on_layout(ctx: CallContext, name, build):
+    """``build()`` once per layout of this forward: a stage that drops nothing leaves ``cur_pos`` /
+    ``cur_valid`` as they are (the same tensors), and the next stage reuses what they gave (its
+    candidates, the text rows) instead of recomputing them with their host syncs."""
+    hit = ctx.layout_memo.get(name)
+    if hit is not None and hit[0] is ctx.cur_pos and hit[1] is ctx.cur_valid:
+        return hit[2]
+    value = build()
+    ctx.layout_memo[name] = (ctx.cur_pos, ctx.cur_valid, value)
+    return value
 
 
 class GenerateSession:

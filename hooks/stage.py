@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vtoken.hooks import masks as M
-from vtoken.hooks.call_state import MergeRecord, StageOps, StageState, StageTrace
+from vtoken.hooks.call_state import MergeRecord, StageOps, StageState, StageTrace, on_layout
 from vtoken.hooks.prefill_plan import candidates, kept_slots
 from vtoken.hooks.stage_signals import fill_signals
 from vtoken.signals import SegmentSignals
@@ -43,7 +43,8 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
     prep = ctx.prepared
     # the first stage on the original layout: candidates prepared on the host (no syncs)
     first = rt.host_first_stage and prep is not None and i == 0 and ctx.mode == "prefill"
-    c = prep.first if first else candidates(lay, cur_pos, cur_valid, prep.index_in_seg, stage.keep)
+    c = prep.first if first else on_layout(ctx, ("candidates", stage.keep),
+                                           lambda: candidates(lay, cur_pos, cur_valid, prep.index_in_seg, stage.keep))
     slot_pad, smask, index, budget, cand = c.slot_pad, c.smask, c.index, c.budget, c.cand
     sample = lay.seg_sample
     safe_slot = slot_pad.clamp(min=0)
@@ -93,7 +94,7 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
     if nothing_dropped:
         # nothing dropped (nor merged) anywhere: keep the layout (and the model's own masks) as they are
         if ctx.state is not None:
-            all_valid = prep.all_valid if known else bool(cur_valid.all())
+            all_valid = prep.all_valid if known else on_layout(ctx, "all_valid", lambda: bool(cur_valid.all()))
             ctx.state.stages.append(StageState(layer=stage.layer, positions=cur_pos, valid=cur_valid,
                                                all_valid=all_valid, identity=not ctx.relaid))
         return hidden

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from vtoken.hooks.call_state import on_layout
 from vtoken.hooks.prefill_plan import text_rows
 
 
@@ -210,4 +211,4 @@ def text_slots(ctx):
     """(B, T) slot indices of valid non-visual tokens (-1 padded), and (B, T) mask."""
     if not ctx.relaid and ctx.prepared is not None:
         return ctx.prepared.text
-    return text_rows(ctx.layout, ctx.cur_pos, ctx.cur_valid)
+    return on_layout(ctx, "text_rows", lambda: text_rows(ctx.layout, ctx.cur_pos, ctx.cur_valid))

@@ -302,3 +302,19 @@ def test_upload_round_trip_and_edge_cases():
     assert tuple(empty["x"].shape) == (0, 3) and empty["y"].dtype == torch.bool
     with pytest.raises(TypeError, match="integer or bool"):
         upload({"f": np.ones(3)}, "cpu")
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_a_stage_that_drops_nothing_costs_its_successor_one_sync(arch):
+    """Stages on a layout that a previous stage left as it was (it dropped nothing: DyVTE's gates
+    that say "continue", a budget at or above what is left) reuse that layout's candidates and
+    text rows: such a stage adds ONE sync (whether it drops anything), not the generic path's
+    recount (nonzero, counts, budgets)."""
+    model = get_model(arch)
+    inputs = get_inputs(arch, model, variant="batch" if arch == "llava" else "single")
+    counts = {}
+    for n in (2, 3):
+        plan = [vtoken.Stage(layer, "fastv", 4) for layer in range(1, 1 + n)]  # stage 2 on keeps all 4
+        with vtoken.apply_pruning(model, plan=plan):
+            counts[n] = _syncs_in_language_model(model, inputs)
+    assert counts[3] - counts[2] == 1, counts
