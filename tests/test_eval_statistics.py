@@ -202,3 +202,16 @@ def test_report_breaks_scores_down_by_question_type(tmp_path):
             assert f"{expected:.1f} [" in line
     run_eval(config(tmp_path, out="plain"), backend=FakeBackend(), datasets=make_datasets(tmp_path)[1:])
     assert not (tmp_path / "plain" / "by_type.md").exists()
+
+
+def test_the_whole_fraction_is_not_the_one_token_budget():
+    """keep=1.0 (every visual token) and keep=1 (one token) are different budgets: their keys, parsed
+    budgets and table blocks differ (the fraction was reported as "Retain 1 tokens (↓99.8%)")."""
+    from vtoken.eval.records import keep_key, parse_keep
+    from vtoken.eval.table import block_label
+
+    assert keep_key(1.0) != keep_key(1) and parse_keep(keep_key(1.0)) == 1.0
+    assert isinstance(parse_keep(keep_key(1.0)), float) and parse_keep(keep_key(1)) == 1
+    assert [parse_keep(keep_key(k)) for k in (0.333, 0.5, 64, 1e-7)] == [0.333, 0.5, 64, 1e-7]
+    assert block_label(parse_keep(keep_key(1.0)), 576) == "Retain 100.0% tokens (↓0.0%)"
+    assert block_label(parse_keep(keep_key(1)), 576) == "Retain 1 tokens (↓99.8%)"

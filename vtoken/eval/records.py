@@ -27,12 +27,14 @@ PRED_KEYS = ("dataset", "id", "method", "keep")
 
 
 def keep_key(keep) -> str:
-    """Canonical string of a budget: ``"full"`` (upper bound), ``"192"`` or ``"0.333"``."""
+    """Canonical string of a budget: ``"full"`` (upper bound), ``"192"`` or ``"0.333"``; a whole
+    fraction keeps its point (``1.0`` -> ``"1.0"``: every token, not the token budget ``"1"``)."""
     if keep is None:
         return "full"
     if isinstance(keep, int):
         return str(keep)
-    return f"{float(keep):.6g}"
+    text = f"{float(keep):.6g}"
+    return text if any(c in text for c in ".en") else text + ".0"
 
 
 def parse_keep(text: str):
