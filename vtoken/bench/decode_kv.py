@@ -22,8 +22,8 @@ import torch
 
 import vtoken
 from vtoken.bench.common import cache_of, kv_bytes
-from vtoken.hooks import held_bytes
 from vtoken.bench.models import build_llava, llava_inputs
+from vtoken.hooks import held_bytes
 
 
 def _generate(model, inputs, n):
@@ -44,7 +44,8 @@ def _timed(model, inputs, n, sync, repeats):
 
 def measure(model, inputs, methods=("a2sf", "lookm"), keep=64, new_tokens=32, repeats=3) -> list:
     """One row per variant (``none`` = plain generate, then each method): kv_bytes of the final
-    cache, readmit_mb (a readmit plan's stash, held besides), decode_ms_per_token, peak_mem_gb (CUDA), visual tokens kept per image."""
+    cache, readmit_mb (a readmit plan's stash, held besides), decode_ms_per_token, peak_mem_gb
+    (CUDA), visual tokens kept per image."""
     dev = inputs["input_ids"].device
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
