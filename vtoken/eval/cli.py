@@ -267,7 +267,8 @@ def main(argv=None) -> int:
                 print(f"warning: {d['name']}: {d['malformed_records']} malformed record(s) and "
                       f"{d['failed_questions']} unreadable/failed question(s) skipped; see results.json",
                       file=sys.stderr)
-        print(f"wrote {out}/table.md, table.csv, results.json, predictions.jsonl, plot.png", file=sys.stderr)
+        by_type = ", by_type.md" if (out / "by_type.md").exists() else ""
+        print(f"wrote {out}/table.md, table.csv, results.json, predictions.jsonl, plot.png{by_type}", file=sys.stderr)
         for m in results.get("budget_mismatches") or []:
             print(f"{'error' if args.strict_budget else 'warning'}: {m}", file=sys.stderr)
         if results.get("failed_configs"):
