@@ -21,7 +21,7 @@ import time
 import torch
 
 import vtoken
-from vtoken.bench.common import cache_of, kv_bytes
+from vtoken.bench.common import cache_of
 from vtoken.bench.models import build_llava, llava_inputs
 from vtoken.hooks import held_bytes
 
@@ -58,7 +58,8 @@ def measure(model, inputs, methods=("a2sf", "lookm"), keep=64, new_tokens=32, re
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(dev)
                 long_ms, out = _timed(model, inputs, new_tokens, sync, repeats)
-                kv, readmit = kv_bytes(cache_of(out)), held_bytes(cache_of(out))["readmit"]
+                held = held_bytes(cache_of(out))
+                kv, readmit = held["kv"] + held["low_bits"], held["readmit"]
                 del out
                 short_ms, out = _timed(model, inputs, 1, sync, repeats)
                 del out
