@@ -173,7 +173,11 @@ def test_type_scores_hand_computed():
     assert per["left"] == {"score": 75.0, "n": 4, "low": 100 * lo, "high": 100 * hi}
     assert per["above"]["score"] == pytest.approx(100 / 3) and per["above"]["n"] == 3
     graded = type_scores("vqa", _recs([0.3, 1.0], qtype="a") + _recs([0.6], prefix="b", qtype="b"))
-    assert graded["a"] == {"score": 65.0, "n": 2, "low": None, "high": None}  # not 0/1: no Wilson interval
+    # graded scores: the main table's bootstrap over the type's questions (resamples of {0.3, 1.0}
+    # average to 30, 65 or 100), not a Wilson interval
+    assert graded["a"]["score"] == 65.0 and graded["a"]["n"] == 2
+    assert 30.0 <= graded["a"]["low"] <= 65.0 <= graded["a"]["high"] <= 100.0
+    assert graded["a"]["low"] < graded["a"]["high"]
     assert type_scores("exact", _recs([1, 0], qtype="only")) is None  # one type: nothing to break down
     assert type_scores("pope", recs) is None and type_scores("mme", recs) is None
 

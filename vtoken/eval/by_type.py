@@ -3,7 +3,9 @@
 A data set whose questions carry a type (``Sample.qtype``: the synthetic sets' "left" / "count" /
 "flash", GQA's structural types, MME's categories, ...) gets one table: a row per method and
 budget, a column per type, each cell the type's score under the data set's per-question metric
-(vqa / exact / mc: mean score x 100) with its 95 % Wilson interval when the scores are 0/1. POPE
+(vqa / exact / mc: mean score x 100, :func:`vtoken.eval.scores.dataset_score`) with the 95 %
+interval the main table gives a data set (:func:`vtoken.eval.significance.score_interval`: Wilson
+for 0/1 scores, bootstrap over the type's questions for graded VQA scores). POPE
 (F1 per category is already its headline) and MME (a sum, not a mean) are left to the main table.
 """
 
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from vtoken.eval.statistics import is_binary, wilson_interval
+from vtoken.eval.scores import dataset_score
+from vtoken.eval.significance import score_interval
 
 __all__ = ["type_scores", "render_by_type"]
 
@@ -28,16 +31,13 @@ def type_scores(metric: str, recs: list) -> Optional[dict]:
     groups: dict = {}
     for r in recs:
         if r.get("error") is None:
-            groups.setdefault(str(r.get("qtype") or ""), []).append(float(r["score"]))
+            groups.setdefault(str(r.get("qtype") or ""), []).append(r)
     if len(groups) < 2:
         return None
     out = {}
-    for qtype, scores in sorted(groups.items()):
-        n = len(scores)
-        low = high = None
-        if is_binary(scores):
-            low, high = (100.0 * x for x in wilson_interval(int(sum(scores)), n))
-        out[qtype] = {"score": 100.0 * sum(scores) / n, "n": n, "low": low, "high": high}
+    for qtype, group in sorted(groups.items()):
+        ci = score_interval(metric, group) or {}
+        out[qtype] = {**dataset_score(metric, group), "low": ci.get("low"), "high": ci.get("high")}
     return out
 
 

@@ -1,0 +1,154 @@
+"""Where batch-1 TTFT goes on ``apply_pruning(..., compile={"fused_ops": True})`` + ``generate`` (issue 23, item 2).
+
+    python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 32]
+
+LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
+check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
+time of 15 calls after 3 warm-ups; one call under ``cProfile`` (host time per Python function:
+``DIR/METHOD.cprofile.txt``); one call under ``torch.profiler`` (``DIR/METHOD.ops.txt``: ops by
+self CPU time; the summed GPU kernel time, i.e. how long the GPU was busy out of the wall time).
+With ``--decode-batch B``: per method, ``generate(max_new_tokens=33)`` at batch B under
+``torch.profiler`` (``DIR/METHOD.decode_bB.txt``: GPU kernels by device time, i.e. what the 32
+decode steps spend their time on). ``DIR/summary.json`` holds the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import time
+
+import torch
+
+import vtoken
+from vtoken.bench import models as M
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def profile_method(model, inputs, method: str, keep: int, out: str, dev) -> dict:
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile={"fused_ops": True})
+    try:
+        def gen():
+            return model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+        for _ in range(3):
+            gen()
+        times = []
+        for _ in range(15):
+            _sync(dev)
+            t0 = time.perf_counter()
+            gen()
+            _sync(dev)
+            times.append(1000 * (time.perf_counter() - t0))
+        prof = cProfile.Profile()
+        _sync(dev)
+        prof.enable()
+        gen()
+        _sync(dev)
+        prof.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("cumulative").print_stats(70)
+        stats.sort_stats("tottime").print_stats(40)
+        with open(os.path.join(out, f"{method}.cprofile.txt"), "w") as f:
+            f.write(text.getvalue())
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if dev.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as tp:
+            gen()
+            _sync(dev)
+        events = tp.key_averages()
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+        with open(os.path.join(out, f"{method}.ops.txt"), "w") as f:
+            f.write(events.table(sort_by="self_cpu_time_total", row_limit=60))
+            if dev.type == "cuda":
+                f.write("\n\n" + events.table(sort_by="self_device_time_total", row_limit=40))
+        n_ops = sum(e.count for e in events)
+        last = dict(model.generate.route.decoder.last) if hasattr(model.generate, "route") else {}
+        return dict(method=method, keep=keep, ttft_ms_median=statistics.median(times),
+                    ttft_ms_min=min(times), ttft_ms_max=max(times), gpu_busy_ms=gpu_us / 1000,
+                    profiler_op_calls=n_ops, engine_last={k: v for k, v in last.items()
+                                                          if isinstance(v, (int, float, str, bool, type(None)))})
+    finally:
+        handle.remove()
+
+
+def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, new_tokens: int = 33) -> dict:
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile={"fused_ops": True})
+    try:
+        def gen(n):
+            return model.generate(**batch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        gen(new_tokens)
+        gen(1)
+        times = {}
+        for n in (1, new_tokens):
+            ts = []
+            for _ in range(3):
+                _sync(dev)
+                t0 = time.perf_counter()
+                gen(n)
+                _sync(dev)
+                ts.append(1000 * (time.perf_counter() - t0))
+            times[n] = statistics.median(ts)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if dev.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as tp:
+            gen(new_tokens)
+            _sync(dev)
+        events = tp.key_averages()
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+        batch = batch_inputs["input_ids"].shape[0]
+        with open(os.path.join(out, f"{method}.decode_b{batch}.txt"), "w") as f:
+            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            f.write(events.table(sort_by=key, row_limit=50))
+        return dict(method=method, keep=keep, batch=batch, ttft_ms=times[1], total_ms=times[new_tokens],
+                    decode_ms_per_token=(times[new_tokens] - times[1]) / (new_tokens - 1),
+                    gpu_busy_ms_profiled_call=gpu_us / 1000)
+    finally:
+        handle.remove()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--methods", default="none,fastv")
+    p.add_argument("--keep", type=int, default=64)
+    p.add_argument("--decode-batch", type=int, default=0)
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    model = M.build_llava(args.tiny, dev, dtype)
+    inputs = M.llava_inputs(model, 1, device=dev, dtype=dtype)
+    rows = []
+    for method in args.methods.split(","):
+        row = profile_method(model, inputs, method, args.keep, args.out, dev)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.decode_batch:
+        big = M.llava_inputs(model, args.decode_batch, device=dev, dtype=dtype)
+        for method in args.methods.split(","):
+            row = profile_decode(model, big, method, args.keep, args.out, dev)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
