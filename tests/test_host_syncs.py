@@ -318,3 +318,39 @@ def test_a_stage_that_drops_nothing_costs_its_successor_one_sync(arch):
         with vtoken.apply_pruning(model, plan=plan):
             counts[n] = _syncs_in_language_model(model, inputs)
     assert counts[3] - counts[2] == 1, counts
+
+
+def _repeat_batch(inputs: dict, times: int) -> dict:
+    """``times`` copies of a one-sample batch (per-image tensors repeated with it)."""
+    return {k: torch.cat([v] * times) if torch.is_tensor(v) and v.dim() else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method,options", [("fastv", {}), ("pyramiddrop", {"layers": (1, 2, 3)})])
+def test_stats_cost_no_syncs_per_sample(arch, method, options):
+    """``handle.stats`` of a batch reads each device tensor once: its syncs and host copies do not
+    grow with the batch (``vtoken eval`` reads the stats of every batch of 128; on a shared GPU a
+    sync per sample cost seconds per batch). Four copies of one prompt also get that prompt's stats."""
+    from conftest import count_syncs
+
+    model = get_model(arch)
+    one = get_inputs(arch, model, variant="single")
+    costs, stats = [], []
+    for times in (1, 4):
+        with vtoken.apply_pruning(model, method=method, keep=0.25, **options) as handle:
+            with torch.no_grad():
+                model(**_repeat_batch(one, times))
+            costs.append(count_syncs(lambda: handle.stats))
+            stats.append(handle.stats)
+    assert costs[1] == costs[0], f"stats of 4 samples: {costs[1]} syncs / copies, of 1 sample: {costs[0]}"
+    single, batch = stats
+    assert len(batch.visual_tokens) == 4
+    for b in range(4):
+        assert batch.visual_tokens[b] == single.visual_tokens[0]
+        assert batch.context_tokens[b] == single.context_tokens[0]
+        assert batch.equivalent_tokens[b] == pytest.approx(single.equivalent_tokens[0])
+        assert batch.segments[b] == single.segments[0]
+        for st1, stb in zip(single.stages, batch.stages):
+            assert torch.equal(stb.kept[b], st1.kept[0]) and stb.counts[b] == st1.counts[0]
+            torch.testing.assert_close(stb.scores[b], st1.scores[0], equal_nan=True)
+    assert any(bool(torch.isfinite(st.scores[0]).any()) for st in single.stages)  # scores were read
