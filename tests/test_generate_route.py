@@ -20,8 +20,9 @@ PRUNINGS = [dict(method="fastv", keep=4, K=1), dict(method="fastv", keep=1.0)]
 SAMPLE = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
 
 
-def both(name, pruning, seed=None, **gen):
-    """(compile=False output, compile=True output) of ``model.generate(**inputs, **gen)``."""
+def both(name, pruning, seed=None, choice=None, new_tokens=T, **gen):
+    """(compile=False output, compile=True output) of ``model.generate(**inputs, **gen)``; with
+    ``choice``, the compiled call must have chosen its tokens there ("graph" / "host")."""
     model = get_model(name)
     inputs = get_inputs(name, model)
     out = []
@@ -29,8 +30,9 @@ def both(name, pruning, seed=None, **gen):
         with vtoken.apply_pruning(model, compile=compile, **pruning):
             if seed is not None:
                 torch.manual_seed(seed)
-            out.append(model.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS, **gen))
+            out.append(model.generate(**inputs, max_new_tokens=new_tokens, suppress_tokens=SUPPRESS, **gen))
             if compile:  # the call ran on the static engine (its buffers hold the pruned prefill)
+                assert choice is None or model.generate.route.token_choice == choice
                 last = model.generate.route.decoder.last
                 assert last["prefill_lengths"][0] == inputs["input_ids"].shape[1]
                 assert pruning.get("keep") == 1.0 or len(last["prefill_lengths"]) > 1 or last["decode_stages_run"]
@@ -40,7 +42,7 @@ def both(name, pruning, seed=None, **gen):
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("pruning", PRUNINGS, ids=["fastv", "unpruned"])
 def test_greedy_generate_equals_dynamic_cache(name, pruning):
-    ref, got = both(name, pruning, do_sample=False)
+    ref, got = both(name, pruning, choice="graph", do_sample=False)
     assert ref.shape[1] == get_inputs(name, get_model(name))["input_ids"].shape[1] + T
     assert torch.equal(got, ref)
 
@@ -50,7 +52,7 @@ def test_greedy_generate_equals_dynamic_cache(name, pruning):
 def test_sampling_with_a_seed_equals_dynamic_cache(name, pruning):
     # exact by construction: top_k=1 leaves one token whatever the logits' last bits, and the sampling
     # path (temperature, top-k warper, softmax, multinomial draw) still runs
-    ref, got = both(name, pruning, seed=0, do_sample=True, temperature=0.7, top_k=1)
+    ref, got = both(name, pruning, seed=0, choice="host", do_sample=True, temperature=0.7, top_k=1)
     assert torch.equal(got, ref) and torch.equal(got, both(name, pruning, do_sample=False)[0])
     # full sampling: the logits of the two paths differ by ~1e-7 in padded rows (other kernels over
     # the same values), too little to move a multinomial draw here; with the same seed the draws
@@ -67,14 +69,39 @@ def test_return_dict_scores_logits_and_eos_padding():
     eos = int(ref0[0, n + 1])  # a token the first row generates: that row ends there and is padded
     gen = dict(do_sample=False, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True,
                output_scores=True, output_logits=True)
-    ref, got = both("llava", PRUNINGS[0], **gen)
+    ref, got = both("llava", PRUNINGS[0], choice="host", **gen)
     assert torch.equal(got.sequences, ref.sequences)
     assert (got.sequences[0, n + 2:] == 0).all()
     assert len(got.scores) == len(ref.scores) and len(got.logits) == len(ref.logits)
     for a, b in zip(got.scores + got.logits, ref.scores + ref.logits):  # the last bits differ (see below)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    ref, got = both("llava", PRUNINGS[0], do_sample=False, eos_token_id=eos, pad_token_id=0, min_new_tokens=T)
-    assert torch.equal(got, ref)  # min_new_tokens' processor masks the EOS
+    for at_least, choice in ((T, "graph"), (2, "host")):  # masks the EOS at every step: in the graph
+        ref, got = both("llava", PRUNINGS[0], choice=choice, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                        min_new_tokens=at_least)
+        assert torch.equal(got, ref)  # min_new_tokens' processor masks the EOS
+
+
+def test_greedy_in_graph_pads_after_eos_and_stops_when_every_row_ended():
+    """Plain greedy keeps the argmax in the captured step: EOS padding as ``generate``; a batch whose
+    rows have all ended stops within CHECK_EVERY steps, and its output ends after the last EOS."""
+    from vtoken.engine.eos import CHECK_EVERY
+
+    model = get_model("llava")
+    n = get_inputs("llava", model)["input_ids"].shape[1]
+    ref0 = both("llava", PRUNINGS[0], do_sample=False)[0]
+    eos = int(ref0[0, n + 1])  # the first row ends at its second token
+    ref, got = both("llava", PRUNINGS[0], choice="graph", do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, ref) and (got[0, n + 2:] == 0).all()
+    ended = [int(t) for t in ref0[:, n + 1]]  # every row's second token: as EOS, all rows end there
+    long = 3 * CHECK_EVERY
+    ref, got = both("llava", PRUNINGS[0], choice="graph", new_tokens=long, do_sample=False, eos_token_id=ended,
+                    pad_token_id=0)
+    assert torch.equal(got, ref) and got.shape[1] <= n + 2
+    with vtoken.apply_pruning(model, compile=True, **PRUNINGS[0]):
+        model.generate(**get_inputs("llava", model), max_new_tokens=long, suppress_tokens=SUPPRESS, do_sample=False,
+                       eos_token_id=ended, pad_token_id=0)
+        steps = model.generate.route.decoder.last["decode_steps"]
+    assert steps == CHECK_EVERY  # the first check after every row ended, not the long - 1 steps asked for
 
 
 class _Collect(BaseStreamer):

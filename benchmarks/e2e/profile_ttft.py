@@ -1,15 +1,17 @@
 """Where batch-1 TTFT goes on ``apply_pruning(..., compile={"fused_ops": True})`` + ``generate`` (issue 23, item 2).
 
-    python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 32]
+    python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 1,32]
 
 LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
 check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
 time of 15 calls after 3 warm-ups; one call under ``cProfile`` (host time per Python function:
 ``DIR/METHOD.cprofile.txt``); one call under ``torch.profiler`` (``DIR/METHOD.ops.txt``: ops by
 self CPU time; the summed GPU kernel time, i.e. how long the GPU was busy out of the wall time).
-With ``--decode-batch B``: per method, ``generate(max_new_tokens=33)`` at batch B under
-``torch.profiler`` (``DIR/METHOD.decode_bB.txt``: GPU kernels by device time, i.e. what the 32
-decode steps spend their time on). ``DIR/summary.json`` holds the numbers.
+With ``--decode-batch B[,B2...]``: per method and batch, ``generate(max_new_tokens=33,
+min_new_tokens=33)`` with the token choice inside the captured step (plain greedy) and on the host
+(a logits processor that changes nothing), alternately, medians of 3; TTFT and decode ms/token
+((33-token time - TTFT) / 32); the first under ``torch.profiler`` (``DIR/METHOD.decode_bB.txt``: GPU
+kernels by device time, i.e. what the 32 decode steps spend their time on). ``DIR/summary.json`` holds the numbers.
 """
 
 from __future__ import annotations
@@ -83,29 +85,44 @@ def profile_method(model, inputs, method: str, keep: int, out: str, dev) -> dict
         handle.remove()
 
 
-def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, new_tokens: int = 33) -> dict:
-    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile={"fused_ops": True})
-    try:
-        def gen(n):
-            return model.generate(**batch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+class _Identity:
+    """A logits processor that changes nothing: it makes ``generate`` choose tokens on the host."""
 
-        gen(new_tokens)
-        gen(1)
+    def __call__(self, input_ids, scores):
+        return scores
+
+
+def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, new_tokens: int = 33) -> list:
+    """Two rows: the token choice inside the captured step (plain greedy) and on the host (the same
+    call with a logits processor that changes nothing), timed alternately in one run."""
+    from transformers.generation import LogitsProcessorList
+
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile={"fused_ops": True})
+    rows = []
+    try:
+        variants = {"graph": {}, "host": {"logits_processor": LogitsProcessorList([_Identity()])}}
+
+        def gen(n, choice):
+            return model.generate(**batch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  **variants[choice])
+
         times = {}
-        for n in (1, new_tokens):
-            ts = []
-            for _ in range(3):
-                _sync(dev)
-                t0 = time.perf_counter()
-                gen(n)
-                _sync(dev)
-                ts.append(1000 * (time.perf_counter() - t0))
-            times[n] = statistics.median(ts)
+        for choice in variants:
+            gen(new_tokens, choice)
+            gen(1, choice)
+        for _ in range(3):
+            for choice in variants:
+                for n in (1, new_tokens):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    gen(n, choice)
+                    _sync(dev)
+                    times.setdefault((choice, n), []).append(1000 * (time.perf_counter() - t0))
         acts = [torch.profiler.ProfilerActivity.CPU]
         if dev.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts) as tp:
-            gen(new_tokens)
+            gen(new_tokens, "graph")
             _sync(dev)
         events = tp.key_averages()
         gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
@@ -113,9 +130,12 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
         with open(os.path.join(out, f"{method}.decode_b{batch}.txt"), "w") as f:
             key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             f.write(events.table(sort_by=key, row_limit=50))
-        return dict(method=method, keep=keep, batch=batch, ttft_ms=times[1], total_ms=times[new_tokens],
-                    decode_ms_per_token=(times[new_tokens] - times[1]) / (new_tokens - 1),
-                    gpu_busy_ms_profiled_call=gpu_us / 1000)
+        for choice in variants:
+            ttft, total = statistics.median(times[(choice, 1)]), statistics.median(times[(choice, new_tokens)])
+            rows.append(dict(method=method, keep=keep, batch=batch, token_choice=choice, ttft_ms=ttft, total_ms=total,
+                             decode_ms_per_token=(total - ttft) / (new_tokens - 1),
+                             gpu_busy_ms_profiled_call=gpu_us / 1000 if choice == "graph" else None))
+        return rows
     finally:
         handle.remove()
 
@@ -126,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--methods", default="none,fastv")
     p.add_argument("--keep", type=int, default=64)
-    p.add_argument("--decode-batch", type=int, default=0)
+    p.add_argument("--decode-batch", default="", help="comma-separated batch sizes")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -138,12 +158,12 @@ def main(argv=None) -> int:
         row = profile_method(model, inputs, method, args.keep, args.out, dev)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if args.decode_batch:
-        big = M.llava_inputs(model, args.decode_batch, device=dev, dtype=dtype)
+    for batch in [int(b) for b in args.decode_batch.split(",") if b]:
+        big = M.llava_inputs(model, batch, device=dev, dtype=dtype)
         for method in args.methods.split(","):
-            row = profile_decode(model, big, method, args.keep, args.out, dev)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for row in profile_decode(model, big, method, args.keep, args.out, dev):
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)

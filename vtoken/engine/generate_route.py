@@ -3,11 +3,13 @@
 :func:`route_generate` puts an outermost ``generate`` wrapper on the handle's model (undone by
 ``handle.remove()``) that hands each call to :class:`GenerateRoute`, which prepares it with the model's own ``generate`` machinery (generation
 config, special tokens, lengths, ``_get_logits_processor``, ``_get_stopping_criteria``) and runs
-the decode on the static engine. The token choice of each step runs outside the engine's
-(captured) step, through its ``next_token`` hook, with the body of ``transformers``' sampling
-loop: logits processors, ``softmax`` + ``multinomial`` (``do_sample``) or ``argmax``, padding of
-finished rows, the streamer, the stopping criteria. Greedy and sampling with the same seed give
-what ``model.generate`` gives on the dynamic cache.
+the decode on the static engine. A plain greedy call (no logits processor but token suppression or a minimum length
+covering every new token, no stopping criterion but the length and EOS, no streamer, no scores)
+keeps the argmax inside the engine's captured step. Otherwise the token choice of each step runs outside it, through its
+``next_token`` hook, with the body of ``transformers``' sampling loop: logits processors,
+``softmax`` + ``multinomial`` (``do_sample``) or ``argmax``, padding of finished rows, the
+streamer, the stopping criteria. Greedy and sampling with the same seed give what
+``model.generate`` gives on the dynamic cache.
 
 What it cannot carry (beams, assisted decoding, a cache passed in, ``use_cache=False``, several
 sequences per prompt, attention / hidden-state outputs) raises
@@ -33,14 +35,43 @@ _REFUSED_KWARGS = {
 }
 
 
+def _greedy_in_graph(processors, criteria, prompt: int, new_tokens: int):
+    """The token ids to suppress when a greedy call's token choice can stay inside the engine's
+    captured step, or None when it cannot (the host then chooses between two steps). It can when
+    every logits processor only suppresses tokens at every step of this call (token suppression;
+    a minimum length that covers every new token, which masks the EOS at each step) and the
+    stopping criteria are only the length and EOS, which the engine applies as ``generate`` does."""
+    from transformers.generation import (EosTokenCriteria, MaxLengthCriteria, MinLengthLogitsProcessor,
+                                         MinNewTokensLengthLogitsProcessor, SuppressTokensLogitsProcessor)
+
+    suppress = []
+    for p in processors:
+        if type(p) is SuppressTokensLogitsProcessor:
+            ids = p.suppress_tokens
+        elif type(p) is MinNewTokensLengthLogitsProcessor and p.min_new_tokens >= new_tokens:
+            ids = p.eos_token_id
+        elif type(p) is MinLengthLogitsProcessor and p.min_length >= prompt + new_tokens:
+            ids = p.eos_token_id
+        else:
+            return None
+        suppress += torch.as_tensor(ids).reshape(-1).tolist()
+    if any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in criteria):
+        return None
+    return sorted(set(suppress))
+
+
 class GenerateRoute:
     """``generate(original, args, kwargs)``: one ``model.generate`` call on the static engine (the
-    :class:`StaticDecoder` is built on the first call and kept: its graphs are reused per shape)."""
+    :class:`StaticDecoder` is built on the first call and kept: its graphs are reused per shape).
+    ``token_choice`` tells how the last call chose its tokens: ``"graph"`` (greedy whose processors
+    only suppress tokens: the argmax runs inside the captured step, no host turn per token) or
+    ``"host"`` (``transformers``' processors, sampling and criteria between two steps)."""
 
     def __init__(self, model, **engine_options):
         self.model = model
         self.engine_options = engine_options
         self.decoder = None
+        self.token_choice = None
 
     def _refuse(self, what: str):
         raise UnsupportedCallError(f"compile=True (the static decode engine) does not run {what}; {_OFF}")
@@ -150,17 +181,27 @@ class GenerateRoute:
             state["unfinished"] = state["unfinished"] & ~criteria(ids, scores)
             return tokens
 
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
         if self.decoder is None:
             self.decoder = StaticDecoder(model, **self.engine_options)
+        in_graph = None if (config.do_sample or streamer is not None or scores is not None or raw is not None) \
+            else _greedy_in_graph(processors, criteria, length, new_tokens)
+        self.token_choice = "graph" if in_graph is not None else "host"
         try:
-            self.decoder.generate(max_new_tokens=new_tokens, next_token=next_token, **model_kwargs)
+            if in_graph is not None:  # plain greedy: the argmax stays inside the captured step
+                eos = config._eos_token_tensor
+                sequences = self.decoder.generate(
+                    max_new_tokens=new_tokens, suppress_tokens=in_graph or None,
+                    eos_token_id=None if eos is None else eos.reshape(-1).tolist(),
+                    pad_token_id=None if pad is None else int(pad), **model_kwargs)
+            else:
+                if streamer is not None:
+                    streamer.put(input_ids.cpu())
+                self.decoder.generate(max_new_tokens=new_tokens, next_token=next_token, **model_kwargs)
+                sequences = state["ids"]
         except UnsupportedCallError as err:
             raise UnsupportedCallError(f"{err}; {_OFF}") from err
         if streamer is not None:
             streamer.end()
-        sequences = state["ids"]
         if want_dict:
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw)
         return sequences

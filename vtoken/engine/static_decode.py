@@ -55,6 +55,7 @@ from typing import Optional
 import torch
 
 from vtoken.adapters import get_adapter
+from vtoken.engine.eos import all_ended, CHECK_EVERY, finish
 from vtoken.engine.graphs import _capture, _GraphedForward, _Session
 from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_inputs
 from vtoken.engine.static_kv import _KVBuffers, LayoutGroup, StaticKV
@@ -95,9 +96,11 @@ class StaticDecoder(_Prefill, _KVBuffers):
     ``model.generate(**inputs, max_new_tokens=T, do_sample=False)`` returns (prompt ids followed
     by the new tokens, ``[B, N + T']``), with or without a :func:`vtoken.apply_pruning` handle on
     the model. After a call, :attr:`last` holds ``prefill_ms``, ``setup_ms``, ``capture_ms``,
-    ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``kv_bytes`` (the static
-    buffers), ``prefill_lengths`` (each layer group's prefill KV length), whether graphs ran and
-    ``decode_stages_run`` (decode-time stages applied; :attr:`stages` holds them after the call).
+    ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``decode_steps`` (steps run:
+    greedy decoding stops within :data:`vtoken.engine.eos.CHECK_EVERY` steps once every row has
+    ended), ``kv_bytes`` (the static buffers), ``prefill_lengths`` (each layer group's prefill KV
+    length), whether graphs ran and ``decode_stages_run`` (decode-time stages applied;
+    :attr:`stages` holds them after the call).
 
     Graph prefill (``graph_prefill``, default on with ``cuda_graph``): the prefill runs eagerly up
     to the last pruning stage (vision tower, the full-length layers, scoring and the gather; with
@@ -386,14 +389,17 @@ class StaticDecoder(_Prefill, _KVBuffers):
                     run()
                     if chose is not None and not chose(i):
                         break
+                    if chose is None and (i + 1) % CHECK_EVERY == 0 and all_ended(session.new[:, :i + 2], eos_ids):
+                        done = i + 2  # every row has ended: the rest would be padding
+                        break
             sync(); t4 = time.perf_counter()
         finally:
             for attn, original in undo:
                 attn.config = original
-        new = _finish(session.new.clone(), eos_ids, pad) if next_token is None else session.new[:, :done].clone()
+        new = finish(session.new[:, :done].clone(), eos_ids, pad) if next_token is None else session.new[:, :done].clone()
         self.last = dict(
             prefill_ms=1000 * (t1 - t0), setup_ms=1000 * (t2 - t1), capture_ms=capture_ms, prefill_chunks=len(firsts),
-            decode_ms_per_token=1000 * (t4 - t3) / (done - 1) if done > 1 else None,
+            decode_ms_per_token=1000 * (t4 - t3) / (done - 1) if done > 1 else None, decode_steps=max(done - 1, 0),
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
             cuda_graph=bool(use_graph and done > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
@@ -403,18 +409,3 @@ class StaticDecoder(_Prefill, _KVBuffers):
             self.stages.release()
         return torch.cat([input_ids, new], dim=1)
 
-
-def _finish(new: torch.Tensor, eos_ids: list, pad: int) -> torch.Tensor:
-    """As ``generate``: tokens after a row's first EOS become ``pad``; stop once every row ended."""
-    if not eos_ids:
-        return new
-    is_eos = torch.zeros_like(new, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= new == e
-    ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly earlier in the row
-    new = new.masked_fill(ended_before, pad)
-    done = is_eos.any(1)
-    if bool(done.all()):
-        length = int((is_eos.long().argmax(1) + 1).max())
-        new = new[:, :length]
-    return new
