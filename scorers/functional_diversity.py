@@ -14,6 +14,8 @@ import torch
 
 #: chunk of rows used when an (n x n) similarity would not fit comfortably in memory
 ROW_CHUNK = 1024
+#: most similarities (segments x n x n, float32) greedy_maxmin holds at once: 64 M = 256 MB
+GRAM_ENTRIES = 1 << 26
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -25,21 +27,28 @@ def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
 
 
-def nearest_neighbour_distance(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _nearest_from_similarity(sim: torch.Tensor, mask: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of the nearest-other-real-slot distance from their similarities ``sim``
+    (S, c, n) to every slot (see :func:`nearest_neighbour_distance`)."""
+    ar = torch.arange(rows.start, rows.stop, device=sim.device)
+    d = (1.0 - sim).masked_fill(~mask.unsqueeze(1), float("inf"))
+    d[:, ar - rows.start, ar] = float("inf")  # not its own neighbour
+    return d.min(dim=2).values
+
+
+def nearest_neighbour_distance(z: torch.Tensor, mask: torch.Tensor, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """For unit features z (S, n, D): each real slot's cosine distance (1 - cos) to its nearest
     OTHER real slot; (S, n), +inf where a segment has a single candidate, +inf on padding.
 
-    Computed in row chunks so the (n x n) matrix is never held at once for large n.
+    From ``gram`` (S, n, n) = z z^T when given, else computed in row chunks so the (n x n) matrix
+    is never held at once for large n.
     """
     S, n, _ = z.shape
     out = torch.full((S, n), float("inf"), dtype=torch.float32, device=z.device)
-    ar = torch.arange(n, device=z.device)
     for start in range(0, n, ROW_CHUNK):
-        stop = min(n, start + ROW_CHUNK)
-        d = 1.0 - z[:, start:stop] @ z.transpose(1, 2)  # (S, c, n)
-        d = d.masked_fill(~mask.unsqueeze(1), float("inf"))
-        d[:, ar[start:stop] - start, ar[start:stop]] = float("inf")  # not its own neighbour
-        out[:, start:stop] = d.min(dim=2).values
+        rows = slice(start, min(n, start + ROW_CHUNK))
+        sim = gram[:, rows] if gram is not None else z[:, rows] @ z.transpose(1, 2)  # (S, c, n)
+        out[:, rows] = _nearest_from_similarity(sim, mask, rows)
     return out.masked_fill(~mask, float("inf"))
 
 
@@ -77,10 +86,17 @@ def greedy_maxmin(
         picked = seed.sum(dim=1)
         # min distance of every slot to its segment's seed set (inf without seeds)
         mind = 1.0 - masked_max_similarity(z, seed)[0]
+    # the cosine similarities of every pair at once (as the released code's distance matrix) where
+    # they fit: then every pick runs in one launch (vtoken.kernels.greedy_select)
+    gram = z @ z.transpose(1, 2) if S * n * n <= GRAM_ENTRIES else None
     need_first = picked == 0
     first_score = None
     if bool(need_first.any()):
-        first_score = nearest_neighbour_distance(z, mask)
+        first_score = nearest_neighbour_distance(z, mask, gram)
+    if gram is not None:
+        from vtoken.kernels.greedy_select import greedy_maxmin_gram
+
+        return greedy_maxmin_gram(gram, mask, (budget - picked).clamp(min=0), mind, first_score, keep, order, picked)
     steps = int((budget - picked).clamp(min=0).max()) if S else 0
     # every step runs on all rows with static shapes (a row that has its budget changes nothing):
     # no host sync inside the loop, about a dozen small kernels per step
