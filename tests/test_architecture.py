@@ -44,7 +44,7 @@ ALLOWED = {
     "kernels": set(),
     "contract": set(),
     "registry": {"contract"},
-    "scorers": {"contract", "registry"},
+    "scorers": {"kernels", "contract", "registry"},
     "adapters": {"contract", "registry"},
     "hooks": {"kernels", "contract", "registry", "scorers", "adapters"},
     "engine": {"kernels", "contract", "registry", "adapters", "hooks"},
