@@ -98,7 +98,8 @@ def build_stats(trace, layout, vis_ordinal, num_layers: int, orig_valid=None) ->
     in_any = segment_of >= 0
     seg_all, ord_all = segment_of[in_any], vis_ord[in_any]
     lengths = torch.bincount(seg_all, minlength=S).tolist()
-    offsets = torch.full((S,), -1, dtype=torch.long).scatter_reduce(0, seg_all, ord_all, "amin", include_self=False).tolist()
+    offsets = torch.full((S,), -1, dtype=torch.long).scatter_reduce(
+        0, seg_all, ord_all, "amin", include_self=False).tolist()
     segments = [[] for _ in range(B)]
     for s in range(S):
         segments[seg_sample[s]].append(SegmentInfo(

@@ -36,7 +36,8 @@ def _nearest_from_similarity(sim: torch.Tensor, mask: torch.Tensor, rows: slice)
     return d.min(dim=2).values
 
 
-def nearest_neighbour_distance(z: torch.Tensor, mask: torch.Tensor, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
+def nearest_neighbour_distance(z: torch.Tensor, mask: torch.Tensor,
+                               gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """For unit features z (S, n, D): each real slot's cosine distance (1 - cos) to its nearest
     OTHER real slot; (S, n), +inf where a segment has a single candidate, +inf on padding.
 

@@ -196,6 +196,40 @@ def test_fused_ops_decode_equals_generate(name, pruned):
     assert dec.last["fused_ops"] and len(calls) == T - 1  # every decode step went through the fused layers
 
 
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_fused_prefill_tail_equals_generate(name, pruned):
+    """With fused_ops the split prefill's tail (the layers after the last stage) runs with the fused
+    element-wise kernels too, exactly (PyTorch references): the same tokens as generate; the tail
+    went through the fused layers where each token has one rotary table (LLaVA), the model's
+    own layers where a rotary embedding gives per-component M-RoPE tables (Qwen2-VL on some
+    transformers versions; others merge them into one table per token)."""
+    from vtoken.engine import prefill
+
+    model = get_model(name)
+    inputs = get_inputs(name, model)
+    handle = vtoken.apply_pruning(model, method="fastv", keep=4, K=1) if pruned else None
+    calls = []
+    real = prefill.run_prefill_layers
+
+    def counted(*a, **k):
+        calls.append(k["first"])
+        return real(*a, **k)
+
+    try:
+        ref = model.generate(**inputs, **GEN)
+        prefill.run_prefill_layers = counted
+        got, dec = static(model, inputs, fused_ops=True, graph_prefill=True)
+    finally:
+        prefill.run_prefill_layers = real
+        if handle is not None:
+            handle.remove()
+    assert torch.equal(got, ref)
+    stop = dec.last["graph_prefill_from_layer"]
+    assert stop == (1 if pruned else 0)
+    assert calls == [stop] or (name == "qwen2_vl" and calls == [])
+
+
 def _tiny_granite_next(embedding_multiplier):
     """A tiny LLaVA-NeXT whose language model is Granite (Granite-Vision's layout): Llama's
     sub-modules, but residual branches, embeddings and attention logits scaled."""

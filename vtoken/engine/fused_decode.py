@@ -1,4 +1,4 @@
-"""The decoder layers of a static decode step with fused element-wise ops (opt-in).
+"""The decoder layers of a static decode step (and of the captured prefill tail) with fused element-wise ops (opt-in).
 
 ``StaticDecoder(model, fused_ops=True)`` runs each decode step's layers through :func:`run_layers`
 instead of the model's own layer ``forward``: the same sub-modules (the projections are the
@@ -18,7 +18,9 @@ scale each residual branch) with exactly ``self_attn`` (``q/k/v/o_proj``),
 keeps the model's own layers.
 
 Shapes: hidden ``[B, 1, D]``; cos / sin ``[B, 1, Dh]`` (for M-RoPE ``[3, B, 1, Dh]``, whose
-three components are equal for a decode token, so the first one is the merged table).
+three components are equal for a decode token, so the first one is the merged table). The prefill
+tail (:func:`run_prefill_layers`) runs the same layers on ``[B, S, D]`` with the model's own
+attention function over the keys / values just written, where the rotary tables are ``[B, S, Dh]``.
 """
 
 from __future__ import annotations
@@ -75,27 +77,30 @@ def unsupported_reason(layers, final_norm, config) -> Optional[str]:
 
 
 def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, groups, layer_group, backend: str,
-               attend=None):
-    """The decode step from the embeddings ``h [B, 1, D]`` to the final norm's output ``[B, 1, D]``.
+               attend=None, first: int = 0):
+    """The decode step from the embeddings ``h [B, S, D]`` (S = 1) to the final norm's output ``[B, S, D]``.
 
     ``kv`` is the step's :class:`~vtoken.engine.static_kv.StaticKV` (``update`` writes the new
     key/value at the group's slot and returns the buffers); ``groups[layer_group[i]]`` holds layer
     i's kept-index list and count. ``attend(i, q, k_buf, v_buf, scale, backend)``, if given, replaces
-    the layer's ``gather_attend`` call (decode-time stages, :mod:`vtoken.engine.static_stages`)."""
+    the layer's ``gather_attend`` call (decode-time stages, :mod:`vtoken.engine.static_stages`; the
+    prefill tail, :func:`run_prefill_layers`). ``layers[j]`` is the model's layer ``first + j``."""
     cos, sin = position_embeddings
     if cos.dim() == 4:  # M-RoPE [3, B, 1, Dh]: equal components for a decode token
         cos, sin = cos[0], sin[0]
-    cos, sin = cos.contiguous(), sin.contiguous()
-    B = h.shape[0]
+    B, S = h.shape[0], h.shape[1]
+    # a table shared by every row ([1, S, Dh]) is expanded to one per row
+    cos, sin = cos.expand(B, -1, -1).contiguous(), sin.expand(B, -1, -1).contiguous()
     x, residual = h, None
-    for i, layer in enumerate(layers):
+    for j, layer in enumerate(layers):
+        i = first + j
         attn, mlp = layer.self_attn, layer.mlp
         normed, residual = add_rms_norm(x, residual, layer.input_layernorm.weight,
                                         layer.input_layernorm.variance_epsilon, backend=backend)
         Dh = int(attn.head_dim)
-        q = attn.q_proj(normed).view(B, 1, -1, Dh).transpose(1, 2)
-        k = attn.k_proj(normed).view(B, 1, -1, Dh).transpose(1, 2)
-        v = attn.v_proj(normed).view(B, 1, -1, Dh).transpose(1, 2)
+        q = attn.q_proj(normed).view(B, S, -1, Dh).transpose(1, 2)
+        k = attn.k_proj(normed).view(B, S, -1, Dh).transpose(1, 2)
+        v = attn.v_proj(normed).view(B, S, -1, Dh).transpose(1, 2)
         q, k = rope_qk(q.contiguous(), k.contiguous(), cos, sin, backend=backend)
         k_buf, v_buf = kv.update(k, v.contiguous(), i)
         if attend is not None:
@@ -103,8 +108,34 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
         else:
             group = groups[layer_group[i]]
             out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=attn.scaling, backend=backend)
-        x = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+        x = attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
         normed, residual = add_rms_norm(x, residual, layer.post_attention_layernorm.weight,
                                         layer.post_attention_layernorm.variance_epsilon, backend=backend)
         x = mlp.down_proj(silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed), backend=backend))
     return add_rms_norm(x, residual, final_norm.weight, final_norm.variance_epsilon, backend=backend)[0]
+
+
+def run_prefill_layers(layers, final_norm, h: torch.Tensor, mask, position_embeddings, writer, backend: str,
+                       first: int) -> torch.Tensor:
+    """The captured prefill tail with the fused element-wise ops: the model's layers ``first..``
+    on ``h [B, S, D]`` (each layer's keys / values written by ``writer.update``) with the model's
+    own attention function (``config._attn_implementation``) over them and ``mask`` (the 4-D mask
+    the layers would get, or None), then the final norm: ``[B, S, D]``. Rotary tables must be
+    ``[B, S, Dh]`` (:func:`prefill_tail_supported`)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    def attend(i, q, k_buf, v_buf, scale, backend):
+        attn = layers[i - first].self_attn
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        out, _ = fn(attn, q, k_buf, v_buf, mask, dropout=0.0, scaling=scale)
+        return out.transpose(1, 2)  # [B, S, H, Dh] -> [B, H, S, Dh], as gather_attend returns
+
+    return run_layers(layers, final_norm, h, position_embeddings, writer, None, None, backend, attend=attend,
+                      first=first)
+
+
+def prefill_tail_supported(position_embeddings) -> bool:
+    """Whether :func:`run_prefill_layers` computes the tail exactly: one rotary table per token
+    (``[B, S, Dh]``; M-RoPE's per-component tables ``[3, B, S, Dh]`` differ in a prefill)."""
+    return position_embeddings[0].dim() == 3

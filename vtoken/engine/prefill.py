@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from vtoken.adapters.base import visual_token_ids
+from vtoken.engine.fused_decode import prefill_tail_supported, run_prefill_layers
 from vtoken.engine.graphs import _GraphedForward, _Session
 from vtoken.engine.static_kv import StaticKV
 from vtoken.errors import PruningConfigError
@@ -132,12 +133,22 @@ class _Prefill:
 
     def _make_tail(self, session: _Session, stop: int):
         """The prefill tail closure: layers ``stop..`` on the session's static tail inputs, writing
-        KV into the static buffers; final norm + LM head of the last slot into ``tail_logits``."""
+        KV into the static buffers; final norm + LM head of the last slot into ``tail_logits``.
+        With ``fused_ops`` (and one rotary table per token) the layers run with the decode step's
+        fused element-wise kernels (:func:`vtoken.engine.fused_decode.run_prefill_layers`)."""
         text, head = self.adapter.text_model, self.model.get_output_embeddings()
         layers = list(self.adapter.layers)[stop:]
         call = self._layer_call()
         writer = _PrefillWriter(session.kv)
         inp = session.tail_inputs
+
+        if self.fused_ops and prefill_tail_supported(inp["position_embeddings"]):
+            def tail():  # the decode step's fused element-wise kernels around the model's projections
+                h = run_prefill_layers(layers, text.norm, inp["hidden"], inp["mask"], inp["position_embeddings"],
+                                       writer, self.backend, first=stop)
+                session.tail_logits.copy_(head(h[:, -1]))
+
+            return tail
 
         def tail():
             h = inp["hidden"]
