@@ -9,7 +9,8 @@ time of 15 calls after 3 warm-ups; one call under ``cProfile`` (host time per Py
 self CPU time; the summed GPU kernel time, i.e. how long the GPU was busy out of the wall time).
 With ``--decode-batch B[,B2...]``: per method and batch, ``generate(max_new_tokens=33,
 min_new_tokens=33)`` with the token choice inside the captured step (plain greedy) and on the host
-(a logits processor that changes nothing), alternately, medians of 3; TTFT and decode ms/token
+(a logits processor that changes nothing), each length and choice in its own block after a warm-up
+call, medians of 3; TTFT and decode ms/token
 ((33-token time - TTFT) / 32); the first under ``torch.profiler`` (``DIR/METHOD.decode_bB.txt``: GPU
 kernels by device time, i.e. what the 32 decode steps spend their time on). ``DIR/summary.json`` holds the numbers.
 """
@@ -106,18 +107,20 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
             return model.generate(**batch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   **variants[choice])
 
+        # each (choice, length) timed in a block after a warm-up call of its own: the engine keeps the
+        # graphs of ONE shape (its signature holds the new-token count and whether the host chooses),
+        # so alternating calls would time a graph capture each (session 15's first decode rows did)
         times = {}
         for choice in variants:
-            gen(new_tokens, choice)
-            gen(1, choice)
-        for _ in range(3):
-            for choice in variants:
-                for n in (1, new_tokens):
+            for n in (new_tokens, 1):
+                gen(n, choice)
+                for _ in range(3):
                     _sync(dev)
                     t0 = time.perf_counter()
                     gen(n, choice)
                     _sync(dev)
                     times.setdefault((choice, n), []).append(1000 * (time.perf_counter() - t0))
+        gen(new_tokens, "graph")
         acts = [torch.profiler.ProfilerActivity.CPU]
         if dev.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
