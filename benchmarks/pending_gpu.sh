@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# The GPU measurements the open issues still lack (as of session 14), in ONE device call of at most
-# ~580 s, outputs in ONE file (the device tool brings back at most 8 files):
+# The GPU measurements the open issues still lack (as of session 15), in ONE device call of at most
+# ~580 s, outputs tarred (the device tool brings back at most 8 files):
 #
-#   OUT=dir bash benchmarks/pending_gpu.sh        ->  $OUT/pending.tgz (+ the summaries on stdout)
+#   OUT=dir bash benchmarks/pending_gpu.sh        ->  $OUT/pending.tgz, $OUT/eval/tiny-llava.tar.gz (+ summaries)
 #
-# 1. `dyvte` re-measured after the one-sync stages (on_layout, session 14): LLaVA-1.5-7B shapes,
-#    keep 64, batch 1 / 8 / 32, beside `gtc` and `fastv`                                    ~100 s
-# 2. issue 23: the users suite on Qwen2.5-VL-7B at batch 1 (dynamic, static, compile-fused)  the rest
-# Each part has its own time budget; a part cut by it lists what it skipped in its results.
-# Issue 21 item 5 (the 1,000-question tables) is its own command, several calls long:
-#   OUT=$OUT/eval N=1000 SHARDS=14 BATCH=128 HARD_TIMEOUT=540 bash benchmarks/eval/run_gpu.sh tiny-llava
-#   (then RESUME=<previous OUT> in the next call; tar the outputs into one file)
+# 1. issue 23: the fused engine's batch-1 TTFT and batch-1 / 32 decode after session 15's changes
+#    (in-graph greedy, fused prefill tail, DivPrune's one-launch picks), graph vs host token choice
+#    in one run (benchmarks/e2e/profile_ttft.py)                                            ~150 s
+# 2. issue 21 item 5: finish the 1,000-question tiny-llava run of session 15 (14 pairs left)  the rest
+# Then, in later calls: the same for tiny-qwen2vl and tiny-qwen2vl-video (N=1000 SHARDS=14 BATCH=128,
+# RESUME=<previous OUT> when a call cuts them), and the users suite on Qwen2.5-VL-7B.
 set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-W=$(mktemp -d); T0=$(date +%s)
+REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
-OUT=$W/learned SUITES=llava TIME_BUDGET=200 HARD_TIMEOUT=240 bash benchmarks/e2e/run_gpu.sh \
-  --methods fastv,gtc,dyvte --keep 64 --batch 1,8,32 | tail -6
-B=$(( $(left) - 30 ))
-[ "$B" -gt 60 ] && OUT=$W/users SUITES=users TIME_BUDGET=$((B - 30)) HARD_TIMEOUT=$B bash benchmarks/e2e/run_gpu.sh \
-  --users-models qwen --users-batch 1 --users-caches dynamic,static,compile-fused \
-  --users-methods unpruned,fastv,divprune --users-new-tokens 33 | tail -6
+SHIM=$(mktemp -d); mkdir "$SHIM/vtoken"  # vtoken from this checkout, without the top-level kernels/ on sys.path
+for f in "$REPO"/vtoken/*; do ln -s "$f" "$SHIM/vtoken/"; done
+for d in scorers hooks kernels demos; do ln -sfn "$REPO/$d" "$SHIM/vtoken/$d"; done
+W=$(mktemp -d)
+PYTHONPATH=$SHIM timeout 200 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
+  --methods none,fastv,divprune --decode-batch 1,32 2>&1 | grep '^{'
 tar -czf "$OUT/pending.tgz" -C "$W" .
-echo "== pending.tgz after $(( $(date +%s) - T0 )) s"
+B=$(( $(left) - 40 ))  # run_gpu.sh tars its run folder after its own limit: leave it the time
+[ "$B" -gt 60 ] && OUT=$OUT/eval RESUME=$REPO/benchmarks/eval/gpu-h100-s15 N=1000 SHARDS=14 BATCH=128 \
+  HARD_TIMEOUT=$B bash "$REPO/benchmarks/eval/run_gpu.sh" tiny-llava 2>&1 | grep -v "^|" | tail -4
+echo "== done after $(( $(date +%s) - T0 )) s"
