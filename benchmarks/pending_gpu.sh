@@ -14,14 +14,12 @@ set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
-SHIM=$(mktemp -d); mkdir "$SHIM/vtoken"  # vtoken from this checkout, without the top-level kernels/ on sys.path
-for f in "$REPO"/vtoken/*; do ln -s "$f" "$SHIM/vtoken/"; done
-for d in scorers hooks kernels demos; do ln -sfn "$REPO/$d" "$SHIM/vtoken/$d"; done
+. "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
 W=$(mktemp -d)
-PYTHONPATH=$SHIM timeout 200 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
+timeout 200 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
   --methods none,fastv,divprune --decode-batch 1,32 2>&1 | grep '^{'
 tar -czf "$OUT/pending.tgz" -C "$W" .
 B=$(( $(left) - 40 ))  # run_gpu.sh tars its run folder after its own limit: leave it the time
-[ "$B" -gt 60 ] && OUT=$OUT/eval RESUME=$REPO/benchmarks/eval/gpu-h100-s15 N=1000 SHARDS=14 BATCH=128 \
+[ "$B" -gt 60 ] && PYTHONPATH= OUT=$OUT/eval RESUME=$REPO/benchmarks/eval/gpu-h100-s15 N=1000 SHARDS=14 BATCH=128 \
   HARD_TIMEOUT=$B bash "$REPO/benchmarks/eval/run_gpu.sh" tiny-llava 2>&1 | grep -v "^|" | tail -4
 echo "== done after $(( $(date +%s) - T0 )) s"

@@ -87,8 +87,7 @@ def build_stats(trace, layout, vis_ordinal, num_layers: int, orig_valid=None) ->
     B = vis_ordinal.shape[0]
     S = layout.num_segments
     segment_of = layout.segment_of.cpu()
-    structural = layout.structural.cpu()
-    prunable = (segment_of >= 0) & ~structural
+    prunable = layout.prunable.cpu()
     vis_ord = vis_ordinal.cpu()
     seg_sample = layout.seg_sample.tolist()
     seg_count = layout.seg_count.tolist()

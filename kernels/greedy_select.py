@@ -33,7 +33,7 @@ import torch
 
 from vtoken.kernels.dispatch import lazy_jit, next_pow2, resolve_backend, tl, torch_reference
 
-__all__ = ["greedy_maxmin_gram", "greedy_maxmin_gram_reference"]
+__all__ = ["greedy_maxmin_gram", "greedy_maxmin_gram_reference", "greedy_maxmin_picks"]
 
 #: widest segment the one-program kernel takes (its rows live in registers); wider ones use the reference
 MAX_SLOTS = 4096
@@ -65,17 +65,30 @@ def greedy_maxmin_gram(gram: torch.Tensor, mask: torch.Tensor, steps: torch.Tens
 
 
 def _reference(gram, mask, steps, mind, first, keep, order, picked):
+    def similarity_of(pick):  # (S, 1) -> the picked slots' rows of the Gram matrix, (S, n)
+        return gram.gather(1, pick.unsqueeze(-1).expand(-1, 1, gram.shape[-1])).squeeze(1)
+
+    return greedy_maxmin_picks(similarity_of, mask, steps, mind, first, keep, order, picked)
+
+
+def greedy_maxmin_picks(similarity_of, mask, steps, mind, first, keep, order, picked):
+    """The picks of :func:`greedy_maxmin_gram` as PyTorch ops, one pick of every segment per
+    iteration (about a dozen small kernels; static shapes, no host sync inside the loop), with the
+    picked slots' similarities from ``similarity_of(pick (S, 1)) -> (S, n)``: rows of a Gram matrix
+    (the reference) or computed from the features where the Gram matrix would not fit
+    (:func:`vtoken.scorers.functional.greedy_maxmin`). Returns new ``(keep, order)``."""
     keep, order, mind, picked = keep.clone(), order.clone(), mind.clone(), picked.long().clone()
     steps = steps.long()
     for t in range(int(steps.max()) if steps.numel() else 0):
-        active = t < steps  # (S,)
+        active = t < steps  # (S,): a segment with its picks made changes nothing
         base = mind if first is None else torch.where((picked == 0).unsqueeze(1), first, mind)
+        # +inf (a lone candidate has no neighbour) -> large finite, so argmax still prefers real slots
         score = base.masked_fill(~mask | keep, float("-inf")).clamp(max=1e30)
         pick = score.argmax(dim=1, keepdim=True)  # (S, 1): the first maximum
         chosen = torch.zeros_like(keep).scatter_(1, pick, active.unsqueeze(1))
         keep |= chosen
         order = torch.where(chosen, picked.unsqueeze(1), order)
-        d = 1.0 - gram.gather(1, pick.unsqueeze(-1).expand(-1, 1, gram.shape[-1])).squeeze(1)  # (S, n)
+        d = 1.0 - similarity_of(pick)  # (S, n)
         mind = torch.where(active.unsqueeze(1), torch.minimum(mind, d), mind)
         picked = picked + active.long()
     return keep, order

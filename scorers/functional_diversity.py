@@ -71,9 +71,14 @@ def greedy_maxmin(
     Returns (keep (S, n) bool with exactly ``max(budget, seeds)`` True per row, order (S, n)
     long: pick rank of each chosen slot, -1 elsewhere; seeds rank 0..).
     """
+    from vtoken.kernels.greedy_select import greedy_maxmin_gram, greedy_maxmin_picks
+
     S, n = mask.shape
     dev = mask.device
     z = unit_rows(features)
+    # the cosine similarities of every pair at once (as the released code's distance matrix) where
+    # they fit: then every pick runs in one launch (vtoken.kernels.greedy_select)
+    gram = z @ z.transpose(1, 2) if S * n * n <= GRAM_ENTRIES else None
     keep = torch.zeros((S, n), dtype=torch.bool, device=dev)
     order = torch.full((S, n), -1, dtype=torch.long, device=dev)
     budget = torch.minimum(budget.to(dev).long(), mask.sum(dim=1))
@@ -86,35 +91,22 @@ def greedy_maxmin(
         order = torch.where(seed, seed.long().cumsum(dim=1) - 1, order)
         picked = seed.sum(dim=1)
         # min distance of every slot to its segment's seed set (inf without seeds)
-        mind = 1.0 - masked_max_similarity(z, seed)[0]
-    # the cosine similarities of every pair at once (as the released code's distance matrix) where
-    # they fit: then every pick runs in one launch (vtoken.kernels.greedy_select)
-    gram = z @ z.transpose(1, 2) if S * n * n <= GRAM_ENTRIES else None
+        nearest_seed = (gram.masked_fill(~seed.unsqueeze(1), float("-inf")).amax(dim=2) if gram is not None
+                        else masked_max_similarity(z, seed)[0])
+        mind = 1.0 - nearest_seed
     need_first = picked == 0
     first_score = None
     if bool(need_first.any()):
         first_score = nearest_neighbour_distance(z, mask, gram)
+    steps = (budget - picked).clamp(min=0)
     if gram is not None:
-        from vtoken.kernels.greedy_select import greedy_maxmin_gram
+        return greedy_maxmin_gram(gram, mask, steps, mind, first_score, keep, order, picked)
 
-        return greedy_maxmin_gram(gram, mask, (budget - picked).clamp(min=0), mind, first_score, keep, order, picked)
-    steps = int((budget - picked).clamp(min=0).max()) if S else 0
-    # every step runs on all rows with static shapes (a row that has its budget changes nothing):
-    # no host sync inside the loop, about a dozen small kernels per step
-    for _ in range(steps):
-        active = picked < budget  # (S,)
-        base = mind if first_score is None else torch.where((picked == 0).unsqueeze(1), first_score, mind)
-        score = base.masked_fill(~mask | keep, float("-inf"))
-        # +inf (a lone candidate has no neighbour) -> large finite, so argmax still prefers real slots
-        pick = score.clamp(max=1e30).argmax(dim=1, keepdim=True)  # (S, 1)
-        chosen = torch.zeros_like(keep).scatter_(1, pick, active.unsqueeze(1))
-        keep |= chosen
-        order = torch.where(chosen, picked.unsqueeze(1), order)
+    def similarity_of(pick):  # (S, 1) -> (S, n): the picked features against every slot
         zp = z.gather(1, pick.unsqueeze(-1).expand(-1, 1, z.shape[-1]))  # (S, 1, D)
-        d = 1.0 - (z @ zp.transpose(1, 2)).squeeze(-1)  # (S, n)
-        mind = torch.where(active.unsqueeze(1), torch.minimum(mind, d), mind)
-        picked = picked + active.long()
-    return keep, order
+        return (z @ zp.transpose(1, 2)).squeeze(-1)
+
+    return greedy_maxmin_picks(similarity_of, mask, steps, mind, first_score, keep, order, picked)
 
 
 def masked_max_similarity(z: torch.Tensor, cols: torch.Tensor, cap: int = 1 << 24) -> tuple:

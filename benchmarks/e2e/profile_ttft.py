@@ -37,6 +37,18 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def _profiled(fn, dev):
+    """(key_averages, summed GPU kernel ms) of one ``fn()`` under ``torch.profiler``."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as tp:
+        fn()
+        _sync(dev)
+    events = tp.key_averages()
+    return events, sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1000
+
+
 def profile_method(model, inputs, method: str, keep: int, out: str, dev) -> dict:
     handle = vtoken.apply_pruning(model, method=method, keep=keep, compile={"fused_ops": True})
     try:
@@ -64,14 +76,7 @@ def profile_method(model, inputs, method: str, keep: int, out: str, dev) -> dict
         stats.sort_stats("tottime").print_stats(40)
         with open(os.path.join(out, f"{method}.cprofile.txt"), "w") as f:
             f.write(text.getvalue())
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if dev.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as tp:
-            gen()
-            _sync(dev)
-        events = tp.key_averages()
-        gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+        events, gpu_ms = _profiled(gen, dev)
         with open(os.path.join(out, f"{method}.ops.txt"), "w") as f:
             f.write(events.table(sort_by="self_cpu_time_total", row_limit=60))
             if dev.type == "cuda":
@@ -79,7 +84,7 @@ def profile_method(model, inputs, method: str, keep: int, out: str, dev) -> dict
         n_ops = sum(e.count for e in events)
         last = dict(model.generate.route.decoder.last) if hasattr(model.generate, "route") else {}
         return dict(method=method, keep=keep, ttft_ms_median=statistics.median(times),
-                    ttft_ms_min=min(times), ttft_ms_max=max(times), gpu_busy_ms=gpu_us / 1000,
+                    ttft_ms_min=min(times), ttft_ms_max=max(times), gpu_busy_ms=gpu_ms,
                     profiler_op_calls=n_ops, engine_last={k: v for k, v in last.items()
                                                           if isinstance(v, (int, float, str, bool, type(None)))})
     finally:
@@ -121,14 +126,7 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
                     _sync(dev)
                     times.setdefault((choice, n), []).append(1000 * (time.perf_counter() - t0))
         gen(new_tokens, "graph")
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if dev.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as tp:
-            gen(new_tokens, "graph")
-            _sync(dev)
-        events = tp.key_averages()
-        gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+        events, gpu_ms = _profiled(lambda: gen(new_tokens, "graph"), dev)
         batch = batch_inputs["input_ids"].shape[0]
         with open(os.path.join(out, f"{method}.decode_b{batch}.txt"), "w") as f:
             key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
@@ -137,7 +135,7 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
             ttft, total = statistics.median(times[(choice, 1)]), statistics.median(times[(choice, new_tokens)])
             rows.append(dict(method=method, keep=keep, batch=batch, token_choice=choice, ttft_ms=ttft, total_ms=total,
                              decode_ms_per_token=(total - ttft) / (new_tokens - 1),
-                             gpu_busy_ms_profiled_call=gpu_us / 1000 if choice == "graph" else None))
+                             gpu_busy_ms_profiled_call=gpu_ms if choice == "graph" else None))
         return rows
     finally:
         handle.remove()

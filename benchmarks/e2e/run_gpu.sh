@@ -12,15 +12,13 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/vtoken-e2e}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 # Import vtoken from this checkout without pip: vtoken/ plus the package-dir mapped folders, from a
 # folder that does not put the repository's top-level kernels/ on sys.path.
-VT=$(mktemp -d); cp -r vtoken "$VT/vtoken"
-for d in kernels hooks scorers; do rm -rf "$VT/vtoken/$d"; ln -s "$PWD/$d" "$VT/vtoken/$d"; done
-export PYTHONPATH="$VT${PYTHONPATH:+:$PYTHONPATH}"
+REPO=$PWD; . benchmarks/checkout_path.sh
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
   python3 -c "import torch, triton, transformers, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-cd "$VT" || exit 1
+cd "$VTOKEN_SHIM" || exit 1
 T0=$(date +%s)
 timeout -k 15 "${HARD_TIMEOUT:-540}" python3 -m vtoken.bench.cli --suite "${SUITES:-new}" --out "$OUT" \
   --repeats 3 --new-tokens 16 --time-budget "${TIME_BUDGET:-330}" "$@" > "$OUT/log.txt" 2>&1

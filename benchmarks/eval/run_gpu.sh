@@ -25,10 +25,7 @@ CKPTS=("$@"); [ ${#CKPTS[@]} -gt 0 ] || CKPTS=(tiny-llava tiny-qwen2vl)
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 # vtoken from this checkout without pip, from a folder that does not put the repository's
 # top-level kernels/ on sys.path (it would shadow the PyPI package `kernels`)
-SHIM=$(mktemp -d); mkdir "$SHIM/vtoken"
-for f in "$REPO"/vtoken/*; do ln -s "$f" "$SHIM/vtoken/$(basename "$f")"; done
-for d in scorers hooks kernels demos; do [ -d "$REPO/$d" ] && ln -sfn "$REPO/$d" "$SHIM/vtoken/$d"; done
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+. "$REPO/benchmarks/checkout_path.sh"; SHIM=$VTOKEN_SHIM
 [ -d "$REPO/.whl/site/easy_vqa" ] && export PYTHONPATH="$PYTHONPATH:$REPO/.whl/site"
 RUNS=${RUNS:-$SHIM/runs}; mkdir -p "$RUNS"; RUNS=$(cd "$RUNS" && pwd)
 cd "$SHIM" || exit 1
