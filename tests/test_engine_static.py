@@ -297,3 +297,40 @@ def test_fused_ops_graph_decode_on_gpu(name):
             if handle is not None:
                 handle.remove()
         assert torch.equal(got, ref) and torch.equal(again, ref)
+
+
+def test_kept_session_serves_shorter_calls_and_both_token_choices():
+    """The engine keeps one session (buffers, index lists, graphs) per shape; a later call asking for
+    no more new tokens, greedy or with a ``next_token`` chooser, reuses it (on CUDA: no re-capture)
+    and still returns generate's tokens; a longer call gets a new, larger session. On the CPU,
+    ``graph_prefill=True`` keeps the session the same way, without graphs."""
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    dec = StaticDecoder(model, graph_prefill=True)
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+        for n, reused, choose in ((6, False, None), (3, True, None), (4, True, "argmax"), (6, True, None),
+                                  (8, False, "argmax"), (2, True, None)):
+            ref = model.generate(**inputs, max_new_tokens=n, do_sample=False, suppress_tokens=SUPPRESS, eos_token_id=[])
+            kw = {} if choose is None else {"next_token": lambda logits: logits.argmax(-1)}
+            got = dec.generate(**inputs, max_new_tokens=n, suppress_tokens=SUPPRESS, eos_token_id=[], **kw)
+            assert torch.equal(got, ref), (n, choose)
+            assert dec.last["session_reused"] is reused, (n, choose)
+            assert dec.last["decode_steps"] == n - 1
+
+
+@pytest.mark.gpu
+def test_kept_session_replays_without_recapture_on_gpu():
+    """Alternating ``max_new_tokens`` (no more than the first call's) and the token choice replays the
+    kept graphs: one capture per token choice, none after, and generate's tokens every time."""
+    import tiny_models as tm
+
+    model = tm.tiny_qwen("qwen2_vl").cuda()
+    inputs = {k: v.cuda() for k, v in get_inputs("qwen2_vl", model).items()}
+    dec = StaticDecoder(model)
+    argmax = {"next_token": lambda logits: logits.argmax(-1)}
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+        for n, kw, captures in ((6, {}, True), (2, {}, False), (6, argmax, True), (3, {}, False), (4, argmax, False)):
+            ref = model.generate(**inputs, max_new_tokens=n, do_sample=False, suppress_tokens=SUPPRESS, eos_token_id=[])
+            got = dec.generate(**inputs, max_new_tokens=n, suppress_tokens=SUPPRESS, eos_token_id=[], **kw)
+            assert torch.equal(got, ref) and dec.last["cuda_graph"]
+            assert (dec.last["capture_ms"] > 0) is captures, (n, kw)

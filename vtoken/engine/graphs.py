@@ -7,12 +7,12 @@
   ``_clone`` and ``_copy_into`` walk its nested arguments.
 - ``_Session``: every tensor a captured graph reads (static KV buffers, the decode step's
   inputs/outputs, the tail's inputs) and the graphs themselves, kept for later calls with the
-  same shapes.
+  same shapes that ask for no more new tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -111,11 +111,26 @@ class _Session:
     new: torch.Tensor
     pos_next: torch.Tensor
     suppress: Optional[torch.Tensor] = None  # token ids masked at every step (read by the decode graph)
-    decode_graph: object = None
+    decode_graphs: dict = field(default_factory=dict)  # the decode step's graph per token choice (outside or not)
     tail_inputs: Optional[dict] = None
     tail_logits: Optional[torch.Tensor] = None
     tail_graph: object = None
     logits: Optional[torch.Tensor] = None  # with a ``next_token`` chooser: the step's logits, the token chosen outside
+
+    @classmethod
+    def fresh(cls, signature: tuple, kv: StaticKV, batch: int, new_tokens: int, pad: int, dev,
+              suppress: Optional[torch.Tensor]) -> "_Session":
+        """A new session with room for ``new_tokens`` tokens per row (``new [B, T]`` filled with ``pad``)."""
+        return cls(signature=signature, kv=kv, tok=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+                   t=torch.zeros(1, dtype=torch.long, device=dev),
+                   new=torch.full((batch, new_tokens), pad, dtype=torch.long, device=dev),
+                   pos_next=torch.zeros(batch, dtype=torch.long, device=dev), suppress=suppress)
+
+    def serves(self, signature: tuple, new_tokens: int) -> bool:
+        """Whether this session serves a call of ``signature`` asking for ``new_tokens``: same shapes,
+        and room for at least that many new tokens (a call asking for fewer leaves the last slots
+        unused: the graphs read the step ``t`` and the kept counts, never the length)."""
+        return self.signature == signature and self.new.shape[1] >= new_tokens
 
     def chosen(self, i: int, tokens: torch.Tensor) -> bool:
         """Token ``i`` (``[B]``), chosen outside the captured step: the next step's input."""

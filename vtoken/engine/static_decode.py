@@ -98,16 +98,18 @@ class StaticDecoder(_Prefill, _KVBuffers):
     the model. After a call, :attr:`last` holds ``prefill_ms``, ``setup_ms``, ``capture_ms``,
     ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``decode_steps`` (steps run:
     greedy decoding stops within :data:`vtoken.engine.eos.CHECK_EVERY` steps once every row has
-    ended), ``kv_bytes`` (the static buffers), ``prefill_lengths`` (each layer group's prefill KV
-    length), whether graphs ran and ``decode_stages_run`` (decode-time stages applied;
+    ended), ``kv_bytes`` (the static buffers: the kept session's, sized for its longest call),
+    ``prefill_lengths`` (each layer group's prefill KV length), whether graphs ran and ``decode_stages_run`` (decode-time stages applied;
     :attr:`stages` holds them after the call).
 
     Graph prefill (``graph_prefill``, default on with ``cuda_graph``): the prefill runs eagerly up
     to the last pruning stage (vision tower, the full-length layers, scoring and the gather; with
     no handle: up to the first decoder layer), and the remaining layers, the final norm and the
     LM head run as one CUDA graph writing their keys/values straight into the static buffers. The
-    graphs and buffers are kept for the next call with the same shapes (serving engines capture
-    per shape bucket the same way); the first call of a shape pays the capture (``capture_ms``).
+    graphs and buffers are kept for the next call with the same shapes and no more new tokens
+    (serving engines capture per shape bucket the same way; ``last["session_reused"]``), with one
+    decode graph per token choice (in-graph argmax, or ``next_token``); the first call of a shape,
+    or of a longer generation, pays the capture (``capture_ms``).
 
     Args:
         model: a supported VLM (see :func:`vtoken.adapters.supported_models`).
@@ -173,9 +175,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
 
         return call
 
-    def _make_step(self, session: _Session):
+    def _make_step(self, session: _Session, choose_outside: bool):
         """The decode step closure: reads ``tok [B, 1]`` and step ``t [1]``; writes token t+1 into
-        ``new``."""
+        ``new`` (its argmax), or the logits into ``session.logits`` when ``choose_outside``."""
         model, adapter = self.model, self.adapter
         head = model.get_output_embeddings()
         text = adapter.text_model
@@ -188,7 +190,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         if fused:
             from vtoken.engine.fused_decode import run_layers
         attend = None if self.stages is None else self.stages.attend
-        chosen_outside = session.logits
+        chosen_outside = session.logits if choose_outside else None
 
         def step():
             for g in groups:
@@ -229,14 +231,11 @@ class StaticDecoder(_Prefill, _KVBuffers):
 
     def _session_for(self, signature: tuple, kv: StaticKV, batch: int, new_tokens: int, pad: int, dev,
                      suppress: Optional[torch.Tensor], reuse: bool) -> _Session:
-        """The session for ``signature`` (the cached one when it matches; every tensor a captured
+        """The session for ``signature`` (the kept one when it serves the call; every tensor a captured
         graph reads must live here, not in a call's locals, or a replay reads freed memory)."""
-        if reuse and self._session is not None and self._session.signature == signature:
+        if reuse and self._session is not None and self._session.serves(signature, new_tokens):
             return self._session
-        session = _Session(signature=signature, kv=kv, tok=torch.zeros(batch, 1, dtype=torch.long, device=dev),
-                           t=torch.zeros(1, dtype=torch.long, device=dev),
-                           new=torch.full((batch, new_tokens), pad, dtype=torch.long, device=dev),
-                           pos_next=torch.zeros(batch, dtype=torch.long, device=dev), suppress=suppress)
+        session = _Session.fresh(signature, kv, batch, new_tokens, pad, dev, suppress)
         self._session = session if reuse else None
         return session
 
@@ -283,7 +282,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
 
         sync(); t0 = time.perf_counter()
         capture_ms = 0.0
-        kv, session, firsts, nexts = None, None, [], []
+        kv, session, firsts, nexts, reused = None, None, [], [], False
         for start in range(0, B, chunk):
             rows = slice(start, min(B, start + chunk))
             part = inputs if rows.stop - rows.start == B else _slice_inputs(inputs, rows, B)
@@ -301,16 +300,17 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if tail is None:
                 kv = self._store_chunk(kv, cache, valids, layer_group, rows, B, T, like)
             else:
-                signature = (B, T, tuple(v.shape[1] for v in valids), stop, tuple(tail["hidden"].shape),
+                signature = (B, tuple(v.shape[1] for v in valids), stop, tuple(tail["hidden"].shape),
                              None if tail["mask"] is None else (tuple(tail["mask"].shape), tail["mask"].dtype),
                              tuple(tail["position_embeddings"][0].shape), None if suppress is None else
-                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend, next_token is None)
-                reused = self._session is not None and self._session.signature == signature
+                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend)
+                reused = self._session is not None and self._session.serves(signature, T)
+                T_alloc = self._session.new.shape[1] if reused else T  # the buffers' room for new tokens
                 kv0 = self._session.kv if reused else self._allocate(B, [v.shape[1] for v in valids], layer_group,
-                                                                     T, like)
+                                                                     T_alloc, like)
                 kv0.valid_rows = [[] for _ in valids]
-                kv = self._store_chunk(kv0, cache, valids, layer_group, rows, B, T, like, upto=stop)
-                session = self._session_for(signature, kv, B, T, pad, dev, suppress, reuse=graphs)
+                kv = self._store_chunk(kv0, cache, valids, layer_group, rows, B, T_alloc, like, upto=stop)
+                session = self._session_for(signature, kv, B, T_alloc, pad, dev, suppress, reuse=True)
                 if session.tail_inputs is None:
                     session.tail_inputs = {
                         "hidden": tail["hidden"].clone(),
@@ -341,7 +341,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if start == 0:
                 sync(); t1 = time.perf_counter()
             del cache, tail
-        self._finish_buffers(kv, B, T, dev)
+        room = T if session is None else session.new.shape[1]  # a kept session may have room for more
+        self._finish_buffers(kv, B, room, dev)
         self.stages = None if record is None else StaticStages(self._handle, record, kv, self.groups,
                                                                 self.layer_group, T)
         first = torch.cat(firsts)
@@ -364,7 +365,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
         session.t.zero_()
         session.new.fill_(pad)
         session.new[:, 0] = first
-        step = self._make_step(session)
+        outside = next_token is not None
+        step = self._make_step(session, outside)
         sync(); t2 = time.perf_counter()
 
         undo = self._swap_attention()
@@ -375,16 +377,16 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 loop_capture_ms = decode_loop(step, done - 1, self.stages, capture, (session.t, session.tok), chose)
                 capture_ms += loop_capture_ms
                 t3 += loop_capture_ms / 1000  # the decode time excludes the captures between phases
-            elif done > 1 and use_graph and session.decode_graph is None:
-                c0 = time.perf_counter()
-                session.decode_graph = self._capture(step, dev, warmups=2)
+            elif done > 1 and use_graph and outside not in session.decode_graphs:
+                c0 = time.perf_counter()  # one graph per token choice, both kept: alternating calls replay
+                session.decode_graphs[outside] = self._capture(step, dev, warmups=2)
                 session.t.zero_()
                 session.tok.copy_(first.unsqueeze(1))
                 sync()
                 capture_ms += 1000 * (time.perf_counter() - c0)
             if self.stages is None:
                 t3 = time.perf_counter()
-                run = session.decode_graph.replay if done > 1 and use_graph else step
+                run = session.decode_graphs[outside].replay if done > 1 and use_graph else step
                 for i in range(done - 1):
                     run()
                     if chose is not None and not chose(i):
@@ -403,7 +405,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
             cuda_graph=bool(use_graph and done > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
-            fused_ops=self.fused_ops, decode_stages_run=0 if self.stages is None else self.stages.done,
+            fused_ops=self.fused_ops, session_reused=reused, decode_stages_run=0 if self.stages is None else self.stages.done,
         )
         if self.stages is not None:  # a kept engine must not hold this call's cache
             self.stages.release()
