@@ -156,27 +156,42 @@ rope_qk_reference = torch_reference(rope_qk)
 
 # ------------------------------------------------------------------------------------ SwiGLU gate
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``silu(gate) * up`` (``silu`` rounded to the input dtype first); same shape as the inputs."""
-    _check_rows("silu_mul", gate, up)
+    """``silu(gate) * up`` (``silu`` rounded to the input dtype first): ``[..., F]`` each, a
+    contiguous ``[..., F]`` out. Rows may be strided (the two halves of one merged gate/up GEMM's
+    output ``[..., 2F]``: :mod:`vtoken.engine.merged_projections`); each row's ``F`` values contiguous."""
+    check_kernel_dtypes(same=False, **{"silu_mul gate": gate, "silu_mul up": up})
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
                          "must match")
+    F_ = gate.shape[-1]
+    g2, u2 = _rows(gate, F_), _rows(up, F_)
     if resolve_backend(backend, gate, up) == "torch":
         return torch.nn.functional.silu(gate) * up
-    out = torch.empty_like(gate)
-    n = gate.numel()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    lazy_jit(_silu_mul_kernel)[(-(-n // block),)](gate, up, out, n, BLOCK=block)
+    lazy_jit(_silu_mul_kernel)[(g2.shape[0], -(-F_ // block))](g2, u2, out, F_, g2.stride(0), u2.stride(0), BLOCK=block)
     return out
 
 
-def _silu_mul_kernel(G, U, OUT, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t [..., n]`` as ``[rows, n]`` rows with unit column stride (a view), else a clear error."""
+    try:
+        rows = t.view(-1, n)
+    except RuntimeError:
+        rows = None
+    if rows is None or (n > 1 and rows.stride(1) != 1):
+        raise ValueError(f"silu_mul: rows of contiguous values expected (shape {tuple(t.shape)}, strides {t.stride()})")
+    return rows
+
+
+def _silu_mul_kernel(G, U, OUT, n, stride_g, stride_u, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    g = tl.load(G + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + offs, (act * u).to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + row * n + cols, (act * u).to(OUT.dtype.element_ty), mask=ok)
 
 
 silu_mul_reference = torch_reference(silu_mul)

@@ -20,7 +20,10 @@ GEN = dict(max_new_tokens=T, do_sample=False, suppress_tokens=SUPPRESS)
 
 def static(model, inputs, **kw):
     dec = StaticDecoder(model, **kw)
-    return dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS), dec
+    try:
+        return dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS), dec
+    finally:
+        dec.close()  # the shared test model's merged projection weights (fused_ops) get their storage back
 
 
 @pytest.mark.parametrize("graph_prefill", [False, True])
@@ -194,6 +197,7 @@ def test_fused_ops_decode_equals_generate(name, pruned):
             handle.remove()
     assert torch.equal(plain, ref) and torch.equal(got, ref)
     assert dec.last["fused_ops"] and len(calls) == T - 1  # every decode step went through the fused layers
+    assert dec.last["merged_projections"] == 2 * len(list(model.model.language_model.layers))  # q/k/v, gate/up
 
 
 @pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2_vl"])
@@ -291,8 +295,9 @@ def test_fused_ops_graph_decode_on_gpu(name):
             ref = model.generate(**inputs, **GEN)
             fused = StaticDecoder(model, fused_ops=True)
             got = fused.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
-            assert fused.last["cuda_graph"] and fused.last["fused_ops"]
+            assert fused.last["cuda_graph"] and fused.last["fused_ops"] and fused.last["merged_projections"] > 0
             again = fused.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)  # graph replay
+            fused.close()
         finally:
             if handle is not None:
                 handle.remove()

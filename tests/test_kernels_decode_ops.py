@@ -103,6 +103,17 @@ def test_silu_mul_kernel_matches_reference(dtype, shape):
     torch.testing.assert_close(silu_mul(g, u, backend="triton"), silu_mul_reference(g, u), rtol=tol, atol=tol)
 
 
+@needs_triton
+def test_silu_mul_kernel_reads_the_halves_of_a_merged_gate_up_output():
+    """The two halves of one ``[..., 2F]`` GEMM output (strided rows) give what contiguous copies give."""
+    gu = _randn(3, 2, 2 * 37, seed=3)
+    gate, up = gu.split(37, dim=-1)
+    assert not gate.is_contiguous()
+    want = silu_mul_reference(gate.contiguous(), up.contiguous())
+    torch.testing.assert_close(silu_mul(gate, up, backend="triton"), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(silu_mul(gate, up, backend="torch"), want, rtol=1e-6, atol=1e-6)
+
+
 def test_decode_ops_reject_bad_arguments():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight must be"):

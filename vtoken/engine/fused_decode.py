@@ -77,14 +77,16 @@ def unsupported_reason(layers, final_norm, config) -> Optional[str]:
 
 
 def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, groups, layer_group, backend: str,
-               attend=None, first: int = 0):
+               attend=None, first: int = 0, projections=None):
     """The decode step from the embeddings ``h [B, S, D]`` (S = 1) to the final norm's output ``[B, S, D]``.
 
     ``kv`` is the step's :class:`~vtoken.engine.static_kv.StaticKV` (``update`` writes the new
     key/value at the group's slot and returns the buffers); ``groups[layer_group[i]]`` holds layer
     i's kept-index list and count. ``attend(i, q, k_buf, v_buf, scale, backend)``, if given, replaces
     the layer's ``gather_attend`` call (decode-time stages, :mod:`vtoken.engine.static_stages`; the
-    prefill tail, :func:`run_prefill_layers`). ``layers[j]`` is the model's layer ``first + j``."""
+    prefill tail, :func:`run_prefill_layers`). ``layers[j]`` is the model's layer ``first + j``.
+    ``projections``, if given, is a :class:`~vtoken.engine.merged_projections.MergedProjections` over
+    the model's layers: q/k/v in one GEMM, gate/up in one."""
     cos, sin = position_embeddings
     if cos.dim() == 4:  # M-RoPE [3, B, 1, Dh]: equal components for a decode token
         cos, sin = cos[0], sin[0]
@@ -98,9 +100,11 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
         normed, residual = add_rms_norm(x, residual, layer.input_layernorm.weight,
                                         layer.input_layernorm.variance_epsilon, backend=backend)
         Dh = int(attn.head_dim)
-        q = attn.q_proj(normed).view(B, S, -1, Dh).transpose(1, 2)
-        k = attn.k_proj(normed).view(B, S, -1, Dh).transpose(1, 2)
-        v = attn.v_proj(normed).view(B, S, -1, Dh).transpose(1, 2)
+        if projections is None:
+            q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+        else:
+            q, k, v = projections.qkv(i, normed)
+        q, k, v = (t.view(B, S, -1, Dh).transpose(1, 2) for t in (q, k, v))
         q, k = rope_qk(q.contiguous(), k.contiguous(), cos, sin, backend=backend)
         k_buf, v_buf = kv.update(k, v.contiguous(), i)
         if attend is not None:
@@ -111,12 +115,13 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
         x = attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
         normed, residual = add_rms_norm(x, residual, layer.post_attention_layernorm.weight,
                                         layer.post_attention_layernorm.variance_epsilon, backend=backend)
-        x = mlp.down_proj(silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed), backend=backend))
+        gate, up = (mlp.gate_proj(normed), mlp.up_proj(normed)) if projections is None else projections.gate_up(i, normed)
+        x = mlp.down_proj(silu_mul(gate, up, backend=backend))
     return add_rms_norm(x, residual, final_norm.weight, final_norm.variance_epsilon, backend=backend)[0]
 
 
 def run_prefill_layers(layers, final_norm, h: torch.Tensor, mask, position_embeddings, writer, backend: str,
-                       first: int) -> torch.Tensor:
+                       first: int, projections=None) -> torch.Tensor:
     """The captured prefill tail with the fused element-wise ops: the model's layers ``first..``
     on ``h [B, S, D]`` (each layer's keys / values written by ``writer.update``) with the model's
     own attention function (``config._attn_implementation``) over them and ``mask`` (the 4-D mask
@@ -132,7 +137,7 @@ def run_prefill_layers(layers, final_norm, h: torch.Tensor, mask, position_embed
         return out.transpose(1, 2)  # [B, S, H, Dh] -> [B, H, S, Dh], as gather_attend returns
 
     return run_layers(layers, final_norm, h, position_embeddings, writer, None, None, backend, attend=attend,
-                      first=first)
+                      first=first, projections=projections)
 
 
 def prefill_tail_supported(position_embeddings) -> bool:

@@ -223,6 +223,8 @@ def route_generate(handle, **engine_options) -> GenerateRoute:
     generate.route = route
 
     def undo():
+        if route.decoder is not None:  # merged projection weights get their own storage back
+            route.decoder.close()
         if inner is None:
             model.__dict__.pop("generate", None)
         else:

@@ -145,7 +145,7 @@ class _Prefill:
         if self.fused_ops and prefill_tail_supported(inp["position_embeddings"]):
             def tail():  # the decode step's fused element-wise kernels around the model's projections
                 h = run_prefill_layers(layers, text.norm, inp["hidden"], inp["mask"], inp["position_embeddings"],
-                                       writer, self.backend, first=stop)
+                                       writer, self.backend, first=stop, projections=self._projections)
                 session.tail_logits.copy_(head(h[:, -1]))
 
             return tail

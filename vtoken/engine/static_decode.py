@@ -41,6 +41,7 @@ two decode steps; graphs are captured once per phase between stages. Plans that 
 prefill, and ``prefill_batch``, are refused there.
 
 Modules: :mod:`vtoken.engine.static_kv` (the buffers and kept-index lists),
+:mod:`vtoken.engine.merged_projections` (``fused_ops``' one GEMM for q/k/v and one for gate/up),
 :mod:`vtoken.engine.graphs` (capture / replay, the per-shape session), :mod:`vtoken.engine.prefill`
 (the prefill and its captured tail), :mod:`vtoken.engine.static_stages` (decode-time stages), this
 module (the decode step, the attention swap, ``generate``).
@@ -57,13 +58,13 @@ import torch
 from vtoken.adapters import get_adapter
 from vtoken.engine.eos import all_ended, CHECK_EVERY, finish
 from vtoken.engine.graphs import _capture, _GraphedForward, _Session
+from vtoken.engine.merged_projections import MergedProjections
 from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_inputs
 from vtoken.engine.static_kv import _KVBuffers, LayoutGroup, StaticKV
-from vtoken.engine.static_stages import decode_loop, StaticStages
+from vtoken.engine.static_stages import decode_loop, runnable_decode_plan, StaticStages
 from vtoken.engine.static_kv import _kept_index  # noqa: F401 - importable from here as before the split
 from vtoken.errors import PruningConfigError, UnsupportedCallError
 from vtoken.hooks import private_attention_config, register_attention_implementation
-from vtoken.plan import DecodeStage
 
 __all__ = ["STATIC_IMPL", "LayoutGroup", "StaticDecoder", "StaticKV"]
 
@@ -121,10 +122,14 @@ class StaticDecoder(_Prefill, _KVBuffers):
             (:mod:`vtoken.engine.fused_decode`; Llama-layout layers only, else a clear error).
             Exactly the model's arithmetic with the PyTorch references; with the Triton kernels the
             norms and the gate may differ by one bfloat16 rounding step.
+        merge_projections: with ``fused_ops``, one GEMM for each layer's q/k/v and one for gate/up,
+            the model's weights re-pointed at views of merged buffers (no extra memory;
+            :mod:`vtoken.engine.merged_projections`) until :meth:`close`. Default: as ``fused_ops``.
     """
 
     def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None,
-                 graph_prefill: Optional[bool] = None, fused_ops: bool = False):
+                 graph_prefill: Optional[bool] = None, fused_ops: bool = False,
+                 merge_projections: Optional[bool] = None):
         self.model = model
         self.adapter = get_adapter(model)
         self.backend = backend
@@ -140,29 +145,17 @@ class StaticDecoder(_Prefill, _KVBuffers):
             reason = unsupported_reason(list(self.adapter.layers), self.adapter.text_model.norm, cfg)
             if reason is not None:
                 raise PruningConfigError(f"fused_ops=True needs Llama-layout decoder layers; {reason}")
+        if merge_projections and not self.fused_ops:
+            raise PruningConfigError("merge_projections=True runs inside the fused layers: set fused_ops=True too")
+        merge = self.fused_ops if merge_projections is None else bool(merge_projections)
+        # merged at each generate where not merged and intact (new buffers: the kept session is dropped)
+        self._projections = MergedProjections(self.adapter.layers) if merge else None
         self.groups: list = []
         self.layer_group: list = []
         self.last: dict = {}
         self.stages = None  # this call's decode-time stages (vtoken.engine.static_stages), if the plan has any
         self._session: Optional[_Session] = None
         self._tower_graph: Optional[_GraphedForward] = None
-
-    def _decode_plan(self) -> list:
-        """The attached handle's decode-time stages (refused where this engine cannot run them)."""
-        handle = self._handle
-        plan = [] if handle is None else handle.decode_plan
-        if plan and any(not isinstance(st, DecodeStage) for st in handle.plan):
-            raise UnsupportedCallError(
-                "StaticDecoder runs plans of decode-time stages alone (a2sf, lookm, zipvl_kv); a plan that also prunes "
-                "in the prefill (vtoken.Stage + vtoken.DecodeStage) runs through model.generate on the dynamic cache")
-        odd = [st.scorer.name for st in plan if st.readmit or getattr(st.scorer, "reads_query", False)
-               or getattr(st.scorer, "reads_layout", False)]
-        if odd:
-            raise UnsupportedCallError(
-                f"StaticDecoder runs decode-time stages that rank by accumulated attention (a2sf, lookm, zipvl_kv); "
-                f"{sorted(set(odd))} (re-admission, last-query or output-layout scores) runs through model.generate "
-                "on the dynamic cache")
-        return plan
 
     # -------------------------------------------------------------- captured pieces
     def _layer_call(self):
@@ -200,7 +193,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             pe = text.rotary_emb(h, adapter.decode_position_ids(pos_next + t))
             if fused:
                 logits = head(run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend,
-                                         attend=attend)[:, -1])
+                                         attend=attend, projections=self._projections)[:, -1])
             else:
                 for layer in layers:
                     h = call(layer, h, None, pe, kv)
@@ -227,6 +220,13 @@ class StaticDecoder(_Prefill, _KVBuffers):
             attn.config = private_attention_config(attn.config, STATIC_IMPL, _vtoken_static=self)
         return undo
 
+    def close(self) -> None:
+        """Give the model's merged projection weights their own storage back and drop the kept
+        session (buffers, graphs). The decoder can still be used: the next call merges again."""
+        if self._projections is not None:
+            self._projections.restore()
+        self._session = None
+
     _capture = staticmethod(_capture)  # graphs._capture; ``self._capture`` in the prefill and generate
 
     def _session_for(self, signature: tuple, kv: StaticKV, batch: int, new_tokens: int, pad: int, dev,
@@ -248,7 +248,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
-        decode_plan = self._decode_plan()
+        decode_plan = runnable_decode_plan(self._handle)
+        if self._projections is not None and self._projections.merge():
+            self._session = None  # its graphs read the buffers merged before
         if max_new_tokens < 1:
             raise PruningConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
@@ -405,7 +407,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
             cuda_graph=bool(use_graph and done > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
-            fused_ops=self.fused_ops, session_reused=reused, decode_stages_run=0 if self.stages is None else self.stages.done,
+            fused_ops=self.fused_ops, session_reused=reused,
+            merged_projections=0 if self._projections is None else self._projections.merged, decode_stages_run=0 if self.stages is None else self.stages.done,
         )
         if self.stages is not None:  # a kept engine must not hold this call's cache
             self.stages.release()

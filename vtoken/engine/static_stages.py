@@ -38,6 +38,8 @@ import torch
 from vtoken.engine.static_kv import _kept_index
 from vtoken.kernels import LowBitEntries, gather_attend, gather_attend_lowbit
 from vtoken.kernels.lowbit import quantize_tokens
+from vtoken.errors import UnsupportedCallError
+from vtoken.plan import DecodeStage
 from vtoken.signals import attention_probs
 
 
@@ -77,6 +79,24 @@ def _low_bit(keys: torch.Tensor, values: torch.Tensor, low: torch.Tensor, bits: 
     the ``low`` ``[B, n]`` slots (the ones read at low precision)."""
     idx, length = _kept_index(low, 0)
     return LowBitEntries(*quantize_tokens(keys, bits), *quantize_tokens(values, bits), idx, length, bits)
+
+
+def runnable_decode_plan(handle) -> list:
+    """The decode-time stages of ``handle`` (None: no handle) that :class:`StaticStages` runs; a plan
+    this engine cannot run is refused with what to do instead."""
+    plan = [] if handle is None else handle.decode_plan
+    if plan and any(not isinstance(st, DecodeStage) for st in handle.plan):
+        raise UnsupportedCallError(
+            "StaticDecoder runs plans of decode-time stages alone (a2sf, lookm, zipvl_kv); a plan that also prunes "
+            "in the prefill (vtoken.Stage + vtoken.DecodeStage) runs through model.generate on the dynamic cache")
+    odd = [st.scorer.name for st in plan if st.readmit or getattr(st.scorer, "reads_query", False)
+           or getattr(st.scorer, "reads_layout", False)]
+    if odd:
+        raise UnsupportedCallError(
+            f"StaticDecoder runs decode-time stages that rank by accumulated attention (a2sf, lookm, zipvl_kv); "
+            f"{sorted(set(odd))} (re-admission, last-query or output-layout scores) runs through model.generate "
+            "on the dynamic cache")
+    return plan
 
 
 class StaticStages:

@@ -1,0 +1,156 @@
+"""One GEMM for q/k/v and one for gate/up in the fused decode layers, without extra weight memory.
+
+A decode step at batch 1-32 is bound by reading the weights, and a small GEMM reads them further
+from the bandwidth than a large one: on an H100, LLaVA-1.5-7B's seven projections per layer ran
+at about 2.3-2.45 TB/s of the 3.35 (benchmarks/e2e/profile_ttft_h100_s15). Serving engines merge
+the projections that read the same input at load time (vLLM's ``QKVParallelLinear`` and
+``MergedColumnParallelLinear``). vtoken cannot load the model, so :class:`MergedProjections`
+merges in place: each layer's ``q/k/v_proj`` weights ``[Nq | Nk | Nv, D]`` (and biases) are
+copied into one buffer ``[Nq + Nk + Nv, D]`` and the model's own ``Parameter`` s are re-pointed at
+its row slices (``param.data = buffer[a:b]``: the same objects, the same values, the old storage
+freed, so no extra memory); ``gate/up_proj`` likewise ``[2F, D]``. The model's own forward reads
+the views and computes what it computed; ``load_state_dict`` writes through them into the buffer.
+:meth:`restore` gives every parameter its own storage again (``handle.remove()`` /
+:meth:`vtoken.engine.StaticDecoder.close`).
+
+Only plain, contiguous, floating ``nn.Parameter`` s that own their whole storage, on one device and
+dtype, with biases on all or none of a group, and no accelerate offload hook, are merged; any
+other group (quantized weights, tied or shared storage, offloaded layers) keeps its separate
+projections. A merged group whose parameters were re-assigned since (``proj.weight = ...``) is
+detected before each use and merged again.
+
+Numerics: each output element is the same dot product; cuBLAS may pick a different kernel (tile,
+split-K) for the larger GEMM, so on a GPU an element may differ by one bfloat16 rounding step, as
+``fused_ops``' element-wise kernels may (on the CPU the tests see identical tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _mergeable(linears: list) -> bool:
+    ws = [lin.weight for lin in linears]
+    biases = [lin.bias for lin in linears]
+    if any(hasattr(lin, "_hf_hook") for lin in linears) or any(type(w) is not torch.nn.Parameter for w in ws):
+        return False
+    if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1 or not ws[0].is_floating_point() or ws[0].is_meta:
+        return False
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return False
+    for t in ws + [b for b in biases if b is not None]:
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if not (t.is_contiguous() and t.storage_offset() == 0 and whole):
+            return False  # tied, shared or already a view: re-pointing would change what else reads it
+    return True
+
+
+class _Group:
+    """One layer's merged projections: ``weight [sum N_i, D]``, ``bias [sum N_i]`` or None, the
+    split sizes, and the ``nn.Linear`` s whose parameters are views of them."""
+
+    def __init__(self, linears: list):
+        self.linears = linears
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        self.bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+        self._point()
+
+    def _point(self) -> None:
+        start = 0
+        for lin, n in zip(self.linears, self.sizes):
+            lin.weight.data = self.weight[start:start + n]
+            if self.bias is not None:
+                lin.bias.data = self.bias[start:start + n]
+            start += n
+
+    def intact(self) -> bool:
+        """Whether every parameter still reads its slice of the buffers (none was re-assigned)."""
+        start, size = 0, self.weight[0].numel() * self.weight.element_size()
+        for lin, n in zip(self.linears, self.sizes):
+            if lin.weight.data_ptr() != self.weight.data_ptr() + start * size or lin.weight.shape[0] != n:
+                return False
+            if self.bias is not None and (lin.bias is None or lin.bias.data_ptr()
+                                          != self.bias.data_ptr() + start * self.bias.element_size()):
+                return False
+            start += n
+        return True
+
+    def __call__(self, x: torch.Tensor) -> tuple:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+    def release(self) -> None:
+        """Every parameter still reading the buffers gets its own storage back (a copy)."""
+
+        def inside(t, buf) -> bool:
+            start = buf.data_ptr()
+            return (t is not None and t.device == buf.device
+                    and start <= t.data_ptr() < start + buf.numel() * buf.element_size())
+
+        for lin in self.linears:
+            if inside(lin.weight, self.weight):
+                lin.weight.data = lin.weight.data.clone()
+            if self.bias is not None and inside(lin.bias, self.bias):
+                lin.bias.data = lin.bias.data.clone()
+
+
+class MergedProjections:
+    """Per decoder layer: ``qkv(j, x) -> (q, k, v)`` and ``gate_up(j, x) -> (gate, up)``, each
+    ``[..., N_i]`` from ``x [..., D]``, one GEMM each where the layer's projections merged (see the
+    module docstring), the layer's own projections otherwise. ``layers[j]`` has the Llama layout
+    (``self_attn.q/k/v_proj``, ``mlp.gate/up_proj``). Nothing is merged until :meth:`merge`."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self._groups: dict = {}
+
+    def _parts(self, j: int, kind: str) -> list:
+        layer = self.layers[j]
+        if kind == "qkv":
+            return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
+
+    def merge(self) -> bool:
+        """Merge (again) every group that is not merged and intact; True when any group changed (a
+        captured graph that read the old buffers must then be captured again)."""
+        changed = False
+        for j in range(len(self.layers)):
+            for kind in ("qkv", "gate_up"):
+                group: Optional[_Group] = self._groups.get((j, kind))
+                if group is not None and group.intact():
+                    continue
+                if group is not None:  # a parameter was re-assigned: free the others, merge the current ones
+                    group.release()
+                linears = self._parts(j, kind)
+                new = _Group(linears) if _mergeable(linears) else None
+                changed = changed or new is not None or (j, kind) not in self._groups or group is not None
+                self._groups[(j, kind)] = new
+        return changed
+
+    @property
+    def merged(self) -> int:
+        """How many groups run as one GEMM."""
+        return sum(g is not None for g in self._groups.values())
+
+    def _run(self, j: int, kind: str, x: torch.Tensor) -> tuple:
+        group = self._groups.get((j, kind))
+        if group is None:
+            return tuple(lin(x) for lin in self._parts(j, kind))
+        return group(x)
+
+    def qkv(self, j: int, x: torch.Tensor) -> tuple:
+        return self._run(j, "qkv", x)
+
+    def gate_up(self, j: int, x: torch.Tensor) -> tuple:
+        return self._run(j, "gate_up", x)
+
+    def restore(self) -> None:
+        """Every merged parameter gets its own storage back (the buffers are freed); :meth:`merge`
+        merges again."""
+        for group in self._groups.values():
+            if group is not None:
+                group.release()
+        self._groups = {}
