@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU measurements the open issues still lack (as of session 15), in ONE device call of at most
+# The GPU measurements the open issues still lack (as of session 16), in ONE device call of at most
 # ~580 s, outputs tarred (the device tool brings back at most 8 files):
 #
 #   OUT=dir bash benchmarks/pending_gpu.sh        ->  $OUT/pending.tgz, $OUT/eval/tiny-llava.tar.gz (+ summaries)
 #
-# 1. issue 23: the fused engine's batch-1 TTFT and batch-1 / 32 decode after session 15's changes
-#    (in-graph greedy, fused prefill tail, DivPrune's one-launch picks), graph vs host token choice
-#    in one run (benchmarks/e2e/profile_ttft.py)                                            ~150 s
+# 1. issue 23: the fused engine's batch-1 TTFT and batch-1 / 32 decode after sessions 15-16's changes
+#    (in-graph greedy, fused prefill tail, DivPrune's one-launch picks, the kept session for shorter
+#    calls, merged q/k/v and gate/up GEMMs), graph vs host token choice, merged vs separate
+#    projections, all in one run (benchmarks/e2e/profile_ttft.py)                          ~300 s
 # 2. issue 21 item 5: finish the 1,000-question tiny-llava run of session 15 (14 pairs left)  the rest
 # Then, in later calls: the same for tiny-qwen2vl and tiny-qwen2vl-video (N=1000 SHARDS=14 BATCH=128,
 # RESUME=<previous OUT> when a call cuts them), and the users suite on Qwen2.5-VL-7B.
@@ -16,8 +17,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
 . "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
 W=$(mktemp -d)
-timeout 200 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
-  --methods none,fastv,divprune --decode-batch 1,32 2>&1 | grep '^{'
+timeout 340 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
+  --methods none,fastv,divprune --decode-batch 1,32 --merge on,off 2>&1 | grep '^{'
 tar -czf "$OUT/pending.tgz" -C "$W" .
 B=$(( $(left) - 40 ))  # run_gpu.sh tars its run folder after its own limit: leave it the time
 [ "$B" -gt 60 ] && PYTHONPATH= OUT=$OUT/eval RESUME=$REPO/benchmarks/eval/gpu-h100-s15 N=1000 SHARDS=14 BATCH=128 \

@@ -1,6 +1,7 @@
 """Where batch-1 TTFT goes on ``apply_pruning(..., compile={"fused_ops": True})`` + ``generate`` (issue 23, item 2).
 
     python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 1,32]
+                                          [--merge on,off]
 
 LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
 check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
@@ -12,7 +13,10 @@ min_new_tokens=33)`` with the token choice inside the captured step (plain greed
 (a logits processor that changes nothing), each length and choice in its own block after a warm-up
 call, medians of 3; TTFT and decode ms/token
 ((33-token time - TTFT) / 32); the first under ``torch.profiler`` (``DIR/METHOD.decode_bB.txt``: GPU
-kernels by device time, i.e. what the 32 decode steps spend their time on). ``DIR/summary.json`` holds the numbers.
+kernels by device time, i.e. what the 32 decode steps spend their time on). ``--merge on,off`` runs
+everything with the engine's merged q/k/v and gate/up GEMMs (``merge_projections``, the default with
+``fused_ops``) and without, in the same run (``-nomerge`` in the file names). ``DIR/summary.json``
+holds the numbers (each row's ``merge_projections``).
 """
 
 from __future__ import annotations
@@ -49,8 +53,12 @@ def _profiled(fn, dev):
     return events, sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1000
 
 
-def profile_method(model, inputs, method: str, keep: int, out: str, dev) -> dict:
-    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile={"fused_ops": True})
+def _engine(merge: bool) -> dict:
+    return {"fused_ops": True, "merge_projections": merge}
+
+
+def profile_method(model, inputs, method: str, keep: int, out: str, dev, merge: bool = True) -> dict:
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(merge))
     try:
         def gen():
             return model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -74,10 +82,10 @@ def profile_method(model, inputs, method: str, keep: int, out: str, dev) -> dict
         stats = pstats.Stats(prof, stream=text)
         stats.sort_stats("cumulative").print_stats(70)
         stats.sort_stats("tottime").print_stats(40)
-        with open(os.path.join(out, f"{method}.cprofile.txt"), "w") as f:
+        with open(os.path.join(out, f"{method}{'' if merge else '-nomerge'}.cprofile.txt"), "w") as f:
             f.write(text.getvalue())
         events, gpu_ms = _profiled(gen, dev)
-        with open(os.path.join(out, f"{method}.ops.txt"), "w") as f:
+        with open(os.path.join(out, f"{method}{'' if merge else '-nomerge'}.ops.txt"), "w") as f:
             f.write(events.table(sort_by="self_cpu_time_total", row_limit=60))
             if dev.type == "cuda":
                 f.write("\n\n" + events.table(sort_by="self_device_time_total", row_limit=40))
@@ -98,12 +106,13 @@ class _Identity:
         return scores
 
 
-def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, new_tokens: int = 33) -> list:
+def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, new_tokens: int = 33,
+                   merge: bool = True) -> list:
     """Two rows: the token choice inside the captured step (plain greedy) and on the host (the same
     call with a logits processor that changes nothing), timed alternately in one run."""
     from transformers.generation import LogitsProcessorList
 
-    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile={"fused_ops": True})
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(merge))
     rows = []
     try:
         variants = {"graph": {}, "host": {"logits_processor": LogitsProcessorList([_Identity()])}}
@@ -112,9 +121,9 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
             return model.generate(**batch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   **variants[choice])
 
-        # each (choice, length) timed in a block after a warm-up call of its own: the engine keeps the
-        # graphs of ONE shape (its signature holds the new-token count and whether the host chooses),
-        # so alternating calls would time a graph capture each (session 15's first decode rows did)
+        # each (choice, length) timed in a block after a warm-up call of its own (session 15's first
+        # decode rows alternated them and timed graph captures; the engine now keeps its session for
+        # shorter calls and both token choices, but the blocks keep the rows independent of that)
         times = {}
         for choice in variants:
             for n in (new_tokens, 1):
@@ -128,12 +137,13 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
         gen(new_tokens, "graph")
         events, gpu_ms = _profiled(lambda: gen(new_tokens, "graph"), dev)
         batch = batch_inputs["input_ids"].shape[0]
-        with open(os.path.join(out, f"{method}.decode_b{batch}.txt"), "w") as f:
+        with open(os.path.join(out, f"{method}{'' if merge else '-nomerge'}.decode_b{batch}.txt"), "w") as f:
             key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             f.write(events.table(sort_by=key, row_limit=50))
         for choice in variants:
             ttft, total = statistics.median(times[(choice, 1)]), statistics.median(times[(choice, new_tokens)])
-            rows.append(dict(method=method, keep=keep, batch=batch, token_choice=choice, ttft_ms=ttft, total_ms=total,
+            rows.append(dict(method=method, keep=keep, batch=batch, token_choice=choice, merge_projections=merge,
+                             ttft_ms=ttft, total_ms=total,
                              decode_ms_per_token=(total - ttft) / (new_tokens - 1),
                              gpu_busy_ms_profiled_call=gpu_ms if choice == "graph" else None))
         return rows
@@ -148,23 +158,27 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="none,fastv")
     p.add_argument("--keep", type=int, default=64)
     p.add_argument("--decode-batch", default="", help="comma-separated batch sizes")
+    p.add_argument("--merge", default="on", help="on, off or on,off: merge_projections in the engine")
     args = p.parse_args(argv)
+    merges = [{"on": True, "off": False}[m] for m in args.merge.split(",")]
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     model = M.build_llava(args.tiny, dev, dtype)
     inputs = M.llava_inputs(model, 1, device=dev, dtype=dtype)
     rows = []
-    for method in args.methods.split(","):
-        row = profile_method(model, inputs, method, args.keep, args.out, dev)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for merge in merges:
+        for method in args.methods.split(","):
+            row = dict(profile_method(model, inputs, method, args.keep, args.out, dev, merge), merge_projections=merge)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     for batch in [int(b) for b in args.decode_batch.split(",") if b]:
         big = M.llava_inputs(model, batch, device=dev, dtype=dtype)
-        for method in args.methods.split(","):
-            for row in profile_decode(model, big, method, args.keep, args.out, dev):
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+        for merge in merges:
+            for method in args.methods.split(","):
+                for row in profile_decode(model, big, method, args.keep, args.out, dev, merge=merge):
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
