@@ -11,7 +11,8 @@ modules; ``import kernels`` never runs this folder (``vtoken/_folder_guard.py``)
   :func:`gather_attend_lowbit` adds low-bit entries read through a dequantising path (mixed-precision
   KV, :mod:`vtoken.kernels.lowbit`'s grid).
 - :func:`varlen_attention`: block-diagonal attention over packed segments in one launch, and
-  :func:`patch_vision_varlen` to route a Qwen2/2.5-VL vision tower's windowed attention through it.
+  :func:`patch_vision_varlen` to route a Qwen2/2.5-VL vision tower's windowed attention through it
+  (with the tower's rotary embedding as one launch, :func:`vtoken.kernels.vision_rope.rope_vision`).
 
 Each has a PyTorch reference (``*_reference``: the same function with ``backend="torch"``, its
 implementation in :mod:`vtoken.kernels.reference`); ``backend="auto"`` picks Triton for CUDA tensors

@@ -6,7 +6,10 @@ small launches per layer at 16K patches, plus a device-to-host sync per layer. T
 path avoids that but needs the ``flash-attn`` package. :func:`patch_vision_varlen` swaps the
 ``forward`` of each vision attention module (an instance attribute; the class is untouched) for one
 that runs the same projections and rotary embedding, then one :func:`varlen_attention` call over
-``cu_seqlens``.
+``cu_seqlens``. Where the kernels run (Triton), the rotary embedding is one launch too
+(:func:`vtoken.kernels.vision_rope.rope_vision`), once it has been checked against the module's own
+``apply_rotary_pos_emb_vision`` on the first call's inputs for that device and dtype (agreeing to
+one rounding step of the output dtype); where it does not agree, the module's own function runs.
 
 Supported modules: those of Qwen2-VL (``VisionAttention``), Qwen2.5-VL (``Qwen2_5_VLVisionAttention``)
 and other towers with the same layout: a fused ``qkv`` linear, ``proj``, ``num_heads``, ``scaling``,
@@ -25,6 +28,7 @@ from torch import nn
 
 from vtoken.kernels.dispatch import resolve_backend
 from vtoken.kernels.varlen import varlen_attention
+from vtoken.kernels.vision_rope import rope_vision
 
 
 def _is_windowed_vision_attention(module: nn.Module) -> bool:
@@ -59,7 +63,29 @@ class _MaxSeqlenCache:
         return value
 
 
-def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, triton_only: bool = False):
+class _RopeCheck:
+    """Whether :func:`rope_vision` computes what a tower's ``apply_rotary_pos_emb_vision`` computes,
+    decided once per (function, device, dtype) on the first call's own inputs (a few tokens): every
+    element within one rounding step of the output dtype. ``verdicts`` holds the decisions."""
+
+    def __init__(self):
+        self.verdicts: dict = {}
+
+    def agrees(self, rope, q, k, cos, sin, backend: str) -> bool:
+        key = (rope, q.device, q.dtype)
+        if key not in self.verdicts:
+            n = min(8, q.shape[0])
+            want = rope(q[:n], k[:n], cos[:n], sin[:n])
+            got = rope_vision(q[:n], k[:n], cos[:n], sin[:n], backend=backend)
+            eps = torch.finfo(q.dtype).eps
+            self.verdicts[key] = all(
+                bool(((g.float() - w.float()).abs() <= eps * w.float().abs() + torch.finfo(q.dtype).tiny).all())
+                for g, w in zip(got, want))
+        return self.verdicts[key]
+
+
+def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, triton_only: bool = False,
+                  rope_check: Optional[_RopeCheck] = None):
     rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
     own = module.forward  # the module's forward before the patch
 
@@ -83,7 +109,9 @@ def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, trito
             emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
             position_embeddings = (emb.cos(), emb.sin())
         cos, sin = position_embeddings
-        q, k = rope(q, k, cos, sin)  # [Total, H, D]
+        fused = (rope_check is not None and resolve_backend(backend, q, k, cos, sin) == "triton"
+                 and rope_check.agrees(rope, q, k, cos, sin, backend))
+        q, k = rope_vision(q, k, cos, sin, backend=backend) if fused else rope(q, k, cos, sin)  # [Total, H, D]
         if not isinstance(max_seqlen, int):
             max_seqlen = cache.get(cu_seqlens)
         scale = getattr(self, "scaling", None)
@@ -94,7 +122,7 @@ def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, trito
 
 
 def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", triton_only: bool = False,
-                        skip: tuple = ()) -> Callable[[], None]:
+                        skip: tuple = (), fused_rope: bool = True) -> Callable[[], None]:
     """Make every windowed vision-attention module under ``vision_model`` use :func:`varlen_attention`.
 
     Args:
@@ -106,6 +134,8 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
             each module's own forward instead (what ``apply_pruning`` installs: the tower is then
             exactly transformers' wherever the kernel would not run).
         skip: modules to leave as they are (e.g. one whose attention a probe reads).
+        fused_rope: where the kernels run, the rotary embedding as one launch (checked first, see
+            the module docstring); False keeps the module's own ``apply_rotary_pos_emb_vision``.
 
     Returns:
         ``remove()``: restores the original ``forward`` of every patched module. The output of the
@@ -123,14 +153,15 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
     if any("forward" in m.__dict__ and getattr(m.forward, "_vtoken_varlen", False) for m in targets):
         raise ValueError(f"{type(vision_model).__name__} is already patched by patch_vision_varlen")
     cache = _MaxSeqlenCache()
+    check = _RopeCheck() if fused_rope else None
     saved = []
     for m in targets:
         saved.append((m, m.__dict__.get("forward")))
-        fwd = _make_forward(m, backend, cache, triton_only)
+        fwd = _make_forward(m, backend, cache, triton_only, check)
         fwd.__func__._vtoken_varlen = True
         m.forward = fwd
 
-    def remove() -> None:
+    def remove() -> None:  # (``remove.rope_verdicts``: the fused-rope checks made so far)
         for m, old in saved:
             if old is None:
                 m.__dict__.pop("forward", None)
@@ -138,4 +169,5 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
                 m.forward = old
         saved.clear()
 
+    remove.rope_verdicts = {} if check is None else check.verdicts
     return remove
