@@ -63,29 +63,76 @@ class _MaxSeqlenCache:
         return value
 
 
-class _RopeCheck:
-    """Whether :func:`rope_vision` computes what a tower's ``apply_rotary_pos_emb_vision`` computes,
-    decided once per (function, device, dtype) on the first call's own inputs (a few tokens): every
-    element within one rounding step of the output dtype. ``verdicts`` holds the decisions."""
+def _step(dtype: torch.dtype) -> float:
+    """One rounding step of ``dtype``, relative; for float32 a few steps (a fused reduction sums in
+    another order than PyTorch's), still far below any difference of formula."""
+    return max(torch.finfo(dtype).eps, 2.0 ** -18)
+
+
+class _FusedChecks:
+    """Whether a fused kernel computes what the tower's own code computes, decided once per key
+    (what is replaced, device, dtype) on the first call's own inputs (a few tokens): every element
+    within one rounding step of the output dtype (:func:`_step`). ``verdicts`` holds the decisions."""
 
     def __init__(self):
         self.verdicts: dict = {}
 
-    def agrees(self, rope, q, k, cos, sin, backend: str) -> bool:
-        key = (rope, q.device, q.dtype)
+    def agrees(self, key: tuple, want: Callable, got: Callable) -> bool:
+        """``want()`` / ``got()``: the tower's and the kernel's outputs (a tensor or a tuple of them)."""
         if key not in self.verdicts:
-            n = min(8, q.shape[0])
-            want = rope(q[:n], k[:n], cos[:n], sin[:n])
-            got = rope_vision(q[:n], k[:n], cos[:n], sin[:n], backend=backend)
-            eps = torch.finfo(q.dtype).eps
+            w, g = want(), got()
+            w, g = (w,) if torch.is_tensor(w) else w, (g,) if torch.is_tensor(g) else g
             self.verdicts[key] = all(
-                bool(((g.float() - w.float()).abs() <= eps * w.float().abs() + torch.finfo(q.dtype).tiny).all())
-                for g, w in zip(got, want))
+                g_.shape == w_.shape and bool(((g_.float() - w_.float()).abs()
+                                               <= _step(w_.dtype) * w_.float().abs() + 1e-30).all())
+                for g_, w_ in zip(g, w))
         return self.verdicts[key]
 
 
+def _is_rms_norm_block(block: nn.Module) -> bool:
+    """A vision block computing ``h + attn(norm1(h))``, then ``h + mlp(norm2(h))`` with RMSNorms
+    (``variance_epsilon``) and a gated MLP (Qwen2.5-VL's ``Qwen2_5_VLVisionBlock``; Qwen2-VL's and
+    Qwen3-VL's blocks use LayerNorm and keep their own forward)."""
+    norms = [getattr(block, n, None) for n in ("norm1", "norm2")]
+    mlp = getattr(block, "mlp", None)
+    return (type(block).__name__ == "Qwen2_5_VLVisionBlock"
+            and all(hasattr(n, "variance_epsilon") and getattr(n, "weight", None) is not None
+                    and n.weight.dim() == 1 for n in norms)
+            and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")))
+
+
+def _make_block_forward(block: nn.Module, backend: str, checks: _FusedChecks):
+    """The block's forward with :func:`~vtoken.kernels.decode_ops.add_rms_norm` (the residual add and
+    the next norm in one kernel) and :func:`~vtoken.kernels.decode_ops.silu_mul` (SiLU gate): the
+    same arithmetic, each kernel checked against the block's own module on the first call's rows."""
+    from vtoken.kernels.decode_ops import add_rms_norm, silu_mul
+
+    own = block.forward
+    norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
+    silu = isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs) -> torch.Tensor:
+        x = hidden_states
+        if resolve_backend(backend, x) != "triton" or not x.is_contiguous():
+            return own(hidden_states, cu_seqlens, **kwargs)
+        rows, dev, dt = x[: min(8, x.shape[0])], x.device, x.dtype
+        if not checks.agrees((type(norm1), dev, dt), lambda: norm1(rows),
+                             lambda: add_rms_norm(rows, None, norm1.weight, norm1.variance_epsilon, backend=backend)[0]):
+            return own(hidden_states, cu_seqlens, **kwargs)
+        normed, _ = add_rms_norm(x, None, norm1.weight, norm1.variance_epsilon, backend=backend)
+        attn = self.attn(normed, cu_seqlens=cu_seqlens, **kwargs)
+        normed, h = add_rms_norm(attn, x, norm2.weight, norm2.variance_epsilon, backend=backend)  # h = x + attn
+        gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+        if silu and checks.agrees((type(mlp.act_fn), dev, gate.dtype), lambda: mlp.act_fn(gate[:8]) * up[:8],
+                                  lambda: silu_mul(gate[:8], up[:8], backend=backend)):
+            return h + mlp.down_proj(silu_mul(gate, up, backend=backend))
+        return h + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    return types.MethodType(forward, block)
+
+
 def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, triton_only: bool = False,
-                  rope_check: Optional[_RopeCheck] = None):
+                  checks: Optional[_FusedChecks] = None):
     rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
     own = module.forward  # the module's forward before the patch
 
@@ -109,8 +156,10 @@ def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, trito
             emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
             position_embeddings = (emb.cos(), emb.sin())
         cos, sin = position_embeddings
-        fused = (rope_check is not None and resolve_backend(backend, q, k, cos, sin) == "triton"
-                 and rope_check.agrees(rope, q, k, cos, sin, backend))
+        n = min(8, seq_length)
+        fused = (checks is not None and resolve_backend(backend, q, k, cos, sin) == "triton" and checks.agrees(
+            (rope, q.device, q.dtype), lambda: rope(q[:n], k[:n], cos[:n], sin[:n]),
+            lambda: rope_vision(q[:n], k[:n], cos[:n], sin[:n], backend=backend)))
         q, k = rope_vision(q, k, cos, sin, backend=backend) if fused else rope(q, k, cos, sin)  # [Total, H, D]
         if not isinstance(max_seqlen, int):
             max_seqlen = cache.get(cu_seqlens)
@@ -122,7 +171,7 @@ def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, trito
 
 
 def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", triton_only: bool = False,
-                        skip: tuple = (), fused_rope: bool = True) -> Callable[[], None]:
+                        skip: tuple = (), fused_ops: bool = True) -> Callable[[], None]:
     """Make every windowed vision-attention module under ``vision_model`` use :func:`varlen_attention`.
 
     Args:
@@ -134,8 +183,10 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
             each module's own forward instead (what ``apply_pruning`` installs: the tower is then
             exactly transformers' wherever the kernel would not run).
         skip: modules to leave as they are (e.g. one whose attention a probe reads).
-        fused_rope: where the kernels run, the rotary embedding as one launch (checked first, see
-            the module docstring); False keeps the module's own ``apply_rotary_pos_emb_vision``.
+        fused_ops: where the kernels run, the rotary embedding as one launch, and in RMSNorm
+            blocks (Qwen2.5-VL) the norms, the residual adds and the SiLU gate fused
+            (:func:`_make_block_forward`), each checked first (see the module docstring); False
+            keeps the tower's own code around the attention.
 
     Returns:
         ``remove()``: restores the original ``forward`` of every patched module. The output of the
@@ -153,15 +204,19 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
     if any("forward" in m.__dict__ and getattr(m.forward, "_vtoken_varlen", False) for m in targets):
         raise ValueError(f"{type(vision_model).__name__} is already patched by patch_vision_varlen")
     cache = _MaxSeqlenCache()
-    check = _RopeCheck() if fused_rope else None
+    checks = _FusedChecks() if fused_ops else None
     saved = []
     for m in targets:
         saved.append((m, m.__dict__.get("forward")))
-        fwd = _make_forward(m, backend, cache, triton_only, check)
+        fwd = _make_forward(m, backend, cache, triton_only, checks)
         fwd.__func__._vtoken_varlen = True
         m.forward = fwd
+    blocks = [b for b in vision_model.modules() if _is_rms_norm_block(b) and any(b.attn is m for m in targets)]
+    for b in blocks if fused_ops else ():
+        saved.append((b, b.__dict__.get("forward")))
+        b.forward = _make_block_forward(b, backend, checks)
 
-    def remove() -> None:  # (``remove.rope_verdicts``: the fused-rope checks made so far)
+    def remove() -> None:  # (``remove.fused_verdicts``: the fused kernels' checks made so far)
         for m, old in saved:
             if old is None:
                 m.__dict__.pop("forward", None)
@@ -169,5 +224,5 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
                 m.forward = old
         saved.clear()
 
-    remove.rope_verdicts = {} if check is None else check.verdicts
+    remove.fused_verdicts = {} if checks is None else checks.verdicts
     return remove

@@ -86,14 +86,34 @@ def _tower():
 
 @needs_triton
 @cpu_only
-def test_patched_tower_uses_the_fused_rope_where_it_agrees():
+def test_patched_tower_uses_the_fused_kernels_where_they_agree():
+    """Qwen2.5-VL's tower: the rotary embedding, the blocks' RMSNorms (with the residual adds) and
+    the SiLU gate all pass their checks and run fused; the tower's output is the unpatched one's,
+    and ``remove()`` leaves no forward behind."""
+    from vtoken.kernels import decode_ops
+
     tower, (x, grid) = _tower()
+    calls = []
+    real = decode_ops.add_rms_norm
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
     with torch.no_grad():
         ref = tower(x, grid_thw=grid).pooler_output
-        remove = patch_vision_varlen(tower, backend="triton")
-        out = tower(x, grid_thw=grid).pooler_output
+        decode_ops.add_rms_norm = counted  # (the patch binds the function when it is made)
+        try:
+            remove = patch_vision_varlen(tower, backend="triton")
+            out = tower(x, grid_thw=grid).pooler_output
+        finally:
+            decode_ops.add_rms_norm = real
         remove()
-    assert list(remove.rope_verdicts.values()) == [True]
+    names = {getattr(k[0], "__name__", "") for k in remove.fused_verdicts}  # what each check replaced
+    assert len(remove.fused_verdicts) == 3 and all(remove.fused_verdicts.values()), remove.fused_verdicts
+    assert {"apply_rotary_pos_emb_vision", "Qwen2_5_VLRMSNorm"} <= names
+    assert len(calls) >= 2 * len(tower.blocks)  # two fused norms a block (and the checks)
+    assert all("forward" not in m.__dict__ for m in tower.modules())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -118,7 +138,8 @@ def test_a_tower_with_another_rotary_formula_keeps_its_own(monkeypatch):
         remove = patch_vision_varlen(tower, backend="triton")
         out = tower(x, grid_thw=grid).pooler_output
         remove()
-    assert list(remove.rope_verdicts.values()) == [False]
+    verdicts = {getattr(k[0], "__name__", ""): v for k, v in remove.fused_verdicts.items()}
+    assert verdicts["interleaved"] is False and sum(verdicts.values()) == 2  # the norm and the gate still fuse
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

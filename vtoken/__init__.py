@@ -27,7 +27,8 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, compile=False, **op
     options: method options (e.g. ``K=3`` for FastV); ``backend="auto"|"torch"|"triton"`` picks
              the attention-scoring implementation; ``vision_varlen=False`` keeps Qwen's vision tower
              as transformers runs it (by default its per-window attention runs as one varlen kernel
-             launch a layer on CUDA, :func:`vtoken.kernels.patch_vision_varlen`; elsewhere, and
+             launch a layer on CUDA, with its rotary embedding, and Qwen2.5-VL's norms and gate,
+             fused where they check out, :func:`vtoken.kernels.patch_vision_varlen`; elsewhere, and
              with gradients, the tower's own forward runs). ``compile=True`` runs the model's own
              ``model.generate`` calls on the static decode engine (:class:`vtoken.engine.StaticDecoder`;
              greedy and sampling, :mod:`vtoken.engine.generate_route`); what it cannot carry (beams,

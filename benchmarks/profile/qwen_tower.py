@@ -1,7 +1,7 @@
 """Where Qwen2.5-VL-7B's vision tower spends its time at one 16K-token image (256 x 256 patches),
 with the varlen attention ``apply_pruning`` installs: CUDA time per kernel family, and the
 tower's compute floor (matmul FLOPs at the device's bf16 peak); the tower with transformers'
-rotary embedding and with the fused one (kernels/vision_rope.py) in the same run.
+rotary embedding, norms and gate and with the fused kernels (patch_vision_varlen's fused_ops) in the same run.
 
     OUT=dir python benchmarks/profile/qwen_tower.py   # CUDA; vtoken importable (see gpu_tests.sh)
 """
@@ -42,11 +42,12 @@ def timed(fn, n=3):
 with torch.no_grad():
     run = lambda: visual(pix, grid_thw=thw)  # noqa: E731
     lines.append(f"tower, transformers SDPA: {timed(run):.1f} ms")
-    remove = patch_vision_varlen(visual, fused_rope=False)
-    lines.append(f"tower, varlen attention, transformers' rotary: {timed(run):.1f} ms")
+    remove = patch_vision_varlen(visual, fused_ops=False)
+    lines.append(f"tower, varlen attention, the tower's own rotary, norms and gate: {timed(run):.1f} ms")
     remove()
-    remove = patch_vision_varlen(visual)  # as apply_pruning installs it: the fused rotary where it agrees
-    lines.append(f"tower, varlen attention + fused rotary: {timed(run):.1f} ms (checks: {remove.rope_verdicts})")
+    remove = patch_vision_varlen(visual)  # as apply_pruning installs it: the fused kernels where they agree
+    lines.append(f"tower, varlen attention + fused rotary, norms and gate: {timed(run):.1f} ms "
+                 f"(checks passed: {sum(remove.fused_verdicts.values())} of {len(remove.fused_verdicts)})")
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         torch.cuda.synchronize()
