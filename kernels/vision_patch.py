@@ -116,8 +116,8 @@ def _make_block_forward(block: nn.Module, backend: str, checks: _FusedChecks):
         if resolve_backend(backend, x) != "triton" or not x.is_contiguous():
             return own(hidden_states, cu_seqlens, **kwargs)
         rows, dev, dt = x[: min(8, x.shape[0])], x.device, x.dtype
-        if not checks.agrees((type(norm1), dev, dt), lambda: norm1(rows),
-                             lambda: add_rms_norm(rows, None, norm1.weight, norm1.variance_epsilon, backend=backend)[0]):
+        if not checks.agrees((type(norm1), dev, dt), lambda: norm1(rows), lambda: add_rms_norm(
+                rows, None, norm1.weight, norm1.variance_epsilon, backend=backend)[0]):
             return own(hidden_states, cu_seqlens, **kwargs)
         normed, _ = add_rms_norm(x, None, norm1.weight, norm1.variance_epsilon, backend=backend)
         attn = self.attn(normed, cu_seqlens=cu_seqlens, **kwargs)

@@ -46,7 +46,8 @@ def rope_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
         if t.stride(2) != 1:
             raise ValueError(f"rope_vision: {name}'s head rows must be contiguous (strides {t.stride()})")
     cos, sin = cos.contiguous(), sin.contiguous()
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     lazy_jit(_rope_vision_kernel)[(S, 2)](
         q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), H, Dh,
         BLOCK_H=next_pow2(H), BLOCK_D=next_pow2(Dh // 2))

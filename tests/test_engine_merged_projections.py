@@ -41,7 +41,8 @@ def test_merge_is_views_of_one_buffer_and_the_model_computes_the_same(name):
         assert merged.merge() and merged.merged == 2 * len(layers)
         a = layers[1].self_attn
         qkv_storage = a.q_proj.weight.untyped_storage().data_ptr()
-        assert a.k_proj.weight.untyped_storage().data_ptr() == qkv_storage == a.v_proj.weight.untyped_storage().data_ptr()
+        assert (a.k_proj.weight.untyped_storage().data_ptr() == qkv_storage
+                == a.v_proj.weight.untyped_storage().data_ptr())
         assert not _owns_storage(a.k_proj.weight)
         assert all(torch.equal(p, b) for p, b in zip(params, before))  # the same values, the same Parameter objects
         x = torch.randn(2, 3, a.q_proj.in_features)

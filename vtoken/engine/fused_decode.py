@@ -115,7 +115,10 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
         x = attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
         normed, residual = add_rms_norm(x, residual, layer.post_attention_layernorm.weight,
                                         layer.post_attention_layernorm.variance_epsilon, backend=backend)
-        gate, up = (mlp.gate_proj(normed), mlp.up_proj(normed)) if projections is None else projections.gate_up(i, normed)
+        if projections is None:
+            gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+        else:
+            gate, up = projections.gate_up(i, normed)
         x = mlp.down_proj(silu_mul(gate, up, backend=backend))
     return add_rms_norm(x, residual, final_norm.weight, final_norm.variance_epsilon, backend=backend)[0]
 

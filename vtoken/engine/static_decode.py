@@ -100,8 +100,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
     ``decode_ms_per_token`` (CUDA-synchronised when ``timing=True``), ``decode_steps`` (steps run:
     greedy decoding stops within :data:`vtoken.engine.eos.CHECK_EVERY` steps once every row has
     ended), ``kv_bytes`` (the static buffers: the kept session's, sized for its longest call),
-    ``prefill_lengths`` (each layer group's prefill KV length), whether graphs ran and ``decode_stages_run`` (decode-time stages applied;
-    :attr:`stages` holds them after the call).
+    ``prefill_lengths`` (each layer group's prefill KV length), whether graphs ran,
+    ``session_reused``, ``merged_projections`` (groups run as one GEMM) and ``decode_stages_run``
+    (decode-time stages applied; :attr:`stages` holds them after the call).
 
     Graph prefill (``graph_prefill``, default on with ``cuda_graph``): the prefill runs eagerly up
     to the last pruning stage (vision tower, the full-length layers, scoring and the gather; with
