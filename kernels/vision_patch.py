@@ -10,6 +10,10 @@ that runs the same projections and rotary embedding, then one :func:`varlen_atte
 (:func:`vtoken.kernels.vision_rope.rope_vision`), once it has been checked against the module's own
 ``apply_rotary_pos_emb_vision`` on the first call's inputs for that device and dtype (agreeing to
 one rounding step of the output dtype); where it does not agree, the module's own function runs.
+Qwen2.5-VL's RMSNorm blocks also run fused there (:func:`_make_block_forward`): each residual add
+with the next norm in one kernel, and the gated MLP as one gate/up GEMM and one down GEMM whose
+3,420-wide dimension is zero-padded to a multiple of 8 (16-byte rows: Hopper's fast GEMM kernels,
+:mod:`vtoken.kernels.merged_linear`), checked the same way.
 
 Supported modules: those of Qwen2-VL (``VisionAttention``), Qwen2.5-VL (``Qwen2_5_VLVisionAttention``)
 and other towers with the same layout: a fused ``qkv`` linear, ``proj``, ``num_heads``, ``scaling``,
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from vtoken.kernels.dispatch import resolve_backend
+from vtoken.kernels.merged_linear import MergedLinear, mergeable
 from vtoken.kernels.varlen import varlen_attention
 from vtoken.kernels.vision_rope import rope_vision
 
@@ -69,10 +74,18 @@ def _step(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).eps, 2.0 ** -18)
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Every element within a rounding step of its own size plus one of its row's largest (a sum
+    over a row, as a GEMM's, carries the rounding of its largest terms into small results)."""
+    w = want.float().abs()
+    scale = w + w.amax(dim=-1, keepdim=True)
+    return bool(((got.float() - want.float()).abs() <= _step(want.dtype) * scale + 1e-30).all())
+
+
 class _FusedChecks:
     """Whether a fused kernel computes what the tower's own code computes, decided once per key
     (what is replaced, device, dtype) on the first call's own inputs (a few tokens): every element
-    within one rounding step of the output dtype (:func:`_step`). ``verdicts`` holds the decisions."""
+    within a rounding step of the output dtype (:func:`_close`). ``verdicts`` holds the decisions."""
 
     def __init__(self):
         self.verdicts: dict = {}
@@ -82,10 +95,7 @@ class _FusedChecks:
         if key not in self.verdicts:
             w, g = want(), got()
             w, g = (w,) if torch.is_tensor(w) else w, (g,) if torch.is_tensor(g) else g
-            self.verdicts[key] = all(
-                g_.shape == w_.shape and bool(((g_.float() - w_.float()).abs()
-                                               <= _step(w_.dtype) * w_.float().abs() + 1e-30).all())
-                for g_, w_ in zip(g, w))
+            self.verdicts[key] = all(g_.shape == w_.shape and _close(g_, w_) for g_, w_ in zip(g, w))
         return self.verdicts[key]
 
 
@@ -101,15 +111,46 @@ def _is_rms_norm_block(block: nn.Module) -> bool:
             and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")))
 
 
-def _make_block_forward(block: nn.Module, backend: str, checks: _FusedChecks):
+class _PaddedMLP:
+    """A gated MLP's gate/up as one GEMM and its down projection, their width padded to a multiple
+    of 8 (:class:`~vtoken.kernels.merged_linear.MergedLinear`: Qwen2.5-VL's 3,420 is not 16-byte
+    aligned in bf16, which keeps cuBLAS off Hopper's fast kernels), made at the first fused call
+    (the model's weights become views of the padded buffers only where the kernels run) and
+    released by ``remove()``: ``self(x)`` = ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, mlp: nn.Module, backend: str, made: list):
+        self.mlp, self.backend, self.made = mlp, backend, made
+        self.gate_up = self.down = None
+        self.tried = False
+
+    def ready(self) -> bool:
+        if not self.tried:
+            self.tried = True
+            parts, down = [self.mlp.gate_proj, self.mlp.up_proj], [self.mlp.down_proj]
+            if mergeable(parts) and mergeable(down):
+                self.gate_up, self.down = MergedLinear(parts, pad_out=8), MergedLinear(down, pad_in=8)
+                self.made += [self.gate_up, self.down]
+        return self.gate_up is not None and self.gate_up.intact() and self.down.intact()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from vtoken.kernels.decode_ops import silu_mul
+
+        gate, up = self.gate_up(x)  # [..., F'] each (zero beyond F)
+        return self.down(silu_mul(gate, up, backend=self.backend))[0]
+
+
+def _make_block_forward(block: nn.Module, backend: str, checks: _FusedChecks, made: list):
     """The block's forward with :func:`~vtoken.kernels.decode_ops.add_rms_norm` (the residual add and
-    the next norm in one kernel) and :func:`~vtoken.kernels.decode_ops.silu_mul` (SiLU gate): the
-    same arithmetic, each kernel checked against the block's own module on the first call's rows."""
-    from vtoken.kernels.decode_ops import add_rms_norm, silu_mul
+    the next norm in one kernel) and the SiLU-gated MLP as :class:`_PaddedMLP` (one aligned GEMM for
+    gate/up, :func:`~vtoken.kernels.decode_ops.silu_mul`, an aligned down GEMM): the same arithmetic,
+    each part checked against the block's own module on the first call's rows (``made`` collects the
+    merged buffers for ``remove()``)."""
+    from vtoken.kernels.decode_ops import add_rms_norm
 
     own = block.forward
     norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
     silu = isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
+    padded = _PaddedMLP(mlp, backend, made) if silu else None
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs) -> torch.Tensor:
         x = hidden_states
@@ -122,11 +163,10 @@ def _make_block_forward(block: nn.Module, backend: str, checks: _FusedChecks):
         normed, _ = add_rms_norm(x, None, norm1.weight, norm1.variance_epsilon, backend=backend)
         attn = self.attn(normed, cu_seqlens=cu_seqlens, **kwargs)
         normed, h = add_rms_norm(attn, x, norm2.weight, norm2.variance_epsilon, backend=backend)  # h = x + attn
-        gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
-        if silu and checks.agrees((type(mlp.act_fn), dev, gate.dtype), lambda: mlp.act_fn(gate[:8]) * up[:8],
-                                  lambda: silu_mul(gate[:8], up[:8], backend=backend)):
-            return h + mlp.down_proj(silu_mul(gate, up, backend=backend))
-        return h + mlp.down_proj(mlp.act_fn(gate) * up)
+        if padded is not None and padded.ready() and checks.agrees(
+                (type(mlp), dev, dt), lambda: mlp(normed[:8]), lambda: padded(normed[:8])):
+            return h + padded(normed)
+        return h + mlp(normed)
 
     return types.MethodType(forward, block)
 
@@ -184,9 +224,10 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
             exactly transformers' wherever the kernel would not run).
         skip: modules to leave as they are (e.g. one whose attention a probe reads).
         fused_ops: where the kernels run, the rotary embedding as one launch, and in RMSNorm
-            blocks (Qwen2.5-VL) the norms, the residual adds and the SiLU gate fused
-            (:func:`_make_block_forward`), each checked first (see the module docstring); False
-            keeps the tower's own code around the attention.
+            blocks (Qwen2.5-VL) the norms with the residual adds fused and the gated MLP as two
+            GEMMs of 8-aligned width around a fused gate (:func:`_make_block_forward`; the MLP's
+            weights become views of padded buffers until ``remove()``), each checked first (see
+            the module docstring); False keeps the tower's own code around the attention.
 
     Returns:
         ``remove()``: restores the original ``forward`` of every patched module. The output of the
@@ -212,9 +253,10 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
         fwd.__func__._vtoken_varlen = True
         m.forward = fwd
     blocks = [b for b in vision_model.modules() if _is_rms_norm_block(b) and any(b.attn is m for m in targets)]
+    made: list = []  # MergedLinear buffers the fused blocks make (their weights' views): released by remove()
     for b in blocks if fused_ops else ():
         saved.append((b, b.__dict__.get("forward")))
-        b.forward = _make_block_forward(b, backend, checks)
+        b.forward = _make_block_forward(b, backend, checks, made)
 
     def remove() -> None:  # (``remove.fused_verdicts``: the fused kernels' checks made so far)
         for m, old in saved:
@@ -223,6 +265,9 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
             else:
                 m.forward = old
         saved.clear()
+        for merged in made:
+            merged.release()
+        made.clear()
 
     remove.fused_verdicts = {} if checks is None else checks.verdicts
     return remove

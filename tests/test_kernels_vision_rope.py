@@ -76,11 +76,11 @@ def test_bad_arguments_are_refused():
         rope_vision(q.long(), k.long(), cos, sin)
 
 
-def _tower():
+def _tower(**overrides):
     sys.path.insert(0, os.path.dirname(__file__))
     from test_kernels_varlen import tiny_qwen25_vision, tower_inputs
 
-    tower = tiny_qwen25_vision()
+    tower = tiny_qwen25_vision(**overrides)
     return tower, tower_inputs(torch.tensor([[1, 6, 8], [2, 4, 4]]))
 
 
@@ -115,6 +115,30 @@ def test_patched_tower_uses_the_fused_kernels_where_they_agree():
     assert len(calls) >= 2 * len(tower.blocks)  # two fused norms a block (and the checks)
     assert all("forward" not in m.__dict__ for m in tower.modules())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@cpu_only
+def test_padded_mlp_of_an_unaligned_width():
+    """An MLP 44 wide (Qwen2.5-VL-7B's 3,420 is not a multiple of 8 either) runs as a gate/up GEMM
+    and a down GEMM padded to 48: the tower's output is the unpatched one's; while patched the MLP
+    weights are views of the padded buffers (the module's own forward reads them), and ``remove()``
+    gives them their own storage back, unchanged."""
+    tower, (x, grid) = _tower(intermediate_size=44)
+    mlp = tower.blocks[0].mlp
+    before = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
+    with torch.no_grad():
+        ref = tower(x, grid_thw=grid).pooler_output
+        remove = patch_vision_varlen(tower, backend="triton")
+        assert mlp.down_proj.weight.is_contiguous()  # nothing re-pointed before a fused call
+        out = tower(x, grid_thw=grid).pooler_output
+        assert not mlp.down_proj.weight.is_contiguous() and mlp.down_proj.weight.shape == (32, 44)
+        assert mlp.down_proj.weight.untyped_storage().nbytes() == 32 * 48 * 4
+        remove()
+    assert all(remove.fused_verdicts.values()) and len(remove.fused_verdicts) == 3
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for k, v in mlp.state_dict().items():
+        assert v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * 4 and torch.equal(v, before[k])
 
 
 @needs_triton
@@ -154,3 +178,23 @@ def test_kernel_matches_transformers_on_gpu(module):
     eps = torch.finfo(torch.bfloat16).eps
     for g, w in zip(got, want):
         assert ((g.float() - w.float()).abs() <= eps * w.float().abs() + 1e-30).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_tower_with_unaligned_mlp_on_gpu():
+    """bf16 on CUDA, an MLP 500 wide (padded to 504): every fused part passes its check, and the
+    tower's output is the unpatched one's within bf16 rounding."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_kernels_varlen import rel_err, tiny_qwen25_vision, tower_inputs
+
+    tower = tiny_qwen25_vision(depth=4, hidden_size=256, num_heads=4, intermediate_size=500,
+                               fullatt_block_indexes=[1, 3], window_size=112).cuda().to(torch.bfloat16)
+    x, grid = tower_inputs(torch.tensor([[1, 30, 42], [4, 16, 16]]), dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        ref = tower(x, grid_thw=grid)
+        remove = patch_vision_varlen(tower)
+        out = tower(x, grid_thw=grid)
+        remove()
+    assert len(remove.fused_verdicts) == 3 and all(remove.fused_verdicts.values()), remove.fused_verdicts
+    assert rel_err(out.pooler_output, ref.pooler_output) < 2e-2

@@ -5,10 +5,11 @@ from the bandwidth than a large one: on an H100, LLaVA-1.5-7B's seven projection
 at about 2.3-2.45 TB/s of the 3.35 (benchmarks/e2e/profile_ttft_h100_s15). Serving engines merge
 the projections that read the same input at load time (vLLM's ``QKVParallelLinear`` and
 ``MergedColumnParallelLinear``). vtoken cannot load the model, so :class:`MergedProjections`
-merges in place: each layer's ``q/k/v_proj`` weights ``[Nq | Nk | Nv, D]`` (and biases) are
-copied into one buffer ``[Nq + Nk + Nv, D]`` and the model's own ``Parameter`` s are re-pointed at
-its row slices (``param.data = buffer[a:b]``: the same objects, the same values, the old storage
-freed, so no extra memory); ``gate/up_proj`` likewise ``[2F, D]``. The model's own forward reads
+merges in place (:class:`vtoken.kernels.merged_linear.MergedLinear`): each layer's ``q/k/v_proj``
+weights ``[Nq | Nk | Nv, D]`` (and biases) are copied into one buffer ``[Nq + Nk + Nv, D]`` and the
+model's own ``Parameter`` s are re-pointed at its row slices (``param.data = buffer[a:b]``: the same
+objects, the same values, the old storage freed, so no extra memory); ``gate/up_proj`` likewise
+``[2F, D]``. The model's own forward reads
 the views and computes what it computed; ``load_state_dict`` writes through them into the buffer.
 :meth:`restore` gives every parameter its own storage again (``handle.remove()`` /
 :meth:`vtoken.engine.StaticDecoder.close`).
@@ -29,72 +30,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-
-def _mergeable(linears: list) -> bool:
-    ws = [lin.weight for lin in linears]
-    biases = [lin.bias for lin in linears]
-    if any(hasattr(lin, "_hf_hook") for lin in linears) or any(type(w) is not torch.nn.Parameter for w in ws):
-        return False
-    if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1 or not ws[0].is_floating_point() or ws[0].is_meta:
-        return False
-    if any(b is None for b in biases) and any(b is not None for b in biases):
-        return False
-    for t in ws + [b for b in biases if b is not None]:
-        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        if not (t.is_contiguous() and t.storage_offset() == 0 and whole):
-            return False  # tied, shared or already a view: re-pointing would change what else reads it
-    return True
-
-
-class _Group:
-    """One layer's merged projections: ``weight [sum N_i, D]``, ``bias [sum N_i]`` or None, the
-    split sizes, and the ``nn.Linear`` s whose parameters are views of them."""
-
-    def __init__(self, linears: list):
-        self.linears = linears
-        self.sizes = [lin.weight.shape[0] for lin in linears]
-        self.weight = torch.cat([lin.weight.detach() for lin in linears])
-        self.bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
-        self._point()
-
-    def _point(self) -> None:
-        start = 0
-        for lin, n in zip(self.linears, self.sizes):
-            lin.weight.data = self.weight[start:start + n]
-            if self.bias is not None:
-                lin.bias.data = self.bias[start:start + n]
-            start += n
-
-    def intact(self) -> bool:
-        """Whether every parameter still reads its slice of the buffers (none was re-assigned)."""
-        start, size = 0, self.weight[0].numel() * self.weight.element_size()
-        for lin, n in zip(self.linears, self.sizes):
-            if lin.weight.data_ptr() != self.weight.data_ptr() + start * size or lin.weight.shape[0] != n:
-                return False
-            if self.bias is not None and (lin.bias is None or lin.bias.data_ptr()
-                                          != self.bias.data_ptr() + start * self.bias.element_size()):
-                return False
-            start += n
-        return True
-
-    def __call__(self, x: torch.Tensor) -> tuple:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-
-    def release(self) -> None:
-        """Every parameter still reading the buffers gets its own storage back (a copy)."""
-
-        def inside(t, buf) -> bool:
-            start = buf.data_ptr()
-            return (t is not None and t.device == buf.device
-                    and start <= t.data_ptr() < start + buf.numel() * buf.element_size())
-
-        for lin in self.linears:
-            if inside(lin.weight, self.weight):
-                lin.weight.data = lin.weight.data.clone()
-            if self.bias is not None and inside(lin.bias, self.bias):
-                lin.bias.data = lin.bias.data.clone()
+from vtoken.kernels.merged_linear import MergedLinear, mergeable
 
 
 class MergedProjections:
@@ -119,13 +56,13 @@ class MergedProjections:
         changed = False
         for j in range(len(self.layers)):
             for kind in ("qkv", "gate_up"):
-                group: Optional[_Group] = self._groups.get((j, kind))
+                group: Optional[MergedLinear] = self._groups.get((j, kind))
                 if group is not None and group.intact():
                     continue
                 if group is not None:  # a parameter was re-assigned: free the others, merge the current ones
                     group.release()
                 linears = self._parts(j, kind)
-                new = _Group(linears) if _mergeable(linears) else None
+                new = MergedLinear(linears) if mergeable(linears) else None
                 changed = changed or new is not None or (j, kind) not in self._groups or group is not None
                 self._groups[(j, kind)] = new
         return changed
