@@ -1,7 +1,8 @@
 """Where Qwen2.5-VL-7B's vision tower spends its time at one 16K-token image (256 x 256 patches),
 with the varlen attention ``apply_pruning`` installs: CUDA time per kernel family, and the
 tower's compute floor (matmul FLOPs at the device's bf16 peak); the tower with transformers'
-rotary embedding, norms and gate and with the fused kernels (patch_vision_varlen's fused_ops) in the same run.
+rotary embedding, norms and MLP and with the fused kernels and padded MLP GEMMs (patch_vision_varlen's
+fused_ops) in the same run.
 
     OUT=dir python benchmarks/profile/qwen_tower.py   # CUDA; vtoken importable (see gpu_tests.sh)
 """
@@ -43,10 +44,10 @@ with torch.no_grad():
     run = lambda: visual(pix, grid_thw=thw)  # noqa: E731
     lines.append(f"tower, transformers SDPA: {timed(run):.1f} ms")
     remove = patch_vision_varlen(visual, fused_ops=False)
-    lines.append(f"tower, varlen attention, the tower's own rotary, norms and gate: {timed(run):.1f} ms")
+    lines.append(f"tower, varlen attention, the tower's own rotary, norms and MLP: {timed(run):.1f} ms")
     remove()
     remove = patch_vision_varlen(visual)  # as apply_pruning installs it: the fused kernels where they agree
-    lines.append(f"tower, varlen attention + fused rotary, norms and gate: {timed(run):.1f} ms "
+    lines.append(f"tower, varlen attention + fused rotary, norms, gate and padded MLP GEMMs: {timed(run):.1f} ms "
                  f"(checks passed: {sum(remove.fused_verdicts.values())} of {len(remove.fused_verdicts)})")
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
