@@ -150,8 +150,11 @@ def test_triton_matches_reference_gpu(lengths, H, D, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_patched_qwen25_vision_tower_matches_unpatched_gpu():
-    tower = tiny_qwen25_vision(depth=4, hidden_size=256, num_heads=4, intermediate_size=512,
+@pytest.mark.parametrize("width", [512, 500])  # an MLP width that is not a multiple of 8 gets padded to 504
+def test_patched_qwen25_vision_tower_matches_unpatched_gpu(width):
+    """bf16 on CUDA: the varlen attention and the fused parts (rotary, norms, padded MLP), each
+    passing its check, give the unpatched tower's output within bf16 rounding."""
+    tower = tiny_qwen25_vision(depth=4, hidden_size=256, num_heads=4, intermediate_size=width,
                                fullatt_block_indexes=[1, 3], window_size=112).cuda().to(torch.bfloat16)
     x, grid = tower_inputs(torch.tensor([[1, 30, 42], [4, 16, 16]]), dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
@@ -159,4 +162,5 @@ def test_patched_qwen25_vision_tower_matches_unpatched_gpu():
         remove = patch_vision_varlen(tower)
         out = tower(x, grid_thw=grid)
         remove()
+    assert len(remove.fused_verdicts) == 3 and all(remove.fused_verdicts.values()), remove.fused_verdicts
     assert rel_err(out.pooler_output, ref.pooler_output) < 2e-2
