@@ -83,13 +83,18 @@ class MergedLinear:
                 lin.bias.data = b
             self._slices.append((w, b))
             start += n_pad
+        # (the modules' parameter dicts, read without nn.Module.__getattr__'s cost)
+        self._expected = [(lin._parameters, (w.data_ptr(), w.shape, None if b is None else b.data_ptr()))
+                          for lin, (w, b) in zip(self.linears, self._slices)]
 
     def intact(self) -> bool:
-        """Whether every parameter still is the view it was given (none re-assigned or moved)."""
-        for lin, (w, b) in zip(self.linears, self._slices):
-            if lin.weight.data_ptr() != w.data_ptr() or lin.weight.shape != w.shape or lin.weight.stride() != w.stride():
+        """Whether every parameter still is the view it was given (none re-assigned or moved).
+        Cheap (run before each engine call): the parameters' data pointers and shapes only."""
+        for params, (w_ptr, w_shape, b_ptr) in self._expected:
+            w, b = params.get("weight"), params.get("bias")
+            if w is None or w.data_ptr() != w_ptr or w.shape != w_shape:
                 return False
-            if b is not None and (lin.bias is None or lin.bias.data_ptr() != b.data_ptr()):
+            if b_ptr is not None and (b is None or b.data_ptr() != b_ptr):
                 return False
         return True
 
