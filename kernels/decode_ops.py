@@ -14,6 +14,9 @@ al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024), forward o
   queries and keys in one launch, ``x * cos + rotate_half(x) * sin`` written with ``transformers``'
   rounding (each product and the sum rounded to the input dtype; the compiled GPU kernel may keep
   a product in float32, one bfloat16 step from ``transformers`` on a few entries).
+- :func:`rope_qk_store`: the same rotation for one decode token, reading q / k / v where the
+  projections left them and writing the rotated key and the value into the static KV buffers at
+  the step's slot (one launch instead of six a layer).
 - :func:`silu_mul` ``(gate, up) -> silu(gate) * up`` (Shazeer, "GLU Variants Improve
   Transformer", 2020), ``silu`` rounded to the input dtype before the product, as
   ``act_fn(gate_proj(x)) * up_proj(x)``.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from vtoken.kernels.checks import check_kernel_dtypes
-from vtoken.kernels.dispatch import lazy_jit, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.dispatch import jit_helper, lazy_jit, next_pow2, resolve_backend, tl, torch_reference
 
 def _check_rows(name: str, *tensors) -> None:
     """Kernel dtypes (:func:`~vtoken.kernels.checks.check_kernel_dtypes`) and contiguous rows."""
@@ -136,15 +139,20 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, H, Hkv, S, Dh, BLOCK: tl.constexpr):
     else:
         src = K + ((b * Hkv + head - H) * S + s) * Dh
         dst = KO + ((b * Hkv + head - H) * S + s) * Dh
+    _rotate_row(src, dst, COS + bs * Dh, SIN + bs * Dh, offs, ok, half, Q.dtype.element_ty)
+
+
+@jit_helper
+def _rotate_row(src, dst, cos_row, sin_row, offs, ok, half, dt: tl.constexpr):
+    """One head row's rotary embedding, ``src`` -> ``dst`` (``offs`` cover half the row): out[:half] =
+    x1*c1 + (-x2)*s1, out[half:] = x2*c2 + x1*s2, each product and the sum rounded to ``dt`` as
+    ``transformers`` computes it in that dtype."""
     x1 = tl.load(src + offs, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + half + offs, mask=ok, other=0.0).to(tl.float32)
-    cs = bs * Dh
-    c1 = tl.load(COS + cs + offs, mask=ok, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + cs + half + offs, mask=ok, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + cs + offs, mask=ok, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + cs + half + offs, mask=ok, other=0.0).to(tl.float32)
-    dt = Q.dtype.element_ty
-    # out[:half] = x1*c1 + (-x2)*s1 ; out[half:] = x2*c2 + x1*s2  (each product and the sum rounded)
+    c1 = tl.load(cos_row + offs, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_row + half + offs, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_row + offs, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_row + half + offs, mask=ok, other=0.0).to(tl.float32)
     lo = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
     hi = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
     tl.store(dst + offs, lo, mask=ok)
@@ -152,6 +160,67 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, H, Hkv, S, Dh, BLOCK: tl.constexpr):
 
 
 rope_qk_reference = torch_reference(rope_qk)
+
+
+def rope_qk_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_buf: torch.Tensor, v_buf: torch.Tensor, slot: torch.Tensor, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """A decode step's rotary embedding and KV write in one launch: ``q [B, 1, H*Dh]``, ``k``, ``v``
+    ``[B, 1, Hkv*Dh]`` as the projections leave them (any row stride, e.g. the three parts of one
+    merged q/k/v GEMM's output), ``cos``/``sin`` ``[B, 1, Dh]``; the rotated keys and the values are
+    written into ``k_buf``/``v_buf`` ``[B, Hkv, L, Dh]`` at slot ``slot [1]`` (a device tensor, read
+    by the kernel: CUDA-graph safe); returns the rotated queries ``[B, H, 1, Dh]``. What
+    :func:`rope_qk` and ``StaticKV.update`` compute, without the three copies to contiguous heads
+    and the two index copies (six launches a layer become one)."""
+    B, S = q.shape[0], q.shape[1]
+    _, Hkv, L, Dh = k_buf.shape
+    H = q.shape[-1] // Dh if Dh else 0
+    check_kernel_dtypes(same=False, q=q, k=k, v=v, cos=cos, sin=sin, k_buf=k_buf, v_buf=v_buf)
+    if S != 1 or q.shape != (B, 1, H * Dh) or k.shape != (B, 1, Hkv * Dh) or v.shape != k.shape:
+        raise ValueError(f"rope_qk_store: one decode token per row expected: q [{B}, 1, H*{Dh}], k and v "
+                         f"[{B}, 1, {Hkv * Dh}]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if v_buf.shape != k_buf.shape or not (k_buf.is_contiguous() and v_buf.is_contiguous()):
+        raise ValueError("rope_qk_store: k_buf and v_buf must be contiguous [B, Hkv, L, Dh] of one shape")
+    if cos.shape != (B, 1, Dh) or sin.shape != (B, 1, Dh) or cos.dtype != q.dtype or sin.dtype != q.dtype:
+        raise ValueError(f"rope_qk_store: cos and sin must be [{B}, 1, {Dh}] {q.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or Dh % 2 or slot.numel() != 1:
+        raise ValueError("rope_qk_store: rows of contiguous heads, an even head dim and one slot expected")
+    if resolve_backend(backend, q, k, v, k_buf) == "torch":
+        heads = lambda t, n: t.reshape(B, 1, n, Dh).transpose(1, 2).contiguous()  # noqa: E731
+        q_rot, k_rot = rope_qk_reference(heads(q, H), heads(k, Hkv), cos.contiguous(), sin.contiguous())
+        k_buf.index_copy_(2, slot, k_rot)
+        v_buf.index_copy_(2, slot, heads(v, Hkv))
+        return q_rot
+    q_out = torch.empty((B, H, 1, Dh), dtype=q.dtype, device=q.device)
+    lazy_jit(_rope_store_kernel)[(B, H + 2 * Hkv)](
+        q, k, v, cos.contiguous(), sin.contiguous(), q_out, k_buf, v_buf, slot,
+        q.stride(0), k.stride(0), v.stride(0), H, Hkv, L, Dh, BLOCK=next_pow2(Dh // 2))
+    return q_out
+
+
+def _rope_store_kernel(Q, K, V, COS, SIN, QO, KB, VB, SLOT, sq, sk, sv, H, Hkv, L, Dh, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)  # [0, H): rotate q head j; [H, H + Hkv): rotate k into the buffer; then copy v
+    half = Dh // 2
+    offs = tl.arange(0, BLOCK)
+    ok = offs < half
+    slot = tl.load(SLOT).to(tl.int64)
+    if j < H:
+        _rotate_row(Q + b * sq + j * Dh, QO + (b * H + j) * Dh, COS + b * Dh, SIN + b * Dh, offs, ok, half,
+                    Q.dtype.element_ty)
+    elif j < H + Hkv:
+        h = j - H
+        _rotate_row(K + b * sk + h * Dh, KB + ((b * Hkv + h) * L + slot) * Dh, COS + b * Dh, SIN + b * Dh, offs,
+                    ok, half, Q.dtype.element_ty)
+    else:
+        h = j - H - Hkv
+        row = V + b * sv + h * Dh
+        dst = VB + ((b * Hkv + h) * L + slot) * Dh
+        tl.store(dst + offs, tl.load(row + offs, mask=ok, other=0.0), mask=ok)
+        tl.store(dst + half + offs, tl.load(row + half + offs, mask=ok, other=0.0), mask=ok)
+
+
+rope_qk_store_reference = torch_reference(rope_qk_store)
 
 
 # ------------------------------------------------------------------------------------ SwiGLU gate

@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 
 from vtoken.kernels import HAS_TRITON  # noqa: E402
 from vtoken.kernels.decode_ops import (add_rms_norm, add_rms_norm_reference, rope_qk,  # noqa: E402
-                                       rope_qk_reference, silu_mul, silu_mul_reference)
+                                       rope_qk_reference, rope_qk_store, rope_qk_store_reference, silu_mul,
+                                       silu_mul_reference)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,6 +115,47 @@ def test_silu_mul_kernel_reads_the_halves_of_a_merged_gate_up_output():
     torch.testing.assert_close(silu_mul(gate, up, backend="torch"), want, rtol=1e-6, atol=1e-6)
 
 
+def _decode_qkv(B=3, H=4, Hkv=2, Dh=8, L=7, dtype=torch.float32, seed=0):
+    """q, k, v as one merged projection leaves them (strided parts of ``[B, 1, (H + 2 Hkv) Dh]``),
+    decode rotary tables, KV buffers with some history and a write slot."""
+    qkv = _randn(B, 1, (H + 2 * Hkv) * Dh, dtype=dtype, seed=seed)
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    cos, sin = _rotary(B, 1, Dh, dtype, seed=seed + 1)
+    k_buf, v_buf = _randn(B, Hkv, L, Dh, dtype=dtype, seed=seed + 2), _randn(B, Hkv, L, Dh, dtype=dtype, seed=seed + 3)
+    return q, k, v, cos, sin, k_buf, v_buf, torch.tensor([L - 3])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_qk_store_is_rope_qk_then_the_cache_write(backend, dtype):
+    """Against the two steps it replaces: rope_qk on contiguous heads, then StaticKV.update's index
+    copies at the slot; every other slot of the buffers untouched."""
+    q, k, v, cos, sin, k_buf, v_buf, slot = _decode_qkv(dtype=dtype)
+    B, Hkv, L, Dh = k_buf.shape
+    heads = lambda t: t.reshape(B, 1, -1, Dh).transpose(1, 2).contiguous()  # noqa: E731
+    want_q, want_k = rope_qk_reference(heads(q), heads(k), cos, sin)
+    want_kb, want_vb = k_buf.clone(), v_buf.clone()
+    want_kb.index_copy_(2, slot, want_k)
+    want_vb.index_copy_(2, slot, heads(v))
+    got_q = rope_qk_store(q, k, v, cos, sin, k_buf, v_buf, slot, backend=backend)
+    tol = 0 if backend == "torch" else (1e-6 if dtype == torch.float32 else 1e-3)
+    torch.testing.assert_close(got_q, want_q, rtol=tol, atol=tol)
+    torch.testing.assert_close(k_buf, want_kb, rtol=tol, atol=tol)
+    assert torch.equal(v_buf, want_vb)  # the values are copied, not computed
+    assert got_q.shape == (B, q.shape[-1] // Dh, 1, Dh) and got_q.is_contiguous()
+
+
+def test_rope_qk_store_rejects_bad_arguments():
+    q, k, v, cos, sin, k_buf, v_buf, slot = _decode_qkv()
+    with pytest.raises(ValueError, match="one decode token"):
+        rope_qk_store(q.expand(3, 2, -1), k, v, cos, sin, k_buf, v_buf, slot)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rope_qk_store(q, k, v, cos.half(), sin.half(), k_buf, v_buf, slot)
+    with pytest.raises(ValueError, match="contiguous"):
+        wide = torch.zeros(*k_buf.shape[:3], 2 * k_buf.shape[3])
+        rope_qk_store(q, k, v, cos, sin, wide[..., :k_buf.shape[3]], v_buf, slot)  # strided buffer rows
+
+
 def test_decode_ops_reject_bad_arguments():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight must be"):
@@ -164,3 +206,21 @@ def test_decode_ops_bf16_on_gpu_at_7b_sizes():
     got, want = silu_mul(g, u).float(), silu_mul_reference(g, u).float()
     # silu may land one bfloat16 step from PyTorch's (another exp), then the product is rounded
     assert ((got - want).abs() <= 2 ** -6 * want.abs() + 1e-6).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rope_qk_store_bf16_on_gpu_at_7b_sizes():
+    """The compiled kernel at Llama-7B decode sizes (batch 32, 32 heads of 128): the values copied
+    exactly, the rotated rows within a bfloat16 step of the reference, nothing else written."""
+    parts = _decode_qkv(B=32, H=32, Hkv=32, Dh=128, L=48, dtype=torch.bfloat16, seed=5)
+    q, k, v, cos, sin, k_buf, v_buf, slot = (t.cuda() for t in parts)
+    want_kb, want_vb = k_buf.clone(), v_buf.clone()
+    want_q = rope_qk_store_reference(q, k, v, cos, sin, want_kb, want_vb, slot)
+    got_q = rope_qk_store(q, k, v, cos, sin, k_buf, v_buf, slot)
+    assert torch.equal(v_buf, want_vb)
+    for got, want in ((got_q, want_q), (k_buf, want_kb)):
+        assert ((got.float() - want.float()).abs() <= 2 ** -6 * want.float().abs() + 1e-6).all()
+    rest = torch.ones(k_buf.shape[2], dtype=torch.bool)
+    rest[slot.item()] = False
+    assert torch.equal(k_buf[:, :, rest], want_kb[:, :, rest])

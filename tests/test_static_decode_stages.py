@@ -29,6 +29,7 @@ def both(model, inputs, method, keep, options, **decoder):
         ref = model.generate(**inputs, max_new_tokens=T, **GEN)
         dec = StaticDecoder(model, **decoder)
         got = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
+        dec.close()  # (fused_ops: the shared model's projection weights get their own storage back)
     return ref, got, dec
 
 

@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 
 from vtoken.kernels import gather_attend
-from vtoken.kernels.decode_ops import add_rms_norm, rope_qk, silu_mul
+from vtoken.engine.static_kv import StaticKV
+from vtoken.kernels.decode_ops import add_rms_norm, rope_qk, rope_qk_store, silu_mul
 
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -80,8 +81,9 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
                attend=None, first: int = 0, projections=None):
     """The decode step from the embeddings ``h [B, S, D]`` (S = 1) to the final norm's output ``[B, S, D]``.
 
-    ``kv`` is the step's :class:`~vtoken.engine.static_kv.StaticKV` (``update`` writes the new
-    key/value at the group's slot and returns the buffers); ``groups[layer_group[i]]`` holds layer
+    ``kv`` is the step's :class:`~vtoken.engine.static_kv.StaticKV` (the new key/value are written at
+    the group's slot, by :func:`~vtoken.kernels.decode_ops.rope_qk_store` with the rotation; another
+    cache object, the prefill tail's writer, gets ``update`` calls); ``groups[layer_group[i]]`` holds layer
     i's kept-index list and count. ``attend(i, q, k_buf, v_buf, scale, backend)``, if given, replaces
     the layer's ``gather_attend`` call (decode-time stages, :mod:`vtoken.engine.static_stages`; the
     prefill tail, :func:`run_prefill_layers`). ``layers[j]`` is the model's layer ``first + j``.
@@ -104,9 +106,13 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
             q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
         else:
             q, k, v = projections.qkv(i, normed)
-        q, k, v = (t.view(B, S, -1, Dh).transpose(1, 2) for t in (q, k, v))
-        q, k = rope_qk(q.contiguous(), k.contiguous(), cos, sin, backend=backend)
-        k_buf, v_buf = kv.update(k, v.contiguous(), i)
+        if S == 1 and isinstance(kv, StaticKV):  # a decode step: rotate and write the cache in one launch
+            k_buf, v_buf = kv.keys[i], kv.values[i]
+            q = rope_qk_store(q, k, v, cos, sin, k_buf, v_buf, kv.groups[kv.layer_group[i]].slot, backend=backend)
+        else:  # the prefill tail: its writer stores S rows per layer
+            q, k, v = (t.view(B, S, -1, Dh).transpose(1, 2).contiguous() for t in (q, k, v))
+            q, k = rope_qk(q, k, cos, sin, backend=backend)
+            k_buf, v_buf = kv.update(k, v, i)
         if attend is not None:
             out = attend(i, q, k_buf, v_buf, attn.scaling, backend)
         else:
