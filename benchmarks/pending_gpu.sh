@@ -35,7 +35,7 @@ case "$PART" in
   1)
     TESTS="tests/test_engine_static.py tests/test_engine_merged_projections.py tests/test_generate_route.py
       tests/test_kernels_decode_ops.py tests/test_kernels_vision_rope.py tests/test_kernels_varlen.py
-      tests/test_kernels_greedy_select.py" timeout 150 bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$W/gpu_tests.log" 2>&1
+      tests/test_kernels_greedy_select.py tests/test_static_decode_stages.py" timeout 150 bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$W/gpu_tests.log" 2>&1
     tail -3 "$W/gpu_tests.log"
     mkdir -p "$W/tower"; OUT=$W/tower timeout 120 python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
     # (its rows are printed as they come and kept in prof.jsonl: a cut run keeps what it measured)
