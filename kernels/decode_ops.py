@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from vtoken.kernels.checks import check_kernel_dtypes
-from vtoken.kernels.dispatch import jit_helper, lazy_jit, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.dispatch import lazy_jit, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.triton_helpers import rotate_half_rows
 
 def _check_rows(name: str, *tensors) -> None:
     """Kernel dtypes (:func:`~vtoken.kernels.checks.check_kernel_dtypes`) and contiguous rows."""
@@ -95,6 +96,13 @@ def _add_rms_norm_kernel(X, R, W, OUT, S, D, eps, HAS_RES: tl.constexpr, BLOCK: 
 add_rms_norm_reference = torch_reference(add_rms_norm)
 
 
+def is_rms_norm(module) -> bool:
+    """Whether ``module`` is an RMSNorm :func:`add_rms_norm` computes (``LlamaRMSNorm``'s layout: a
+    ``variance_epsilon`` and a ``[D]`` weight)."""
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "variance_epsilon") and weight is not None and weight.dim() == 1
+
+
 # ------------------------------------------------------------------------------------ rotary
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,24 +147,8 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, H, Hkv, S, Dh, BLOCK: tl.constexpr):
     else:
         src = K + ((b * Hkv + head - H) * S + s) * Dh
         dst = KO + ((b * Hkv + head - H) * S + s) * Dh
-    _rotate_row(src, dst, COS + bs * Dh, SIN + bs * Dh, offs, ok, half, Q.dtype.element_ty)
-
-
-@jit_helper
-def _rotate_row(src, dst, cos_row, sin_row, offs, ok, half, dt: tl.constexpr):
-    """One head row's rotary embedding, ``src`` -> ``dst`` (``offs`` cover half the row): out[:half] =
-    x1*c1 + (-x2)*s1, out[half:] = x2*c2 + x1*s2, each product and the sum rounded to ``dt`` as
-    ``transformers`` computes it in that dtype."""
-    x1 = tl.load(src + offs, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half + offs, mask=ok, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_row + offs, mask=ok, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_row + half + offs, mask=ok, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_row + offs, mask=ok, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_row + half + offs, mask=ok, other=0.0).to(tl.float32)
-    lo = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
-    hi = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
-    tl.store(dst + offs, lo, mask=ok)
-    tl.store(dst + half + offs, hi, mask=ok)
+    rotate_half_rows(src + offs, dst + offs, COS + bs * Dh + offs, SIN + bs * Dh + offs, ok, ok, half,
+                     Q.dtype.element_ty, True)
 
 
 rope_qk_reference = torch_reference(rope_qk)
@@ -206,12 +198,12 @@ def _rope_store_kernel(Q, K, V, COS, SIN, QO, KB, VB, SLOT, sq, sk, sv, H, Hkv, 
     ok = offs < half
     slot = tl.load(SLOT).to(tl.int64)
     if j < H:
-        _rotate_row(Q + b * sq + j * Dh, QO + (b * H + j) * Dh, COS + b * Dh, SIN + b * Dh, offs, ok, half,
-                    Q.dtype.element_ty)
+        rotate_half_rows(Q + b * sq + j * Dh + offs, QO + (b * H + j) * Dh + offs, COS + b * Dh + offs,
+                         SIN + b * Dh + offs, ok, ok, half, Q.dtype.element_ty, True)
     elif j < H + Hkv:
         h = j - H
-        _rotate_row(K + b * sk + h * Dh, KB + ((b * Hkv + h) * L + slot) * Dh, COS + b * Dh, SIN + b * Dh, offs,
-                    ok, half, Q.dtype.element_ty)
+        rotate_half_rows(K + b * sk + h * Dh + offs, KB + ((b * Hkv + h) * L + slot) * Dh + offs,
+                         COS + b * Dh + offs, SIN + b * Dh + offs, ok, ok, half, Q.dtype.element_ty, True)
     else:
         h = j - H - Hkv
         row = V + b * sv + h * Dh

@@ -59,9 +59,13 @@ class MergedLinear:
     ``pad_in > 1``, ``x`` must be ``[..., K']`` (``K`` rounded up to ``pad_in``; its extra columns
     meet zero weights). ``weight [sum N_i', K']``, ``bias [sum N_i']`` or None."""
 
+    @classmethod
+    def of(cls, linears: list, pad_out: int = 1, pad_in: int = 1) -> "MergedLinear | None":
+        """The merge of ``linears``, or None where their parameters cannot be re-pointed (:func:`mergeable`)."""
+        return cls(linears, pad_out, pad_in) if mergeable(linears) else None
+
     def __init__(self, linears: list, pad_out: int = 1, pad_in: int = 1):
-        if not mergeable(linears):
-            raise ValueError("MergedLinear: these linears' parameters cannot be re-pointed (see mergeable())")
+        """(Use :meth:`of`, which checks :func:`mergeable` first.)"""
         self.linears = list(linears)
         first = linears[0].weight
         self.sizes = [lin.weight.shape[0] for lin in linears]

@@ -2,7 +2,9 @@
 
 The FlashAttention online softmax (Dao et al., 2022) is written once, here, and used by the causal
 forward of :mod:`~vtoken.kernels.attend_and_score`, the split-K decode of
-:mod:`~vtoken.kernels.gather_attend` and the block-diagonal forward of :mod:`~vtoken.kernels.varlen`.
+:mod:`~vtoken.kernels.gather_attend` and the block-diagonal forward of :mod:`~vtoken.kernels.varlen`;
+the rotary embedding (:func:`rotate_half_rows`) by :mod:`~vtoken.kernels.decode_ops` and
+:mod:`~vtoken.kernels.vision_rope`.
 
 Each function is marked with :func:`~vtoken.kernels.dispatch.jit_helper` rather than decorated with
 ``triton.jit``: :func:`~vtoken.kernels.dispatch.lazy_jit` jits it together with the first kernel that
@@ -78,3 +80,27 @@ def attend_block(m_i, l_i, acc, s, v_base, rows, stride_row, cols, stride_col, v
 def normalize_rows(acc, l_i):
     """``acc / l`` row by row; a row with ``l = 0`` (it saw no key) gives zeros."""
     return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+
+@jit_helper
+def rotate_half_rows(src, dst, cos, sin, ok, cos_ok, half, dt: tl.constexpr, ROUND_PRODUCTS: tl.constexpr):
+    """Rotary embedding (half-split, ``rotate_half``) of the rows at ``src`` into ``dst``: out[:half] =
+    x1*c1 - x2*s1, out[half:] = x2*c2 + x1*s2, with ``x`` / ``cos`` / ``sin`` pointer blocks already
+    offset to the first half's columns (``cos`` / ``sin`` may broadcast over ``x``'s rows) and masks
+    ``ok`` / ``cos_ok``. ``ROUND_PRODUCTS``: each product and the sum rounded to ``dt``, as
+    ``transformers`` computes a decoder's rotary embedding in that dtype; else float32 throughout and
+    one rounding, as its vision towers' ``apply_rotary_pos_emb_vision``."""
+    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(cos, mask=cos_ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos + half, mask=cos_ok, other=0.0).to(tl.float32)
+    s1 = tl.load(sin, mask=cos_ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sin + half, mask=cos_ok, other=0.0).to(tl.float32)
+    if ROUND_PRODUCTS:
+        lo = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+        hi = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    else:
+        lo = (x1 * c1 - x2 * s1).to(dt)
+        hi = (x2 * c2 + x1 * s2).to(dt)
+    tl.store(dst, lo, mask=ok)
+    tl.store(dst + half, hi, mask=ok)

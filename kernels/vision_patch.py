@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from vtoken.kernels.decode_ops import add_rms_norm, is_rms_norm, silu_mul
 from vtoken.kernels.dispatch import resolve_backend
 from vtoken.kernels.merged_linear import MergedLinear, mergeable
 from vtoken.kernels.varlen import varlen_attention
@@ -103,11 +104,9 @@ def _is_rms_norm_block(block: nn.Module) -> bool:
     """A vision block computing ``h + attn(norm1(h))``, then ``h + mlp(norm2(h))`` with RMSNorms
     (``variance_epsilon``) and a gated MLP (Qwen2.5-VL's ``Qwen2_5_VLVisionBlock``; Qwen2-VL's and
     Qwen3-VL's blocks use LayerNorm and keep their own forward)."""
-    norms = [getattr(block, n, None) for n in ("norm1", "norm2")]
     mlp = getattr(block, "mlp", None)
     return (type(block).__name__ == "Qwen2_5_VLVisionBlock"
-            and all(hasattr(n, "variance_epsilon") and getattr(n, "weight", None) is not None
-                    and n.weight.dim() == 1 for n in norms)
+            and all(is_rms_norm(getattr(block, n, None)) for n in ("norm1", "norm2"))
             and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")))
 
 
@@ -127,14 +126,13 @@ class _PaddedMLP:
         if not self.tried:
             self.tried = True
             parts, down = [self.mlp.gate_proj, self.mlp.up_proj], [self.mlp.down_proj]
-            if mergeable(parts) and mergeable(down):
-                self.gate_up, self.down = MergedLinear(parts, pad_out=8), MergedLinear(down, pad_in=8)
-                self.made += [self.gate_up, self.down]
+            if mergeable(down):
+                self.gate_up = MergedLinear.of(parts, pad_out=8)
+                self.down = MergedLinear(down, pad_in=8) if self.gate_up is not None else None
+                self.made += [m for m in (self.gate_up, self.down) if m is not None]
         return self.gate_up is not None and self.gate_up.intact() and self.down.intact()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from vtoken.kernels.decode_ops import silu_mul
-
         gate, up = self.gate_up(x)  # [..., F'] each (zero beyond F)
         return self.down(silu_mul(gate, up, backend=self.backend))[0]
 
@@ -145,8 +143,6 @@ def _make_block_forward(block: nn.Module, backend: str, checks: _FusedChecks, ma
     gate/up, :func:`~vtoken.kernels.decode_ops.silu_mul`, an aligned down GEMM): the same arithmetic,
     each part checked against the block's own module on the first call's rows (``made`` collects the
     merged buffers for ``remove()``)."""
-    from vtoken.kernels.decode_ops import add_rms_norm
-
     own = block.forward
     norm1, norm2, mlp = block.norm1, block.norm2, block.mlp
     silu = isinstance(mlp.act_fn, nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"

@@ -19,6 +19,7 @@ import torch
 
 from vtoken.kernels.checks import check_kernel_dtypes
 from vtoken.kernels.dispatch import lazy_jit, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.triton_helpers import rotate_half_rows
 
 
 def rope_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -68,17 +69,9 @@ def _rope_vision_kernel(Q, K, COS, SIN, QO, KO, sq_s, sq_h, sk_s, sk_h, H, Dh,
     else:
         src = K + s * sk_s + heads[:, None] * sk_h + cols[None, :]
         dst = KO + (s * H + heads[:, None]) * Dh + cols[None, :]
-    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=ok, other=0.0).to(tl.float32)
-    row = s * Dh + cols
-    c1 = tl.load(COS + row, mask=cols < half, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(COS + row + half, mask=cols < half, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(SIN + row, mask=cols < half, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(SIN + row + half, mask=cols < half, other=0.0).to(tl.float32)[None, :]
-    dt = QO.dtype.element_ty  # q and k share a dtype
-    # out[:half] = x1*c1 + (-x2)*s1 ; out[half:] = x2*c2 + x1*s2, in float32, rounded once
-    tl.store(dst, (x1 * c1 - x2 * s1).to(dt), mask=ok)
-    tl.store(dst + half, (x2 * c2 + x1 * s2).to(dt), mask=ok)
+    row = (s * Dh + cols)[None, :]  # this token's tables, shared by its heads
+    # in float32, rounded once (q and k share a dtype)
+    rotate_half_rows(src, dst, COS + row, SIN + row, ok, (cols < half)[None, :], half, QO.dtype.element_ty, False)
 
 
 rope_vision_reference = torch_reference(rope_vision)

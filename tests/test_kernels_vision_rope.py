@@ -90,11 +90,11 @@ def test_patched_tower_uses_the_fused_kernels_where_they_agree():
     """Qwen2.5-VL's tower: the rotary embedding, the blocks' RMSNorms (with the residual adds) and
     the SiLU gate all pass their checks and run fused; the tower's output is the unpatched one's,
     and ``remove()`` leaves no forward behind."""
-    from vtoken.kernels import decode_ops
+    from vtoken.kernels import vision_patch
 
     tower, (x, grid) = _tower()
     calls = []
-    real = decode_ops.add_rms_norm
+    real = vision_patch.add_rms_norm
 
     def counted(*a, **k):
         calls.append(1)
@@ -102,12 +102,12 @@ def test_patched_tower_uses_the_fused_kernels_where_they_agree():
 
     with torch.no_grad():
         ref = tower(x, grid_thw=grid).pooler_output
-        decode_ops.add_rms_norm = counted  # (the patch binds the function when it is made)
+        vision_patch.add_rms_norm = counted
         try:
             remove = patch_vision_varlen(tower, backend="triton")
             out = tower(x, grid_thw=grid).pooler_output
         finally:
-            decode_ops.add_rms_norm = real
+            vision_patch.add_rms_norm = real
         remove()
     names = {getattr(k[0], "__name__", "") for k in remove.fused_verdicts}  # what each check replaced
     assert len(remove.fused_verdicts) == 3 and all(remove.fused_verdicts.values()), remove.fused_verdicts

@@ -31,15 +31,11 @@ import torch
 
 from vtoken.kernels import gather_attend
 from vtoken.engine.static_kv import StaticKV
-from vtoken.kernels.decode_ops import add_rms_norm, rope_qk, rope_qk_store, silu_mul
+from vtoken.kernels.decode_ops import add_rms_norm, is_rms_norm, rope_qk, rope_qk_store, silu_mul
 
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
-
-
-def _is_rms_norm(module) -> bool:
-    return hasattr(module, "variance_epsilon") and tuple(module.weight.shape) == (module.weight.numel(),)
 
 
 # the layer classes whose forward is the Llama one run_layers reproduces (a layer with the same
@@ -60,7 +56,7 @@ def unsupported_reason(layers, final_norm, config) -> Optional[str]:
     act = getattr(config, "hidden_act", None)
     if act not in ("silu", "swish"):
         return f"hidden_act {act!r} (the fused gate is SiLU)"
-    if not _is_rms_norm(final_norm):
+    if not is_rms_norm(final_norm):
         return f"final norm {type(final_norm).__name__} is not an RMSNorm with variance_epsilon"
     for i, layer in enumerate(layers):
         parts = {name for name, _ in layer.named_children()}
@@ -72,7 +68,7 @@ def unsupported_reason(layers, final_norm, config) -> Optional[str]:
         mlp_parts = {name for name, _ in layer.mlp.named_children()}
         if not mlp_parts <= _MLP_PARTS or not {"gate_proj", "up_proj", "down_proj"} <= mlp_parts:
             return f"layer {i} MLP has sub-modules {sorted(mlp_parts)}"
-        if not (_is_rms_norm(layer.input_layernorm) and _is_rms_norm(layer.post_attention_layernorm)):
+        if not (is_rms_norm(layer.input_layernorm) and is_rms_norm(layer.post_attention_layernorm)):
             return f"layer {i} norms are not RMSNorms with variance_epsilon"
     return None
 

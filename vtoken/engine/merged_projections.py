@@ -9,15 +9,13 @@ merges in place (:class:`vtoken.kernels.merged_linear.MergedLinear`): each layer
 weights ``[Nq | Nk | Nv, D]`` (and biases) are copied into one buffer ``[Nq + Nk + Nv, D]`` and the
 model's own ``Parameter`` s are re-pointed at its row slices (``param.data = buffer[a:b]``: the same
 objects, the same values, the old storage freed, so no extra memory); ``gate/up_proj`` likewise
-``[2F, D]``. The model's own forward reads
-the views and computes what it computed; ``load_state_dict`` writes through them into the buffer.
+``[2F, D]``. The model's own forward reads the views and computes what it computed; ``load_state_dict`` writes through them into the buffer.
 :meth:`restore` gives every parameter its own storage again (``handle.remove()`` /
 :meth:`vtoken.engine.StaticDecoder.close`).
 
-Only plain, contiguous, floating ``nn.Parameter`` s that own their whole storage, on one device and
-dtype, with biases on all or none of a group, and no accelerate offload hook, are merged; any
-other group (quantized weights, tied or shared storage, offloaded layers) keeps its separate
-projections. A merged group whose parameters were re-assigned since (``proj.weight = ...``) is
+A group :func:`~vtoken.kernels.merged_linear.mergeable` refuses (quantized, tied, shared or
+offloaded weights) keeps its separate projections, and is not looked at again while its weights
+stay the same. A merged group whose parameters were re-assigned since (``proj.weight = ...``) is
 detected before each use and merged again.
 
 Numerics: each output element is the same dot product; cuBLAS may pick a different kernel (tile,
@@ -31,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from vtoken.kernels.merged_linear import MergedLinear, mergeable
+from vtoken.kernels.merged_linear import MergedLinear
 
 
 class MergedProjections:
@@ -43,6 +41,7 @@ class MergedProjections:
     def __init__(self, layers):
         self.layers = list(layers)
         self._groups: dict = {}
+        self._unmerged: dict = {}  # (layer, kind) -> the weights' data pointers when found not mergeable
 
     def _parts(self, j: int, kind: str) -> list:
         layer = self.layers[j]
@@ -59,12 +58,16 @@ class MergedProjections:
                 group: Optional[MergedLinear] = self._groups.get((j, kind))
                 if group is not None and group.intact():
                     continue
+                linears = self._parts(j, kind)
+                seen = tuple(lin.weight.data_ptr() for lin in linears)
+                if group is None and self._unmerged.get((j, kind)) == seen:
+                    continue  # not mergeable when last looked, and the same weights: not again every call
                 if group is not None:  # a parameter was re-assigned: free the others, merge the current ones
                     group.release()
-                linears = self._parts(j, kind)
-                new = MergedLinear(linears) if mergeable(linears) else None
+                new = MergedLinear.of(linears)
                 changed = changed or new is not None or (j, kind) not in self._groups or group is not None
                 self._groups[(j, kind)] = new
+                self._unmerged[(j, kind)] = seen if new is None else None
         return changed
 
     @property
@@ -90,4 +93,4 @@ class MergedProjections:
         for group in self._groups.values():
             if group is not None:
                 group.release()
-        self._groups = {}
+        self._groups, self._unmerged = {}, {}

@@ -230,16 +230,6 @@ class StaticDecoder(_Prefill, _KVBuffers):
 
     _capture = staticmethod(_capture)  # graphs._capture; ``self._capture`` in the prefill and generate
 
-    def _session_for(self, signature: tuple, kv: StaticKV, batch: int, new_tokens: int, pad: int, dev,
-                     suppress: Optional[torch.Tensor], reuse: bool) -> _Session:
-        """The session for ``signature`` (the kept one when it serves the call; every tensor a captured
-        graph reads must live here, not in a call's locals, or a replay reads freed memory)."""
-        if reuse and self._session is not None and self._session.serves(signature, new_tokens):
-            return self._session
-        session = _Session.fresh(signature, kv, batch, new_tokens, pad, dev, suppress)
-        self._session = session if reuse else None
-        return session
-
     # -------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
@@ -307,13 +297,17 @@ class StaticDecoder(_Prefill, _KVBuffers):
                              None if tail["mask"] is None else (tuple(tail["mask"].shape), tail["mask"].dtype),
                              tuple(tail["position_embeddings"][0].shape), None if suppress is None else
                              tuple(suppress.tolist()), like.dtype, str(dev), self.backend)
+                # the kept session (every tensor a captured graph reads lives on it, not in this call's
+                # locals, or a replay would read freed memory), or a new one kept for later calls
                 reused = self._session is not None and self._session.serves(signature, T)
-                T_alloc = self._session.new.shape[1] if reused else T  # the buffers' room for new tokens
-                kv0 = self._session.kv if reused else self._allocate(B, [v.shape[1] for v in valids], layer_group,
-                                                                     T_alloc, like)
-                kv0.valid_rows = [[] for _ in valids]
-                kv = self._store_chunk(kv0, cache, valids, layer_group, rows, B, T_alloc, like, upto=stop)
-                session = self._session_for(signature, kv, B, T_alloc, pad, dev, suppress, reuse=True)
+                if not reused:
+                    kv0 = self._allocate(B, [v.shape[1] for v in valids], layer_group, T, like)
+                    self._session = _Session.fresh(signature, kv0, B, T, pad, dev, suppress)
+                session = self._session
+                session.kv.valid_rows = [[] for _ in valids]
+                room = session.new.shape[1]  # the buffers' room for new tokens (a kept session may have more)
+                kv = session.kv = self._store_chunk(session.kv, cache, valids, layer_group, rows, B, room, like,
+                                                    upto=stop)
                 if session.tail_inputs is None:
                     session.tail_inputs = {
                         "hidden": tail["hidden"].clone(),
@@ -350,7 +344,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
                                                                 self.layer_group, T)
         first = torch.cat(firsts)
         if session is None:
-            session = self._session_for(None, kv, B, T, pad, dev, suppress, reuse=False)
+            session = _Session.fresh(None, kv, B, T, pad, dev, suppress)  # not kept: its buffers are this call's
         done, chose = T, None  # tokens chosen (``next_token`` may stop earlier)
         if next_token is not None:
             session.logits = first.new_empty(first.shape) if session.logits is None else session.logits
