@@ -3,17 +3,18 @@
 - :func:`finish` ``(new [B, T], eos_ids, pad) -> [B, T']``: as ``model.generate`` leaves its
   output: tokens after a row's first EOS become ``pad``; once every row has ended, the output
   stops after the last row's EOS (``T'`` = that length), else ``T' = T``.
-- :func:`all_ended` ``(new [B, k], eos_ids) -> bool``: every row holds an EOS among its first
-  ``k`` tokens. The decode loop asks every :data:`CHECK_EVERY` steps (one host sync each), so a
-  batch whose answers end early stops within that many steps of its last EOS instead of running
-  to ``max_new_tokens`` (``generate`` stops at once: it syncs every step).
+- :class:`EndWatch` ``(eos_ids)``: ``.all_ended(new [B, k]) -> bool``: every row holds an EOS
+  among its first ``k`` tokens, reading only the tokens written since its previous call (a row
+  that has ended stays ended). The decode loop asks every :data:`CHECK_EVERY` steps (one host sync
+  each), so a batch whose answers end early stops within that many steps of its last EOS instead
+  of running to ``max_new_tokens`` (``generate`` stops at once: it syncs every step).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["CHECK_EVERY", "all_ended", "finish"]
+__all__ = ["CHECK_EVERY", "EndWatch", "finish"]
 
 #: decode steps between two "has every row ended?" checks
 CHECK_EVERY = 8
@@ -26,8 +27,22 @@ def _is_eos(new: torch.Tensor, eos_ids: list) -> torch.Tensor:
     return is_eos
 
 
-def all_ended(new: torch.Tensor, eos_ids: list) -> bool:
-    return bool(eos_ids) and bool(_is_eos(new, eos_ids).any(1).all())
+class EndWatch:
+    """Which rows of one decode have ended, kept between checks (``ended``: ``[B]`` bool)."""
+
+    def __init__(self, eos_ids: list):
+        self.eos_ids = list(eos_ids)
+        self.ended = None
+        self.seen = 0  # tokens of each row already read
+
+    def all_ended(self, new: torch.Tensor) -> bool:
+        """``new``: ``[B, k]``, the tokens so far (the first ``seen`` columns as at the last call)."""
+        if not self.eos_ids:
+            return False
+        window = _is_eos(new[:, self.seen:], self.eos_ids).any(1)
+        self.ended = window if self.ended is None else self.ended | window
+        self.seen = new.shape[1]
+        return bool(self.ended.all())
 
 
 def finish(new: torch.Tensor, eos_ids: list, pad: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 
 from vtoken.adapters import get_adapter
-from vtoken.engine.eos import all_ended, CHECK_EVERY, finish
+from vtoken.engine.eos import CHECK_EVERY, EndWatch, finish
 from vtoken.engine.graphs import _capture, _GraphedForward, _Session
 from vtoken.engine.merged_projections import MergedProjections
 from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_inputs
@@ -384,11 +384,12 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if self.stages is None:
                 t3 = time.perf_counter()
                 run = session.decode_graphs[outside].replay if done > 1 and use_graph else step
+                watch = EndWatch(eos_ids)
                 for i in range(done - 1):
                     run()
                     if chose is not None and not chose(i):
                         break
-                    if chose is None and (i + 1) % CHECK_EVERY == 0 and all_ended(session.new[:, :i + 2], eos_ids):
+                    if chose is None and (i + 1) % CHECK_EVERY == 0 and watch.all_ended(session.new[:, :i + 2]):
                         done = i + 2  # every row has ended: the rest would be padding
                         break
             sync(); t4 = time.perf_counter()
