@@ -94,9 +94,8 @@ def greedy_maxmin(
         nearest_seed = (gram.masked_fill(~seed.unsqueeze(1), float("-inf")).amax(dim=2) if gram is not None
                         else masked_max_similarity(z, seed)[0])
         mind = 1.0 - nearest_seed
-    need_first = picked == 0
     first_score = None
-    if bool(need_first.any()):
+    if seed is None or bool((picked == 0).any()):  # without seeds every segment needs it: no host sync
         first_score = nearest_neighbour_distance(z, mask, gram)
     steps = (budget - picked).clamp(min=0)
     if gram is not None:

@@ -121,3 +121,29 @@ def test_erank_per_segment_equals_erank_of_each_segment_with_one_sync(S, n, D):
     want = torch.stack([erank(hidden[s][keep[s]]) for s in range(S)])
     assert torch.allclose(erank_per_segment(hidden, keep), want, atol=1e-5)
     assert count_syncs(lambda: erank_per_segment(hidden, keep)) <= 2  # the kept count (+ eigvalsh's check)
+
+
+def test_greedy_maxmin_adds_no_host_sync_around_its_solver(monkeypatch):
+    """Outside the pick loop (one kernel launch on a GPU), DivPrune's selection without seeds reads
+    nothing back from the device: a sync there waits for the whole queued prefill."""
+    from conftest import SyncCounter
+    from vtoken.kernels import greedy_select
+    from vtoken.scorers import functional as F
+
+    counter = SyncCounter()
+    solver = greedy_select.greedy_maxmin_gram
+
+    def unseen(*args, **kwargs):  # the solver itself is the kernel's (tested in test_kernels_greedy_select)
+        counter.on = False
+        try:
+            return solver(*args, **kwargs)
+        finally:
+            counter.on = True
+
+    monkeypatch.setattr(greedy_select, "greedy_maxmin_gram", unseen)
+    g = torch.Generator().manual_seed(3)
+    feats, mask = torch.randn(2, 12, 8, generator=g), torch.ones(2, 12, dtype=torch.bool)
+    with counter:
+        keep, _ = F.greedy_maxmin(feats, mask, torch.tensor([4, 6]))
+    assert keep.sum(1).tolist() == [4, 6]
+    assert counter.total == 0, dict(counter.found)
