@@ -136,7 +136,8 @@ class ModelBackend:
     answer_fn(model, processor, images, questions, max_new_tokens=...) -> list[str]
     """
 
-    def __init__(self, model, processor, answer_fn: Callable, max_new_tokens: int = 16, info: Optional[dict] = None):
+    def __init__(self, model, processor, answer_fn: Callable, max_new_tokens: int = 16, info: Optional[dict] = None,
+                 reuse_vision: bool = False):
         import torch
 
         self.model = model
@@ -157,6 +158,15 @@ class ModelBackend:
         from vtoken.adapters.base import visual_token_ids
 
         self._visual_ids = visual_token_ids(model.config)
+        # a batch's vision features computed once for the methods that leave the tower alone
+        # (vtoken.eval.vision_memo); _variant: which tower the current configuration runs
+        self._vision_memo = None
+        if reuse_vision:
+            from vtoken.adapters import get_adapter
+            from vtoken.eval.vision_memo import VisionMemo
+
+            self._vision_memo = VisionMemo(get_adapter(model).multimodal_model)
+        self._variant = None
 
     @contextlib.contextmanager
     def configure(self, method: str, keep, budget_count: str = "final"):
@@ -166,10 +176,11 @@ class ModelBackend:
         (SparseVLM) is run so that it keeps ``keep`` by that count."""
         self._config = (method, keep)
         if method == "none":
+            self._variant = "plain"
             try:
                 yield None
             finally:
-                self._config = None
+                self._config = self._variant = None
             return
         import vtoken
 
@@ -182,12 +193,26 @@ class ModelBackend:
         options.update(budget_count_options(method, budget_count))
         handle = vtoken.apply_pruning(self.model, method=method, keep=keep, **options)
         self._handle = handle
+        # the handle's tower (its varlen attention where Triton runs), unless the plan reads the
+        # encoder's attention: its probes capture while the tower runs, so the tower must run
+        self._variant = None if handle.reads_vision_encoder else "pruned"
         try:
             yield handle
         finally:
             self._handle = None
-            self._config = None
+            self._config = self._variant = None
             handle.remove()
+
+    def _answer(self, images: list, questions: list) -> list:
+        memo = self._vision_memo
+        if memo is not None and self._variant is not None:
+            memo.key = (self._variant, tuple(id(im) for im in images), tuple(questions))
+            memo.refs = (list(images),)
+        try:
+            return self.answer_fn(self.model, self.processor, images, questions, max_new_tokens=self.max_new_tokens)
+        finally:
+            if memo is not None:
+                memo.key, memo.refs = None, ()
 
     def generate(self, images: list, questions: list) -> BatchOutput:
         import torch
@@ -197,7 +222,7 @@ class ModelBackend:
             # caches are not billed to the first measured batch
             self._warmed.add(self._config)
             torch.manual_seed(0)
-            self.answer_fn(self.model, self.processor, images, questions, max_new_tokens=self.max_new_tokens)
+            self._answer(images, questions)
         torch.manual_seed(0)
         timer = self._timer
         timer.reset()
@@ -205,7 +230,8 @@ class ModelBackend:
             torch.cuda.reset_peak_memory_stats(d)
         before = _last_prefill(self._handle)
         t0 = time.perf_counter()
-        preds = self.answer_fn(self.model, self.processor, images, questions, max_new_tokens=self.max_new_tokens)
+        hits = self._vision_memo.hits if self._vision_memo is not None else 0
+        preds = self._answer(images, questions)
         timer.sync()
         wall = (time.perf_counter() - t0) * 1e3
         n = len(questions)
@@ -236,7 +262,8 @@ class ModelBackend:
                 segments = [[int(sg.count) for sg in segs] for segs in stats.segments]
 
         ends = timer.ends
-        timing = {"wall_ms": wall, "batch_size": n, "decode_steps": max(len(ends) - 1, 0)}
+        timing = {"wall_ms": wall, "batch_size": n, "decode_steps": max(len(ends) - 1, 0),
+                  "vision_reused": self._vision_memo is not None and self._vision_memo.hits > hits}
         if timer.t_start is not None and ends:
             timing["prefill_ms"] = (ends[0] - timer.t_start) * 1e3
         if len(ends) >= 2:
@@ -249,6 +276,8 @@ class ModelBackend:
 
     def close(self):
         self._timer.remove()
+        if self._vision_memo is not None:
+            self._vision_memo.remove()
 
 
 _UNKNOWN = object()
@@ -313,11 +342,15 @@ def _is_zoo(name: str) -> bool:
 
 
 def load_backend(model: str, device: str = "auto", dtype: str = "auto", device_map: Optional[str] = None,
-                 max_new_tokens: int = 16, memo_inputs: bool = False) -> ModelBackend:
+                 max_new_tokens: int = 16, memo_inputs: bool = False,
+                 reuse_vision: Optional[bool] = False) -> ModelBackend:
     """Load a built-in (``vtoken.zoo``) or local Hugging Face model into a :class:`ModelBackend`.
     ``memo_inputs``: the processor's outputs are kept and reused for a repeated batch
     (:class:`vtoken.eval.memo.MemoProcessor`; ``vtoken eval`` answers each batch once per
-    method and budget)."""
+    method and budget). ``reuse_vision``: a batch's vision features are computed once for the
+    methods that leave the vision tower alone (:class:`vtoken.eval.vision_memo.VisionMemo`);
+    ``None``: only on the CPU (where the table has no timing columns: a pruned row's prefill time
+    would not include the tower)."""
     import torch
 
     if device in (None, "auto"):
@@ -353,4 +386,6 @@ def load_backend(model: str, device: str = "auto", dtype: str = "auto", device_m
         from vtoken.eval.memo import MemoProcessor
 
         processor = MemoProcessor(processor)
-    return ModelBackend(m, processor, answer, max_new_tokens=max_new_tokens, info=info)
+    if reuse_vision is None:
+        reuse_vision = device == "cpu"
+    return ModelBackend(m, processor, answer, max_new_tokens=max_new_tokens, info=info, reuse_vision=reuse_vision)

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true",
                    help="no untimed warm-up pass per method and budget on a GPU (the timing columns then "
                         "include first-call costs; for sharded accuracy runs)")
+    p.add_argument("--reuse-vision", choices=("auto", "on", "off"), default="auto",
+                   help="compute each batch's vision features once for every method that leaves the vision "
+                        "tower alone (the answers are the same; on a GPU the timing columns of those rows then "
+                        "leave the tower out); auto: on the CPU only (default: %(default)s)")
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     p.add_argument("--shard", default=None, metavar="RANK/WORLD",
                    help="run shard RANK of WORLD without a launcher: start WORLD such processes with the same "
@@ -195,7 +199,8 @@ def config_from_args(args) -> EvalConfig:
                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       out=args.out, max_new_tokens=args.max_new_tokens, seed=args.seed,
                       progress=not args.no_progress, budget_count=args.budget_count,
-                      warmup=not args.no_warmup)
+                      warmup=not args.no_warmup,
+                      reuse_vision={"auto": None, "on": True, "off": False}[args.reuse_vision])
 
 
 def distributed_context():

@@ -45,6 +45,10 @@ class EvalConfig:
     #: cuBLAS / Triton autotuning); off for runs whose timings are not a measurement (sharded
     #: GPU tables), where it would add a batch's work to every configuration
     warmup: bool = True
+    #: a batch's vision features computed once for the methods that leave the vision tower alone
+    #: (vtoken.eval.vision_memo): None = on the CPU only (on a GPU a pruned row's prefill time
+    #: would then not include the tower; the table says so where it is on there)
+    reuse_vision: Optional[bool] = None
     #: which visual-token count the "Retain N" blocks of the table mean: "final" = tokens kept
     #: after the last stage, "equivalent" = layer-averaged tokens (docs/DESIGN.md §4). A preset that
     #: can count its budget either way (SparseVLM) runs at N by this count, so it is part of the run's

@@ -171,7 +171,7 @@ def _compute_shard(config, backend, backend_factory, rank, world, datasets, out)
 
             def backend_factory():
                 return load_backend(config.model, config.device, config.dtype, config.device_map,
-                                    config.max_new_tokens, memo_inputs=True)
+                                    config.max_new_tokens, memo_inputs=True, reuse_vision=config.reuse_vision)
 
         def get_backend():  # loaded only when a question really needs the model
             if holder["backend"] is None:

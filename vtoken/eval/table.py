@@ -328,6 +328,9 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
          + ("" if getattr(config, "warmup", True) else
             " Run with --no-warmup: each method's first batch includes its one-time costs (autotuning, "
             "first launches).")
+         + ("" if not any(t.get("vision_reused") for t in timings) else
+            " Run with --reuse-vision on: where a batch's vision features were computed by an earlier "
+            "row, that row's prefill leaves the vision tower out.")
          if on_gpu else
          "No timing columns: this run is on the CPU, whose wall times (a shared machine, unsynchronised) say "
          "nothing about speed; speed is measured with `vtoken bench` on a GPU (raw CPU times: timings.jsonl)."),
