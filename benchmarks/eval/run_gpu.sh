@@ -10,7 +10,8 @@
 # GPU idle, so each checkpoint runs as SHARDS processes (`vtoken eval --shard r/w`, default 6),
 # all checkpoints at once, with --no-warmup (no untimed pass per method and budget: with several
 # processes sharing the GPU the timing columns are not a measurement anyway; speed is `vtoken bench`'s
-# job). Methods that cannot run on a model are skipped and reported by the
+# job) and --reuse-vision on (each batch's vision features computed once for the methods that leave
+# the tower alone: the same answers, the tower's work once instead of once per method and budget). Methods that cannot run on a model are skipped and reported by the
 # table. HARD_TIMEOUT (default 540 s) bounds the whole command. The runs live in RUNS (default: a
 # temporary folder, removed at the end); with RUNS=dir kept between calls, the same command resumes
 # a killed run; RESUME=dir (a previous call's $OUT) unpacks each NAME.tar.gz found there into the run
@@ -49,7 +50,7 @@ for ck in "${CKPTS[@]}"; do
   for ((r = 0; r < SHARDS; r++)); do
     # shellcheck disable=SC2086
     timeout -k 10 "${HARD_TIMEOUT:-540}" python3 -m vtoken.eval --model "vtoken/$ck" --data $data --limit "$N" \
-      --methods "$METHODS" --batch-size "${BATCH:-32}" --max-new-tokens 4 --out "$RUNS/$ck" --no-progress --no-warmup \
+      --methods "$METHODS" --batch-size "${BATCH:-32}" --max-new-tokens 4 --out "$RUNS/$ck" --no-progress --no-warmup --reuse-vision on \
       --shard "$r/$SHARDS" > "$RUNS/$ck/log-$r.txt" 2>&1 &
     PIDS+=($!)
   done
