@@ -380,6 +380,7 @@ def test_no_warmup_skips_the_untimed_pass():
         b.answer_fn = lambda m, p, images, questions, max_new_tokens: calls.append(len(questions)) or ["a"] * len(questions)
         b.on_gpu, b.cuda_devices, b._timer, b._handle, b._visual_ids = True, [], Timer(), None, None
         b._config, b._warmed, b.warmup = ("fastv", 64), set(), warmup
+        b._vision_memo, b._variant = None, None
         b.generate([None] * 3, ["q"] * 3)
         b.generate([None] * 3, ["q"] * 3)
         return calls

@@ -163,9 +163,13 @@ class ModelBackend:
         self._vision_memo = None
         if reuse_vision:
             from vtoken.adapters import get_adapter
+            from vtoken.errors import UnsupportedModelError
             from vtoken.eval.vision_memo import VisionMemo
 
-            self._vision_memo = VisionMemo(get_adapter(model).multimodal_model)
+            try:
+                self._vision_memo = VisionMemo(get_adapter(model).multimodal_model)
+            except UnsupportedModelError:  # no method can prune it: only the unpruned row runs
+                pass
         self._variant = None
 
     @contextlib.contextmanager
