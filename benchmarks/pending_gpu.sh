@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements the open issues still lack (as of session 16), one device call per PART, each
+# The GPU measurements the open issues still lack (as of session 17: sessions 16 and 17 ran nothing on a GPU), one device call per PART, each
 # of at most ~580 s, outputs tarred (the device tool brings back at most 8 files):
 #
 #   OUT=dir PART=1 bash benchmarks/pending_gpu.sh
@@ -10,9 +10,11 @@
 #   2. the fused engine's batch-1 TTFT and batch-1 / 32 decode (benchmarks/e2e/profile_ttft.py):
 #      in-graph greedy vs host token choice, merged vs separate q/k/v and gate/up GEMMs, in one run
 # PART=2 (issue 21 item 5; -> $OUT/eval/*.tar.gz): finish the 1,000-question tiny-llava run of
-#   session 15 (14 pairs left, ~150 s), then tiny-qwen2vl from scratch (resumable: its tarball is the
-#   next call's RESUME, e.g. RESUME=<this OUT>/eval PART=2b)
-# PART=2b: tiny-qwen2vl (and then tiny-qwen2vl-video) resumed from RESUME
+#   session 15 (14 pairs left, ~150 s) beside tiny-qwen2vl and tiny-qwen2vl-video from scratch
+#   (resumable: the tarballs are the next call's RESUME, e.g. RESUME=<this OUT>/eval PART=2b). Since
+#   session 17 run_gpu.sh computes each batch's vision features once for the methods that leave the
+#   tower alone (--reuse-vision on): on the CPU that made tiny-qwen2vl's evaluation 1.8x faster
+# PART=2b: all three resumed from RESUME
 # PART=3 (issue 23 item 5; -> $OUT/users): the users suite, LLaVA-1.5-7B and Qwen2.5-VL-7B, batch
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
 #   unpruned / fastv / divprune / visionzip (Qwen rows skip visionzip); TIME_BUDGET cuts what does not fit
@@ -42,8 +44,8 @@ case "$PART" in
     mkdir -p "$W/prof"; timeout $(( $(left) - 20 )) python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
       --methods none,fastv,divprune --decode-batch 1,32 --merge on,off 2>&1 | grep '^{' | tee "$W/prof.jsonl"
     tar -czf "$OUT/pending.tgz" -C "$W" . ;;
-  2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl ;;
-  2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-qwen2vl tiny-qwen2vl-video ;;
+  2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
+  2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   3)
     (cd "$REPO" && OUT=$OUT/users SUITES=users TIME_BUDGET=$(( $(left) - 90 )) HARD_TIMEOUT=$(( $(left) - 30 )) \
       bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
