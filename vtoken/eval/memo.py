@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import copy
 
-__all__ = ["MemoProcessor"]
+__all__ = ["ByteLRU", "MemoProcessor", "tensor_bytes"]
 
 _VALUE_TYPES = (str, int, float, bool, bytes, type(None))
 
@@ -33,11 +33,55 @@ def _key(value, refs: list):
     return ("id", id(value))
 
 
-def _nbytes(out) -> int:
+def tensor_bytes(out) -> int:
+    """Bytes of the tensors in ``out``: a tensor, a mapping (a ``BatchFeature``, a model output) or a
+    list / tuple of them, nested."""
     import torch
 
-    values = out.values() if hasattr(out, "values") else ()
-    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, dict) or hasattr(out, "values"):
+        return sum(tensor_bytes(v) for v in out.values())
+    if isinstance(out, (list, tuple)):
+        return sum(tensor_bytes(v) for v in out)
+    return 0
+
+
+class ByteLRU:
+    """Stored values by key, the least recently used dropped first once their tensors exceed
+    ``max_bytes`` (a value larger than that is not stored). Each entry keeps ``refs``: the objects
+    its key names by identity, alive while it lives. ``hits`` / ``misses`` count :meth:`get`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key):
+        """The value stored under ``key``, or None (a miss)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key, value, refs) -> None:
+        size = tensor_bytes(value)
+        if size > self.max_bytes:
+            return
+        self._entries[key] = (value, refs, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, (_, _, dropped) = self._entries.popitem(last=False)
+            self._bytes -= dropped
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
 
 
 class MemoProcessor:
@@ -48,11 +92,10 @@ class MemoProcessor:
 
     def __init__(self, processor, max_bytes: int = 4 << 30):
         self._processor = self.__wrapped__ = processor
-        self._max_bytes = int(max_bytes)
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self._bytes = 0
-        self.hits = 0
-        self.misses = 0
+        self._store = ByteLRU(max_bytes)
+
+    hits = property(lambda self: self._store.hits)
+    misses = property(lambda self: self._store.misses)
 
     def __getattr__(self, name):
         return getattr(self._processor, name)
@@ -61,18 +104,8 @@ class MemoProcessor:
         refs: list = []
         tok = getattr(self._processor, "tokenizer", None)
         key = (_key(args, refs), _key(kwargs, refs), getattr(tok, "padding_side", None))
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return copy.copy(entry[0])
-        out = self._processor(*args, **kwargs)
-        self.misses += 1
-        size = _nbytes(out)
-        if size <= self._max_bytes:
-            self._entries[key] = (out, refs, size)
-            self._bytes += size
-            while self._bytes > self._max_bytes:
-                _, (_, _, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
+        out = self._store.get(key)
+        if out is None:
+            out = self._processor(*args, **kwargs)
+            self._store.put(key, out, refs)
         return copy.copy(out)

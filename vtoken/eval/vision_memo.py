@@ -22,10 +22,11 @@ can take that identity while the entry lives; they are dropped oldest first beyo
 
 from __future__ import annotations
 
-import collections
 from typing import Optional
 
 import torch
+
+from vtoken.eval.memo import ByteLRU
 
 __all__ = ["VisionMemo", "FEATURE_METHODS"]
 
@@ -48,16 +49,6 @@ def _arg_key(value):
     return ("v", type(value).__name__, value if isinstance(value, (str, int, float, bool, type(None))) else repr(value))
 
 
-def _nbytes(out) -> int:
-    if isinstance(out, torch.Tensor):
-        return out.numel() * out.element_size()
-    if isinstance(out, dict) or hasattr(out, "values"):
-        return sum(_nbytes(v) for v in out.values())
-    if isinstance(out, (list, tuple)):
-        return sum(_nbytes(v) for v in out)
-    return 0
-
-
 class VisionMemo:
     """Memoised feature methods of ``model`` (the adapter's multimodal model) while installed.
 
@@ -67,12 +58,9 @@ class VisionMemo:
 
     def __init__(self, model, max_bytes: int = 2 << 30):
         self.model = model
-        self.max_bytes = int(max_bytes)
         self.key: Optional[tuple] = None
         self.refs: tuple = ()
-        self.hits = self.misses = 0
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self._bytes = 0
+        self._store = ByteLRU(max_bytes)
         self._installed = []
         for name in FEATURE_METHODS:
             original = getattr(model, name, None)
@@ -80,25 +68,18 @@ class VisionMemo:
                 setattr(model, name, self._wrap(name, original))
                 self._installed.append(name)
 
+    hits = property(lambda self: self._store.hits)
+    misses = property(lambda self: self._store.misses)
+
     def _wrap(self, name, original):
         def features(*args, **kwargs):
             if self.key is None or torch.is_grad_enabled():
                 return original(*args, **kwargs)
             key = (name, self.key, _arg_key(args), _arg_key(kwargs))
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry[0]
-            out = original(*args, **kwargs)
-            self.misses += 1
-            size = _nbytes(out)
-            if size <= self.max_bytes:
-                self._entries[key] = (out, self.refs, size)
-                self._bytes += size
-                while self._bytes > self.max_bytes:
-                    _, (_, _, dropped) = self._entries.popitem(last=False)
-                    self._bytes -= dropped
+            out = self._store.get(key)
+            if out is None:
+                out = original(*args, **kwargs)
+                self._store.put(key, out, self.refs)
             return out
 
         features.__wrapped__ = original
@@ -109,5 +90,4 @@ class VisionMemo:
         for name in self._installed:
             vars(self.model).pop(name, None)
         self._installed = []
-        self._entries.clear()
-        self._bytes = 0
+        self._store.clear()
