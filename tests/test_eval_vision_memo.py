@@ -77,3 +77,27 @@ def test_memo_keys_calls_by_their_arguments_and_drops_beyond_its_bytes():
     assert Tower.calls == 7
     memo.remove()
     assert "get_image_features" not in vars(model)
+
+
+def test_a_video_batch_is_recognised_by_its_frames():
+    """The runner opens a video's frames anew for every batch (a new list each time): the memo
+    still finds the batch, and the answers are those computed afresh."""
+    from vtoken.eval.files import open_image
+
+    samples = load_dataset("synthetic-video", limit=3).samples
+    got = {}
+    for reuse in (False, True):
+        backend = load_backend("vtoken/tiny-qwen2vl-video", device="cpu", memo_inputs=True, reuse_vision=reuse)
+        tower = get_adapter(backend.model).vision_tower
+        runs = []
+        hook = tower.register_forward_hook(lambda *a: runs.append(1))
+        answers = []
+        for method in ("fastv", "divprune", "random"):
+            with backend.configure(method, 0.25):
+                answers.append(backend.generate([open_image(s.image) for s in samples],
+                                                [s.question for s in samples]).predictions)
+        hook.remove()
+        backend.close()
+        got[reuse] = (answers, len(runs))
+    assert got[True][0] == got[False][0]
+    assert (got[False][1], got[True][1]) == (3, 1)

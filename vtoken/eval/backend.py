@@ -210,7 +210,9 @@ class ModelBackend:
     def _answer(self, images: list, questions: list) -> list:
         memo = self._vision_memo
         if memo is not None and self._variant is not None:
-            memo.key = (self._variant, tuple(id(im) for im in images), tuple(questions))
+            # images by identity; a video (a list of frames, opened anew per batch) by its frames'
+            memo.key = (self._variant, tuple(tuple(map(id, im)) if isinstance(im, (list, tuple)) else id(im)
+                                             for im in images), tuple(questions))
             memo.refs = (list(images),)
         try:
             return self.answer_fn(self.model, self.processor, images, questions, max_new_tokens=self.max_new_tokens)
