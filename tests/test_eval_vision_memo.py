@@ -101,3 +101,32 @@ def test_a_video_batch_is_recognised_by_its_frames():
         got[reuse] = (answers, len(runs))
     assert got[True][0] == got[False][0]
     assert (got[False][1], got[True][1]) == (3, 1)
+
+
+def test_images_read_from_paths_reach_every_configuration_as_the_same_objects(tmp_path):
+    """The runner keeps what it opened: a data set read from files hands the backend the same image
+    objects for every method and budget, so the processor and vision memos (keyed by identity) find
+    the batch again."""
+    from PIL import Image
+    from test_eval_runner import FakeBackend, config
+
+    from vtoken.eval.runner import run_eval
+    from vtoken.eval.samples import EvalDataset, Sample
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (6, 6), (40 * i, 0, 0)).save(paths[-1])
+    ds = EvalDataset("Files", "vqav2", "vqa", "files",
+                     [Sample(f"f{i}", f"q {i}|a", ["a"] * 10, str(p)) for i, p in enumerate(paths)])
+    seen = {}
+
+    class Recording(FakeBackend):
+        def generate(self, images, questions):
+            for im, q in zip(images, questions):
+                seen.setdefault(q, set()).add(id(im))
+            return super().generate(images, questions)
+
+    run_eval(config(tmp_path, methods=["fastv", "random"], keeps=[64, 32], batch_size=2), backend=Recording(),
+             datasets=[ds])
+    assert len(seen) == 5 and all(len(ids) == 1 for ids in seen.values())  # 5 configurations, one object each

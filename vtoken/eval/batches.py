@@ -15,8 +15,22 @@ from pathlib import Path
 from vtoken.eval import metrics
 from vtoken.eval.config import EvalConfig
 from vtoken.eval.files import open_image
+from vtoken.eval.memo import ByteLRU
 from vtoken.eval.records import keep_key, log_message
 from vtoken.eval.samples import EvalDataset
+
+#: opened images kept between batches (bytes of their pixels): the next method and budget answer a
+#: batch with the same image objects, which the processor memo and the vision memo find by identity
+#: (an image read from a path would otherwise be a new object every time)
+OPENED_BYTES = 2 << 30
+
+
+def pixel_bytes(image) -> int:
+    """Bytes of an opened image's pixels (a PIL image, or a video's list of frames)."""
+    if isinstance(image, (list, tuple)):
+        return sum(pixel_bytes(f) for f in image)
+    size = getattr(image, "size", None)
+    return size[0] * size[1] * len(image.getbands()) if isinstance(size, tuple) and hasattr(image, "getbands") else 0
 
 __all__ = ["compute_batches", "score_sample", "ConfigFailed"]
 
@@ -79,7 +93,8 @@ def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, 
     if tqdm is not None:
         bar = tqdm(total=total, disable=not config.progress, unit="q", dynamic_ncols=True,
                    desc=f"eval[{rank}/{world}]" if world > 1 else "eval", position=rank if world > 1 else None)
-    state = {"ctx": None, "current": None, "backend": None, "device_name": None, "consecutive": 0}
+    state = {"ctx": None, "current": None, "backend": None, "device_name": None, "consecutive": 0,
+             "opened": ByteLRU(OPENED_BYTES, size_of=pixel_bytes)}
     failed: dict = {}
     phases = _PhaseLog(rank, enabled=not config.progress)
 
@@ -199,7 +214,11 @@ def _run_batch(enter, state, method, keep, kk, ds: EvalDataset, idx: list):
     recs, images, ok = [], [], []
     for i in idx:
         try:
-            images.append(open_image(ds.samples[i].image))
+            image = state["opened"].get((ds.name, i))
+            if image is None:
+                image = open_image(ds.samples[i].image)
+                state["opened"].put((ds.name, i), image, ())
+            images.append(image)
             ok.append(i)
         except Exception as exc:  # noqa: BLE001 - any unreadable image is counted, not fatal
             recs.append(_error_record(ds, i, method, kk, f"unreadable image: {type(exc).__name__}: {exc}"))

@@ -48,12 +48,13 @@ def tensor_bytes(out) -> int:
 
 
 class ByteLRU:
-    """Stored values by key, the least recently used dropped first once their tensors exceed
-    ``max_bytes`` (a value larger than that is not stored). Each entry keeps ``refs``: the objects
+    """Stored values by key, the least recently used dropped first once their bytes (``size_of``,
+    default :func:`tensor_bytes`) exceed ``max_bytes`` (a value larger than that is not stored). Each entry keeps ``refs``: the objects
     its key names by identity, alive while it lives. ``hits`` / ``misses`` count :meth:`get`."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, size_of=tensor_bytes):
         self.max_bytes = int(max_bytes)
+        self.size_of = size_of
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self._bytes = 0
         self.hits = 0
@@ -70,7 +71,7 @@ class ByteLRU:
         return entry[0]
 
     def put(self, key, value, refs) -> None:
-        size = tensor_bytes(value)
+        size = self.size_of(value)
         if size > self.max_bytes:
             return
         self._entries[key] = (value, refs, size)
