@@ -19,6 +19,8 @@ from vtoken.eval.memo import ByteLRU
 from vtoken.eval.records import keep_key, log_message
 from vtoken.eval.samples import EvalDataset
 
+__all__ = ["compute_batches", "score_sample", "ConfigFailed"]
+
 #: opened images kept between batches (bytes of their pixels): the next method and budget answer a
 #: batch with the same image objects, which the processor memo and the vision memo find by identity
 #: (an image read from a path would otherwise be a new object every time)
@@ -30,9 +32,9 @@ def pixel_bytes(image) -> int:
     if isinstance(image, (list, tuple)):
         return sum(pixel_bytes(f) for f in image)
     size = getattr(image, "size", None)
-    return size[0] * size[1] * len(image.getbands()) if isinstance(size, tuple) and hasattr(image, "getbands") else 0
-
-__all__ = ["compute_batches", "score_sample", "ConfigFailed"]
+    if not (isinstance(size, tuple) and hasattr(image, "getbands")):
+        return 0
+    return size[0] * size[1] * len(image.getbands())
 
 
 def score_sample(metric: str, prediction: str, answers: list, choices=None) -> float:

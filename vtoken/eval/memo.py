@@ -49,8 +49,9 @@ def tensor_bytes(out) -> int:
 
 class ByteLRU:
     """Stored values by key, the least recently used dropped first once their bytes (``size_of``,
-    default :func:`tensor_bytes`) exceed ``max_bytes`` (a value larger than that is not stored). Each entry keeps ``refs``: the objects
-    its key names by identity, alive while it lives. ``hits`` / ``misses`` count :meth:`get`."""
+    default :func:`tensor_bytes`) exceed ``max_bytes`` (a value larger than that is not stored).
+    Each entry keeps ``refs``: the objects its key names by identity, alive while it lives.
+    ``hits`` / ``misses`` count :meth:`get`."""
 
     def __init__(self, max_bytes: int, size_of=tensor_bytes):
         self.max_bytes = int(max_bytes)
