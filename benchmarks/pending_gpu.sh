@@ -15,6 +15,8 @@
 #   session 17 run_gpu.sh computes each batch's vision features once for the methods that leave the
 #   tower alone (--reuse-vision on): on the CPU that made tiny-qwen2vl's evaluation 1.8x faster
 # PART=2b: all three resumed from RESUME
+# PART=4: PART=1's GPU tests beside the eval resumed from benchmarks/eval/gpu-h100-s18 (EVAL_S s, default 300),
+#   then, the GPU to itself, PART=1's tower and engine profile (-> $OUT/pending.tgz, $OUT/eval/*.tar.gz)
 # PART=3 (issue 23 item 5; -> $OUT/users): the users suite, LLaVA-1.5-7B and Qwen2.5-VL-7B, batch
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
 #   unpruned / fastv / divprune / visionzip (Qwen rows skip visionzip); TIME_BUDGET cuts what does not fit
@@ -33,17 +35,24 @@ eval_run() {  # eval_run RESUME_DIR CHECKPOINT...: run_gpu.sh within what is lef
   PYTHONPATH= OUT=$OUT/eval RESUME=$resume N=1000 SHARDS=14 BATCH=128 HARD_TIMEOUT=$budget \
     bash "$REPO/benchmarks/eval/run_gpu.sh" "$@" 2>&1 | grep -v "^|" | tail -6
 }
-case "$PART" in
-  1)
-    TESTS="tests/test_engine_static.py tests/test_engine_merged_projections.py tests/test_generate_route.py
-      tests/test_kernels_decode_ops.py tests/test_kernels_vision_rope.py tests/test_kernels_varlen.py
-      tests/test_kernels_greedy_select.py tests/test_static_decode_stages.py" timeout 150 bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$W/gpu_tests.log" 2>&1
-    tail -3 "$W/gpu_tests.log"
+gpu_tests() {  # the GPU tests of sessions 15-16's code, a failure's short traceback in the log
+  TESTS="-rf --tb=short tests/test_engine_static.py tests/test_engine_merged_projections.py tests/test_generate_route.py
+    tests/test_kernels_decode_ops.py tests/test_kernels_vision_rope.py tests/test_kernels_varlen.py
+    tests/test_kernels_greedy_select.py tests/test_static_decode_stages.py" timeout "$1" bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$W/gpu_tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$W/gpu_tests.log" | tail -20
+}
+profile() {  # the Qwen tower with / without the fused parts, then the engine profile, within what is left
     mkdir -p "$W/tower"; OUT=$W/tower timeout 120 python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
     # (its rows are printed as they come and kept in prof.jsonl: a cut run keeps what it measured)
     mkdir -p "$W/prof"; timeout $(( $(left) - 20 )) python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
       --methods none,fastv,divprune --decode-batch 1,32 --merge on,off 2>&1 | grep '^{' | tee "$W/prof.jsonl"
-    tar -czf "$OUT/pending.tgz" -C "$W" . ;;
+    tar -czf "$OUT/pending.tgz" -C "$W" .
+}
+case "$PART" in
+  1) gpu_tests 150; profile ;;
+  4)
+    LIMIT=$(( ${EVAL_S:-300} + 40 )) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-llava tiny-qwen2vl tiny-qwen2vl-video &
+    EP=$!; gpu_tests $(( ${EVAL_S:-300} - 20 )); wait $EP; profile ;;
   2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   3)
@@ -51,6 +60,6 @@ case "$PART" in
       bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
       --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip \
       --users-new-tokens 128) 2>&1 | tail -30 ;;
-  *) echo "PART must be 1, 2, 2b or 3"; exit 2 ;;
+  *) echo "PART must be 1, 2, 2b, 3 or 4"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"

@@ -335,7 +335,9 @@ def test_kept_session_replays_without_recapture_on_gpu():
     argmax = {"next_token": lambda logits: logits.argmax(-1)}
     with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
         for n, kw, captures in ((6, {}, True), (2, {}, False), (6, argmax, True), (3, {}, False), (4, argmax, False)):
-            ref = model.generate(**inputs, max_new_tokens=n, do_sample=False, suppress_tokens=SUPPRESS, eos_token_id=[])
+            # (this tiny Qwen has no pad token: transformers 5.17 takes the first EOS id as pad)
+            ref = model.generate(**inputs, max_new_tokens=n, do_sample=False, suppress_tokens=SUPPRESS, eos_token_id=[],
+                                 pad_token_id=tm.PAD_ID)
             got = dec.generate(**inputs, max_new_tokens=n, suppress_tokens=SUPPRESS, eos_token_id=[], **kw)
             assert torch.equal(got, ref) and dec.last["cuda_graph"]
             assert (dec.last["capture_ms"] > 0) is captures, (n, kw)

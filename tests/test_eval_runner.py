@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from vtoken.eval import cli
@@ -389,3 +390,42 @@ def test_no_warmup_skips_the_untimed_pass():
     assert backend(False) == [3, 3]
     assert config_from_args(build_parser().parse_args(["--no-warmup"])).warmup is False
     assert config_from_args(build_parser().parse_args([])).warmup is True
+
+
+def test_a_device_that_runs_out_stops_the_run_instead_of_scoring_the_method(tmp_path):
+    """Out of memory (e.g. many shards sharing one GPU) is the machine's limit, not the method's: the
+    run stops with DeviceFailed, nothing of the batch is recorded (no error records, no skipped
+    configuration), and the same command with the memory back resumes and answers it."""
+    from vtoken.eval.batches import DeviceFailed
+
+    class Crowded(FakeBackend):
+        def generate(self, images, questions):
+            if self.method == "fastv" and self.keep == 64:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+            return super().generate(images, questions)
+
+    cfg = config(tmp_path, methods=["random", "fastv"], keeps=[64])
+    with pytest.raises(DeviceFailed, match="fastv keep=64 ran on .*OutOfMemoryError.*running the same command again"):
+        run_eval(cfg, backend=Crowded(), datasets=make_datasets(tmp_path))
+    out = tmp_path / "out"
+    recs = [r for p in out.glob("predictions*.jsonl") for r in read_jsonl(p)]
+    assert recs and not [r for r in recs if r["method"] == "fastv" or "memory" in (r.get("error") or "")]
+    assert not [f for p in out.glob("failed_configs*.jsonl") for f in read_jsonl(p)]
+
+    backend = FakeBackend()
+    res = run_eval(cfg, backend=backend, datasets=make_datasets(tmp_path))
+    assert not res["failed_configs"] and {m for m, _, _ in backend.calls} == {"fastv"}
+    fastv = next(r for r in res["rows"] if r["method"] == "fastv")
+    assert fastv["scores"]["SetA"] is not None
+
+
+def test_device_failures_are_told_from_a_method_that_cannot_run():
+    from vtoken.errors import PruningConfigError
+    from vtoken.eval.batches import is_device_failure
+
+    assert is_device_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"))
+    assert is_device_failure(RuntimeError("cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR, when calling `cusolverDnCreate(handle)`"))
+    assert is_device_failure(RuntimeError("CUDA error: unknown error"))
+    assert not is_device_failure(RuntimeError("The size of tensor a (641) must match the size of tensor b (673)"))
+    assert not is_device_failure(ValueError("stage layer 8 is outside the model's 4 decoder layers"))
+    assert not is_device_failure(PruningConfigError("keep=100000 is more than this image's tokens; out of memory is not the cause"))

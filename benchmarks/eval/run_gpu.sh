@@ -20,6 +20,8 @@
 # env.txt.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+# shards share one GPU: freed blocks go back to it (each shard also empties its cache between configurations)
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 N=${N:-1000}; SHARDS=${SHARDS:-6}; DATA=${DATA:-synthetic synthetic-detail}
 CKPTS=("$@"); [ ${#CKPTS[@]} -gt 0 ] || CKPTS=(tiny-llava tiny-qwen2vl)

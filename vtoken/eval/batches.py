@@ -2,7 +2,9 @@
 (method, budget), images opened (an unreadable one becomes an error record), a failing batch retried
 question by question, every answer scored (:func:`score_sample`), and the records appended and
 flushed to this rank's part files after every batch. A (method, budget) that cannot run at all
-(:class:`ConfigFailed`) is skipped and reported; the others go on."""
+(:class:`ConfigFailed`) is skipped and reported; the others go on. A device that runs out (memory,
+a CUDA failure under load: :func:`is_device_failure`) is not the method's failure: it stops the
+run with :class:`DeviceFailed`, nothing of that batch recorded, so running again resumes there."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from vtoken.eval.files import open_image
 from vtoken.eval.memo import ByteLRU
 from vtoken.eval.records import keep_key, log_message
 from vtoken.eval.samples import EvalDataset
+from vtoken.errors import VTokenError
 
-__all__ = ["compute_batches", "score_sample", "ConfigFailed"]
+__all__ = ["compute_batches", "score_sample", "ConfigFailed", "DeviceFailed", "is_device_failure"]
 
 #: opened images kept between batches (bytes of their pixels): the next method and budget answer a
 #: batch with the same image objects, which the processor memo and the vision memo find by identity
@@ -82,6 +85,43 @@ class ConfigFailed(Exception):
     """A (method, budget) cannot run at all (e.g. the method does not fit the model)."""
 
 
+class DeviceFailed(VTokenError, RuntimeError):
+    """The device ran out while a batch ran (see :func:`is_device_failure`); nothing of the batch
+    was recorded."""
+
+
+#: what the messages of a device that ran out say (CUDA's allocator, cuBLAS / cuSOLVER workspaces,
+#: an asynchronous CUDA error surfacing in a later call)
+_DEVICE_FAILURE_MARKERS = ("out of memory", "CUSOLVER_STATUS_", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device ran out or failed (memory, a CUDA error), not that the
+    method cannot run: scoring it as the method's failure would put the machine's load in the table
+    (e.g. many eval shards sharing one GPU)."""
+    if isinstance(exc, VTokenError):
+        return False
+    import torch
+
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if k)
+    return isinstance(exc, kinds) or any(m in str(exc) for m in _DEVICE_FAILURE_MARKERS)
+
+
+def _device_failed(exc: BaseException, method: str, kk: str, where: str) -> DeviceFailed:
+    return DeviceFailed(
+        f"vtoken eval: the device failed while {method} keep={kk} ran on {where} ({type(exc).__name__}: {exc}); "
+        "this is the machine's limit, not the method's: nothing of this batch was recorded, and running the "
+        "same command again resumes here (with fewer shards per GPU or a smaller --batch-size if memory ran out)")
+
+
+def _release_cached_memory() -> None:
+    """Hands the CUDA allocator's cached blocks back between configurations (shards sharing a GPU
+    each keep only what their current configuration uses)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, config: EvalConfig) -> dict:
     """Run the pending batches; returns {(method, keep_key): error} for configurations that could
     not run (they are skipped and reported; the others go on)."""
@@ -104,6 +144,7 @@ def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, 
         if state["ctx"] is not None:
             ctx, state["ctx"], state["current"] = state["ctx"], None, None
             ctx.__exit__(*exc_info)
+            _release_cached_memory()
 
     def enter(method, keep):
         if state["current"] == (method, keep):
@@ -115,6 +156,8 @@ def compute_batches(work, total, get_backend, out: Path, rank: int, world: int, 
         try:
             ctx.__enter__()
         except Exception as exc:  # noqa: BLE001 - e.g. PruningConfigError: this method cannot run here
+            if is_device_failure(exc):
+                raise _device_failed(exc, method, keep_key(keep), "attaching") from exc
             raise ConfigFailed(f"{type(exc).__name__}: {exc}") from exc
         state["ctx"], state["current"] = ctx, (method, keep)
         state["consecutive"] = 0
@@ -234,6 +277,8 @@ def _run_batch(enter, state, method, keep, kk, ds: EvalDataset, idx: list):
             timing = res.timing
             state["consecutive"] = 0
         except Exception as exc:  # noqa: BLE001
+            if is_device_failure(exc):
+                raise _device_failed(exc, method, kk, ds.name) from exc
             first_error = exc
             failures = 0
             for j, i in enumerate(ok):
@@ -243,6 +288,8 @@ def _run_batch(enter, state, method, keep, kk, ds: EvalDataset, idx: list):
                         raise first_error
                     state["consecutive"] = 0
                 except Exception as exc1:  # noqa: BLE001
+                    if is_device_failure(exc1):
+                        raise _device_failed(exc1, method, kk, ds.name) from exc1
                     outputs.pop(i, None)
                     failures += 1
                     state["consecutive"] += 1
