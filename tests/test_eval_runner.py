@@ -429,3 +429,17 @@ def test_device_failures_are_told_from_a_method_that_cannot_run():
     assert not is_device_failure(RuntimeError("The size of tensor a (641) must match the size of tensor b (673)"))
     assert not is_device_failure(ValueError("stage layer 8 is outside the model's 4 decoder layers"))
     assert not is_device_failure(PruningConfigError("keep=100000 is more than this image's tokens; out of memory is not the cause"))
+
+
+def test_the_report_names_the_device_that_answered_not_the_one_that_wrote_it(tmp_path):
+    """A run computed elsewhere (a GPU's shards) and finished or merged here: the table's note names
+    the device of the recorded batches."""
+    class Elsewhere(FakeBackend):
+        def __init__(self, name):
+            super().__init__()
+            self.info = {"device_name": name, "dtype": "float32"}
+
+    cfg = config(tmp_path, methods=["fastv"], keeps=[64])
+    run_eval(cfg, backend=Elsewhere("NVIDIA H100 80GB HBM3"), datasets=make_datasets(tmp_path))
+    run_eval(cfg, backend=Elsewhere("cpu"), datasets=make_datasets(tmp_path))  # nothing left: writes the report
+    assert "device: NVIDIA H100 80GB HBM3." in (tmp_path / "out" / "table.md").read_text()

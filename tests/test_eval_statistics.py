@@ -91,6 +91,13 @@ def test_marking_on_constructed_answer_vectors():
     assert summary["present"] is True
     lo, hi = wilson_interval(28, 40)
     assert rows[1]["intervals"]["S"] == {"low": 100 * lo, "high": 100 * hi, "method": "wilson"}
+    # a method with no answers at a budget (it could not run) is not tested, and random there still
+    # counts as present; a random row without answers is what the legend reports as missing
+    rows = [row("none", "full"), row("holitom", "64"), row("fastv", "64"), row("random", "64"), row("random", "32"),
+            row("fastv", "32")]
+    summary = annotate_rows(rows, [recs[0], {"S": []}, recs[1], recs[3], {"S": []}, recs[1]], {"S": "exact"})
+    assert summary["missing_keeps"] == ["32"] and rows[1]["vs_random"] is None and rows[5]["vs_random"] is None
+    assert rows[2]["vs_random"]["S"]["same"] is False
     no_random = [r for r in (row("none", "full"), row("fastv", "64"))]
     assert annotate_rows(no_random, recs[:2], {"S": "exact"})["present"] is False
     assert no_random[1]["vs_random"] is None

@@ -8,7 +8,7 @@ table per file. A cell reads ``84.5 [81.6, 87.2]`` (Avg retained %, interval), f
 / ``≈S`` ... for each data set (by initial) whose McNemar test against ``random`` at that budget
 gives p >= 0.05, ``⚠`` where the final kept count is not the budget (adaptive methods), and ``=``
 where the method changed no first answer token (decode-time stages: they act after the token the
-table scores); ``–`` where the pair is missing.
+table scores); ``–`` where the pair is missing, ``failed`` where it could not run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 
 
 def cell(row: dict) -> str:
+    if row.get("avg_retained_pct") is None:  # the method could not run (the report says why)
+        return "failed" if row.get("failed") else "–"
     iv = row.get("avg_retained_interval")
     text = f"{row['avg_retained_pct']:.1f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else "")
     same = [ds[0] for ds, v in (row.get("vs_random") or {}).items() if v.get("same")]
@@ -47,7 +49,7 @@ def table(path: str) -> str:
     out = [f"Unpruned: {scores} (n = {', '.join(str(v['n']) for v in unpruned['details'].values())})", "",
            "| method | " + " | ".join(f"keep {b}" for b in budgets) + " |",
            "|---|" + "---:|" * len(budgets)]
-    order = sorted(by, key=lambda m: -max((by[m][b]["avg_retained_pct"] for b in by[m]), default=0))
+    order = sorted(by, key=lambda m: -max((by[m][b]["avg_retained_pct"] or 0 for b in by[m]), default=0))
     for m in order:
         out.append(f"| {m} | " + " | ".join(cell(by[m][b]) if b in by[m] else "–" for b in budgets) + " |")
     return "\n".join(out)

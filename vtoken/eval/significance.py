@@ -129,20 +129,20 @@ def annotate_rows(rows: list, recs_of: list, metric_of: dict) -> dict:
     ``i``'s records. Returns ``{"reference", "present", "missing_keeps"}``: whether the reference
     method ran, the budgets where its row has no records, and the test's settings."""
     ref = {row["keep"]: recs for row, recs in zip(rows, recs_of) if row["method"] == REFERENCE}
-    missing = []
+    # budgets whose reference row has no answers (a row of its own with none, e.g. a method that
+    # could not run, is simply not tested)
+    missing = sorted(k for k, recs in ref.items() if not any(recs.get(name) for name in metric_of))
     for row, recs in zip(rows, recs_of):
         row["intervals"] = {name: score_interval(m, recs.get(name, [])) for name, m in metric_of.items()}
         row["avg_retained_interval"] = (None if row["method"] == "none"
                                         else avg_interval(metric_of, recs, recs_of[0]))
         row["vs_random"] = None
-        if row["method"] in ("none", REFERENCE) or row["keep"] not in ref:
+        if row["method"] in ("none", REFERENCE) or row["keep"] not in ref or row["keep"] in missing:
             continue
         cells = {name: compare(recs.get(name, []), ref[row["keep"]].get(name, [])) for name in metric_of}
-        if all(c is None for c in cells.values()):
-            missing.append(row["keep"])
-            continue
-        row["vs_random"] = cells
-    return {"reference": REFERENCE, "present": bool(ref), "missing_keeps": sorted(set(missing)), "alpha": ALPHA,
+        if any(c is not None for c in cells.values()):
+            row["vs_random"] = cells
+    return {"reference": REFERENCE, "present": bool(ref), "missing_keeps": missing, "alpha": ALPHA,
             "test": "exact two-sided McNemar (McNemar 1947)", "level": 0.95,
             "intervals": f"Wilson 1927 (0/1 scores), else percentile bootstrap ({BOOTSTRAP_SAMPLES} draws, seed "
                          f"{BOOTSTRAP_SEED})"}

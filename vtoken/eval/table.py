@@ -297,7 +297,9 @@ def write_report(out, config, datasets, configs, backend_info: dict = None, fail
             "failed_questions": len(bad), "failed_examples": dict(list(sorted(bad.items()))[:5]),
         })
     info = dict(backend_info or {})
-    device_desc = info.get("device_name") or ", ".join(sorted(d for d in devices if d)) or ("GPU" if on_gpu else "cpu")
+    # the devices that answered (every batch's timing names its device): a report written later by
+    # another process (a resumed or merged run) describes the run, not itself
+    device_desc = ", ".join(sorted(d for d in devices if d)) or info.get("device_name") or ("GPU" if on_gpu else "cpu")
     md, csv_text = _render(rows, datasets, upper_tokens, on_gpu, count)
     if count == "final":
         budget_note = ("Budget blocks count FINAL visual tokens: a row in \"Retain N\" keeps N visual tokens per "
