@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU measurements the open issues still lack (as of session 17: sessions 16 and 17 ran nothing on a GPU), one device call per PART, each
+# The GPU measurements the open issues still lack (as of session 18), one device call per PART, each
 # of at most ~580 s, outputs tarred (the device tool brings back at most 8 files):
 #
 #   OUT=dir PART=1 bash benchmarks/pending_gpu.sh
 #
 # PART=1 (issue 23; -> $OUT/pending.tgz)                                                       ~560 s
-#   0. the GPU tests of what sessions 15-16 changed (none of session 16's code has run on a GPU)
-#   1. the Qwen2.5-VL-7B tower at 16K tokens: the tower's own rotary / norms / gate vs the fused kernels
+#   0. the GPU tests of what sessions 15-16 changed (session 18: test_engine_static.py passed; the other
+#      files failed there from a test module that switched Triton's interpreter on, fixed since)
+#   1. the Qwen2.5-VL-7B tower at 16K tokens: the tower's own rotary / norms / gate vs the fused kernels;
+#      its full-attention call through every kernel there is (benchmarks/profile/long_attention.py)
 #   2. the fused engine's batch-1 TTFT and batch-1 / 32 decode (benchmarks/e2e/profile_ttft.py):
 #      in-graph greedy vs host token choice, merged vs separate q/k/v and gate/up GEMMs, in one run
 # PART=2 (issue 21 item 5; -> $OUT/eval/*.tar.gz): finish the 1,000-question tiny-llava run of
@@ -15,15 +17,17 @@
 #   session 17 run_gpu.sh computes each batch's vision features once for the methods that leave the
 #   tower alone (--reuse-vision on): on the CPU that made tiny-qwen2vl's evaluation 1.8x faster
 # PART=2b: all three resumed from RESUME
-# PART=4: PART=1's GPU tests beside the eval resumed from benchmarks/eval/gpu-h100-s18 (EVAL_S s, default 300),
-#   then, the GPU to itself, PART=1's tower and engine profile (-> $OUT/pending.tgz, $OUT/eval/*.tar.gz)
+# PART=4: PART=1's GPU tests beside the eval of tiny-qwen2vl and tiny-qwen2vl-video resumed from
+#   benchmarks/eval/gpu-h100-s18 (EVAL_S s, default 300; tiny-llava is complete there), then, the GPU
+#   to itself, PART=1's tower, long-attention and engine profiles (-> $OUT/pending.tgz, $OUT/eval/*.tar.gz)
+# PART=2c: the eval alone, resumed from benchmarks/eval/gpu-h100-s18 (tiny-qwen2vl, tiny-qwen2vl-video)
 # PART=3 (issue 23 item 5; -> $OUT/users): the users suite, LLaVA-1.5-7B and Qwen2.5-VL-7B, batch
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
 #   unpruned / fastv / divprune / visionzip (Qwen rows skip visionzip); TIME_BUDGET cuts what does not fit
 #   (run again with --users-models qwen for the rest)
 set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-PART=${PART:?set PART=1, 2, 2b or 3}
+PART=${PART:?set PART=1, 2, 2b, 2c, 3 or 4}
 REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
 . "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
@@ -43,6 +47,8 @@ gpu_tests() {  # the GPU tests of sessions 15-16's code, a failure's short trace
 }
 profile() {  # the Qwen tower with / without the fused parts, then the engine profile, within what is left
     mkdir -p "$W/tower"; OUT=$W/tower timeout 120 python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
+    # the tower's full-attention call through each kernel there is (what bounds the tower since session 16)
+    timeout 90 python "$REPO/benchmarks/profile/long_attention.py" > "$W/tower/long_attention.txt" 2>&1; cat "$W/tower/long_attention.txt"
     # (its rows are printed as they come and kept in prof.jsonl: a cut run keeps what it measured)
     mkdir -p "$W/prof"; timeout $(( $(left) - 20 )) python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
       --methods none,fastv,divprune --decode-batch 1,32 --merge on,off 2>&1 | grep '^{' | tee "$W/prof.jsonl"
@@ -51,15 +57,16 @@ profile() {  # the Qwen tower with / without the fused parts, then the engine pr
 case "$PART" in
   1) gpu_tests 150; profile ;;
   4)
-    LIMIT=$(( ${EVAL_S:-300} + 40 )) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-llava tiny-qwen2vl tiny-qwen2vl-video &
+    LIMIT=$(( ${EVAL_S:-300} + 40 )) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video &
     EP=$!; gpu_tests $(( ${EVAL_S:-300} - 20 )); wait $EP; profile ;;
   2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
+  2c) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video ;;
   2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   3)
     (cd "$REPO" && OUT=$OUT/users SUITES=users TIME_BUDGET=$(( $(left) - 90 )) HARD_TIMEOUT=$(( $(left) - 30 )) \
       bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
       --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip \
       --users-new-tokens 128) 2>&1 | tail -30 ;;
-  *) echo "PART must be 1, 2, 2b, 3 or 4"; exit 2 ;;
+  *) echo "PART must be 1, 2, 2b, 2c, 3 or 4"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"
