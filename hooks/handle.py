@@ -16,6 +16,7 @@ from vtoken.errors import AlreadyPrunedError, HandleRemovedError, PruningConfigE
 from vtoken.hooks.probe import chain_probe, install_probe
 from vtoken.hooks.call_state import GenerateSession
 from vtoken.hooks.checkpointing import checkpointing
+from vtoken.hooks.generation_check import cached_generation_check
 from vtoken.hooks.kv_cache import STATE_ATTR, fixed_slots_of
 from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stats import build_stats
@@ -349,7 +350,8 @@ def _wrap_generate(model, runtime):
                                              if kwargs.get(k) is not None}
         runtime.discard_vision_captures()  # generate may run the encoders before the first forward
         try:
-            return original(*args, **kwargs)
+            with cached_generation_check(model.config):  # transformers' per-call check, once per state
+                return original(*args, **kwargs)
         finally:
             runtime.tls.session = previous
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from vtoken.errors import UnsupportedCallError
+from vtoken.hooks.generation_check import cached_generation_check
 
 __all__ = ["GenerateRoute", "route_generate"]
 
@@ -111,7 +112,8 @@ class GenerateRoute:
         has_default_min_length = (kwargs.get("min_length") is None
                                   and (gen_in is None or gen_in.min_length is None)
                                   and model.generation_config.min_length is None)
-        config, model_kwargs = model._prepare_generation_config(gen_in, **kwargs)
+        with cached_generation_check(model.config):  # transformers' per-call check, once per state
+            config, model_kwargs = model._prepare_generation_config(gen_in, **kwargs)
         mode = config.get_generation_mode(None)
         if config.num_beams is not None and config.num_beams > 1:
             self._refuse(f"beam search (num_beams={config.num_beams})")
