@@ -48,9 +48,9 @@ def generation_check_key(config) -> tuple:
 def cached_generation_check(config):
     """Within the block, ``config._get_generation_parameters()`` answers from the cache (see the
     module docstring); the instance attribute is removed on leaving."""
-    original = config._get_generation_parameters
-    if "_get_generation_parameters" in vars(config):  # nested (the compile route inside the wrapper)
-        yield
+    original = getattr(config, "_get_generation_parameters", None)
+    if original is None or "_get_generation_parameters" in vars(config):  # no such check; or nested (the
+        yield                                                              # compile route in the wrapper)
         return
 
     def check() -> dict:
