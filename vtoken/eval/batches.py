@@ -110,8 +110,9 @@ def is_device_failure(exc: BaseException) -> bool:
 def _device_failed(exc: BaseException, method: str, kk: str, where: str) -> DeviceFailed:
     return DeviceFailed(
         f"vtoken eval: the device failed while {method} keep={kk} ran on {where} ({type(exc).__name__}: {exc}); "
-        "this is the machine's limit, not the method's: nothing of this batch was recorded, and running the "
-        "same command again resumes here (with fewer shards per GPU or a smaller --batch-size if memory ran out)")
+        "not scored as the method's failure: nothing of this batch was recorded, and running the same command "
+        "again resumes here (with fewer shards per GPU or a smaller --batch-size if memory ran out; after any "
+        "other CUDA error this process's device is unusable, so the run stops)")
 
 
 def _release_cached_memory() -> None:
