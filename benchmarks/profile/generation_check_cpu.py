@@ -1,6 +1,6 @@
 """Host time of a batch-1 ``generate(max_new_tokens=1)`` with a handle attached, with and without
 vtoken's once-per-state answer to transformers' legacy-generation-parameters check
-(``vtoken/hooks/generation_check.py``), in one run, interleaved.
+(``hooks/generation_check.py``, installed as ``vtoken.hooks.generation_check``), in one run, interleaved.
 
     python benchmarks/profile/generation_check_cpu.py      # tiny LLaVA of the tests, on the CPU
 
