@@ -13,7 +13,9 @@ if "." not in __name__:  # imported under its bare folder name: the name goes to
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "vtoken" / "_folder_guard.py"))["hand_over"](__name__, __file__)
 else:
     from vtoken.hooks.decode_cache import held_bytes
+    from vtoken.hooks.generation_check import cached_generation_check
     from vtoken.hooks.handle import PruningHandle, handle_of
     from vtoken.hooks.probe import private_attention_config, register_attention_implementation
 
-    __all__ = ["PruningHandle", "handle_of", "held_bytes", "private_attention_config", "register_attention_implementation"]
+    __all__ = ["PruningHandle", "handle_of", "held_bytes", "private_attention_config", "register_attention_implementation",
+               "cached_generation_check"]

@@ -22,7 +22,7 @@ from conftest import SUPPRESS, get_inputs, get_model  # noqa: E402
 import vtoken  # noqa: E402
 import vtoken.engine.generate_route as route_module  # noqa: E402
 import vtoken.hooks.handle as handle_module  # noqa: E402
-from vtoken.hooks.generation_check import cached_generation_check  # noqa: E402
+from vtoken.hooks import cached_generation_check  # noqa: E402
 
 
 def _set_cached(on: bool) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from vtoken.errors import UnsupportedCallError
-from vtoken.hooks.generation_check import cached_generation_check
+from vtoken.hooks import cached_generation_check
 
 __all__ = ["GenerateRoute", "route_generate"]
 
