@@ -79,6 +79,40 @@ def test_memo_keys_calls_by_their_arguments_and_drops_beyond_its_bytes():
     assert "get_image_features" not in vars(model)
 
 
+def test_memo_holds_nothing_on_a_card_that_is_short(monkeypatch):
+    """Shards sharing one GPU: an output is stored only while its card has 1/8 of its memory free
+    (the driver's count, every process on the card included); otherwise the memo drops what it holds."""
+    from vtoken.eval import vision_memo
+
+    out = {"features": torch.ones(2, 2)}
+    assert vision_memo.card_has_room(out, mem_get_info=lambda d: (0, 1))  # no CUDA tensor: always
+    monkeypatch.setattr(vision_memo, "_first_cuda_device", lambda value: torch.device("cuda", 0))
+    assert not vision_memo.card_has_room(out, mem_get_info=lambda d: (9 << 30, 80 << 30))
+    assert vision_memo.card_has_room(out, mem_get_info=lambda d: (10 << 30, 80 << 30))
+
+    class Tower(torch.nn.Module):
+        calls = 0
+
+        def get_image_features(self, pixel_values):
+            Tower.calls += 1
+            return pixel_values * 2
+
+    model, room = Tower(), [True]
+    monkeypatch.setattr(vision_memo, "card_has_room", lambda value: room[0])
+    memo = VisionMemo(model)
+    x = torch.ones(2, 2)
+    with torch.no_grad():
+        memo.key = ("batch", 0)
+        model.get_image_features(x)
+        model.get_image_features(x)
+        assert Tower.calls == 1 and memo.hits == 1
+        room[0] = False
+        model.get_image_features(x.double())  # computed; the card is short: nothing kept, the first dropped
+        model.get_image_features(x)
+        assert Tower.calls == 3 and memo.hits == 1
+    memo.remove()
+
+
 def test_a_video_batch_is_recognised_by_its_frames():
     """The runner opens a video's frames anew for every batch (a new list each time): the memo
     still finds the batch, and the answers are those computed afresh."""

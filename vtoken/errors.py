@@ -45,3 +45,9 @@ class UnsupportedCallError(VTokenError, ValueError):
 class MissingWeightsError(PruningConfigError):
     """A learned method (``gtc``, ``dyvte``) has no trained weights for this model; the message
     names the file it looked for and the command that trains them."""
+
+
+class DeviceFailed(VTokenError, RuntimeError):
+    """The device ran out or failed while ``vtoken eval`` answered a batch (CUDA out of memory, a
+    CUDA error: ``vtoken.eval.batches.is_device_failure``), which is not the method's failure:
+    nothing of the batch was recorded, and running the same command again resumes there."""

@@ -20,7 +20,7 @@ from vtoken.eval.files import open_image
 from vtoken.eval.memo import ByteLRU
 from vtoken.eval.records import keep_key, log_message
 from vtoken.eval.samples import EvalDataset
-from vtoken.errors import VTokenError
+from vtoken.errors import DeviceFailed, VTokenError
 
 __all__ = ["compute_batches", "score_sample", "ConfigFailed", "DeviceFailed", "is_device_failure"]
 
@@ -83,11 +83,6 @@ class _Appender:
 
 class ConfigFailed(Exception):
     """A (method, budget) cannot run at all (e.g. the method does not fit the model)."""
-
-
-class DeviceFailed(VTokenError, RuntimeError):
-    """The device ran out while a batch ran (see :func:`is_device_failure`); nothing of the batch
-    was recorded."""
 
 
 #: what the messages of a device that ran out say (CUDA's allocator, cuBLAS / cuSOLVER workspaces,

@@ -18,6 +18,11 @@ are part of the entry's key too (tensor shapes, dtypes and devices, small intege
 ``image_grid_thw`` by value, everything else by value), so a different call never gets another's
 features. Entries hold references to the objects their key names by identity, so no other object
 can take that identity while the entry lives; they are dropped oldest first beyond ``max_bytes``.
+
+``max_bytes`` bounds one process; on a GPU shared by several eval shards (``benchmarks/eval/run_gpu.sh``
+runs 14 per checkpoint on one card) the card is the bound that matters, so an output on a CUDA device
+is stored only while that card has at least :data:`CARD_FREE_FRACTION` of its memory free
+(:func:`card_has_room`); when it has not, the memo drops what it holds and computes as usual.
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ import torch
 
 from vtoken.eval.memo import ByteLRU
 
-__all__ = ["VisionMemo", "FEATURE_METHODS"]
+__all__ = ["VisionMemo", "FEATURE_METHODS", "card_has_room"]
 
 #: the multimodal model's methods that run the vision tower (and projector) on pixel inputs
 FEATURE_METHODS = ("get_image_features", "get_video_features")
+
+#: an output on a CUDA device is stored only while its card has at least this fraction of its memory free
+CARD_FREE_FRACTION = 0.125
 
 #: integer tensors of at most this many elements are keyed by value (grids, sizes)
 _SMALL = 4096
@@ -47,6 +55,29 @@ def _arg_key(value):
     if isinstance(value, dict):
         return ("dict", tuple((k, _arg_key(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))))
     return ("v", type(value).__name__, value if isinstance(value, (str, int, float, bool, type(None))) else repr(value))
+
+
+def _first_cuda_device(value) -> Optional[torch.device]:
+    if isinstance(value, torch.Tensor):
+        return value.device if value.device.type == "cuda" else None
+    items = value.values() if (isinstance(value, dict) or hasattr(value, "values")) else (
+        value if isinstance(value, (list, tuple)) else ())
+    for item in items:
+        device = _first_cuda_device(item)
+        if device is not None:
+            return device
+    return None
+
+
+def card_has_room(value, mem_get_info=None) -> bool:
+    """Whether ``value`` (a feature method's output) may be stored: True unless it holds a CUDA
+    tensor whose card has less than :data:`CARD_FREE_FRACTION` of its memory free (the processes
+    sharing the card included: ``torch.cuda.mem_get_info`` asks the driver)."""
+    device = _first_cuda_device(value)
+    if device is None:
+        return True
+    free, total = (mem_get_info or torch.cuda.mem_get_info)(device)
+    return free >= CARD_FREE_FRACTION * total
 
 
 class VisionMemo:
@@ -79,7 +110,10 @@ class VisionMemo:
             out = self._store.get(key)
             if out is None:
                 out = original(*args, **kwargs)
-                self._store.put(key, out, self.refs)
+                if card_has_room(out):
+                    self._store.put(key, out, self.refs)
+                else:  # the card is short (shards beside this one): hold nothing on it
+                    self._store.clear()
             return out
 
         features.__wrapped__ = original
