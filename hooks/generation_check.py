@@ -12,16 +12,23 @@ The check's answer depends on the config's class and on the values of the genera
 keys it holds, nothing else, in both implementations. :func:`cached_generation_check` answers it
 from a cache keyed by exactly those (the class, and the ``repr`` of each key's value), running
 transformers' own check on the first call of each state: a config changed between calls (the
-legacy usage the check exists to refuse) is checked again and refused as before.
+legacy usage the check exists to refuse) is checked again and refused as before. Where
+transformers' check is already cheap (the first call of a config class takes under
+:data:`SLOW_CHECK_S`: 5.25's 0.07 ms), keying the cache would cost more than it saves (the ``repr`` of
+every key's value, ~0.1 ms), so that class's check is left as transformers has it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 _MISSING = object()
 _RESULTS: dict = {}  # (config class, repr of the key values) -> the check's answer
 _MAX_RESULTS = 256
+_FAST_CLASSES: set = set()  # config classes whose own check took under SLOW_CHECK_S: left alone
+#: a config class's check is answered from the cache only if its first call took at least this long
+SLOW_CHECK_S = 0.5e-3
 _KEYS: list = []  # GenerationConfig's generation-parameter names (1.3 ms to list under 5.17: once)
 
 
@@ -49,8 +56,9 @@ def cached_generation_check(config):
     """Within the block, ``config._get_generation_parameters()`` answers from the cache (see the
     module docstring); the instance attribute is removed on leaving."""
     original = getattr(config, "_get_generation_parameters", None)
-    if original is None or "_get_generation_parameters" in vars(config):  # no such check; or nested (the
-        yield                                                              # compile route in the wrapper)
+    if (original is None or "_get_generation_parameters" in vars(config)  # no such check; or nested (the
+            or type(config) in _FAST_CLASSES):                             # compile route); or cheap already
+        yield
         return
 
     def check() -> dict:
@@ -58,7 +66,10 @@ def cached_generation_check(config):
         if key not in _RESULTS:
             if len(_RESULTS) >= _MAX_RESULTS:
                 _RESULTS.clear()
+            start = time.perf_counter()
             _RESULTS[key] = original()
+            if time.perf_counter() - start < SLOW_CHECK_S:
+                _FAST_CLASSES.add(type(config))
         return dict(_RESULTS[key])
 
     object.__setattr__(config, "_get_generation_parameters", check)

@@ -7,7 +7,16 @@ import torch
 
 import vtoken
 from conftest import SUPPRESS, get_inputs, get_model
+from vtoken.hooks import generation_check
 from vtoken.hooks.generation_check import cached_generation_check
+
+
+@pytest.fixture
+def slow_check(monkeypatch):
+    """Every check counts as slow (transformers 5.17's is; 5.25's is already cheap and left alone)."""
+    monkeypatch.setattr(generation_check, "SLOW_CHECK_S", 0.0)
+    monkeypatch.setattr(generation_check, "_FAST_CLASSES", set())
+    monkeypatch.setattr(generation_check, "_RESULTS", {})
 
 
 def _counting(monkeypatch, config):
@@ -22,7 +31,7 @@ def _counting(monkeypatch, config):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_the_check_runs_once_per_state_and_still_refuses_a_legacy_config(monkeypatch, compile):
+def test_the_check_runs_once_per_state_and_still_refuses_a_legacy_config(monkeypatch, slow_check, compile):
     model = get_model("llava")
     inputs = get_inputs("llava", model, variant="single")
     ref = model.generate(**inputs, max_new_tokens=2, do_sample=False, suppress_tokens=SUPPRESS)
@@ -46,7 +55,20 @@ def test_the_check_runs_once_per_state_and_still_refuses_a_legacy_config(monkeyp
         model.generate(**inputs, max_new_tokens=2, do_sample=False, suppress_tokens=SUPPRESS)
 
 
-def test_answers_equal_transformers_check_for_each_state():
+def test_a_check_that_is_already_cheap_is_left_as_transformers_has_it(monkeypatch):
+    monkeypatch.setattr(generation_check, "SLOW_CHECK_S", 3600.0)  # every check counts as cheap
+    monkeypatch.setattr(generation_check, "_FAST_CLASSES", set())
+    monkeypatch.setattr(generation_check, "_RESULTS", {})
+    config = get_model("llava").config
+    calls = _counting(monkeypatch, config)
+    for _ in range(3):
+        with cached_generation_check(config):
+            assert config._get_generation_parameters() == {}
+    assert len(calls) == 3  # the first call measured it; the next two went to transformers' own check
+    assert "_get_generation_parameters" not in vars(config)
+
+
+def test_answers_equal_transformers_check_for_each_state(slow_check):
     config = get_model("llava").config
     plain = type(config)._get_generation_parameters
     with cached_generation_check(config):
