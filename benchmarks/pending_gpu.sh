@@ -20,6 +20,8 @@
 # PART=4: PART=1's GPU tests beside the eval of tiny-qwen2vl and tiny-qwen2vl-video resumed from
 #   benchmarks/eval/gpu-h100-s18 (EVAL_S s, default 300; tiny-llava is complete there), then, the GPU
 #   to itself, PART=1's tower, long-attention and engine profiles (-> $OUT/pending.tgz, $OUT/eval/*.tar.gz)
+# PART=5: PART=1's GPU tests (at most TESTS_S s, default 240) beside PART=2c's eval for the whole call, no
+#   profiles (-> $OUT/gpu_tests.log, $OUT/eval/*.tar.gz)
 # PART=2c: the eval alone, resumed from benchmarks/eval/gpu-h100-s18 (tiny-qwen2vl, tiny-qwen2vl-video)
 # PART=3 (issue 23 item 5; -> $OUT/users): the users suite, LLaVA-1.5-7B and Qwen2.5-VL-7B, batch
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
@@ -27,7 +29,7 @@
 #   (run again with --users-models qwen for the rest)
 set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-PART=${PART:?set PART=1, 2, 2b, 2c, 3 or 4}
+PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4 or 5}
 REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
 . "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
@@ -59,6 +61,9 @@ case "$PART" in
   4)
     LIMIT=$(( ${EVAL_S:-300} + 40 )) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video &
     EP=$!; gpu_tests $(( ${EVAL_S:-300} - 20 )); wait $EP; profile ;;
+  5)
+    eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video &
+    EP=$!; gpu_tests "${TESTS_S:-240}"; cp "$W/gpu_tests.log" "$OUT/"; wait $EP ;;
   2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   2c) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video ;;
   2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
@@ -67,6 +72,6 @@ case "$PART" in
       bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
       --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip \
       --users-new-tokens 128) 2>&1 | tail -30 ;;
-  *) echo "PART must be 1, 2, 2b, 2c, 3 or 4"; exit 2 ;;
+  *) echo "PART must be 1, 2, 2b, 2c, 3, 4 or 5"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"
