@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 from vtoken.kernels import HAS_TRITON, patch_vision_varlen  # noqa: E402
 from vtoken.kernels.vision_rope import rope_vision, rope_vision_reference  # noqa: E402
+from rounding import rotate_half, within_rotary_rounding  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (the GPU test covers CUDA)")
@@ -177,7 +178,29 @@ def test_kernel_matches_transformers_on_gpu(module):
     q, k, cos, sin = (t.cuda() for t in _qkv_views(S=4096, H=16, Dh=80, dtype=torch.bfloat16, seed=7))
     got = rope_vision(q, k, cos, sin)
     want = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
-    eps = torch.finfo(torch.bfloat16).eps
-    for g, w in zip(got, want):
-        assert ((g.float() - w.float()).abs() <= eps * w.float().abs() + 1e-30).all()
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    for g, w, x in zip(got, want, (q, k)):  # transformers multiplies in float32, as the kernel does
+        assert within_rotary_rounding(g, w, x, c, s, torch.float32).all()
+        wrong = rope_vision_reference(x, x, cos, -sin)[0]  # the bound is no wider than a wrong formula's miss
+        assert not within_rotary_rounding(wrong, w, x, c, s, torch.float32).all()
 
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_gpu_tests_bound_takes_a_correctly_rounded_rotary_and_refuses_wrong_ones(module):
+    """The bound the GPU test applies (tests/rounding.py), checked on the CPU at the GPU test's sizes:
+    the rotary computed in float64 and rounded once (the most accurate a kernel can be) is within it
+    of transformers' float32 result, though not within one rounding of that result everywhere (what the
+    GPU test asserted before, and a correct kernel failed on the H100); a sign error or the unrotated
+    input are not."""
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    q, k, cos, sin = _qkv_views(S=4096, H=16, Dh=80, dtype=torch.bfloat16, seed=7)
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    want = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)[0]
+    exact = (q.double() * c.double() + rotate_half(q.double()) * s.double()).to(torch.bfloat16)
+    assert within_rotary_rounding(exact, want, q, c, s, torch.float32).all()
+    eps = torch.finfo(torch.bfloat16).eps
+    assert not ((exact.float() - want.float()).abs() <= eps * want.float().abs() + 1e-30).all()
+    wrong_sign = (q.double() * c.double() - rotate_half(q.double()) * s.double()).to(torch.bfloat16)
+    for wrong in (wrong_sign, q):
+        assert not within_rotary_rounding(wrong, want, q, c, s, torch.float32).all()
