@@ -6,7 +6,10 @@ small launches per layer at 16K patches, plus a device-to-host sync per layer. T
 path avoids that but needs the ``flash-attn`` package. :func:`patch_vision_varlen` swaps the
 ``forward`` of each vision attention module (an instance attribute; the class is untouched) for one
 that runs the same projections and rotary embedding, then one :func:`varlen_attention` call over
-``cu_seqlens``. Where the kernels run (Triton), the rotary embedding is one launch too
+``cu_seqlens`` (or, where every segment is at least ``LONG_SEGMENT`` patches long, as in the
+full-attention blocks of a large image, one cuDNN fused-attention call per segment:
+:func:`vtoken.kernels.varlen.long_segment_attention`). Where the kernels run (Triton), the rotary
+embedding is one launch too
 (:func:`vtoken.kernels.vision_rope.rope_vision`), once it has been checked against the module's own
 ``apply_rotary_pos_emb_vision`` on the first call's inputs for that device and dtype (agreeing to
 one rounding step of the output dtype); where it does not agree, the module's own function runs.
@@ -33,7 +36,7 @@ from torch import nn
 from vtoken.kernels.decode_ops import add_rms_norm, is_rms_norm, silu_mul
 from vtoken.kernels.dispatch import resolve_backend
 from vtoken.kernels.merged_linear import MergedLinear, mergeable
-from vtoken.kernels.varlen import varlen_attention
+from vtoken.kernels.varlen import LONG_SEGMENT, long_segment_attention, varlen_attention
 from vtoken.kernels.vision_rope import rope_vision
 
 
@@ -52,18 +55,19 @@ def _version(t: torch.Tensor):
     return None if t.is_inference() else t._version
 
 
-class _MaxSeqlenCache:
-    """Longest segment of each ``cu_seqlens`` tensor seen, so a tower forward reads it once, not per layer."""
+class _SegmentCache:
+    """The host copy of each ``cu_seqlens`` tensor seen (its segment boundaries), so a tower forward
+    reads it once, not per layer."""
 
     def __init__(self):
-        self._entries: dict[int, tuple[weakref.ref, Optional[int], int]] = {}
+        self._entries: dict[int, tuple[weakref.ref, Optional[int], tuple]] = {}
 
-    def get(self, cu_seqlens: torch.Tensor) -> int:
+    def bounds(self, cu_seqlens: torch.Tensor) -> tuple:
         key = id(cu_seqlens)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is cu_seqlens and hit[1] == _version(cu_seqlens):
             return hit[2]
-        value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
+        value = tuple(int(b) for b in cu_seqlens.tolist())
         self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
         self._entries[key] = (weakref.ref(cu_seqlens), _version(cu_seqlens), value)
         return value
@@ -167,8 +171,8 @@ def _make_block_forward(block: nn.Module, backend: str, checks: _FusedChecks, ma
     return types.MethodType(forward, block)
 
 
-def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, triton_only: bool = False,
-                  checks: Optional[_FusedChecks] = None):
+def _make_forward(module: nn.Module, backend: str, cache: _SegmentCache, triton_only: bool = False,
+                  checks: Optional[_FusedChecks] = None, long_segments_cudnn: bool = True):
     rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
     own = module.forward  # the module's forward before the patch
 
@@ -197,17 +201,22 @@ def _make_forward(module: nn.Module, backend: str, cache: _MaxSeqlenCache, trito
             (rope, q.device, q.dtype), lambda: rope(q[:n], k[:n], cos[:n], sin[:n]),
             lambda: rope_vision(q[:n], k[:n], cos[:n], sin[:n], backend=backend)))
         q, k = rope_vision(q, k, cos, sin, backend=backend) if fused else rope(q, k, cos, sin)  # [Total, H, D]
-        if not isinstance(max_seqlen, int):
-            max_seqlen = cache.get(cu_seqlens)
-        scale = getattr(self, "scaling", None)
-        out = varlen_attention(q, k, v, cu_seqlens, scale=scale, max_seqlen=max_seqlen, backend=backend)
+        scale, out = getattr(self, "scaling", None), None
+        if not isinstance(max_seqlen, int) or max_seqlen >= LONG_SEGMENT:
+            bounds = cache.bounds(cu_seqlens)
+            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])] or [0]
+            max_seqlen = max(lengths)
+            if long_segments_cudnn and min(lengths) >= LONG_SEGMENT and resolve_backend(backend, q, k, v) == "triton":
+                out = long_segment_attention(q, k, v, bounds, scale)  # (None where cuDNN's does not run)
+        if out is None:
+            out = varlen_attention(q, k, v, cu_seqlens, scale=scale, max_seqlen=max_seqlen, backend=backend)
         return self.proj(out.reshape(seq_length, -1))
 
     return types.MethodType(forward, module)
 
 
 def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", triton_only: bool = False,
-                        skip: tuple = (), fused_ops: bool = True) -> Callable[[], None]:
+                        skip: tuple = (), fused_ops: bool = True, long_segments_cudnn: bool = True) -> Callable[[], None]:
     """Make every windowed vision-attention module under ``vision_model`` use :func:`varlen_attention`.
 
     Args:
@@ -224,6 +233,10 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
             GEMMs of 8-aligned width around a fused gate (:func:`_make_block_forward`; the MLP's
             weights become views of padded buffers until ``remove()``), each checked first (see
             the module docstring); False keeps the tower's own code around the attention.
+        long_segments_cudnn: where the kernels run, a layer whose segments are all at least
+            ``LONG_SEGMENT`` patches (full attention over a large image) uses cuDNN's fused
+            attention per segment (:func:`vtoken.kernels.varlen.long_segment_attention`); False
+            keeps :func:`varlen_attention` for every layer.
 
     Returns:
         ``remove()``: restores the original ``forward`` of every patched module. The output of the
@@ -240,12 +253,12 @@ def patch_vision_varlen(vision_model: nn.Module, *, backend: str = "auto", trito
         )
     if any("forward" in m.__dict__ and getattr(m.forward, "_vtoken_varlen", False) for m in targets):
         raise ValueError(f"{type(vision_model).__name__} is already patched by patch_vision_varlen")
-    cache = _MaxSeqlenCache()
+    cache = _SegmentCache()
     checks = _FusedChecks() if fused_ops else None
     saved = []
     for m in targets:
         saved.append((m, m.__dict__.get("forward")))
-        fwd = _make_forward(m, backend, cache, triton_only, checks)
+        fwd = _make_forward(m, backend, cache, triton_only, checks, long_segments_cudnn)
         fwd.__func__._vtoken_varlen = True
         m.forward = fwd
     blocks = [b for b in vision_model.modules() if _is_rms_norm_block(b) and any(b.attn is m for m in targets)]

@@ -164,3 +164,62 @@ def test_patched_qwen25_vision_tower_matches_unpatched_gpu(width):
         remove()
     assert len(remove.fused_verdicts) == 3 and all(remove.fused_verdicts.values()), remove.fused_verdicts
     assert rel_err(out.pooler_output, ref.pooler_output) < 2e-2
+
+
+@pytest.mark.parametrize("lengths", [[5, 16, 0, 39, 4], [57]])
+def test_segment_sdpa_matches_reference(lengths):
+    """The per-segment SDPA path of long segments (what cuDNN runs on a GPU), on the CPU's SDPA:
+    equal to the reference over several segments (an empty one among them) and over one."""
+    from vtoken.kernels.varlen import segment_sdpa
+
+    q, k, v, cu = make_inputs(lengths, 3, 20, seed=3)
+    out = segment_sdpa(q, k, v, tuple(cu.tolist()), scale=0.3)
+    torch.testing.assert_close(out.double(), naive_varlen(q, k, v, cu, scale=0.3), atol=2e-6, rtol=1e-5)
+
+
+def test_long_segment_attention_declines_where_cudnn_does_not_run():
+    """Off CUDA, in float32, or with gradients needed: None, so the caller runs varlen_attention."""
+    from vtoken.kernels.varlen import long_segment_attention
+
+    q, k, v, cu = make_inputs([8, 8], 2, 16)
+    assert long_segment_attention(q, k, v, tuple(cu.tolist())) is None
+    assert long_segment_attention(q.half(), k.half(), v.half(), tuple(cu.tolist())) is None
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("lengths", [[8192], [4096, 5000]])
+def test_long_segment_attention_matches_reference_gpu(lengths):
+    """cuDNN's fused attention per long segment (Qwen2.5-VL's full-attention blocks: 16 heads of 80),
+    bf16, against the float32 reference; None only where this torch has no cuDNN attention."""
+    from vtoken.kernels.varlen import long_segment_attention
+
+    q, k, v, cu = make_inputs(lengths, 16, 80, dtype=torch.bfloat16, device="cuda", seed=len(lengths))
+    out = long_segment_attention(q, k, v, tuple(cu.tolist()))
+    assert out is not None, "cuDNN attention did not run (the tower then uses varlen_attention)"
+    ref = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_patched_tower_sends_long_full_attention_segments_to_cudnn_gpu(monkeypatch):
+    """A Qwen2.5-VL tower on one large image: its full-attention blocks (one segment of 4,096+ patches)
+    go through long_segment_attention, its windowed blocks through varlen; output within bf16
+    rounding of the unpatched tower's."""
+    from vtoken.kernels import vision_patch
+
+    calls = []
+    real = vision_patch.long_segment_attention
+    monkeypatch.setattr(vision_patch, "long_segment_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
+    tower = tiny_qwen25_vision(depth=4, hidden_size=256, num_heads=4, intermediate_size=512,
+                               fullatt_block_indexes=[1, 3], window_size=112).cuda().to(torch.bfloat16)
+    x, grid = tower_inputs(torch.tensor([[1, 64, 80]]), dtype=torch.bfloat16, device="cuda")  # 5,120 patches
+    with torch.no_grad():
+        ref = tower(x, grid_thw=grid)
+        remove = patch_vision_varlen(tower)
+        out = tower(x, grid_thw=grid)
+        remove()
+    assert calls == [5120, 5120]  # the two full-attention blocks only
+    assert rel_err(out.pooler_output, ref.pooler_output) < 2e-2

@@ -2,7 +2,7 @@
 with the varlen attention ``apply_pruning`` installs: CUDA time per kernel family, and the
 tower's compute floor (matmul FLOPs at the device's bf16 peak); the tower with transformers'
 rotary embedding, norms and MLP and with the fused kernels and padded MLP GEMMs (patch_vision_varlen's
-fused_ops) in the same run.
+fused_ops), and with cuDNN's fused attention for the full-attention blocks, in the same run.
 
     OUT=dir python benchmarks/profile/qwen_tower.py   # CUDA; vtoken importable (see gpu_tests.sh)
 """
@@ -46,9 +46,13 @@ with torch.no_grad():
     remove = patch_vision_varlen(visual, fused_ops=False)
     lines.append(f"tower, varlen attention, the tower's own rotary, norms and MLP: {timed(run):.1f} ms")
     remove()
-    remove = patch_vision_varlen(visual)  # as apply_pruning installs it: the fused kernels where they agree
+    remove = patch_vision_varlen(visual, long_segments_cudnn=False)  # session 16-18's tower
     lines.append(f"tower, varlen attention + fused rotary, norms, gate and padded MLP GEMMs: {timed(run):.1f} ms "
                  f"(checks passed: {sum(remove.fused_verdicts.values())} of {len(remove.fused_verdicts)})")
+    remove()
+    remove = patch_vision_varlen(visual)  # as apply_pruning installs it: the fused kernels where they agree
+    lines.append(f"tower, as above with cuDNN attention for the full-attention blocks (segments >= 4,096 "
+                 f"patches): {timed(run):.1f} ms")
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         torch.cuda.synchronize()
