@@ -22,6 +22,11 @@
 #   to itself, PART=1's tower, long-attention and engine profiles (-> $OUT/pending.tgz, $OUT/eval/*.tar.gz)
 # PART=5: PART=1's GPU tests (at most TESTS_S s, default 240) beside PART=2c's eval for the whole call, no
 #   profiles (-> $OUT/gpu_tests.log, $OUT/eval/*.tar.gz)
+# PART=6 (session 19; -> $OUT/p6.tgz, $OUT/eval/tiny-qwen2vl-video.tar.gz): the eval of the video checkpoint
+#   resumed from gpu-h100-s19 (its gtc / dyvte weights are new) beside the GPU tests (the rotary tests' new
+#   bound, long_segment_attention); then, the GPU to itself, the Qwen tower with and without cuDNN for its
+#   full-attention blocks, the attention kernels at 65,536 / 16,384 / 4,096 / 64-patch segments, and
+#   Qwen2.5-VL-7B's TTFT at one 4K / 16K-token image (transformers unpruned vs fastv keep 11 %)
 # PART=2c: the eval alone, resumed from benchmarks/eval/gpu-h100-s18 (tiny-qwen2vl, tiny-qwen2vl-video)
 # PART=3 (issue 23 item 5; -> $OUT/users): the users suite, LLaVA-1.5-7B and Qwen2.5-VL-7B, batch
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
@@ -29,7 +34,7 @@
 #   (run again with --users-models qwen for the rest)
 set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4 or 5}
+PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4, 5 or 6}
 REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
 . "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
@@ -64,6 +69,14 @@ case "$PART" in
   5)
     eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video &
     EP=$!; gpu_tests "${TESTS_S:-240}"; cp "$W/gpu_tests.log" "$OUT/"; wait $EP ;;
+  6)
+    LIMIT=200 eval_run "$REPO/benchmarks/eval/gpu-h100-s19" tiny-qwen2vl-video &
+    EP=$!; gpu_tests 180; cp "$W/gpu_tests.log" "$OUT/"; wait $EP
+    mkdir -p "$W/tower"; OUT=$W/tower timeout 150 python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
+    timeout 100 python "$REPO/benchmarks/profile/long_attention.py" > "$W/tower/long_attention.txt" 2>&1; cat "$W/tower/long_attention.txt"
+    (cd "$REPO" && OUT=$W/qwen SUITES=qwen-long TIME_BUDGET=$(( $(left) - 40 )) HARD_TIMEOUT=$(( $(left) - 15 )) \
+      bash benchmarks/e2e/run_gpu.sh --qwen-one-image --qwen-visual 4096,16384 --vision-paths sdpa) 2>&1 | tail -8
+    tar -czf "$OUT/p6.tgz" -C "$W" . ;;
   2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   2c) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video ;;
   2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
@@ -72,6 +85,6 @@ case "$PART" in
       bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
       --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip \
       --users-new-tokens 128) 2>&1 | tail -30 ;;
-  *) echo "PART must be 1, 2, 2b, 2c, 3, 4 or 5"; exit 2 ;;
+  *) echo "PART must be 1, 2, 2b, 2c, 3, 4, 5 or 6"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"
