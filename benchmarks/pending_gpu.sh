@@ -26,7 +26,8 @@
 #   resumed from gpu-h100-s19 (its gtc / dyvte weights are new) beside the GPU tests (the rotary tests' new
 #   bound, long_segment_attention); then, the GPU to itself, the Qwen tower with and without cuDNN for its
 #   full-attention blocks, the attention kernels at 65,536 / 16,384 / 4,096 / 64-patch segments, and
-#   Qwen2.5-VL-7B's TTFT at one 4K / 16K-token image (transformers unpruned vs fastv keep 11 %)
+#   Qwen2.5-VL-7B's TTFT at one 4K / 16K-token image (transformers unpruned vs fastv keep 11 %); then PART=3's
+#   users suite in what is left
 # PART=2c: the eval alone, resumed from benchmarks/eval/gpu-h100-s18 (tiny-qwen2vl, tiny-qwen2vl-video)
 # PART=3 (issue 23 item 5; -> $OUT/users): the users suite, LLaVA-1.5-7B and Qwen2.5-VL-7B, batch
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
@@ -76,6 +77,10 @@ case "$PART" in
     timeout 100 python "$REPO/benchmarks/profile/long_attention.py" > "$W/tower/long_attention.txt" 2>&1; cat "$W/tower/long_attention.txt"
     (cd "$REPO" && OUT=$W/qwen SUITES=qwen-long TIME_BUDGET=$(( $(left) - 40 )) HARD_TIMEOUT=$(( $(left) - 15 )) \
       bash benchmarks/e2e/run_gpu.sh --qwen-one-image --qwen-visual 4096,16384 --vision-paths sdpa) 2>&1 | tail -8
+    # what is left: PART=3's users suite, LLaVA first (its TIME_BUDGET cuts what does not fit)
+    [ "$(left)" -gt 120 ] && (cd "$REPO" && OUT=$W/users SUITES=users TIME_BUDGET=$(( $(left) - 70 )) \
+      HARD_TIMEOUT=$(( $(left) - 25 )) bash benchmarks/e2e/run_gpu.sh --users-models llava,qwen --users-batch 1,8,32 \
+      --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip --users-new-tokens 128) 2>&1 | tail -12
     tar -czf "$OUT/p6.tgz" -C "$W" . ;;
   2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   2c) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video ;;
