@@ -216,10 +216,10 @@ def test_missing_weights_raise_with_the_training_command(method):
     assert vtoken.hooks.handle_of(model) is None
 
 
-@pytest.mark.parametrize("checkpoint", ["vtoken/tiny-llava", "vtoken/tiny-qwen2vl"])
+@pytest.mark.parametrize("checkpoint", ["vtoken/tiny-llava", "vtoken/tiny-qwen2vl", "vtoken/tiny-qwen2vl-video"])
 @pytest.mark.parametrize("method", ["gtc", "dyvte"])
 def test_shipped_weights_found_beside_the_checkpoint(method, checkpoint):
-    """Both shipped image checkpoints carry both methods' weights, and they load and prune."""
+    """Every shipped checkpoint carries both methods' weights, and they load and prune (image questions)."""
     from vtoken import zoo
 
     model, proc = zoo.load(checkpoint)
@@ -233,6 +233,21 @@ def test_shipped_weights_found_beside_the_checkpoint(method, checkpoint):
         assert h.plan[0].layer == 1 and all(k.numel() == 64 for k in kept[0])
     else:
         assert len(h.plan) == 5
+
+
+def test_video_checkpoint_gtc_prunes_each_clip_to_the_budget():
+    """The video checkpoint's GTC weights (trained on its image questions) on video clips: the
+    mapper reads each frame pair's map, and the stage keeps the budget's count of each clip's tokens."""
+    from vtoken import zoo
+    from vtoken.data import synthetic_video as sv
+
+    model, proc = zoo.load("vtoken/tiny-qwen2vl-video")
+    rec = sv.make_split("test", 2, 5)
+    with vtoken.apply_pruning(model, method="gtc", keep=0.25) as h:
+        assert len(zoo.answer(model, proc, [r["video"] for r in rec], [r["question"] for r in rec])) == 2
+        kept = h.stats.stages[0].kept
+    n = sv.visual_tokens()
+    assert h.plan[0].layer == 1 and [k.numel() for k in kept] == [round(0.25 * n)] * 2
 
 
 def test_learned_methods_on_tiny_models_prune(arch):
