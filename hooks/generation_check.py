@@ -63,14 +63,15 @@ def cached_generation_check(config):
 
     def check() -> dict:
         key = generation_check_key(config)
-        if key not in _RESULTS:
+        result = _RESULTS.get(key)
+        if result is None:
             if len(_RESULTS) >= _MAX_RESULTS:
                 _RESULTS.clear()
             start = time.perf_counter()
-            _RESULTS[key] = original()
+            result = _RESULTS[key] = original()
             if time.perf_counter() - start < SLOW_CHECK_S:
                 _FAST_CLASSES.add(type(config))
-        return dict(_RESULTS[key])
+        return dict(result)
 
     object.__setattr__(config, "_get_generation_parameters", check)
     try:

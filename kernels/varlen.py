@@ -59,13 +59,14 @@ def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tupl
                  scale: float | None = None) -> torch.Tensor:
     """Block-diagonal attention as one ``scaled_dot_product_attention`` call per segment (whichever
     SDPA backend the caller allows): ``q, k, v [Total, H, D]``, ``bounds`` the host copy of
-    ``cu_seqlens``; ``[Total, H, D]`` (a transposed view of the one call's output for one segment)."""
+    ``cu_seqlens``; ``[Total, H, D]`` (a transposed view of the one call's output where one segment
+    covers every row)."""
     def segment(a: int, b: int) -> torch.Tensor:  # [b - a, H, D] as a [1, H, n, D] view each way
         view = lambda t: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
         return F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)[0].transpose(0, 1)
 
-    if len(bounds) == 2:
-        return segment(bounds[0], bounds[1])
+    if len(bounds) == 2 and bounds[0] == 0 and bounds[1] == q.shape[0]:
+        return segment(0, q.shape[0])
     out = torch.zeros_like(q)
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
@@ -76,15 +77,58 @@ def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tupl
 #: segments at least this long (every one of a call's) go to cuDNN's fused attention where it runs
 #: (:func:`long_segment_attention`)
 LONG_SEGMENT = 4096
-_CUDNN_REFUSED: set = set()  # (device, dtype, head dim) where cuDNN's attention would not run
+#: per (device, dtype, head dim, each segment length modulo 128): whether cuDNN's output agreed with
+#: the reference on the first call's probe rows (False: refused, or disagreed: varlen runs there)
+_CUDNN_VERDICTS: dict = {}
+_PROBE_ROWS = 8
+
+
+def _probe_agrees(q, k, v, out, bounds, scale) -> bool:
+    """The first ``_PROBE_ROWS`` query rows of each segment against a float32 softmax over that
+    segment's keys (every key: a small ``[H, rows, n]`` score matrix). An output row is a convex
+    combination of the segment's value rows, so rounding the probabilities and the output to the
+    half-precision dtype moves it by a few steps of that dtype times the largest value entry;
+    the bound is 4 such steps per head (a layout or stride mistake misses by the values' size)."""
+    scale = softmax_scale(scale, q.shape[-1])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        r = min(_PROBE_ROWS, b - a)
+        if r <= 0:
+            continue
+        qs, ks, vs = (t.float().transpose(0, 1) for t in (q[a:a + r], k[a:b], v[a:b]))  # [H, ., D]
+        want = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1) @ vs  # [H, r, D]
+        got = out[a:a + r].float().transpose(0, 1)
+        tol = 4 * torch.finfo(q.dtype).eps * vs.abs().amax(dim=(1, 2)).view(-1, 1, 1) + 1e-6
+        if not bool(((got - want).abs() <= tol).all()):
+            return False
+    return True
+
+
+def is_capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device (False off CUDA,
+    where asking would raise on a CPU-only torch)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _cuda_runtime_at_least(major: int, minor: int) -> bool:
+    try:
+        have = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+    except ValueError:
+        return False
+    return have >= (major, minor)
 
 
 def long_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple,
                            scale: float | None = None) -> torch.Tensor | None:
     """Block-diagonal attention over long segments as one cuDNN fused-attention call per segment
     (PyTorch's ``scaled_dot_product_attention`` with only ``SDPBackend.CUDNN_ATTENTION`` allowed),
-    or None where that kernel does not run (not CUDA, not fp16 / bf16, gradients needed, a torch or
-    shape cuDNN refuses): the caller then runs :func:`varlen_attention`.
+    or None where that kernel is not to run: not CUDA, not fp16 / bf16, gradients needed, cuDNN's
+    SDPA turned off (``torch.backends.cuda.enable_cudnn_sdp(False)``), a CUDA runtime before 12.9
+    (where PyTorch itself leaves cuDNN's SDPA off by default), a CUDA graph being captured
+    (the segment boundaries are read on the host), or a (device, dtype, head dim, length modulo 128)
+    where cuDNN refused the call or its first output disagreed with a float32 reference on a few
+    query rows (:func:`_probe_agrees`; decided once, then kept). The caller then runs
+    :func:`varlen_attention`. Out of memory and CUDA errors are raised, not taken for a refusal.
+    (``sdpa_kernel`` sets PyTorch's backend flags for the process while the call runs.)
 
     Why: a Qwen2.5-VL tower's full-attention blocks attend over a whole image, one segment of up to
     65,536 patches with 16 heads of dim 80. There :func:`varlen_attention` (head dim 80 as a 64- and
@@ -96,18 +140,31 @@ def long_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bo
     Returns:
         ``[Total, H, D]`` (a transposed view for one segment), or None.
     """
-    key = (q.device, q.dtype, q.shape[-1])
-    if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or key in _CUDNN_REFUSED
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+    if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            or not torch.backends.cuda.cudnn_sdp_enabled() or is_capturing(q)
+            or not _cuda_runtime_at_least(12, 9)):  # PyTorch's own gate for cuDNN SDPA (pytorch#171627)
+        return None
+    key = (q.device, q.dtype, q.shape[-1], tuple(sorted({(b - a) % 128 for a, b in zip(bounds[:-1], bounds[1:])})))
+    if _CUDNN_VERDICTS.get(key) is False:
         return None
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     try:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return segment_sdpa(q, k, v, bounds, scale)
-    except RuntimeError:  # no cuDNN attention in this build, or not for this shape / dtype / head dim
-        _CUDNN_REFUSED.add(key)
+            out = segment_sdpa(q, k, v, bounds, scale)
+    except RuntimeError as exc:
+        device_failures = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                            getattr(torch, "AcceleratorError", None)) if t)
+        if isinstance(exc, device_failures) or "CUDA error" in str(exc):
+            raise
+        _CUDNN_VERDICTS[key] = False  # no cuDNN attention in this build, or not for this shape / dtype
         return None
+    if key not in _CUDNN_VERDICTS:
+        _CUDNN_VERDICTS[key] = _probe_agrees(q, k, v, out, bounds, scale)
+        if not _CUDNN_VERDICTS[key]:
+            return None
+    return out
 
 
 def _varlen_kernel(

@@ -36,7 +36,7 @@ from torch import nn
 from vtoken.kernels.decode_ops import add_rms_norm, is_rms_norm, silu_mul
 from vtoken.kernels.dispatch import resolve_backend
 from vtoken.kernels.merged_linear import MergedLinear, mergeable
-from vtoken.kernels.varlen import LONG_SEGMENT, long_segment_attention, varlen_attention
+from vtoken.kernels.varlen import LONG_SEGMENT, is_capturing, long_segment_attention, varlen_attention
 from vtoken.kernels.vision_rope import rope_vision
 
 
@@ -202,7 +202,8 @@ def _make_forward(module: nn.Module, backend: str, cache: _SegmentCache, triton_
             lambda: rope_vision(q[:n], k[:n], cos[:n], sin[:n], backend=backend)))
         q, k = rope_vision(q, k, cos, sin, backend=backend) if fused else rope(q, k, cos, sin)  # [Total, H, D]
         scale, out = getattr(self, "scaling", None), None
-        if not isinstance(max_seqlen, int) or max_seqlen >= LONG_SEGMENT:
+        if not isinstance(max_seqlen, int) or (max_seqlen >= LONG_SEGMENT and long_segments_cudnn
+                                                and not is_capturing(q)):
             bounds = cache.bounds(cu_seqlens)
             lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])] or [0]
             max_seqlen = max(lengths)

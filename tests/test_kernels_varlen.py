@@ -177,6 +177,20 @@ def test_segment_sdpa_matches_reference(lengths):
     torch.testing.assert_close(out.double(), naive_varlen(q, k, v, cu, scale=0.3), atol=2e-6, rtol=1e-5)
 
 
+def test_probe_takes_a_rounded_attention_and_refuses_a_wrong_one():
+    """The one-time check of cuDNN's first output (kernels/varlen.py, _probe_agrees), on the CPU:
+    the float32 answer rounded to bf16 passes; heads swapped, or the scale forgotten, do not."""
+    from vtoken.kernels.varlen import _probe_agrees, segment_sdpa
+
+    q, k, v, cu = make_inputs([300, 212], 4, 16, seed=5)
+    bounds = tuple(cu.tolist())
+    out = segment_sdpa(q, k, v, bounds)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    assert _probe_agrees(qb, kb, vb, segment_sdpa(qb.float(), kb.float(), vb.float(), bounds).bfloat16(), bounds, None)
+    assert not _probe_agrees(qb, kb, vb, out.flip(1).bfloat16(), bounds, None)
+    assert not _probe_agrees(qb, kb, vb, segment_sdpa(q, k, v, bounds, scale=1.0).bfloat16(), bounds, None)
+
+
 def test_long_segment_attention_declines_where_cudnn_does_not_run():
     """Off CUDA, in float32, or with gradients needed: None, so the caller runs varlen_attention."""
     from vtoken.kernels.varlen import long_segment_attention
@@ -194,9 +208,13 @@ def test_long_segment_attention_matches_reference_gpu(lengths):
     bf16, against the float32 reference; None only where this torch has no cuDNN attention."""
     from vtoken.kernels.varlen import long_segment_attention
 
+    from vtoken.kernels.varlen import _cuda_runtime_at_least
+
+    if torch.backends.cudnn.version() is None or not _cuda_runtime_at_least(12, 9):
+        pytest.skip("no cuDNN, or a CUDA runtime before 12.9 (where the tower keeps varlen_attention)")
     q, k, v, cu = make_inputs(lengths, 16, 80, dtype=torch.bfloat16, device="cuda", seed=len(lengths))
     out = long_segment_attention(q, k, v, tuple(cu.tolist()))
-    assert out is not None, "cuDNN attention did not run (the tower then uses varlen_attention)"
+    assert out is not None, "cuDNN attention refused or disagreed with its probe (the tower then uses varlen)"
     ref = varlen_attention_reference(q.float(), k.float(), v.float(), cu)
     assert out.shape == ref.shape and rel_err(out, ref) < 1e-2
 
@@ -211,8 +229,12 @@ def test_patched_tower_sends_long_full_attention_segments_to_cudnn_gpu(monkeypat
 
     calls = []
     real = vision_patch.long_segment_attention
-    monkeypatch.setattr(vision_patch, "long_segment_attention",
-                        lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
+
+    def counted(q, *a, **kw):
+        out = real(q, *a, **kw)
+        calls.append((q.shape[0], out is not None))  # (segment rows, whether cuDNN's kernel ran)
+        return out
+    monkeypatch.setattr(vision_patch, "long_segment_attention", counted)
     tower = tiny_qwen25_vision(depth=4, hidden_size=256, num_heads=4, intermediate_size=512,
                                fullatt_block_indexes=[1, 3], window_size=112).cuda().to(torch.bfloat16)
     x, grid = tower_inputs(torch.tensor([[1, 64, 80]]), dtype=torch.bfloat16, device="cuda")  # 5,120 patches
@@ -221,5 +243,33 @@ def test_patched_tower_sends_long_full_attention_segments_to_cudnn_gpu(monkeypat
         remove = patch_vision_varlen(tower)
         out = tower(x, grid_thw=grid)
         remove()
-    assert calls == [5120, 5120]  # the two full-attention blocks only
+    assert calls == [(5120, True), (5120, True)]  # the two full-attention blocks only, through cuDNN
     assert rel_err(out.pooler_output, ref.pooler_output) < 2e-2
+
+
+@needs_triton
+def test_patched_tower_routes_only_long_full_attention_segments(monkeypatch):
+    """The dispatch on the CPU (Triton's interpreter for varlen; the long-segment path stood in for by
+    SDPA per segment, which is what cuDNN computes): with the threshold at 128 patches, a 256-patch
+    image's two full-attention blocks take the long path, its 64-patch windows never do, a second
+    image below the threshold sends nothing there, and the tower's output is the unpatched one's."""
+    if torch.cuda.is_available():
+        pytest.skip("the gpu test covers cuDNN")
+    from vtoken.kernels import vision_patch
+    from vtoken.kernels.varlen import segment_sdpa
+
+    calls = []
+    monkeypatch.setattr(vision_patch, "LONG_SEGMENT", 128)
+    monkeypatch.setattr(vision_patch, "long_segment_attention",
+                        lambda q, k, v, bounds, scale=None: calls.append(bounds) or segment_sdpa(q, k, v, bounds, scale))
+    tower = tiny_qwen25_vision(depth=4, fullatt_block_indexes=[1, 3], window_size=112)
+    for grid, want_calls in (([[1, 16, 16]], [(0, 256), (0, 256)]), ([[1, 16, 16], [1, 8, 8]], [])):
+        calls.clear()
+        x, thw = tower_inputs(torch.tensor(grid))
+        with torch.no_grad():
+            ref = tower(x, grid_thw=thw)
+            remove = patch_vision_varlen(tower, backend="triton", fused_ops=False)
+            out = tower(x, grid_thw=thw)
+            remove()
+        assert calls == want_calls
+        torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)

@@ -27,6 +27,7 @@ is stored only while that card has at least :data:`CARD_FREE_FRACTION` of its me
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -60,8 +61,7 @@ def _arg_key(value):
 def _first_cuda_device(value) -> Optional[torch.device]:
     if isinstance(value, torch.Tensor):
         return value.device if value.device.type == "cuda" else None
-    items = value.values() if (isinstance(value, dict) or hasattr(value, "values")) else (
-        value if isinstance(value, (list, tuple)) else ())
+    items = value.values() if isinstance(value, Mapping) else (value if isinstance(value, (list, tuple)) else ())
     for item in items:
         device = _first_cuda_device(item)
         if device is not None:
@@ -72,11 +72,14 @@ def _first_cuda_device(value) -> Optional[torch.device]:
 def card_has_room(value, mem_get_info=None) -> bool:
     """Whether ``value`` (a feature method's output) may be stored: True unless it holds a CUDA
     tensor whose card has less than :data:`CARD_FREE_FRACTION` of its memory free (the processes
-    sharing the card included: ``torch.cuda.mem_get_info`` asks the driver)."""
+    sharing the card included: ``torch.cuda.mem_get_info`` asks the driver; this process's allocator
+    cache counts as free)."""
     device = _first_cuda_device(value)
     if device is None:
         return True
     free, total = (mem_get_info or torch.cuda.mem_get_info)(device)
+    if mem_get_info is None:  # this process's cached, unused blocks are free to it too
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free >= CARD_FREE_FRACTION * total
 
 
