@@ -53,10 +53,17 @@ gpu_tests() {  # the GPU tests of sessions 15-16's code, a failure's short trace
     tests/test_kernels_greedy_select.py tests/test_static_decode_stages.py" timeout "$1" bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$W/gpu_tests.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$W/gpu_tests.log" | tail -20
 }
+users_suite() {  # users_suite DIR MARGIN_BUDGET MARGIN_HARD: issue 23 item 5's suite within what is left
+  (cd "$REPO" && OUT=$1 SUITES=users TIME_BUDGET=$(( $(left) - $2 )) HARD_TIMEOUT=$(( $(left) - $3 )) \
+    bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
+    --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip --users-new-tokens 128) 2>&1
+}
+tower_profiles() {  # the Qwen tower's variants, then its attention call through each kernel there is
+    mkdir -p "$W/tower"; OUT=$W/tower timeout "$1" python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
+    timeout "$2" python "$REPO/benchmarks/profile/long_attention.py" > "$W/tower/long_attention.txt" 2>&1; cat "$W/tower/long_attention.txt"
+}
 profile() {  # the Qwen tower with / without the fused parts, then the engine profile, within what is left
-    mkdir -p "$W/tower"; OUT=$W/tower timeout 120 python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
-    # the tower's full-attention call through each kernel there is (what bounds the tower since session 16)
-    timeout 90 python "$REPO/benchmarks/profile/long_attention.py" > "$W/tower/long_attention.txt" 2>&1; cat "$W/tower/long_attention.txt"
+    tower_profiles 120 90
     # (its rows are printed as they come and kept in prof.jsonl: a cut run keeps what it measured)
     mkdir -p "$W/prof"; timeout $(( $(left) - 20 )) python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
       --methods none,fastv,divprune --decode-batch 1,32 --merge on,off 2>&1 | grep '^{' | tee "$W/prof.jsonl"
@@ -73,23 +80,16 @@ case "$PART" in
   6)
     LIMIT=200 eval_run "$REPO/benchmarks/eval/gpu-h100-s19" tiny-qwen2vl-video &
     EP=$!; gpu_tests 180; cp "$W/gpu_tests.log" "$OUT/"; wait $EP
-    mkdir -p "$W/tower"; OUT=$W/tower timeout 150 python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
-    timeout 100 python "$REPO/benchmarks/profile/long_attention.py" > "$W/tower/long_attention.txt" 2>&1; cat "$W/tower/long_attention.txt"
+    tower_profiles 150 100
     (cd "$REPO" && OUT=$W/qwen SUITES=qwen-long TIME_BUDGET=$(( $(left) - 40 )) HARD_TIMEOUT=$(( $(left) - 15 )) \
       bash benchmarks/e2e/run_gpu.sh --qwen-one-image --qwen-visual 4096,16384 --vision-paths sdpa) 2>&1 | tail -8
     # what is left: PART=3's users suite, LLaVA first (its TIME_BUDGET cuts what does not fit)
-    [ "$(left)" -gt 120 ] && (cd "$REPO" && OUT=$W/users SUITES=users TIME_BUDGET=$(( $(left) - 70 )) \
-      HARD_TIMEOUT=$(( $(left) - 25 )) bash benchmarks/e2e/run_gpu.sh --users-models llava,qwen --users-batch 1,8,32 \
-      --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip --users-new-tokens 128) 2>&1 | tail -12
+    [ "$(left)" -gt 120 ] && users_suite "$W/users" 70 25 | tail -12
     tar -czf "$OUT/p6.tgz" -C "$W" . ;;
   2) eval_run "$REPO/benchmarks/eval/gpu-h100-s15" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   2c) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video ;;
   2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
-  3)
-    (cd "$REPO" && OUT=$OUT/users SUITES=users TIME_BUDGET=$(( $(left) - 90 )) HARD_TIMEOUT=$(( $(left) - 30 )) \
-      bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
-      --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip \
-      --users-new-tokens 128) 2>&1 | tail -30 ;;
+  3) users_suite "$OUT/users" 90 30 | tail -30 ;;
   *) echo "PART must be 1, 2, 2b, 2c, 3, 4, 5 or 6"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"

@@ -179,3 +179,17 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+#: what the messages of a device that ran out say (CUDA's allocator, cuBLAS / cuSOLVER workspaces,
+#: an asynchronous CUDA error surfacing in a later call)
+_DEVICE_FAILURE_MARKERS = ("out of memory", "CUSOLVER_STATUS_", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device ran out or failed (torch's ``OutOfMemoryError`` /
+    ``AcceleratorError``, or a message of CUDA's allocator, cuBLAS, cuSOLVER or CUDA itself), not that
+    a call cannot be served: a kernel must not take it for a refusal and turn itself off
+    (``long_segment_attention``), nor ``vtoken eval`` score it as a method's failure."""
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if k)
+    return isinstance(exc, kinds) or any(m in str(exc) for m in _DEVICE_FAILURE_MARKERS)

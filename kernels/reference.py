@@ -152,14 +152,16 @@ def gather_attend_torch(q, k_buf, v_buf, kept_idx, kept_len, scale, return_row=F
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens, scale):
-    """Block-diagonal (per-segment, non-causal) attention: one SDPA per segment.
+    """Block-diagonal (per-segment, non-causal) attention: one SDPA per segment (with whichever SDPA
+    backends the caller allows: ``long_segment_attention`` runs it with cuDNN's alone).
 
-    Shapes: q, k, v ``[Total, H, D]``; cu_seqlens ``[S+1]`` with ``cu_seqlens[0] = 0`` and
-    ``cu_seqlens[-1] = Total``; tokens ``cu_seqlens[s]:cu_seqlens[s+1]`` attend only to each other.
+    Shapes: q, k, v ``[Total, H, D]``; cu_seqlens ``[S+1]`` (a tensor, or its host copy as a sequence
+    of ints) with ``cu_seqlens[0] = 0`` and ``cu_seqlens[-1] = Total``; tokens
+    ``cu_seqlens[s]:cu_seqlens[s+1]`` attend only to each other.
     Returns ``[Total, H, D]``. This is what ``transformers``' SDPA path of windowed vision towers does.
     """
     out = torch.zeros_like(q)
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
         if s1 <= s0:
             continue

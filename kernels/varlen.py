@@ -15,10 +15,10 @@ Shapes: q, k, v ``[Total, H, D]`` (any float dtype of fp16/bf16/fp32, any stride
 """
 
 import torch
-import torch.nn.functional as F
 
 from vtoken.kernels.checks import check_kernel_dtypes, check_varlen_args, index_tensor, softmax_scale
-from vtoken.kernels.dispatch import cdiv, kernel_launcher, next_pow2, resolve_backend, tl, torch_reference
+from vtoken.kernels.dispatch import (cdiv, is_device_failure, kernel_launcher, next_pow2, resolve_backend, tl,
+                                     torch_reference)
 from vtoken.kernels.reference import varlen_attention_torch
 from vtoken.kernels.triton_helpers import LOG2E, accumulate_pv, dot_qk, softmax_step
 
@@ -54,25 +54,6 @@ def varlen_attention(
 
 
 varlen_attention_reference = torch_reference(varlen_attention, "max_seqlen")
-
-def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple,
-                 scale: float | None = None) -> torch.Tensor:
-    """Block-diagonal attention as one ``scaled_dot_product_attention`` call per segment (whichever
-    SDPA backend the caller allows): ``q, k, v [Total, H, D]``, ``bounds`` the host copy of
-    ``cu_seqlens``; ``[Total, H, D]`` (a transposed view of the one call's output where one segment
-    covers every row)."""
-    def segment(a: int, b: int) -> torch.Tensor:  # [b - a, H, D] as a [1, H, n, D] view each way
-        view = lambda t: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
-        return F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)[0].transpose(0, 1)
-
-    if len(bounds) == 2 and bounds[0] == 0 and bounds[1] == q.shape[0]:
-        return segment(0, q.shape[0])
-    out = torch.zeros_like(q)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            out[a:b] = segment(a, b)
-    return out
-
 
 #: segments at least this long (every one of a call's) go to cuDNN's fused attention where it runs
 #: (:func:`long_segment_attention`)
@@ -138,7 +119,7 @@ def long_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bo
     Args:
         q, k, v: ``[Total, H, D]``; bounds: the host copy of ``cu_seqlens`` (``S + 1`` ints).
     Returns:
-        ``[Total, H, D]`` (a transposed view for one segment), or None.
+        ``[Total, H, D]``, or None.
     """
     if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
@@ -152,11 +133,9 @@ def long_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bo
 
     try:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            out = segment_sdpa(q, k, v, bounds, scale)
+            out = varlen_attention_torch(q, k, v, bounds, scale)
     except RuntimeError as exc:
-        device_failures = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                            getattr(torch, "AcceleratorError", None)) if t)
-        if isinstance(exc, device_failures) or "CUDA error" in str(exc):
+        if is_device_failure(exc):
             raise
         _CUDNN_VERDICTS[key] = False  # no cuDNN attention in this build, or not for this shape / dtype
         return None

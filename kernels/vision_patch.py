@@ -202,12 +202,12 @@ def _make_forward(module: nn.Module, backend: str, cache: _SegmentCache, triton_
             lambda: rope_vision(q[:n], k[:n], cos[:n], sin[:n], backend=backend)))
         q, k = rope_vision(q, k, cos, sin, backend=backend) if fused else rope(q, k, cos, sin)  # [Total, H, D]
         scale, out = getattr(self, "scaling", None), None
-        if not isinstance(max_seqlen, int) or (max_seqlen >= LONG_SEGMENT and long_segments_cudnn
-                                                and not is_capturing(q)):
+        long_ok = long_segments_cudnn and not is_capturing(q)  # (the boundaries are read on the host)
+        if not isinstance(max_seqlen, int) or (long_ok and max_seqlen >= LONG_SEGMENT):
             bounds = cache.bounds(cu_seqlens)
             lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])] or [0]
             max_seqlen = max(lengths)
-            if long_segments_cudnn and min(lengths) >= LONG_SEGMENT and resolve_backend(backend, q, k, v) == "triton":
+            if long_ok and min(lengths) >= LONG_SEGMENT and resolve_backend(backend, q, k, v) == "triton":
                 out = long_segment_attention(q, k, v, bounds, scale)  # (None where cuDNN's does not run)
         if out is None:
             out = varlen_attention(q, k, v, cu_seqlens, scale=scale, max_seqlen=max_seqlen, backend=backend)

@@ -167,21 +167,24 @@ def test_patched_qwen25_vision_tower_matches_unpatched_gpu(width):
 
 
 @pytest.mark.parametrize("lengths", [[5, 16, 0, 39, 4], [57]])
-def test_segment_sdpa_matches_reference(lengths):
-    """The per-segment SDPA path of long segments (what cuDNN runs on a GPU), on the CPU's SDPA:
-    equal to the reference over several segments (an empty one among them) and over one."""
-    from vtoken.kernels.varlen import segment_sdpa
+def test_reference_takes_host_bounds(lengths):
+    """The per-segment SDPA reference given the host copy of cu_seqlens (what the long-segment path
+    runs with cuDNN on a GPU), on the CPU's SDPA: equal to the naive softmax over several segments
+    (an empty one among them) and over one."""
+    from vtoken.kernels.reference import varlen_attention_torch
 
     q, k, v, cu = make_inputs(lengths, 3, 20, seed=3)
-    out = segment_sdpa(q, k, v, tuple(cu.tolist()), scale=0.3)
+    out = varlen_attention_torch(q, k, v, tuple(cu.tolist()), 0.3)
     torch.testing.assert_close(out.double(), naive_varlen(q, k, v, cu, scale=0.3), atol=2e-6, rtol=1e-5)
 
 
 def test_probe_takes_a_rounded_attention_and_refuses_a_wrong_one():
     """The one-time check of cuDNN's first output (kernels/varlen.py, _probe_agrees), on the CPU:
     the float32 answer rounded to bf16 passes; heads swapped, or the scale forgotten, do not."""
-    from vtoken.kernels.varlen import _probe_agrees, segment_sdpa
+    from vtoken.kernels.reference import varlen_attention_torch
+    from vtoken.kernels.varlen import _probe_agrees
 
+    segment_sdpa = lambda q, k, v, bounds, scale=None: varlen_attention_torch(q, k, v, bounds, scale)  # noqa: E731
     q, k, v, cu = make_inputs([300, 212], 4, 16, seed=5)
     bounds = tuple(cu.tolist())
     out = segment_sdpa(q, k, v, bounds)
@@ -256,12 +259,12 @@ def test_patched_tower_routes_only_long_full_attention_segments(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the gpu test covers cuDNN")
     from vtoken.kernels import vision_patch
-    from vtoken.kernels.varlen import segment_sdpa
+    from vtoken.kernels.reference import varlen_attention_torch
 
     calls = []
     monkeypatch.setattr(vision_patch, "LONG_SEGMENT", 128)
     monkeypatch.setattr(vision_patch, "long_segment_attention",
-                        lambda q, k, v, bounds, scale=None: calls.append(bounds) or segment_sdpa(q, k, v, bounds, scale))
+                        lambda q, k, v, bounds, scale=None: calls.append(bounds) or varlen_attention_torch(q, k, v, bounds, scale))
     tower = tiny_qwen25_vision(depth=4, fullatt_block_indexes=[1, 3], window_size=112)
     for grid, want_calls in (([[1, 16, 16]], [(0, 256), (0, 256)]), ([[1, 16, 16], [1, 8, 8]], [])):
         calls.clear()

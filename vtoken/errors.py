@@ -49,5 +49,6 @@ class MissingWeightsError(PruningConfigError):
 
 class DeviceFailed(VTokenError, RuntimeError):
     """The device ran out or failed while ``vtoken eval`` answered a batch (CUDA out of memory, a
-    CUDA error: ``vtoken.eval.batches.is_device_failure``), which is not the method's failure:
-    nothing of the batch was recorded, and running the same command again resumes there."""
+    CUDA error: ``vtoken.eval.batches.is_device_failure``), which is not the method's failure: nothing of the batch
+    was recorded, and running the same command again resumes there."""
+

@@ -85,21 +85,15 @@ class ConfigFailed(Exception):
     """A (method, budget) cannot run at all (e.g. the method does not fit the model)."""
 
 
-#: what the messages of a device that ran out say (CUDA's allocator, cuBLAS / cuSOLVER workspaces,
-#: an asynchronous CUDA error surfacing in a later call)
-_DEVICE_FAILURE_MARKERS = ("out of memory", "CUSOLVER_STATUS_", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error")
-
-
 def is_device_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the device ran out or failed (memory, a CUDA error), not that the
     method cannot run: scoring it as the method's failure would put the machine's load in the table
-    (e.g. many eval shards sharing one GPU)."""
+    (e.g. many eval shards sharing one GPU). vtoken's own errors never count."""
     if isinstance(exc, VTokenError):
         return False
-    import torch
+    from vtoken.kernels.dispatch import is_device_failure as torch_device_failure  # (torch, triton: lazily)
 
-    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if k)
-    return isinstance(exc, kinds) or any(m in str(exc) for m in _DEVICE_FAILURE_MARKERS)
+    return torch_device_failure(exc)
 
 
 def _device_failed(exc: BaseException, method: str, kk: str, where: str) -> DeviceFailed:

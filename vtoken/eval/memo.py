@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import collections
 import copy
+from collections.abc import Mapping
 
-__all__ = ["ByteLRU", "MemoProcessor", "tensor_bytes"]
+__all__ = ["ByteLRU", "MemoProcessor", "iter_tensors", "tensor_bytes"]
 
 _VALUE_TYPES = (str, int, float, bool, bytes, type(None))
 
@@ -33,18 +34,21 @@ def _key(value, refs: list):
     return ("id", id(value))
 
 
-def tensor_bytes(out) -> int:
-    """Bytes of the tensors in ``out``: a tensor, a mapping (a ``BatchFeature``, a model output) or a
-    list / tuple of them, nested."""
+def iter_tensors(out):
+    """The tensors in ``out``: a tensor, a mapping (a ``BatchFeature``, a model output) or a list /
+    tuple of them, nested."""
     import torch
 
     if isinstance(out, torch.Tensor):
-        return out.numel() * out.element_size()
-    if isinstance(out, dict) or hasattr(out, "values"):
-        return sum(tensor_bytes(v) for v in out.values())
-    if isinstance(out, (list, tuple)):
-        return sum(tensor_bytes(v) for v in out)
-    return 0
+        yield out
+    elif isinstance(out, (Mapping, list, tuple)):
+        for v in out.values() if isinstance(out, Mapping) else out:
+            yield from iter_tensors(v)
+
+
+def tensor_bytes(out) -> int:
+    """Bytes of the tensors in ``out`` (:func:`iter_tensors`)."""
+    return sum(t.numel() * t.element_size() for t in iter_tensors(out))
 
 
 class ByteLRU:

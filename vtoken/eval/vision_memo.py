@@ -27,12 +27,11 @@ is stored only while that card has at least :data:`CARD_FREE_FRACTION` of its me
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Optional
 
 import torch
 
-from vtoken.eval.memo import ByteLRU
+from vtoken.eval.memo import ByteLRU, iter_tensors
 
 __all__ = ["VisionMemo", "FEATURE_METHODS", "card_has_room"]
 
@@ -59,14 +58,7 @@ def _arg_key(value):
 
 
 def _first_cuda_device(value) -> Optional[torch.device]:
-    if isinstance(value, torch.Tensor):
-        return value.device if value.device.type == "cuda" else None
-    items = value.values() if isinstance(value, Mapping) else (value if isinstance(value, (list, tuple)) else ())
-    for item in items:
-        device = _first_cuda_device(item)
-        if device is not None:
-            return device
-    return None
+    return next((t.device for t in iter_tensors(value) if t.device.type == "cuda"), None)
 
 
 def card_has_room(value, mem_get_info=None) -> bool:
