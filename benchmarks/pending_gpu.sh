@@ -33,9 +33,14 @@
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
 #   unpruned / fastv / divprune / visionzip (Qwen rows skip visionzip); TIME_BUDGET cuts what does not fit
 #   (run again with --users-models qwen for the rest)
+# PART=7 (session 20; -> $OUT/decode_kernels.jsonl, gpu_tests.log, users_llava_dynamic/): the decode kernels'
+#   sweep (benchmarks/profile/decode_kernels.py: batch-1 GEMV, gather_attend's splits and tiles), the GPU
+#   tests of long_segment_attention and gemv, then the users suite's LLaVA rows on the dynamic cache
+# PART=8 (-> $OUT/users_llava_static/, users_qwen/): the users suite's LLaVA rows on transformers' static
+#   cache (half of LIMIT), then Qwen's dynamic and static rows
 set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4, 5 or 6}
+PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4, 5, 6, 7 or 8}
 REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
 . "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
@@ -56,7 +61,7 @@ gpu_tests() {  # the GPU tests of sessions 15-16's code, a failure's short trace
 users_suite() {  # users_suite DIR MARGIN_BUDGET MARGIN_HARD: issue 23 item 5's suite within what is left
   (cd "$REPO" && OUT=$1 SUITES=users TIME_BUDGET=$(( $(left) - $2 )) HARD_TIMEOUT=$(( $(left) - $3 )) \
     bash benchmarks/e2e/run_gpu.sh --users-models "${USERS_MODELS:-llava,qwen}" --users-batch 1,8,32 \
-    --users-caches static,compile-fused --users-methods unpruned,fastv,divprune,visionzip --users-new-tokens 128) 2>&1
+    --users-caches "${USERS_CACHES:-static,compile-fused}" --users-methods unpruned,fastv,divprune,visionzip --users-new-tokens 128) 2>&1
 }
 tower_profiles() {  # the Qwen tower's variants, then its attention call through each kernel there is
     mkdir -p "$W/tower"; OUT=$W/tower timeout "$1" python "$REPO/benchmarks/profile/qwen_tower.py" 2>&1 | grep "^tower"
@@ -90,6 +95,14 @@ case "$PART" in
   2c) eval_run "$REPO/benchmarks/eval/gpu-h100-s18" tiny-qwen2vl tiny-qwen2vl-video ;;
   2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   3) users_suite "$OUT/users" 90 30 | tail -30 ;;
+  7)
+    timeout 230 python "$REPO/benchmarks/profile/decode_kernels.py" --out "$OUT/decode_kernels.jsonl" | grep -E '"(best|default)"'
+    TESTS="-rf --tb=short tests/test_kernels_varlen.py tests/test_kernels_gemv.py" timeout 100 \
+      bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
+    USERS_MODELS=llava USERS_CACHES=dynamic users_suite "$OUT/users_llava_dynamic" 50 15 | tail -30 ;;
+  8)
+    USERS_MODELS=llava USERS_CACHES=static users_suite "$OUT/users_llava_static" $(( ${LIMIT:-580} / 2 )) $(( ${LIMIT:-580} / 2 - 30 )) | tail -20
+    USERS_MODELS=qwen USERS_CACHES=dynamic,static users_suite "$OUT/users_qwen" 50 15 | tail -20 ;;
   *) echo "PART must be 1, 2, 2b, 2c, 3, 4, 5 or 6"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"

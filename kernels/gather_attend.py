@@ -200,7 +200,7 @@ class _LaunchPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_plan(B, Hkv, M_TOT, D, K, num_splits, sms, interp) -> _LaunchPlan:
+def _launch_plan(B, Hkv, M_TOT, D, K, num_splits, sms, interp, block_n=None) -> _LaunchPlan:
     """Tiles, split count and chunk length, from static shapes (and the SM count) alone (cached).
 
     ``kept_len`` and ``kept_idx`` contents never enter (they are read on the device only), which is
@@ -210,7 +210,7 @@ def _launch_plan(B, Hkv, M_TOT, D, K, num_splits, sms, interp) -> _LaunchPlan:
     """
     block_m = min(64, max(16, next_pow2(M_TOT)))
     m_blocks = cdiv(M_TOT, block_m)
-    block_n = 16 if interp else 64
+    block_n = block_n or (16 if interp else 64)
     if num_splits is None:
         want = max(1, cdiv(2 * sms, B * Hkv * m_blocks))
         num_splits = max(1, min(want, max(1, cdiv(K, block_n)) // 2, 128))
@@ -246,7 +246,9 @@ def _launch_shapes(q, k_buf, kept_idx) -> tuple:
     return shapes, out, B == 0 or H == 0 or Q == 0
 
 
-def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits, return_row=False):
+def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits, return_row=False, tiles=None):
+    """``tiles``: ``(block_n, num_warps, num_stages)`` of the split kernel instead of the defaults
+    (``benchmarks/profile/decode_kernels.py`` sweeps them)."""
     # Host side: shapes, strides and dtypes only; every allocation has a static size; no host sync.
     (B, H, Hkv, G, Q, D, K, M_TOT, interp), out, empty = _launch_shapes(q, k_buf, kept_idx)
     row = lse = out  # unused without return_row
@@ -256,7 +258,8 @@ def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits
     if empty:
         return (out, row.nan_to_num_(0.0, neginf=0.0)) if return_row else out
     splits = None if num_splits is None else int(num_splits)
-    plan = _launch_plan(B, Hkv, M_TOT, D, K, splits, device_sms(q), interp)
+    block_n, warps, stages = tiles or (None, 4, 3 if not interp else 1)
+    plan = _launch_plan(B, Hkv, M_TOT, D, K, splits, device_sms(q), interp, block_n)
     BLOCK_D, S = plan.block_d, plan.num_splits
 
     if kept_idx.dim() == 2:
@@ -278,7 +281,7 @@ def _gather_attend_triton(q, k_buf, v_buf, kept_idx, kept_len, scale, num_splits
         Hkv, G, Q, M_TOT, K, k_buf.shape[2], plan.chunk, scale * LOG2E,
         NUM_SPLITS=S, IEEE=q.dtype == torch.float32, WANT_ROW=return_row,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        num_warps=4, num_stages=3 if not interp else 1,
+        num_warps=warps, num_stages=stages,
     )
     if S > 1:
         lazy_jit(_merge_kernel)[(B * H * Q,)](
