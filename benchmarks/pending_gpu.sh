@@ -33,9 +33,11 @@
 #   1 / 8 / 32, 128 new tokens, transformers' static cache and apply_pruning(compile={"fused_ops": True}),
 #   unpruned / fastv / divprune / visionzip (Qwen rows skip visionzip); TIME_BUDGET cuts what does not fit
 #   (run again with --users-models qwen for the rest)
-# PART=7 (session 20; -> $OUT/decode_kernels.jsonl, gpu_tests.log, users_llava_dynamic/): the decode kernels'
-#   sweep (benchmarks/profile/decode_kernels.py: batch-1 GEMV, gather_attend's splits and tiles), the GPU
-#   tests of long_segment_attention and gemv, then the users suite's LLaVA rows on the dynamic cache
+# PART=7 (session 20; -> $OUT/gpu_tests.log, prof.jsonl, prof.tgz, decode_kernels.jsonl, users_llava_dynamic/):
+#   the GPU tests of gemv, the static engine and long_segment_attention; the engine profile with the batch-1
+#   GEMV kernel and with cuBLAS (profile_ttft.py --variants merged,cublas); the decode kernels' sweep
+#   (benchmarks/profile/decode_kernels.py: batch-1 GEMV tiles, gather_attend's splits and tiles); then the
+#   users suite's LLaVA rows on the dynamic cache
 # PART=8 (-> $OUT/users_llava_static/, users_qwen/): the users suite's LLaVA rows on transformers' static
 #   cache (half of LIMIT), then Qwen's dynamic and static rows
 set -u
@@ -96,9 +98,12 @@ case "$PART" in
   2b) eval_run "${RESUME:?set RESUME to the OUT/eval of the previous PART=2 call}" tiny-llava tiny-qwen2vl tiny-qwen2vl-video ;;
   3) users_suite "$OUT/users" 90 30 | tail -30 ;;
   7)
-    timeout 230 python "$REPO/benchmarks/profile/decode_kernels.py" --out "$OUT/decode_kernels.jsonl" | grep -E '"(best|default)"'
-    TESTS="-rf --tb=short tests/test_kernels_varlen.py tests/test_kernels_gemv.py" timeout 100 \
+    TESTS="-rf --tb=short tests/test_kernels_gemv.py tests/test_engine_static.py tests/test_kernels_varlen.py" timeout 120 \
       bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
+    mkdir -p "$W/prof"; timeout 200 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
+      --methods none,fastv,divprune --decode-batch 1,32 --variants merged,cublas 2>&1 | grep '^{' | tee "$OUT/prof.jsonl"
+    tar -czf "$OUT/prof.tgz" -C "$W" prof
+    timeout 120 python "$REPO/benchmarks/profile/decode_kernels.py" --quick --out "$OUT/decode_kernels.jsonl" | grep -E '"(best|default)"'
     USERS_MODELS=llava USERS_CACHES=dynamic users_suite "$OUT/users_llava_dynamic" 50 15 | tail -30 ;;
   8)
     USERS_MODELS=llava USERS_CACHES=static users_suite "$OUT/users_llava_static" $(( ${LIMIT:-580} / 2 )) $(( ${LIMIT:-580} / 2 - 30 )) | tail -20

@@ -134,11 +134,13 @@ def torch_reference(kernel: Callable, *triton_only: str) -> Callable:
     return reference
 
 
-def kernel_launcher(cache: dict, kernel, configs, key: list[str], *, tune: bool = True):
+def kernel_launcher(cache: dict, kernel, configs, key: list[str], *, tune: bool = True,
+                    tile_names: tuple = ("BLOCK_M", "BLOCK_N")):
     """``(mode, fn)``: the jitted ``kernel`` and how to launch it, built once per mode into ``cache``.
 
     ``"interp"``: the CPU interpreter (the caller picks small tiles); ``"tuned"``: autotuned over
-    ``configs`` (``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples) on ``key``, when ``tune`` and not
+    ``configs`` (``(tile_a, tile_b, num_warps, num_stages)`` tuples, the tiles passed as the
+    constexprs ``tile_names``, default ``BLOCK_M`` / ``BLOCK_N``) on ``key``, when ``tune`` and not
     ``VTOKEN_KERNELS_AUTOTUNE=0``; ``"fixed"``: the caller passes its tiles (no autotuning, e.g. to keep
     test compiles short).
     """
@@ -152,8 +154,8 @@ def kernel_launcher(cache: dict, kernel, configs, key: list[str], *, tune: bool 
     if fn is None:
         fn = lazy_jit(kernel)
         if mode == "tuned":
-            tiles = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                     for bm, bn, w, st in configs]
+            tiles = [triton.Config(dict(zip(tile_names, (a, b))), num_warps=w, num_stages=st)
+                     for a, b, w, st in configs]
             fn = triton.autotune(tiles, key=key)(fn)
         cache[mode] = fn
     return mode, fn

@@ -23,10 +23,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtoken.kernels.dispatch import cdiv, lazy_jit, resolve_backend, tl, torch_reference
+from vtoken.kernels.dispatch import cdiv, kernel_launcher, resolve_backend, tl, torch_reference
 
-#: (BLOCK_N, BLOCK_K, num_warps, num_stages) when the caller names none
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages) without autotuning (``VTOKEN_KERNELS_AUTOTUNE=0``)
 DEFAULT_TILES = (16, 256, 4, 3)
+#: what the first call of each weight shape (N, K) on a GPU times (Triton's autotuner; a CUDA graph's
+#: warm-up call does it before the capture), unless the caller names its tiles
+TUNING_TILES = ((8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (8, 512, 4, 4),
+                (16, 128, 4, 4), (4, 512, 4, 3), (32, 128, 4, 3))
+#: small tiles for Triton's CPU interpreter
+INTERPRETER_TILES = (8, 32, 1, 1)
+_launchers: dict = {}  # mode -> kernel (see dispatch.kernel_launcher)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tiles: tuple | None = None,
@@ -37,8 +44,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x: ``[..., K]``, one row in all (``x.numel() == K``).
         weight: ``[N, K]``, ``weight.stride(1) == 1``.
         bias: ``[N]`` or None.
-        tiles: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for the Triton kernel (default
-            :data:`DEFAULT_TILES`).
+        tiles: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for the Triton kernel; default: autotuned
+            per weight shape over :data:`TUNING_TILES` on a GPU (its first call times them),
+            :data:`DEFAULT_TILES` with ``VTOKEN_KERNELS_AUTOTUNE=0``, small tiles in the interpreter.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
     """
     if x.shape[-1] != weight.shape[1] or weight.dim() != 2:
@@ -52,18 +60,36 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if weight.stride(1) != 1:
         raise ValueError("gemv's Triton kernel needs weight.stride(1) == 1 (rows contiguous along K)")
     N, K = weight.shape
-    block_n, block_k, warps, stages = tiles or DEFAULT_TILES
     xv = x.reshape(K)
     if xv.stride(0) != 1:
         xv = xv.contiguous()
     out = torch.empty(N, dtype=x.dtype, device=x.device)
-    lazy_jit(_gemv_kernel)[(cdiv(N, block_n),)](
-        xv, weight, bias if bias is not None else out, out, N, K, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    args = (xv, weight, bias if bias is not None else out, out, N, K, weight.stride(0))
+    mode, kernel = kernel_launcher(_launchers, _gemv_kernel, TUNING_TILES, ["N", "K"], tune=tiles is None,
+                                   tile_names=("BLOCK_N", "BLOCK_K"))
+    if mode == "tuned":
+        kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None)
+    else:
+        block_n, block_k, warps, stages = tiles or (INTERPRETER_TILES if mode == "interp" else DEFAULT_TILES)
+        kernel[(cdiv(N, block_n),)](*args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                                    num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], N)
 
 
 gemv_reference = torch_reference(gemv, "tiles")
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through :func:`gemv` where ``x`` is one row and the backend
+    resolves to Triton (a batch-1 decode step on CUDA); ``F.linear`` otherwise (the ``"torch"``
+    backend computes exactly what the model's own ``nn.Linear`` computes)."""
+    one_row = x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(1) == 1
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    if (one_row and x.dtype in floats and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+            and resolve_backend(backend, x, weight, bias) == "triton"):
+        return gemv(x, weight, bias, backend="triton")
+    return F.linear(x, weight, bias)
 
 
 def _gemv_kernel(X, W, B, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

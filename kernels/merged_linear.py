@@ -53,6 +53,15 @@ def mergeable(linears: list) -> bool:
     return True
 
 
+def run_linear(module, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    """``module(x)``, with the GEMM done by ``linear(x, weight, bias)`` where ``module`` is a plain
+    ``nn.Linear`` (a subclass, a quantized or hooked module runs its own forward)."""
+    plain = type(module) is nn.Linear and "forward" not in module.__dict__  # (accelerate swaps forward)
+    if plain and not module._forward_hooks and not module._forward_pre_hooks:
+        return linear(x, module.weight, module.bias)
+    return module(x)
+
+
 class MergedLinear:
     """``linears`` (reading one input ``x [..., K]``) as one GEMM: ``self(x)`` -> one output per
     linear, ``[..., N_i']`` (``N_i`` rounded up to ``pad_out``; the padded columns are zero). With
@@ -102,8 +111,10 @@ class MergedLinear:
                 return False
         return True
 
-    def __call__(self, x: torch.Tensor) -> tuple:
-        return F.linear(x, self.weight, self.bias).split(self.padded, dim=-1)
+    def __call__(self, x: torch.Tensor, linear=F.linear) -> tuple:
+        """One output per linear; ``linear(x, weight, bias)`` computes the GEMM (``F.linear``, or a
+        kernel of the same contract such as :func:`vtoken.kernels.gemv.skinny_linear`)."""
+        return linear(x, self.weight, self.bias).split(self.padded, dim=-1)
 
     def release(self) -> None:
         """Every parameter still reading the buffers gets its own (contiguous) storage back."""

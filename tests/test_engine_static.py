@@ -341,3 +341,32 @@ def test_kept_session_replays_without_recapture_on_gpu():
             got = dec.generate(**inputs, max_new_tokens=n, suppress_tokens=SUPPRESS, eos_token_id=[], **kw)
             assert torch.equal(got, ref) and dec.last["cuda_graph"]
             assert (dec.last["capture_ms"] > 0) is captures, (n, kw)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_fused_ops_batch1_decode_runs_its_projections_through_the_gemv_kernel(name):
+    """At batch 1 the fused decode step computes every projection and the LM head with
+    vtoken.kernels.gemv (Triton, interpreted here): the same tokens as generate, and each decode step
+    calls the kernel once per merged q/k/v, o, merged gate/up and down of every layer, plus the head."""
+    from conftest import slice_sample
+    from vtoken.kernels import gemv as G
+
+    model = get_model(name)
+    inputs = slice_sample(get_inputs(name, model), 0, model)
+    ref = model.generate(**inputs, **GEN)
+    calls = []
+    real = G.gemv
+
+    def counted(x, weight, *a, **k):
+        calls.append(tuple(weight.shape))
+        return real(x, weight, *a, **k)
+
+    G.gemv = counted
+    try:
+        got, dec = static(model, inputs, fused_ops=True, backend="triton")
+    finally:
+        G.gemv = real
+    assert torch.equal(got, ref)
+    layers = len(model.model.language_model.layers)
+    assert dec.last["decode_steps"] == T - 1 and len(calls) == (T - 1) * (4 * layers + 1)
+    assert calls[-1] == tuple(model.get_output_embeddings().weight.shape)

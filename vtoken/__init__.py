@@ -34,7 +34,7 @@ def apply_pruning(model, method="fastv", keep=64, plan=None, compile=False, **op
              greedy and sampling, :mod:`vtoken.engine.generate_route`); what it cannot carry (beams,
              ...) raises :class:`UnsupportedCallError`. Default False: ``generate`` as transformers runs it.
              ``compile={"fused_ops": True}`` (a dict of the engine's options: ``fused_ops``,
-             ``merge_projections``, ``cuda_graph``, ``graph_prefill``) routes the same way with
+             ``merge_projections``, ``gemv``, ``cuda_graph``, ``graph_prefill``) routes the same way with
              those options set.
 
     Returns a :class:`vtoken.hooks.PruningHandle`: ``remove()``, context manager, ``stats``.

@@ -1,7 +1,7 @@
 """Where batch-1 TTFT goes on ``apply_pruning(..., compile={"fused_ops": True})`` + ``generate`` (issue 23, item 2).
 
     python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 1,32]
-                                          [--merge on,off]
+                                          [--variants merged,separate,cublas]
 
 LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
 check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
@@ -13,10 +13,12 @@ min_new_tokens=33)`` with the token choice inside the captured step (plain greed
 (a logits processor that changes nothing), each length and choice in its own block after a warm-up
 call, medians of 3; TTFT and decode ms/token
 ((33-token time - TTFT) / 32); the first under ``torch.profiler`` (``DIR/METHOD.decode_bB.txt``: GPU
-kernels by device time, i.e. what the 32 decode steps spend their time on). ``--merge on,off`` runs
-everything with the engine's merged q/k/v and gate/up GEMMs (``merge_projections``, the default with
-``fused_ops``) and without, in the same run (``-nomerge`` in the file names). ``DIR/summary.json``
-holds the numbers (each row's ``merge_projections``).
+kernels by device time, i.e. what the 32 decode steps spend their time on). ``--variants`` runs
+everything once per engine variant, in the same run: ``merged`` (the defaults of ``fused_ops``),
+``separate`` (``merge_projections=False``: separate q/k/v and gate/up GEMMs; ``-nomerge`` in the file
+names; ``--merge on,off`` is ``--variants merged,separate``), ``cublas`` (``gemv=False``: cuBLAS for
+the batch-1 decode step's projections; ``-cublas``). ``DIR/summary.json`` holds the numbers (each
+row's ``variant``).
 """
 
 from __future__ import annotations
@@ -53,12 +55,21 @@ def _profiled(fn, dev):
     return events, sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1000
 
 
-def _engine(merge: bool) -> dict:
-    return {"fused_ops": True, "merge_projections": merge}
+#: ``--variants``: the engine's options besides ``fused_ops`` (file-name suffix, options)
+VARIANTS = {"merged": ("", {}), "separate": ("-nomerge", {"merge_projections": False}),
+            "cublas": ("-cublas", {"gemv": False})}
 
 
-def profile_method(model, inputs, method: str, keep: int, out: str, dev, merge: bool = True) -> dict:
-    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(merge))
+def _engine(variant: str) -> dict:
+    return {"fused_ops": True, **VARIANTS[variant][1]}
+
+
+def _suffix(variant: str) -> str:
+    return VARIANTS[variant][0]
+
+
+def profile_method(model, inputs, method: str, keep: int, out: str, dev, variant: str = "merged") -> dict:
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(variant))
     try:
         def gen():
             return model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -82,10 +93,10 @@ def profile_method(model, inputs, method: str, keep: int, out: str, dev, merge: 
         stats = pstats.Stats(prof, stream=text)
         stats.sort_stats("cumulative").print_stats(70)
         stats.sort_stats("tottime").print_stats(40)
-        with open(os.path.join(out, f"{method}{'' if merge else '-nomerge'}.cprofile.txt"), "w") as f:
+        with open(os.path.join(out, f"{method}{_suffix(variant)}.cprofile.txt"), "w") as f:
             f.write(text.getvalue())
         events, gpu_ms = _profiled(gen, dev)
-        with open(os.path.join(out, f"{method}{'' if merge else '-nomerge'}.ops.txt"), "w") as f:
+        with open(os.path.join(out, f"{method}{_suffix(variant)}.ops.txt"), "w") as f:
             f.write(events.table(sort_by="self_cpu_time_total", row_limit=60))
             if dev.type == "cuda":
                 f.write("\n\n" + events.table(sort_by="self_device_time_total", row_limit=40))
@@ -107,12 +118,12 @@ class _Identity:
 
 
 def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, new_tokens: int = 33,
-                   merge: bool = True) -> list:
+                   variant: str = "merged") -> list:
     """Two rows: the token choice inside the captured step (plain greedy) and on the host (the same
     call with a logits processor that changes nothing), timed alternately in one run."""
     from transformers.generation import LogitsProcessorList
 
-    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(merge))
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(variant))
     rows = []
     try:
         variants = {"graph": {}, "host": {"logits_processor": LogitsProcessorList([_Identity()])}}
@@ -137,12 +148,12 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
         gen(new_tokens, "graph")
         events, gpu_ms = _profiled(lambda: gen(new_tokens, "graph"), dev)
         batch = batch_inputs["input_ids"].shape[0]
-        with open(os.path.join(out, f"{method}{'' if merge else '-nomerge'}.decode_b{batch}.txt"), "w") as f:
+        with open(os.path.join(out, f"{method}{_suffix(variant)}.decode_b{batch}.txt"), "w") as f:
             key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             f.write(events.table(sort_by=key, row_limit=50))
         for choice in variants:
             ttft, total = statistics.median(times[(choice, 1)]), statistics.median(times[(choice, new_tokens)])
-            rows.append(dict(method=method, keep=keep, batch=batch, token_choice=choice, merge_projections=merge,
+            rows.append(dict(method=method, keep=keep, batch=batch, token_choice=choice, variant=variant,
                              ttft_ms=ttft, total_ms=total,
                              decode_ms_per_token=(total - ttft) / (new_tokens - 1),
                              gpu_busy_ms_profiled_call=gpu_ms if choice == "graph" else None))
@@ -158,25 +169,30 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="none,fastv")
     p.add_argument("--keep", type=int, default=64)
     p.add_argument("--decode-batch", default="", help="comma-separated batch sizes")
-    p.add_argument("--merge", default="on", help="on, off or on,off: merge_projections in the engine")
+    p.add_argument("--merge", default=None, help="on, off or on,off: as --variants merged / separate")
+    p.add_argument("--variants", default="merged", help=f"comma-separated among {', '.join(VARIANTS)}")
     args = p.parse_args(argv)
-    merges = [{"on": True, "off": False}[m] for m in args.merge.split(",")]
+    if args.merge:
+        args.variants = ",".join({"on": "merged", "off": "separate"}[m] for m in args.merge.split(","))
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}")
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     model = M.build_llava(args.tiny, dev, dtype)
     inputs = M.llava_inputs(model, 1, device=dev, dtype=dtype)
     rows = []
-    for merge in merges:
+    for variant in variants:
         for method in args.methods.split(","):
-            row = dict(profile_method(model, inputs, method, args.keep, args.out, dev, merge), merge_projections=merge)
+            row = dict(profile_method(model, inputs, method, args.keep, args.out, dev, variant), variant=variant)
             print(json.dumps(row), flush=True)
             rows.append(row)
     for batch in [int(b) for b in args.decode_batch.split(",") if b]:
         big = M.llava_inputs(model, batch, device=dev, dtype=dtype)
-        for merge in merges:
+        for variant in variants:
             for method in args.methods.split(","):
-                for row in profile_decode(model, big, method, args.keep, args.out, dev, merge=merge):
+                for row in profile_decode(model, big, method, args.keep, args.out, dev, variant=variant):
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")

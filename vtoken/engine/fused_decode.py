@@ -28,8 +28,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from vtoken.kernels import gather_attend
+from vtoken.kernels.merged_linear import run_linear
 from vtoken.engine.static_kv import StaticKV
 from vtoken.kernels.decode_ops import add_rms_norm, is_rms_norm, rope_qk, rope_qk_store, silu_mul
 
@@ -74,7 +76,7 @@ def unsupported_reason(layers, final_norm, config) -> Optional[str]:
 
 
 def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, groups, layer_group, backend: str,
-               attend=None, first: int = 0, projections=None):
+               attend=None, first: int = 0, projections=None, linear=None):
     """The decode step from the embeddings ``h [B, S, D]`` (S = 1) to the final norm's output ``[B, S, D]``.
 
     ``kv`` is the step's :class:`~vtoken.engine.static_kv.StaticKV` (the new key/value are written at
@@ -84,7 +86,10 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
     the layer's ``gather_attend`` call (decode-time stages, :mod:`vtoken.engine.static_stages`; the
     prefill tail, :func:`run_prefill_layers`). ``layers[j]`` is the model's layer ``first + j``.
     ``projections``, if given, is a :class:`~vtoken.engine.merged_projections.MergedProjections` over
-    the model's layers: q/k/v in one GEMM, gate/up in one."""
+    the model's layers: q/k/v in one GEMM, gate/up in one. ``linear(x, weight, bias)`` computes the
+    plain ``nn.Linear`` projections' GEMMs (default ``F.linear``; the decode step passes
+    :func:`vtoken.kernels.gemv.skinny_linear`, a Triton GEMV at batch 1 on CUDA)."""
+    linear = linear or F.linear
     cos, sin = position_embeddings
     if cos.dim() == 4:  # M-RoPE [3, B, 1, Dh]: equal components for a decode token
         cos, sin = cos[0], sin[0]
@@ -99,9 +104,9 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
                                         layer.input_layernorm.variance_epsilon, backend=backend)
         Dh = int(attn.head_dim)
         if projections is None:
-            q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+            q, k, v = (run_linear(p, normed, linear) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         else:
-            q, k, v = projections.qkv(i, normed)
+            q, k, v = projections.qkv(i, normed, linear)
         if S == 1 and isinstance(kv, StaticKV):  # a decode step: rotate and write the cache in one launch
             k_buf, v_buf = kv.keys[i], kv.values[i]
             q = rope_qk_store(q, k, v, cos, sin, k_buf, v_buf, kv.groups[kv.layer_group[i]].slot, backend=backend)
@@ -114,14 +119,14 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
         else:
             group = groups[layer_group[i]]
             out = gather_attend(q, k_buf, v_buf, group.idx, group.count, scale=attn.scaling, backend=backend)
-        x = attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        x = run_linear(attn.o_proj, out.transpose(1, 2).reshape(B, S, -1), linear)
         normed, residual = add_rms_norm(x, residual, layer.post_attention_layernorm.weight,
                                         layer.post_attention_layernorm.variance_epsilon, backend=backend)
         if projections is None:
-            gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+            gate, up = run_linear(mlp.gate_proj, normed, linear), run_linear(mlp.up_proj, normed, linear)
         else:
-            gate, up = projections.gate_up(i, normed)
-        x = mlp.down_proj(silu_mul(gate, up, backend=backend))
+            gate, up = projections.gate_up(i, normed, linear)
+        x = run_linear(mlp.down_proj, silu_mul(gate, up, backend=backend), linear)
     return add_rms_norm(x, residual, final_norm.weight, final_norm.variance_epsilon, backend=backend)[0]
 
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from vtoken.kernels.merged_linear import MergedLinear
+from vtoken.kernels.merged_linear import MergedLinear, run_linear
 
 
 class MergedProjections:
@@ -75,17 +76,18 @@ class MergedProjections:
         """How many groups run as one GEMM."""
         return sum(g is not None for g in self._groups.values())
 
-    def _run(self, j: int, kind: str, x: torch.Tensor) -> tuple:
+    def _run(self, j: int, kind: str, x: torch.Tensor, linear) -> tuple:
         group = self._groups.get((j, kind))
         if group is None:
-            return tuple(lin(x) for lin in self._parts(j, kind))
-        return group(x)
+            return tuple(run_linear(lin, x, linear) for lin in self._parts(j, kind))
+        return group(x, linear)
 
-    def qkv(self, j: int, x: torch.Tensor) -> tuple:
-        return self._run(j, "qkv", x)
+    def qkv(self, j: int, x: torch.Tensor, linear=F.linear) -> tuple:
+        """``(q, k, v)``; ``linear(x, weight, bias)`` computes each GEMM (see :func:`run_linear`)."""
+        return self._run(j, "qkv", x, linear)
 
-    def gate_up(self, j: int, x: torch.Tensor) -> tuple:
-        return self._run(j, "gate_up", x)
+    def gate_up(self, j: int, x: torch.Tensor, linear=F.linear) -> tuple:
+        return self._run(j, "gate_up", x, linear)
 
     def restore(self) -> None:
         """Every merged parameter gets its own storage back (the buffers are freed); :meth:`merge`

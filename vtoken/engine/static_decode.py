@@ -49,6 +49,7 @@ module (the decode step, the attention swap, ``generate``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from typing import Optional
@@ -126,11 +127,14 @@ class StaticDecoder(_Prefill, _KVBuffers):
         merge_projections: with ``fused_ops``, one GEMM for each layer's q/k/v and one for gate/up,
             the model's weights re-pointed at views of merged buffers (no extra memory;
             :mod:`vtoken.engine.merged_projections`) until :meth:`close`. Default: as ``fused_ops``.
+        gemv: with ``fused_ops``, a batch-1 decode step computes its projections and LM head with
+            :func:`vtoken.kernels.gemv.gemv` (Triton, autotuned per weight shape at the first call)
+            instead of cuBLAS's GEMM; larger batches always use cuBLAS. Default: as ``fused_ops``.
     """
 
     def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None,
                  graph_prefill: Optional[bool] = None, fused_ops: bool = False,
-                 merge_projections: Optional[bool] = None):
+                 merge_projections: Optional[bool] = None, gemv: Optional[bool] = None):
         self.model = model
         self.adapter = get_adapter(model)
         self.backend = backend
@@ -148,6 +152,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 raise PruningConfigError(f"fused_ops=True needs Llama-layout decoder layers; {reason}")
         if merge_projections and not self.fused_ops:
             raise PruningConfigError("merge_projections=True runs inside the fused layers: set fused_ops=True too")
+        if gemv and not self.fused_ops:
+            raise PruningConfigError("gemv=True runs inside the fused layers: set fused_ops=True too")
+        self.gemv = self.fused_ops if gemv is None else bool(gemv)
         merge = self.fused_ops if merge_projections is None else bool(merge_projections)
         # merged at each generate where not merged and intact (new buffers: the kept session is dropped)
         self._projections = MergedProjections(self.adapter.layers) if merge else None
@@ -183,6 +190,10 @@ class StaticDecoder(_Prefill, _KVBuffers):
         fused, backend = self.fused_ops, self.backend
         if fused:
             from vtoken.engine.fused_decode import run_layers
+            from vtoken.kernels.gemv import skinny_linear
+            from vtoken.kernels.merged_linear import run_linear
+
+            linear = functools.partial(skinny_linear, backend=backend) if self.gemv else torch.nn.functional.linear
         attend = None if self.stages is None else self.stages.attend
         chosen_outside = session.logits if choose_outside else None
 
@@ -193,8 +204,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
             h = adapter.decode_embeddings(tok)
             pe = text.rotary_emb(h, adapter.decode_position_ids(pos_next + t))
             if fused:
-                logits = head(run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend,
-                                         attend=attend, projections=self._projections)[:, -1])
+                hidden = run_layers(layers, text.norm, h, pe, kv, groups, kv.layer_group, backend,
+                                    attend=attend, projections=self._projections, linear=linear)
+                logits = run_linear(head, hidden[:, -1], linear)
             else:
                 for layer in layers:
                     h = call(layer, h, None, pe, kv)
