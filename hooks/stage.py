@@ -15,7 +15,7 @@ from vtoken.hooks import masks as M
 from vtoken.hooks.call_state import MergeRecord, StageOps, StageState, StageTrace, on_layout
 from vtoken.hooks.prefill_plan import candidates, kept_slots
 from vtoken.hooks.stage_signals import fill_signals
-from vtoken.signals import SegmentSignals
+from vtoken.signals import Diagnostics, SegmentSignals
 
 
 def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
         seg_index=index,
         seg_keep=keep,
         seg_scores=sel.scores,
-        diagnostics=dict(sig.diagnostics),
+        diagnostics=Diagnostics(sig.diagnostics),
     )
     ctx.trace.append(trace)
     if nothing_dropped:

@@ -132,7 +132,7 @@ class CDPrunerScorer(Scorer):
             rel = sig.mask.float()
         kernel = rel.unsqueeze(2) * (z @ z.transpose(1, 2)) * rel.unsqueeze(1)
         keep, order = dpp_greedy_map(kernel, sig.mask, sig.budget)
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+        sig.diagnostics["erank"] = F.deferred_erank(sig.hidden, keep)
         return Selection(keep=keep, scores=_rank_scores(order, keep, sig.mask))
 
 

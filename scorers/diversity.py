@@ -60,7 +60,7 @@ class DivPruneScorer(Scorer):
 
     def select(self, sig: SegmentSignals) -> Selection:
         keep, order = F.greedy_maxmin(sig.hidden, sig.mask, sig.budget)
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+        sig.diagnostics["erank"] = F.deferred_erank(sig.hidden, keep)
         return Selection(keep=keep, scores=_rank_scores(order, keep, sig.mask))
 
 
@@ -225,7 +225,7 @@ class DARTScorer(Scorer):
                 taken |= pick
         if self.pivot_image == 0:  # no pivot at all (no text after the image): key-norm ranking
             keep = torch.where((rule & (pivots == 0)).unsqueeze(1), topk_mask(knorm, mask, budget), keep)
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden if sig.hidden is not None else feats, keep)
+        sig.diagnostics["erank"] = F.deferred_erank(sig.hidden if sig.hidden is not None else feats, keep)
         scores = torch.where(torch.isfinite(dup), -dup, torch.zeros_like(dup))
         return Selection(keep=keep, scores=masked_scores(scores, sig.mask))
 
@@ -292,7 +292,7 @@ class AgileScorer(Scorer):
         sig.diagnostics["attn_entropy"] = h
         sig.diagnostics["attention_share"] = torch.where(budget > 0, k_att.float() / budget.clamp(min=1).float(),
                                                          torch.zeros_like(h))
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+        sig.diagnostics["erank"] = F.deferred_erank(sig.hidden, keep)
         return Selection(keep=keep, scores=masked_scores(att, sig.mask))
 
 

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from vtoken.signals import Deferred
+
 #: chunk of rows used when an (n x n) similarity would not fit comfortably in memory
 ROW_CHUNK = 1024
 #: most similarities (segments x n x n, float32) greedy_maxmin holds at once: 64 M = 256 MB
@@ -190,6 +192,13 @@ def erank_per_segment(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(total.squeeze(1) > 0, torch.exp(h), torch.zeros_like(h)).float()
 
 
+def deferred_erank(hidden: torch.Tensor, keep: torch.Tensor) -> Deferred:
+    """:func:`erank_per_segment` of copies of ``hidden`` and ``keep``, computed when the diagnostic
+    is read (:class:`vtoken.signals.Deferred`): the prefill pays two copies, not a decomposition
+    and a host sync."""
+    return Deferred(erank_per_segment, hidden.detach().clone(), keep.clone())
+
+
 # ----------------------------------------------------------------------------- clustering
 
 
@@ -229,5 +238,5 @@ def dpc_knn(x: torch.Tensor, clusters: int, k: Optional[int] = None) -> tuple:
 
 __all__ = [
     "unit_rows", "nearest_neighbour_distance", "greedy_maxmin", "masked_max_similarity", "cosine_to",
-    "erank", "erank_per_segment", "dpc_knn",
+    "erank", "erank_per_segment", "deferred_erank", "dpc_knn",
 ]

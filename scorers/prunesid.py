@@ -302,7 +302,7 @@ class PruneSIDScorer(Scorer):
             kept = prunesid_batch(x, a, [budgets[s] for s in segs], self.tokens_per_component, self.nms_scale,
                                   self.cap)
             keep[rows.unsqueeze(1), idx] = kept
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+        sig.diagnostics["erank"] = F.deferred_erank(sig.hidden, keep)
         return Selection(keep=keep, scores=masked_scores(sig.vision_attn, sig.mask))
 
 

@@ -104,7 +104,7 @@ class SCOPEScorer(Scorer):
 
     def select(self, sig: SegmentSignals) -> Selection:
         keep, order = scope_greedy(sig.hidden, sig.vision_attn, sig.mask, sig.budget, self.alpha, self.combine)
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+        sig.diagnostics["erank"] = F.deferred_erank(sig.hidden, keep)
         return Selection(keep=keep, scores=_rank_scores(order, keep, sig.mask))
 
 

@@ -138,7 +138,7 @@ class VisPrunerScorer(Scorer):
 
     def select(self, sig: SegmentSignals) -> Selection:
         keep = vispruner_select(sig.hidden, sig.vision_attn, sig.mask, sig.budget, self.important_ratio, self.step)
-        sig.diagnostics["erank"] = F.erank_per_segment(sig.hidden, keep)
+        sig.diagnostics["erank"] = F.deferred_erank(sig.hidden, keep)
         return Selection(keep=keep, scores=masked_scores(sig.vision_attn, sig.mask))
 
 

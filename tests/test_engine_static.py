@@ -370,3 +370,35 @@ def test_fused_ops_batch1_decode_runs_its_projections_through_the_gemv_kernel(na
     layers = len(model.model.language_model.layers)
     assert dec.last["decode_steps"] == T - 1 and len(calls) == (T - 1) * (4 * layers + 1)
     assert calls[-1] == tuple(model.get_output_embeddings().weight.shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_batch1_gemv_inside_the_decode_graph_on_gpu(name):
+    """Batch 1 on CUDA: the GEMV kernel (autotuned by the warm-up step, then captured) computes the
+    decode step's projections inside the CUDA graph; the tokens equal generate's and cuBLAS's
+    (gemv=False), pruned and unpruned, on the first call and on a replay."""
+    import tiny_models as tm
+    from conftest import slice_sample
+
+    model = (tm.tiny_llava() if name == "llava" else tm.tiny_qwen(name)).cuda()
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in slice_sample(get_inputs(name, model), 0, model).items()}
+    for plan in (None, dict(method="fastv", keep=4, K=1)):
+        handle = vtoken.apply_pruning(model, **plan) if plan else None
+        try:
+            ref = model.generate(**inputs, **GEN)
+            outs = []
+            for gemv in (True, False):
+                dec = StaticDecoder(model, fused_ops=True, gemv=gemv)
+                outs += [dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS) for _ in range(2)]
+                assert dec.last["cuda_graph"]
+                dec.close()
+        finally:
+            if handle is not None:
+                handle.remove()
+        assert all(torch.equal(o, ref) for o in outs), plan
+
+
+def test_gemv_option_needs_fused_ops():
+    with pytest.raises(vtoken.PruningConfigError, match="fused_ops"):
+        StaticDecoder(get_model("llava"), gemv=True)

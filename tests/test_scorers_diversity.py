@@ -147,3 +147,38 @@ def test_greedy_maxmin_adds_no_host_sync_around_its_solver(monkeypatch):
         keep, _ = F.greedy_maxmin(feats, mask, torch.tensor([4, 6]))
     assert keep.sum(1).tolist() == [4, 6]
     assert counter.total == 0, dict(counter.found)
+
+
+def test_erank_diagnostic_is_computed_when_read_not_in_the_prefill(monkeypatch):
+    """DivPrune's effective-rank diagnostic costs the prefill no host sync and no decomposition: it is
+    computed from copies when first read (handle.stats), and equals erank of the kept rows even after
+    the prefill overwrote the hidden states it came from."""
+    from conftest import SyncCounter
+    from vtoken.kernels import greedy_select
+    from vtoken.scorers import functional as F
+    from vtoken.signals import Diagnostics
+
+    solver = greedy_select.greedy_maxmin_gram
+    counter = SyncCounter()
+    calls = []
+    real = F.erank_per_segment
+
+    def unseen(*args, **kwargs):  # the kernel's solver (its own test covers its syncs)
+        counter.on = False
+        try:
+            return solver(*args, **kwargs)
+        finally:
+            counter.on = True
+
+    monkeypatch.setattr(greedy_select, "greedy_maxmin_gram", unseen)
+    g = torch.Generator().manual_seed(5)
+    hs = [torch.randn(15, 6, generator=g), torch.randn(9, 6, generator=g)]
+    sig = make_signals([15, 9], [6, 4], hidden=hs)
+    with counter:
+        sel = DivPruneScorer().select(sig)
+    assert counter.total == 0, dict(counter.found)
+    want = [float(erank(hs[s][sel.keep[s, :len(hs[s])]])) for s in range(2)]
+    sig.hidden.zero_()  # the prefill reuses its buffers
+    copied = Diagnostics(sig.diagnostics)  # what the stage hands to handle.stats
+    assert copied["erank"].tolist() == pytest.approx(want)
+    assert torch.equal(copied["erank"], copied.get("erank")) and dict(copied.items())["erank"] is copied["erank"]

@@ -157,8 +157,9 @@ class SegmentSignals:
     layer_attn_full: Optional[torch.Tensor] = None
     full_pos: Optional[torch.Tensor] = None
     full_query: Optional[torch.Tensor] = None
-    #: Free-form diagnostics a scorer may fill (e.g. ``{"erank": tensor(S,)}``); copied to stats.
-    diagnostics: dict = field(default_factory=dict)
+    #: Free-form diagnostics a scorer may fill (e.g. ``{"erank": tensor(S,)}``); copied to stats. A
+    #: :class:`Deferred` value is computed when it is first read (nothing on the prefill's path).
+    diagnostics: dict = field(default_factory=lambda: Diagnostics())
 
     @property
     def num_segments(self) -> int:
@@ -168,3 +169,43 @@ class SegmentSignals:
     def counts(self) -> torch.Tensor:
         """(S,) number of real candidates per segment."""
         return self.mask.sum(dim=1)
+
+
+class Deferred:
+    """A diagnostic computed when it is first read: ``fn(*args)``. For the ones that cost the prefill
+    a host sync or a decomposition (the kept tokens' effective rank: an ``eigvalsh`` and a sync,
+    ~0.4 ms of an H100 and a stall of the host per DivPrune prefill), which most calls never read.
+    ``args`` must be tensors the prefill will not overwrite (the scorers pass copies)."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self):
+        return self.fn(*self.args)
+
+
+class Diagnostics(dict):
+    """A scorer's diagnostics (``SegmentSignals.diagnostics``, ``StageStats.diagnostics``): a dict
+    whose :class:`Deferred` values are computed at their first read and kept. ``Diagnostics(other)``
+    copies the deferred values unevaluated."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, Deferred):
+            value = value()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def __repr__(self):
+        return repr(dict(self.items()))

@@ -25,12 +25,14 @@ attention function over the keys / values just written, where the rotary tables 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from vtoken.kernels import gather_attend
+from vtoken.kernels.gemv import skinny_linear
 from vtoken.kernels.merged_linear import run_linear
 from vtoken.engine.static_kv import StaticKV
 from vtoken.kernels.decode_ops import add_rms_norm, is_rms_norm, rope_qk, rope_qk_store, silu_mul
@@ -128,6 +130,12 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
             gate, up = projections.gate_up(i, normed, linear)
         x = run_linear(mlp.down_proj, silu_mul(gate, up, backend=backend), linear)
     return add_rms_norm(x, residual, final_norm.weight, final_norm.variance_epsilon, backend=backend)[0]
+
+
+def decode_linear(backend: str, gemv: bool):
+    """The decode step's ``linear(x, weight, bias)``: :func:`vtoken.kernels.gemv.skinny_linear` (a
+    Triton GEMV for one row on CUDA, ``F.linear`` otherwise) with ``gemv``, else ``F.linear``."""
+    return functools.partial(skinny_linear, backend=backend) if gemv else F.linear
 
 
 def run_prefill_layers(layers, final_norm, h: torch.Tensor, mask, position_embeddings, writer, backend: str,

@@ -49,7 +49,6 @@ module (the decode step, the attention swap, ``generate``).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
 from typing import Optional
@@ -127,9 +126,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
         merge_projections: with ``fused_ops``, one GEMM for each layer's q/k/v and one for gate/up,
             the model's weights re-pointed at views of merged buffers (no extra memory;
             :mod:`vtoken.engine.merged_projections`) until :meth:`close`. Default: as ``fused_ops``.
-        gemv: with ``fused_ops``, a batch-1 decode step computes its projections and LM head with
-            :func:`vtoken.kernels.gemv.gemv` (Triton, autotuned per weight shape at the first call)
-            instead of cuBLAS's GEMM; larger batches always use cuBLAS. Default: as ``fused_ops``.
+        gemv: with ``fused_ops``, a batch-1 decode step's projections and LM head run as Triton GEMVs
+            (:mod:`vtoken.kernels.gemv`), not cuBLAS GEMMs. Default: as ``fused_ops``.
     """
 
     def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None,
@@ -189,11 +187,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
         groups = kv.groups
         fused, backend = self.fused_ops, self.backend
         if fused:
-            from vtoken.engine.fused_decode import run_layers
-            from vtoken.kernels.gemv import skinny_linear
-            from vtoken.kernels.merged_linear import run_linear
+            from vtoken.engine.fused_decode import decode_linear, run_layers, run_linear
 
-            linear = functools.partial(skinny_linear, backend=backend) if self.gemv else torch.nn.functional.linear
+            linear = decode_linear(backend, self.gemv)
         attend = None if self.stages is None else self.stages.attend
         chosen_outside = session.logits if choose_outside else None
 
