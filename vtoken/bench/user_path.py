@@ -13,7 +13,8 @@ token), end-to-end time of ``--users-new-tokens`` tokens, decode ms/token
 
 - decode floor: every step reads the language model's weights once (the vision tower and
   projector only run in the prefill) and the keys/values of the tokens in context
-  (on average the prefill's kept tokens per layer plus half the new tokens), at the HBM bandwidth;
+  (on average the prefill's kept tokens per layer plus half the new tokens), at the HBM bandwidth
+  (an H100's 3.35 TB/s; an H200's 4.8 TB/s on one);
 - TTFT floor: the larger of the prefill's FLOPs (2 x parameters x tokens per layer, the vision
   tower's 2 x parameters x patches, attention's 4 x tokens^2 x width per layer) at the dense bf16
   peak and one read of the weights at the bandwidth.
@@ -32,6 +33,16 @@ from vtoken.bench.common import timed
 #: H100 SXM: HBM3 bandwidth (bytes/s) and dense bf16 tensor-core peak (FLOP/s), as the issue's floors
 HBM_BYTES_S = 3.35e12
 PEAK_FLOPS = 790e12
+#: the H200's HBM3e (the same compute)
+H200_HBM_BYTES_S = 4.8e12
+
+
+def hbm_bytes_s(device) -> float:
+    """The memory bandwidth the floors use: the H200's where the device is one, else the H100's."""
+    import torch
+
+    on_cuda = torch.cuda.is_available() and torch.device(device).type == "cuda"
+    return H200_HBM_BYTES_S if on_cuda and "H200" in torch.cuda.get_device_name(device) else HBM_BYTES_S
 METHODS = (None, "fastv", "divprune", "visionzip")
 #: ``--users-caches`` that route ``generate`` through ``apply_pruning(..., compile=...)`` (the static engine)
 _COMPILE_CACHES = {"compile": True, "compile-fused": {"fused_ops": True}}
@@ -54,9 +65,10 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _floors(model, inputs, text_lm, vision, kept: list, new_tokens: int, bytes_per=2) -> dict:
+def _floors(model, inputs, text_lm, vision, kept: list, new_tokens: int, bytes_per=2, bandwidth=HBM_BYTES_S) -> dict:
     """(TTFT floor ms, decode floor ms/token) of a prefill whose layer ``l`` holds ``kept[l]``
-    tokens per sample (the prompt before the first stage, the kept tokens after)."""
+    tokens per sample (the prompt before the first stage, the kept tokens after), at ``bandwidth``
+    bytes/s."""
     B = inputs["input_ids"].shape[0]
     cfg = text_lm.config
     layers = len(kept)
@@ -68,11 +80,11 @@ def _floors(model, inputs, text_lm, vision, kept: list, new_tokens: int, bytes_p
         and pix.dim() == 4 else (pix.shape[0] if pix is not None else 0)
     flops += 2 * _params(vision) * patches
     weights = (_params(model) - _params(text_lm.embed_tokens)) * bytes_per
-    ttft = max(flops / PEAK_FLOPS, weights / HBM_BYTES_S) * 1e3
+    ttft = max(flops / PEAK_FLOPS, weights / bandwidth) * 1e3
     step_weights = weights - (_params(model) - _params(text_lm) - _lm_head(model)) * bytes_per
     kv_per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * bytes_per
     kv = sum((n + new_tokens / 2) * kv_per_token * B for n in kept)
-    return dict(ttft_floor_ms=round(ttft, 2), decode_floor_ms=round((step_weights + kv) / HBM_BYTES_S * 1e3, 2))
+    return dict(ttft_floor_ms=round(ttft, 2), decode_floor_ms=round((step_weights + kv) / bandwidth * 1e3, 2))
 
 
 def _lm_head(model) -> int:
@@ -140,7 +152,7 @@ def measure(bench, suite, model_name, model, inputs, keep, new_tokens: int, meth
                     keep=None if method is None else keep, prompt_tokens=P, kept_tokens_last_layer=kept[-1],
                     ttft_ms=round(ttft, 2), e2e_ms=round(e2e, 2), new_tokens=new_tokens,
                     decode_ms_per_token=round((e2e - ttft) / max(new_tokens - 1, 1), 3), peak_gb=peak,
-                    **_floors(model, inputs, text_lm, vision, kept, new_tokens)))
+                    **_floors(model, inputs, text_lm, vision, kept, new_tokens, bandwidth=hbm_bytes_s(bench.device))))
             except Exception as exc:  # one failing row must not cost the others
                 msg = f"{suite}: {model_name} batch {B} {cache} {label}: {type(exc).__name__}: {exc}"
                 bench.errors.append(msg.replace("\n", " ")[:800])
