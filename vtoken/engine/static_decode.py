@@ -56,6 +56,7 @@ from typing import Optional
 import torch
 
 from vtoken.adapters import get_adapter
+from vtoken.engine.attention_swap import AttentionSwap
 from vtoken.engine.eos import CHECK_EVERY, EndWatch, finish
 from vtoken.engine.graphs import _capture, _GraphedForward, _Session
 from vtoken.engine.merged_projections import MergedProjections
@@ -64,7 +65,7 @@ from vtoken.engine.static_kv import _KVBuffers, LayoutGroup, StaticKV
 from vtoken.engine.static_stages import decode_loop, runnable_decode_plan, StaticStages
 from vtoken.engine.static_kv import _kept_index  # noqa: F401 - importable from here as before the split
 from vtoken.errors import PruningConfigError, UnsupportedCallError
-from vtoken.hooks import private_attention_config, register_attention_implementation
+from vtoken.hooks import register_attention_implementation
 
 __all__ = ["STATIC_IMPL", "LayoutGroup", "StaticDecoder", "StaticKV"]
 
@@ -162,6 +163,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         self.stages = None  # this call's decode-time stages (vtoken.engine.static_stages), if the plan has any
         self._session: Optional[_Session] = None
         self._tower_graph: Optional[_GraphedForward] = None
+        self._attention_swap = AttentionSwap(STATIC_IMPL, _vtoken_static=self)  # private configs, kept
 
     # -------------------------------------------------------------- captured pieces
     def _layer_call(self):
@@ -222,12 +224,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
 
     def _swap_attention(self) -> list:
         _register()
-        undo = []
-        for layer in self.adapter.layers:
-            attn = layer.self_attn
-            undo.append((attn, attn.config))
-            attn.config = private_attention_config(attn.config, STATIC_IMPL, _vtoken_static=self)
-        return undo
+        return self._attention_swap.swap(layer.self_attn for layer in self.adapter.layers)
 
     def close(self) -> None:
         """Give the model's merged projection weights their own storage back and drop the kept
@@ -374,7 +371,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         step = self._make_step(session, outside)
         sync(); t2 = time.perf_counter()
 
-        undo = self._swap_attention()
+        undo = self._swap_attention() if done > 1 else []  # (no decode step: nothing reads them)
         try:
             if self.stages is not None:
                 t3 = time.perf_counter()
@@ -402,8 +399,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
                         break
             sync(); t4 = time.perf_counter()
         finally:
-            for attn, original in undo:
-                attn.config = original
+            AttentionSwap.restore(undo)
         new = finish(session.new[:, :done].clone(), eos_ids, pad) if next_token is None else session.new[:, :done].clone()
         self.last = dict(
             prefill_ms=1000 * (t1 - t0), setup_ms=1000 * (t2 - t1), capture_ms=capture_ms, prefill_chunks=len(firsts),
