@@ -35,7 +35,7 @@
 #   (run again with --users-models qwen for the rest)
 # PART=7 (session 20; -> $OUT/gpu_tests.log, prof.jsonl, prof.tgz, decode_kernels.jsonl, users_llava_dynamic/):
 #   the GPU tests of gemv, the static engine and long_segment_attention; the engine profile with the batch-1
-#   GEMV kernel and with cuBLAS (profile_ttft.py --variants merged,cublas); the decode kernels' sweep
+#   GEMV kernel and with cuBLAS (profile_ttft.py --variants merged,gemv); the decode kernels' sweep
 #   (benchmarks/profile/decode_kernels.py: batch-1 GEMV tiles, gather_attend's splits and tiles); then the
 #   users suite's LLaVA rows on the dynamic cache
 # PART=8 (-> $OUT/users_llava_static/, users_qwen/): the users suite's LLaVA rows on transformers' static
@@ -104,7 +104,7 @@ case "$PART" in
     TESTS="-rf --tb=short tests/test_kernels_gemv.py tests/test_engine_static.py tests/test_kernels_varlen.py" timeout 120 \
       bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
     mkdir -p "$W/prof"; timeout 200 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
-      --methods none,fastv,divprune --decode-batch 1,32 --variants merged,cublas 2>&1 | grep '^{' | tee "$OUT/prof.jsonl"
+      --methods none,fastv,divprune --decode-batch 1,32 --variants merged,gemv 2>&1 | grep '^{' | tee "$OUT/prof.jsonl"
     tar -czf "$OUT/prof.tgz" -C "$W" prof
     timeout 120 python "$REPO/benchmarks/profile/decode_kernels.py" --quick --out "$OUT/decode_kernels.jsonl" | grep -E '"(best|default)"'
     USERS_MODELS=llava USERS_CACHES=dynamic users_suite "$OUT/users_llava_dynamic" 50 15 | tail -30 ;;
@@ -112,7 +112,7 @@ case "$PART" in
     TESTS="-rf --tb=short tests/test_engine_static.py tests/test_kernels_gemv.py tests/test_kernels_gather_attend.py" timeout 100 \
       bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
     mkdir -p "$W/prof"; timeout 170 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
-      --methods none,fastv,divprune --decode-batch 1,32 --variants merged,cublas 2>&1 | grep '^{' | tee "$OUT/prof.jsonl"
+      --methods none,fastv,divprune --decode-batch 1,32 --variants merged,gemv 2>&1 | grep '^{' | tee "$OUT/prof.jsonl"
     tar -czf "$OUT/prof.tgz" -C "$W" prof
     USERS_CACHES=compile-fused users_suite "$OUT/users_compile" 45 15 | tail -30 ;;
   8)

@@ -345,7 +345,7 @@ def test_kept_session_replays_without_recapture_on_gpu():
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
 def test_fused_ops_batch1_decode_runs_its_projections_through_the_gemv_kernel(name):
-    """At batch 1 the fused decode step computes every projection and the LM head with
+    """At batch 1 with gemv=True the fused decode step computes every projection and the LM head with
     vtoken.kernels.gemv (Triton, interpreted here): the same tokens as generate, and each decode step
     calls the kernel once per merged q/k/v, o, merged gate/up and down of every layer, plus the head."""
     from conftest import slice_sample
@@ -363,12 +363,13 @@ def test_fused_ops_batch1_decode_runs_its_projections_through_the_gemv_kernel(na
 
     G.gemv = counted
     try:
-        got, dec = static(model, inputs, fused_ops=True, backend="triton")
+        got, dec = static(model, inputs, fused_ops=True, gemv=True, backend="triton")
+        plain, _ = static(model, inputs, fused_ops=True, backend="triton")  # the default: cuBLAS's GEMM
     finally:
         G.gemv = real
-    assert torch.equal(got, ref)
+    assert torch.equal(got, ref) and torch.equal(plain, ref)
     layers = len(model.model.language_model.layers)
-    assert dec.last["decode_steps"] == T - 1 and len(calls) == (T - 1) * (4 * layers + 1)
+    assert dec.last["decode_steps"] == T - 1 and len(calls) == (T - 1) * (4 * layers + 1)  # none by default
     assert calls[-1] == tuple(model.get_output_embeddings().weight.shape)
 
 

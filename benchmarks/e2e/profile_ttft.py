@@ -1,7 +1,7 @@
 """Where batch-1 TTFT goes on ``apply_pruning(..., compile={"fused_ops": True})`` + ``generate`` (issue 23, item 2).
 
     python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 1,32]
-                                          [--variants merged,separate,cublas]
+                                          [--variants merged,separate,gemv]
 
 LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
 check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
@@ -16,8 +16,8 @@ call, medians of 3; TTFT and decode ms/token
 kernels by device time, i.e. what the 32 decode steps spend their time on). ``--variants`` runs
 everything once per engine variant, in the same run: ``merged`` (the defaults of ``fused_ops``),
 ``separate`` (``merge_projections=False``: separate q/k/v and gate/up GEMMs; ``-nomerge`` in the file
-names; ``--merge on,off`` is ``--variants merged,separate``), ``cublas`` (``gemv=False``: cuBLAS for
-the batch-1 decode step's projections; ``-cublas``). ``DIR/summary.json`` holds the numbers (each
+names; ``--merge on,off`` is ``--variants merged,separate``), ``gemv`` (``gemv=True``: the batch-1 decode
+step's projections as Triton GEMVs, :mod:`vtoken.kernels.gemv`; ``-gemv``). ``DIR/summary.json`` holds the numbers (each
 row's ``variant``).
 """
 
@@ -57,7 +57,7 @@ def _profiled(fn, dev):
 
 #: ``--variants``: the engine's options besides ``fused_ops`` (file-name suffix, options)
 VARIANTS = {"merged": ("", {}), "separate": ("-nomerge", {"merge_projections": False}),
-            "cublas": ("-cublas", {"gemv": False})}
+            "gemv": ("-gemv", {"gemv": True})}
 
 
 def _engine(variant: str) -> dict:

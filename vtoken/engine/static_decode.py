@@ -128,12 +128,12 @@ class StaticDecoder(_Prefill, _KVBuffers):
             the model's weights re-pointed at views of merged buffers (no extra memory;
             :mod:`vtoken.engine.merged_projections`) until :meth:`close`. Default: as ``fused_ops``.
         gemv: with ``fused_ops``, a batch-1 decode step's projections and LM head run as Triton GEMVs
-            (:mod:`vtoken.kernels.gemv`), not cuBLAS GEMMs. Default: as ``fused_ops``.
+            (:mod:`vtoken.kernels.gemv`), not cuBLAS GEMMs. Off by default: not yet timed on a GPU.
     """
 
     def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None,
                  graph_prefill: Optional[bool] = None, fused_ops: bool = False,
-                 merge_projections: Optional[bool] = None, gemv: Optional[bool] = None):
+                 merge_projections: Optional[bool] = None, gemv: bool = False):
         self.model = model
         self.adapter = get_adapter(model)
         self.backend = backend
@@ -153,7 +153,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             raise PruningConfigError("merge_projections=True runs inside the fused layers: set fused_ops=True too")
         if gemv and not self.fused_ops:
             raise PruningConfigError("gemv=True runs inside the fused layers: set fused_ops=True too")
-        self.gemv = self.fused_ops if gemv is None else bool(gemv)
+        self.gemv = bool(gemv)
         merge = self.fused_ops if merge_projections is None else bool(merge_projections)
         # merged at each generate where not merged and intact (new buffers: the kept session is dropped)
         self._projections = MergedProjections(self.adapter.layers) if merge else None
