@@ -3,9 +3,9 @@
 Each LLM attention module gets a private shallow copy of its ``config`` whose attention implementation
 is the engine's (:func:`vtoken.hooks.private_attention_config`), for the decode steps only. Copying 32
 transformers configs costs a batch-1 ``generate`` call about 2 ms of host time (transformers 5.17,
-session 19's H100 profile), so :class:`AttentionSwap` keeps each copy and makes a new one only when the
-module's config object or one of its attributes changed since (a nested value changed in place is seen
-by the shallow copy as well).
+session 19's H100 profile), so :class:`AttentionSwap` keeps one copy per config object (the layers of a
+model share one) and makes a new one only when a module's config object or one of that config's
+attributes changed since (a nested value changed in place is seen by the shallow copy as well).
 """
 
 from __future__ import annotations
@@ -19,21 +19,36 @@ class AttentionSwap:
 
     def __init__(self, impl: str, **attrs):
         self.impl, self.attrs = impl, attrs
-        self._kept: dict = {}  # module -> (its config, that config's attributes then, the private copy)
+        # id(config) -> (the config, its attributes then, its private copy); modules that share a config
+        # (the layers of a model do) share the copy, as they shared the original
+        self._kept: dict = {}
 
     def swap(self, modules) -> list:
         undo = []
+        this_call: dict = {}  # id(config) -> its private copy, checked once a call
         for module in modules:
             cfg = module.config
-            kept = self._kept.get(module)
-            if kept is None or kept[0] is not cfg or kept[1] != cfg.__dict__:
-                kept = (cfg, dict(cfg.__dict__), private_attention_config(cfg, self.impl, **self.attrs))
-                self._kept[module] = kept
+            private = this_call.get(id(cfg))
+            if private is None:
+                kept = self._kept.get(id(cfg))
+                if kept is None or kept[0] is not cfg or kept[1] != vars(cfg):
+                    kept = (cfg, dict(vars(cfg)), private_attention_config(cfg, self.impl, **self.attrs))
+                    self._kept[id(cfg)] = kept
+                private = this_call[id(cfg)] = kept[2]
             undo.append((module, cfg))
-            module.config = kept[2]
+            _set_config(module, private)
         return undo
 
     @staticmethod
     def restore(undo: list) -> None:
         for module, original in undo:
-            module.config = original
+            _set_config(module, original)
+
+
+def _set_config(module, config) -> None:
+    """``module.config = config`` without ``nn.Module.__setattr__``'s lookups where ``config`` is a
+    plain attribute already (it is no parameter, buffer or sub-module)."""
+    if "config" in module.__dict__:
+        module.__dict__["config"] = config
+    else:
+        module.config = config
