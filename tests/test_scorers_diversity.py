@@ -123,17 +123,17 @@ def test_erank_per_segment_equals_erank_of_each_segment_with_one_sync(S, n, D):
     assert count_syncs(lambda: erank_per_segment(hidden, keep)) <= 2  # the kept count (+ eigvalsh's check)
 
 
-def test_greedy_maxmin_adds_no_host_sync_around_its_solver(monkeypatch):
-    """Outside the pick loop (one kernel launch on a GPU), DivPrune's selection without seeds reads
-    nothing back from the device: a sync there waits for the whole queued prefill."""
+@pytest.fixture
+def syncs_outside_the_solver(monkeypatch):
+    """A :class:`conftest.SyncCounter` that does not count inside DivPrune's pick loop (the solver is
+    the kernel's, one launch on a GPU; test_kernels_greedy_select covers it)."""
     from conftest import SyncCounter
     from vtoken.kernels import greedy_select
-    from vtoken.scorers import functional as F
 
     counter = SyncCounter()
     solver = greedy_select.greedy_maxmin_gram
 
-    def unseen(*args, **kwargs):  # the solver itself is the kernel's (tested in test_kernels_greedy_select)
+    def unseen(*args, **kwargs):
         counter.on = False
         try:
             return solver(*args, **kwargs)
@@ -141,6 +141,15 @@ def test_greedy_maxmin_adds_no_host_sync_around_its_solver(monkeypatch):
             counter.on = True
 
     monkeypatch.setattr(greedy_select, "greedy_maxmin_gram", unseen)
+    return counter
+
+
+def test_greedy_maxmin_adds_no_host_sync_around_its_solver(syncs_outside_the_solver):
+    """Outside the pick loop (one kernel launch on a GPU), DivPrune's selection without seeds reads
+    nothing back from the device: a sync there waits for the whole queued prefill."""
+    from vtoken.scorers import functional as F
+
+    counter = syncs_outside_the_solver
     g = torch.Generator().manual_seed(3)
     feats, mask = torch.randn(2, 12, 8, generator=g), torch.ones(2, 12, dtype=torch.bool)
     with counter:
@@ -149,28 +158,13 @@ def test_greedy_maxmin_adds_no_host_sync_around_its_solver(monkeypatch):
     assert counter.total == 0, dict(counter.found)
 
 
-def test_erank_diagnostic_is_computed_when_read_not_in_the_prefill(monkeypatch):
+def test_erank_diagnostic_is_computed_when_read_not_in_the_prefill(syncs_outside_the_solver):
     """DivPrune's effective-rank diagnostic costs the prefill no host sync and no decomposition: it is
     computed from copies when first read (handle.stats), and equals erank of the kept rows even after
     the prefill overwrote the hidden states it came from."""
-    from conftest import SyncCounter
-    from vtoken.kernels import greedy_select
-    from vtoken.scorers import functional as F
     from vtoken.signals import Diagnostics
 
-    solver = greedy_select.greedy_maxmin_gram
-    counter = SyncCounter()
-    calls = []
-    real = F.erank_per_segment
-
-    def unseen(*args, **kwargs):  # the kernel's solver (its own test covers its syncs)
-        counter.on = False
-        try:
-            return solver(*args, **kwargs)
-        finally:
-            counter.on = True
-
-    monkeypatch.setattr(greedy_select, "greedy_maxmin_gram", unseen)
+    counter = syncs_outside_the_solver
     g = torch.Generator().manual_seed(5)
     hs = [torch.randn(15, 6, generator=g), torch.randn(9, 6, generator=g)]
     sig = make_signals([15, 9], [6, 4], hidden=hs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
+import os
 import sys
 
 import torch
@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 from vtoken.kernels.gather_attend import _gather_attend_triton, gather_attend_reference
 from vtoken.kernels.gemv import gemv
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+from bench_kernels import graph_ms  # noqa: E402
 
 LAYERS = 32
 D_MODEL, D_FF, VOCAB = 4096, 11008, 32000
@@ -32,28 +35,10 @@ GEMV_SHAPES = {"qkv": (3 * D_MODEL, D_MODEL), "o": (D_MODEL, D_MODEL), "gate_up"
 
 
 def graph_us(calls, reps: int = 15) -> float:
-    """Median microseconds per call of ``calls`` (a list of thunks) captured as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times) * 1e3 / len(calls)
+    """Median microseconds per call of ``calls`` (a list of thunks, each captured once) in one CUDA
+    graph (``bench_kernels.graph_ms`` over the thunks in turn)."""
+    nxt = itertools.cycle(calls).__next__
+    return graph_ms(lambda: nxt()(), iters=len(calls), reps=reps) * 1e3
 
 
 def emit(row: dict, out) -> None:
