@@ -64,6 +64,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if xv.stride(0) != 1:
         xv = xv.contiguous()
     out = torch.empty(N, dtype=x.dtype, device=x.device)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
     args = (xv, weight, bias if bias is not None else out, out, N, K, weight.stride(0))
     mode, kernel = kernel_launcher(_launchers, _gemv_kernel, TUNING_TILES, ["N", "K"], tune=tiles is None,
                                    tile_names=("BLOCK_N", "BLOCK_K"))

@@ -52,6 +52,15 @@ def test_triton_reads_a_strided_weight_view():
     assert not _within_one_rounding(got, wrong, torch.float32).all()
 
 
+@needs_triton
+def test_triton_reads_a_strided_bias():
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(12, 20, generator=g), torch.randn(20, generator=g)
+    b = torch.randn(24, generator=g)[::2]  # stride 2
+    got = gemv(x, w, b, tiles=(4, 16, 1, 1), backend="triton")
+    assert _within_one_rounding(got, _exact(x, w, b), torch.float32).all()
+
+
 def test_reference_is_linear_rounded_once():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(20, 50, generator=g).to(torch.bfloat16)
