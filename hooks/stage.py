@@ -88,7 +88,7 @@ def run_stage(rt, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
         seg_index=index,
         seg_keep=keep,
         seg_scores=sel.scores,
-        diagnostics=Diagnostics(sig.diagnostics),
+        diagnostics=Diagnostics.unresolved_copy(sig.diagnostics),
     )
     ctx.trace.append(trace)
     if nothing_dropped:

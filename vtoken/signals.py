@@ -188,8 +188,19 @@ class Deferred:
 
 class Diagnostics(dict):
     """A scorer's diagnostics (``SegmentSignals.diagnostics``, ``StageStats.diagnostics``): a dict
-    whose :class:`Deferred` values are computed at their first read and kept. ``Diagnostics(other)``
-    copies the deferred values unevaluated."""
+    whose :class:`Deferred` values are computed at their first read and kept, through every way of
+    reading it (``d[k]``, ``get``, ``items``, ``values``, ``dict(d)``, ``{**d}``, ``json``, ``copy``).
+    :meth:`unresolved_copy` copies one without computing anything."""
+
+    @classmethod
+    def unresolved_copy(cls, other: dict) -> "Diagnostics":
+        out = cls()
+        for key in dict.keys(other):
+            dict.__setitem__(out, key, dict.__getitem__(other, key))
+        return out
+
+    def __iter__(self):  # (a dict subclass with its own __iter__ is copied through keys() and d[k])
+        return iter(list(dict.keys(self)))
 
     def __getitem__(self, key):
         value = super().__getitem__(key)
