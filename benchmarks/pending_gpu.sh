@@ -118,6 +118,6 @@ case "$PART" in
   8)
     USERS_MODELS=llava USERS_CACHES=static users_suite "$OUT/users_llava_static" $(( ${LIMIT:-580} / 2 )) $(( ${LIMIT:-580} / 2 - 30 )) | tail -20
     USERS_MODELS=qwen USERS_CACHES=dynamic,static users_suite "$OUT/users_qwen" 50 15 | tail -20 ;;
-  *) echo "PART must be 1, 2, 2b, 2c, 3, 4, 5 or 6"; exit 2 ;;
+  *) echo "PART must be 1, 2, 2b, 2c, 3, 4, 5, 6, 7, 8 or 9"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"

@@ -11,7 +11,8 @@ on emerging multicore platforms", 2007, for the streaming structure; any BLAS ``
 per ``BLOCK_N`` output features streams its ``[BLOCK_N, K]`` slab of W in ``[BLOCK_N, BLOCK_K]``
 tiles, multiplies each by the matching slice of ``x`` and keeps a float32 ``[BLOCK_N, BLOCK_K]``
 partial that is reduced along K once, at the end (no per-tile cross-thread reduction). No split-K,
-no second kernel, no host sync: CUDA-graph safe.
+no second kernel, no host sync: CUDA-graph safe once a first call of the weight's shape has run
+outside the capture (it compiles and, unless ``tiles`` are given, autotunes).
 
 Shapes: x ``[..., K]`` whose leading dims multiply to 1; weight ``[N, K]`` with unit stride along K
 (a row stride above K is fine: the merged-projection buffers' views); bias ``[N]`` or None. Returns
@@ -28,9 +29,10 @@ from vtoken.kernels.dispatch import cdiv, kernel_launcher, resolve_backend, tl, 
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) without autotuning (``VTOKEN_KERNELS_AUTOTUNE=0``)
 DEFAULT_TILES = (16, 256, 4, 3)
 #: what the first call of each weight shape (N, K) on a GPU times (Triton's autotuner; a CUDA graph's
-#: warm-up call does it before the capture), unless the caller names its tiles
-TUNING_TILES = ((8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (8, 512, 4, 4),
-                (16, 128, 4, 4), (4, 512, 4, 3), (32, 128, 4, 3))
+#: warm-up call does it before the capture), unless the caller names its tiles. One BLOCK_K for all:
+#: the tile along K sets the order of the float32 sums, and the result must not depend on the timing
+TUNING_TILES = ((4, 256, 4, 3), (8, 256, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3), (32, 256, 8, 3),
+                (8, 256, 4, 4), (16, 256, 4, 4), (16, 256, 8, 2))
 #: small tiles for Triton's CPU interpreter
 INTERPRETER_TILES = (8, 32, 1, 1)
 _launchers: dict = {}  # mode -> kernel (see dispatch.kernel_launcher)
@@ -49,9 +51,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             :data:`DEFAULT_TILES` with ``VTOKEN_KERNELS_AUTOTUNE=0``, small tiles in the interpreter.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
     """
-    if x.shape[-1] != weight.shape[1] or weight.dim() != 2:
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"gemv: x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)} ([N, K])")
-    if x.numel() != x.shape[-1]:
+    if x.numel() != x.shape[-1] or x.numel() == 0:
         raise ValueError(f"gemv reads one row of x; got x of shape {tuple(x.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"gemv: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
@@ -84,11 +86,13 @@ gemv_reference = torch_reference(gemv, "tiles")
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   backend: str = "auto") -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through :func:`gemv` where ``x`` is one row and the backend
-    resolves to Triton (a batch-1 decode step on CUDA); ``F.linear`` otherwise (the ``"torch"``
-    backend computes exactly what the model's own ``nn.Linear`` computes)."""
-    one_row = x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(1) == 1
+    resolves to Triton (a batch-1 decode step on CUDA); ``F.linear`` otherwise: more rows, float64,
+    mixed dtypes, tensor subclasses (quantized weights: the kernel reads plain storage only), and the
+    ``"torch"`` backend (which computes exactly what the model's own ``nn.Linear`` computes)."""
+    one_row = x.numel() == x.shape[-1] > 0 and weight.dim() == 2 and weight.stride(1) == 1
     floats = (torch.bfloat16, torch.float16, torch.float32)
-    if (one_row and x.dtype in floats and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, weight, bias) if t is not None)
+    if (one_row and plain and x.dtype in floats and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
             and resolve_backend(backend, x, weight, bias) == "triton"):
         return gemv(x, weight, bias, backend="triton")
     return F.linear(x, weight, bias)

@@ -55,9 +55,14 @@ def mergeable(linears: list) -> bool:
 
 def run_linear(module, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
     """``module(x)``, with the GEMM done by ``linear(x, weight, bias)`` where ``module`` is a plain
-    ``nn.Linear`` (a subclass, a quantized or hooked module runs its own forward)."""
+    ``nn.Linear`` and no forward hook (its own or a global one) would fire; a subclass, a quantized,
+    hooked or accelerate-wrapped module runs its own forward."""
+    from torch.nn.modules import module as _m
+
     plain = type(module) is nn.Linear and "forward" not in module.__dict__  # (accelerate swaps forward)
-    if plain and not module._forward_hooks and not module._forward_pre_hooks:
+    hooked = (module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
+              or _m._global_forward_pre_hooks)
+    if plain and not hooked:
         return linear(x, module.weight, module.bias)
     return module(x)
 

@@ -381,6 +381,14 @@ def test_batch1_gemv_inside_the_decode_graph_on_gpu(name):
     (gemv=False), pruned and unpruned, on the first call and on a replay."""
     import tiny_models as tm
     from conftest import slice_sample
+    from vtoken.kernels import gemv as G
+
+    calls = []
+    real = G.gemv
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
 
     model = (tm.tiny_llava() if name == "llava" else tm.tiny_qwen(name)).cuda()
     inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in slice_sample(get_inputs(name, model), 0, model).items()}
@@ -391,8 +399,13 @@ def test_batch1_gemv_inside_the_decode_graph_on_gpu(name):
             outs = []
             for gemv in (True, False):
                 dec = StaticDecoder(model, fused_ops=True, gemv=gemv)
-                outs += [dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS) for _ in range(2)]
-                assert dec.last["cuda_graph"]
+                calls.clear()
+                G.gemv = counted
+                try:
+                    outs += [dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS) for _ in range(2)]
+                finally:
+                    G.gemv = real
+                assert dec.last["cuda_graph"] and dec.last["gemv"] is gemv and bool(calls) is gemv
                 dec.close()
         finally:
             if handle is not None:

@@ -87,3 +87,45 @@ def test_bf16_on_gpu_at_7b_sizes(N, K):
     x = torch.randn(1, 1, K, generator=g).to("cuda", torch.bfloat16)
     got = gemv(x, w)
     assert _within_one_rounding(got.cpu(), _exact(x.cpu(), w.cpu()), torch.bfloat16).all()
+
+
+@needs_triton
+def test_skinny_linear_takes_the_kernel_for_one_plain_row_only(monkeypatch):
+    """skinny_linear runs the kernel for one row of plain tensors; more rows, a tensor subclass (a
+    quantized weight reports a float dtype but is no plain storage) or float64 go to F.linear."""
+    from vtoken.kernels import gemv as G
+
+    calls = []
+    real = G.gemv
+    monkeypatch.setattr(G, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    g = torch.Generator().manual_seed(6)
+    w, x = torch.randn(8, 16, generator=g), torch.randn(1, 16, generator=g)
+    assert torch.allclose(G.skinny_linear(x, w, backend="triton"), x @ w.T, atol=1e-5) and len(calls) == 1
+    for args in ((torch.randn(2, 16, generator=g), w), (x, w.as_subclass(Wrapped)), (x.double(), w.double())):
+        assert torch.allclose(G.skinny_linear(*args, backend="triton"), args[0] @ args[1].T, atol=1e-5)
+    assert len(calls) == 1
+
+
+def test_run_linear_keeps_the_module_forward_where_a_hook_would_fire():
+    from vtoken.kernels.merged_linear import run_linear
+
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(1, 4)
+    seen = []
+    gemm = lambda x, w, b: seen.append("gemm") or torch.nn.functional.linear(x, w, b)  # noqa: E731
+    run_linear(lin, x, gemm)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append("hook"))
+    try:
+        run_linear(lin, x, gemm)
+    finally:
+        handle.remove()
+    own = lin.register_forward_hook(lambda m, i, o: seen.append("own"))
+    try:
+        run_linear(lin, x, gemm)
+    finally:
+        own.remove()
+    assert seen == ["gemm", "hook", "own"]

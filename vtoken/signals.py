@@ -175,15 +175,24 @@ class Deferred:
     """A diagnostic computed when it is first read: ``fn(*args)``. For the ones that cost the prefill
     a host sync or a decomposition (the kept tokens' effective rank: an ``eigvalsh`` and a sync,
     ~0.4 ms of an H100 and a stall of the host per DivPrune prefill), which most calls never read.
-    ``args`` must be tensors the prefill will not overwrite (the scorers pass copies)."""
+    ``args`` must be tensors the prefill will not overwrite (the scorers pass the stage's own
+    gathers). On CUDA it is computed on the stream that made ``args`` (the reader's stream then
+    waits for it), so reading it later from another stream or thread is safe."""
 
-    __slots__ = ("fn", "args")
+    __slots__ = ("fn", "args", "stream")
 
     def __init__(self, fn, *args):
         self.fn, self.args = fn, args
+        cuda = next((a for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+        self.stream = torch.cuda.current_stream(cuda.device) if cuda is not None else None
 
     def __call__(self):
-        return self.fn(*self.args)
+        if self.stream is None:
+            return self.fn(*self.args)
+        with torch.cuda.stream(self.stream):
+            out = self.fn(*self.args)
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        return out
 
 
 class Diagnostics(dict):
@@ -212,11 +221,35 @@ class Diagnostics(dict):
     def get(self, key, default=None):
         return self[key] if key in self else default
 
+    def pop(self, key, *default):
+        if key not in self:
+            return dict.pop(self, key, *default)
+        value = self[key]
+        dict.__delitem__(self, key)
+        return value
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            dict.__setitem__(self, key, default)
+        return self[key]
+
+    def popitem(self):
+        key = next(reversed(list(dict.keys(self))))
+        return key, self.pop(key)
+
     def items(self):
         return [(k, self[k]) for k in self]
 
     def values(self):
         return [self[k] for k in self]
 
-    def __repr__(self):
+    def __eq__(self, other):
+        return isinstance(other, dict) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None
+
+    def __reduce__(self):  # pickled (torch.save, copy) as the plain dict of its computed values
+        return dict, (dict(self.items()),)
+
+    def __repr__(self):  # (computes what was deferred)
         return repr(dict(self.items()))

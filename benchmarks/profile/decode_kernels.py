@@ -84,7 +84,8 @@ def sweep_gemv(out, quick: bool) -> None:
                 best = row
             if not quick:
                 print(json.dumps(row), flush=True)
-        emit(dict(best, best=True), out)
+        if best is not None:
+            emit(dict(best, best=True), out)
         del ws
         torch.cuda.empty_cache()
 
@@ -124,7 +125,8 @@ def sweep_attention(out, quick: bool) -> None:
                 emit(dict(row, default=True), out)
             if best is None or us < best["us"]:
                 best = row
-        emit(dict(best, best=True, vs_default=round(default["us"] / best["us"], 3) if default else None), out)
+        if best is not None:
+            emit(dict(best, best=True, vs_default=round(default["us"] / best["us"], 3) if default else None), out)
         del bufs
         torch.cuda.empty_cache()
 

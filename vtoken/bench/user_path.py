@@ -42,7 +42,8 @@ def hbm_bytes_s(device) -> float:
     import torch
 
     on_cuda = torch.cuda.is_available() and torch.device(device).type == "cuda"
-    return H200_HBM_BYTES_S if on_cuda and "H200" in torch.cuda.get_device_name(device) else HBM_BYTES_S
+    name = torch.cuda.get_device_name(device) if on_cuda else ""
+    return H200_HBM_BYTES_S if "H200" in name and "GH200" not in name else HBM_BYTES_S
 METHODS = (None, "fastv", "divprune", "visionzip")
 #: ``--users-caches`` that route ``generate`` through ``apply_pruning(..., compile=...)`` (the static engine)
 _COMPILE_CACHES = {"compile": True, "compile-fused": {"fused_ops": True}}

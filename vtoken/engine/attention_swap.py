@@ -26,23 +26,38 @@ class AttentionSwap:
     def swap(self, modules) -> list:
         undo = []
         this_call: dict = {}  # id(config) -> its private copy, checked once a call
-        for module in modules:
-            cfg = module.config
-            private = this_call.get(id(cfg))
-            if private is None:
-                kept = self._kept.get(id(cfg))
-                if kept is None or kept[0] is not cfg or kept[1] != vars(cfg):
-                    kept = (cfg, dict(vars(cfg)), private_attention_config(cfg, self.impl, **self.attrs))
-                    self._kept[id(cfg)] = kept
-                private = this_call[id(cfg)] = kept[2]
-            undo.append((module, cfg))
-            _set_config(module, private)
+        try:
+            for module in modules:
+                cfg = module.config
+                private = this_call.get(id(cfg))
+                if private is None:
+                    kept = self._kept.get(id(cfg))
+                    if kept is None or kept[0] is not cfg or not _same_attributes(kept[1], vars(cfg)):
+                        kept = (cfg, dict(vars(cfg)), private_attention_config(cfg, self.impl, **self.attrs))
+                        self._kept[id(cfg)] = kept
+                    private = this_call[id(cfg)] = kept[2]
+                undo.append((module, cfg))
+                _set_config(module, private)
+        except BaseException:
+            self.restore(undo)
+            raise
+        for key in set(self._kept) - set(this_call):  # configs no module holds now
+            del self._kept[key]
         return undo
 
     @staticmethod
     def restore(undo: list) -> None:
         for module, original in undo:
             _set_config(module, original)
+
+
+def _same_attributes(then: dict, now: dict) -> bool:
+    """The same attribute names holding the same objects (identity: a value's own ``==`` may be
+    costly, ambiguous (tensors) or raise)."""
+    return len(then) == len(now) and all(now.get(k, _MISSING) is v for k, v in then.items())
+
+
+_MISSING = object()
 
 
 def _set_config(module, config) -> None:

@@ -89,8 +89,8 @@ def run_layers(layers, final_norm, h: torch.Tensor, position_embeddings, kv, gro
     prefill tail, :func:`run_prefill_layers`). ``layers[j]`` is the model's layer ``first + j``.
     ``projections``, if given, is a :class:`~vtoken.engine.merged_projections.MergedProjections` over
     the model's layers: q/k/v in one GEMM, gate/up in one. ``linear(x, weight, bias)`` computes the
-    plain ``nn.Linear`` projections' GEMMs (default ``F.linear``; the decode step passes
-    :func:`vtoken.kernels.gemv.skinny_linear`, a Triton GEMV at batch 1 on CUDA)."""
+    plain ``nn.Linear`` projections' GEMMs (default ``F.linear``; with ``gemv=True`` the decode step
+    passes :func:`vtoken.kernels.gemv.skinny_linear`, a Triton GEMV at batch 1 on CUDA)."""
     linear = linear or F.linear
     cos, sin = position_embeddings
     if cos.dim() == 4:  # M-RoPE [3, B, 1, Dh]: equal components for a decode token

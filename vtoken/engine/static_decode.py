@@ -407,7 +407,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
             cuda_graph=bool(use_graph and done > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
-            fused_ops=self.fused_ops, session_reused=reused,
+            fused_ops=self.fused_ops, gemv=self.gemv, session_reused=reused,
             merged_projections=0 if self._projections is None else self._projections.merged, decode_stages_run=0 if self.stages is None else self.stages.done,
         )
         if self.stages is not None:  # a kept engine must not hold this call's cache
