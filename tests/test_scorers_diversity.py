@@ -176,3 +176,23 @@ def test_erank_diagnostic_is_computed_when_read_not_in_the_prefill(syncs_outside
                  lambda d: dict(d)["erank"], lambda d: {**d}["erank"], lambda d: list(d.values())[0]):
         assert read(Diagnostics.unresolved_copy(copied)).tolist() == pytest.approx(want)
     assert copied["erank"] is copied["erank"]  # computed once, then kept
+
+
+def test_diagnostics_behave_as_a_dict_of_computed_values():
+    import copy
+    import pickle
+
+    from vtoken.signals import Deferred, Diagnostics
+
+    def make():
+        d = Diagnostics()
+        d["a"], d["b"] = Deferred(lambda: 7), 1
+        return d
+
+    assert make() == {"a": 7, "b": 1} and pickle.loads(pickle.dumps(make())) == {"a": 7, "b": 1}
+    assert copy.deepcopy(make()) == {"a": 7, "b": 1} and repr(make()) == repr({"a": 7, "b": 1})
+    assert make().pop("a") == 7 and make().setdefault("a") == 7 and make().pop("z", None) is None
+    d = make()
+    assert d.popitem() == ("b", 1) and d.popitem() == ("a", 7)
+    with pytest.raises(KeyError):
+        d.popitem()

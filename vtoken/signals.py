@@ -234,7 +234,9 @@ class Diagnostics(dict):
         return self[key]
 
     def popitem(self):
-        key = next(reversed(list(dict.keys(self))))
+        if not dict.__len__(self):
+            raise KeyError("popitem(): dictionary is empty")
+        key = list(dict.keys(self))[-1]
         return key, self.pop(key)
 
     def items(self):
