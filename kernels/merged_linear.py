@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module  # (the global forward hooks)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -57,11 +58,9 @@ def run_linear(module, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
     """``module(x)``, with the GEMM done by ``linear(x, weight, bias)`` where ``module`` is a plain
     ``nn.Linear`` and no forward hook (its own or a global one) would fire; a subclass, a quantized,
     hooked or accelerate-wrapped module runs its own forward."""
-    from torch.nn.modules import module as _m
-
     plain = type(module) is nn.Linear and "forward" not in module.__dict__  # (accelerate swaps forward)
-    hooked = (module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
-              or _m._global_forward_pre_hooks)
+    hooked = (module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
+              or _module._global_forward_pre_hooks)
     if plain and not hooked:
         return linear(x, module.weight, module.bias)
     return module(x)
