@@ -10,11 +10,26 @@ Triton kernels' own and is applied only where Triton runs.
 from __future__ import annotations
 
 import math
+from typing import Callable, Hashable
 
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class Verdicts(dict):
+    """Decisions taken once per key and then kept (key -> bool): whether a faster kernel computes what
+    its reference computes, judged on the first call's own inputs for that key (device, dtype,
+    shape class, what is replaced). Used by :func:`~vtoken.kernels.varlen.long_segment_attention`
+    (cuDNN against a float32 softmax) and the vision tower's fused kernels
+    (:mod:`vtoken.kernels.vision_patch`)."""
+
+    def decide(self, key: Hashable, judge: Callable[[], bool]) -> bool:
+        """The kept verdict for ``key``; ``judge()`` is called only when there is none yet."""
+        if key not in self:
+            self[key] = bool(judge())
+        return self[key]
 
 
 def softmax_scale(scale: float | None, head_dim: int) -> float:

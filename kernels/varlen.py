@@ -16,7 +16,7 @@ Shapes: q, k, v ``[Total, H, D]`` (any float dtype of fp16/bf16/fp32, any stride
 
 import torch
 
-from vtoken.kernels.checks import check_kernel_dtypes, check_varlen_args, index_tensor, softmax_scale
+from vtoken.kernels.checks import Verdicts, check_kernel_dtypes, check_varlen_args, index_tensor, softmax_scale
 from vtoken.kernels.dispatch import (cdiv, is_device_failure, kernel_launcher, next_pow2, resolve_backend, tl,
                                      torch_reference)
 from vtoken.kernels.reference import varlen_attention_torch
@@ -60,7 +60,7 @@ varlen_attention_reference = torch_reference(varlen_attention, "max_seqlen")
 LONG_SEGMENT = 4096
 #: per (device, dtype, head dim, each segment length modulo 128): whether cuDNN's output agreed with
 #: the reference on the first call's probe rows (False: refused, or disagreed: varlen runs there)
-_CUDNN_VERDICTS: dict = {}
+_CUDNN_VERDICTS = Verdicts()
 _PROBE_ROWS = 8
 
 
@@ -139,11 +139,7 @@ def long_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bo
             raise
         _CUDNN_VERDICTS[key] = False  # no cuDNN attention in this build, or not for this shape / dtype
         return None
-    if key not in _CUDNN_VERDICTS:
-        _CUDNN_VERDICTS[key] = _probe_agrees(q, k, v, out, bounds, scale)
-        if not _CUDNN_VERDICTS[key]:
-            return None
-    return out
+    return out if _CUDNN_VERDICTS.decide(key, lambda: _probe_agrees(q, k, v, out, bounds, scale)) else None
 
 
 def _varlen_kernel(

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from vtoken.kernels.checks import Verdicts
 from vtoken.kernels.decode_ops import add_rms_norm, is_rms_norm, silu_mul
 from vtoken.kernels.dispatch import resolve_backend
 from vtoken.kernels.merged_linear import MergedLinear, mergeable
@@ -93,15 +94,15 @@ class _FusedChecks:
     within a rounding step of the output dtype (:func:`_close`). ``verdicts`` holds the decisions."""
 
     def __init__(self):
-        self.verdicts: dict = {}
+        self.verdicts = Verdicts()
 
     def agrees(self, key: tuple, want: Callable, got: Callable) -> bool:
         """``want()`` / ``got()``: the tower's and the kernel's outputs (a tensor or a tuple of them)."""
-        if key not in self.verdicts:
+        def judge() -> bool:
             w, g = want(), got()
             w, g = (w,) if torch.is_tensor(w) else w, (g,) if torch.is_tensor(g) else g
-            self.verdicts[key] = all(g_.shape == w_.shape and _close(g_, w_) for g_, w_ in zip(g, w))
-        return self.verdicts[key]
+            return all(g_.shape == w_.shape and _close(g_, w_) for g_, w_ in zip(g, w))
+        return self.verdicts.decide(key, judge)
 
 
 def _is_rms_norm_block(block: nn.Module) -> bool:

@@ -1,0 +1,117 @@
+"""Where the batch-1 pruned ``generate`` waits for the GPU (issue 23, item 2), found on the CPU.
+
+    python benchmarks/profile/host_syncs.py [--methods none,fastv,divprune] [--keep 8] [--new-tokens 1]
+
+A CUDA call that needs a value computed on the GPU (``.item()``, ``int(t)``, ``bool(t)``,
+``.tolist()``, ``.cpu()``, ``torch.nonzero``, boolean-mask indexing, ``masked_select``, ``unique``,
+``repeat_interleave`` without ``output_size``) makes the host wait until the GPU has run everything
+queued before it, so the launches after it no longer overlap the GPU's work: session 19's H100
+profile of a pruned TTFT counted 18 ``cudaStreamSynchronize`` calls, 5.4 ms of host time, in a
+15.7 ms call whose GPU was busy 10.4 ms. This script runs the bench's tiny LLaVA on the CPU through
+``apply_pruning(..., compile={"fused_ops": True})`` and ``generate(max_new_tokens=N)`` (after one
+warm-up call), records every such call with the innermost frames of vtoken and transformers that
+made it, and prints one line per call site with its count. On the CPU none of these waits costs
+anything; on a GPU each one is a ``cudaStreamSynchronize`` (``.cpu()`` / ``.tolist()`` of a CPU
+tensor count too, since on the GPU the same tensor would be on the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import traceback
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vtoken
+from vtoken.bench import models as M
+
+#: aten ops whose CUDA kernels return a value whose size or content the host must read
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
+               "unique_dim", "repeat_interleave", "equal", "is_nonzero"}
+#: Tensor methods that copy to the host (no aten op on a CPU tensor, a device-to-host copy on CUDA)
+HOST_COPIES = ("cpu", "tolist", "numpy")
+
+
+def call_site(skip: int = 3, depth: int = 3) -> str:
+    """The innermost ``depth`` frames of the project or transformers (``file:line function``)."""
+    frames = [f for f in traceback.extract_stack()[:-skip]
+              if ("/vtoken/" in f.filename or "/transformers/" in f.filename) and "host_syncs" not in f.filename]
+    return " <- ".join(f"{f.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno} {f.name}"
+                       for f in reversed(frames[-depth:]))
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Counts the calls that would make the host wait for the GPU, by call site."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCING_OPS and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            self.sites[f"{name:20s} {call_site()}"] += 1
+        elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                     for i in (args[1] if len(args) > 1 else ())):
+            self.sites[f"{'index(bool)':20s} {call_site()}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def recording():
+    """Yields a :class:`SyncRecorder` recording dispatched ops and the host-copy methods."""
+    rec = SyncRecorder()
+    originals = {m: getattr(torch.Tensor, m) for m in HOST_COPIES}
+
+    def wrap(m):
+        def method(self, *a, **k):
+            rec.sites[f"{m:20s} {call_site(skip=2)}"] += 1
+            return originals[m](self, *a, **k)
+        return method
+
+    try:
+        for m in HOST_COPIES:
+            setattr(torch.Tensor, m, wrap(m))
+        with rec:
+            yield rec
+    finally:
+        for m, fn in originals.items():
+            setattr(torch.Tensor, m, fn)
+
+
+def syncs_of_generate(model, inputs, method: str, keep: int, new_tokens: int, engine: dict) -> collections.Counter:
+    """The call sites of one ``generate`` (after a warm-up call) with a handle of ``method``."""
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=engine)
+    try:
+        def gen():
+            return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        gen()
+        with recording() as rec:
+            gen()
+        return rec.sites
+    finally:
+        handle.remove()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="none,fastv,divprune")
+    p.add_argument("--keep", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = M.build_llava(True, torch.device("cpu"), torch.float32)
+    inputs = M.llava_inputs(model, 1)
+    for method in args.methods.split(","):
+        sites = syncs_of_generate(model, inputs, method, args.keep, args.new_tokens, {"fused_ops": True})
+        print(f"== {method}: {sum(sites.values())} host waits at {len(sites)} call sites")
+        for site, n in sites.most_common():
+            print(f"{n:4d}  {site}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
