@@ -6,7 +6,9 @@
 LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
 check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
 time of 15 calls after 3 warm-ups; one call under ``cProfile`` (host time per Python function:
-``DIR/METHOD.cprofile.txt``); one call under ``torch.profiler`` (``DIR/METHOD.ops.txt``: ops by
+``DIR/METHOD.cprofile.txt``); on CUDA one call under ``torch.cuda.set_sync_debug_mode`` (where the
+host waits for the GPU: ``DIR/METHOD.syncs.txt``, the count in the row's ``host_waits``); one call
+under ``torch.profiler`` (``DIR/METHOD.ops.txt``: ops by
 self CPU time; the summed GPU kernel time, i.e. how long the GPU was busy out of the wall time).
 With ``--decode-batch B[,B2...]``: per method and batch, ``generate(max_new_tokens=33,
 min_new_tokens=33)`` with the token choice inside the captured step (plain greedy) and on the host
@@ -55,6 +57,24 @@ def _profiled(fn, dev):
     return events, sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1000
 
 
+def _host_waits(fn, dev, path: str):
+    """The number of times one ``fn()`` makes the host wait for the GPU (CUDA only, else None), and
+    each call site with its count in ``path`` (``benchmarks/profile/host_syncs.py``)."""
+    if dev.type != "cuda":
+        return None
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "profile"))
+    from host_syncs import cuda_waits
+
+    with cuda_waits() as sites:
+        fn()
+    _sync(dev)
+    with open(path, "w") as f:
+        f.writelines(f"{n:4d}  {site}\n" for site, n in sites.most_common())
+    return sum(sites.values())
+
+
 #: ``--variants``: the engine's options besides ``fused_ops`` (file-name suffix, options)
 VARIANTS = {"merged": ("", {}), "separate": ("-nomerge", {"merge_projections": False}),
             "gemv": ("-gemv", {"gemv": True})}
@@ -96,6 +116,7 @@ def profile_method(model, inputs, method: str, keep: int, out: str, dev, variant
         with open(os.path.join(out, f"{method}{_suffix(variant)}.cprofile.txt"), "w") as f:
             f.write(text.getvalue())
         events, gpu_ms = _profiled(gen, dev)
+        waits = _host_waits(gen, dev, os.path.join(out, f"{method}{_suffix(variant)}.syncs.txt"))
         with open(os.path.join(out, f"{method}{_suffix(variant)}.ops.txt"), "w") as f:
             f.write(events.table(sort_by="self_cpu_time_total", row_limit=60))
             if dev.type == "cuda":
@@ -104,7 +125,7 @@ def profile_method(model, inputs, method: str, keep: int, out: str, dev, variant
         last = dict(model.generate.route.decoder.last) if hasattr(model.generate, "route") else {}
         return dict(method=method, keep=keep, ttft_ms_median=statistics.median(times),
                     ttft_ms_min=min(times), ttft_ms_max=max(times), gpu_busy_ms=gpu_ms,
-                    profiler_op_calls=n_ops, engine_last={k: v for k, v in last.items()
+                    profiler_op_calls=n_ops, host_waits=waits, engine_last={k: v for k, v in last.items()
                                                           if isinstance(v, (int, float, str, bool, type(None)))})
     finally:
         handle.remove()

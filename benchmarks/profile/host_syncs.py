@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import traceback
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,6 +81,31 @@ def recording():
     finally:
         for m, fn in originals.items():
             setattr(torch.Tensor, m, fn)
+
+
+@contextlib.contextmanager
+def cuda_waits():
+    """On CUDA: yields a Counter of the call sites where PyTorch reports a synchronizing operation
+    (``torch.cuda.set_sync_debug_mode("warn")``: every device-to-host copy, ``item``, ``nonzero``...),
+    each recorded from the warning's own Python stack."""
+    sites = collections.Counter()
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if "synchroniz" in str(message):
+            sites[call_site(skip=2, depth=4)] += 1
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = shown
 
 
 def syncs_of_generate(model, inputs, method: str, keep: int, new_tokens: int, engine: dict) -> collections.Counter:
