@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import traceback
 import warnings
 
@@ -27,6 +28,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtoken
+import vtoken.hooks
+import vtoken.kernels
+import vtoken.scorers
 from vtoken.bench import models as M
 
 #: aten ops whose CUDA kernels return a value whose size or content the host must read
@@ -36,11 +40,20 @@ SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "u
 HOST_COPIES = ("cpu", "tolist", "numpy")
 
 
+#: where vtoken's modules live (``vtoken.hooks`` / ``scorers`` / ``kernels`` are top-level folders of
+#: a checkout, outside ``vtoken/``)
+SOURCES = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                for m in (vtoken, vtoken.hooks, vtoken.scorers, vtoken.kernels))
+
+
+def _shown(filename: str) -> bool:
+    return (filename.startswith(SOURCES) or f"{os.sep}transformers{os.sep}" in filename) and "host_syncs" not in filename
+
+
 def call_site(skip: int = 3, depth: int = 3) -> str:
-    """The innermost ``depth`` frames of the project or transformers (``file:line function``)."""
-    frames = [f for f in traceback.extract_stack()[:-skip]
-              if ("/vtoken/" in f.filename or "/transformers/" in f.filename) and "host_syncs" not in f.filename]
-    return " <- ".join(f"{f.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno} {f.name}"
+    """The innermost ``depth`` frames of vtoken or transformers (``file:line function``)."""
+    frames = [f for f in traceback.extract_stack()[:-skip] if _shown(f.filename)]
+    return " <- ".join(f"{f.filename.split('site-packages/')[-1].split(os.sep + 'main' + os.sep)[-1]}:{f.lineno} {f.name}"
                        for f in reversed(frames[-depth:]))
 
 
