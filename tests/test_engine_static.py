@@ -416,3 +416,26 @@ def test_batch1_gemv_inside_the_decode_graph_on_gpu(name):
 def test_gemv_option_needs_fused_ops():
     with pytest.raises(vtoken.PruningConfigError, match="fused_ops"):
         StaticDecoder(get_model("llava"), gemv=True)
+
+
+@pytest.mark.parametrize("suppress", [SUPPRESS, torch.tensor(SUPPRESS)])
+def test_suppressed_tokens_add_no_host_wait(suppress):
+    """A call with ``suppress_tokens`` as a list waits for the device no more often than one without
+    (the kept session's signature holds the ids read on the host before the prefill: a device copy
+    read back there would wait for the eager prefill before the captured tail could be launched); a
+    tensor of ids is read once, and keys the kept session like the same list."""
+    from conftest import count_syncs
+
+    model = get_model("llava")
+    inputs = get_inputs("llava", model)
+    dec = StaticDecoder(model, graph_prefill=True)
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+        def call(tokens):
+            return lambda: dec.generate(**inputs, max_new_tokens=1, suppress_tokens=tokens, eos_token_id=[])
+        call(SUPPRESS)(), call(None)()  # (one kept session: each call below makes its own again)
+        with_ids, without = count_syncs(call(suppress)), count_syncs(call(None))
+        reference = model.generate(**inputs, max_new_tokens=1, do_sample=False, suppress_tokens=SUPPRESS, eos_token_id=[])
+        for reused in (False, True):
+            assert torch.equal(call(suppress)(), reference)
+            assert dec.last["session_reused"] is reused
+    assert with_ids <= without + (0 if isinstance(suppress, list) else 1), (with_ids, without)

@@ -275,7 +275,11 @@ class StaticDecoder(_Prefill, _KVBuffers):
         split = (self.graph_prefill if self.graph_prefill is not None else use_graph) and chunk >= B and not decode_plan
         stop = self._stop_layer() if split else None
         graphs = dev.type == "cuda" and use_graph
-        suppress = None if not suppress_tokens else torch.tensor(list(suppress_tokens), dtype=torch.long, device=dev)
+        # the ids on the host (a session's signature holds them: reading a device copy there would wait
+        # for the prefill's GPU work before the captured tail could be launched)
+        suppress_ids = None if suppress_tokens is None else tuple(
+            suppress_tokens.reshape(-1).tolist() if torch.is_tensor(suppress_tokens) else map(int, suppress_tokens)) or None
+        suppress = None if suppress_ids is None else torch.tensor(suppress_ids, dtype=torch.long, device=dev)
         like = next(self.adapter.text_model.parameters())
 
         sync(); t0 = time.perf_counter()
@@ -300,8 +304,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             else:
                 signature = (B, tuple(v.shape[1] for v in valids), stop, tuple(tail["hidden"].shape),
                              None if tail["mask"] is None else (tuple(tail["mask"].shape), tail["mask"].dtype),
-                             tuple(tail["position_embeddings"][0].shape), None if suppress is None else
-                             tuple(suppress.tolist()), like.dtype, str(dev), self.backend)
+                             tuple(tail["position_embeddings"][0].shape), suppress_ids, like.dtype, str(dev), self.backend)
                 # the kept session (every tensor a captured graph reads lives on it, not in this call's
                 # locals, or a replay would read freed memory), or a new one kept for later calls
                 reused = self._session is not None and self._session.serves(signature, T)
