@@ -1,12 +1,8 @@
-import collections
-import contextlib
 import os
 import sys
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -123,51 +119,6 @@ def arch(request):
 
 
 # -- host syncs ---------------------------------------------------------------------------------
-# The ATen ops that wait for the device (``.item()`` / ``int(t)``, ``nonzero``, ``bool(t)``,
-# ``torch.equal``), and the Python-level copies to the host (``tolist``, ``numpy``, ``cpu``), which
-# do not reach the dispatcher on the CPU but wait for the queued work on a GPU. Counted on the CPU
-# (the same calls on CUDA).
-SYNC_OPS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
-                      "aten.is_nonzero.default"})
-TRANSFER_CALLS = frozenset({"tolist", "numpy", "cpu"})
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts the sync-causing ATen ops while active (and ``on``); ``found`` by op name."""
-
-    def __init__(self):
-        super().__init__()
-        self.on = True
-        self.found = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.on and str(func) in SYNC_OPS:
-            self.found[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.found.values())
-
-
-class TransferCounter(TorchFunctionMode):
-    """Counts ``Tensor.tolist`` / ``numpy`` / ``cpu`` calls while active (a copy to the host)."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in TRANSFER_CALLS:
-            self.found[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_syncs(fn, transfers: bool = True) -> int:
-    """Host syncs while ``fn()`` runs: sync-causing ATen ops, plus (``transfers``) copies to the
-    host by ``tolist`` / ``numpy`` / ``cpu`` (counted even of CPU tensors: on a GPU they wait)."""
-    ops, copies = SyncCounter(), TransferCounter()
-    with copies if transfers else contextlib.nullcontext(), ops:
-        fn()
-    return ops.total + (sum(copies.found.values()) if transfers else 0)
+# counted on the CPU by vtoken.bench.host_waits (the ops that wait for the device on a GPU, and the
+# copies to the host): SyncCounter, TransferCounter, count_syncs
+from vtoken.bench.host_waits import SyncCounter, TransferCounter, count_syncs  # noqa: E402,F401

@@ -71,7 +71,7 @@ def _host_waits(fn, dev, path: str):
         fn()
     _sync(dev)
     with open(path, "w") as f:
-        f.writelines(f"{n:4d}  {site}\n" for site, n in sites.most_common())
+        f.writelines(f"{n:4d}  {where}\n" for (_, where), n in sites.most_common())
     return sum(sites.values())
 
 

@@ -20,80 +20,23 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import os
-import traceback
 import warnings
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtoken
-import vtoken.hooks
-import vtoken.kernels
-import vtoken.scorers
 from vtoken.bench import models as M
-
-#: aten ops whose CUDA kernels return a value whose size or content the host must read
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
-               "unique_dim", "repeat_interleave", "equal", "is_nonzero"}
-#: Tensor methods that copy to the host (no aten op on a CPU tensor, a device-to-host copy on CUDA)
-HOST_COPIES = ("cpu", "tolist", "numpy")
-
-
-#: where vtoken's modules live (``vtoken.hooks`` / ``scorers`` / ``kernels`` are top-level folders of
-#: a checkout, outside ``vtoken/``)
-SOURCES = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                for m in (vtoken, vtoken.hooks, vtoken.scorers, vtoken.kernels))
-
-
-def _shown(filename: str) -> bool:
-    return (filename.startswith(SOURCES) or f"{os.sep}transformers{os.sep}" in filename) and "host_syncs" not in filename
-
-
-def call_site(skip: int = 3, depth: int = 3) -> str:
-    """The innermost ``depth`` frames of vtoken or transformers (``file:line function``)."""
-    frames = [f for f in traceback.extract_stack()[:-skip] if _shown(f.filename)]
-    return " <- ".join(f"{f.filename.split('site-packages/')[-1].split(os.sep + 'main' + os.sep)[-1]}:{f.lineno} {f.name}"
-                       for f in reversed(frames[-depth:]))
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Counts the calls that would make the host wait for the GPU, by call site."""
-
-    def __init__(self):
-        super().__init__()
-        self.sites = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        if name in SYNCING_OPS and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
-            self.sites[f"{name:20s} {call_site()}"] += 1
-        elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                     for i in (args[1] if len(args) > 1 else ())):
-            self.sites[f"{'index(bool)':20s} {call_site()}"] += 1
-        return func(*args, **(kwargs or {}))
+from vtoken.bench.host_waits import SIZE_SYNC_OPS, SYNC_OPS, SyncCounter, TransferCounter, call_site
 
 
 @contextlib.contextmanager
 def recording():
-    """Yields a :class:`SyncRecorder` recording dispatched ops and the host-copy methods."""
-    rec = SyncRecorder()
-    originals = {m: getattr(torch.Tensor, m) for m in HOST_COPIES}
-
-    def wrap(m):
-        def method(self, *a, **k):
-            rec.sites[f"{m:20s} {call_site(skip=2)}"] += 1
-            return originals[m](self, *a, **k)
-        return method
-
-    try:
-        for m in HOST_COPIES:
-            setattr(torch.Tensor, m, wrap(m))
-        with rec:
-            yield rec
-    finally:
-        for m, fn in originals.items():
-            setattr(torch.Tensor, m, fn)
+    """Yields a Counter of (what waits, call site) filled while the block runs (on any device)."""
+    sites = collections.Counter()
+    ops, copies = SyncCounter(SYNC_OPS | SIZE_SYNC_OPS, where=call_site), TransferCounter(where=call_site)
+    with copies, ops:
+        yield sites
+    sites.update({(name.replace("aten.", "").replace(".default", ""), where): n for (name, where), n in (ops.sites + copies.sites).items()})
 
 
 @contextlib.contextmanager
@@ -106,7 +49,7 @@ def cuda_waits():
 
     def show(message, category, *args, **kwargs):
         if "synchroniz" in str(message):
-            sites[call_site(skip=2, depth=4)] += 1
+            sites[("cuda sync", call_site(depth=4))] += 1
         else:
             shown(message, category, *args, **kwargs)
 
@@ -128,9 +71,9 @@ def syncs_of_generate(model, inputs, method: str, keep: int, new_tokens: int, en
         def gen():
             return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         gen()
-        with recording() as rec:
+        with recording() as sites:
             gen()
-        return rec.sites
+        return sites
     finally:
         handle.remove()
 
@@ -147,8 +90,8 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         sites = syncs_of_generate(model, inputs, method, args.keep, args.new_tokens, {"fused_ops": True})
         print(f"== {method}: {sum(sites.values())} host waits at {len(sites)} call sites")
-        for site, n in sites.most_common():
-            print(f"{n:4d}  {site}")
+        for (what, where), n in sites.most_common():
+            print(f"{n:4d}  {what:32s} {where}")
     return 0
 
 

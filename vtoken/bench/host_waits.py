@@ -1,0 +1,119 @@
+"""Where the host would wait for the GPU, counted on any device (issue 23 item 2; the tests' sync counts).
+
+On CUDA, every call that needs a value the GPU computed (``.item()``, ``int(t)``, ``bool(t)``,
+``nonzero``, ``torch.equal``...) and every copy to the host (``tolist``, ``numpy``, ``cpu``) waits
+until the GPU has run everything queued before it, so the launches after it no longer overlap the
+GPU's work. The same calls are made on the CPU, where they cost nothing: counting them there finds
+the waits without a GPU. :class:`SyncCounter` counts the ATen ops (a dispatch mode: the same ops
+on CUDA); :class:`TransferCounter` the copies, which on a CPU tensor never reach the dispatcher (a
+function mode). With ``where`` (e.g. :func:`call_site`) both also count by the code that made the
+call (``benchmarks/profile/host_syncs.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import traceback
+from typing import Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: ATen ops that read a device value on the host (what the tests count)
+SYNC_OPS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
+                      "aten.is_nonzero.default"})
+#: and the ops whose CUDA kernels size their output from device values (``aten.index.Tensor``
+#: counted only with a bool index, ``repeat_interleave`` only without ``output_size``)
+SIZE_SYNC_OPS = frozenset({"aten.masked_select.default", "aten._unique2.default", "aten.unique_consecutive.default",
+                           "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.index.Tensor"})
+#: ``Tensor`` methods that copy to the host
+TRANSFER_CALLS = frozenset({"tolist", "numpy", "cpu"})
+
+
+def _waits(name: str, args, kwargs) -> bool:
+    """Whether this call of a counted op waits: boolean-mask indexing only with a bool index,
+    ``repeat_interleave`` only without ``output_size``."""
+    if name == "aten.index.Tensor":
+        return len(args) > 1 and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
+    if name == "aten.repeat_interleave.Tensor":
+        return (kwargs or {}).get("output_size") is None
+    return True
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ``ops`` (default :data:`SYNC_OPS`) while active and ``on``: ``found`` by op name;
+    with ``where`` (a callable returning a string), ``sites`` by (op, ``where()``)."""
+
+    def __init__(self, ops: frozenset = SYNC_OPS, where: Optional[Callable[[], str]] = None):
+        super().__init__()
+        self.on, self.ops, self.where = True, ops, where
+        self.found, self.sites = collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if self.on and name in self.ops and _waits(name, args, kwargs):
+            self.found[name] += 1
+            if self.where is not None:
+                self.sites[(name, self.where())] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.found.values())
+
+
+class TransferCounter(TorchFunctionMode):
+    """Counts ``Tensor.tolist`` / ``numpy`` / ``cpu`` calls while active (a copy to the host);
+    ``found`` by method, ``sites`` by (method, ``where()``) with ``where``."""
+
+    def __init__(self, where: Optional[Callable[[], str]] = None):
+        super().__init__()
+        self.where = where
+        self.found, self.sites = collections.Counter(), collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in TRANSFER_CALLS:
+            self.found[name] += 1
+            if self.where is not None:
+                self.sites[(name, self.where())] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn: Callable[[], object], transfers: bool = True) -> int:
+    """Host syncs while ``fn()`` runs: the :data:`SYNC_OPS`, plus (``transfers``) copies to the host
+    by ``tolist`` / ``numpy`` / ``cpu`` (counted even of CPU tensors: on a GPU they wait)."""
+    ops, copies = SyncCounter(), TransferCounter()
+    with copies if transfers else contextlib.nullcontext(), ops:
+        fn()
+    return ops.total + (sum(copies.found.values()) if transfers else 0)
+
+
+def _sources() -> tuple:
+    import vtoken
+    import vtoken.hooks
+    import vtoken.kernels
+    import vtoken.scorers
+
+    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (vtoken, vtoken.hooks, vtoken.scorers, vtoken.kernels))
+
+
+def call_site(depth: int = 3) -> str:
+    """The innermost ``depth`` frames of vtoken or transformers on the stack (``file:line function``,
+    innermost first; this module's own frames left out)."""
+    sources, here = _sources(), os.path.abspath(__file__)
+    tf = f"{os.sep}transformers{os.sep}"
+    frames = [f for f in traceback.extract_stack()
+              if f.filename != here and (f.filename.startswith(sources) or tf in f.filename)]
+    return " <- ".join(f"{_short(f.filename, sources)}:{f.lineno} {f.name}" for f in reversed(frames[-depth:]))
+
+
+def _short(filename: str, sources: tuple) -> str:
+    for root in sources:
+        if filename.startswith(root):
+            return os.path.join(os.path.basename(root.rstrip(os.sep)), filename[len(root):])
+    return filename.split("site-packages" + os.sep)[-1]
