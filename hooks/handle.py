@@ -7,6 +7,7 @@ attributes undone); it is also a context manager; ``stats`` describes the last p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Optional
@@ -19,6 +20,7 @@ from vtoken.hooks.checkpointing import checkpointing
 from vtoken.hooks.generation_check import cached_generation_check
 from vtoken.hooks.kv_cache import STATE_ATTR, fixed_slots_of
 from vtoken.hooks.runtime import Runtime
+from vtoken.hooks.stage import check_budget
 from vtoken.hooks.stats import build_stats
 from vtoken.kernels import patch_vision_varlen
 from vtoken.methods import build_plan, method_spec, with_model_depth
@@ -120,6 +122,24 @@ class PruningHandle:
         """layer -> decode scorer: the layers whose attention scores keep accumulating (and with which
         scorer's rule) during decode steps once the first ``done`` decode stages have run."""
         return {} if self.decode_runtime is None else self.decode_runtime.accumulating_layers(done)
+
+    @contextlib.contextmanager
+    def deferred_checks(self):
+        """Within the block (this thread), the budget checks of each pruned forward (a non-adaptive
+        scorer kept exactly its budget per segment; reading the counts waits for the device) are
+        collected instead of run when the forward ends, and run when the block ends without an
+        error: an engine opens it around a prefill whose output it reads back anyway, so that no
+        wait falls between the prefill's eager part and its captured tail. The checks raise what
+        they raise at a forward's end."""
+        tls = self.runtime.tls
+        outer, tls.deferred_checks = getattr(tls, "deferred_checks", None), []
+        pending = tls.deferred_checks
+        try:
+            yield
+        finally:
+            tls.deferred_checks = outer
+        for name, got, budget in pending:
+            check_budget(name, got, budget)
 
     def on_remove(self, undo) -> None:
         """Run ``undo()`` at :meth:`remove` (before the handle's own hooks come off): how an engine

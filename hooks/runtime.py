@@ -161,8 +161,12 @@ class Runtime:
         labels, self.tls.labels = getattr(self.tls, "labels", None), None
         if labels is not None and ctx.relaid and ctx.mode in ("prefill", "replay"):
             follow_layout(labels, ctx.cur_pos)
-        for name, got, budget in ctx.checks or ():
-            check_budget(name, got, budget)
+        deferred = getattr(self.tls, "deferred_checks", None)
+        if deferred is not None:  # an engine checks them where it waits for the device anyway
+            deferred.extend(ctx.checks or ())
+        else:
+            for name, got, budget in ctx.checks or ():
+                check_budget(name, got, budget)
         if ctx.mode == "prefill" and ctx.fixed is not None and ctx.state is not None:
             # from now on the cache's steps take the traced path (on_fixed_slot_step)
             setattr(ctx.fixed, FIXED_ATTR, FixedSlots([st.valid for st in ctx.state.stages]))

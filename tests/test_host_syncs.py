@@ -354,3 +354,57 @@ def test_stats_cost_no_syncs_per_sample(arch, method, options):
             assert torch.equal(stb.kept[b], st1.kept[0]) and stb.counts[b] == st1.counts[0]
             torch.testing.assert_close(stb.scores[b], st1.scores[0], equal_nan=True)
     assert any(bool(torch.isfinite(st.scores[0]).any()) for st in single.stages)  # scores were read
+
+
+def test_deferred_checks_run_when_the_block_ends():
+    """``handle.deferred_checks()``: a broken scorer's forward returns inside the block and the
+    check raises at its end (the same error); a block left by an error runs none of its checks and
+    the next forward outside it checks at its own end again."""
+    from vtoken.plan import Stage
+
+    model = get_model("llava")
+    inputs = get_inputs("llava", model, variant="single")
+    with vtoken.apply_pruning(model, plan=[Stage(layer=2, scorer=_GreedyScorer(), keep=8)]) as handle, torch.no_grad():
+        with pytest.raises(RuntimeError, match="kept .* tokens, budget was"):
+            with handle.deferred_checks():
+                model(**inputs)  # does not raise here
+                reached = True
+        assert reached
+        with pytest.raises(KeyError, match="own error"):
+            with handle.deferred_checks():
+                model(**inputs)
+                raise KeyError("own error")
+        with pytest.raises(RuntimeError, match="kept .* tokens, budget was"):
+            model(**inputs)
+    with vtoken.apply_pruning(model, method="divprune", keep=4) as handle, torch.no_grad(), handle.deferred_checks():
+        model(**inputs)  # a scorer that keeps its budget passes
+
+
+def test_engine_checks_budgets_after_launching_the_captured_tail(monkeypatch):
+    """The static engine's pruned prefill checks the scorers' budgets (a wait for the device) only
+    after the captured prefill tail is launched, not between the eager part and the tail."""
+    import vtoken.hooks.handle as handle_module
+    import vtoken.hooks.runtime as runtime_module
+    from vtoken.engine import StaticDecoder
+    from vtoken.engine.prefill import _Prefill
+
+    events = []
+    original = runtime_module.check_budget
+    for module in (handle_module, runtime_module):  # where the runtime and the handle call it
+        monkeypatch.setattr(module, "check_budget", lambda *a: (events.append("check"), original(*a))[1],
+                            raising=False)
+    make_tail = _Prefill._make_tail
+
+    def recorded_tail(self, session, stop):
+        run = make_tail(self, session, stop)
+        return lambda: (events.append("tail"), run())[1]
+
+    monkeypatch.setattr(_Prefill, "_make_tail", recorded_tail)
+    model = get_model("llava")
+    inputs = get_inputs("llava", model, variant="single")
+    with vtoken.apply_pruning(model, method="divprune", keep=4):
+        ref = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=[])
+        events.clear()
+        got = StaticDecoder(model, graph_prefill=True).generate(**inputs, max_new_tokens=3, eos_token_id=[])
+    assert torch.equal(got, ref)
+    assert events == ["tail", "check"], events

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Optional
 
@@ -105,6 +106,11 @@ class _Prefill:
         if captured.get("pos") is None:
             raise PruningConfigError("StaticDecoder could not read the prefill's position ids")
         return logits, captured["pos"], cache, tail
+
+    def _deferred_checks(self):
+        """The handle's :meth:`~vtoken.hooks.PruningHandle.deferred_checks`, or a null context."""
+        handle = self._handle
+        return contextlib.nullcontext() if handle is None else handle.deferred_checks()
 
     def _needs_vision(self) -> bool:
         """Whether the attached plan reads vision-encoder attention, required or optional (captured

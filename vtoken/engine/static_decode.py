@@ -57,7 +57,7 @@ import torch
 
 from vtoken.adapters import get_adapter
 from vtoken.engine.attention_swap import AttentionSwap
-from vtoken.engine.eos import CHECK_EVERY, EndWatch, finish
+from vtoken.engine.eos import CHECK_EVERY, EndWatch, finish, special_ids
 from vtoken.engine.graphs import _capture, _GraphedForward, _Session
 from vtoken.engine.merged_projections import MergedProjections
 from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_inputs
@@ -236,9 +236,16 @@ class StaticDecoder(_Prefill, _KVBuffers):
     _capture = staticmethod(_capture)  # graphs._capture; ``self._capture`` in the prefill and generate
 
     # -------------------------------------------------------------- generate
+    def generate(self, *args, **kwargs):
+        """:meth:`_generate` with the handle's budget checks run at its end, where it reads the tokens
+        back anyway (:meth:`~vtoken.hooks.PruningHandle.deferred_checks`), not between the prefill's
+        eager part and its captured tail."""
+        with self._deferred_checks():
+            return self._generate(*args, **kwargs)
+
     @torch.no_grad()
-    def generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
-                 prefill_batch: Optional[int] = None, timing: bool = False, next_token=None, **inputs):
+    def _generate(self, max_new_tokens: int = 16, eos_token_id=None, pad_token_id=None, suppress_tokens=None,
+                  prefill_batch: Optional[int] = None, timing: bool = False, next_token=None, **inputs):
         """``next_token``: logits ``[B, V]`` (float32) -> next tokens ``[B]``, or None to stop; run between
         steps, outside the captured one (which then writes logits, not their argmax; EOS is the caller's)."""
         input_ids = inputs.get("input_ids")
@@ -251,12 +258,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
             raise PruningConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
             raise PruningConfigError(f"prefill_batch must be a positive int or None, got {prefill_batch!r}")
-        gen_cfg = getattr(self.model, "generation_config", None)
-        eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
-        pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
-        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        if pad is None:
-            pad = eos_ids[0] if eos_ids else 0
+        eos_ids, pad, suppress_ids = special_ids(getattr(self.model, "generation_config", None), eos_token_id,
+                                                 pad_token_id, suppress_tokens)  # on the host, before any work
         dev = input_ids.device
         if self.cuda_graph and dev.type != "cuda":
             raise PruningConfigError(f"cuda_graph=True needs a model on a CUDA device; the inputs are on {dev}")
@@ -275,10 +278,6 @@ class StaticDecoder(_Prefill, _KVBuffers):
         split = (self.graph_prefill if self.graph_prefill is not None else use_graph) and chunk >= B and not decode_plan
         stop = self._stop_layer() if split else None
         graphs = dev.type == "cuda" and use_graph
-        # the ids on the host (a session's signature holds them: reading a device copy there would wait
-        # for the prefill's GPU work before the captured tail could be launched)
-        suppress_ids = None if suppress_tokens is None else tuple(
-            suppress_tokens.reshape(-1).tolist() if torch.is_tensor(suppress_tokens) else map(int, suppress_tokens)) or None
         suppress = None if suppress_ids is None else torch.tensor(suppress_ids, dtype=torch.long, device=dev)
         like = next(self.adapter.text_model.parameters())
 
