@@ -18,6 +18,7 @@ from vtoken.hooks.probe import chain_probe, install_probe
 from vtoken.hooks.call_state import GenerateSession
 from vtoken.hooks.checkpointing import checkpointing
 from vtoken.hooks.generation_check import cached_generation_check
+from vtoken.hooks.host_checks import install_placeholder_mask, without_full_mask
 from vtoken.hooks.kv_cache import STATE_ATTR, fixed_slots_of
 from vtoken.hooks.runtime import Runtime
 from vtoken.hooks.stage import check_budget
@@ -228,11 +229,12 @@ def attach(model, method="fastv", keep=64, plan=None, backend: str = "auto", vis
             lambda m, a, kw, out: None if fixed_slots_of(kw) is not None else runtime.on_multimodal_done(),
             with_kwargs=True, always_call=True)
         tm_params = _param_names(adapter.text_model)
-        h3 = adapter.text_model.register_forward_pre_hook(
-            lambda m, a, kw: None if fixed_slots_of(kw) is not None else runtime.on_text_call(
-                {**dict(zip(tm_params, a)), **kw}), with_kwargs=True
-        )
+        h3 = adapter.text_model.register_forward_pre_hook(functools.partial(_text_hook, runtime, tm_params),
+                                                          with_kwargs=True)
         undo += [h1.remove, h2.remove, h3.remove]
+        unpatch = install_placeholder_mask(mm, runtime)  # counted on the host: no wait after the tower
+        if unpatch is not None:
+            undo.append(unpatch)
         for idx in range(runtime.first_layer, runtime.num_layers):
             hook = functools.partial(_layer_hook, runtime, idx)
             undo.append(adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).remove)
@@ -344,6 +346,15 @@ def _param_names(module) -> list:
     """Positional parameter names of ``module.forward`` (to read positional call arguments)."""
     params = inspect.signature(module.forward).parameters.values()
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _text_hook(runtime, names, module, args, kwargs):
+    """The language model's pre-hook: the runtime reads the call; a pruned prefill whose mask is all
+    ones goes on without it (:func:`vtoken.hooks.host_checks.without_full_mask`)."""
+    if fixed_slots_of(kwargs) is not None:
+        return None
+    runtime.on_text_call({**dict(zip(names, args)), **kwargs})
+    return without_full_mask(runtime.ctx, runtime.attn_impl(), args, kwargs)
 
 
 def _layer_hook(runtime, idx, module, args, kwargs):
