@@ -45,7 +45,8 @@ def test_first_stage_adds_no_syncs(arch, method, variant):
     base = _syncs_in_language_model(model, inputs)
     with vtoken.apply_pruning(model, method=method, keep=0.25):
         pruned = _syncs_in_language_model(model, inputs)
-    assert pruned == base, f"{method} on {arch} ({variant}): {pruned} syncs in the LM forward, unpruned {base}"
+    # (fewer where the pruned call answers transformers' all-ones mask test on the host: host_checks.py)
+    assert pruned <= base, f"{method} on {arch} ({variant}): {pruned} syncs in the LM forward, unpruned {base}"
 
 
 def test_generic_path_still_syncs():
