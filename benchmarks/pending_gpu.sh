@@ -43,12 +43,13 @@
 # PART=10 (session 21, a short lease; -> $OUT/prof.jsonl, prof.tgz, gpu_tests.log, decode_kernels.jsonl): the engine
 #   profile first (GEMV vs cuBLAS, TTFT with this session's host-wait removals, where the host still waits:
 #   METHOD.syncs.txt), then the GPU tests of gemv and the engine, then the decode kernels' sweep in what is left
+# PART=11 (the shortest lease; -> $OUT/prof.jsonl, prof.tgz): PART=10's engine profile alone, none and fastv
 # PART=9 (-> $OUT/gpu_tests.log, prof.jsonl, prof.tgz, users_compile/): the GPU tests of the engine, gemv and
 #   gather_attend; the engine profile (GEMV vs cuBLAS); the users suite's rows through
 #   apply_pruning(compile={"fused_ops": True}), LLaVA then Qwen
 set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4, 5, 6, 7, 8, 9 or 10}
+PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4, 5, 6, 7, 8, 9, 10 or 11}
 REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
 . "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
@@ -125,9 +126,13 @@ case "$PART" in
     TESTS="-rf --tb=short tests/test_kernels_gemv.py tests/test_engine_static.py" timeout 90 \
       bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
     timeout $(( $(left) - 10 )) python "$REPO/benchmarks/profile/decode_kernels.py" --quick --out "$OUT/decode_kernels.jsonl" | grep -E '"(best|default)"' ;;
+  11)
+    mkdir -p "$W/prof"; timeout $(( $(left) - 15 )) python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
+      --methods none,fastv --decode-batch 1,32 --variants merged,gemv 2>&1 | grep '^{' | tee "$OUT/prof.jsonl"
+    tar -czf "$OUT/prof.tgz" -C "$W" prof ;;
   8)
     USERS_MODELS=llava USERS_CACHES=static users_suite "$OUT/users_llava_static" $(( ${LIMIT:-580} / 2 )) $(( ${LIMIT:-580} / 2 - 30 )) | tail -20
     USERS_MODELS=qwen USERS_CACHES=dynamic,static users_suite "$OUT/users_qwen" 50 15 | tail -20 ;;
-  *) echo "PART must be 1, 2, 2b, 2c, 3, 4, 5, 6, 7, 8, 9 or 10"; exit 2 ;;
+  *) echo "PART must be 1, 2, 2b, 2c, 3, 4, 5, 6, 7, 8, 9, 10 or 11"; exit 2 ;;
 esac
 echo "== done after $(( $(date +%s) - T0 )) s"
