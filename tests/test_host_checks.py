@@ -48,6 +48,10 @@ def test_placeholder_masks_equal_transformers(arch, variant):
         try:
             with pytest.raises(ValueError, match="features and .* tokens do not match"):
                 mm.get_placeholder_mask(**bound)
+            with pytest.MonkeyPatch.context() as env:  # transformers' switch turns both checks off
+                env.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+                type(mm).get_placeholder_mask(mm, **bound)
+                mm.get_placeholder_mask(**bound)
         finally:
             handle.runtime.tls.ctx = None
     assert "get_placeholder_mask" not in vars(mm)
@@ -55,17 +59,36 @@ def test_placeholder_masks_equal_transformers(arch, variant):
 
 @pytest.mark.parametrize("name", ["llava", "llava_next", "llava_onevision"])
 def test_batch1_pruned_prefill_waits_nowhere_in_transformers(name):
-    """Before: the placeholder count (its check and its error message) and SDPA's all-ones test of the
-    mask each read the device after the vision tower was queued."""
+    """A batch-1 pruned prefill with pixels into an empty cache object (the static engine's; transformers
+    5.17's ``generate``). Before: the placeholder count (its check and its error message) and SDPA's
+    all-ones test of the mask each read the device after the vision tower was queued."""
+    from transformers import DynamicCache
+
     model = get_model(name)
     inputs = get_inputs(name, model, variant="single")
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with vtoken.apply_pruning(model, method="fastv", keep=0.5), torch.no_grad():
         counter = SyncCounter(where=call_site)
         with counter:
-            model(**inputs)
+            model(**inputs, use_cache=True, **{cache: DynamicCache()})
     assert not [w for (_, w) in counter.sites if w.startswith("transformers/")], counter.sites
     with vtoken.apply_pruning(model, method="fastv", keep=1.0), torch.no_grad():
         kept = model(**inputs).logits
     with torch.no_grad():
         plain = model(**inputs).logits
     torch.testing.assert_close(kept, plain, rtol=0, atol=0)  # all kept: the plain model's logits, bit for bit
+
+
+def test_a_forward_without_a_cache_keeps_its_mask():
+    """Without a cache object transformers reads ``position_ids`` for packed sequences when it gets no
+    mask: a keep-all handle must still give the plain model's logits for such a forward (the mask is
+    dropped only on an empty cache object)."""
+    model = get_model("llava")
+    inputs = dict(get_inputs("llava", model, variant="single"))
+    n = inputs["input_ids"].shape[1]
+    inputs["position_ids"] = torch.cat([torch.arange(n // 2), torch.arange(n - n // 2)])[None]
+    with torch.no_grad():
+        plain = model(**inputs, use_cache=False).logits
+        with vtoken.apply_pruning(model, method="fastv", keep=1.0):
+            kept = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(kept, plain, rtol=0, atol=0)
