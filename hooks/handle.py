@@ -354,7 +354,10 @@ def _text_hook(runtime, names, module, args, kwargs):
     if fixed_slots_of(kwargs) is not None:
         return None
     runtime.on_text_call({**dict(zip(names, args)), **kwargs})
-    return without_full_mask(runtime.ctx, runtime.attn_impl(), args, kwargs)
+    ctx = runtime.ctx
+    if ctx is None or ctx.mode != "prefill":  # a decode step: one attribute read, no config lookup
+        return None
+    return without_full_mask(ctx, runtime.attn_impl(), args, kwargs)
 
 
 def _layer_hook(runtime, idx, module, args, kwargs):

@@ -2,7 +2,8 @@
 
 import torch
 
-from vtoken.bench.host_waits import SIZE_SYNC_OPS, SYNC_OPS, SyncCounter, TransferCounter, call_site, count_syncs
+from vtoken.bench.host_waits import (SIZE_SYNC_OPS, SYNC_OPS, SyncCounter, TransferCounter, call_site, count_syncs,
+                                     recording)
 from vtoken.engine.eos import finish
 
 
@@ -44,3 +45,13 @@ def test_sites_name_the_vtoken_code_that_waits():
         finish(torch.tensor([[5, 2, 7]]), [2], 0)  # reads whether any row ended (one .item())
     assert ops.total >= 1
     assert all(where.startswith("vtoken/engine/eos.py:") for (_, where) in ops.sites), ops.sites
+
+
+def test_recording_merges_ops_and_copies_by_site():
+    """``recording()`` lists both kinds of wait by (short op name, call site), as the profile prints them."""
+    with recording() as sites:
+        finish(torch.tensor([[5, 2, 7]]), [2], 0)
+        torch.arange(3).tolist()  # made here (a test file): no vtoken / transformers frame
+    assert sites[("tolist", "")] == 1
+    assert sum(n for (what, where), n in sites.items() if where.startswith("vtoken/engine/eos.py:")) >= 1
+    assert all("aten." not in what and ".default" not in what for what, _ in sites)

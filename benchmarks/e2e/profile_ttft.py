@@ -59,13 +59,10 @@ def _profiled(fn, dev):
 
 def _host_waits(fn, dev, path: str):
     """The number of times one ``fn()`` makes the host wait for the GPU (CUDA only, else None), and
-    each call site with its count in ``path`` (``benchmarks/profile/host_syncs.py``)."""
+    each call site with its count in ``path`` (:func:`vtoken.bench.host_waits.cuda_waits`)."""
     if dev.type != "cuda":
         return None
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "profile"))
-    from host_syncs import cuda_waits
+    from vtoken.bench.host_waits import cuda_waits
 
     with cuda_waits() as sites:
         fn()

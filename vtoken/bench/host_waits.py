@@ -7,7 +7,8 @@ GPU's work. The same calls are made on the CPU, where they cost nothing: countin
 the waits without a GPU. :class:`SyncCounter` counts the ATen ops (a dispatch mode: the same ops
 on CUDA); :class:`TransferCounter` the copies, which on a CPU tensor never reach the dispatcher (a
 function mode). With ``where`` (e.g. :func:`call_site`) both also count by the code that made the
-call (``benchmarks/profile/host_syncs.py``).
+call; :func:`recording` does both by call site (``benchmarks/profile/host_syncs.py``) and
+:func:`cuda_waits` records the waits PyTorch itself reports on a GPU (``benchmarks/e2e/profile_ttft.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import collections
 import contextlib
 import os
 import traceback
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -117,3 +119,38 @@ def _short(filename: str, sources: tuple) -> str:
         if filename.startswith(root):
             return os.path.join(os.path.basename(root.rstrip(os.sep)), filename[len(root):])
     return filename.split("site-packages" + os.sep)[-1]
+
+
+@contextlib.contextmanager
+def recording():
+    """Yields a Counter of (what waits, call site) filled while the block runs (on any device)."""
+    sites = collections.Counter()
+    ops, copies = SyncCounter(SYNC_OPS | SIZE_SYNC_OPS, where=call_site), TransferCounter(where=call_site)
+    with copies, ops:
+        yield sites
+    sites.update({(name.replace("aten.", "").replace(".default", ""), where): n for (name, where), n in (ops.sites + copies.sites).items()})
+
+
+@contextlib.contextmanager
+def cuda_waits():
+    """On CUDA: yields a Counter of the call sites where PyTorch reports a synchronizing operation
+    (``torch.cuda.set_sync_debug_mode("warn")``: every device-to-host copy, ``item``, ``nonzero``...),
+    each recorded from the warning's own Python stack."""
+    sites = collections.Counter()
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if "synchroniz" in str(message):
+            sites[("cuda sync", call_site(depth=4))] += 1
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = shown
