@@ -24,26 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-#: ATen ops that read a device value on the host (what the tests count)
-SYNC_OPS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
-                      "aten.is_nonzero.default"})
-#: and the ops whose CUDA kernels size their output from device values (``aten.index.Tensor``
-#: counted only with a bool index, ``repeat_interleave`` only without ``output_size``)
-SIZE_SYNC_OPS = frozenset({"aten.masked_select.default", "aten._unique2.default", "aten.unique_consecutive.default",
-                           "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.index.Tensor"})
-#: ``Tensor`` methods that copy to the host
-TRANSFER_CALLS = frozenset({"tolist", "numpy", "cpu"})
-
-
-def _waits(name: str, args, kwargs) -> bool:
-    """Whether this call of a counted op waits: boolean-mask indexing only with a bool index,
-    ``repeat_interleave`` only without ``output_size``."""
-    if name == "aten.index.Tensor":
-        return len(args) > 1 and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
-    if name == "aten.repeat_interleave.Tensor":
-        return (kwargs or {}).get("output_size") is None
-    return True
-
+from vtoken.engine.graph_emulator import SIZE_SYNC_OPS, SYNC_OPS, TRANSFER_CALLS, waits as _waits
 
 class SyncCounter(TorchDispatchMode):
     """Counts the ``ops`` (default :data:`SYNC_OPS`) while active and ``on``: ``found`` by op name;

@@ -1,7 +1,8 @@
 """CUDA-graph capture and replay for :class:`~vtoken.engine.StaticDecoder`.
 
 - ``_capture``: warm a closure up on a side stream, then capture it as a ``torch.cuda.CUDAGraph``
-  (the prefill tail, the decode step, the vision tower).
+  (the prefill tail, the decode step, the vision tower); ``capture`` / ``graph_mode``: that, or with
+  ``cuda_graph="emulate"`` the CPU stand-in of :mod:`vtoken.engine.graph_emulator`.
 - ``_GraphedForward``: a module's ``forward`` replayed as a graph, one per input signature (the
   vision tower), falling back to eager when a forward cannot be captured; ``_signature``,
   ``_clone`` and ``_copy_into`` walk its nested arguments.
@@ -17,7 +18,9 @@ from typing import Optional
 
 import torch
 
+from vtoken.engine.graph_emulator import emulated_capture
 from vtoken.engine.static_kv import StaticKV
+from vtoken.errors import PruningConfigError
 
 
 def _capture(fn, dev, warmups: int = 1):
@@ -32,6 +35,19 @@ def _capture(fn, dev, warmups: int = 1):
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+def graph_mode(cuda_graph):
+    """``StaticDecoder``'s ``cuda_graph``, checked: None (CUDA graphs on CUDA), True, False, or
+    ``"emulate"`` (:mod:`vtoken.engine.graph_emulator`'s captures, on any device)."""
+    if cuda_graph not in (None, True, False, "emulate"):
+        raise PruningConfigError(f"cuda_graph must be None, True, False or 'emulate', got {cuda_graph!r}")
+    return cuda_graph
+
+
+def capture(mode, fn, dev, warmups: int = 1):
+    """A CUDA graph of ``fn`` (:func:`_capture`), or with ``mode == "emulate"`` its stand-in."""
+    return (emulated_capture if mode == "emulate" else _capture)(fn, dev, warmups)
 
 
 def _signature(value):
@@ -90,7 +106,8 @@ class _GraphedForward:
                 graph = self.capture(run)
             except Exception as exc:  # noqa: BLE001 - not capturable: stay eager
                 self.failed = f"{type(exc).__name__}: {exc}"
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():  # (an emulated capture runs on any device)
+                    torch.cuda.synchronize()
                 return self.forward(*args, **kwargs)
             entry = self.graphs[key] = (graph, static, box)
         graph, static, box = entry

@@ -58,7 +58,7 @@ import torch
 from vtoken.adapters import get_adapter
 from vtoken.engine.attention_swap import AttentionSwap
 from vtoken.engine.eos import CHECK_EVERY, EndWatch, finish, special_ids
-from vtoken.engine.graphs import _capture, _GraphedForward, _Session
+from vtoken.engine.graphs import _GraphedForward, _Session, capture, graph_mode
 from vtoken.engine.merged_projections import MergedProjections
 from vtoken.engine.prefill import _check_same_visual_inputs, _Prefill, _slice_inputs
 from vtoken.engine.static_kv import _KVBuffers, LayoutGroup, StaticKV
@@ -117,7 +117,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
     Args:
         model: a supported VLM (see :func:`vtoken.adapters.supported_models`).
         backend: ``gather_attend``'s backend: ``"auto"`` (Triton on CUDA), ``"triton"``, ``"torch"``.
-        cuda_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA).
+        cuda_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA);
+            ``"emulate"``: the same captures replayed op by op on any device (tests: ``graph_emulator``).
         graph_prefill: split the prefill as above (default: as ``cuda_graph``). On the CPU
             ``graph_prefill=True`` runs the same split without graphs (what the tests check).
         fused_ops: run the decode step's layers with fused element-wise kernels
@@ -131,13 +132,13 @@ class StaticDecoder(_Prefill, _KVBuffers):
             (:mod:`vtoken.kernels.gemv`), not cuBLAS GEMMs. Off by default: not yet timed on a GPU.
     """
 
-    def __init__(self, model, *, backend: str = "auto", cuda_graph: Optional[bool] = None,
+    def __init__(self, model, *, backend: str = "auto", cuda_graph: bool | str | None = None,
                  graph_prefill: Optional[bool] = None, fused_ops: bool = False,
                  merge_projections: Optional[bool] = None, gemv: bool = False):
         self.model = model
         self.adapter = get_adapter(model)
         self.backend = backend
-        self.cuda_graph = cuda_graph
+        self.cuda_graph = graph_mode(cuda_graph)
         self.graph_prefill = graph_prefill
         cfg = self.adapter.text_config
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
@@ -233,7 +234,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
             self._projections.restore()
         self._session = None
 
-    _capture = staticmethod(_capture)  # graphs._capture; ``self._capture`` in the prefill and generate
+    def _capture(self, fn, dev, warmups: int = 1):  # (the prefill's and generate's captures)
+        return capture(self.cuda_graph, fn, dev, warmups)
 
     # -------------------------------------------------------------- generate
     def generate(self, *args, **kwargs):
@@ -261,9 +263,9 @@ class StaticDecoder(_Prefill, _KVBuffers):
         eos_ids, pad, suppress_ids = special_ids(getattr(self.model, "generation_config", None), eos_token_id,
                                                  pad_token_id, suppress_tokens)  # on the host, before any work
         dev = input_ids.device
-        if self.cuda_graph and dev.type != "cuda":
+        if self.cuda_graph is True and dev.type != "cuda":
             raise PruningConfigError(f"cuda_graph=True needs a model on a CUDA device; the inputs are on {dev}")
-        use_graph = self.cuda_graph if self.cuda_graph is not None else dev.type == "cuda"
+        use_graph = bool(self.cuda_graph) if self.cuda_graph is not None else dev.type == "cuda"
         sync = (lambda: torch.cuda.synchronize(dev)) if (timing and dev.type == "cuda") else (lambda: None)
         B, T = input_ids.shape[0], max_new_tokens
         mask2d = inputs.get("attention_mask")
@@ -277,7 +279,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         # decode-time stages score every layer's prompt attention in the prefill: no captured tail
         split = (self.graph_prefill if self.graph_prefill is not None else use_graph) and chunk >= B and not decode_plan
         stop = self._stop_layer() if split else None
-        graphs = dev.type == "cuda" and use_graph
+        graphs = (dev.type == "cuda" or self.cuda_graph == "emulate") and use_graph
         suppress = None if suppress_ids is None else torch.tensor(suppress_ids, dtype=torch.long, device=dev)
         like = next(self.adapter.text_model.parameters())
 
