@@ -142,6 +142,19 @@ class PruningHandle:
         for name, got, budget in pending:
             check_budget(name, got, budget)
 
+    @contextlib.contextmanager
+    def host_inputs(self, ids_host: torch.Tensor, mask_host: Optional[torch.Tensor] = None):
+        """Within the block (this thread), a pruned forward whose ``input_ids`` have ``ids_host``'s
+        shape takes ``ids_host`` (and ``mask_host``, the 2-D mask as bool) as its host copies instead
+        of copying them from the device: an engine that captures the whole prefill in a CUDA graph
+        (which cannot hold a copy to the host) makes them before the capture. Both on the CPU."""
+        tls = self.runtime.tls
+        outer, tls.host_inputs = getattr(tls, "host_inputs", None), (ids_host, mask_host)
+        try:
+            yield
+        finally:
+            tls.host_inputs = outer
+
     def on_remove(self, undo) -> None:
         """Run ``undo()`` at :meth:`remove` (before the handle's own hooks come off): how an engine
         that wraps the model for this handle (``compile=True``'s ``generate`` route) is undone with it."""

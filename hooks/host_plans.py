@@ -56,16 +56,22 @@ def plan_key(rt, ids_host, mask_host, inputs: dict, device):
 
 def plan_before_vision(rt, ctx, kwargs: dict) -> None:
     """A prefill with images: copy ``input_ids`` and the 2-D mask to the host now (before the
-    vision tower runs, so the copy waits for nothing) and, when the adapter can lay out the
-    visual tokens from the inputs alone, prepare the first stage on the host."""
+    vision tower runs, so the copy waits for nothing; or take the caller's copies, see
+    :meth:`vtoken.hooks.PruningHandle.host_inputs`) and, when the adapter can lay out the visual
+    tokens from the inputs alone, prepare the first stage on the host."""
     input_ids = kwargs["input_ids"]
     ctx.checks = []
-    ctx.ids_host = input_ids.cpu()
-    # a 2-D mask, or the 4-D one transformers < 5.2x's generate passes with a static cache (B, 1, q, slots):
-    # the prompt's columns of its last row
-    mask = key_validity(kwargs.get("attention_mask"))
-    if mask is not None and mask.shape[0] == input_ids.shape[0] and mask.shape[1] >= input_ids.shape[1]:
-        ctx.mask_host = mask[:, :input_ids.shape[1]].cpu().bool()
+    given = getattr(rt.tls, "host_inputs", None)  # the caller's copies (PruningHandle.host_inputs)
+    if given is not None and tuple(given[0].shape) == tuple(input_ids.shape) \
+            and (given[1] is None or tuple(given[1].shape) == tuple(input_ids.shape)):
+        ctx.ids_host, ctx.mask_host = given
+    else:
+        ctx.ids_host = input_ids.cpu()
+        # a 2-D mask, or the 4-D one transformers < 5.2x's generate passes with a static cache
+        # (B, 1, q, slots): the prompt's columns of its last row
+        mask = key_validity(kwargs.get("attention_mask"))
+        if mask is not None and mask.shape[0] == input_ids.shape[0] and mask.shape[1] >= input_ids.shape[1]:
+            ctx.mask_host = mask[:, :input_ids.shape[1]].cpu().bool()
     if rt.adapter.layout_needs_features:
         return
     key = plan_key(rt, ctx.ids_host, ctx.mask_host, kwargs, input_ids.device)

@@ -91,6 +91,19 @@ def test_emulated_graphs_replay_new_inputs_like_generate(name, plan, fused):
             handle.remove()
 
 
+@pytest.mark.parametrize("new_tokens", [2, 3])
+def test_a_short_generation_leaves_room_for_the_step_capture(new_tokens):
+    """The decode step's capture runs it three times (two warm-ups), each writing the next token's slot:
+    with fewer than four new tokens the buffers must still hold those writes (before: an index past
+    the end; on a GPU a device-side assert)."""
+    model = get_model("llava")
+    inputs = get_inputs("llava", model, variant="single")
+    dec = StaticDecoder(model, cuda_graph="emulate")
+    got = dec.generate(**inputs, max_new_tokens=new_tokens, suppress_tokens=SUPPRESS)
+    ref = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=SUPPRESS)
+    assert torch.equal(got, ref) and dec.last["cuda_graph"]
+
+
 def test_emulated_graphs_with_a_host_token_choice():
     """``next_token`` (the token chosen outside the graph) replays the step that writes logits."""
     model = get_model("llava")
@@ -135,3 +148,73 @@ def test_generate_route_replays_emulated_graphs():
     with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
         refs = [model.generate(**inputs, **GEN) for inputs in (first, _second_input(first))]
     assert all(torch.equal(g, r) for g, r in zip(got, refs))
+
+
+def _other_text(inputs: dict, model) -> dict:
+    """The same prompt layout (visual tokens where they were, the same padding) with other text tokens."""
+    from vtoken.adapters.base import visual_token_ids
+
+    ids = inputs["input_ids"].clone()
+    text = ~torch.isin(ids, torch.tensor(visual_token_ids(model.config))) & inputs["attention_mask"].bool()
+    ids[text] = (ids[text] + 1) % 50 + 3  # (ids 3..52: below every special token of the tiny models)
+    return {**inputs, "input_ids": ids}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_graphed_prefill_head_replays_per_prompt_layout(fused):
+    """``graph_prefill="all"``: LLaVA's whole batch-1 pruned prefill (tower, the layers before the
+    stage, the scoring, the gather) is captured once per prompt layout; new pixels and new text in
+    the same layout replay it, and every call equals generate's tokens."""
+    model = get_model("llava")
+    first = get_inputs("llava", model, variant="single")
+    dec = StaticDecoder(model, cuda_graph="emulate", graph_prefill="all", fused_ops=fused)
+    try:
+        with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+            shifted = {**first, "input_ids": first["input_ids"].roll(1, dims=1)}  # the image one token later
+            for inputs, state in ((first, "captured"), (_second_input(first), "replayed"),
+                                  (_other_text(first, model), "replayed"), (shifted, "captured"), (first, "replayed")):
+                ref = model.generate(**inputs, **GEN)
+                got = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
+                assert torch.equal(got, ref) and dec.last["head_graph"] == state, dec.last["head_graph"]
+        with vtoken.apply_pruning(model, method="fastv", keep=3, K=1):  # another handle: another graph
+            ref = model.generate(**first, **GEN)
+            got = dec.generate(**first, max_new_tokens=T, suppress_tokens=SUPPRESS)
+            assert torch.equal(got, ref) and dec.last["head_graph"] == "captured"
+    finally:
+        dec.close()
+
+
+@pytest.mark.parametrize("name, variant, where", [("llava_next", "single", "image_size_to_num_patches"),
+                                                  ("qwen2_vl", "single", "prefill_plan.py"),
+                                                  ("llava", "batch", "masking_utils.py")])
+def test_a_head_that_reads_the_device_runs_eagerly(name, variant, where):
+    """Where the head reads a device value on the host (LLaVA-NeXT's image sizes, Qwen's grids,
+    transformers' test of a padded mask) it cannot be captured: the call runs it eagerly, says why,
+    and gives generate's tokens."""
+    model = get_model(name)
+    inputs = get_inputs(name, model, variant=variant)
+    dec = StaticDecoder(model, cuda_graph="emulate", graph_prefill="all")
+    with vtoken.apply_pruning(model, method="fastv", keep=4, K=1):
+        ref = model.generate(**inputs, **GEN)
+        for _ in range(2):
+            got = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
+            assert torch.equal(got, ref)
+            assert dec.last["head_graph"].startswith("CaptureError") and where in dec.last["head_graph"]
+    dec.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fastv", "divprune"])
+def test_graphed_prefill_head_on_gpu(method):
+    """The same on CUDA: a real capture of LLaVA's batch-1 pruned prefill head (DivPrune's picks in
+    the Triton kernel), replayed for new pixels, generate's tokens every time."""
+    model = tm.tiny_llava().cuda()
+    first = {k: v.cuda() for k, v in get_inputs("llava", model, variant="single").items()}
+    dec = StaticDecoder(model, graph_prefill="all", fused_ops=True)
+    with vtoken.apply_pruning(model, method=method, keep=4):
+        for inputs, state in ((first, "captured"), ({**first, "pixel_values": torch.randn_like(first["pixel_values"])},
+                                                   "replayed")):
+            ref = model.generate(**inputs, **GEN)
+            got = dec.generate(**inputs, max_new_tokens=T, suppress_tokens=SUPPRESS)
+            assert torch.equal(got, ref) and dec.last["head_graph"] == state, dec.last["head_graph"]
+    dec.close()

@@ -12,7 +12,7 @@ import torch
 
 import vtoken
 from conftest import get_inputs, get_model
-from vtoken.bench.host_waits import SyncCounter, call_site
+from vtoken.bench.host_waits import SyncCounter, TransferCounter, call_site
 
 
 def _short_by_one_row(features: torch.Tensor) -> torch.Tensor:
@@ -92,3 +92,21 @@ def test_a_forward_without_a_cache_keeps_its_mask():
         with vtoken.apply_pruning(model, method="fastv", keep=1.0):
             kept = model(**inputs, use_cache=False).logits
     torch.testing.assert_close(kept, plain, rtol=0, atol=0)
+
+
+def test_host_inputs_stand_in_for_the_forwards_own_copies():
+    """``handle.host_inputs(ids, mask)``: a pruned forward with ``input_ids`` of that shape copies
+    nothing to the host (a capture of the whole prefill cannot) and gives the same logits; ids of
+    another shape are copied as before."""
+    model = get_model("llava")
+    inputs = get_inputs("llava", model, variant="single")
+    ids_host, mask_host = inputs["input_ids"].clone(), inputs["attention_mask"].bool().clone()
+    with vtoken.apply_pruning(model, method="fastv", keep=0.5) as handle, torch.no_grad():
+        ref = model(**inputs).logits
+        for given, copies in (((ids_host, mask_host), 0), ((ids_host[:, 1:], mask_host[:, 1:]), 2)):
+            counter = TransferCounter(where=call_site)
+            with handle.host_inputs(*given), counter:
+                got = model(**inputs).logits
+            assert sum(n for (what, w), n in counter.sites.items() if w.startswith("hooks/host_plans.py")) == copies
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert getattr(handle.runtime.tls, "host_inputs", None) is None  # (the block's end restores it)

@@ -1,7 +1,7 @@
 """Where batch-1 TTFT goes on ``apply_pruning(..., compile={"fused_ops": True})`` + ``generate`` (issue 23, item 2).
 
     python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 1,32]
-                                          [--variants merged,separate,gemv]
+                                          [--variants merged,separate,gemv,head,head-gemv]
 
 LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
 check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
@@ -19,8 +19,9 @@ kernels by device time, i.e. what the 32 decode steps spend their time on). ``--
 everything once per engine variant, in the same run: ``merged`` (the defaults of ``fused_ops``),
 ``separate`` (``merge_projections=False``: separate q/k/v and gate/up GEMMs; ``-nomerge`` in the file
 names; ``--merge on,off`` is ``--variants merged,separate``), ``gemv`` (``gemv=True``: the batch-1 decode
-step's projections as Triton GEMVs, :mod:`vtoken.kernels.gemv`; ``-gemv``). ``DIR/summary.json`` holds the numbers (each
-row's ``variant``).
+step's projections as Triton GEMVs, :mod:`vtoken.kernels.gemv`; ``-gemv``), ``head`` (``graph_prefill="all"``: the
+prefill's eager head captured too, one graph per prompt layout; the row's ``engine_last.head_graph`` says whether it
+was replayed or why not; ``-head``), ``head-gemv`` (both). ``DIR/summary.json`` holds the numbers (each row's ``variant``).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _host_waits(fn, dev, path: str):
 
 #: ``--variants``: the engine's options besides ``fused_ops`` (file-name suffix, options)
 VARIANTS = {"merged": ("", {}), "separate": ("-nomerge", {"merge_projections": False}),
-            "gemv": ("-gemv", {"gemv": True})}
+            "gemv": ("-gemv", {"gemv": True}), "head": ("-head", {"graph_prefill": "all"}),
+            "head-gemv": ("-head-gemv", {"graph_prefill": "all", "gemv": True})}
 
 
 def _engine(variant: str) -> dict:

@@ -23,6 +23,9 @@ Shapes: whatever ``fn`` uses; nothing is resized on replay (a graph's tensors ha
 
 from __future__ import annotations
 
+import os
+import traceback
+import weakref
 from typing import Callable
 
 import torch
@@ -54,27 +57,93 @@ class CaptureError(RuntimeError):
     """An operation a CUDA graph capture cannot hold (it reads a device value on the host)."""
 
 
+def _refuse(what: str) -> CaptureError:
+    """The error, naming the innermost frame outside torch and this module that made the call."""
+    here = os.path.abspath(__file__)
+    frames = [f for f in traceback.extract_stack()
+              if f.filename != here and f"{os.sep}torch{os.sep}" not in f.filename]
+    where = f" (at {frames[-1].filename.split(os.sep + 'site-packages' + os.sep)[-1]}:{frames[-1].lineno} " \
+            f"{frames[-1].name})" if frames else ""
+    return CaptureError(f"{what}: not capturable in a CUDA graph{where}")
+
+
+class _Host:
+    """The tensors that stand for host memory during a capture: the ``host`` roots a caller gives
+    (its host copies: on the CPU a copy is just another CPU tensor) and what is computed from them
+    alone, or made without a ``device`` (``torch.ones(shape)``, ``torch.tensor(list)``). Work on
+    them is the host's own: run at the capture, not replayed (a CUDA graph holds no CPU work), and
+    free to read. Every other tensor stands for device memory. By identity (a tensor's ``==`` is
+    elementwise)."""
+
+    def __init__(self, roots=()):
+        self.refs = {}
+        for t in roots:
+            self.add(t)
+
+    def add(self, t) -> None:
+        self.refs[id(t)] = weakref.ref(t)
+
+    def __contains__(self, t) -> bool:
+        ref = self.refs.get(id(t))
+        return ref is not None and ref() is t
+
+
+def _tensors(tree) -> list:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (list, tuple)):
+        return [t for x in tree for t in _tensors(x)]
+    if isinstance(tree, dict):
+        return [t for x in tree.values() for t in _tensors(x)]
+    return []
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self, ops: list):
+    def __init__(self, ops: list, host: _Host):
         super().__init__()
-        self.ops = ops
+        self.ops, self.host = ops, host
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
-        if name in SYNC_OPS | SIZE_SYNC_OPS and waits(name, args, kwargs):
-            raise CaptureError(f"{name} reads a device value on the host: not capturable in a CUDA graph")
+        # host work: a tensor from Python data, or no device asked for and only host tensors read
+        on_host = "lift_fresh" in name or (kwargs.get("device") is None
+                                           and all(t in self.host for t in _tensors((args, kwargs))))
         out = func(*args, **kwargs)
+        if on_host:
+            for t in _tensors(out):
+                self.host.add(t)
+            return out
+        if name in SYNC_OPS | SIZE_SYNC_OPS and waits(name, args, kwargs):
+            raise _refuse(f"{name} reads a device value on the host")
         if not func.is_view:  # a view aliases recorded memory: nothing to re-run
             self.ops.append((func, args, kwargs, out))
         return out
 
 
 class _NoHostCopies(TorchFunctionMode):
+    def __init__(self, host: _Host):
+        super().__init__()
+        self.host = host
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in TRANSFER_CALLS:
-            raise CaptureError(f"Tensor.{func.__name__} copies to the host: not capturable in a CUDA graph")
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in TRANSFER_CALLS and args and args[0] not in self.host:
+            raise _refuse(f"Tensor.{name} copies to the host")
+        out = func(*args, **kwargs)
+        # from host memory to a device named explicitly: a pageable copy, refused while capturing
+        # (an empty one copies nothing: transformers' DynamicLayer starts from torch.tensor([]))
+        if ((name in ("tensor", "as_tensor") and kwargs.get("device") is not None) or (
+                name in ("to", "cuda") and args and args[0] in self.host and _names_device(args[1:], kwargs))) \
+                and isinstance(out, torch.Tensor) and out.numel():
+            raise _refuse(f"{name}: a copy from host memory to the device")
+        return out
+
+
+def _names_device(args, kwargs) -> bool:
+    """Whether a ``Tensor.to`` / ``cuda`` call names a device (not just a dtype)."""
+    return kwargs.get("device") is not None or any(isinstance(a, (str, torch.device)) for a in args)
 
 
 def _write(recorded, fresh) -> None:
@@ -93,10 +162,11 @@ class EmulatedGraph:
     def __init__(self):
         self.ops: list = []
 
-    def capture(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` once, recording its operations (raises :class:`CaptureError` where a CUDA
-        capture would fail)."""
-        with _NoHostCopies(), _Recorder(self.ops):
+    def capture(self, fn: Callable[[], object], host=()) -> None:
+        """Run ``fn`` once, recording its device operations (raises :class:`CaptureError` where a
+        CUDA capture would fail). ``host``: tensors that stand for host memory (see :class:`_Host`)."""
+        known = _Host(host)
+        with _NoHostCopies(known), _Recorder(self.ops, known):
             fn()
 
     @torch.no_grad()
@@ -106,10 +176,10 @@ class EmulatedGraph:
             _write(out, func(*args, **kwargs))
 
 
-def emulated_capture(fn: Callable[[], object], dev=None, warmups: int = 1) -> EmulatedGraph:
+def emulated_capture(fn: Callable[[], object], dev=None, warmups: int = 1, host=()) -> EmulatedGraph:
     """:func:`vtoken.engine.graphs._capture`'s counterpart: ``warmups`` eager runs, then the capture."""
     for _ in range(warmups):
         fn()
     graph = EmulatedGraph()
-    graph.capture(fn)
+    graph.capture(fn, host)
     return graph

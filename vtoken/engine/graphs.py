@@ -24,7 +24,9 @@ from vtoken.errors import PruningConfigError
 
 
 def _capture(fn, dev, warmups: int = 1):
-    """Warm ``fn`` up on a side stream (Triton compilation, cuBLAS workspaces), then capture it."""
+    """Warm ``fn`` up on a side stream (Triton compilation, cuBLAS workspaces), then capture it on
+    that stream (what the warm-up left keyed by stream, e.g. a host plan's upload, is found again:
+    nothing is copied from host memory inside the capture)."""
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream(device=dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -32,22 +34,25 @@ def _capture(fn, dev, warmups: int = 1):
         for _ in range(warmups):
             fn()
     torch.cuda.current_stream(dev).wait_stream(side)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         fn()
     return graph
 
 
-def graph_mode(cuda_graph):
-    """``StaticDecoder``'s ``cuda_graph``, checked: None (CUDA graphs on CUDA), True, False, or
-    ``"emulate"`` (:mod:`vtoken.engine.graph_emulator`'s captures, on any device)."""
-    if cuda_graph not in (None, True, False, "emulate"):
-        raise PruningConfigError(f"cuda_graph must be None, True, False or 'emulate', got {cuda_graph!r}")
-    return cuda_graph
+def capture(mode, fn, dev, warmups: int = 1, host=()):
+    """A CUDA graph of ``fn`` (:func:`_capture`), or with ``mode == "emulate"`` its stand-in (which
+    takes ``host``, the tensors standing for host memory: :mod:`vtoken.engine.graph_emulator`)."""
+    if mode == "emulate":
+        return emulated_capture(fn, dev, warmups, host)
+    return _capture(fn, dev, warmups)
 
 
-def capture(mode, fn, dev, warmups: int = 1):
-    """A CUDA graph of ``fn`` (:func:`_capture`), or with ``mode == "emulate"`` its stand-in."""
-    return (emulated_capture if mode == "emulate" else _capture)(fn, dev, warmups)
+def graph_mode(value, name: str = "cuda_graph", word: str = "emulate"):
+    """A ``StaticDecoder`` option, checked: None, True, False or ``word`` (``cuda_graph="emulate"``:
+    :mod:`vtoken.engine.graph_emulator`'s captures on any device; ``graph_prefill="all"``)."""
+    if value is not None and value is not True and value is not False and value != word:
+        raise PruningConfigError(f"{name} must be None, True, False or {word!r}, got {value!r}")
+    return value
 
 
 def _signature(value):

@@ -21,10 +21,14 @@ import torch
 
 from vtoken.adapters.base import visual_token_ids
 from vtoken.engine.fused_decode import prefill_tail_supported, run_prefill_layers
-from vtoken.engine.graphs import _GraphedForward, _Session
-from vtoken.engine.static_kv import StaticKV
+from vtoken.engine.graphs import _clone, _copy_into, _GraphedForward, _Session, _signature, capture
+from vtoken.engine.static_kv import _cache_layer_kv, _restore_layer, StaticKV
 from vtoken.errors import PruningConfigError
 from vtoken.hooks import handle_of
+
+
+#: captured prefill heads a decoder keeps (one per prompt layout; the least recently used goes first)
+HEAD_GRAPHS = 8
 
 
 class _StopPrefill(Exception):
@@ -107,6 +111,69 @@ class _Prefill:
             raise PruningConfigError("StaticDecoder could not read the prefill's position ids")
         return logits, captured["pos"], cache, tail
 
+    def _run_prefill(self, inputs: dict, stop: Optional[int], graphs: bool):
+        """``_generate``'s prefill: with graphs and a split, the head replayed as a graph where
+        ``graph_prefill="all"`` allows and it can be captured (:meth:`_graphed_head`), else
+        :meth:`_prefill` with the vision tower's graph where the tower allows."""
+        self.head_graph = None
+        if not graphs or stop is None or self._needs_vision():
+            return self._prefill(inputs, stop)
+        out = self._graphed_head(inputs, stop) if self.graph_prefill == "all" else None
+        return out if out is not None else self._prefill(inputs, stop, graph_tower=self.adapter.vision_tower_graphable)
+
+    def _graphed_head(self, inputs: dict, stop: int) -> Optional[tuple]:
+        """:meth:`_prefill` up to layer ``stop`` (the vision tower, the layers before it, the
+        scoring and the gather) replayed as one graph per prompt layout, or None where it cannot be
+        captured (``self.head_graph`` says why; that layout then runs eagerly). A replay runs no
+        Python: what the head decides on the host — where the visual tokens are, the padding, the
+        integer inputs such as image sizes — is the graph's key (read from host copies the head is
+        given: :meth:`~vtoken.hooks.PruningHandle.host_inputs`), and the outputs are the capture's
+        tensors, rewritten by each replay (a scorer's budget checks run at the capture only: its
+        kept counts are the graph's shapes)."""
+        handle = self._handle
+        dev = inputs["input_ids"].device
+        ids_host = inputs["input_ids"].to("cpu", copy=True)
+        mask = inputs.get("attention_mask")
+        mask_host = torch.ones_like(ids_host, dtype=torch.bool) if mask is None else mask.to("cpu", copy=True).bool()
+        key = _head_key(self.model.config, handle, stop, inputs, ids_host, mask_host)
+        if key in self._heads:
+            self._heads[key] = self._heads.pop(key)  # the most recently used last
+        elif len(self._heads) >= HEAD_GRAPHS:
+            del self._heads[next(iter(self._heads))]
+        entry = self._heads.get(key)
+        if isinstance(entry, str):  # this layout's capture failed before: why
+            self.head_graph = entry
+            return None
+        if entry is None:
+            static, box = _clone(inputs), {}
+
+            def head():
+                with contextlib.nullcontext() if handle is None else handle.host_inputs(ids_host, mask_host):
+                    box["out"] = self._prefill(static, stop)
+            try:
+                graph = capture(self.cuda_graph, head, dev, 1, host=(ids_host, mask_host))
+            except Exception as exc:  # noqa: BLE001 - not capturable (a host read inside): stay eager
+                self.head_graph = self._heads[key] = f"{type(exc).__name__}: {exc}"
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                return None
+            entry = self._heads[key] = (graph, static, box)
+            self.head_graph = "captured"
+        else:
+            self.head_graph = "replayed"
+        graph, static, box = entry
+        _copy_into(static, inputs)
+        graph.replay()
+        cache = box["out"][2]  # the capture's cache: the layers before ``stop``, which _store_chunk releases
+        for layer, (k, v) in enumerate(box.setdefault("kv", [_cache_layer_kv(cache, i) for i in range(stop)])):
+            _restore_layer(cache, layer, k, v)
+        return box["out"]
+
+    def _drop_graphs(self) -> None:
+        """Forget the kept session and the captured heads (their graphs read weights about to move)."""
+        self._session = None
+        self._heads.clear()
+
     def _deferred_checks(self):
         """The handle's :meth:`~vtoken.hooks.PruningHandle.deferred_checks`, or a null context."""
         handle = self._handle
@@ -163,6 +230,16 @@ class _Prefill:
             session.tail_logits.copy_(head(text.norm(h)[:, -1]))
 
         return tail
+
+
+def _head_key(config, handle, stop: int, inputs: dict, ids_host: torch.Tensor, mask_host: torch.Tensor) -> tuple:
+    """What a captured head is replayed for: the handle and its plan, the stop layer, the inputs'
+    shapes, where the visual tokens are, the padding, and the values of the other integer inputs."""
+    visual = torch.isin(ids_host, torch.tensor(visual_token_ids(config), dtype=ids_host.dtype))
+    ints = tuple((k, v.to("cpu").numpy().tobytes()) for k, v in sorted(inputs.items())
+                 if torch.is_tensor(v) and not v.is_floating_point() and k not in ("input_ids", "attention_mask"))
+    plan = None if handle is None else (id(handle), repr(handle.plan))
+    return (plan, stop, _signature(inputs), visual.numpy().tobytes(), mask_host.numpy().tobytes(), ints)
 
 
 def _slice_inputs(inputs: dict, rows: slice, batch: int) -> dict:

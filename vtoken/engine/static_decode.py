@@ -119,8 +119,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
         backend: ``gather_attend``'s backend: ``"auto"`` (Triton on CUDA), ``"triton"``, ``"torch"``.
         cuda_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA);
             ``"emulate"``: the same captures replayed op by op on any device (tests: ``graph_emulator``).
-        graph_prefill: split the prefill as above (default: as ``cuda_graph``). On the CPU
-            ``graph_prefill=True`` runs the same split without graphs (what the tests check).
+        graph_prefill: split the prefill as above (default: as ``cuda_graph``); ``"all"``: the eager
+            head too, one graph per prompt layout (:meth:`_graphed_head`). On the CPU ``True`` splits without graphs.
         fused_ops: run the decode step's layers with fused element-wise kernels
             (:mod:`vtoken.engine.fused_decode`; Llama-layout layers only, else a clear error).
             Exactly the model's arithmetic with the PyTorch references; with the Triton kernels the
@@ -133,13 +133,13 @@ class StaticDecoder(_Prefill, _KVBuffers):
     """
 
     def __init__(self, model, *, backend: str = "auto", cuda_graph: bool | str | None = None,
-                 graph_prefill: Optional[bool] = None, fused_ops: bool = False,
+                 graph_prefill: bool | str | None = None, fused_ops: bool = False,
                  merge_projections: Optional[bool] = None, gemv: bool = False):
         self.model = model
         self.adapter = get_adapter(model)
         self.backend = backend
         self.cuda_graph = graph_mode(cuda_graph)
-        self.graph_prefill = graph_prefill
+        self.graph_prefill = graph_mode(graph_prefill, "graph_prefill", "all")
         cfg = self.adapter.text_config
         if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
             raise PruningConfigError("StaticDecoder does not support sliding-window attention layers")
@@ -164,6 +164,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         self.stages = None  # this call's decode-time stages (vtoken.engine.static_stages), if the plan has any
         self._session: Optional[_Session] = None
         self._tower_graph: Optional[_GraphedForward] = None
+        self._heads, self.head_graph = {}, None  # captured prefill heads by layout (oldest use first)
         self._attention_swap = AttentionSwap(STATIC_IMPL, _vtoken_static=self)  # private configs, kept
 
     # -------------------------------------------------------------- captured pieces
@@ -232,7 +233,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         session (buffers, graphs). The decoder can still be used: the next call merges again."""
         if self._projections is not None:
             self._projections.restore()
-        self._session = None
+        self._drop_graphs()
 
     def _capture(self, fn, dev, warmups: int = 1):  # (the prefill's and generate's captures)
         return capture(self.cuda_graph, fn, dev, warmups)
@@ -255,7 +256,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             raise PruningConfigError("StaticDecoder.generate needs input_ids")
         decode_plan = runnable_decode_plan(self._handle)
         if self._projections is not None and self._projections.merge():
-            self._session = None  # its graphs read the buffers merged before
+            self._drop_graphs()  # they read the buffers merged before
         if max_new_tokens < 1:
             raise PruningConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
@@ -268,6 +269,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         use_graph = bool(self.cuda_graph) if self.cuda_graph is not None else dev.type == "cuda"
         sync = (lambda: torch.cuda.synchronize(dev)) if (timing and dev.type == "cuda") else (lambda: None)
         B, T = input_ids.shape[0], max_new_tokens
+        slots = max(T, 4) if use_graph else T  # room for new tokens: a step's capture runs it thrice, from slot 1 on
         mask2d = inputs.get("attention_mask")
         mask2d = torch.ones_like(input_ids, dtype=torch.bool) if mask2d is None else mask2d.bool()
         chunk = B if not prefill_batch else prefill_batch
@@ -289,9 +291,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
         for start in range(0, B, chunk):
             rows = slice(start, min(B, start + chunk))
             part = inputs if rows.stop - rows.start == B else _slice_inputs(inputs, rows, B)
-            logits, prefill_pos, cache, tail = self._prefill(part, stop, graph_tower=graphs and stop is not None
-                                                             and self.adapter.vision_tower_graphable
-                                                             and not self._needs_vision())
+            logits, prefill_pos, cache, tail = self._run_prefill(part, stop, graphs)
             # a generated token's position: the sample's largest prefill position + 1 (+ t)
             pos = prefill_pos.to(dev)
             pos = pos.amax(dim=0) if pos.dim() == 3 else pos
@@ -301,7 +301,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if record is not None:  # one kept-index list per layer: each layer evicts its own entries
                 valids, layer_group = [valids[g] for g in layer_group], list(range(len(layer_group)))
             if tail is None:
-                kv = self._store_chunk(kv, cache, valids, layer_group, rows, B, T, like)
+                kv = self._store_chunk(kv, cache, valids, layer_group, rows, B, slots, like)
             else:
                 signature = (B, tuple(v.shape[1] for v in valids), stop, tuple(tail["hidden"].shape),
                              None if tail["mask"] is None else (tuple(tail["mask"].shape), tail["mask"].dtype),
@@ -310,8 +310,8 @@ class StaticDecoder(_Prefill, _KVBuffers):
                 # locals, or a replay would read freed memory), or a new one kept for later calls
                 reused = self._session is not None and self._session.serves(signature, T)
                 if not reused:
-                    kv0 = self._allocate(B, [v.shape[1] for v in valids], layer_group, T, like)
-                    self._session = _Session.fresh(signature, kv0, B, T, pad, dev, suppress)
+                    kv0 = self._allocate(B, [v.shape[1] for v in valids], layer_group, slots, like)
+                    self._session = _Session.fresh(signature, kv0, B, slots, pad, dev, suppress)
                 session = self._session
                 session.kv.valid_rows = [[] for _ in valids]
                 room = session.new.shape[1]  # the buffers' room for new tokens (a kept session may have more)
@@ -347,13 +347,13 @@ class StaticDecoder(_Prefill, _KVBuffers):
             if start == 0:
                 sync(); t1 = time.perf_counter()
             del cache, tail
-        room = T if session is None else session.new.shape[1]  # a kept session may have room for more
+        room = slots if session is None else session.new.shape[1]  # a kept session may have room for more
         self._finish_buffers(kv, B, room, dev)
         self.stages = None if record is None else StaticStages(self._handle, record, kv, self.groups,
                                                                 self.layer_group, T)
         first = torch.cat(firsts)
         if session is None:
-            session = _Session.fresh(None, kv, B, T, pad, dev, suppress)  # not kept: its buffers are this call's
+            session = _Session.fresh(None, kv, B, slots, pad, dev, suppress)  # not kept: its buffers are this call's
         done, chose = T, None  # tokens chosen (``next_token`` may stop earlier)
         if next_token is not None:
             session.logits = first.new_empty(first.shape) if session.logits is None else session.logits
@@ -411,7 +411,7 @@ class StaticDecoder(_Prefill, _KVBuffers):
             kv_bytes=kv.nbytes, prefill_lengths=[g.n_prefill for g in self.groups],
             cuda_graph=bool(use_graph and done > 1), graph_prefill_from_layer=stop if split else None,
             vision_tower_graph=None if self._tower_graph is None else (self._tower_graph.failed or "captured"),
-            fused_ops=self.fused_ops, gemv=self.gemv, session_reused=reused,
+            fused_ops=self.fused_ops, gemv=self.gemv, session_reused=reused, head_graph=self.head_graph,
             merged_projections=0 if self._projections is None else self._projections.merged, decode_stages_run=0 if self.stages is None else self.stages.done,
         )
         if self.stages is not None:  # a kept engine must not hold this call's cache

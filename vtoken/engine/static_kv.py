@@ -83,6 +83,13 @@ def _release_layer(cache, layer: int) -> None:
         layers[layer].keys = layers[layer].values = None
 
 
+def _restore_layer(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put back what :func:`_release_layer` dropped (a captured prefill head's cache is reused)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        layers[layer].keys, layers[layer].values = keys, values
+
+
 class _KVBuffers:
     """:class:`~vtoken.engine.StaticDecoder`'s buffer methods (needs ``self.adapter``)."""
 
