@@ -44,12 +44,16 @@
 #   profile first (GEMV vs cuBLAS, TTFT with this session's host-wait removals, where the host still waits:
 #   METHOD.syncs.txt), then the GPU tests of gemv and the engine, then the decode kernels' sweep in what is left
 # PART=11 (the shortest lease; -> $OUT/prof.jsonl, prof.tgz): PART=10's engine profile alone, none and fastv
+# PART=12 (session 22, issue 23 items 2-3; -> $OUT/gpu_tests.log, prof.jsonl, prof.tgz, decode_kernels.jsonl): the GPU
+#   tests of the captured prefill head (tests/test_graph_emulator.py's gpu test), the engine and gemv; the engine
+#   profile with the head captured (--variants merged,head,gemv: batch-1 TTFT, where the host still waits, decode
+#   1 / 32); then the decode kernels' sweep in what is left
 # PART=9 (-> $OUT/gpu_tests.log, prof.jsonl, prof.tgz, users_compile/): the GPU tests of the engine, gemv and
 #   gather_attend; the engine profile (GEMV vs cuBLAS); the users suite's rows through
 #   apply_pruning(compile={"fused_ops": True}), LLaVA then Qwen
 set -u
 OUT=${OUT:?set OUT=outdir}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4, 5, 6, 7, 8, 9, 10 or 11}
+PART=${PART:?set PART=1, 2, 2b, 2c, 3, 4, 5, 6, 7, 8, 9, 10, 11 or 12}
 REPO=$(cd "$(dirname "$0")/.." && pwd); T0=$(date +%s)
 left() { echo $(( ${LIMIT:-580} - ($(date +%s) - T0) )); }
 . "$REPO/benchmarks/checkout_path.sh"  # vtoken from this checkout
@@ -112,6 +116,14 @@ case "$PART" in
     tar -czf "$OUT/prof.tgz" -C "$W" prof
     timeout 120 python "$REPO/benchmarks/profile/decode_kernels.py" --quick --out "$OUT/decode_kernels.jsonl" | grep -E '"(best|default)"'
     USERS_MODELS=llava USERS_CACHES=dynamic users_suite "$OUT/users_llava_dynamic" 50 15 | tail -30 ;;
+  12)
+    TESTS="-rf --tb=short tests/test_graph_emulator.py tests/test_engine_static.py tests/test_kernels_gemv.py" timeout 120 \
+      bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
+    mkdir -p "$W/prof"; timeout 270 python "$REPO/benchmarks/e2e/profile_ttft.py" --out "$W/prof" \
+      --methods none,fastv,divprune --decode-batch 1,32 --variants merged,head,gemv 2>&1 | grep '^{' | tee "$OUT/prof.jsonl"
+    tar -czf "$OUT/prof.tgz" -C "$W" prof
+    timeout $(( $(left) - 10 )) python "$REPO/benchmarks/profile/decode_kernels.py" --quick --out "$OUT/decode_kernels.jsonl" \
+      | grep -E '"(best|default)"' ;;
   9)
     TESTS="-rf --tb=short tests/test_engine_static.py tests/test_kernels_gemv.py tests/test_kernels_gather_attend.py" timeout 100 \
       bash "$REPO/benchmarks/gpu_tests.sh" "$REPO" > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"

@@ -226,6 +226,10 @@ def upload(arrays: dict, device) -> dict:
     if not any(a.size for _, a in items):  # nothing to copy (e.g. an empty batch)
         return {k: torch.empty(a.shape, dtype=torch.bool if a.dtype.kind == "b" else torch.int64, device=device)
                 for k, a in items}
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # a graph would copy from this host buffer again at every replay, after it is freed
+        raise RuntimeError("vtoken: a host plan is uploaded inside a CUDA graph capture; warm the capture up "
+                           "on its stream first (the plan is then cached)")
     raw = [np.ascontiguousarray(a, dtype=np.int64).reshape(-1).view(np.uint8) for _, a in ints]
     raw += [np.ascontiguousarray(a, dtype=bool).reshape(-1).view(np.uint8) for _, a in bools]
     packed = torch.from_numpy(np.concatenate(raw))

@@ -129,7 +129,9 @@ class _Prefill:
         integer inputs such as image sizes — is the graph's key (read from host copies the head is
         given: :meth:`~vtoken.hooks.PruningHandle.host_inputs`), and the outputs are the capture's
         tensors, rewritten by each replay (a scorer's budget checks run at the capture only: its
-        kept counts are the graph's shapes)."""
+        kept counts are the graph's shapes; the handle's ``prefills`` and ``stats`` are left as the
+        capture set them: a replay runs no hook). Each graph holds its own memory pool (the head's
+        activations); at most :data:`HEAD_GRAPHS` are kept."""
         handle = self._handle
         dev = inputs["input_ids"].device
         ids_host = inputs["input_ids"].to("cpu", copy=True)
