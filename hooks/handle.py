@@ -147,11 +147,14 @@ class PruningHandle:
         """Within the block (this thread), a pruned forward whose ``input_ids`` have ``ids_host``'s
         shape takes ``ids_host`` (and ``mask_host``, the 2-D mask as bool) as its host copies instead
         of copying them from the device: an engine that captures the whole prefill in a CUDA graph
-        (which cannot hold a copy to the host) makes them before the capture. Both on the CPU."""
+        (which cannot hold a copy to the host) makes them before the capture. Both on the CPU.
+        Yields a list that receives each such forward's host plan (device tensors its graph reads,
+        which the plan cache may drop: the caller keeps them as long as the graph)."""
         tls = self.runtime.tls
-        outer, tls.host_inputs = getattr(tls, "host_inputs", None), (ids_host, mask_host)
+        plans: list = []
+        outer, tls.host_inputs = getattr(tls, "host_inputs", None), (ids_host, mask_host, plans)
         try:
-            yield
+            yield plans
         finally:
             tls.host_inputs = outer
 

@@ -64,7 +64,7 @@ def plan_before_vision(rt, ctx, kwargs: dict) -> None:
     given = getattr(rt.tls, "host_inputs", None)  # the caller's copies (PruningHandle.host_inputs)
     if given is not None and tuple(given[0].shape) == tuple(input_ids.shape) \
             and (given[1] is None or tuple(given[1].shape) == tuple(input_ids.shape)):
-        ctx.ids_host, ctx.mask_host = given
+        ctx.ids_host, ctx.mask_host = given[:2]
     else:
         ctx.ids_host = input_ids.cpu()
         # a 2-D mask, or the 4-D one transformers < 5.2x's generate passes with a static cache

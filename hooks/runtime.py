@@ -158,6 +158,9 @@ class Runtime:
         self.tls.ctx = None
         if ctx is None:
             return
+        given = getattr(self.tls, "host_inputs", None)
+        if given is not None and ctx.prepared is not None:  # kept by the caller (PruningHandle.host_inputs)
+            given[2].append(ctx.prepared)
         labels, self.tls.labels = getattr(self.tls, "labels", None), None
         if labels is not None and ctx.relaid and ctx.mode in ("prefill", "replay"):
             follow_layout(labels, ctx.cur_pos)

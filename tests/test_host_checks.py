@@ -105,8 +105,10 @@ def test_host_inputs_stand_in_for_the_forwards_own_copies():
         ref = model(**inputs).logits
         for given, copies in (((ids_host, mask_host), 0), ((ids_host[:, 1:], mask_host[:, 1:]), 2)):
             counter = TransferCounter(where=call_site)
-            with handle.host_inputs(*given), counter:
+            with handle.host_inputs(*given) as plans, counter:
                 got = model(**inputs).logits
             assert sum(n for (what, w), n in counter.sites.items() if w.startswith("hooks/host_plans.py")) == copies
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
+            # the forward's host plan (device tensors a captured graph would read), for the caller to keep
+            assert len(plans) == 1 and plans[0] is handle.runtime.last_meta.prepared
         assert getattr(handle.runtime.tls, "host_inputs", None) is None  # (the block's end restores it)

@@ -189,6 +189,8 @@ class Deferred:
     def __call__(self):
         if self.stream is None:
             return self.fn(*self.args)
+        # (after what the reader's stream queued: a captured prefill's replay rewrites ``args`` there)
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             out = self.fn(*self.args)
         torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)

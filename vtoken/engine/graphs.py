@@ -23,28 +23,48 @@ from vtoken.engine.static_kv import StaticKV
 from vtoken.errors import PruningConfigError
 
 
-def _capture(fn, dev, warmups: int = 1):
+_SIDE_STREAMS: dict = {}  # device -> the one stream every capture warms up and captures on
+
+
+def _capture(fn, dev, warmups: int = 1, checked: bool = False):
     """Warm ``fn`` up on a side stream (Triton compilation, cuBLAS workspaces), then capture it on
     that stream (what the warm-up left keyed by stream, e.g. a host plan's upload, is found again:
-    nothing is copied from host memory inside the capture)."""
+    nothing is copied from host memory inside the capture). One stream per device for all captures
+    (one cuBLAS workspace). ``checked``: the last warm-up runs with PyTorch's sync check raising (the
+    ones before may autotune, which synchronizes), so a function that reads the device on the host
+    fails there, before a capture it would invalidate (a failed capture can leave the allocator's
+    private pool behind)."""
+    dev = torch.device(dev)
+    side = _SIDE_STREAMS.get(dev)
+    if side is None:
+        side = _SIDE_STREAMS[dev] = torch.cuda.Stream(device=dev)
+    current = torch.cuda.current_stream(dev)
     graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream(device=dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
+    side.wait_stream(current)
     with torch.cuda.stream(side):
-        for _ in range(warmups):
+        mode = torch.cuda.get_sync_debug_mode()
+        try:
+            for i in range(warmups):
+                if checked and i == warmups - 1:
+                    torch.cuda.set_sync_debug_mode("error")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    current.wait_stream(side)
+    try:
+        with torch.cuda.graph(graph, stream=side):
             fn()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    with torch.cuda.graph(graph, stream=side):
-        fn()
+    finally:
+        torch.cuda.set_stream(current)  # (a failed capture's exit does not restore it)
     return graph
 
 
-def capture(mode, fn, dev, warmups: int = 1, host=()):
+def capture(mode, fn, dev, warmups: int = 1, host=(), checked: bool = False):
     """A CUDA graph of ``fn`` (:func:`_capture`), or with ``mode == "emulate"`` its stand-in (which
     takes ``host``, the tensors standing for host memory: :mod:`vtoken.engine.graph_emulator`)."""
     if mode == "emulate":
         return emulated_capture(fn, dev, warmups, host)
-    return _capture(fn, dev, warmups)
+    return _capture(fn, dev, warmups, checked)
 
 
 def graph_mode(value, name: str = "cuda_graph", word: str = "emulate"):

@@ -137,7 +137,10 @@ class _Prefill:
         ids_host = inputs["input_ids"].to("cpu", copy=True)
         mask = inputs.get("attention_mask")
         mask_host = torch.ones_like(ids_host, dtype=torch.bool) if mask is None else mask.to("cpu", copy=True).bool()
-        key = _head_key(self.model.config, handle, stop, inputs, ids_host, mask_host)
+        weights = next(self.model.parameters())  # (moved or cast weights: another graph)
+        state = (getattr(self.adapter.text_config, "_attn_implementation", None), torch.is_autocast_enabled(),
+                 weights.data_ptr(), weights.dtype)
+        key = (state, *_head_key(self.model.config, handle, stop, inputs, ids_host, mask_host))
         if key in self._heads:
             self._heads[key] = self._heads.pop(key)  # the most recently used last
         elif len(self._heads) >= HEAD_GRAPHS:
@@ -149,11 +152,12 @@ class _Prefill:
         if entry is None:
             static, box = _clone(inputs), {}
 
-            def head():
-                with contextlib.nullcontext() if handle is None else handle.host_inputs(ids_host, mask_host):
+            def head():  # (the host plans its graph reads stay with it: the plan cache may drop them)
+                with contextlib.nullcontext([]) if handle is None else handle.host_inputs(ids_host, mask_host) as plans:
                     box["out"] = self._prefill(static, stop)
-            try:
-                graph = capture(self.cuda_graph, head, dev, 1, host=(ids_host, mask_host))
+                box["plans"] = plans
+            try:  # (the second warm-up checked for host reads, before a capture they would break)
+                graph = capture(self.cuda_graph, head, dev, 2, host=(ids_host, mask_host), checked=True)
             except Exception as exc:  # noqa: BLE001 - not capturable (a host read inside): stay eager
                 self.head_graph = self._heads[key] = f"{type(exc).__name__}: {exc}"
                 if dev.type == "cuda":
@@ -235,8 +239,9 @@ class _Prefill:
 
 
 def _head_key(config, handle, stop: int, inputs: dict, ids_host: torch.Tensor, mask_host: torch.Tensor) -> tuple:
-    """What a captured head is replayed for: the handle and its plan, the stop layer, the inputs'
-    shapes, where the visual tokens are, the padding, and the values of the other integer inputs."""
+    """What a captured head is replayed for (besides the model's attention implementation, autocast
+    and weights): the handle and its plan, the stop layer, the inputs' shapes, where the visual
+    tokens are, the padding, and the values of the other integer inputs."""
     visual = torch.isin(ids_host, torch.tensor(visual_token_ids(config), dtype=ids_host.dtype))
     ints = tuple((k, v.to("cpu").numpy().tobytes()) for k, v in sorted(inputs.items())
                  if torch.is_tensor(v) and not v.is_floating_point() and k not in ("input_ids", "attention_mask"))
