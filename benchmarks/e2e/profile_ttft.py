@@ -3,7 +3,7 @@
     python benchmarks/e2e/profile_ttft.py --out DIR [--tiny] [--methods none,fastv] [--keep 64] [--decode-batch 1,32]
                                           [--variants merged,separate,gemv,head,head-gemv]
 
-LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, to
+LLaVA-1.5-7B shapes (random bf16 weights on CUDA; ``--tiny``: the bench's tiny config on the CPU, its graphs emulated, to
 check the script), one image, batch 1, ``generate(max_new_tokens=1)``. Per method: the median wall
 time of 15 calls after 3 warm-ups; one call under ``cProfile`` (host time per Python function:
 ``DIR/METHOD.cprofile.txt``); on CUDA one call under ``torch.cuda.set_sync_debug_mode`` (where the
@@ -79,8 +79,12 @@ VARIANTS = {"merged": ("", {}), "separate": ("-nomerge", {"merge_projections": F
             "head-gemv": ("-head-gemv", {"graph_prefill": "all", "gemv": True})}
 
 
-def _engine(variant: str) -> dict:
-    return {"fused_ops": True, **VARIANTS[variant][1]}
+#: the engine's graphs on the CPU (``--tiny``): the same captures, emulated (vtoken.engine.graph_emulator)
+_CPU_GRAPHS = {"cuda_graph": "emulate"}
+
+
+def _engine(variant: str, dev=None) -> dict:
+    return {"fused_ops": True, **VARIANTS[variant][1], **(_CPU_GRAPHS if dev is not None and dev.type == "cpu" else {})}
 
 
 def _suffix(variant: str) -> str:
@@ -88,7 +92,7 @@ def _suffix(variant: str) -> str:
 
 
 def profile_method(model, inputs, method: str, keep: int, out: str, dev, variant: str = "merged") -> dict:
-    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(variant))
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(variant, dev))
     try:
         def gen():
             return model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -143,7 +147,7 @@ def profile_decode(model, batch_inputs, method: str, keep: int, out: str, dev, n
     call with a logits processor that changes nothing), timed alternately in one run."""
     from transformers.generation import LogitsProcessorList
 
-    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(variant))
+    handle = vtoken.apply_pruning(model, method=method, keep=keep, compile=_engine(variant, dev))
     rows = []
     try:
         variants = {"graph": {}, "host": {"logits_processor": LogitsProcessorList([_Identity()])}}
