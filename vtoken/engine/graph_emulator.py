@@ -9,14 +9,18 @@ frozen at its captured value. A replay that reads such a frozen value gives wron
 error, and only on a GPU, where the tests do not run.
 
 :class:`EmulatedGraph` makes the same contract checkable on the CPU: ``capture(fn)`` runs ``fn`` once
-under a dispatch mode that records every ATen operation with its argument tensors (kept alive, as
-the graph's memory pool keeps them) and its results; ``replay()`` re-runs the recorded operations in
-order on those same tensors, writing each functional op's new result into the tensor the capture
-returned, without running any of ``fn``'s Python. Views are not re-run (they alias recorded memory,
-as a graph's views do). Reading a device value on the host during the capture raises, as it does in
-a CUDA capture (``.item()``, ``nonzero``, ``tolist`` ...). Constants made outside the dispatcher
-(``torch.from_numpy``) stay as captured, like a graph's copy from a host buffer. Slow (Python per
-operation): for tests, not for speed.
+under a dispatch mode that records every operation on device tensors with its argument tensors
+(kept alive, as the graph's memory pool keeps them) and its results; ``replay()`` re-runs the
+recorded operations in order on those same tensors, writing each functional op's new result into the
+tensor the capture returned, without running any of ``fn``'s Python. Views are not re-run (they alias
+recorded memory, as a graph's views do). Work on tensors that stand for host memory (the caller's
+host copies and what is computed from them alone: :class:`_Host`) runs at the capture only, as a
+graph holds no CPU work. Reading a device value on the host during the capture raises, as it does in
+a CUDA capture (``.item()``, ``nonzero``, ``tolist`` ...), and so does a copy from host memory to a
+named device (pageable memory, which a capture refuses). Constants made outside the dispatcher
+(``torch.from_numpy``) stay as captured. Unlike CUDA, it keeps every tensor a capture read alive (a
+graph reading memory that its owner later frees goes unnoticed). Slow (Python per operation): for
+tests, not for speed.
 
 Shapes: whatever ``fn`` uses; nothing is resized on replay (a graph's tensors have fixed shapes).
 """
